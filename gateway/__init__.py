@@ -1,0 +1,3 @@
+"""support-gateway: an email-first customer-support gateway daemon."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,187 @@
+"""Composition root: builds settings, clock, database, spool, rules and workers, and runs them.
+
+One place wires everything (ARCHITECTURE.md): no module-level singletons, no "am I under
+test?" branches. Tests build a `Gateway` with a `FrozenClock` and a static DNS resolver and
+run it on their own event loop; `serve` runs the same object until SIGTERM.
+
+Graceful stop, in the uvicorn manner: stop listening, let in-flight DATA finish (bounded),
+let each worker finish its current item, close the database and the spool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+
+from sqlalchemy.engine import Engine
+
+from gateway.clock import Clock, SystemClock
+from gateway.inbound.smtp import ConnectionLimits, InboundHandler, make_tls_context, start_server
+from gateway.pipeline.context import Services
+from gateway.pipeline.worker import PipelineWorker
+from gateway.routing.holder import RulesHolder
+from gateway.security.dns import Resolver, SystemResolver
+from gateway.security.tokens import Signer
+from gateway.settings import ConfigError, Settings
+from gateway.spool import Spool
+from gateway.store.db import open_database
+
+log = logging.getLogger("gateway")
+
+
+def build_spool(settings: Settings) -> Spool:
+    spool = Spool(
+        settings.spool_path,
+        max_attempts=settings.storage.max_attempts,
+        min_free_disk=settings.smtp.min_free_disk,
+    )
+    spool.open()
+    return spool
+
+
+class Gateway:
+    """The daemon: SMTP listener, spool, pipeline worker, rules."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        clock: Clock | None = None,
+        resolver: Resolver | None = None,
+        engine: Engine | None = None,
+    ) -> None:
+        self.settings = settings
+        self.clock = clock or SystemClock()
+        rules_path = settings.rules_path
+        if not rules_path.is_dir():
+            raise ConfigError(
+                f"rules_dir = {str(rules_path)!r}: no such folder (the repository ships an"
+                " example in rules/; set rules_dir or GATEWAY_RULES_DIR)"
+            )
+        self.rules = RulesHolder(rules_path)
+        self.engine = engine or open_database(settings.storage.database_url)
+        self.spool = build_spool(settings)
+        self.signer = Signer(settings.secret())
+        self.resolver = resolver if resolver is not None else SystemResolver()
+        self.services = Services(
+            settings=settings,
+            clock=self.clock,
+            signer=self.signer,
+            rules=self.rules.current,
+            resolver=self.resolver,
+        )
+        self.pipeline = PipelineWorker(engine=self.engine, spool=self.spool, services=self.services)
+        self.handler: InboundHandler | None = None
+        self.server: asyncio.Server | None = None
+        self.stopping = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self.port: int | None = None
+
+    # Rules ------------------------------------------------------------------------------
+
+    def reload_rules(self) -> bool:
+        ok = self.rules.reload()
+        self.services.rules = self.rules.current
+        return ok
+
+    async def _watch_rules(self) -> None:
+        while not self.stopping.is_set():
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), timeout=2.0)
+            if self.rules.reload_if_changed():
+                self.services.rules = self.rules.current
+
+    # Lifecycle --------------------------------------------------------------------------
+
+    async def start(self, *, workers: bool = True) -> None:
+        loop = asyncio.get_running_loop()
+        recovered = self.spool.recover()
+        if recovered:
+            log.warning("recovered %d spool entries claimed before a crash", recovered)
+        self.spool.on_commit = lambda: loop.call_soon_threadsafe(self.pipeline.wakeup.set)
+        self.spool.start_writer()
+        s = self.settings.smtp
+        self.handler = InboundHandler(
+            spool=self.spool,
+            domains=s.domains,
+            hostname=s.hostname,
+            clock=self.clock,
+            max_recipients=s.max_recipients,
+            max_messages_per_connection=s.max_messages_per_connection,
+        )
+        tls = make_tls_context(s.tls_cert, s.tls_key) if s.tls_cert and s.tls_key else None
+        host, port = self.settings.listen
+        self.server = await start_server(
+            self.handler,
+            host=host,
+            port=port,
+            hostname=s.hostname,
+            receive_limit=s.receive_limit,
+            limits=ConnectionLimits(s.max_connections, s.max_connections_per_ip),
+            timeout=s.timeout,
+            tls_context=tls,
+        )
+        self.port = self.server.sockets[0].getsockname()[1]
+        if workers:
+            self._tasks = [
+                asyncio.create_task(self.pipeline.run(self.stopping), name="pipeline"),
+                asyncio.create_task(self._watch_rules(), name="rules-watch"),
+            ]
+        log.info("listening on %s:%s for %s", host, self.port, ", ".join(s.domains))
+
+    async def stop(self, drain_timeout: float = 30.0) -> None:
+        if self.server is not None:
+            self.server.close()  # stop listening; open sessions go on
+            if self.handler is not None and not self.handler.idle.is_set():
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self.handler.idle.wait(), drain_timeout)
+            self.server.close_clients() if hasattr(self.server, "close_clients") else None
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.server.wait_closed(), 5)
+        self.stopping.set()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        self.spool.close()
+        self.engine.dispose()
+
+    async def __aenter__(self) -> Gateway:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+
+def sd_notify(message: str) -> None:
+    """systemd readiness/status (Type=notify), a few lines of socket code, no dependency."""
+    addr = os.environ.get("NOTIFY_SOCKET")
+    if not addr:
+        return
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]
+    with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        s.connect(addr)
+        s.sendall(message.encode())
+
+
+async def serve(settings: Settings) -> int:
+    """Run until SIGTERM/SIGINT; SIGHUP reloads the rules."""
+    gw = Gateway(settings)
+    await gw.start()
+    loop = asyncio.get_running_loop()
+    done = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, done.set)
+    loop.add_signal_handler(signal.SIGINT, done.set)
+    loop.add_signal_handler(signal.SIGHUP, gw.reload_rules)
+    sd_notify(f"READY=1\nSTATUS=listening on port {gw.port}")
+    print(f"support-gateway listening on {settings.listen[0]}:{gw.port}", flush=True)
+    await done.wait()
+    sd_notify("STOPPING=1")
+    log.info("stopping: finishing in-flight mail and current work")
+    await gw.stop()
+    return 0

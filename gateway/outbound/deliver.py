@@ -1,0 +1,387 @@
+"""Hand one outbound message to SMTP: to the configured smarthost, or straight to the MX.
+
+`deliver()` never raises (except on cancellation): every outcome is a `DeliveryResult`
+whose `outcome` tells the outbox worker what to do next (FIELD-NOTES §6):
+
+- "sent": the server took responsibility (250 after DATA). If it refused only some
+  recipients, they are in `refused` with their reply; classify each with
+  `classify_reply()` and retry or report them separately.
+- "temporary": try again later (4xx, 552, refused connection, timeout, TLS failure, DNS
+  trouble); `gateway.outbound.retry.next_attempt` says when.
+- "permanent": do not retry (5xx except 552, null MX, nonexistent domain); tell the
+  ticket's owner, never the customer.
+
+The envelope sender may be "" (the null reverse-path `<>`, RFC 5321 §4.5.5), which
+automatic replies must use (RFC 3834 §3.3). aiosmtplib's `send(sender="")` raises, so this
+module drives `SMTP.sendmail()` directly (FIELD-NOTES §6).
+
+TLS, `starttls=`:
+- "opportunistic" (default): STARTTLS when the server offers it, *without* certificate
+  verification. This is RFC 7435 opportunistic security, what Postfix calls
+  `smtp_tls_security_level = may`: MX certificates rarely match (RFC 7672 §1.3), an
+  unauthenticated encrypted channel still beats plaintext against passive eavesdroppers,
+  and a server that does not offer TLS, or whose handshake fails, gets the message in
+  plaintext rather than not at all.
+- "required": STARTTLS with certificate and host name verification, or a temporary failure.
+- "never": plaintext (loopback relays).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import ssl
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import aiosmtplib
+import dns.asyncresolver
+import dns.exception
+import dns.name
+import dns.resolver
+
+SENT = "sent"
+TEMPORARY = "temporary"
+PERMANENT = "permanent"
+STARTTLS_MODES = ("opportunistic", "required", "never")
+
+
+@dataclass(frozen=True)
+class DeliveryResult:
+    """What happened to one delivery attempt (see the module docstring)."""
+
+    outcome: str  # "sent" | "temporary" | "permanent"
+    code: int | None  # the deciding SMTP reply code; None when no server answered
+    detail: str  # the server's text, or the exception's
+    # Recipients refused while others were accepted (or, with several MX domains, those
+    # of a domain that failed): address -> (code, text).
+    refused: Mapping[str, tuple[int, str]] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.outcome == SENT
+
+
+def classify_reply(code: int) -> str:
+    """Map an SMTP reply code to "sent", "temporary" or "permanent".
+
+    2xx is success. 5xx is permanent except 552, which RFC 5321 §4.5.3.1.10 says clients
+    should treat as temporary (old servers used it for "mailbox full"). 4xx is temporary,
+    and so is anything unexpected (1xx/3xx as a final reply, garbage): retrying is safer
+    than bouncing.
+    """
+    if 200 <= code <= 299:
+        return SENT
+    if code == 552:
+        return TEMPORARY
+    if 500 <= code <= 599:
+        return PERMANENT
+    return TEMPORARY
+
+
+class MxLookupError(Exception):
+    """DNS could not produce mail hosts for a domain; `permanent` says if that is final."""
+
+    def __init__(self, message: str, *, permanent: bool, code: int | None = None) -> None:
+        super().__init__(message)
+        self.permanent = permanent
+        self.code = code
+
+
+class MxResolver(Protocol):
+    """Mail exchangers for a domain as (preference, host); may raise MxLookupError."""
+
+    async def mx(self, domain: str) -> list[tuple[int, str]]: ...
+
+
+class DnsMxResolver:
+    """MX lookup with dnspython's async resolver (RFC 5321 §5.1).
+
+    - MX records sorted by preference;
+    - no MX records but an A or AAAA record: the domain itself (implicit MX, §5.1);
+    - null MX "0 ." (RFC 7505), NXDOMAIN, or no address at all: permanent MxLookupError;
+    - timeouts, SERVFAIL, unreachable servers: temporary MxLookupError.
+    """
+
+    def __init__(self, resolver: dns.asyncresolver.Resolver | None = None) -> None:
+        self._resolver = resolver or dns.asyncresolver.Resolver()
+
+    async def mx(self, domain: str) -> list[tuple[int, str]]:
+        try:
+            name = dns.name.from_text(domain)
+        except dns.exception.DNSException as exc:
+            raise MxLookupError(f"{domain}: invalid domain ({exc})", permanent=True) from None
+        try:
+            answer = await self._resolver.resolve(name, "MX")
+        except dns.resolver.NXDOMAIN:
+            raise MxLookupError(
+                f"5.1.2 {domain}: domain does not exist", permanent=True, code=550
+            ) from None
+        except dns.resolver.NoAnswer:
+            return await self._implicit_mx(domain, name)
+        except dns.exception.DNSException as exc:
+            raise MxLookupError(f"4.4.3 {domain}: MX lookup failed: {exc}", permanent=False) from None
+        hosts = []
+        for rr in answer:
+            if rr.exchange == dns.name.root:
+                # RFC 7505 §3: "0 ." says the domain accepts no mail at all.
+                raise MxLookupError(
+                    f"5.1.10 {domain}: recipient domain has a null MX (RFC 7505)",
+                    permanent=True,
+                    code=556,
+                )
+            hosts.append((int(rr.preference), rr.exchange.to_text(omit_final_dot=True)))
+        return sorted(hosts)
+
+    async def _implicit_mx(self, domain: str, name: dns.name.Name) -> list[tuple[int, str]]:
+        for rdtype in ("A", "AAAA"):
+            try:
+                await self._resolver.resolve(name, rdtype)
+            except (dns.resolver.NoAnswer, dns.resolver.NXDOMAIN):
+                continue
+            except dns.exception.DNSException as exc:
+                raise MxLookupError(
+                    f"4.4.3 {domain}: address lookup failed: {exc}", permanent=False
+                ) from None
+            return [(0, domain)]
+        raise MxLookupError(
+            f"5.1.2 {domain}: no MX and no address records", permanent=True, code=550
+        )
+
+
+async def deliver(
+    message: bytes,
+    mail_from: str,
+    recipients: Sequence[str],
+    *,
+    relay: tuple[str, int] | None,
+    helo: str,
+    timeout: float = 60.0,
+    resolver: MxResolver | None = None,
+    starttls: str = "opportunistic",
+    port: int = 25,
+) -> DeliveryResult:
+    """Send `message` from `mail_from` ("" = null sender) to `recipients`.
+
+    With `relay=(host, port)` everything goes to that smarthost in one transaction.
+    With `relay=None`, recipients are grouped by domain and each group is sent to its
+    domain's MX hosts in preference order, on `port` (25; tests point it elsewhere).
+    """
+    try:
+        if starttls not in STARTTLS_MODES:
+            # A configuration mistake: keep the message queued until someone fixes it.
+            return DeliveryResult(
+                TEMPORARY, None, f"invalid starttls mode {starttls!r}; use {STARTTLS_MODES}"
+            )
+        if not recipients:
+            return DeliveryResult(PERMANENT, None, "no recipients")
+        session = _Session(message, mail_from, helo, timeout, starttls)
+        if relay is not None:
+            return await session.attempt(relay[0], relay[1], list(recipients))
+        return await _deliver_mx(session, recipients, resolver or DnsMxResolver(), port)
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:  # the promise: every failure becomes a result
+        return DeliveryResult(TEMPORARY, None, f"unexpected {type(exc).__name__}: {exc}")
+
+
+async def _deliver_mx(
+    session: _Session, recipients: Sequence[str], resolver: MxResolver, port: int
+) -> DeliveryResult:
+    by_domain: dict[str, list[str]] = {}
+    results: list[tuple[list[str], DeliveryResult]] = []
+    for rcpt in recipients:
+        local, at, domain = rcpt.rpartition("@")
+        if not at or not local or not domain:
+            bad = DeliveryResult(PERMANENT, 553, f"5.1.3 {rcpt!r} has no domain")
+            results.append(([rcpt], bad))
+            continue
+        by_domain.setdefault(domain.lower().rstrip("."), []).append(rcpt)
+    for domain, rcpts in by_domain.items():
+        results.append((rcpts, await _deliver_domain(session, domain, rcpts, resolver, port)))
+    if len(results) == 1:
+        return results[0][1]
+    return _merge(results)
+
+
+async def _deliver_domain(
+    session: _Session, domain: str, rcpts: list[str], resolver: MxResolver, port: int
+) -> DeliveryResult:
+    try:
+        records = await resolver.mx(domain)
+    except MxLookupError as exc:
+        return DeliveryResult(PERMANENT if exc.permanent else TEMPORARY, exc.code, str(exc))
+    except Exception as exc:
+        return DeliveryResult(TEMPORARY, None, f"4.4.3 {domain}: MX lookup failed: {exc!r}")
+    if any(host.rstrip(".") == "" for _, host in records):
+        return DeliveryResult(
+            PERMANENT, 556, f"5.1.10 {domain}: recipient domain has a null MX (RFC 7505)"
+        )
+    if not records:
+        return DeliveryResult(PERMANENT, 550, f"5.1.2 {domain}: no mail exchanger")
+    tried: list[str] = []
+    result = DeliveryResult(TEMPORARY, None, "no host tried")
+    for host in _order_hosts(records):
+        result = await session.attempt(host, port, rcpts)
+        if result.outcome != TEMPORARY:
+            return result
+        # RFC 5321 §5.1: on a temporary failure go on to the next MX host.
+        tried.append(f"{host}: {result.detail}")
+    if len(tried) > 1:
+        return DeliveryResult(result.outcome, result.code, "; ".join(tried), result.refused)
+    return result
+
+
+def _order_hosts(records: Sequence[tuple[int, str]]) -> list[str]:
+    """Hosts by ascending preference; equal preferences shuffled (RFC 5321 §5.1)."""
+    shuffled = list(records)
+    random.shuffle(shuffled)
+    ordered = sorted(shuffled, key=lambda r: r[0])  # stable: keeps the shuffle within ties
+    hosts: list[str] = []
+    for _, host in ordered:
+        host = host.rstrip(".")
+        if host not in hosts:
+            hosts.append(host)
+    return hosts
+
+
+def _merge(results: list[tuple[list[str], DeliveryResult]]) -> DeliveryResult:
+    """Combine per-domain results: "sent" if anyone accepted, the rest in `refused`."""
+    refused: dict[str, tuple[int, str]] = {}
+    accepted = False
+    failures: list[DeliveryResult] = []
+    for rcpts, result in results:
+        refused.update(result.refused)
+        if result.outcome == SENT:
+            accepted = True
+            continue
+        failures.append(result)
+        # Synthetic code when no server answered (connection or DNS trouble), as Postfix
+        # does in its DSNs: 451 for "try later", 550 for "never".
+        code = result.code or (451 if result.outcome == TEMPORARY else 550)
+        for rcpt in rcpts:
+            refused.setdefault(rcpt, (code, result.detail))
+    if accepted:
+        return DeliveryResult(SENT, 250, "accepted for some recipients", refused)
+    outcome = TEMPORARY if any(r.outcome == TEMPORARY for r in failures) else PERMANENT
+    first = next(r for r in failures if r.outcome == outcome)
+    return DeliveryResult(outcome, first.code, "; ".join(r.detail for r in failures), refused)
+
+
+class _Session:
+    """The parameters of one delivery, applied to each host tried."""
+
+    def __init__(
+        self, message: bytes, mail_from: str, helo: str, timeout: float, starttls: str
+    ) -> None:
+        self.message = message
+        self.mail_from = mail_from
+        self.helo = helo
+        self.timeout = timeout
+        self.starttls = starttls
+
+    async def attempt(self, host: str, port: int, rcpts: list[str]) -> DeliveryResult:
+        """One SMTP session with host:port. Opportunistic TLS falls back to plaintext."""
+        result, tls_failed = await self._attempt(host, port, rcpts, use_tls=self.starttls != "never")
+        if tls_failed and self.starttls == "opportunistic":
+            # Postfix "may" level: a failed handshake is retried in plaintext.
+            result, _ = await self._attempt(host, port, rcpts, use_tls=False)
+        return result
+
+    async def _attempt(
+        self, host: str, port: int, rcpts: list[str], *, use_tls: bool
+    ) -> tuple[DeliveryResult, bool]:
+        smtp = aiosmtplib.SMTP(
+            hostname=host,
+            port=port,
+            local_hostname=self.helo,
+            timeout=self.timeout,
+            start_tls=False,  # STARTTLS is decided below, after EHLO
+            validate_certs=False,
+        )
+        try:
+            try:
+                await smtp.connect()
+                await self._ehlo(smtp)
+            except aiosmtplib.SMTPResponseException as exc:
+                return _reply_result(exc.code, exc.message), False
+            if use_tls:
+                tls_error = await self._starttls(smtp)
+                if tls_error is not None:
+                    return tls_error, True
+            return await self._transaction(smtp, rcpts), False
+        except aiosmtplib.SMTPResponseException as exc:
+            return _reply_result(exc.code, exc.message), False
+        except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+            # Connection refused, reset, timed out, TLS trouble: all "try later".
+            return DeliveryResult(TEMPORARY, None, _describe(host, port, exc)), False
+        finally:
+            await _close(smtp)
+
+    async def _ehlo(self, smtp: aiosmtplib.SMTP) -> None:
+        try:
+            await smtp.ehlo()
+        except aiosmtplib.SMTPHeloError:
+            # RFC 5321 §3.2: fall back to HELO for servers that do not know EHLO.
+            await smtp.helo()
+
+    async def _starttls(self, smtp: aiosmtplib.SMTP) -> DeliveryResult | None:
+        """Upgrade when offered; a result when TLS failed or is required and missing."""
+        required = self.starttls == "required"
+        if not smtp.supports_extension("starttls"):
+            if required:
+                return DeliveryResult(
+                    TEMPORARY, None, "4.7.10 TLS required but the server does not offer STARTTLS"
+                )
+            return None  # opportunistic: plaintext it is
+        try:
+            await smtp.starttls(validate_certs=required)
+        except aiosmtplib.SMTPResponseException as exc:
+            return DeliveryResult(TEMPORARY, exc.code, f"STARTTLS refused: {exc.message}")
+        except (aiosmtplib.SMTPException, ssl.SSLError, OSError, TimeoutError) as exc:
+            return DeliveryResult(TEMPORARY, None, f"STARTTLS failed: {exc!r}")
+        return None
+
+    async def _transaction(self, smtp: aiosmtplib.SMTP, rcpts: list[str]) -> DeliveryResult:
+        options: list[str] = []
+        if not (self.mail_from.isascii() and all(r.isascii() for r in rcpts)):
+            if not smtp.supports_extension("smtputf8"):
+                # RFC 6531 §3.2: the message cannot be sent to this server as is.
+                return DeliveryResult(
+                    PERMANENT, None, "5.6.7 non-ASCII address but the server lacks SMTPUTF8"
+                )
+            options.append("SMTPUTF8")
+        if not self.message.isascii() and smtp.supports_extension("8bitmime"):
+            options.append("BODY=8BITMIME")  # RFC 6152
+        try:
+            errors, text = await smtp.sendmail(
+                self.mail_from, rcpts, self.message, mail_options=options
+            )
+        except aiosmtplib.SMTPRecipientsRefused as exc:
+            # Every recipient refused: permanent only if every refusal is.
+            refused = {r.recipient: (r.code, r.message) for r in exc.recipients}
+            kinds = {classify_reply(code) for code, _ in refused.values()}
+            outcome = PERMANENT if kinds == {PERMANENT} else TEMPORARY
+            first = exc.recipients[0]
+            return DeliveryResult(outcome, first.code, first.message, refused)
+        refused = {rcpt: (resp.code, resp.message) for rcpt, resp in errors.items()}
+        return DeliveryResult(SENT, 250, text, refused)
+
+
+def _reply_result(code: int, text: str) -> DeliveryResult:
+    return DeliveryResult(classify_reply(code), code, text)
+
+
+def _describe(host: str, port: int, exc: BaseException) -> str:
+    return f"{host}:{port}: {type(exc).__name__}: {exc}".rstrip(": ")
+
+
+async def _close(smtp: aiosmtplib.SMTP) -> None:
+    """QUIT politely when possible; always release the socket."""
+    if smtp.is_connected:
+        try:
+            await smtp.quit()
+        except (aiosmtplib.SMTPException, OSError, TimeoutError):
+            pass
+    smtp.close()

@@ -1,0 +1,58 @@
+"""What the stages share while one spooled message is processed (one DB transaction)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from sqlmodel import Session
+
+from gateway.clock import Clock
+from gateway.pipeline.bounce import BounceInfo
+from gateway.pipeline.classify import RobotVerdict
+from gateway.pipeline.parse import ParsedMessage
+from gateway.pipeline.thread import ThreadDecision
+from gateway.routing.engine import Decision
+from gateway.routing.model import Rules
+from gateway.security.dns import Resolver
+from gateway.security.sender_auth import AuthResult
+from gateway.security.tokens import Signer
+from gateway.settings import Settings
+from gateway.spool import SpoolEntry
+from gateway.store.models import Message, Ticket
+
+
+@dataclass
+class Services:
+    """Long-lived collaborators the stages use (built once in `gateway.app`)."""
+
+    settings: Settings
+    clock: Clock
+    signer: Signer
+    rules: Rules
+    resolver: Resolver | None = None
+
+
+@dataclass
+class Context:
+    entry: SpoolEntry
+    session: Session
+    services: Services
+    now: datetime
+    received_at: datetime
+    parsed: ParsedMessage | None = None
+    verdict: RobotVerdict | None = None
+    bounce: BounceInfo | None = None
+    auth: AuthResult | None = None
+    thread: ThreadDecision | None = None
+    decision: Decision | None = None
+    ticket: Ticket | None = None
+    message: Message | None = None
+    sender: str = ""
+    kind: str = "customer"
+    done: bool = False  # a stage decided nothing further applies (e.g. a duplicate)
+    events: list[tuple[str, str, Any]] = field(default_factory=list)
+
+    def event(self, type_: str, detail: str, data: Any = None) -> None:
+        self.events.append((type_, detail, data))

@@ -1,0 +1,315 @@
+"""Parse stage: raw bytes to a `ParsedMessage`, tolerating every defect.
+
+Broken MIME, unknown charsets, missing or malformed headers never stop a message: each
+accessor falls back to something safe and the defect is recorded. Only the raw bytes are
+authoritative; everything here is derived and can be recomputed on replay.
+
+Oversize policy (docs/oversize.md): a message larger than `smtp.max_message_size` keeps its
+headers and text parts; the largest attachments are replaced by a short placeholder until it
+fits, and each is listed in `not_kept` so the acknowledgement can say what we did not keep.
+"""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import email.utils
+import re
+from dataclasses import dataclass, field
+from datetime import datetime
+from email.message import EmailMessage, Message
+from email.policy import Policy
+from html.parser import HTMLParser
+from typing import Any
+
+_MSGID_RE = re.compile(r"<[^<>\s]+>")
+_POLICY: Policy = email.policy.default.clone(linesep="\r\n")
+
+
+@dataclass(frozen=True)
+class Attachment:
+    filename: str
+    content_type: str
+    size: int
+
+
+@dataclass
+class ParsedMessage:
+    raw: bytes
+    msg: Message
+    message_id: str | None
+    in_reply_to: list[str]
+    references: list[str]
+    from_address: str
+    from_name: str
+    reply_to: str
+    to: list[str]
+    cc: list[str]
+    subject: str
+    date: datetime | None
+    text: str
+    html: str
+    attachments: list[Attachment]
+    headers: list[tuple[str, str]]
+    defects: list[str] = field(default_factory=list)
+    not_kept: list[dict[str, Any]] = field(default_factory=list)
+
+    def header(self, name: str) -> list[str]:
+        lname = name.lower()
+        return [v for k, v in self.headers if k.lower() == lname]
+
+    @property
+    def referenced_ids(self) -> list[str]:
+        """In-Reply-To first, then References newest first (the likeliest parent first)."""
+        seen: list[str] = []
+        for mid in [*self.in_reply_to, *reversed(self.references)]:
+            if mid not in seen:
+                seen.append(mid)
+        return seen
+
+
+def normalise_message_id(value: str) -> str | None:
+    m = _MSGID_RE.search(value or "")
+    if m:
+        return m.group(0)
+    value = (value or "").strip()
+    if value and " " not in value and "@" in value:
+        return f"<{value}>"  # some mailers forget the angle brackets
+    return None
+
+
+def message_ids(value: str) -> list[str]:
+    return _MSGID_RE.findall(value or "")
+
+
+def _safe_header(msg: Message, name: str) -> str:
+    """Decoded header value, or the raw value when the structured parser chokes."""
+    try:
+        value = msg.get(name)
+    except Exception:
+        value = None
+    if value is None:
+        # Fall back to the raw header text (compat32 semantics).
+        for k, v in msg.raw_items() if hasattr(msg, "raw_items") else []:
+            if k.lower() == name.lower():
+                return _decode_words(str(v))
+        return ""
+    try:
+        return str(value)
+    except Exception:
+        return ""
+
+
+def _decode_words(text: str) -> str:
+    try:
+        return str(email.header.make_header(email.header.decode_header(text)))
+    except Exception:
+        return text
+
+
+def _addresses(values: list[str]) -> list[tuple[str, str]]:
+    try:
+        pairs = email.utils.getaddresses(values)
+    except Exception:
+        return []
+    out = []
+    for name, addr in pairs:
+        addr = addr.strip().strip("<>").strip()
+        if "@" in addr:
+            out.append((name, addr.lower()))
+    return out
+
+
+class _Text(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.parts: list[str] = []
+        self._skip = 0
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag in ("script", "style"):
+            self._skip += 1
+        elif tag in ("br", "p", "div", "tr", "li", "h1", "h2", "h3"):
+            self.parts.append("\n")
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag in ("script", "style") and self._skip:
+            self._skip -= 1
+
+    def handle_data(self, data: str) -> None:
+        if not self._skip:
+            self.parts.append(data)
+
+
+def html_to_text(html: str) -> str:
+    p = _Text()
+    try:
+        p.feed(html)
+        p.close()
+    except Exception:
+        return re.sub(r"<[^>]+>", " ", html)
+    text = "".join(p.parts)
+    return re.sub(r"\n{3,}", "\n\n", re.sub(r"[ \t]+", " ", text)).strip()
+
+
+def _part_text(part: Message, defects: list[str]) -> str:
+    try:
+        if isinstance(part, EmailMessage):
+            content = part.get_content()
+            if isinstance(content, str):
+                return content
+    except Exception as exc:  # unknown charset, broken transfer encoding
+        defects.append(f"body part decoding: {exc.__class__.__name__}")
+    try:
+        payload = part.get_payload(decode=True)
+    except Exception:
+        payload = None
+    if not isinstance(payload, bytes):
+        raw_payload = part.get_payload()
+        return raw_payload if isinstance(raw_payload, str) else ""
+    charset = part.get_content_charset() or "utf-8"
+    for cs in (charset, "utf-8", "cp1252", "latin-1"):
+        try:
+            return payload.decode(cs)
+        except (LookupError, UnicodeDecodeError):
+            continue
+    return payload.decode("utf-8", "replace")
+
+
+def _walk(msg: Message, defects: list[str]) -> tuple[str, str, list[Attachment]]:
+    texts: list[str] = []
+    htmls: list[str] = []
+    attachments: list[Attachment] = []
+    try:
+        parts = list(msg.walk())
+    except Exception as exc:
+        defects.append(f"MIME structure: {exc.__class__.__name__}")
+        parts = [msg]
+    for part in parts:
+        if part.is_multipart():
+            continue
+        try:
+            ctype = part.get_content_type()
+            disposition = (part.get_content_disposition() or "").lower()
+            filename = part.get_filename() or ""
+        except Exception:
+            ctype, disposition, filename = "application/octet-stream", "attachment", ""
+        if disposition != "attachment" and not filename and ctype == "text/plain":
+            texts.append(_part_text(part, defects))
+        elif disposition != "attachment" and not filename and ctype == "text/html":
+            htmls.append(_part_text(part, defects))
+        elif ctype.startswith("multipart/"):
+            continue
+        else:
+            try:
+                payload = part.get_payload(decode=True)
+                size = len(payload) if isinstance(payload, bytes) else 0
+            except Exception:
+                size = 0
+            attachments.append(Attachment(filename or f"(unnamed {ctype})", ctype, size))
+    return "\n".join(texts), "\n".join(htmls), attachments
+
+
+def parse(raw: bytes, *, max_size: int | None = None, truncated_bytes: int = 0) -> ParsedMessage:
+    """Parse raw bytes; never raises for malformed mail."""
+    defects: list[str] = []
+    not_kept: list[dict[str, Any]] = []
+    if truncated_bytes:
+        not_kept.append(
+            {
+                "what": "the end of the message",
+                "size": truncated_bytes,
+                "why": "message larger than the gateway accepts from the network",
+            }
+        )
+    if max_size is not None and len(raw) > max_size:
+        raw, dropped = trim_oversize(raw, max_size)
+        not_kept.extend(dropped)
+    msg = email.message_from_bytes(raw, policy=_POLICY)
+    for d in getattr(msg, "defects", []):
+        defects.append(d.__class__.__name__)
+
+    headers: list[tuple[str, str]] = []
+    try:
+        for k, v in msg.raw_items():
+            headers.append((k, _decode_words(str(v)).replace("\r\n", "").replace("\n", "")))
+    except Exception:
+        defects.append("unreadable header block")
+
+    from_pairs = _addresses([_safe_header(msg, "From")])
+    from_name, from_address = from_pairs[0] if from_pairs else ("", "")
+    reply_pairs = _addresses([_safe_header(msg, "Reply-To")])
+    date = None
+    date_text = _safe_header(msg, "Date")
+    if date_text:
+        try:
+            date = email.utils.parsedate_to_datetime(date_text)
+            if date.tzinfo is None:
+                date = None
+        except Exception:
+            defects.append("unparseable Date")
+    text, html, attachments = _walk(msg, defects)
+    if not text.strip() and html:
+        text = html_to_text(html)
+    subject = " ".join(_safe_header(msg, "Subject").split())
+    return ParsedMessage(
+        raw=raw,
+        msg=msg,
+        message_id=normalise_message_id(_safe_header(msg, "Message-ID")),
+        in_reply_to=message_ids(_safe_header(msg, "In-Reply-To")),
+        references=message_ids(_safe_header(msg, "References")),
+        from_address=from_address,
+        from_name=from_name,
+        reply_to=reply_pairs[0][1] if reply_pairs else "",
+        to=[a for _, a in _addresses(msg.get_all("To", []) or [])],
+        cc=[a for _, a in _addresses(msg.get_all("Cc", []) or [])],
+        subject=subject,
+        date=date,
+        text=text,
+        html=html,
+        attachments=attachments,
+        headers=headers,
+        defects=defects,
+        not_kept=not_kept,
+    )
+
+
+def trim_oversize(raw: bytes, max_size: int) -> tuple[bytes, list[dict[str, Any]]]:
+    """Replace the largest attachments with placeholders until the message fits."""
+    msg = email.message_from_bytes(raw, policy=_POLICY)
+    dropped: list[dict[str, Any]] = []
+    candidates = []
+    for part in msg.walk():
+        if part.is_multipart():
+            continue
+        ctype = part.get_content_type()
+        is_body = ctype in ("text/plain", "text/html") and not part.get_filename()
+        if not is_body:
+            candidates.append(part)
+    size = len(raw)
+    for part in sorted(candidates, key=lambda p: len(str(p.get_payload())), reverse=True):
+        if size <= max_size:
+            break
+        payload = str(part.get_payload())
+        name = part.get_filename() or part.get_content_type()
+        try:
+            real = len(part.get_payload(decode=True) or b"")
+        except Exception:
+            real = len(payload)
+        note = (
+            f"[The attachment {name!r} ({real} bytes) was not kept: the message was larger"
+            f" than this support address accepts ({max_size} bytes).]\r\n"
+        )
+        for h in ("Content-Transfer-Encoding", "Content-Disposition", "Content-Type"):
+            del part[h]
+        part.set_payload(note, charset="utf-8")
+        part["Content-Disposition"] = "inline"
+        size -= len(payload) - len(note)
+        dropped.append({"what": f"attachment {name}", "size": real, "why": "message too large"})
+    out = msg.as_bytes(policy=_POLICY)
+    if len(out) > max_size:
+        # Still too big (huge text): keep the headers and the first max_size bytes.
+        cut = len(out) - max_size
+        out = out[:max_size]
+        dropped.append({"what": "the end of the message text", "size": cut, "why": "too large"})
+    return out, dropped

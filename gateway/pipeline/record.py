@@ -1,0 +1,193 @@
+"""Record stage: write the ticket, the message (raw kept), participants, links and the
+audit trail, all in the transaction that also releases nothing until it commits.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+
+from gateway.pipeline.context import Context
+from gateway.sla.deadlines import initial_deadlines, isoz
+from gateway.store.models import Message, Ticket
+from gateway.store.queries import (
+    add_event,
+    add_participant,
+    ensure_customer,
+    link,
+    set_cursor,
+)
+
+
+def _recipients(ctx: Context) -> list[str]:
+    assert ctx.parsed is not None
+    out: list[str] = []
+    for a in [*ctx.parsed.to, *ctx.parsed.cc, *ctx.entry.envelope.rcpt_tos]:
+        a = a.lower()
+        if a and a not in out:
+            out.append(a)
+    return out
+
+
+def _is_ours(ctx: Context, address: str) -> bool:
+    domain = address.rpartition("@")[2].lower()
+    settings = ctx.services.settings
+    return domain in settings.smtp.domains or address == settings.outbound.from_address.lower()
+
+
+def _create_ticket(ctx: Context) -> Ticket:
+    assert ctx.parsed is not None and ctx.decision is not None
+    s = ctx.session
+    d = ctx.decision
+    settings = ctx.services.settings
+    rules = ctx.services.rules
+    policy = rules.sla[d.sla]
+    calendar = rules.calendar_for_policy(d.sla)
+    deadlines = initial_deadlines(policy, calendar, ctx.received_at)
+    customer_id = ensure_customer(s, ctx.sender, ctx.parsed.from_name, ctx.now)
+    ticket = Ticket(
+        ref=f"new-{uuid.uuid4().hex}",
+        status="open",
+        subject=ctx.parsed.subject or "(no subject)",
+        normalized_subject="",
+        requester=ctx.sender,
+        customer_id=customer_id,
+        owner=d.owner.id,
+        queue=d.queue,
+        priority=d.priority,
+        tags=json.dumps(list(d.tags)),
+        sla=d.sla,
+        route=d.route,
+        created_at=ctx.received_at,
+        updated_at=ctx.now,
+        first_response_due=deadlines.first_response,
+        next_response_due=deadlines.next_response,
+        resolution_due=deadlines.resolution,
+        last_customer_at=ctx.received_at,
+    )
+    s.add(ticket)
+    s.flush()
+    assert ticket.id is not None
+    # Human-readable, sequential, never secret (security rests on signed tokens only).
+    ticket.ref = f"{settings.tickets.ref_prefix}-{settings.tickets.first_number + ticket.id - 1}"
+    from gateway.pipeline.subject import normalise_subject
+
+    ticket.normalized_subject = normalise_subject(ticket.subject)[:500]
+    s.add(ticket)
+    add_participant(s, ticket.id, ctx.sender, "requester", ctx.now)
+    for a in _recipients(ctx):
+        if not _is_ours(ctx, a) and a != ctx.sender:
+            add_participant(s, ticket.id, a, "cc", ctx.now)
+    if d.assigned_by == "round-robin" and d.route:
+        set_cursor(s, d.route, d.owner.id, ctx.now)
+    assert ctx.thread is not None
+    ctx.event("created", f"new ticket {ticket.ref}: {ctx.thread.detail}")
+    ctx.event(
+        "routed",
+        f"route {d.route or '(defaults)'}: queue {d.queue}, owner {d.owner.name} "
+        f"({d.assigned_by}), sla {d.sla}, priority {d.priority}",
+        {"trace": [t.__dict__ for t in d.trace], "notify": list(d.notify), "tags": list(d.tags)},
+    )
+    ctx.event(
+        "deadlines",
+        f"first response due {isoz(deadlines.first_response)}, resolution due "
+        f"{isoz(deadlines.resolution)} ({calendar.describe_hours()})",
+        deadlines.to_json(),
+    )
+    for other, relation, why in ctx.thread.links:
+        if link(s, ticket.id, other, relation, ctx.now):
+            other_t = s.get(Ticket, other)
+            ref = other_t.ref if other_t else str(other)
+            ctx.event("linked", f"{relation} of {ref}: {why}")
+            add_event(
+                s, other, "follow-up-linked",
+                f"{ticket.ref} from {ctx.sender} may be a follow-up ({why}); owner please check",
+                ctx.now,
+            )
+    return ticket
+
+
+def record(ctx: Context) -> None:
+    assert ctx.parsed is not None and ctx.thread is not None
+    s = ctx.session
+    p = ctx.parsed
+    th = ctx.thread
+    if th.key == "duplicate":
+        tid = th.ticket.id if th.ticket else None
+        add_event(s, tid, "duplicate", f"{th.detail}; spool entry {ctx.entry.id} ignored", ctx.now)
+        return
+
+    ticket: Ticket | None = None
+    if th.ticket is not None:
+        ticket = s.get(Ticket, th.ticket.id)
+    elif ctx.decision is not None:
+        ticket = _create_ticket(ctx)
+    ctx.ticket = ticket
+
+    if ticket is not None and ctx.decision is None:
+        assert ticket.id is not None
+        ctx.event("threaded", f"{th.key}: {th.detail}")
+        if th.reopen and ctx.kind == "customer":
+            ticket.status = "open"
+            ticket.closed_at = None
+            ctx.event("reopened", f"{ticket.ref} reopened by {ctx.sender}")
+        if ctx.kind == "customer":
+            if th.claim is not None and th.claim.person:
+                ctx.kind = "note"
+                ctx.event("staff-token", f"staff reply token of {th.claim.person} used by {ctx.sender}")
+            else:
+                add_participant(s, ticket.id, ctx.sender, "cc", ctx.now)
+                for a in _recipients(ctx):
+                    if not _is_ours(ctx, a):
+                        add_participant(s, ticket.id, a, "cc", ctx.now)
+                ticket.last_customer_at = ctx.received_at
+                if ticket.status == "waiting":
+                    ticket.status = "open"
+                    ticket.waiting_since = None
+                    ctx.event("resumed", "the customer wrote: clocks run again")
+        ticket.updated_at = ctx.now
+        s.add(ticket)
+    elif ticket is None:
+        ctx.event("unthreaded", f"{th.key}: {th.detail}")
+
+    robot = ""
+    if ctx.verdict is not None and not ctx.verdict.is_human:
+        robot = f"{ctx.verdict.kind}: " + "; ".join(ctx.verdict.reasons)
+    if ctx.bounce is not None and ticket is not None:
+        failed = ", ".join(ctx.bounce.failed_recipients) or "unknown address"
+        ctx.event(
+            "bounce",
+            f"delivery to {failed} failed ({ctx.bounce.status or '?'}"
+            f"{', permanent' if ctx.bounce.permanent else ''}): {ctx.bounce.diagnostic or ''}",
+            {"failed": list(ctx.bounce.failed_recipients), "status": ctx.bounce.status},
+        )
+    msg = Message(
+        ticket_id=ticket.id if ticket else None,
+        direction="in",
+        kind=ctx.kind,
+        message_id=p.message_id,
+        dedupe_key=ctx.entry.dedupe_key,
+        raw_sha256=hashlib.sha256(ctx.entry.raw).hexdigest(),
+        mail_from=ctx.entry.envelope.mail_from,
+        from_address=p.from_address,
+        to=json.dumps(_recipients(ctx)),
+        subject=p.subject,
+        at=ctx.received_at,
+        size=len(ctx.entry.raw),
+        raw=p.raw,
+        text=p.text,
+        in_reply_to=p.in_reply_to[0] if p.in_reply_to else None,
+        references=" ".join(p.references),
+        robot=robot,
+        auth=json.dumps(ctx.auth.to_json() if ctx.auth else {}),
+        not_kept=json.dumps(p.not_kept),
+        spool_id=ctx.entry.id,
+    )
+    s.add(msg)
+    s.flush()
+    ctx.message = msg
+    tid = ticket.id if ticket else None
+    for type_, detail, data in ctx.events:
+        add_event(s, tid, type_, detail, ctx.now, message_id=msg.id, data=data)
+    ctx.events.clear()

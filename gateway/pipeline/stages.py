@@ -1,0 +1,170 @@
+"""The stages of the pipeline, in order, each a small function `stage(ctx) -> None`.
+
+The order is the flow of a message (ARCHITECTURE.md) and matters:
+- parse first: every later stage reads the parsed message;
+- classify before thread: a bounce is matched by the message it reports on, never by its
+  sender, and never opens a ticket (FIELD-NOTES §3 rule 7);
+- authenticate before route: rules may match on `authenticated`;
+- thread before route: only a new ticket is routed, a reply keeps its ticket's owner;
+- record last: the ticket, the message and the audit trail are written in the same
+  transaction as everything decided above (the spool entry is released after the commit).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+
+from gateway.pipeline.bounce import parse_bounce
+from gateway.pipeline.classify import classify
+from gateway.pipeline.context import Context
+from gateway.pipeline.parse import parse
+from gateway.pipeline.record import record
+from gateway.pipeline.route import route
+from gateway.pipeline.thread import decide
+from gateway.security.sender_auth import authenticate as check_sender
+from gateway.store.queries import SqlLookup, lock_message_id, ticket_of_outbound
+
+log = logging.getLogger("gateway.pipeline")
+
+Stage = Callable[[Context], None]
+
+
+def parse_stage(ctx: Context) -> None:
+    env = ctx.entry.envelope
+    ctx.parsed = parse(
+        ctx.entry.raw,
+        max_size=ctx.services.settings.smtp.max_message_size,
+        truncated_bytes=env.truncated_bytes,
+    )
+    ctx.sender = ctx.parsed.from_address or env.mail_from.lower()
+    if ctx.parsed.defects:
+        ctx.event("parsed-with-defects", "; ".join(sorted(set(ctx.parsed.defects))))
+    for item in ctx.parsed.not_kept:
+        ctx.event("not-kept", f"{item['what']} ({item['size']} bytes): {item['why']}", item)
+
+
+def classify_stage(ctx: Context) -> None:
+    assert ctx.parsed is not None
+    settings = ctx.services.settings
+    own = {settings.outbound.from_address.lower()}
+    ctx.verdict = classify(
+        ctx.parsed.msg,
+        ctx.entry.envelope.mail_from,
+        own_addresses=own,
+        own_domains=(),
+        loop_header=LOOP_HEADER,
+        loop_value=settings.smtp.hostname,
+    )
+    if not ctx.verdict.is_human:
+        ctx.event("classified", f"{ctx.verdict.kind}: " + "; ".join(ctx.verdict.reasons))
+    if ctx.verdict.kind in ("bounce", "report"):
+        ctx.bounce = parse_bounce(ctx.parsed.msg)
+
+
+def authenticate_stage(ctx: Context) -> None:
+    resolver = ctx.services.resolver
+    if resolver is None:
+        return
+    env = ctx.entry.envelope
+    try:
+        ctx.auth = check_sender(
+            ctx.entry.raw,
+            envelope_sender=env.mail_from,
+            client_ip=env.peer or None,
+            helo=env.helo or None,
+            resolver=resolver,
+            trusted_authserv_ids=ctx.services.settings.security.trusted_authserv_ids,
+        )
+    except Exception as exc:  # authentication trouble never loses the message
+        log.warning("sender authentication failed: %r", exc)
+        ctx.event("authentication-error", repr(exc))
+        return
+    ctx.event("authenticated", ctx.auth.header_value(ctx.services.settings.smtp.hostname))
+
+
+def thread_stage(ctx: Context) -> None:
+    assert ctx.parsed is not None and ctx.verdict is not None
+    settings = ctx.services.settings
+    lock_message_id(ctx.session, ctx.parsed.message_id)
+    lookup = SqlLookup(ctx.session)
+    env = ctx.entry.envelope
+    ctx.thread = decide(
+        ctx.parsed,
+        sender=ctx.sender,
+        recipients=env.rcpt_tos,
+        dedupe_key=ctx.entry.dedupe_key,
+        signer=ctx.services.signer,
+        lookup=lookup,
+        ref_prefix=settings.tickets.ref_prefix,
+        closed_followup=settings.tickets.closed_followup,
+    )
+    kind = ctx.verdict.kind
+    if ctx.thread.key == "duplicate":
+        ctx.done = True
+        return
+    if kind in ("bounce", "report"):
+        # A bounce belongs to the ticket whose outbound message it reports on; it never
+        # opens a ticket and is never answered (FIELD-NOTES §3 rule 7).
+        ctx.kind = "bounce"
+        target = None
+        if ctx.bounce is not None:
+            target = ticket_of_outbound(ctx.session, ctx.bounce.original_message_ids)
+            if target is None:
+                for mid in ctx.bounce.original_message_ids:
+                    target = ctx.services.signer.ticket_from_message_id(mid)
+                    if target is not None:
+                        break
+        if target is None and ctx.thread.ticket is not None:
+            target = ctx.thread.ticket.id
+        ctx.thread.links.clear()
+        ctx.thread.ticket = lookup.ticket(target) if target is not None else None
+        ctx.thread.reopen = False
+        ctx.thread.key = "bounce" if ctx.thread.ticket else "unmatched-bounce"
+        return
+    if kind == "auto_reply":
+        # Out-of-office replies join their ticket without reopening it (FIELD-NOTES §3).
+        ctx.kind = "auto_reply"
+        ctx.thread.reopen = False
+        if ctx.thread.ticket is None:
+            ctx.thread.key = "unmatched-auto-reply"
+            ctx.thread.links.clear()
+        return
+    if kind == "loop":
+        ctx.kind = "auto_reply"
+        ctx.thread.reopen = False
+        if ctx.thread.ticket is None:
+            ctx.thread.key = "loop"
+            ctx.thread.links.clear()
+
+
+def route_stage(ctx: Context) -> None:
+    if ctx.done or ctx.thread is None or not ctx.thread.is_new:
+        return
+    if ctx.thread.key in ("unmatched-bounce", "unmatched-auto-reply", "loop"):
+        return
+    route(ctx)
+
+
+STAGES: tuple[Stage, ...] = (
+    parse_stage,
+    classify_stage,
+    authenticate_stage,
+    thread_stage,
+    route_stage,
+    record,
+)
+
+LOOP_HEADER = "X-Support-Gateway-Loop"
+
+
+def run_stages(ctx: Context, stages: tuple[Stage, ...] = STAGES) -> None:
+    for stage in stages:
+        stage(ctx)
+
+
+def summary(ctx: Context) -> str:
+    t = ctx.ticket.ref if ctx.ticket is not None else "-"
+    key = ctx.thread.key if ctx.thread else "?"
+    return json.dumps({"spool": ctx.entry.id, "ticket": t, "thread": key, "kind": ctx.kind})

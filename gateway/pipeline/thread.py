@@ -1,0 +1,166 @@
+"""Thread stage: which ticket does this message belong to, and why (FIELD-NOTES §4).
+
+Order of precedence, first hit wins:
+1. exact duplicate (same envelope+bytes hash, or a Message-ID we already stored): record,
+   do nothing else;
+2. a signed reply token in a recipient address (`support+<token>@domain`);
+3. In-Reply-To/References naming a Message-ID *we* generated and signed;
+4. In-Reply-To/References naming a stored Message-ID of a ticket, only when the sender is
+   a participant of that ticket (or the same customer under another address);
+5. a ticket reference in the subject (`[ACME-1042]`), only when the sender is a participant;
+6. otherwise a new ticket, linked (`possible-follow-up`) to every ticket it referenced, so a
+   stranger who quotes a ticket number never lands in someone else's ticket (zammad#5064)
+   but the owner still sees the connection.
+
+Security never depends on the reference being secret: only the HMAC-signed token and our
+signed Message-IDs admit a non-participant. The decision is pure: storage is reached only
+through the `ThreadLookup` protocol, so it is tested without I/O.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from gateway.pipeline.parse import ParsedMessage
+from gateway.pipeline.subject import find_ticket_refs
+from gateway.security.tokens import ReplyClaim, Signer
+
+
+@dataclass(frozen=True)
+class TicketView:
+    id: int
+    ref: str
+    status: str
+
+
+class ThreadLookup(Protocol):
+    def duplicate_of(self, dedupe_key: str, message_id: str | None) -> tuple[int, int | None] | None:
+        """(message row id, ticket id) of an identical stored message, if any."""
+        ...
+
+    def ticket_of_message_id(self, message_id: str) -> int | None:
+        """Ticket of a stored message (inbound or outbound) with this Message-ID header."""
+        ...
+
+    def ticket(self, ticket_id: int) -> TicketView | None: ...
+
+    def ticket_by_ref(self, ref: str) -> TicketView | None: ...
+
+    def is_participant(self, ticket_id: int, address: str) -> bool: ...
+
+
+@dataclass
+class ThreadDecision:
+    key: str  # duplicate | reply-token | our-message-id | known-message-id | subject-ref | new
+    ticket: TicketView | None
+    detail: str
+    duplicate_of: int | None = None
+    claim: ReplyClaim | None = None  # the reply token's claim (staff tokens carry a person)
+    links: list[tuple[int, str, str]] = field(default_factory=list)  # (ticket, relation, why)
+    notes: list[str] = field(default_factory=list)  # keys seen but refused, and why
+    reopen: bool = False
+
+    @property
+    def is_new(self) -> bool:
+        return self.ticket is None and self.key != "duplicate"
+
+
+def decide(
+    parsed: ParsedMessage,
+    *,
+    sender: str,
+    recipients: Collection[str],
+    dedupe_key: str,
+    signer: Signer,
+    lookup: ThreadLookup,
+    ref_prefix: str,
+    closed_followup: str = "reopen",
+) -> ThreadDecision:
+    """Decide the ticket for one message. `sender` is the From (else envelope) address."""
+    dup = lookup.duplicate_of(dedupe_key, parsed.message_id)
+    if dup is not None:
+        msg_row, ticket_id = dup
+        ticket = lookup.ticket(ticket_id) if ticket_id is not None else None
+        why = f"same message already stored (message {msg_row})"
+        return ThreadDecision("duplicate", ticket, why, duplicate_of=msg_row)
+
+    notes: list[str] = []
+    referenced: dict[int, str] = {}  # tickets named by this message but not joined, and how
+
+    # 2. Signed reply token in a recipient address.
+    for rcpt in recipients:
+        local = rcpt.rpartition("@")[0]
+        if "+" not in local:
+            continue
+        claim = signer.parse_reply_address(rcpt)
+        if claim is None:
+            notes.append(f"reply token in {rcpt} is not valid (forged, altered or truncated)")
+            continue
+        ticket = lookup.ticket(claim.ticket_id)
+        if ticket is None:
+            notes.append(f"reply token in {rcpt} names no existing ticket")
+            continue
+        return _join(ticket, "reply-token", f"signed reply token in {rcpt}", notes,
+                     closed_followup, claim=claim)
+
+    # 3. and 4. In-Reply-To / References.
+    for mid in parsed.referenced_ids:
+        ticket_id = signer.ticket_from_message_id(mid)
+        if ticket_id is not None:
+            ticket = lookup.ticket(ticket_id)
+            if ticket is not None:
+                return _join(ticket, "our-message-id", f"reply to our message {mid}", notes,
+                             closed_followup)
+        known = lookup.ticket_of_message_id(mid)
+        if known is None:
+            continue
+        ticket = lookup.ticket(known)
+        if ticket is None:
+            continue
+        if lookup.is_participant(ticket.id, sender):
+            return _join(ticket, "known-message-id", f"reply to stored message {mid}", notes,
+                         closed_followup)
+        referenced.setdefault(ticket.id, f"references {mid} of {ticket.ref}")
+        notes.append(f"{mid} belongs to {ticket.ref} but {sender or 'the sender'} is not a "
+                     "participant")
+
+    # 5. Ticket reference in the subject.
+    for ref in find_ticket_refs(parsed.subject, ref_prefix):
+        ticket = lookup.ticket_by_ref(ref)
+        if ticket is None:
+            notes.append(f"subject names {ref}, which does not exist")
+            continue
+        if lookup.is_participant(ticket.id, sender):
+            return _join(ticket, "subject-ref", f"subject names {ref} and {sender} takes part",
+                         notes, closed_followup)
+        referenced.setdefault(ticket.id, f"subject names {ref}")
+        notes.append(f"subject names {ref} but {sender or 'the sender'} is not a participant")
+
+    decision = ThreadDecision("new", None, "no threading key matched", notes=notes)
+    for tid, why in referenced.items():
+        decision.links.append((tid, "possible-follow-up", why))
+    if notes:
+        decision.detail = "no threading key matched: " + "; ".join(notes)
+    return decision
+
+
+def _join(
+    ticket: TicketView,
+    key: str,
+    detail: str,
+    notes: list[str],
+    closed_followup: str,
+    claim: ReplyClaim | None = None,
+) -> ThreadDecision:
+    if ticket.status != "closed":
+        return ThreadDecision(key, ticket, detail, claim=claim, notes=notes)
+    if closed_followup == "new":
+        d = ThreadDecision(
+            "new", None, f"{detail}, but {ticket.ref} is closed: new linked ticket", notes=notes
+        )
+        d.links.append((ticket.id, "follow-up-of-closed", detail))
+        return d
+    return ThreadDecision(key, ticket, f"{detail}; reopens closed {ticket.ref}", claim=claim,
+                          notes=notes, reopen=True)

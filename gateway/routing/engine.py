@@ -1,0 +1,259 @@
+"""The routing engine: a pure function from (rules, message facts, time) to a decision.
+
+`evaluate` tries the routes in order (files sorted by name, then order within the file),
+records in words why each matched or not, and applies the actions of the first match; a route
+with `continue = true` lets later routes add tags/notify and override its scalar actions. The
+trace is what `rules explain` prints and what the pipeline stores as the audit trail
+(ARCHITECTURE: "rules separate 'does it match' from 'what happens'").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from fnmatch import fnmatchcase
+
+from gateway.routing.facts import MessageFacts
+from gateway.routing.model import Match, Pattern, Person, Route, Rules
+from gateway.sla.business_time import BusinessCalendar
+
+__all__ = ["AssignmentState", "Decision", "TraceEntry", "evaluate"]
+
+
+@dataclass(frozen=True)
+class AssignmentState:
+    """What team assignment needs to know about the present (supplied by the store)."""
+
+    open_tickets: Mapping[str, int] = field(default_factory=dict)  # person id -> open tickets
+    last_assigned: Mapping[str, str] = field(default_factory=dict)  # route name -> person id
+
+
+_NO_STATE = AssignmentState()
+
+
+@dataclass(frozen=True)
+class TraceEntry:
+    """One route tried: did it match, and why (or why not) in words."""
+
+    route: str
+    matched: bool
+    why: str
+
+    def to_json(self) -> dict[str, str | bool]:
+        return {"route": self.route, "matched": self.matched, "why": self.why}
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Where a message goes. `route` is the last matching route (None: defaults applied)."""
+
+    route: str | None
+    queue: str
+    owner: Person
+    sla: str
+    priority: str
+    tags: tuple[str, ...]
+    acknowledge: bool | str
+    notify: tuple[str, ...]
+    trace: tuple[TraceEntry, ...]
+    assigned_by: str  # "route" | "round-robin" | "least-open" | "default"
+    matched_routes: tuple[str, ...] = ()
+
+
+# --------------------------------------------------------------------------- matching
+
+_SUBJECT_SHOWN = 60
+
+
+def _shorten(text: str, limit: int = _SUBJECT_SHOWN) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
+
+
+def _first_glob(value: str, globs: tuple[str, ...]) -> str | None:
+    # Addresses compare case-insensitively (FIELD-NOTES §4); the loader lowercased the globs.
+    lowered = value.lower()
+    return next((g for g in globs if fnmatchcase(lowered, g)), None)
+
+
+def _first_search(text: str, patterns: tuple[Pattern, ...]) -> Pattern | None:
+    return next((p for p in patterns if p.regex.search(text)), None)
+
+
+def _yes(value: bool) -> str:
+    return "yes" if value else "no"
+
+
+def _conditions(
+    match: Match, facts: MessageFacts, at: datetime, calendar: BusinessCalendar
+) -> Iterator[tuple[bool, str]]:
+    """Each condition the match gives, as (holds, explanation), in a fixed order.
+
+    Cheap checks come first; callers stop at the first that fails.
+    """
+    if match.to:
+        hits = [(r, g) for r in facts.recipients if (g := _first_glob(r, match.to))]
+        if hits:
+            address, glob = hits[0]
+            yield True, f"to: {address}" + (f" matches {glob}" if glob != address else "")
+        else:
+            shown = ", ".join(facts.recipients) or "(no recipients)"
+            yield False, f"to: {shown} not in {', '.join(match.to)}"
+    if match.from_:
+        sender_glob = _first_glob(facts.sender, match.from_) if facts.sender else None
+        sender = facts.sender or "(no sender)"
+        if sender_glob:
+            yield (
+                True,
+                f"from: {sender}" + (f" matches {sender_glob}" if sender_glob != sender else ""),
+            )
+        else:
+            yield False, f"from: {sender} not in {', '.join(match.from_)}"
+    if match.authenticated is not None:
+        actual = facts.authenticated
+        yield (
+            actual == match.authenticated,
+            f"authenticated: {_yes(actual)}"
+            + ("" if actual == match.authenticated else f" (route wants {_yes(not actual)})"),
+        )
+    if match.has_attachment is not None:
+        actual = facts.has_attachment
+        yield (
+            actual == match.has_attachment,
+            f"has attachment: {_yes(actual)}"
+            + ("" if actual == match.has_attachment else f" (route wants {_yes(not actual)})"),
+        )
+    for name, patterns in match.header:
+        values = facts.header_values(name)
+        hit = next((p for v in values if (p := _first_search(v, patterns))), None)
+        wanted = " or ".join(p.text for p in patterns)
+        if hit is not None:
+            yield True, f"header {name} matched {hit.text}"
+        elif not values:
+            yield False, f"header {name}: absent (route wants {wanted})"
+        else:
+            shown = ", ".join(_shorten(v, 40) for v in values)
+            yield False, f"header {name}: {shown} did not match {wanted}"
+    if match.subject:
+        hit = _first_search(facts.subject, match.subject)
+        if hit is not None:
+            yield True, f"subject matched {hit.text}"
+        else:
+            wanted = " or ".join(p.text for p in match.subject)
+            yield False, f'subject "{_shorten(facts.subject)}" did not match {wanted}'
+    if match.body:
+        hit = _first_search(facts.body, match.body)
+        if hit is not None:
+            yield True, f"body matched {hit.text}"
+        else:
+            yield False, f"body did not match {' or '.join(p.text for p in match.body)}"
+    if match.business_hours is not None:
+        is_open = calendar.is_open(at)
+        state = "inside" if is_open else "outside"
+        text = f"{state} business hours of calendar '{calendar.id}'"
+        if is_open == match.business_hours:
+            yield True, text
+        else:
+            yield False, f"{text} (route wants {'inside' if match.business_hours else 'outside'})"
+    if match.none_of is not None:
+        reasons: list[str] = []
+        for holds, why in _conditions(match.none_of, facts, at, calendar):
+            if holds:
+                yield False, f"not: {why}"
+                return
+            reasons.append(why)
+        yield True, "not: " + "; ".join(reasons)
+
+
+def _match(
+    route: Route, facts: MessageFacts, at: datetime, calendar: BusinessCalendar
+) -> tuple[bool, str]:
+    if route.match.is_empty:
+        return True, "no conditions (matches every message)"
+    reasons: list[str] = []
+    for holds, why in _conditions(route.match, facts, at, calendar):
+        if not holds:
+            return False, why
+        reasons.append(why)
+    return True, "; ".join(reasons)
+
+
+# --------------------------------------------------------------------------- assignment
+
+
+def _pick_from_team(route: Route, state: AssignmentState) -> tuple[str, str]:
+    team = route.team
+    if route.assign == "least-open":
+        # Fewest open tickets; ties go to the earlier team member so the choice is stable.
+        chosen = min(team, key=lambda pid: (state.open_tickets.get(pid, 0), team.index(pid)))
+        return chosen, "least-open"
+    last = state.last_assigned.get(route.name)
+    if last in team:
+        return team[(team.index(last) + 1) % len(team)], "round-robin"
+    return team[0], "round-robin"
+
+
+def _add_unique(items: list[str], new: tuple[str, ...]) -> None:
+    for item in new:
+        if item not in items:
+            items.append(item)
+
+
+# --------------------------------------------------------------------------- evaluate
+
+
+def evaluate(
+    rules: Rules,
+    facts: MessageFacts,
+    at: datetime,
+    state: AssignmentState = _NO_STATE,
+) -> Decision:
+    """Route one message arriving at `at` (aware datetime; used for `business_hours`)."""
+    if at.tzinfo is None:
+        raise ValueError("evaluate needs a timezone-aware datetime")
+    defaults = rules.defaults
+    queue, sla, priority = defaults.queue, defaults.sla, defaults.priority
+    acknowledge: bool | str = defaults.acknowledge
+    owner_id, assigned_by = defaults.owner, "default"
+    tags: list[str] = []
+    notify: list[str] = []
+    trace: list[TraceEntry] = []
+    matched: list[str] = []
+
+    for route in rules.routes:
+        # `business_hours` is judged in the calendar of the SLA this route would apply:
+        # its own `sla`, else the one chosen so far (defaults, or an earlier continue route).
+        calendar = rules.calendar_for_policy(route.sla or sla)
+        holds, why = _match(route, facts, at, calendar)
+        trace.append(TraceEntry(route.name, holds, why))
+        if not holds:
+            continue
+        matched.append(route.name)
+        queue = route.queue or queue
+        sla = route.sla or sla
+        priority = route.priority or priority
+        if route.acknowledge is not None:
+            acknowledge = route.acknowledge
+        if route.owner is not None:
+            owner_id, assigned_by = route.owner, "route"
+        elif route.team:
+            owner_id, assigned_by = _pick_from_team(route, state)
+        _add_unique(tags, route.tags)
+        _add_unique(notify, route.notify)
+        if not route.continue_:
+            break
+
+    return Decision(
+        route=matched[-1] if matched else None,
+        queue=queue,
+        owner=rules.person(owner_id),
+        sla=sla,
+        priority=priority,
+        tags=tuple(tags),
+        acknowledge=acknowledge,
+        notify=tuple(notify),
+        trace=tuple(trace),
+        assigned_by=assigned_by,
+        matched_routes=tuple(matched),
+    )

@@ -1,0 +1,131 @@
+"""`rules explain`: where a message would go, who owns it, when it is due, and why.
+
+`explain` builds exactly the JSON object of CONTRACT.md (`route`, `queue`, `priority`, `sla`,
+`owner`, `acknowledge`, `deadlines`, `trace`) plus a few extra keys (`at`, `tags`, `notify`,
+`assigned_by`, `matched_routes`, `calendar`, `business_hours_now`). Deadlines are computed by
+the same code the ticket store uses, as if the message arrived at `at`. `format_explain`
+renders that object for a human, with every deadline in UTC and in the calendar's own zone.
+Nothing here writes anything.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from gateway.routing.engine import _NO_STATE, AssignmentState, evaluate
+from gateway.routing.facts import MessageFacts
+from gateway.routing.model import Rules
+from gateway.sla.deadlines import initial_deadlines, isoz
+
+__all__ = ["explain", "format_explain"]
+
+_CLOCK_LABELS = (
+    ("first_response", "first response"),
+    ("next_response", "next response"),
+    ("resolution", "resolution"),
+)
+
+
+def explain(
+    rules: Rules,
+    facts: MessageFacts,
+    at: datetime,
+    state: AssignmentState = _NO_STATE,
+) -> dict[str, Any]:
+    """The `rules explain --json` object for a message arriving at `at`."""
+    decision = evaluate(rules, facts, at, state)
+    policy = rules.policy(decision.sla)
+    calendar = rules.calendar_for_policy(decision.sla)
+    deadlines = initial_deadlines(policy, calendar, at)
+    owner = decision.owner
+    return {
+        "route": decision.route,
+        "queue": decision.queue,
+        "priority": decision.priority,
+        "sla": decision.sla,
+        "owner": {"id": owner.id, "name": owner.name, "email": owner.email},
+        "acknowledge": decision.acknowledge,
+        "deadlines": deadlines.to_json(),
+        "trace": [entry.to_json() for entry in decision.trace],
+        "at": isoz(at),
+        "tags": list(decision.tags),
+        "notify": list(decision.notify),
+        "assigned_by": decision.assigned_by,
+        "matched_routes": list(decision.matched_routes),
+        "calendar": {
+            "id": calendar.id,
+            "timezone": calendar.timezone.key,
+            "hours": calendar.describe_hours(),
+        },
+        "business_hours_now": calendar.is_open(at),
+    }
+
+
+def _both_zones(value: str | None, zone: ZoneInfo | None) -> str:
+    """ "2026-11-23T14:00:00Z (Mon 2026-11-23 15:00 CET, Europe/Berlin)"."""
+    if value is None:
+        return "none"
+    if zone is None:
+        return value
+    local = datetime.fromisoformat(value).astimezone(zone)
+    return f"{value} ({local:%a %Y-%m-%d %H:%M} {local.tzname()}, {zone.key})"
+
+
+def format_explain(result: dict[str, Any]) -> str:
+    """Readable text for `rules explain` without `--json`."""
+    calendar = result.get("calendar") or {}
+    zone = ZoneInfo(calendar["timezone"]) if calendar.get("timezone") else None
+    owner = result["owner"]
+    route = result["route"] or "(no route matched: defaults)"
+    acknowledge = result["acknowledge"]
+    if acknowledge is True:
+        ack_text = "yes"
+    elif acknowledge is False:
+        ack_text = "no"
+    else:
+        ack_text = f"yes, with template '{acknowledge}'"
+    lines = [
+        f"Route:        {route}",
+        f"Queue:        {result['queue']}",
+        f"Priority:     {result['priority']}",
+        f"Owner:        {owner['name']} <{owner['email']}> ({owner['id']}"
+        + (f", assigned by {result['assigned_by']}" if result.get("assigned_by") else "")
+        + ")",
+        f"Acknowledge:  {ack_text}",
+    ]
+    if result.get("tags"):
+        lines.append(f"Tags:         {', '.join(result['tags'])}")
+    if result.get("notify"):
+        lines.append(f"Notify:       {', '.join(result['notify'])}")
+    sla_line = f"SLA:          {result['sla']}"
+    if calendar:
+        sla_line += f" (calendar {calendar['id']}: {calendar['hours']})"
+    lines.append(sla_line)
+    if result.get("at"):
+        arrived = f"Arrived at:   {_both_zones(result['at'], zone)}"
+        if "business_hours_now" in result:
+            arrived += ", " + (
+                "inside business hours"
+                if result["business_hours_now"]
+                else "outside business hours"
+            )
+        lines.append(arrived)
+    lines.append("Deadlines:")
+    deadlines = result.get("deadlines") or {}
+    for key, label in _CLOCK_LABELS:
+        value = deadlines.get(key)
+        if value is None and key == "next_response":
+            text = "not running (starts when the customer writes after a reply)"
+        else:
+            text = _both_zones(value, zone)
+        lines.append(f"  {label:<15} {text}")
+    lines.append("Trace:")
+    trace = result.get("trace") or []
+    if not trace:
+        lines.append("  (no routes defined)")
+    for entry in trace:
+        mark = "MATCH" if entry["matched"] else "no   "
+        lines.append(f"  {mark} {entry['route']}: {entry['why']}")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,181 @@
+"""The validated rules: people, calendars, SLA policies, defaults and routes.
+
+These are the typed, immutable values `loader.load_rules` builds from `rules/*.toml`
+(CONTRACT.md "Rules files"). Nothing here reads files or clocks; the engine and the SLA code
+take a `Rules` and work on it.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+
+from gateway.sla.business_time import BusinessCalendar
+
+__all__ = [
+    "ASSIGN_MODES",
+    "PRIORITIES",
+    "ROLES",
+    "Defaults",
+    "EscalationStep",
+    "Match",
+    "Person",
+    "Route",
+    "Rules",
+    "SlaPolicy",
+]
+
+#: Allowed priorities, lowest first.
+PRIORITIES: tuple[str, ...] = ("low", "normal", "high", "urgent")
+#: How a route with a `team` picks the owner.
+ASSIGN_MODES: tuple[str, ...] = ("round-robin", "least-open")
+#: Relative people an escalation step may name instead of a person id.
+ROLES: tuple[str, ...] = ("owner", "backup", "manager")
+
+
+@dataclass(frozen=True)
+class Person:
+    """A named human who can own tickets (BRIEF: every owner is a named human)."""
+
+    id: str
+    name: str
+    email: str
+    calendar: str | None = None
+    backup: str | None = None
+    manager: str | None = None
+
+
+@dataclass(frozen=True)
+class EscalationStep:
+    """One rung of the ladder: `after` this much business time past a missed deadline,
+    notify and/or reassign. `notify`/`assign` are "owner", "backup", "manager" or a person id.
+    """
+
+    after: timedelta
+    notify: str | None = None
+    assign: str | None = None
+
+
+@dataclass(frozen=True)
+class SlaPolicy:
+    """Deadlines (business time in `calendar`) and the escalation ladder."""
+
+    id: str
+    calendar: str
+    first_response: timedelta | None = None
+    next_response: timedelta | None = None
+    resolution: timedelta | None = None
+    customer_notice: bool = True
+    escalation: tuple[EscalationStep, ...] = ()
+    warn_at: float | None = None
+
+
+@dataclass(frozen=True)
+class Defaults:
+    """What a message gets when no route matches (and what routes start from)."""
+
+    owner: str
+    queue: str
+    sla: str
+    priority: str = "normal"
+    acknowledge: bool | str = True
+
+
+@dataclass(frozen=True)
+class Pattern:
+    """A compiled regular expression that remembers how the admin wrote it."""
+
+    text: str
+    regex: re.Pattern[str] = field(compare=False)
+
+    @classmethod
+    def compile(cls, text: str) -> Pattern:
+        return cls(text, re.compile(text))
+
+
+@dataclass(frozen=True)
+class Match:
+    """The conditions of a route. Every given condition must hold; lists are any-of.
+
+    `none_of` is the TOML `not` table: a route fails when *any* condition in it holds.
+    An empty `Match` matches every message.
+    """
+
+    to: tuple[str, ...] = ()
+    from_: tuple[str, ...] = ()
+    subject: tuple[Pattern, ...] = ()
+    body: tuple[Pattern, ...] = ()
+    header: tuple[tuple[str, tuple[Pattern, ...]], ...] = ()
+    authenticated: bool | None = None
+    has_attachment: bool | None = None
+    business_hours: bool | None = None
+    none_of: Match | None = None
+
+    @property
+    def is_empty(self) -> bool:
+        return self == Match()
+
+
+@dataclass(frozen=True)
+class Route:
+    """One `[[route]]`: conditions plus actions. Unset actions (None/empty) change nothing."""
+
+    name: str
+    match: Match = Match()
+    queue: str | None = None
+    owner: str | None = None
+    team: tuple[str, ...] = ()
+    assign: str | None = None
+    sla: str | None = None
+    priority: str | None = None
+    tags: tuple[str, ...] = ()
+    acknowledge: bool | str | None = None
+    notify: tuple[str, ...] = ()
+    continue_: bool = False
+    source: str = ""
+
+
+@dataclass(frozen=True)
+class Rules:
+    """Everything in `rules/`, validated and cross-referenced."""
+
+    people: dict[str, Person]
+    calendars: dict[str, BusinessCalendar]
+    sla: dict[str, SlaPolicy]
+    defaults: Defaults
+    routes: tuple[Route, ...]
+    files: tuple[Path, ...] = ()
+
+    def person(self, id: str) -> Person:
+        """The person with this id (KeyError with the id when unknown)."""
+        try:
+            return self.people[id]
+        except KeyError:
+            raise KeyError(f"unknown person {id!r}") from None
+
+    def policy(self, sla_id: str) -> SlaPolicy:
+        try:
+            return self.sla[sla_id]
+        except KeyError:
+            raise KeyError(f"unknown SLA policy {sla_id!r}") from None
+
+    def calendar_for_policy(self, sla_id: str) -> BusinessCalendar:
+        """The calendar an SLA policy counts business time in."""
+        return self.calendars[self.policy(sla_id).calendar]
+
+    def calendar_for_person(self, person_id: str) -> BusinessCalendar | None:
+        """A person's working hours (to notify them while they work, FIELD-NOTES §7)."""
+        calendar = self.person(person_id).calendar
+        return self.calendars[calendar] if calendar else None
+
+    def resolve(self, who: str, owner: Person) -> Person | None:
+        """Resolve an escalation target ("owner", "backup", "manager" or a person id)
+        relative to the current owner; None when the owner has no such backup/manager."""
+        if who == "owner":
+            return owner
+        if who in ("backup", "manager"):
+            target = owner.backup if who == "backup" else owner.manager
+            return self.people.get(target) if target else None
+        return self.people.get(who)

@@ -1,0 +1,415 @@
+"""The durable spool: what `250` promises (RFC 5321 §4.2.5, §6.1).
+
+A message is acknowledged only after its raw bytes and envelope are committed to a SQLite
+file in WAL mode with `synchronous=FULL` (every commit is fsynced; the spool directory is
+fsynced once after the database files are created, so their directory entries are durable).
+
+Group commit (FIELD-NOTES §2): SMTP sessions hand their message to one writer thread, which
+takes *everything* queued, inserts it in one transaction and commits once. It never waits a
+fixed window: when idle it flushes at once, and whatever arrives during a flush forms the
+next batch. One fsync thus serves every session of a burst.
+
+Life of an entry: `pending` -> claimed by the pipeline (`claimed`, attempts + 1) -> deleted
+after the ticket database has committed it (`release`), or back to `pending` on failure, or
+`quarantined` with the reason after `max_attempts` failures. On start, `recover()` puts
+claimed entries (a crash mid-processing) back to `pending`. Nothing is deleted before the
+database has it; the database dedupes if an entry is processed twice.
+
+The write is idempotent: an entry is keyed by a hash of envelope and bytes, so a client that
+disconnected before seeing `250` and sends again does not create a second entry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import os
+import queue
+import sqlite3
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS spool (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    dedupe_key TEXT NOT NULL UNIQUE,
+    received_at TEXT NOT NULL,
+    envelope TEXT NOT NULL,
+    raw BLOB NOT NULL,
+    state TEXT NOT NULL DEFAULT 'pending',
+    attempts INTEGER NOT NULL DEFAULT 0,
+    last_error TEXT,
+    quarantined_at TEXT
+);
+CREATE INDEX IF NOT EXISTS spool_state ON spool(state, id);
+"""
+
+
+class SpoolFull(Exception):
+    """Not enough free disk to accept more mail: answer `452 4.3.1`, the sender retries."""
+
+
+@dataclass
+class Envelope:
+    """What the SMTP session knew about a message besides its bytes."""
+
+    mail_from: str
+    rcpt_tos: list[str]
+    peer: str = ""
+    helo: str = ""
+    received_at: str = ""  # ISO 8601 UTC
+    smtputf8: bool = False
+    # Bytes that arrived beyond smtp.max_receive_size and were not kept (0: complete).
+    truncated_bytes: int = 0
+    source: str = "smtp"  # smtp | pipe
+
+    def to_json(self) -> str:
+        return json.dumps(self.__dict__, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> Envelope:
+        data = json.loads(text)
+        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
+
+
+@dataclass
+class SpoolEntry:
+    id: int
+    envelope: Envelope
+    raw: bytes
+    attempts: int
+    state: str
+    last_error: str | None = None
+    received_at: str = ""
+    dedupe_key: str = ""
+
+
+def dedupe_key(envelope: Envelope, raw: bytes) -> str:
+    """Hash of the envelope (sender, recipients) and the raw bytes (FIELD-NOTES §2)."""
+    h = hashlib.sha256()
+    h.update(envelope.mail_from.lower().encode("utf-8", "surrogateescape"))
+    h.update(b"\0")
+    for r in sorted(x.lower() for x in envelope.rcpt_tos):
+        h.update(r.encode("utf-8", "surrogateescape"))
+        h.update(b"\0")
+    h.update(raw)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
+    conn.execute("PRAGMA journal_mode=WAL")
+    # FULL: the WAL is fsynced at every commit, so a committed entry survives power loss.
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("PRAGMA busy_timeout=30000")
+    return conn
+
+
+@dataclass
+class _Pending:
+    key: str
+    envelope: Envelope
+    raw: bytes
+    done: Callable[[int | None, BaseException | None], None]
+    id: int | None = field(default=None)
+
+
+class Spool:
+    """The spool database plus its group-commit writer thread."""
+
+    FILE = "spool.sqlite3"
+
+    def __init__(self, directory: Path, *, max_attempts: int = 5, min_free_disk: int = 0) -> None:
+        self.directory = Path(directory)
+        self.path = self.directory / self.FILE
+        self.max_attempts = max_attempts
+        self.min_free_disk = min_free_disk
+        self._queue: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
+        self._writer: threading.Thread | None = None
+        self._conn: sqlite3.Connection | None = None  # for claim/release (one caller thread)
+        self._lock = threading.Lock()
+        self.on_commit: Callable[[], None] | None = None
+        # Test hook: an exception raised by the writer for the next batch (forced failure).
+        self.fail_next: BaseException | None = None
+        self.batches = 0
+
+    # Lifecycle ------------------------------------------------------------------------
+
+    def open(self) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        conn = _connect(self.path)
+        conn.executescript(SCHEMA)
+        conn.close()
+        # The database and WAL files exist now; make their directory entries durable.
+        _fsync_dir(self.directory)
+        self._conn = _connect(self.path)
+
+    def start_writer(self) -> None:
+        if self._writer is None:
+            self._writer = threading.Thread(target=self._write_loop, name="spool-writer")
+            self._writer.daemon = True
+            self._writer.start()
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._queue.put(None)
+            self._writer.join()
+            self._writer = None
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    @property
+    def conn(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise RuntimeError("spool is not open")
+        return self._conn
+
+    # Writing (group commit) -----------------------------------------------------------
+
+    def check_disk(self) -> None:
+        if self.min_free_disk:
+            st = os.statvfs(self.directory)
+            if st.f_bavail * st.f_frsize < self.min_free_disk:
+                raise SpoolFull(f"less than {self.min_free_disk} bytes free in {self.directory}")
+
+    async def submit(self, envelope: Envelope, raw: bytes) -> int:
+        """Make one message durable; return its spool id once the commit is fsynced."""
+        self.check_disk()
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[int] = loop.create_future()
+
+        def done(entry_id: int | None, error: BaseException | None) -> None:
+            def resolve() -> None:
+                if fut.done():
+                    return
+                if error is not None:
+                    fut.set_exception(error)
+                else:
+                    assert entry_id is not None
+                    fut.set_result(entry_id)
+
+            loop.call_soon_threadsafe(resolve)
+
+        self._queue.put(_Pending(dedupe_key(envelope, raw), envelope, raw, done))
+        # Shielded: a client that disconnects mid-wait cancels its session, not the write.
+        return await asyncio.shield(fut)
+
+    def submit_sync(self, envelope: Envelope, raw: bytes) -> int:
+        """Durable write without the writer thread (pipe mode: one message per process)."""
+        self.check_disk()
+        item = _Pending(dedupe_key(envelope, raw), envelope, raw, lambda i, e: None)
+        with self._lock:
+            self._commit_batch(self.conn, [item])
+        assert item.id is not None
+        return item.id
+
+    def _write_loop(self) -> None:
+        conn = _connect(self.path)
+        try:
+            while True:
+                first = self._queue.get()
+                if first is None:
+                    return
+                batch = [first]
+                stop = False
+                # Take everything that is already waiting: the group for this one fsync.
+                while True:
+                    try:
+                        nxt = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if nxt is None:
+                        stop = True
+                        break
+                    batch.append(nxt)
+                try:
+                    self._commit_batch(conn, batch)
+                except BaseException as exc:  # report to every waiting session: 451
+                    for item in batch:
+                        item.done(None, exc)
+                else:
+                    for item in batch:
+                        item.done(item.id, None)
+                    if self.on_commit is not None:
+                        self.on_commit()
+                if stop:
+                    return
+        finally:
+            conn.close()
+
+    def _commit_batch(self, conn: sqlite3.Connection, batch: list[_Pending]) -> None:
+        if self.fail_next is not None:
+            exc, self.fail_next = self.fail_next, None
+            raise exc
+        self.batches += 1
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for item in batch:
+                env = item.envelope
+                if not env.received_at:
+                    env.received_at = datetime.now(UTC).isoformat()
+                cur = conn.execute(
+                    "INSERT INTO spool(dedupe_key, received_at, envelope, raw) VALUES (?,?,?,?)"
+                    " ON CONFLICT(dedupe_key) DO NOTHING",
+                    (item.key, env.received_at, env.to_json(), item.raw),
+                )
+                if cur.rowcount:
+                    item.id = cur.lastrowid
+                else:  # the same message again (client retry): keep the first entry
+                    row = conn.execute(
+                        "SELECT id FROM spool WHERE dedupe_key=?", (item.key,)
+                    ).fetchone()
+                    item.id = row[0]
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+    # Claiming (pipeline side) ---------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            conn = self.conn
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+
+    def recover(self) -> int:
+        """After a crash: entries claimed but never released go back to `pending`."""
+        with self._tx() as conn:
+            cur = conn.execute("UPDATE spool SET state='pending' WHERE state='claimed'")
+            return cur.rowcount
+
+    def claim(self, limit: int = 50) -> list[SpoolEntry]:
+        with self._tx() as conn:
+            rows = conn.execute(
+                "SELECT id, envelope, raw, attempts, state, last_error, received_at, dedupe_key"
+                " FROM spool WHERE state='pending' ORDER BY id LIMIT ?",
+                (limit,),
+            ).fetchall()
+            if rows:
+                conn.executemany(
+                    "UPDATE spool SET state='claimed', attempts=attempts+1 WHERE id=?",
+                    [(r[0],) for r in rows],
+                )
+        return [
+            SpoolEntry(
+                id=r[0],
+                envelope=Envelope.from_json(r[1]),
+                raw=bytes(r[2]),
+                attempts=r[3] + 1,
+                state="claimed",
+                last_error=r[5],
+                received_at=r[6],
+                dedupe_key=r[7],
+            )
+            for r in rows
+        ]
+
+    def release(self, entry_id: int) -> None:
+        """The ticket database has committed the message: the spool may forget it."""
+        with self._tx() as conn:
+            conn.execute("DELETE FROM spool WHERE id=?", (entry_id,))
+
+    def fail(self, entry_id: int, reason: str) -> str:
+        """Record a processing failure; quarantine after `max_attempts`. Returns the new state."""
+        with self._tx() as conn:
+            row = conn.execute("SELECT attempts FROM spool WHERE id=?", (entry_id,)).fetchone()
+            if row is None:
+                return "gone"
+            if row[0] >= self.max_attempts:
+                conn.execute(
+                    "UPDATE spool SET state='quarantined', last_error=?, quarantined_at=?"
+                    " WHERE id=?",
+                    (reason, datetime.now(UTC).isoformat(), entry_id),
+                )
+                return "quarantined"
+            conn.execute(
+                "UPDATE spool SET state='pending', last_error=? WHERE id=?", (reason, entry_id)
+            )
+            return "pending"
+
+    def quarantine(self, entry_id: int, reason: str) -> None:
+        """Move straight to the quarantine (a message no retry can help)."""
+        with self._tx() as conn:
+            conn.execute(
+                "UPDATE spool SET state='quarantined', last_error=?, quarantined_at=? WHERE id=?",
+                (reason, datetime.now(UTC).isoformat(), entry_id),
+            )
+
+    # Inspection and replay ------------------------------------------------------------
+
+    def counts(self) -> dict[str, int]:
+        rows = self.conn.execute("SELECT state, count(*) FROM spool GROUP BY state").fetchall()
+        return {r[0]: r[1] for r in rows}
+
+    def quarantined(self) -> list[dict[str, Any]]:
+        rows = self.conn.execute(
+            "SELECT id, received_at, envelope, length(raw), attempts, last_error, quarantined_at"
+            " FROM spool WHERE state='quarantined' ORDER BY id"
+        ).fetchall()
+        out = []
+        for r in rows:
+            env = Envelope.from_json(r[2])
+            out.append(
+                {
+                    "id": r[0],
+                    "received_at": r[1],
+                    "mail_from": env.mail_from,
+                    "rcpt_tos": env.rcpt_tos,
+                    "size": r[3],
+                    "attempts": r[4],
+                    "reason": r[5],
+                    "quarantined_at": r[6],
+                }
+            )
+        return out
+
+    def get(self, entry_id: int) -> SpoolEntry | None:
+        r = self.conn.execute(
+            "SELECT id, envelope, raw, attempts, state, last_error, received_at, dedupe_key"
+            " FROM spool WHERE id=?",
+            (entry_id,),
+        ).fetchone()
+        if r is None:
+            return None
+        return SpoolEntry(
+            id=r[0],
+            envelope=Envelope.from_json(r[1]),
+            raw=bytes(r[2]),
+            attempts=r[3],
+            state=r[4],
+            last_error=r[5],
+            received_at=r[6],
+            dedupe_key=r[7],
+        )
+
+    def replay(self, entry_id: int) -> bool:
+        """Put a quarantined entry back in line with a fresh attempt counter."""
+        with self._tx() as conn:
+            cur = conn.execute(
+                "UPDATE spool SET state='pending', attempts=0, quarantined_at=NULL"
+                " WHERE id=? AND state='quarantined'",
+                (entry_id,),
+            )
+            return cur.rowcount == 1

@@ -1,0 +1,171 @@
+"""SQLModel tables: customers, tickets, messages (raw kept), events, links, outbox, SLA steps.
+
+Datetimes are aware UTC (sqlmodel's UTCDateTime stores and returns UTC on both SQLite and
+PostgreSQL). JSON-ish lists are stored as text so the schema is identical on both.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import Column, Index, LargeBinary, Text, UniqueConstraint
+from sqlmodel import Field, SQLModel
+
+
+class Customer(SQLModel, table=True):
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = ""
+    created_at: datetime
+    # Set when this customer was merged into another; its addresses moved there.
+    merged_into_id: int | None = Field(default=None, foreign_key="customer.id")
+
+
+class CustomerAddress(SQLModel, table=True):
+    __tablename__ = "customer_address"
+    id: int | None = Field(default=None, primary_key=True)
+    customer_id: int = Field(foreign_key="customer.id", index=True)
+    address: str = Field(unique=True)  # lowercased
+    created_at: datetime
+
+
+class CustomerMerge(SQLModel, table=True):
+    """History of `customers merge A B`: what moved where, and when."""
+
+    __tablename__ = "customer_merge"
+    id: int | None = Field(default=None, primary_key=True)
+    source_id: int = Field(foreign_key="customer.id")
+    target_id: int = Field(foreign_key="customer.id")
+    addresses: str = Field(sa_column=Column(Text, nullable=False))  # JSON list
+    tickets: str = Field(sa_column=Column(Text, nullable=False))  # JSON list of refs
+    at: datetime
+    by: str = ""
+
+
+class Ticket(SQLModel, table=True):
+    id: int | None = Field(default=None, primary_key=True)
+    ref: str = Field(unique=True)
+    status: str = "open"  # open | waiting | closed
+    subject: str = ""
+    normalized_subject: str = Field(default="", index=True)
+    requester: str = ""
+    customer_id: int | None = Field(default=None, foreign_key="customer.id", index=True)
+    owner: str = ""  # person id from rules/
+    queue: str = ""
+    priority: str = "normal"
+    tags: str = "[]"  # JSON list
+    sla: str = ""
+    route: str | None = None
+    created_at: datetime
+    updated_at: datetime
+    closed_at: datetime | None = None
+    # SLA clocks: the promise in the acknowledgement and what the escalator enforces.
+    first_response_due: datetime | None = None
+    next_response_due: datetime | None = None
+    resolution_due: datetime | None = None
+    first_responded_at: datetime | None = None
+    last_customer_at: datetime | None = None
+    last_staff_at: datetime | None = None
+    waiting_since: datetime | None = None
+    snoozed_until: datetime | None = None
+    acknowledged: bool = False
+
+
+class Participant(SQLModel, table=True):
+    __table_args__ = (UniqueConstraint("ticket_id", "address"),)
+    id: int | None = Field(default=None, primary_key=True)
+    ticket_id: int = Field(foreign_key="ticket.id", index=True)
+    address: str = Field(index=True)  # lowercased
+    role: str = "cc"  # requester | cc | staff
+    added_at: datetime
+
+
+class Message(SQLModel, table=True):
+    id: int | None = Field(default=None, primary_key=True)
+    # Robot mail that matches no ticket (an unknown bounce) is still recorded, ticketless.
+    ticket_id: int | None = Field(default=None, foreign_key="ticket.id", index=True)
+    direction: str = "in"  # in | out
+    kind: str = "customer"  # see CONTRACT.md message kinds
+    message_id: str | None = Field(default=None, index=True)  # the header, with <>
+    dedupe_key: str = Field(unique=True)  # sha256 of envelope + raw (FIELD-NOTES §2)
+    raw_sha256: str = Field(index=True)
+    mail_from: str = ""  # envelope sender
+    from_address: str = ""
+    to: str = "[]"  # JSON list (header To + Cc, and envelope recipients)
+    subject: str = ""
+    at: datetime
+    size: int = 0
+    raw: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    text: str = Field(default="", sa_column=Column(Text, nullable=False, default=""))
+    in_reply_to: str | None = None
+    references: str = Field(default="", sa_column=Column(Text, nullable=False, default=""))
+    robot: str = ""  # classification reasons, "" for a human
+    auth: str = "{}"  # JSON sender-authentication result
+    not_kept: str = "[]"  # JSON list of what was not kept (oversize parts, truncation)
+    spool_id: int | None = None
+
+
+class Event(SQLModel, table=True):
+    """The audit trail: why every automatic decision was taken."""
+
+    id: int | None = Field(default=None, primary_key=True)
+    ticket_id: int | None = Field(default=None, foreign_key="ticket.id", index=True)
+    message_id: int | None = Field(default=None, foreign_key="message.id")
+    at: datetime
+    type: str
+    detail: str = Field(default="", sa_column=Column(Text, nullable=False, default=""))
+    data: str = Field(default="{}", sa_column=Column(Text, nullable=False, default="{}"))
+
+
+class TicketLink(SQLModel, table=True):
+    __tablename__ = "ticket_link"
+    __table_args__ = (UniqueConstraint("ticket_id", "other_id", "relation"),)
+    id: int | None = Field(default=None, primary_key=True)
+    ticket_id: int = Field(foreign_key="ticket.id", index=True)
+    other_id: int = Field(foreign_key="ticket.id")
+    relation: str  # possible-follow-up | follow-up-of-closed | merged-into
+    created_at: datetime
+
+
+class Outbox(SQLModel, table=True):
+    """Transactional outbox: written with the ticket change, sent by the delivery worker."""
+
+    __table_args__ = (Index("outbox_due", "state", "next_attempt_at"),)
+    id: int | None = Field(default=None, primary_key=True)
+    ticket_id: int | None = Field(default=None, foreign_key="ticket.id", index=True)
+    kind: str  # ack | notification | staff_reply | escalation | customer_notice | confirmation
+    mail_from: str = ""  # envelope sender ("" = null sender for automatic mail)
+    rcpt_tos: str = "[]"  # JSON list
+    message_id: str = ""
+    raw: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    state: str = "queued"  # queued | sending | sent | failed | given_up
+    attempts: int = 0
+    created_at: datetime
+    first_attempt_at: datetime | None = None
+    next_attempt_at: datetime
+    sent_at: datetime | None = None
+    last_error: str = ""
+    claimed_until: datetime | None = None
+
+
+class AssignmentCursor(SQLModel, table=True):
+    """Round-robin position of each route's team."""
+
+    __tablename__ = "assignment_cursor"
+    route: str = Field(primary_key=True)
+    person: str
+    updated_at: datetime
+
+
+class EscalationStep(SQLModel, table=True):
+    """One fired escalation step; the unique key makes each fire exactly once."""
+
+    __tablename__ = "escalation_step"
+    __table_args__ = (UniqueConstraint("ticket_id", "clock", "due_at", "step"),)
+    id: int | None = Field(default=None, primary_key=True)
+    ticket_id: int = Field(foreign_key="ticket.id", index=True)
+    clock: str  # first_response | next_response | resolution
+    due_at: datetime
+    step: int  # index in the policy's ladder; -1 = warning before the breach
+    person: str = ""
+    action: str = ""
+    fired_at: datetime

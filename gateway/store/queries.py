@@ -1,0 +1,255 @@
+"""Named queries over the ticket database (one place for the SQL the stages need)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import func, text
+from sqlmodel import Session, col, select
+
+from gateway.pipeline.thread import TicketView
+from gateway.store.models import (
+    AssignmentCursor,
+    Customer,
+    CustomerAddress,
+    CustomerMerge,
+    Event,
+    Message,
+    Outbox,
+    Participant,
+    Ticket,
+    TicketLink,
+)
+
+
+def _view(t: Ticket | None) -> TicketView | None:
+    if t is None or t.id is None:
+        return None
+    return TicketView(t.id, t.ref, t.status)
+
+
+class SqlLookup:
+    """`ThreadLookup` over one database session."""
+
+    def __init__(self, session: Session) -> None:
+        self.s = session
+
+    def duplicate_of(self, dedupe_key: str, message_id: str | None) -> tuple[int, int | None] | None:
+        row = self.s.exec(
+            select(Message.id, Message.ticket_id).where(Message.dedupe_key == dedupe_key)
+        ).first()
+        if row is None and message_id:
+            # Mail to support@ and billing@ with one Message-ID is one message (§4).
+            row = self.s.exec(
+                select(Message.id, Message.ticket_id)
+                .where(Message.message_id == message_id, Message.direction == "in")
+                .order_by(col(Message.id))
+            ).first()
+        if row is None:
+            return None
+        assert row[0] is not None
+        return row[0], row[1]
+
+    def ticket_of_message_id(self, message_id: str) -> int | None:
+        return self.s.exec(
+            select(Message.ticket_id)
+            .where(Message.message_id == message_id, col(Message.ticket_id).is_not(None))
+            .order_by(col(Message.id))
+        ).first()
+
+    def ticket(self, ticket_id: int) -> TicketView | None:
+        return _view(self.s.get(Ticket, ticket_id))
+
+    def ticket_by_ref(self, ref: str) -> TicketView | None:
+        return _view(self.s.exec(select(Ticket).where(Ticket.ref == ref.upper())).first())
+
+    def is_participant(self, ticket_id: int, address: str) -> bool:
+        address = address.lower()
+        if not address:
+            return False
+        hit = self.s.exec(
+            select(Participant.id).where(
+                Participant.ticket_id == ticket_id, Participant.address == address
+            )
+        ).first()
+        if hit is not None:
+            return True
+        # One person, several addresses: the ticket's customer under another address.
+        ticket = self.s.get(Ticket, ticket_id)
+        if ticket is None or ticket.customer_id is None:
+            return False
+        cust = customer_of(self.s, address)
+        return cust is not None and cust == resolve_customer(self.s, ticket.customer_id)
+
+
+def lock_message_id(session: Session, message_id: str | None) -> None:
+    """Serialise two nodes processing the same Message-ID (PostgreSQL advisory lock)."""
+    if message_id and session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SELECT pg_advisory_xact_lock(hashtext(:m))"), {"m": message_id})
+
+
+def resolve_customer(session: Session, customer_id: int) -> int:
+    """Follow merges to the surviving customer."""
+    seen = set()
+    while customer_id not in seen:
+        seen.add(customer_id)
+        c = session.get(Customer, customer_id)
+        if c is None or c.merged_into_id is None:
+            return customer_id
+        customer_id = c.merged_into_id
+    return customer_id
+
+
+def customer_of(session: Session, address: str) -> int | None:
+    row = session.exec(
+        select(CustomerAddress.customer_id).where(CustomerAddress.address == address.lower())
+    ).first()
+    return resolve_customer(session, row) if row is not None else None
+
+
+def ensure_customer(session: Session, address: str, name: str, now: datetime) -> int | None:
+    if not address:
+        return None
+    found = customer_of(session, address)
+    if found is not None:
+        return found
+    c = Customer(name=name, created_at=now)
+    session.add(c)
+    session.flush()
+    assert c.id is not None
+    session.add(CustomerAddress(customer_id=c.id, address=address.lower(), created_at=now))
+    session.flush()
+    return c.id
+
+
+def add_participant(session: Session, ticket_id: int, address: str, role: str, now: datetime) -> bool:
+    address = address.lower()
+    if not address:
+        return False
+    exists = session.exec(
+        select(Participant).where(Participant.ticket_id == ticket_id, Participant.address == address)
+    ).first()
+    if exists is not None:
+        return False
+    session.add(Participant(ticket_id=ticket_id, address=address, role=role, added_at=now))
+    session.flush()
+    return True
+
+
+def add_event(
+    session: Session,
+    ticket_id: int | None,
+    type_: str,
+    detail: str,
+    now: datetime,
+    *,
+    message_id: int | None = None,
+    data: Any = None,
+) -> None:
+    session.add(
+        Event(
+            ticket_id=ticket_id,
+            message_id=message_id,
+            at=now,
+            type=type_,
+            detail=detail,
+            data=json.dumps(data if data is not None else {}, default=str),
+        )
+    )
+
+
+def link(session: Session, ticket_id: int, other_id: int, relation: str, now: datetime) -> bool:
+    exists = session.exec(
+        select(TicketLink.id).where(
+            TicketLink.ticket_id == ticket_id,
+            TicketLink.other_id == other_id,
+            TicketLink.relation == relation,
+        )
+    ).first()
+    if exists is not None:
+        return False
+    session.add(TicketLink(ticket_id=ticket_id, other_id=other_id, relation=relation, created_at=now))
+    return True
+
+
+def open_ticket_counts(session: Session) -> dict[str, int]:
+    rows = session.exec(
+        select(Ticket.owner, func.count()).where(Ticket.status != "closed").group_by(Ticket.owner)
+    ).all()
+    return {owner: n for owner, n in rows}
+
+
+def assignment_cursors(session: Session) -> dict[str, str]:
+    return {c.route: c.person for c in session.exec(select(AssignmentCursor)).all()}
+
+
+def set_cursor(session: Session, route: str, person: str, now: datetime) -> None:
+    cur = session.get(AssignmentCursor, route)
+    if cur is None:
+        session.add(AssignmentCursor(route=route, person=person, updated_at=now))
+    else:
+        cur.person = person
+        cur.updated_at = now
+        session.add(cur)
+
+
+def find_ticket(session: Session, ref: str) -> Ticket | None:
+    ref = ref.strip().upper()
+    t = session.exec(select(Ticket).where(Ticket.ref == ref)).first()
+    if t is None and ref.isdigit():
+        t = session.exec(select(Ticket).where(col(Ticket.ref).endswith(f"-{ref}"))).first()
+    return t
+
+
+def ticket_of_outbound(session: Session, message_ids: Iterable[str]) -> int | None:
+    """The ticket of an outbound message we sent (for attaching bounces)."""
+    for mid in message_ids:
+        tid = session.exec(
+            select(Outbox.ticket_id).where(Outbox.message_id == mid, col(Outbox.ticket_id).is_not(None))
+        ).first()
+        if tid is not None:
+            return tid
+        tid = session.exec(
+            select(Message.ticket_id).where(
+                Message.message_id == mid, Message.direction == "out",
+                col(Message.ticket_id).is_not(None),
+            )
+        ).first()
+        if tid is not None:
+            return tid
+    return None
+
+
+def merge_customers(session: Session, source: int, target: int, now: datetime, by: str = "") -> CustomerMerge:
+    """Join customer `source` into `target`: addresses and tickets move, history is kept."""
+    source = resolve_customer(session, source)
+    target = resolve_customer(session, target)
+    if source == target:
+        raise ValueError("both addresses already belong to one customer")
+    addrs = session.exec(select(CustomerAddress).where(CustomerAddress.customer_id == source)).all()
+    tickets = session.exec(select(Ticket).where(Ticket.customer_id == source)).all()
+    for a in addrs:
+        a.customer_id = target
+        session.add(a)
+    for t in tickets:
+        t.customer_id = target
+        session.add(t)
+        add_event(session, t.id, "customer-merged", f"customer {source} merged into {target}", now)
+    src = session.get(Customer, source)
+    assert src is not None
+    src.merged_into_id = target
+    session.add(src)
+    record = CustomerMerge(
+        source_id=source,
+        target_id=target,
+        addresses=json.dumps([a.address for a in addrs]),
+        tickets=json.dumps([t.ref for t in tickets]),
+        at=now,
+        by=by,
+    )
+    session.add(record)
+    session.flush()
+    return record

@@ -1,0 +1,118 @@
+"""Read models: the JSON shapes of CONTRACT.md (`tickets list/show --json`, `sla upcoming`)."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlmodel import Session, col, select
+
+from gateway.routing.model import Rules
+from gateway.sla.deadlines import isoz
+from gateway.store.models import Event, Message, Participant, Ticket, TicketLink
+
+
+def owner_json(rules: Rules | None, person_id: str) -> dict[str, str]:
+    person = rules.people.get(person_id) if rules is not None else None
+    if person is None:
+        return {"id": person_id, "name": person_id, "email": ""}
+    return {"id": person.id, "name": person.name, "email": person.email}
+
+
+def deadlines_json(t: Ticket) -> dict[str, str | None]:
+    return {
+        "first_response": isoz(t.first_response_due) if t.first_responded_at is None else None,
+        "next_response": isoz(t.next_response_due),
+        "resolution": isoz(t.resolution_due) if t.status != "closed" else None,
+    }
+
+
+def ticket_summary(t: Ticket, rules: Rules | None) -> dict[str, Any]:
+    return {
+        "ref": t.ref,
+        "status": t.status,
+        "subject": t.subject,
+        "requester": t.requester,
+        "owner": owner_json(rules, t.owner),
+        "queue": t.queue,
+        "priority": t.priority,
+        "tags": json.loads(t.tags),
+        "created_at": isoz(t.created_at),
+        "updated_at": isoz(t.updated_at),
+        "deadlines": deadlines_json(t),
+    }
+
+
+def ticket_detail(s: Session, t: Ticket, rules: Rules | None) -> dict[str, Any]:
+    out = ticket_summary(t, rules)
+    out["sla"] = t.sla
+    out["route"] = t.route
+    out["participants"] = [
+        p.address
+        for p in s.exec(
+            select(Participant).where(Participant.ticket_id == t.id).order_by(col(Participant.id))
+        ).all()
+    ]
+    out["messages"] = [
+        {
+            "id": m.id,
+            "message_id": m.message_id,
+            "direction": m.direction,
+            "kind": m.kind,
+            "from": m.from_address or m.mail_from,
+            "to": json.loads(m.to),
+            "subject": m.subject,
+            "at": isoz(m.at),
+            "size": m.size,
+            "robot": m.robot or None,
+            "not_kept": json.loads(m.not_kept),
+            "auth": json.loads(m.auth),
+        }
+        for m in s.exec(
+            select(Message).where(Message.ticket_id == t.id).order_by(col(Message.at), col(Message.id))
+        ).all()
+    ]
+    out["events"] = [
+        {"at": isoz(e.at), "type": e.type, "detail": e.detail}
+        for e in s.exec(select(Event).where(Event.ticket_id == t.id).order_by(col(Event.id))).all()
+    ]
+    links = []
+    for lk in s.exec(select(TicketLink).where(TicketLink.ticket_id == t.id)).all():
+        other = s.get(Ticket, lk.other_id)
+        links.append({"ref": other.ref if other else str(lk.other_id), "relation": lk.relation})
+    for lk in s.exec(select(TicketLink).where(TicketLink.other_id == t.id)).all():
+        other = s.get(Ticket, lk.ticket_id)
+        links.append({"ref": other.ref if other else str(lk.ticket_id), "relation": f"{lk.relation} (from)"})
+    out["links"] = links
+    return out
+
+
+def upcoming(s: Session, rules: Rules | None, now: datetime, within: timedelta) -> list[dict[str, Any]]:
+    """Deadlines due before now + within (including those already missed), soonest first."""
+    horizon = now + within
+    rows: list[dict[str, Any]] = []
+    for t in s.exec(select(Ticket).where(Ticket.status != "closed")).all():
+        clocks = {
+            "first_response": t.first_response_due if t.first_responded_at is None else None,
+            "next_response": t.next_response_due,
+            "resolution": t.resolution_due,
+        }
+        if t.status == "waiting":
+            clocks["first_response"] = clocks["next_response"] = None  # paused on the customer
+        for clock, due in clocks.items():
+            if due is None or due > horizon:
+                continue
+            rows.append(
+                {
+                    "ref": t.ref,
+                    "clock": clock,
+                    "due": isoz(due),
+                    "overdue": due <= now,
+                    "owner": owner_json(rules, t.owner),
+                    "subject": t.subject,
+                    "priority": t.priority,
+                }
+            )
+    rows.sort(key=lambda r: (r["owner"]["id"], r["due"]))
+    return rows

@@ -1,0 +1,104 @@
+"""Shared fixtures: settings, a frozen clock, SQLite and PostgreSQL databases, the running
+gateway on a free loopback port, and the capture relay (tests/support/relay.py)."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from sqlalchemy.engine import Engine
+
+from gateway.clock import FrozenClock
+from gateway.settings import Settings, load_settings
+from gateway.store.db import open_database
+from tests.support.relay import CaptureRelay
+
+RULES = Path(__file__).parent / "support" / "rules"
+PG_URL = os.environ.get("GATEWAY_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+@pytest.fixture
+def clock() -> FrozenClock:
+    # A Monday, 09:00 UTC (10:00 in Berlin): inside business hours.
+    return FrozenClock(datetime(2026, 11, 23, 9, 0, tzinfo=UTC))
+
+
+def make_settings(tmp_path: Path, **extra: object) -> Settings:
+    overrides: dict[str, object] = {
+        "rules_dir": str(RULES),
+        "smtp": {"listen": "127.0.0.1:0", "hostname": "mx.example.com",
+                 "domains": ["example.com", "localhost"], "min_free_disk": 0},
+        "storage": {"database_url": f"sqlite:///{tmp_path}/gateway.db",
+                    "spool_dir": str(tmp_path / "spool")},
+        "outbound": {"relay": "127.0.0.1:9", "from_address": "support@example.com"},
+        "security": {"secret_key": "test-secret-key-0123456789abcdef"},
+    }
+    for section, values in extra.items():
+        if isinstance(values, dict) and isinstance(overrides.get(section), dict):
+            overrides[section] = {**overrides[section], **values}  # type: ignore[dict-item]
+        else:
+            overrides[section] = values
+    old = os.environ.pop("GATEWAY_CONFIG", None)
+    try:
+        return load_settings(str(_empty_config(tmp_path)), **overrides)
+    finally:
+        if old is not None:
+            os.environ["GATEWAY_CONFIG"] = old
+
+
+def _empty_config(tmp_path: Path) -> Path:
+    p = tmp_path / "config.toml"
+    if not p.exists():
+        p.write_text("# test config: everything comes from overrides\n")
+    return p
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return make_settings(tmp_path)
+
+
+def _pg_database() -> Iterator[str]:
+    import psycopg
+
+    base = PG_URL.replace("postgresql+psycopg://", "postgresql://")
+    try:
+        admin = psycopg.connect(base, autocommit=True, connect_timeout=3)
+    except Exception as exc:
+        if IN_CI:
+            pytest.fail(f"PostgreSQL is required in CI but not reachable at {PG_URL}: {exc}")
+        pytest.skip(f"PostgreSQL not reachable at {PG_URL}: {exc}")
+    name = f"gw_test_{uuid.uuid4().hex[:12]}"
+    admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield PG_URL.rsplit("/", 1)[0] + "/" + name
+    finally:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.close()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """Run the test once against SQLite and once against PostgreSQL."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path}/gateway.db"
+    else:
+        yield from _pg_database()
+
+
+@pytest.fixture
+def db(database_url: str) -> Iterator[Engine]:
+    engine = open_database(database_url)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+async def relay() -> AsyncIterator[CaptureRelay]:
+    async with CaptureRelay() as r:
+        yield r
