@@ -33,11 +33,12 @@ from gateway.store.db import open_database
 log = logging.getLogger("gateway")
 
 
-def build_spool(settings: Settings) -> Spool:
+def build_spool(settings: Settings, clock: Clock | None = None) -> Spool:
     spool = Spool(
         settings.spool_path,
         max_attempts=settings.storage.max_attempts,
         min_free_disk=settings.smtp.min_free_disk,
+        clock=clock,
     )
     spool.open()
     return spool
@@ -64,7 +65,7 @@ class Gateway:
             )
         self.rules = RulesHolder(rules_path)
         self.engine = engine or open_database(settings.storage.database_url)
-        self.spool = build_spool(settings)
+        self.spool = build_spool(settings, self.clock)
         self.signer = Signer(settings.secret())
         self.resolver = resolver if resolver is not None else SystemResolver()
         self.services = Services(

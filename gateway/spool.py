@@ -11,7 +11,9 @@ next batch. One fsync thus serves every session of a burst.
 
 Life of an entry: `pending` -> claimed by the pipeline (`claimed`, attempts + 1) -> deleted
 after the ticket database has committed it (`release`), or back to `pending` on failure, or
-`quarantined` with the reason after `max_attempts` failures. On start, `recover()` puts
+`quarantined` with the reason after `max_attempts` failures. A failed entry waits before its
+next attempt (1 min, doubling, at most 1 h; by the injected clock) so one poison message
+cannot spin the worker. On start, `recover()` puts
 claimed entries (a crash mid-processing) back to `pending`. Nothing is deleted before the
 database has it; the database dedupes if an entry is processed twice.
 
@@ -31,9 +33,11 @@ import sqlite3
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+
 from pathlib import Path
 from typing import Any
+
+from gateway.clock import Clock, SystemClock
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS spool (
@@ -45,7 +49,8 @@ CREATE TABLE IF NOT EXISTS spool (
     state TEXT NOT NULL DEFAULT 'pending',
     attempts INTEGER NOT NULL DEFAULT 0,
     last_error TEXT,
-    quarantined_at TEXT
+    quarantined_at TEXT,
+    not_before REAL NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS spool_state ON spool(state, id);
 """
@@ -133,8 +138,16 @@ class Spool:
 
     FILE = "spool.sqlite3"
 
-    def __init__(self, directory: Path, *, max_attempts: int = 5, min_free_disk: int = 0) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        max_attempts: int = 5,
+        min_free_disk: int = 0,
+        clock: Clock | None = None,
+    ) -> None:
         self.directory = Path(directory)
+        self.clock: Clock = clock or SystemClock()
         self.path = self.directory / self.FILE
         self.max_attempts = max_attempts
         self.min_free_disk = min_free_disk
@@ -262,7 +275,7 @@ class Spool:
             for item in batch:
                 env = item.envelope
                 if not env.received_at:
-                    env.received_at = datetime.now(UTC).isoformat()
+                    env.received_at = self.clock.now().isoformat()
                 cur = conn.execute(
                     "INSERT INTO spool(dedupe_key, received_at, envelope, raw) VALUES (?,?,?,?)"
                     " ON CONFLICT(dedupe_key) DO NOTHING",
@@ -304,8 +317,8 @@ class Spool:
         with self._tx() as conn:
             rows = conn.execute(
                 "SELECT id, envelope, raw, attempts, state, last_error, received_at, dedupe_key"
-                " FROM spool WHERE state='pending' ORDER BY id LIMIT ?",
-                (limit,),
+                " FROM spool WHERE state='pending' AND not_before <= ? ORDER BY id LIMIT ?",
+                (self.clock.now().timestamp(), limit),
             ).fetchall()
             if rows:
                 conn.executemany(
@@ -341,11 +354,13 @@ class Spool:
                 conn.execute(
                     "UPDATE spool SET state='quarantined', last_error=?, quarantined_at=?"
                     " WHERE id=?",
-                    (reason, datetime.now(UTC).isoformat(), entry_id),
+                    (reason, self.clock.now().isoformat(), entry_id),
                 )
                 return "quarantined"
+            delay = min(60 * 2 ** (row[0] - 1), 3600)
             conn.execute(
-                "UPDATE spool SET state='pending', last_error=? WHERE id=?", (reason, entry_id)
+                "UPDATE spool SET state='pending', last_error=?, not_before=? WHERE id=?",
+                (reason, self.clock.now().timestamp() + delay, entry_id),
             )
             return "pending"
 
@@ -354,7 +369,7 @@ class Spool:
         with self._tx() as conn:
             conn.execute(
                 "UPDATE spool SET state='quarantined', last_error=?, quarantined_at=? WHERE id=?",
-                (reason, datetime.now(UTC).isoformat(), entry_id),
+                (reason, self.clock.now().isoformat(), entry_id),
             )
 
     # Inspection and replay ------------------------------------------------------------
@@ -408,7 +423,7 @@ class Spool:
         """Put a quarantined entry back in line with a fresh attempt counter."""
         with self._tx() as conn:
             cur = conn.execute(
-                "UPDATE spool SET state='pending', attempts=0, quarantined_at=NULL"
+                "UPDATE spool SET state='pending', attempts=0, quarantined_at=NULL, not_before=0"
                 " WHERE id=? AND state='quarantined'",
                 (entry_id,),
             )

@@ -124,7 +124,8 @@ class GatewaySMTP(SMTP):
         # quotes, comments or source routes goes through the stdlib parser as before.
         m = _SIMPLE_ADDR.match(arg.lstrip())
         if m is not None:
-            return m.group(1), m.group(2)
+            # The null reverse-path is "<>" in aiosmtpd (as its stdlib parser returns it).
+            return m.group(1) or "<>", m.group(2)
         return super()._getaddr(arg)  # type: ignore[no-any-return]
 
     async def smtp_DATA(self, arg: str) -> None:
@@ -260,8 +261,9 @@ class InboundHandler:
         raw = envelope.original_content or b""
         assert isinstance(raw, bytes)
         peer = session.peer
+        mail_from = envelope.mail_from or ""
         spool_env = SpoolEnvelope(
-            mail_from=envelope.mail_from or "",
+            mail_from="" if mail_from == "<>" else mail_from,  # null sender (bounces)
             rcpt_tos=list(envelope.rcpt_tos),
             peer=peer[0] if isinstance(peer, tuple) else str(peer or ""),
             helo=session.host_name or "",

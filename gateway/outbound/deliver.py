@@ -29,6 +29,7 @@ TLS, `starttls=`:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import ssl
 from collections.abc import Mapping, Sequence
@@ -102,6 +103,9 @@ class DnsMxResolver:
     - no MX records but an A or AAAA record: the domain itself (implicit MX, §5.1);
     - null MX "0 ." (RFC 7505), NXDOMAIN, or no address at all: permanent MxLookupError;
     - timeouts, SERVFAIL, unreachable servers: temporary MxLookupError.
+
+    The MX host names it returns are turned into addresses by the system resolver when
+    aiosmtplib connects (getaddrinfo tries every A/AAAA address in turn).
     """
 
     def __init__(self, resolver: dns.asyncresolver.Resolver | None = None) -> None:
@@ -121,7 +125,9 @@ class DnsMxResolver:
         except dns.resolver.NoAnswer:
             return await self._implicit_mx(domain, name)
         except dns.exception.DNSException as exc:
-            raise MxLookupError(f"4.4.3 {domain}: MX lookup failed: {exc}", permanent=False) from None
+            raise MxLookupError(
+                f"4.4.3 {domain}: MX lookup failed: {exc}", permanent=False
+            ) from None
         hosts = []
         for rr in answer:
             if rr.exchange == dns.name.root:
@@ -283,7 +289,9 @@ class _Session:
 
     async def attempt(self, host: str, port: int, rcpts: list[str]) -> DeliveryResult:
         """One SMTP session with host:port. Opportunistic TLS falls back to plaintext."""
-        result, tls_failed = await self._attempt(host, port, rcpts, use_tls=self.starttls != "never")
+        result, tls_failed = await self._attempt(
+            host, port, rcpts, use_tls=self.starttls != "never"
+        )
         if tls_failed and self.starttls == "opportunistic":
             # Postfix "may" level: a failed handshake is retried in plaintext.
             result, _ = await self._attempt(host, port, rcpts, use_tls=False)
@@ -380,8 +388,6 @@ def _describe(host: str, port: int, exc: BaseException) -> str:
 async def _close(smtp: aiosmtplib.SMTP) -> None:
     """QUIT politely when possible; always release the socket."""
     if smtp.is_connected:
-        try:
+        with contextlib.suppress(aiosmtplib.SMTPException, OSError, TimeoutError):
             await smtp.quit()
-        except (aiosmtplib.SMTPException, OSError, TimeoutError):
-            pass
     smtp.close()

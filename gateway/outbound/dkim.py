@@ -148,7 +148,9 @@ def _parse_private_key(data: bytes) -> tuple[bytes, str]:
     raise ValueError("expected a PEM RSA key or a base64/raw 32-byte ed25519 seed")
 
 
-def sign(message: bytes, keys: Sequence[DkimKey], *, headers: Sequence[bytes] | None = None) -> bytes:
+def sign(
+    message: bytes, keys: Sequence[DkimKey], *, headers: Sequence[bytes] | None = None
+) -> bytes:
     """Return `message` with one DKIM-Signature prepended per key (keys[0]'s on top).
 
     Canonicalization is relaxed/relaxed (RFC 6376 §3.4.2, §3.4.4): it survives the header

@@ -39,7 +39,8 @@ __all__ = ["BounceInfo", "parse_bounce"]
 _ACTIONS = ("failed", "delayed", "delivered", "relayed", "expanded")
 _STATUS_RE = re.compile(r"(?<![\d.])([245]\.[0-9]{1,3}\.[0-9]{1,3})(?![\d.])")
 _MSGID_RE = re.compile(r"<([^<>\s@]+@[^<>\s]+)>")
-_ADDR = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+"
+# Bounded repetitions keep scanning linear on hostile text (no quadratic backtracking).
+_ADDR = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]{1,64}@[A-Za-z0-9-]{1,63}(?:\.[A-Za-z0-9-]{1,63}){1,8}"
 _ADDR_RE = re.compile(_ADDR)
 # Recipient lines MTAs write before the returned copy.
 _RCPT_LINE_RES = (

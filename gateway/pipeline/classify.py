@@ -52,14 +52,14 @@ __all__ = [
 ]
 
 KINDS = ("human", "auto_reply", "bounce", "report", "list", "bulk", "robot", "loop")
-# Higher wins. bounce and report share a rank: a message is one or the other.
+# Higher wins. bounce and report share a rank: the first found (the report structure) wins.
 _RANK = {
     "human": 0,
     "robot": 1,
     "bulk": 2,
     "list": 3,
     "auto_reply": 4,
-    "report": 5,
+    "report": 6,
     "bounce": 6,
     "loop": 7,
 }
@@ -229,6 +229,7 @@ def _decode_part(part: Message) -> str:
         charset = part.get_content_charset() or "utf-8"
     except Exception:
         charset = "utf-8"
+    data = data[:262144]  # enough for any bounce notice; never decode a huge attachment
     try:
         return data.decode(charset, errors="replace")
     except (LookupError, ValueError):
@@ -516,10 +517,12 @@ def _classify(
                 add("loop", "Message-ID is one we generated")
 
     # 7. Reports (RFC 6522) and non-standard bounces.
-    for kind, reason in _report_signals(msg):
+    reports = _report_signals(msg)
+    for kind, reason in reports:
         add(kind, reason)
-    for reason in bounce_reasons(msg, envelope_sender):
-        add("bounce", reason)
+    if not reports:  # a standard report says what it is; wording cannot override it
+        for reason in bounce_reasons(msg, envelope_sender):
+            add("bounce", reason)
     subject = _first(msg, "Subject")
     if re.match(r"\s*complaint about message from", subject, re.IGNORECASE) and any(
         _content_type(p) == "message/rfc822" for p in iter_parts(msg)

@@ -10,7 +10,7 @@ import uuid
 
 from gateway.pipeline.context import Context
 from gateway.sla.deadlines import initial_deadlines, isoz
-from gateway.store.models import Message, Ticket
+from gateway.store.models import Message, MessageRef, Ticket
 from gateway.store.queries import (
     add_event,
     add_participant,
@@ -34,6 +34,15 @@ def _is_ours(ctx: Context, address: str) -> bool:
     domain = address.rpartition("@")[2].lower()
     settings = ctx.services.settings
     return domain in settings.smtp.domains or address == settings.outbound.from_address.lower()
+
+
+def _audience(ctx: Context) -> list[str]:
+    """Who else may reply into the ticket: the To/Cc people, but not our own addresses and
+    not for list mail (the list address would otherwise be a participant of every ticket
+    and let anything sent through the list join it)."""
+    if ctx.verdict is not None and ctx.verdict.kind in ("list", "bulk"):
+        return []
+    return [a for a in _recipients(ctx) if not _is_ours(ctx, a)]
 
 
 def _create_ticket(ctx: Context) -> Ticket:
@@ -76,8 +85,8 @@ def _create_ticket(ctx: Context) -> Ticket:
     ticket.normalized_subject = normalise_subject(ticket.subject)[:500]
     s.add(ticket)
     add_participant(s, ticket.id, ctx.sender, "requester", ctx.now)
-    for a in _recipients(ctx):
-        if not _is_ours(ctx, a) and a != ctx.sender:
+    for a in _audience(ctx):
+        if a != ctx.sender:
             add_participant(s, ticket.id, a, "cc", ctx.now)
     if d.assigned_by == "round-robin" and d.route:
         set_cursor(s, d.route, d.owner.id, ctx.now)
@@ -138,9 +147,8 @@ def record(ctx: Context) -> None:
                 ctx.event("staff-token", f"staff reply token of {th.claim.person} used by {ctx.sender}")
             else:
                 add_participant(s, ticket.id, ctx.sender, "cc", ctx.now)
-                for a in _recipients(ctx):
-                    if not _is_ours(ctx, a):
-                        add_participant(s, ticket.id, a, "cc", ctx.now)
+                for a in _audience(ctx):
+                    add_participant(s, ticket.id, a, "cc", ctx.now)
                 ticket.last_customer_at = ctx.received_at
                 if ticket.status == "waiting":
                     ticket.status = "open"
@@ -186,6 +194,9 @@ def record(ctx: Context) -> None:
     )
     s.add(msg)
     s.flush()
+    assert msg.id is not None
+    for ref in p.referenced_ids[:50]:
+        s.add(MessageRef(message_id=msg.id, ref=ref[:900]))
     ctx.message = msg
     tid = ticket.id if ticket else None
     for type_, detail, data in ctx.events:

@@ -56,11 +56,12 @@ def classify_stage(ctx: Context) -> None:
         own_domains=(),
         loop_header=LOOP_HEADER,
         loop_value=settings.smtp.hostname,
+        is_own_message_id=lambda mid: ctx.services.signer.verify_message_id(mid) is not None,
     )
     if not ctx.verdict.is_human:
         ctx.event("classified", f"{ctx.verdict.kind}: " + "; ".join(ctx.verdict.reasons))
     if ctx.verdict.kind in ("bounce", "report"):
-        ctx.bounce = parse_bounce(ctx.parsed.msg)
+        ctx.bounce = parse_bounce(ctx.parsed.msg, ctx.entry.envelope.mail_from)
 
 
 def authenticate_stage(ctx: Context) -> None:

@@ -10,7 +10,9 @@ Order of precedence, first hit wins:
 5. a ticket reference in the subject (`[ACME-1042]`), only when the sender is a participant;
 6. otherwise a new ticket, linked (`possible-follow-up`) to every ticket it referenced, so a
    stranger who quotes a ticket number never lands in someone else's ticket (zammad#5064)
-   but the owner still sees the connection.
+   but the owner still sees the connection. A reference to a message we never received is
+   followed too: tickets whose messages name the same unknown ancestor are linked (never
+   joined), which keeps list threads whose root predates us together.
 
 Security never depends on the reference being secret: only the HMAC-signed token and our
 signed Message-IDs admit a non-participant. The decision is pure: storage is reached only
@@ -49,6 +51,10 @@ class ThreadLookup(Protocol):
     def ticket_by_ref(self, ref: str) -> TicketView | None: ...
 
     def is_participant(self, ticket_id: int, address: str) -> bool: ...
+
+    def tickets_referencing(self, message_id: str) -> list[int]:
+        """Tickets of stored messages that also name this (unknown to us) Message-ID."""
+        ...
 
 
 @dataclass
@@ -115,6 +121,10 @@ def decide(
                              closed_followup)
         known = lookup.ticket_of_message_id(mid)
         if known is None:
+            for tid in lookup.tickets_referencing(mid):
+                shared = lookup.ticket(tid)
+                if shared is not None:
+                    referenced.setdefault(tid, f"shares the earlier message {mid} with {shared.ref}")
             continue
         ticket = lookup.ticket(known)
         if ticket is None:

@@ -128,4 +128,4 @@ def format_explain(result: dict[str, Any]) -> str:
     for entry in trace:
         mark = "MATCH" if entry["matched"] else "no   "
         lines.append(f"  {mark} {entry['route']}: {entry['why']}")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines)

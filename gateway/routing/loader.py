@@ -37,6 +37,8 @@ from gateway.routing.model import (
 )
 from gateway.sla.business_time import (
     BusinessCalendar,
+    day_indexes,
+    parse_day,
     parse_duration,
     parse_holiday_dates,
     parse_hours,
@@ -284,15 +286,29 @@ class _Locator:
                     arrays[raw] = arrays.get(raw, -1) + 1
                     resolved.append(arrays[raw])
                 table = tuple(resolved)
-                self.lines.setdefault(table, self._line)
+                for end in range(1, len(table) + 1):
+                    self.lines.setdefault(table[:end], self._line)
             else:
                 path = (*table, *self._key())
-                self.lines.setdefault(path, self._line)
+                for end in range(len(table) + 1, len(path) + 1):
+                    self.lines.setdefault(path[:end], self._line)
                 if self._peek() != "=":
                     raise ValueError("bad key/value")
                 self._pos += 1
                 self._value(path)
             self._skip()
+
+
+def _hours_key(value: Any) -> str | tuple[str, str]:
+    """Where in `hours` a parse error lies: the first bad day entry, else `hours` itself."""
+    if isinstance(value, dict):
+        for key, day_value in value.items():
+            try:
+                day_indexes(key)
+                parse_day(day_value, key)
+            except ValueError:
+                return ("hours", key)
+    return "hours"
 
 
 def _syntax_line(message: str, text: str) -> int:
@@ -410,6 +426,9 @@ class _Loader:
         value = data[key]
         if isinstance(value, str) and value.strip():
             return (value.strip(),)
+        if isinstance(value, list) and not value:
+            self.problem(source, (*path, key), f"{label}: '{key}' must not be empty")
+            return ()
         if (
             isinstance(value, list)
             and value
@@ -484,12 +503,13 @@ class _Loader:
         self.unknown_keys(source, path, table, CALENDAR_KEYS, label)
         ok = True
 
-        def attempt(key: str, parse: Callable[[], Any]) -> Any:
+        def attempt(key: str | tuple[str, ...], parse: Callable[[], Any]) -> Any:
             nonlocal ok
             try:
                 return parse()
             except ValueError as error:
-                self.problem(source, (*path, key), f"{label}: {error}")
+                where = key if isinstance(key, tuple) else (key,)
+                self.problem(source, (*path, *where), f"{label}: {error}")
                 ok = False
                 return None
 
@@ -498,7 +518,7 @@ class _Loader:
         if "hours" not in table:
             self.problem(source, path, f"{label}: missing required key 'hours'")
             ok = False
-        hours = attempt("hours", lambda: parse_hours(table.get("hours")))
+        hours = attempt(_hours_key(table.get("hours")), lambda: parse_hours(table.get("hours")))
         dates = attempt("holidays", lambda: parse_holiday_dates(table.get("holidays", [])))
         country = self.string(source, path, table, "country", label)
         subdivision = self.string(source, path, table, "subdivision", label)
@@ -565,16 +585,19 @@ class _Loader:
         # "5d" means five of this calendar's working days (see parse_duration).
         day = known[0].day if known else timedelta(days=1)
 
-        def duration(key: str, data: Mapping[str, Any], at: Key) -> timedelta | None:
+        def duration(
+            key: str, data: Mapping[str, Any], at: Key, where: str = label
+        ) -> timedelta | None:
             if key not in data:
                 return None
             try:
                 return parse_duration(data[key], day=day)
             except ValueError as error:
-                self.problem(source, (*at, key), f"{label}: {key}: {error}")
+                self.problem(source, (*at, key), f"{where}: {key}: {error}")
                 return None
 
         steps: list[EscalationStep] = []
+        steps_ok = True
         raw_steps = table.get("escalation", [])
         if not isinstance(raw_steps, list):
             self.problem(source, (*path, "escalation"), f"{label}: 'escalation' must be a list")
@@ -588,7 +611,8 @@ class _Loader:
             self.unknown_keys(source, at, step, STEP_KEYS, step_label)
             if "after" not in step:
                 self.problem(source, at, f"{step_label}: missing required key 'after'")
-            after = duration("after", step, at)
+            after = duration("after", step, at, step_label)
+            steps_ok = steps_ok and after is not None
             notify = self.string(source, at, step, "notify", step_label)
             assign = self.string(source, at, step, "assign", step_label)
             if notify is None and assign is None:
@@ -598,7 +622,7 @@ class _Loader:
                     self.ref("person", who, source, (*at, key), step_label)
             steps.append(EscalationStep(after or timedelta(0), notify, assign))
         afters = [s.after for s in steps]
-        if afters != sorted(afters):
+        if steps_ok and afters != sorted(afters):
             self.problem(
                 source, (*path, "escalation"), f"{label}: escalation steps must be in 'after' order"
             )

@@ -31,6 +31,8 @@ __all__ = [
     "BusinessCalendar",
     "DayHours",
     "WeeklyHours",
+    "day_indexes",
+    "parse_day",
     "parse_duration",
     "parse_holiday_dates",
     "parse_hours",
@@ -119,7 +121,7 @@ def _parse_clock(hours: str, minutes: str, text: str) -> int:
     return h * 60 + m
 
 
-def _parse_day(value: object, day: str) -> DayHours:
+def parse_day(value: object, day: str) -> DayHours:
     """One day's value: "09:00-17:00", "09:00-12:00,13:00-17:00", a list of those, or "closed"."""
     if isinstance(value, str):
         pieces = [p.strip() for p in value.split(",")]
@@ -153,7 +155,7 @@ def _parse_day(value: object, day: str) -> DayHours:
     return tuple(ranges)
 
 
-def _day_keys(key: str) -> list[int]:
+def day_indexes(key: str) -> list[int]:
     """ "mon" -> [0]; "mon-fri" -> [0..4]."""
     lowered = key.strip().lower()
     if lowered in DAY_NAMES:
@@ -181,8 +183,8 @@ def parse_hours(value: object) -> WeeklyHours:
         raise ValueError('hours must be "24x7" or a table like { mon-fri = "09:00-17:00" }')
     week: list[DayHours | None] = [None] * 7
     for key, day_value in value.items():
-        ranges = _parse_day(day_value, key)
-        for index in _day_keys(key):
+        ranges = parse_day(day_value, key)
+        for index in day_indexes(key):
             if week[index] is not None:
                 raise ValueError(f"{DAY_NAMES[index]} is given twice in hours")
             week[index] = ranges

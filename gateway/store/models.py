@@ -104,6 +104,17 @@ class Message(SQLModel, table=True):
     spool_id: int | None = None
 
 
+class MessageRef(SQLModel, table=True):
+    """Each Message-ID an inbound message names in In-Reply-To/References (indexed), so a
+    reply whose parent we never received can still be linked to the ticket that shares its
+    ancestor (fedora-devel corpus: list threads whose root arrived before our time)."""
+
+    __tablename__ = "message_ref"
+    id: int | None = Field(default=None, primary_key=True)
+    message_id: int = Field(foreign_key="message.id", index=True)
+    ref: str = Field(index=True)
+
+
 class Event(SQLModel, table=True):
     """The audit trail: why every automatic decision was taken."""
 

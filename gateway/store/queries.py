@@ -18,6 +18,7 @@ from gateway.store.models import (
     CustomerMerge,
     Event,
     Message,
+    MessageRef,
     Outbox,
     Participant,
     Ticket,
@@ -65,6 +66,16 @@ class SqlLookup:
 
     def ticket_by_ref(self, ref: str) -> TicketView | None:
         return _view(self.s.exec(select(Ticket).where(Ticket.ref == ref.upper())).first())
+
+    def tickets_referencing(self, message_id: str) -> list[int]:
+        rows = self.s.exec(
+            select(Message.ticket_id)
+            .join(MessageRef, col(MessageRef.message_id) == col(Message.id))
+            .where(MessageRef.ref == message_id, col(Message.ticket_id).is_not(None))
+            .distinct()
+            .limit(20)
+        ).all()
+        return [r for r in rows if r is not None]
 
     def is_participant(self, ticket_id: int, address: str) -> bool:
         address = address.lower()

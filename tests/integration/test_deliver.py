@@ -7,10 +7,13 @@ failures stand in for a smarthost's or an MX's answers.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
+import ipaddress
 import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import cast
 
 import dkim
 import dns.asyncresolver
@@ -56,7 +59,9 @@ async def relay() -> AsyncIterator[CaptureRelay]:
         yield r
 
 
-async def send(relay: CaptureRelay, *rcpts: str, mail_from: str = "", **kw: object) -> DeliveryResult:
+async def send(
+    relay: CaptureRelay, *rcpts: str, mail_from: str = "", **kw: object
+) -> DeliveryResult:
     return await deliver(
         make_message(),
         mail_from,
@@ -73,9 +78,22 @@ async def send(relay: CaptureRelay, *rcpts: str, mail_from: str = "", **kw: obje
 
 @pytest.mark.parametrize(
     ("code", "outcome"),
-    [(250, SENT), (251, SENT), (421, TEMPORARY), (450, TEMPORARY), (451, TEMPORARY),
-     (452, TEMPORARY), (550, PERMANENT), (551, PERMANENT), (552, TEMPORARY),
-     (553, PERMANENT), (554, PERMANENT), (556, PERMANENT), (354, TEMPORARY), (0, TEMPORARY)],
+    [
+        (250, SENT),
+        (251, SENT),
+        (421, TEMPORARY),
+        (450, TEMPORARY),
+        (451, TEMPORARY),
+        (452, TEMPORARY),
+        (550, PERMANENT),
+        (551, PERMANENT),
+        (552, TEMPORARY),
+        (553, PERMANENT),
+        (554, PERMANENT),
+        (556, PERMANENT),
+        (354, TEMPORARY),
+        (0, TEMPORARY),
+    ],
 )
 def test_classify_reply(code: int, outcome: str) -> None:
     assert classify_reply(code) == outcome
@@ -188,20 +206,32 @@ async def test_relay_down_is_temporary_then_back_on_same_port(relay: CaptureRela
 
 
 async def test_server_that_never_greets_times_out() -> None:
+    hung_up = asyncio.Event()
+
     async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.read()  # say nothing until the client gives up
-        writer.close()
-        await writer.wait_closed()
+        try:
+            await reader.read()  # say nothing until the client gives up
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+            hung_up.set()
 
     server = await asyncio.start_server(silent, "127.0.0.1", 0)
     try:
         port = server.sockets[0].getsockname()[1]
         result = await deliver(
-            make_message(), "", ["c@example.org"], relay=("127.0.0.1", port), helo=HELO,
+            make_message(),
+            "",
+            ["c@example.org"],
+            relay=("127.0.0.1", port),
+            helo=HELO,
             timeout=0.3,
         )
         assert (result.outcome, result.code) == (TEMPORARY, None)
         assert "Timeout" in result.detail or "timed out" in result.detail.lower()
+        async with asyncio.timeout(5):
+            await hung_up.wait()  # the client closed its end; let the server close too
     finally:
         server.close()
         await server.wait_closed()
@@ -276,8 +306,6 @@ def server_tls(tmp_path_factory: pytest.TempPathFactory) -> ssl.SSLContext:
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import NameOID
-
-    import ipaddress
 
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "relay.test")])
@@ -355,8 +383,14 @@ class FakeMx:
 
 async def mx_send(relay: CaptureRelay, resolver: FakeMx, *rcpts: str) -> DeliveryResult:
     return await deliver(
-        make_message(), "", list(rcpts), relay=None, helo=HELO, timeout=5,
-        resolver=resolver, port=relay.port,
+        make_message(),
+        "",
+        list(rcpts),
+        relay=None,
+        helo=HELO,
+        timeout=5,
+        resolver=resolver,
+        port=relay.port,
     )
 
 
@@ -442,14 +476,15 @@ async def test_mx_groups_recipients_by_domain(relay: CaptureRelay) -> None:
 class TinyDns(asyncio.DatagramProtocol):
     """Answers UDP queries from a {(name, type): [rdata text]} table; no network beyond lo."""
 
-    def __init__(self, zone: dict[tuple[str, str], list[str]], rcodes: dict[str, int]) -> None:
+    def __init__(
+        self, zone: dict[tuple[str, str], list[str]], rcodes: dict[str, dns.rcode.Rcode]
+    ) -> None:
         self.zone = zone
         self.rcodes = rcodes
         self.transport: asyncio.DatagramTransport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.DatagramTransport)
-        self.transport = transport
+        self.transport = cast(asyncio.DatagramTransport, transport)
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
         query = dns.message.from_wire(data)
@@ -470,10 +505,15 @@ class TinyDns(asyncio.DatagramProtocol):
 @pytest.fixture
 async def dns_resolver() -> AsyncIterator[DnsMxResolver]:
     zone = {
-        ("example.org.", "MX"): ["20 mx2.example.org.", "10 mx1.example.org.", "30 mx3.example.org."],
+        ("example.org.", "MX"): [
+            "20 mx2.example.org.",
+            "10 mx1.example.org.",
+            "30 mx3.example.org.",
+        ],
         ("implicit.test.", "A"): ["127.0.0.1"],
         ("v6only.test.", "AAAA"): ["::1"],
         ("null.test.", "MX"): ["0 ."],
+        ("viamx.test.", "MX"): ["10 localhost."],
     }
     rcodes = {"nxdomain.test.": dns.rcode.NXDOMAIN, "servfail.test.": dns.rcode.SERVFAIL}
     loop = asyncio.get_running_loop()
@@ -505,8 +545,12 @@ async def test_dns_implicit_mx(dns_resolver: DnsMxResolver) -> None:
 
 @pytest.mark.parametrize(
     ("domain", "permanent", "code"),
-    [("null.test", True, 556), ("nxdomain.test", True, 550), ("nothing.test", True, 550),
-     ("servfail.test", False, None)],
+    [
+        ("null.test", True, 556),
+        ("nxdomain.test", True, 550),
+        ("nothing.test", True, 550),
+        ("servfail.test", False, None),
+    ],
 )
 async def test_dns_failures(
     dns_resolver: DnsMxResolver, domain: str, permanent: bool, code: int | None
@@ -516,15 +560,44 @@ async def test_dns_failures(
     assert (info.value.permanent, info.value.code) == (permanent, code)
 
 
-async def test_deliver_via_dns_null_mx(dns_resolver: DnsMxResolver, relay: CaptureRelay) -> None:
+async def test_deliver_via_dns(dns_resolver: DnsMxResolver, relay: CaptureRelay) -> None:
     result = await deliver(
-        make_message(), "", ["a@null.test"], relay=None, helo=HELO, resolver=dns_resolver,
+        make_message(),
+        "",
+        ["a@null.test"],
+        relay=None,
+        helo=HELO,
+        resolver=dns_resolver,
         port=relay.port,
     )
     assert (result.outcome, result.code) == (PERMANENT, 556)
+    # MX host names are resolved to addresses by the system resolver when connecting.
     r = await deliver(
-        make_message(), "", ["a@implicit.test"], relay=None, helo=HELO, resolver=dns_resolver,
+        make_message(),
+        "",
+        ["a@viamx.test"],
+        relay=None,
+        helo=HELO,
+        resolver=dns_resolver,
         port=relay.port,
     )
     assert r.ok, r
     await relay.wait_for(1)
+
+
+async def test_relay_stop_drops_open_sessions(relay: CaptureRelay) -> None:
+    reader, writer = await asyncio.open_connection(relay.host, relay.port)
+    try:
+        assert (await reader.readline()).startswith(b"220 relay.test")
+        writer.write(b"EHLO client.test\r\n")
+        await writer.drain()
+        ehlo = await reader.readuntil(b"250 HELP\r\n")
+        assert b"SMTPUTF8" in ehlo and b"8BITMIME" in ehlo
+        await relay.stop()  # must not hang on the idle session
+        assert await reader.read() == b""  # the client sees the connection drop
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+    await relay.start()
+    assert (await send(relay)).ok

@@ -28,7 +28,7 @@ import weakref
 from dataclasses import dataclass, field
 from email.message import EmailMessage
 from types import TracebackType
-from typing import Any, Literal, cast
+from typing import Any, Literal
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
@@ -57,7 +57,7 @@ class Captured:
 
     def message(self) -> EmailMessage:
         """The message parsed with `email.policy.default`."""
-        return cast(EmailMessage, email.message_from_bytes(self.data, policy=email.policy.default))
+        return email.message_from_bytes(self.data, policy=email.policy.default)
 
     def __str__(self) -> str:
         subject = self.message().get("Subject", "")
@@ -103,18 +103,25 @@ class _CaptureSMTP(SMTP):
     def __init__(self, relay: CaptureRelay, **kwargs: Any) -> None:
         super().__init__(relay._handler, **kwargs)
         self._relay = relay
+        self.lost = asyncio.Event()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         first = self.transport is None
         super().connection_made(transport)
         if first:  # not the STARTTLS re-entry on the same protocol
             self._relay._connections.add(self)
-            self._relay._idle.clear()
 
     def connection_lost(self, error: Exception | None) -> None:
         super().connection_lost(error)
         self._relay._connections.discard(self)
-        self._relay._connection_lost()
+        self.lost.set()
+
+    @property
+    def tls_handshake_failed(self) -> bool:
+        """STARTTLS began but never completed: asyncio will not call connection_lost."""
+        return self._original_transport is not None and (
+            self.session is None or self.session.ssl is None
+        )
 
 
 class _Handler:
@@ -177,7 +184,7 @@ class _Handler:
         captured = Captured(
             mail_from="" if mail_from == "<>" else mail_from,
             rcpt_tos=list(envelope.rcpt_tos),
-            data=cast(bytes, envelope.original_content or b""),
+            data=envelope.original_content or b"",
             peer=f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer),
             helo=session.host_name,
             tls=session.ssl is not None,
@@ -210,8 +217,6 @@ class CaptureRelay:
         self._server: asyncio.Server | None = None
         self._connections: set[_CaptureSMTP] = set()
         self._changed = asyncio.Condition()
-        self._idle = asyncio.Event()
-        self._idle.set()
         self._once: list[_Rule] = []
         self._always: list[_Rule] = []
         self._refusals: dict[str, _Rule] = {}
@@ -269,20 +274,29 @@ class CaptureRelay:
         if server is None:
             return
         server.close()
-        tasks = [t for p in self._connections if (t := p._handler_coroutine) is not None]
-        for proto in list(self._connections):
-            if proto.transport is not None:
-                proto.transport.close()
+        protos = list(self._connections)
+        tasks = [t for p in protos if (t := p._handler_coroutine) is not None]
+        for proto in protos:
+            # _original_transport is the plain socket under a STARTTLS session; after a
+            # failed handshake asyncio never calls connection_lost, so close it ourselves.
+            for transport in (proto.transport, proto._original_transport):
+                if transport is not None:
+                    transport.close()
         await server.wait_closed()
         # Wait until every session's connection_lost ran and its task ended, so no
         # transport or task outlives the relay (pytest runs with filterwarnings=error).
-        await self._idle.wait()
+        waits = [p.lost.wait() for p in protos if not p.tls_handshake_failed]
+        if waits:
+            async with asyncio.timeout(10.0):
+                await asyncio.gather(*waits)
+        for task in tasks:
+            task.cancel()
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
-
-    def _connection_lost(self) -> None:
-        if not self._connections:
-            self._idle.set()
+        for proto in protos:
+            if proto._timeout_handle is not None:
+                proto._timeout_handle.cancel()
+            self._connections.discard(proto)
 
     # -- failure injection ------------------------------------------------------------
 

@@ -27,8 +27,10 @@ from gateway.sla.deadlines import (
 H = timedelta(hours=1)
 
 
-def utc(*args: int) -> datetime:
-    return datetime(*args, tzinfo=UTC)
+def utc(
+    year: int, month: int, day: int, hour: int = 0, minute: int = 0, second: int = 0
+) -> datetime:
+    return datetime(year, month, day, hour, minute, second, tzinfo=UTC)
 
 
 def weekdays(hours: str, zone: str, **extra: object) -> BusinessCalendar:

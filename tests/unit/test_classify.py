@@ -366,7 +366,7 @@ header_names = st.sampled_from(
     ]
 )
 header_text = st.text(
-    alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\r\n"),
+    alphabet=st.characters(codec="utf-8", exclude_characters="\r\n"),
     max_size=60,
 )
 

@@ -1,0 +1,391 @@
+"""The delivery worker: sends what the transactional outbox holds (FIELD-NOTES §6).
+
+Stages never send mail. They write an ``Outbox`` row (unsigned bytes) in the same
+transaction as the ticket change (``enqueue``); this worker claims due rows, DKIM-signs them
+*last* (after every header is final), hands them to the relay and records the outcome:
+
+- claim: rows ``queued`` and due (``next_attempt_at <= now``), plus rows stuck in ``sending``
+  past ``claimed_until`` (a node crashed mid-send), are set to ``sending`` with a lease of
+  ``CLAIM_LEASE`` in one transaction. On PostgreSQL the select takes ``FOR UPDATE SKIP
+  LOCKED`` so several nodes never claim the same row; SQLite ignores it (one writer anyway).
+- sent: ``sent`` with ``sent_at``; ``raw`` becomes the signed bytes that actually went out.
+- temporary (4xx, 552, connection trouble): back to ``queued`` at
+  ``retry.next_attempt()`` (Postfix-like backoff); after 5 days ``given_up``.
+- permanent (5xx) or given up: an event on the ticket and ONE notice to the ticket's owner,
+  never to the customer; a failed notice to staff is not itself notified (no loops).
+
+A crash after the relay said 250 but before the commit means the row is sent again after its
+lease expires: at-least-once, as with every MTA queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import random
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+
+from sqlalchemy import and_, func, or_
+from sqlalchemy.engine import Engine
+from sqlmodel import Session, col, select
+
+from gateway.clock import Clock
+from gateway.outbound import retry
+from gateway.outbound.compose import compose_notification
+from gateway.outbound.deliver import PERMANENT, SENT, DeliveryResult, deliver
+from gateway.outbound.dkim import DkimKey, load_key, sign
+from gateway.routing.holder import RulesHolder
+from gateway.routing.model import Rules
+from gateway.security.tokens import Signer
+from gateway.settings import Settings
+from gateway.store.db import session_scope
+from gateway.store.models import Message, Outbox, Ticket
+from gateway.store.queries import add_event
+
+log = logging.getLogger("gateway.outbound")
+
+#: How long a claimed row is ours before another node may take it over.
+CLAIM_LEASE = timedelta(minutes=10)
+#: Kinds addressed to staff: their failure is logged, never notified (no notice loops).
+STAFF_KINDS = frozenset({"notification", "escalation"})
+#: Safety net for `run()`: wake at least this often even if nobody sets `wakeup`.
+MAX_IDLE = 60.0
+
+
+def enqueue(
+    session: Session,
+    *,
+    ticket_id: int | None,
+    kind: str,
+    raw: bytes,
+    message_id: str,
+    rcpt_tos: list[str],
+    now: datetime,
+    mail_from: str = "",
+    from_address: str = "",
+    subject: str = "",
+    text: str = "",
+    in_reply_to: str | None = None,
+    references: str = "",
+) -> Outbox:
+    """Write one Outbox row (unsigned bytes) and its outbound Message row, in `session`.
+
+    ``mail_from`` "" is the null reverse-path, right for automatic mail (RFC 3834 §3.3).
+    The Message row makes the mail visible in the ticket's history (``tickets show``).
+    """
+    row = Outbox(
+        ticket_id=ticket_id,
+        kind=kind,
+        mail_from=mail_from,
+        rcpt_tos=json.dumps(rcpt_tos),
+        message_id=message_id,
+        raw=raw,
+        state="queued",
+        attempts=0,
+        created_at=now,
+        next_attempt_at=now,
+    )
+    session.add(row)
+    session.add(
+        Message(
+            ticket_id=ticket_id,
+            direction="out",
+            kind=kind,
+            message_id=message_id,
+            dedupe_key=f"out:{message_id}",
+            raw_sha256=hashlib.sha256(raw).hexdigest(),
+            mail_from=mail_from,
+            from_address=from_address,
+            to=json.dumps(rcpt_tos),
+            subject=subject,
+            at=now,
+            size=len(raw),
+            raw=raw,
+            text=text,
+            in_reply_to=in_reply_to,
+            references=references,
+        )
+    )
+    session.flush()
+    return row
+
+
+def notify_owner(
+    session: Session,
+    settings: Settings,
+    signer: Signer,
+    *,
+    ticket: Ticket,
+    email: str,
+    name: str,
+    person: str | None,
+    subject: str,
+    body: str,
+    now: datetime,
+    in_reply_to: str | None = None,
+) -> Outbox:
+    """Queue a notice to a staff person about `ticket` (kind 'notification')."""
+    assert ticket.id is not None
+    raw, mid = compose_notification(
+        to_address=email,
+        to_name=name,
+        subject=subject,
+        body=body,
+        from_address=settings.outbound.from_address,
+        from_name=settings.outbound.from_name,
+        signer=signer,
+        hostname=settings.smtp.hostname,
+        now=now,
+        ticket_id=ticket.id,
+        person=person if person and _slug_ok(person) else None,
+        in_reply_to=in_reply_to,
+    )
+    return enqueue(
+        session,
+        ticket_id=ticket.id,
+        kind="notification",
+        raw=raw,
+        message_id=mid,
+        rcpt_tos=[email],
+        now=now,
+        from_address=settings.outbound.from_address,
+        subject=subject,
+        text=body,
+    )
+
+
+def _slug_ok(person: str) -> bool:
+    return re.fullmatch(r"[a-z0-9_-]{1,32}", person) is not None
+
+
+def load_keys(settings: Settings) -> list[DkimKey]:
+    """The DKIM keys of the configuration; [] when ``key_file`` is "" (unsigned)."""
+    d = settings.outbound.dkim
+    if not d.key_file:
+        return []
+    files = [d.key_file, *d.extra_key_files]
+    return [load_key(Path(f), d.domain, d.selector) for f in files if f]
+
+
+@dataclass
+class _Claimed:
+    id: int
+    ticket_id: int | None
+    kind: str
+    mail_from: str
+    rcpt_tos: list[str]
+    message_id: str
+    raw: bytes
+    first_attempt_at: datetime
+
+
+class DeliveryWorker:
+    """Sends due outbox rows through the relay; see the module docstring."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        settings: Settings,
+        clock: Clock,
+        rng: random.Random | None = None,
+        *,
+        signer: Signer | None = None,
+        rules: Callable[[], Rules] | None = None,
+        batch: int = 50,
+    ) -> None:
+        self.engine = engine
+        self.settings = settings
+        self.clock = clock
+        self.rng = rng
+        self.signer = signer or Signer(settings.secret())
+        if rules is None:
+            holder = RulesHolder(settings.rules_path)
+            rules = lambda: holder.current  # noqa: E731
+        self.rules = rules
+        self.batch = batch
+        self.keys = load_keys(settings)  # loaded once; a bad key fails at start, loudly
+        self.wakeup = asyncio.Event()
+        self.sent = 0
+
+    # -- claiming ----------------------------------------------------------------------
+
+    def _claim(self) -> list[_Claimed]:
+        now = self.clock.now()
+        due = or_(
+            and_(col(Outbox.state) == "queued", col(Outbox.next_attempt_at) <= now),
+            # A node died mid-send: its lease ran out, the row is fair game again.
+            and_(col(Outbox.state) == "sending", col(Outbox.claimed_until) < now),
+        )
+        out: list[_Claimed] = []
+        with session_scope(self.engine) as s:
+            rows = s.exec(
+                select(Outbox)
+                .where(due)
+                .order_by(col(Outbox.next_attempt_at), col(Outbox.id))
+                .limit(self.batch)
+                .with_for_update(skip_locked=True)
+            ).all()
+            for row in rows:
+                assert row.id is not None
+                row.state = "sending"
+                row.claimed_until = now + CLAIM_LEASE
+                if row.first_attempt_at is None:
+                    row.first_attempt_at = now
+                s.add(row)
+                out.append(
+                    _Claimed(
+                        id=row.id,
+                        ticket_id=row.ticket_id,
+                        kind=row.kind,
+                        mail_from=row.mail_from,
+                        rcpt_tos=list(json.loads(row.rcpt_tos or "[]")),
+                        message_id=row.message_id,
+                        raw=row.raw,
+                        first_attempt_at=row.first_attempt_at,
+                    )
+                )
+        return out
+
+    # -- one delivery ------------------------------------------------------------------
+
+    async def _send(self, item: _Claimed) -> tuple[DeliveryResult, bytes]:
+        try:
+            signed = sign(item.raw, self.keys)  # FIELD-NOTES §6: DKIM-sign last
+        except (ValueError, RuntimeError) as exc:
+            return DeliveryResult("temporary", None, f"DKIM signing failed: {exc}"), item.raw
+        result = await deliver(
+            signed,
+            item.mail_from,
+            item.rcpt_tos,
+            relay=self.settings.relay,
+            helo=self.settings.smtp.hostname,
+        )
+        return result, signed
+
+    def _record(self, item: _Claimed, result: DeliveryResult, signed: bytes) -> None:
+        now = self.clock.now()
+        with session_scope(self.engine) as s:
+            row = s.get(Outbox, item.id)
+            if row is None or row.state != "sending":
+                return  # someone else (outbox retry, another node) took it over
+            row.attempts += 1
+            row.claimed_until = None
+            rcpts = ", ".join(item.rcpt_tos)
+            if result.outcome == SENT:
+                row.state = "sent"
+                row.sent_at = now
+                row.raw = signed  # what actually went out, signature included
+                row.last_error = ""
+                self.sent += 1
+                for rcpt, (code, text) in result.refused.items():
+                    add_event(s, item.ticket_id, "delivery-refused",
+                              f"{item.kind} {item.message_id}: {rcpt} refused ({code} {text})", now)
+            elif result.outcome == PERMANENT:
+                row.state = "failed"
+                row.last_error = f"{result.code or ''} {result.detail}".strip()
+                detail = (f"{item.kind} {item.message_id} to {rcpts} failed permanently: "
+                          f"{row.last_error}")
+                add_event(s, item.ticket_id, "delivery-failed", detail, now)
+                self._tell_owner(s, item, detail, now)
+            else:
+                row.last_error = f"{result.code or ''} {result.detail}".strip()
+                nxt = retry.next_attempt(item.first_attempt_at, now, self.rng)
+                if nxt is None:
+                    row.state = "given_up"
+                    detail = (f"{item.kind} {item.message_id} to {rcpts} given up after "
+                              f"{row.attempts} attempts: {row.last_error}")
+                    add_event(s, item.ticket_id, "delivery-given-up", detail, now)
+                    self._tell_owner(s, item, detail, now)
+                else:
+                    row.state = "queued"
+                    row.next_attempt_at = nxt
+                    add_event(s, item.ticket_id, "delivery-deferred",
+                              f"{item.kind} {item.message_id} to {rcpts}: {row.last_error}; "
+                              f"next attempt {nxt.isoformat()}", now)
+            s.add(row)
+
+    def _tell_owner(self, s: Session, item: _Claimed, detail: str, now: datetime) -> None:
+        """ONE notice to the ticket's owner; never the customer, never about a notice."""
+        if item.kind in STAFF_KINDS or item.ticket_id is None:
+            return
+        ticket = s.get(Ticket, item.ticket_id)
+        if ticket is None:
+            return
+        try:
+            owner = self.rules().person(ticket.owner)
+        except KeyError:
+            log.warning("ticket %s: owner %r unknown; failure only recorded",
+                        ticket.ref, ticket.owner)
+            return
+        name, email = owner.name, owner.email
+        body = (
+            f"Our {item.kind} for ticket {ticket.ref} could not be delivered to "
+            f"{', '.join(item.rcpt_tos)}.\n\n{detail}\n\n"
+            f"The customer has NOT been told. Please contact them another way, or reply to "
+            f"this message to add a note to {ticket.ref}.\n"
+        )
+        notify_owner(
+            s, self.settings, self.signer, ticket=ticket, email=email, name=name,
+            person=ticket.owner, subject=f"[{ticket.ref}] Delivery failed: {ticket.subject}",
+            body=body, now=now,
+        )
+
+    # -- loops -------------------------------------------------------------------------
+
+    async def run_once(self) -> int:
+        """Deliver everything due now (including notices queued meanwhile); return count."""
+        done = 0
+        while True:
+            claimed = await asyncio.to_thread(self._claim)
+            if not claimed:
+                return done
+            for item in claimed:
+                result, signed = await self._send(item)
+                await asyncio.to_thread(self._record, item, result, signed)
+                done += 1
+
+    def next_due(self) -> datetime | None:
+        """When the earliest queued row is due, or a stuck lease expires; None if idle."""
+        with Session(self.engine) as s:
+            queued = s.exec(
+                select(func.min(Outbox.next_attempt_at)).where(col(Outbox.state) == "queued")
+            ).first()
+            lease = s.exec(
+                select(func.min(Outbox.claimed_until)).where(col(Outbox.state) == "sending")
+            ).first()
+        times = [t for t in (queued, lease) if t is not None]
+        return min(times) if times else None
+
+    async def run(self, stopping: asyncio.Event, wakeup: asyncio.Event | None = None) -> None:
+        """Until `stopping`: deliver what is due, then sleep until the next due time or
+        until `wakeup` is set (a stage queued mail). Never a fixed coarse poll."""
+        wake = wakeup or self.wakeup
+        while not stopping.is_set():
+            wake.clear()
+            try:
+                await self.run_once()
+                due = await asyncio.to_thread(self.next_due)
+            except Exception:  # the database is away: log, back off, try again
+                log.exception("delivery loop error")
+                due = None
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stopping.wait(), 5)
+                continue
+            timeout = MAX_IDLE
+            if due is not None:
+                timeout = min(MAX_IDLE, max(0.0, (due - self.clock.now()).total_seconds()))
+            if timeout == 0.0:
+                continue
+            waiter = asyncio.create_task(wake.wait())
+            stopper = asyncio.create_task(stopping.wait())
+            await asyncio.wait({waiter, stopper}, timeout=timeout,
+                               return_when=asyncio.FIRST_COMPLETED)
+            waiter.cancel()
+            stopper.cancel()

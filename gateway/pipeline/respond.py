@@ -1,0 +1,217 @@
+"""Respond stage: decide whether a new ticket is acknowledged, and say why (FIELD-NOTES §3).
+
+Runs after ``record`` in the same transaction: the acknowledgement is written to the outbox
+(transactional outbox, FIELD-NOTES §6) together with the ticket, never sent from here. Every
+decision leaves one event on the ticket, ``ack-sent`` or ``ack-suppressed`` with the reason,
+so ``tickets show`` explains why a customer did or did not get a reply.
+
+No acknowledgement (each a rule of FIELD-NOTES §3, RFC 3834 §2):
+- the route says ``acknowledge = false``;
+- the classifier found a robot (rules 1-7: null sender, Auto-Submitted, Precedence, List-*,
+  X-Auto-Response-Suppress, system local parts, our loop header, reports);
+- the sender is likely forged (rule 8): an ack would be backscatter to an innocent party;
+- the ticket already has one, or the per-sender daily cap is reached (rule 9); when the cap
+  trips, the owner is told once per sender per day and the mail is still recorded;
+- the recipient would be empty or one of our own addresses (rule 6).
+
+The deadline in the ack is ``ticket.first_response_due``, the stored value the escalator
+enforces, never recomputed (BRIEF: one computation for the promise and the escalation).
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+
+from sqlmodel import col, func, select
+
+from gateway.outbound.compose import AckContent, compose_ack, load_template, response_stats
+from gateway.outbound.worker import enqueue, notify_owner
+from gateway.pipeline.context import Context
+from gateway.store.models import Event, Outbox, Ticket
+
+#: At most this many acknowledgements to one address per 24 hours (Mailman: 10, Znuny: 40).
+DAILY_ACK_CAP = 5
+#: Window for the "recent performance" line of the acknowledgement.
+STATS_DAYS = 30
+
+
+def _recipient(ctx: Context) -> str:
+    """The envelope sender, or the From when it is authenticated; never Reply-To (§3)."""
+    assert ctx.parsed is not None
+    if ctx.auth is not None and ctx.auth.authenticated and ctx.parsed.from_address:
+        return ctx.parsed.from_address.lower()
+    return ctx.entry.envelope.mail_from.strip().strip("<>").lower()
+
+
+def _is_ours(ctx: Context, address: str) -> bool:
+    settings = ctx.services.settings
+    domain = address.rpartition("@")[2].lower()
+    return address == settings.outbound.from_address.lower() or domain in {
+        d.lower() for d in settings.smtp.domains
+    }
+
+
+def _suppression(ctx: Context, to: str) -> str | None:
+    """Why no acknowledgement goes out, or None when one should."""
+    assert ctx.decision is not None and ctx.ticket is not None
+    if ctx.decision.acknowledge is False:
+        route = ctx.decision.route or "(defaults)"
+        return f"route {route} says acknowledge = false"
+    if ctx.verdict is not None and not ctx.verdict.may_acknowledge:
+        return f"{ctx.verdict.kind}: " + "; ".join(ctx.verdict.reasons)
+    if ctx.auth is not None and ctx.auth.likely_forged:
+        return (
+            f"sender likely forged (spf {ctx.auth.spf}, dmarc {ctx.auth.dmarc}"
+            f" p={ctx.auth.dmarc_policy or '-'}): an ack would be backscatter"
+        )
+    if ctx.ticket.acknowledged:
+        return "the ticket was already acknowledged"
+    if not to or "@" not in to:
+        return "no envelope sender to answer (null reverse-path)"
+    if _is_ours(ctx, to):
+        return f"{to} is one of our own addresses (RFC 3834 §2: never answer ourselves)"
+    return None
+
+
+def _acks_today(ctx: Context, to: str) -> int:
+    since = ctx.now - timedelta(hours=24)
+    n = ctx.session.exec(
+        select(func.count())
+        .select_from(Outbox)
+        .where(
+            Outbox.kind == "ack",
+            Outbox.rcpt_tos == json.dumps([to]),
+            col(Outbox.created_at) >= since,
+        )
+    ).one()
+    return int(n)
+
+
+def _cap_tripped(ctx: Context, to: str) -> None:
+    """Tell the owner ONCE per sender per day; the mail itself is recorded regardless."""
+    assert ctx.ticket is not None and ctx.ticket.id is not None and ctx.decision is not None
+    since = ctx.now - timedelta(hours=24)
+    marker = f"<{to}>"
+    already = ctx.session.exec(
+        select(Event.id).where(
+            Event.type == "ack-cap-reached",
+            col(Event.at) >= since,
+            col(Event.detail).contains(marker, autoescape=True),
+        )
+    ).first()
+    if already is not None:
+        return
+    owner = ctx.decision.owner
+    detail = (
+        f"{DAILY_ACK_CAP} acknowledgements sent to {marker} in 24 hours; no more today. "
+        f"{owner.name} ({owner.email}) told once."
+    )
+    ctx.session.add(
+        Event(ticket_id=ctx.ticket.id, at=ctx.now, type="ack-cap-reached", detail=detail,
+              data=json.dumps({"sender": to, "cap": DAILY_ACK_CAP}))
+    )
+    body = (
+        f"{to} has written {DAILY_ACK_CAP} or more new requests within 24 hours; the latest is "
+        f"{ctx.ticket.ref} ({ctx.ticket.subject}).\n\n"
+        f"Every message is recorded in its ticket, but no further automatic "
+        f"acknowledgements go to {to} today, so the customer has not been told about "
+        f"{ctx.ticket.ref}. Please look at it, and reply if a loop or a flood is going on.\n"
+    )
+    notify_owner(
+        ctx.session, ctx.services.settings, ctx.services.signer, ticket=ctx.ticket,
+        email=owner.email, name=owner.name, person=owner.id,
+        subject=f"[{ctx.ticket.ref}] Acknowledgement limit reached for {to}",
+        body=body, now=ctx.now,
+    )
+
+
+def _stats(ctx: Context, queue: str) -> list[timedelta]:
+    since = ctx.now - timedelta(days=STATS_DAYS)
+    rows = ctx.session.exec(
+        select(Ticket.created_at, Ticket.first_responded_at).where(
+            Ticket.queue == queue,
+            col(Ticket.created_at) >= since,
+            col(Ticket.first_responded_at).is_not(None),
+        )
+    ).all()
+    return [answered - created for created, answered in rows if answered is not None]
+
+
+def respond(ctx: Context) -> None:
+    """Queue the acknowledgement of a new ticket, or record why there is none."""
+    if ctx.done or ctx.thread is None or not ctx.thread.is_new:
+        return
+    if ctx.ticket is None or ctx.decision is None or ctx.parsed is None:
+        return
+    ticket = ctx.ticket
+    assert ticket.id is not None
+    s = ctx.session
+    msg_id = ctx.message.id if ctx.message is not None else None
+    to = _recipient(ctx)
+    why = _suppression(ctx, to)
+    if why is None and _acks_today(ctx, to) >= DAILY_ACK_CAP:
+        why = f"daily cap of {DAILY_ACK_CAP} acknowledgements to {to} reached"
+        _cap_tripped(ctx, to)
+    if why is not None:
+        s.add(Event(ticket_id=ticket.id, message_id=msg_id, at=ctx.now, type="ack-suppressed",
+                    detail=why))
+        return
+    if ticket.first_response_due is None:
+        s.add(Event(ticket_id=ticket.id, message_id=msg_id, at=ctx.now, type="ack-suppressed",
+                    detail="the ticket has no first-response deadline to promise"))
+        return
+
+    settings = ctx.services.settings
+    rules = ctx.services.rules
+    calendar = rules.calendar_for_policy(ticket.sla)
+    p = ctx.parsed
+    content = AckContent(
+        ref=ticket.ref,
+        owner_name=ctx.decision.owner.name,
+        subject=p.subject,
+        first_response_due=ticket.first_response_due,  # THE stored value, never recomputed
+        calendar=calendar,
+        received_at=ctx.received_at,
+        customer_date=p.date,
+        attachments=list(p.attachments),
+        not_kept=list(p.not_kept),
+        stats=response_stats(_stats(ctx, ticket.queue), STATS_DAYS),
+    )
+    template_name = ctx.decision.acknowledge if isinstance(ctx.decision.acknowledge, str) else "ack"
+    template = load_template(settings.rules_path, template_name) or load_template(
+        settings.rules_path, "ack"
+    )
+    raw, message_id = compose_ack(
+        content=content,
+        ticket_id=ticket.id,
+        to_address=to,
+        customer_message_id=p.message_id,
+        customer_references=p.references,
+        from_address=settings.outbound.from_address,
+        from_name=settings.outbound.from_name,
+        signer=ctx.services.signer,
+        hostname=settings.smtp.hostname,
+        now=ctx.now,
+        template=template,
+    )
+    subject = f"[{ticket.ref}] {p.subject}"
+    enqueue(
+        s,
+        ticket_id=ticket.id,
+        kind="ack",
+        raw=raw,
+        message_id=message_id,
+        rcpt_tos=[to],
+        now=ctx.now,
+        mail_from="",  # null reverse-path for automatic mail (RFC 3834 §3.3)
+        from_address=settings.outbound.from_address,
+        subject=subject,
+        in_reply_to=p.message_id,
+        references=" ".join([*p.references, *([p.message_id] if p.message_id else [])]),
+    )
+    ticket.acknowledged = True
+    s.add(ticket)
+    s.add(Event(ticket_id=ticket.id, message_id=msg_id, at=ctx.now, type="ack-sent",
+                detail=f"acknowledgement {message_id} queued to {to}; first response promised "
+                f"by {content.first_response_due.isoformat()}"))
