@@ -67,7 +67,10 @@ class Gateway:
         self.engine = engine or open_database(settings.storage.database_url)
         self.spool = build_spool(settings, self.clock)
         self.signer = Signer(settings.secret())
-        self.resolver = resolver if resolver is not None else SystemResolver()
+        sec = settings.security
+        if resolver is None and sec.verify_senders:
+            resolver = SystemResolver(timeout=sec.dns_timeout, nameservers=sec.nameservers or None)
+        self.resolver = resolver
         self.services = Services(
             settings=settings,
             clock=self.clock,
@@ -103,7 +106,11 @@ class Gateway:
         recovered = self.spool.recover()
         if recovered:
             log.warning("recovered %d spool entries claimed before a crash", recovered)
-        self.spool.on_commit = lambda: loop.call_soon_threadsafe(self.pipeline.wakeup.set)
+
+        def wake() -> None:
+            loop.call_soon_threadsafe(self.pipeline.wakeup.set)
+
+        self.spool.on_commit = wake
         self.spool.start_writer()
         s = self.settings.smtp
         self.handler = InboundHandler(

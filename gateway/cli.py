@@ -7,7 +7,7 @@ import asyncio
 import json
 import logging
 import sys
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -31,11 +31,17 @@ def _parser() -> argparse.ArgumentParser:
     ing = sub.add_parser("ingest", help="pipe mode: one message from FILE or stdin")
     ing.add_argument("file", nargs="?", help="the message (default: stdin)")
     ing.add_argument("--sender", "-f", default=None, help="envelope sender (Postfix ${sender})")
-    ing.add_argument("--recipient", "-r", action="append", default=[],
-                     help="envelope recipient (Postfix ${recipient}); repeatable")
+    ing.add_argument(
+        "--recipient",
+        "-r",
+        action="append",
+        default=[],
+        help="envelope recipient (Postfix ${recipient}); repeatable",
+    )
 
     rules = sub.add_parser("rules", help="check or explain the routing rules").add_subparsers(
-        dest="rules_command", required=True)
+        dest="rules_command", required=True
+    )
     rules.add_parser("check", help="exit 0 when valid, else file:line: message lines")
     ex = rules.add_parser("explain", help="where would this .eml go, and why (writes nothing)")
     ex.add_argument("file")
@@ -43,7 +49,8 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("--json", action="store_true")
 
     t = sub.add_parser("tickets", help="list or show tickets").add_subparsers(
-        dest="tickets_command", required=True)
+        dest="tickets_command", required=True
+    )
     tl = t.add_parser("list")
     tl.add_argument("--json", action="store_true")
     tl.add_argument("--status", choices=["open", "waiting", "closed"])
@@ -53,7 +60,8 @@ def _parser() -> argparse.ArgumentParser:
     ts.add_argument("--json", action="store_true")
 
     q = sub.add_parser("quarantine", help="messages that failed processing").add_subparsers(
-        dest="q_command", required=True)
+        dest="q_command", required=True
+    )
     ql = q.add_parser("list")
     ql.add_argument("--json", action="store_true")
     qs = q.add_parser("show", help="print the raw message")
@@ -62,7 +70,8 @@ def _parser() -> argparse.ArgumentParser:
     qr.add_argument("id", type=int)
 
     o = sub.add_parser("outbox", help="outgoing mail and its delivery state").add_subparsers(
-        dest="o_command", required=True)
+        dest="o_command", required=True
+    )
     ol = o.add_parser("list")
     ol.add_argument("--json", action="store_true")
     orr = o.add_parser("retry")
@@ -74,7 +83,9 @@ def _parser() -> argparse.ArgumentParser:
     su.add_argument("--json", action="store_true")
     su.add_argument("--at", help="ISO 8601 'now' (default: now)")
 
-    c = sub.add_parser("customers", help="customers").add_subparsers(dest="c_command", required=True)
+    c = sub.add_parser("customers", help="customers").add_subparsers(
+        dest="c_command", required=True
+    )
     cm = c.add_parser("merge", help="join the customer of address A into the customer of B")
     cm.add_argument("a")
     cm.add_argument("b")
@@ -140,17 +151,23 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         if sender is None:
             rp = getaddresses([str(headers.get("Return-Path", ""))])
             sender = rp[0][1] if rp else ""
-        recipients = args.recipient or [
-            a for _, a in getaddresses([str(v) for v in headers.get_all("To", []) or []]) if a
-        ] or [f"postmaster@{settings.smtp.domains[0]}"]
+        recipients = (
+            args.recipient
+            or [a for _, a in getaddresses([str(v) for v in headers.get_all("To", []) or []]) if a]
+            or [f"postmaster@{settings.smtp.domains[0]}"]
+        )
         # Normalise CRLF so pipe mode and SMTP store the same bytes for the same message.
         if b"\r\n" not in raw:
             raw = raw.replace(b"\n", b"\r\n")
         spool = build_spool(settings)
         try:
             entry_id = spool.submit_sync(
-                Envelope(mail_from=sender, rcpt_tos=recipients, source="pipe",
-                         received_at=datetime.now(UTC).isoformat()),
+                Envelope(
+                    mail_from=sender,
+                    rcpt_tos=recipients,
+                    source="pipe",
+                    received_at=datetime.now(UTC).isoformat(),
+                ),
                 raw,
             )
         finally:
@@ -219,8 +236,10 @@ def cmd_tickets(args: argparse.Namespace) -> int:
                 _print(items)
             else:
                 for i in items:
-                    print(f"{i['ref']:<12} {i['status']:<8} {i['owner']['name']:<20} "
-                          f"{i['requester']:<30} {i['subject'][:60]}")
+                    print(
+                        f"{i['ref']:<12} {i['status']:<8} {i['owner']['name']:<20} "
+                        f"{i['requester']:<30} {i['subject'][:60]}"
+                    )
             return 0
         t = find_ticket(s, args.ref)
         if t is None:
@@ -231,11 +250,15 @@ def cmd_tickets(args: argparse.Namespace) -> int:
             _print(d)
         else:
             print(f"{d['ref']}  [{d['status']}]  {d['subject']}")
-            print(f"requester {d['requester']}; owner {d['owner']['name']} <{d['owner']['email']}>;"
-                  f" queue {d['queue']}; priority {d['priority']}")
+            print(
+                f"requester {d['requester']}; owner {d['owner']['name']} <{d['owner']['email']}>;"
+                f" queue {d['queue']}; priority {d['priority']}"
+            )
             print(f"deadlines: {d['deadlines']}")
             for m in d["messages"]:
-                print(f"  {m['at']} {m['direction']:>3} {m['kind']:<14} {m['from']}: {m['subject']}")
+                print(
+                    f"  {m['at']} {m['direction']:>3} {m['kind']:<14} {m['from']}: {m['subject']}"
+                )
             for e in d["events"]:
                 print(f"  {e['at']} {e['type']}: {e['detail']}")
             for lk in d["links"]:
@@ -256,8 +279,10 @@ def cmd_quarantine(args: argparse.Namespace) -> int:
             else:
                 for i in items:
                     reason = (i["reason"] or "").splitlines()[0] if i["reason"] else ""
-                    print(f"{i['id']:>6} {i['received_at']} from <{i['mail_from']}> "
-                          f"{i['size']} bytes, {i['attempts']} attempts: {reason}")
+                    print(
+                        f"{i['id']:>6} {i['received_at']} from <{i['mail_from']}> "
+                        f"{i['size']} bytes, {i['attempts']} attempts: {reason}"
+                    )
                 if not items:
                     print("quarantine is empty")
             return 0
@@ -283,8 +308,13 @@ def _process_spool(settings: Settings, spool: Any, only: int | None = None) -> i
     from gateway.security.dns import SystemResolver
     from gateway.security.tokens import Signer
 
-    services = Services(settings=settings, clock=SystemClock(), signer=Signer(settings.secret()),
-                        rules=load_rules(settings.rules_path), resolver=SystemResolver())
+    services = Services(
+        settings=settings,
+        clock=SystemClock(),
+        signer=Signer(settings.secret()),
+        rules=load_rules(settings.rules_path),
+        resolver=SystemResolver(),
+    )
     worker = PipelineWorker(engine=_engine(settings), spool=spool, services=services)
     n = worker.run_once_sync()
     state = spool.get(only) if only is not None else None
@@ -316,18 +346,27 @@ def cmd_outbox(args: argparse.Namespace) -> int:
         if args.o_command == "list":
             rows = s.exec(select(Outbox).order_by(col(Outbox.id).desc())).all()
             items = [
-                {"id": o.id, "kind": o.kind, "to": json.loads(o.rcpt_tos), "state": o.state,
-                 "attempts": o.attempts, "next_attempt_at": isoz(o.next_attempt_at),
-                 "sent_at": isoz(o.sent_at), "last_error": o.last_error,
-                 "message_id": o.message_id}
+                {
+                    "id": o.id,
+                    "kind": o.kind,
+                    "to": json.loads(o.rcpt_tos),
+                    "state": o.state,
+                    "attempts": o.attempts,
+                    "next_attempt_at": isoz(o.next_attempt_at),
+                    "sent_at": isoz(o.sent_at),
+                    "last_error": o.last_error,
+                    "message_id": o.message_id,
+                }
                 for o in rows
             ]
             if args.json:
                 _print(items)
             else:
                 for i in items:
-                    print(f"{i['id']:>6} {i['kind']:<16} {i['state']:<9} {','.join(i['to'])}"
-                          f" attempts={i['attempts']} {i['last_error'][:60]}")
+                    print(
+                        f"{i['id']:>6} {i['kind']:<16} {i['state']:<9} {','.join(i['to'])}"
+                        f" attempts={i['attempts']} {i['last_error'][:60]}"
+                    )
             return 0
         o = s.get(Outbox, args.id)
         if o is None:
@@ -386,8 +425,10 @@ def cmd_customers(args: argparse.Namespace) -> int:
         except ValueError as exc:
             print(str(exc), file=sys.stderr)
             return 1
-        print(f"merged customer {rec.source_id} ({args.a}) into {rec.target_id} ({args.b}): "
-              f"addresses {json.loads(rec.addresses)}, tickets {json.loads(rec.tickets)}")
+        print(
+            f"merged customer {rec.source_id} ({args.a}) into {rec.target_id} ({args.b}): "
+            f"addresses {json.loads(rec.addresses)}, tickets {json.loads(rec.tickets)}"
+        )
     return 0
 
 

@@ -176,6 +176,11 @@ class SecuritySettings(_Section):
     secret_key_file: str = ""
     # authserv-ids whose Authentication-Results headers we trust (our front MTA).
     trusted_authserv_ids: list[str] = Field(default_factory=list)
+    # Verify senders (DKIM, SPF, DMARC) on arrival; off = no DNS lookups at all.
+    verify_senders: bool = True
+    # DNS servers for those checks; empty = the system's /etc/resolv.conf.
+    nameservers: list[str] = Field(default_factory=list)
+    dns_timeout: float = 5.0
 
 
 class TicketSettings(_Section):

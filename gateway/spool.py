@@ -33,7 +33,6 @@ import sqlite3
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-
 from pathlib import Path
 from typing import Any
 

@@ -70,7 +70,9 @@ def ticket_detail(s: Session, t: Ticket, rules: Rules | None) -> dict[str, Any]:
             "auth": json.loads(m.auth),
         }
         for m in s.exec(
-            select(Message).where(Message.ticket_id == t.id).order_by(col(Message.at), col(Message.id))
+            select(Message)
+            .where(Message.ticket_id == t.id)
+            .order_by(col(Message.at), col(Message.id))
         ).all()
     ]
     out["events"] = [
@@ -83,12 +85,16 @@ def ticket_detail(s: Session, t: Ticket, rules: Rules | None) -> dict[str, Any]:
         links.append({"ref": other.ref if other else str(lk.other_id), "relation": lk.relation})
     for lk in s.exec(select(TicketLink).where(TicketLink.other_id == t.id)).all():
         other = s.get(Ticket, lk.ticket_id)
-        links.append({"ref": other.ref if other else str(lk.ticket_id), "relation": f"{lk.relation} (from)"})
+        links.append(
+            {"ref": other.ref if other else str(lk.ticket_id), "relation": f"{lk.relation} (from)"}
+        )
     out["links"] = links
     return out
 
 
-def upcoming(s: Session, rules: Rules | None, now: datetime, within: timedelta) -> list[dict[str, Any]]:
+def upcoming(
+    s: Session, rules: Rules | None, now: datetime, within: timedelta
+) -> list[dict[str, Any]]:
     """Deadlines due before now + within (including those already missed), soonest first."""
     horizon = now + within
     rows: list[dict[str, Any]] = []

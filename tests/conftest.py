@@ -31,10 +31,16 @@ def clock() -> FrozenClock:
 def make_settings(tmp_path: Path, **extra: object) -> Settings:
     overrides: dict[str, object] = {
         "rules_dir": str(RULES),
-        "smtp": {"listen": "127.0.0.1:0", "hostname": "mx.example.com",
-                 "domains": ["example.com", "localhost"], "min_free_disk": 0},
-        "storage": {"database_url": f"sqlite:///{tmp_path}/gateway.db",
-                    "spool_dir": str(tmp_path / "spool")},
+        "smtp": {
+            "listen": "127.0.0.1:0",
+            "hostname": "mx.example.com",
+            "domains": ["example.com", "localhost"],
+            "min_free_disk": 0,
+        },
+        "storage": {
+            "database_url": f"sqlite:///{tmp_path}/gateway.db",
+            "spool_dir": str(tmp_path / "spool"),
+        },
         "outbound": {"relay": "127.0.0.1:9", "from_address": "support@example.com"},
         "security": {"secret_key": "test-secret-key-0123456789abcdef"},
     }

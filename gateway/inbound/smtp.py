@@ -126,7 +126,7 @@ class GatewaySMTP(SMTP):
         if m is not None:
             # The null reverse-path is "<>" in aiosmtpd (as its stdlib parser returns it).
             return m.group(1) or "<>", m.group(2)
-        return super()._getaddr(arg)  # type: ignore[no-any-return]
+        return super()._getaddr(arg)
 
     async def smtp_DATA(self, arg: str) -> None:
         if await self.check_helo_needed():

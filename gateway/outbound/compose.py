@@ -40,8 +40,8 @@ from email.utils import format_datetime, formataddr
 from pathlib import Path
 from typing import Any
 
-from gateway.sla.business_time import BusinessCalendar
 from gateway.security.tokens import Signer
+from gateway.sla.business_time import BusinessCalendar
 
 __all__ = [
     "LOOP_HEADER",
@@ -56,6 +56,7 @@ __all__ = [
     "isoz",
     "render_ack_text",
     "response_stats",
+    "tagged_subject",
 ]
 
 #: Our own loop header (the classifier treats it as a loop when it comes back).
@@ -191,8 +192,8 @@ $deadline
 $hours
 $received
 $performance
-To add anything, simply reply to this email (keep $ref in the subject); your reply goes
-straight into the ticket and is read by people.
+To add anything, simply reply to this email: your reply goes straight into ticket $ref
+and is read by people.
 
 $signature
 """
@@ -209,9 +210,7 @@ def _deadline_text(c: AckContent) -> str:
         assert theirs is not None
         ours = due.astimezone(c.calendar.timezone).utcoffset()
         if theirs != ours:
-            lines.append(
-                f"In the time zone of your message that is {format_offset(due, theirs)}."
-            )
+            lines.append(f"In the time zone of your message that is {format_offset(due, theirs)}.")
     # A deadline normally lies inside business hours or on a closing instant (business-time
     # arithmetic never ends in closed time); if the stored value is outside, say so plainly.
     if not c.calendar.is_open(due) and not c.calendar.is_open(due - timedelta(seconds=1)):
@@ -298,7 +297,8 @@ def _html(text: str) -> str:
         "<p>" + "<br>\n".join(html.escape(line) for line in p.splitlines()) + "</p>"
         for p in paragraphs
     )
-    return f'<!DOCTYPE html>\n<html><body style="font-family: sans-serif">\n{body}\n</body></html>\n'
+    head = '<!DOCTYPE html>\n<html><body style="font-family: sans-serif">'
+    return f"{head}\n{body}\n</body></html>\n"
 
 
 def _local_and_domain(address: str) -> tuple[str, str]:

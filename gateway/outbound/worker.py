@@ -285,13 +285,19 @@ class DeliveryWorker:
                 row.last_error = ""
                 self.sent += 1
                 for rcpt, (code, text) in result.refused.items():
-                    add_event(s, item.ticket_id, "delivery-refused",
-                              f"{item.kind} {item.message_id}: {rcpt} refused ({code} {text})", now)
+                    add_event(
+                        s,
+                        item.ticket_id,
+                        "delivery-refused",
+                        f"{item.kind} {item.message_id}: {rcpt} refused ({code} {text})",
+                        now,
+                    )
             elif result.outcome == PERMANENT:
                 row.state = "failed"
                 row.last_error = f"{result.code or ''} {result.detail}".strip()
-                detail = (f"{item.kind} {item.message_id} to {rcpts} failed permanently: "
-                          f"{row.last_error}")
+                detail = (
+                    f"{item.kind} {item.message_id} to {rcpts} failed permanently: {row.last_error}"
+                )
                 add_event(s, item.ticket_id, "delivery-failed", detail, now)
                 self._tell_owner(s, item, detail, now)
             else:
@@ -299,16 +305,23 @@ class DeliveryWorker:
                 nxt = retry.next_attempt(item.first_attempt_at, now, self.rng)
                 if nxt is None:
                     row.state = "given_up"
-                    detail = (f"{item.kind} {item.message_id} to {rcpts} given up after "
-                              f"{row.attempts} attempts: {row.last_error}")
+                    detail = (
+                        f"{item.kind} {item.message_id} to {rcpts} given up after "
+                        f"{row.attempts} attempts: {row.last_error}"
+                    )
                     add_event(s, item.ticket_id, "delivery-given-up", detail, now)
                     self._tell_owner(s, item, detail, now)
                 else:
                     row.state = "queued"
                     row.next_attempt_at = nxt
-                    add_event(s, item.ticket_id, "delivery-deferred",
-                              f"{item.kind} {item.message_id} to {rcpts}: {row.last_error}; "
-                              f"next attempt {nxt.isoformat()}", now)
+                    add_event(
+                        s,
+                        item.ticket_id,
+                        "delivery-deferred",
+                        f"{item.kind} {item.message_id} to {rcpts}: {row.last_error}; "
+                        f"next attempt {nxt.isoformat()}",
+                        now,
+                    )
             s.add(row)
 
     def _tell_owner(self, s: Session, item: _Claimed, detail: str, now: datetime) -> None:
@@ -321,8 +334,9 @@ class DeliveryWorker:
         try:
             owner = self.rules().person(ticket.owner)
         except KeyError:
-            log.warning("ticket %s: owner %r unknown; failure only recorded",
-                        ticket.ref, ticket.owner)
+            log.warning(
+                "ticket %s: owner %r unknown; failure only recorded", ticket.ref, ticket.owner
+            )
             return
         name, email = owner.name, owner.email
         body = (
@@ -332,9 +346,16 @@ class DeliveryWorker:
             f"this message to add a note to {ticket.ref}.\n"
         )
         notify_owner(
-            s, self.settings, self.signer, ticket=ticket, email=email, name=name,
-            person=ticket.owner, subject=f"[{ticket.ref}] Delivery failed: {ticket.subject}",
-            body=body, now=now,
+            s,
+            self.settings,
+            self.signer,
+            ticket=ticket,
+            email=email,
+            name=name,
+            person=ticket.owner,
+            subject=f"[{ticket.ref}] Delivery failed: {ticket.subject}",
+            body=body,
+            now=now,
         )
 
     # -- loops -------------------------------------------------------------------------
@@ -385,7 +406,8 @@ class DeliveryWorker:
                 continue
             waiter = asyncio.create_task(wake.wait())
             stopper = asyncio.create_task(stopping.wait())
-            await asyncio.wait({waiter, stopper}, timeout=timeout,
-                               return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(
+                {waiter, stopper}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+            )
             waiter.cancel()
             stopper.cancel()

@@ -110,7 +110,9 @@ def _create_ticket(ctx: Context) -> Ticket:
             ref = other_t.ref if other_t else str(other)
             ctx.event("linked", f"{relation} of {ref}: {why}")
             add_event(
-                s, other, "follow-up-linked",
+                s,
+                other,
+                "follow-up-linked",
                 f"{ticket.ref} from {ctx.sender} may be a follow-up ({why}); owner please check",
                 ctx.now,
             )
@@ -144,7 +146,9 @@ def record(ctx: Context) -> None:
         if ctx.kind == "customer":
             if th.claim is not None and th.claim.person:
                 ctx.kind = "note"
-                ctx.event("staff-token", f"staff reply token of {th.claim.person} used by {ctx.sender}")
+                ctx.event(
+                    "staff-token", f"staff reply token of {th.claim.person} used by {ctx.sender}"
+                )
             else:
                 add_participant(s, ticket.id, ctx.sender, "cc", ctx.now)
                 for a in _audience(ctx):

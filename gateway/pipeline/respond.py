@@ -25,7 +25,13 @@ from datetime import timedelta
 
 from sqlmodel import col, func, select
 
-from gateway.outbound.compose import AckContent, compose_ack, load_template, response_stats
+from gateway.outbound.compose import (
+    AckContent,
+    compose_ack,
+    load_template,
+    response_stats,
+    tagged_subject,
+)
 from gateway.outbound.worker import enqueue, notify_owner
 from gateway.pipeline.context import Context
 from gateway.store.models import Event, Outbox, Ticket
@@ -108,8 +114,13 @@ def _cap_tripped(ctx: Context, to: str) -> None:
         f"{owner.name} ({owner.email}) told once."
     )
     ctx.session.add(
-        Event(ticket_id=ctx.ticket.id, at=ctx.now, type="ack-cap-reached", detail=detail,
-              data=json.dumps({"sender": to, "cap": DAILY_ACK_CAP}))
+        Event(
+            ticket_id=ctx.ticket.id,
+            at=ctx.now,
+            type="ack-cap-reached",
+            detail=detail,
+            data=json.dumps({"sender": to, "cap": DAILY_ACK_CAP}),
+        )
     )
     body = (
         f"{to} has written {DAILY_ACK_CAP} or more new requests within 24 hours; the latest is "
@@ -119,10 +130,16 @@ def _cap_tripped(ctx: Context, to: str) -> None:
         f"{ctx.ticket.ref}. Please look at it, and reply if a loop or a flood is going on.\n"
     )
     notify_owner(
-        ctx.session, ctx.services.settings, ctx.services.signer, ticket=ctx.ticket,
-        email=owner.email, name=owner.name, person=owner.id,
+        ctx.session,
+        ctx.services.settings,
+        ctx.services.signer,
+        ticket=ctx.ticket,
+        email=owner.email,
+        name=owner.name,
+        person=owner.id,
         subject=f"[{ctx.ticket.ref}] Acknowledgement limit reached for {to}",
-        body=body, now=ctx.now,
+        body=body,
+        now=ctx.now,
     )
 
 
@@ -143,6 +160,19 @@ def respond(ctx: Context) -> None:
     if ctx.done or ctx.thread is None or not ctx.thread.is_new:
         return
     if ctx.ticket is None or ctx.decision is None or ctx.parsed is None:
+        if ctx.message is not None and ctx.verdict is not None and not ctx.verdict.is_human:
+            # A robot's mail that opened no ticket (an unmatched auto-reply or bounce) is
+            # recorded ticketless; say on its message why nobody answered it.
+            reason = f"{ctx.verdict.kind}: " + "; ".join(ctx.verdict.reasons)
+            ctx.session.add(
+                Event(
+                    ticket_id=None,
+                    message_id=ctx.message.id,
+                    at=ctx.now,
+                    type="ack-suppressed",
+                    detail=f"no ticket opened; {reason}",
+                )
+            )
         return
     ticket = ctx.ticket
     assert ticket.id is not None
@@ -154,12 +184,26 @@ def respond(ctx: Context) -> None:
         why = f"daily cap of {DAILY_ACK_CAP} acknowledgements to {to} reached"
         _cap_tripped(ctx, to)
     if why is not None:
-        s.add(Event(ticket_id=ticket.id, message_id=msg_id, at=ctx.now, type="ack-suppressed",
-                    detail=why))
+        s.add(
+            Event(
+                ticket_id=ticket.id,
+                message_id=msg_id,
+                at=ctx.now,
+                type="ack-suppressed",
+                detail=why,
+            )
+        )
         return
     if ticket.first_response_due is None:
-        s.add(Event(ticket_id=ticket.id, message_id=msg_id, at=ctx.now, type="ack-suppressed",
-                    detail="the ticket has no first-response deadline to promise"))
+        s.add(
+            Event(
+                ticket_id=ticket.id,
+                message_id=msg_id,
+                at=ctx.now,
+                type="ack-suppressed",
+                detail="the ticket has no first-response deadline to promise",
+            )
+        )
         return
 
     settings = ctx.services.settings
@@ -195,7 +239,7 @@ def respond(ctx: Context) -> None:
         now=ctx.now,
         template=template,
     )
-    subject = f"[{ticket.ref}] {p.subject}"
+    subject = tagged_subject(ticket.ref, p.subject)
     enqueue(
         s,
         ticket_id=ticket.id,
@@ -212,6 +256,13 @@ def respond(ctx: Context) -> None:
     )
     ticket.acknowledged = True
     s.add(ticket)
-    s.add(Event(ticket_id=ticket.id, message_id=msg_id, at=ctx.now, type="ack-sent",
-                detail=f"acknowledgement {message_id} queued to {to}; first response promised "
-                f"by {content.first_response_due.isoformat()}"))
+    s.add(
+        Event(
+            ticket_id=ticket.id,
+            message_id=msg_id,
+            at=ctx.now,
+            type="ack-sent",
+            detail=f"acknowledgement {message_id} queued to {to}; first response promised "
+            f"by {content.first_response_due.isoformat()}",
+        )
+    )

@@ -38,7 +38,9 @@ class TicketView:
 
 
 class ThreadLookup(Protocol):
-    def duplicate_of(self, dedupe_key: str, message_id: str | None) -> tuple[int, int | None] | None:
+    def duplicate_of(
+        self, dedupe_key: str, message_id: str | None
+    ) -> tuple[int, int | None] | None:
         """(message row id, ticket id) of an identical stored message, if any."""
         ...
 
@@ -108,8 +110,14 @@ def decide(
         if ticket is None:
             notes.append(f"reply token in {rcpt} names no existing ticket")
             continue
-        return _join(ticket, "reply-token", f"signed reply token in {rcpt}", notes,
-                     closed_followup, claim=claim)
+        return _join(
+            ticket,
+            "reply-token",
+            f"signed reply token in {rcpt}",
+            notes,
+            closed_followup,
+            claim=claim,
+        )
 
     # 3. and 4. In-Reply-To / References.
     for mid in parsed.referenced_ids:
@@ -117,24 +125,29 @@ def decide(
         if ticket_id is not None:
             ticket = lookup.ticket(ticket_id)
             if ticket is not None:
-                return _join(ticket, "our-message-id", f"reply to our message {mid}", notes,
-                             closed_followup)
+                return _join(
+                    ticket, "our-message-id", f"reply to our message {mid}", notes, closed_followup
+                )
         known = lookup.ticket_of_message_id(mid)
         if known is None:
             for tid in lookup.tickets_referencing(mid):
                 shared = lookup.ticket(tid)
                 if shared is not None:
-                    referenced.setdefault(tid, f"shares the earlier message {mid} with {shared.ref}")
+                    referenced.setdefault(
+                        tid, f"shares the earlier message {mid} with {shared.ref}"
+                    )
             continue
         ticket = lookup.ticket(known)
         if ticket is None:
             continue
         if lookup.is_participant(ticket.id, sender):
-            return _join(ticket, "known-message-id", f"reply to stored message {mid}", notes,
-                         closed_followup)
+            return _join(
+                ticket, "known-message-id", f"reply to stored message {mid}", notes, closed_followup
+            )
         referenced.setdefault(ticket.id, f"references {mid} of {ticket.ref}")
-        notes.append(f"{mid} belongs to {ticket.ref} but {sender or 'the sender'} is not a "
-                     "participant")
+        notes.append(
+            f"{mid} belongs to {ticket.ref} but {sender or 'the sender'} is not a participant"
+        )
 
     # 5. Ticket reference in the subject.
     for ref in find_ticket_refs(parsed.subject, ref_prefix):
@@ -143,8 +156,13 @@ def decide(
             notes.append(f"subject names {ref}, which does not exist")
             continue
         if lookup.is_participant(ticket.id, sender):
-            return _join(ticket, "subject-ref", f"subject names {ref} and {sender} takes part",
-                         notes, closed_followup)
+            return _join(
+                ticket,
+                "subject-ref",
+                f"subject names {ref} and {sender} takes part",
+                notes,
+                closed_followup,
+            )
         referenced.setdefault(ticket.id, f"subject names {ref}")
         notes.append(f"subject names {ref} but {sender or 'the sender'} is not a participant")
 
@@ -172,5 +190,6 @@ def _join(
         )
         d.links.append((ticket.id, "follow-up-of-closed", detail))
         return d
-    return ThreadDecision(key, ticket, f"{detail}; reopens closed {ticket.ref}", claim=claim,
-                          notes=notes, reopen=True)
+    return ThreadDecision(
+        key, ticket, f"{detail}; reopens closed {ticket.ref}", claim=claim, notes=notes, reopen=True
+    )

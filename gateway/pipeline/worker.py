@@ -45,7 +45,11 @@ class PipelineWorker:
 
     def process(self, entry: SpoolEntry) -> Context:
         """Run every stage for one entry in one transaction (blocking; call in a thread)."""
-        received = datetime.fromisoformat(entry.envelope.received_at) if entry.envelope.received_at else None
+        received = (
+            datetime.fromisoformat(entry.envelope.received_at)
+            if entry.envelope.received_at
+            else None
+        )
         now = self.services.clock.now()
         with session_scope(self.engine) as session:
             ctx = Context(

@@ -38,7 +38,9 @@ class SqlLookup:
     def __init__(self, session: Session) -> None:
         self.s = session
 
-    def duplicate_of(self, dedupe_key: str, message_id: str | None) -> tuple[int, int | None] | None:
+    def duplicate_of(
+        self, dedupe_key: str, message_id: str | None
+    ) -> tuple[int, int | None] | None:
         row = self.s.exec(
             select(Message.id, Message.ticket_id).where(Message.dedupe_key == dedupe_key)
         ).first()
@@ -136,12 +138,16 @@ def ensure_customer(session: Session, address: str, name: str, now: datetime) ->
     return c.id
 
 
-def add_participant(session: Session, ticket_id: int, address: str, role: str, now: datetime) -> bool:
+def add_participant(
+    session: Session, ticket_id: int, address: str, role: str, now: datetime
+) -> bool:
     address = address.lower()
     if not address:
         return False
     exists = session.exec(
-        select(Participant).where(Participant.ticket_id == ticket_id, Participant.address == address)
+        select(Participant).where(
+            Participant.ticket_id == ticket_id, Participant.address == address
+        )
     ).first()
     if exists is not None:
         return False
@@ -182,7 +188,9 @@ def link(session: Session, ticket_id: int, other_id: int, relation: str, now: da
     ).first()
     if exists is not None:
         return False
-    session.add(TicketLink(ticket_id=ticket_id, other_id=other_id, relation=relation, created_at=now))
+    session.add(
+        TicketLink(ticket_id=ticket_id, other_id=other_id, relation=relation, created_at=now)
+    )
     return True
 
 
@@ -219,13 +227,16 @@ def ticket_of_outbound(session: Session, message_ids: Iterable[str]) -> int | No
     """The ticket of an outbound message we sent (for attaching bounces)."""
     for mid in message_ids:
         tid = session.exec(
-            select(Outbox.ticket_id).where(Outbox.message_id == mid, col(Outbox.ticket_id).is_not(None))
+            select(Outbox.ticket_id).where(
+                Outbox.message_id == mid, col(Outbox.ticket_id).is_not(None)
+            )
         ).first()
         if tid is not None:
             return tid
         tid = session.exec(
             select(Message.ticket_id).where(
-                Message.message_id == mid, Message.direction == "out",
+                Message.message_id == mid,
+                Message.direction == "out",
                 col(Message.ticket_id).is_not(None),
             )
         ).first()
@@ -234,7 +245,9 @@ def ticket_of_outbound(session: Session, message_ids: Iterable[str]) -> int | No
     return None
 
 
-def merge_customers(session: Session, source: int, target: int, now: datetime, by: str = "") -> CustomerMerge:
+def merge_customers(
+    session: Session, source: int, target: int, now: datetime, by: str = ""
+) -> CustomerMerge:
     """Join customer `source` into `target`: addresses and tickets move, history is kept."""
     source = resolve_customer(session, source)
     target = resolve_customer(session, target)

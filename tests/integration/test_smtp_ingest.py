@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 from pathlib import Path
 
 import aiosmtplib
@@ -53,10 +52,12 @@ async def test_500_messages_from_20_concurrent_clients_all_land(
             try:
                 for i in range(25):
                     mid = f"<c{n}-m{i}@customer.example>"
-                    m = make_mail(sender=f"user{n}@customer.example", subject=f"q {n}/{i}",
-                                  message_id=mid)
-                    errors, text = await smtp.sendmail(m["From"], ["support@example.com"],
-                                                       m.as_bytes())
+                    m = make_mail(
+                        sender=f"user{n}@customer.example", subject=f"q {n}/{i}", message_id=mid
+                    )
+                    errors, text = await smtp.sendmail(
+                        m["From"], ["support@example.com"], m.as_bytes()
+                    )
                     assert not errors and "queued as" in text
                     ids.append(mid)
             finally:
@@ -77,8 +78,14 @@ async def test_500_messages_from_20_concurrent_clients_all_land(
 
 @pytest.mark.parametrize(
     "rcpt",
-    ["support@example.com", "SUPPORT@Example.COM", "no-reply@example.com",
-     "typo-suport@example.com", "retired.address.2019@localhost", "postmaster"],
+    [
+        "support@example.com",
+        "SUPPORT@Example.COM",
+        "no-reply@example.com",
+        "typo-suport@example.com",
+        "retired.address.2019@localhost",
+        "postmaster",
+    ],
 )
 async def test_any_local_part_at_a_support_domain_is_accepted(
     settings: Settings, clock: FrozenClock, rcpt: str
@@ -118,7 +125,9 @@ async def test_long_lines_smtputf8_and_8bit_are_accepted(
         try:
             assert smtp.supports_extension("smtputf8") and smtp.supports_extension("8bitmime")
             errors, text = await smtp.sendmail(
-                "josé@exämple.org", ["support@example.com"], raw_8bit,
+                "josé@exämple.org",
+                ["support@example.com"],
+                raw_8bit,
                 mail_options=["SMTPUTF8", "BODY=8BITMIME"],
             )
             assert not errors and "queued as" in text
@@ -200,11 +209,13 @@ async def test_smuggling_with_bare_lf_dot_never_yields_two_messages(
 async def test_oversize_message_is_accepted_and_what_was_not_kept_is_recorded(
     tmp_path: Path, clock: FrozenClock
 ) -> None:
-    settings = make_settings(tmp_path, smtp={"max_message_size": "64KiB",
-                                             "max_receive_size": "1MiB"})
+    settings = make_settings(
+        tmp_path, smtp={"max_message_size": "64KiB", "max_receive_size": "1MiB"}
+    )
     m = make_mail(subject="Logs attached")
-    m.add_attachment(b"\0" * 300_000, maintype="application", subtype="octet-stream",
-                     filename="huge.bin")
+    m.add_attachment(
+        b"\0" * 300_000, maintype="application", subtype="octet-stream", filename="huge.bin"
+    )
     m.add_attachment(b"small", maintype="text", subtype="plain", filename="note.txt")
     async with running_gateway(settings, clock) as gw:
         code, _ = await send(gw, m)
@@ -307,8 +318,9 @@ async def test_null_sender_is_accepted_and_stored_as_empty(
     settings: Settings, clock: FrozenClock
 ) -> None:
     async with running_gateway(settings, clock) as gw:
-        code, _ = await send(gw, make_mail(subject="a bounce"), sender="",
-                             recipients=["support@example.com"])
+        code, _ = await send(
+            gw, make_mail(subject="a bounce"), sender="", recipients=["support@example.com"]
+        )
         assert code == 250
         [entry] = gw.spool.claim()
         assert entry.envelope.mail_from == ""

@@ -85,8 +85,13 @@ async def test_reply_to_our_signed_message_id_joins(gw: Gateway) -> None:
     ours = gw.signer.message_id("mx.example.com", ticket_id, "ack")
     # A colleague of the customer, never seen before, answers our mail: the signed
     # Message-ID proves they received it from us.
-    await deliver(gw, sender="colleague@customer.example", in_reply_to=ours,
-                  references=[ours], subject="Re: [ACME-1000] Printer on fire")
+    await deliver(
+        gw,
+        sender="colleague@customer.example",
+        in_reply_to=ours,
+        references=[ours],
+        subject="Re: [ACME-1000] Printer on fire",
+    )
     assert len(all_tickets(gw)) == 1
     d = ticket_json(gw, t["ref"])
     assert any(x.startswith("our-message-id") for x in events(d, "threaded"))
@@ -101,12 +106,22 @@ async def test_forged_message_id_at_our_domain_does_not_join(gw: Gateway) -> Non
 
 async def test_stored_message_id_joins_only_for_participants(gw: Gateway) -> None:
     t = await first_ticket(gw)
-    await deliver(gw, sender=PAT, in_reply_to="<orig@customer.example>",
-                  references=["<orig@customer.example>"], subject="Re: Printer on fire")
+    await deliver(
+        gw,
+        sender=PAT,
+        in_reply_to="<orig@customer.example>",
+        references=["<orig@customer.example>"],
+        subject="Re: Printer on fire",
+    )
     assert len(all_tickets(gw)) == 1
     # A stranger quoting the same Message-ID gets a new ticket, linked for the owner.
-    await deliver(gw, sender=EVE, in_reply_to="<orig@customer.example>",
-                  references=["<orig@customer.example>"], subject="Re: Printer on fire")
+    await deliver(
+        gw,
+        sender=EVE,
+        in_reply_to="<orig@customer.example>",
+        references=["<orig@customer.example>"],
+        subject="Re: Printer on fire",
+    )
     tickets = all_tickets(gw)
     assert len(tickets) == 2
     new = ticket_json(gw, tickets[1].ref)
@@ -131,8 +146,12 @@ async def test_subject_reference_joins_only_for_participants(gw: Gateway) -> Non
 
 
 async def test_same_message_to_two_support_addresses_is_one_message(gw: Gateway) -> None:
-    m = make_mail(sender=PAT, to="support@example.com", cc="billing@example.com",
-                  message_id="<both@customer.example>")
+    m = make_mail(
+        sender=PAT,
+        to="support@example.com",
+        cc="billing@example.com",
+        message_id="<both@customer.example>",
+    )
     await send(gw, m, recipients=["support@example.com"])
     await send(gw, m, recipients=["billing@example.com"])  # a second copy, other envelope
     await gw.pipeline.run_once()
@@ -144,8 +163,12 @@ async def test_same_message_to_two_support_addresses_is_one_message(gw: Gateway)
 
 async def test_cc_participant_replies_without_becoming_requester(gw: Gateway) -> None:
     await deliver(gw, sender=PAT, cc="boss@customer.example", message_id="<cc1@customer.example>")
-    await deliver(gw, sender="boss@customer.example", in_reply_to="<cc1@customer.example>",
-                  subject="Re: Printer on fire")
+    await deliver(
+        gw,
+        sender="boss@customer.example",
+        in_reply_to="<cc1@customer.example>",
+        subject="Re: Printer on fire",
+    )
     [t] = all_tickets(gw)
     d = ticket_json(gw, t.ref)
     assert d["requester"] == PAT
@@ -170,8 +193,9 @@ async def test_follow_up_reopens_a_closed_ticket(gw: Gateway) -> None:
 async def test_follow_up_to_closed_ticket_can_open_a_linked_one(
     tmp_path: Path, clock: FrozenClock, database_url: str
 ) -> None:
-    settings = make_settings(tmp_path, storage={"database_url": database_url},
-                             tickets={"closed_followup": "new"})
+    settings = make_settings(
+        tmp_path, storage={"database_url": database_url}, tickets={"closed_followup": "new"}
+    )
     async with running_gateway(settings, clock) as gw:
         t = await first_ticket(gw)
         with Session(gw.engine) as s:
@@ -218,8 +242,13 @@ async def test_out_of_office_joins_without_reopening(gw: Gateway) -> None:
         row.status = "closed"
         s.add(row)
         s.commit()
-    await deliver(gw, sender=PAT, in_reply_to=ours, subject="Automatic reply: Printer on fire",
-                  headers={"Auto-Submitted": "auto-replied"})
+    await deliver(
+        gw,
+        sender=PAT,
+        in_reply_to=ours,
+        subject="Automatic reply: Printer on fire",
+        headers={"Auto-Submitted": "auto-replied"},
+    )
     d = ticket_json(gw, t["ref"])
     assert d["status"] == "closed"
     assert [m["kind"] for m in d["messages"]] == ["customer", "auto_reply"]
