@@ -59,6 +59,7 @@ def make_settings(tmp_path: Path, **extra: object) -> Settings:
 
 def _empty_config(tmp_path: Path) -> Path:
     p = tmp_path / "config.toml"
+    tmp_path.mkdir(parents=True, exist_ok=True)
     if not p.exists():
         p.write_text("# test config: everything comes from overrides\n")
     return p
