@@ -21,6 +21,7 @@ from sqlalchemy.engine import Engine
 
 from gateway.clock import Clock, SystemClock
 from gateway.inbound.smtp import ConnectionLimits, InboundHandler, make_tls_context, start_server
+from gateway.outbound.worker import DeliveryWorker
 from gateway.pipeline.context import Services
 from gateway.pipeline.worker import PipelineWorker
 from gateway.routing.holder import RulesHolder
@@ -42,6 +43,14 @@ def build_spool(settings: Settings, clock: Clock | None = None) -> Spool:
     )
     spool.open()
     return spool
+
+
+def build_resolver(settings: Settings) -> Resolver | None:
+    """The DNS resolver for sender checks, or None when `security.verify_senders` is off."""
+    sec = settings.security
+    if not sec.verify_senders:
+        return None
+    return SystemResolver(timeout=sec.dns_timeout, nameservers=sec.nameservers or None)
 
 
 class Gateway:
@@ -67,10 +76,7 @@ class Gateway:
         self.engine = engine or open_database(settings.storage.database_url)
         self.spool = build_spool(settings, self.clock)
         self.signer = Signer(settings.secret())
-        sec = settings.security
-        if resolver is None and sec.verify_senders:
-            resolver = SystemResolver(timeout=sec.dns_timeout, nameservers=sec.nameservers or None)
-        self.resolver = resolver
+        self.resolver = resolver if resolver is not None else build_resolver(settings)
         self.services = Services(
             settings=settings,
             clock=self.clock,
@@ -79,6 +85,11 @@ class Gateway:
             resolver=self.resolver,
         )
         self.pipeline = PipelineWorker(engine=self.engine, spool=self.spool, services=self.services)
+        self.delivery = DeliveryWorker(
+            self.engine, settings, self.clock, signer=self.signer, rules=lambda: self.rules.current
+        )
+        # New outbox rows (acknowledgements) go out as soon as their batch has committed.
+        self.pipeline.after_batch = self.delivery.wakeup.set
         self.handler: InboundHandler | None = None
         self.server: asyncio.Server | None = None
         self.stopping = asyncio.Event()
@@ -138,6 +149,9 @@ class Gateway:
             self._tasks = [
                 asyncio.create_task(self.pipeline.run(self.stopping), name="pipeline"),
                 asyncio.create_task(self._watch_rules(), name="rules-watch"),
+                asyncio.create_task(
+                    self.delivery.run(self.stopping, self.delivery.wakeup), name="delivery"
+                ),
             ]
         log.info("listening on %s:%s for %s", host, self.port, ", ".join(s.domains))
 

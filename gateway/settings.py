@@ -154,6 +154,9 @@ class OutboundSettings(_Section):
     relay: str = "127.0.0.1:1025"
     from_address: str = "support@example.com"
     from_name: str = "Example Support"
+    # Acknowledgements to one sender per 24 h at most (Znuny: 40/day, Mailman: 10/day);
+    # past it the mail is still recorded and the owner is told once.
+    daily_ack_cap: int = Field(default=5, ge=1)
     dkim: DkimSettings = Field(default_factory=DkimSettings)
 
     @field_validator("relay")

@@ -338,6 +338,15 @@ class Spool:
             for r in rows
         ]
 
+    def unclaim(self, ids: list[int]) -> None:
+        """Put claimed entries back in line untouched (the attempt does not count)."""
+        with self._tx() as conn:
+            conn.executemany(
+                "UPDATE spool SET state='pending', attempts=attempts-1"
+                " WHERE id=? AND state='claimed'",
+                [(i,) for i in ids],
+            )
+
     def release(self, entry_id: int) -> None:
         """The ticket database has committed the message: the spool may forget it."""
         with self._tx() as conn:

@@ -11,6 +11,7 @@ from sqlmodel import Session, col, select
 from gateway.routing.model import Rules
 from gateway.sla.deadlines import isoz
 from gateway.store.models import Event, Message, Participant, Ticket, TicketLink
+from gateway.store.queries import undeliverable
 
 
 def owner_json(rules: Rules | None, person_id: str) -> dict[str, str]:
@@ -54,6 +55,7 @@ def ticket_detail(s: Session, t: Ticket, rules: Rules | None) -> dict[str, Any]:
             select(Participant).where(Participant.ticket_id == t.id).order_by(col(Participant.id))
         ).all()
     ]
+    out["undeliverable"] = undeliverable(s, out["participants"])
     out["messages"] = [
         {
             "id": m.id,

@@ -144,37 +144,52 @@ class GatewaySMTP(SMTP):
 
         # Read until CRLF.CRLF (RFC 5321 §4.1.1.4). Only that exact sequence ends DATA, so
         # `\n.\r\n` or `\r\n.\n` inside a message cannot smuggle a second one
-        # (CVE-2024-27305). We search for ".\r\n" and check the two bytes before it, which
-        # needs no read-ahead past the terminator.
+        # (CVE-2024-27305). Nothing is read past the terminator.
+        reader = self._reader
         parts: list[bytes] = []
         kept = 0
         dropped = 0
-        tail = b"\r\n"  # the DATA stream starts at a line boundary
-        reader = self._reader
-        while True:
-            try:
-                chunk = await reader.readuntil(b".\r\n")
-            except asyncio.LimitOverrunError as exc:
-                chunk = await reader.read(exc.consumed)
-            except asyncio.IncompleteReadError:  # connection closed mid-DATA
-                return
-            self._reset_timeout()  # a slow large transfer is progress, not idleness
-            window = tail + chunk
-            ended = window.endswith(_TERMINATOR) and len(window) >= 5
-            if ended:
-                chunk = chunk[:-3]  # drop ".\r\n"; the CRLF before it ends the last line
-            if kept + len(chunk) <= self.receive_limit:
+
+        def keep(chunk: bytes) -> None:
+            nonlocal kept, dropped
+            room = max(self.receive_limit - kept, 0)
+            if len(chunk) <= room:
                 parts.append(chunk)
                 kept += len(chunk)
-            else:
-                room = max(self.receive_limit - kept, 0)
+            else:  # over max_receive_size: read on, keep nothing more, count it
                 if room:
                     parts.append(chunk[:room])
                     kept += room
                 dropped += len(chunk) - room
-            tail = window[-2:]
-            if ended:
-                break
+
+        try:
+            # The stream starts at a line boundary, so a terminator may begin at once (an
+            # empty message). Read byte by byte only while what we have could still be the
+            # start of a terminator (usually one byte); then no kept data ends in a partial
+            # terminator and `readuntil` below sees every terminator whole.
+            head = bytearray(b"\r\n")
+            ended = False
+            while head.endswith((b"\r\n.\r", b"\r\n.", b"\r\n", b"\r")):
+                head += await reader.readexactly(1)
+                if head.endswith(_TERMINATOR):
+                    ended = True
+                    break
+            keep(bytes(head[2:-3] if ended else head[2:]))
+            last_reset = self.loop.time()
+            while not ended:
+                try:
+                    chunk = await reader.readuntil(_TERMINATOR)
+                    ended = True
+                    chunk = chunk[:-3]  # drop ".\r\n"; the CRLF before it ends the last line
+                except asyncio.LimitOverrunError as exc:
+                    chunk = await reader.read(exc.consumed)
+                keep(chunk)
+                now = self.loop.time()
+                if now - last_reset > 1.0:  # a slow large transfer is progress, not idleness
+                    self._reset_timeout()
+                    last_reset = now
+        except asyncio.IncompleteReadError:  # connection closed mid-DATA: nothing said 250
+            return
 
         data = b"".join(parts)
         # Dot-unstuffing (RFC 5321 §4.5.2): a leading "." on any line is removed.

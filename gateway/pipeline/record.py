@@ -16,6 +16,8 @@ from gateway.store.queries import (
     add_participant,
     ensure_customer,
     link,
+    mark_deliverable,
+    mark_undeliverable,
     set_cursor,
 )
 
@@ -151,6 +153,8 @@ def record(ctx: Context) -> None:
                 )
             else:
                 add_participant(s, ticket.id, ctx.sender, "cc", ctx.now)
+                if mark_deliverable(s, ctx.sender):
+                    ctx.event("deliverable", f"{ctx.sender} wrote again: no longer undeliverable")
                 for a in _audience(ctx):
                     add_participant(s, ticket.id, a, "cc", ctx.now)
                 ticket.last_customer_at = ctx.received_at
@@ -168,6 +172,12 @@ def record(ctx: Context) -> None:
         robot = f"{ctx.verdict.kind}: " + "; ".join(ctx.verdict.reasons)
     if ctx.bounce is not None and ticket is not None:
         failed = ", ".join(ctx.bounce.failed_recipients) or "unknown address"
+        if ctx.bounce.permanent:
+            for address in ctx.bounce.failed_recipients:
+                mark_undeliverable(
+                    s, address, f"{ctx.bounce.status or ''} {ctx.bounce.diagnostic or ''}", ctx.now
+                )
+                ctx.event("undeliverable", f"{address} marked undeliverable")
         ctx.event(
             "bounce",
             f"delivery to {failed} failed ({ctx.bounce.status or '?'}"

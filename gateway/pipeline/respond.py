@@ -36,10 +36,12 @@ from gateway.outbound.worker import enqueue, notify_owner
 from gateway.pipeline.context import Context
 from gateway.store.models import Event, Outbox, Ticket
 
-#: At most this many acknowledgements to one address per 24 hours (Mailman: 10, Znuny: 40).
-DAILY_ACK_CAP = 5
 #: Window for the "recent performance" line of the acknowledgement.
 STATS_DAYS = 30
+
+
+def _cap(ctx: Context) -> int:
+    return ctx.services.settings.outbound.daily_ack_cap
 
 
 def _recipient(ctx: Context) -> str:
@@ -110,7 +112,7 @@ def _cap_tripped(ctx: Context, to: str) -> None:
         return
     owner = ctx.decision.owner
     detail = (
-        f"{DAILY_ACK_CAP} acknowledgements sent to {marker} in 24 hours; no more today. "
+        f"{_cap(ctx)} acknowledgements sent to {marker} in 24 hours; no more today. "
         f"{owner.name} ({owner.email}) told once."
     )
     ctx.session.add(
@@ -119,11 +121,11 @@ def _cap_tripped(ctx: Context, to: str) -> None:
             at=ctx.now,
             type="ack-cap-reached",
             detail=detail,
-            data=json.dumps({"sender": to, "cap": DAILY_ACK_CAP}),
+            data=json.dumps({"sender": to, "cap": _cap(ctx)}),
         )
     )
     body = (
-        f"{to} has written {DAILY_ACK_CAP} or more new requests within 24 hours; the latest is "
+        f"{to} has written {_cap(ctx)} or more new requests within 24 hours; the latest is "
         f"{ctx.ticket.ref} ({ctx.ticket.subject}).\n\n"
         f"Every message is recorded in its ticket, but no further automatic "
         f"acknowledgements go to {to} today, so the customer has not been told about "
@@ -180,8 +182,8 @@ def respond(ctx: Context) -> None:
     msg_id = ctx.message.id if ctx.message is not None else None
     to = _recipient(ctx)
     why = _suppression(ctx, to)
-    if why is None and _acks_today(ctx, to) >= DAILY_ACK_CAP:
-        why = f"daily cap of {DAILY_ACK_CAP} acknowledgements to {to} reached"
+    if why is None and _acks_today(ctx, to) >= _cap(ctx):
+        why = f"daily cap of {_cap(ctx)} acknowledgements to {to} reached"
         _cap_tripped(ctx, to)
     if why is not None:
         s.add(

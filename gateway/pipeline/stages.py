@@ -6,8 +6,9 @@ The order is the flow of a message (ARCHITECTURE.md) and matters:
   sender, and never opens a ticket (FIELD-NOTES §3 rule 7);
 - authenticate before route: rules may match on `authenticated`;
 - thread before route: only a new ticket is routed, a reply keeps its ticket's owner;
-- record last: the ticket, the message and the audit trail are written in the same
-  transaction as everything decided above (the spool entry is released after the commit).
+- record, then respond: the ticket, the message, the audit trail and any acknowledgement
+  (a transactional outbox row, FIELD-NOTES §6) are written in the same transaction as
+  everything decided above; the spool entry is released after the commit.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from gateway.pipeline.classify import classify
 from gateway.pipeline.context import Context
 from gateway.pipeline.parse import parse
 from gateway.pipeline.record import record
+from gateway.pipeline.respond import respond
 from gateway.pipeline.route import route
 from gateway.pipeline.thread import decide
 from gateway.security.sender_auth import authenticate as check_sender
@@ -105,9 +107,11 @@ def thread_stage(ctx: Context) -> None:
     if ctx.thread.key == "duplicate":
         ctx.done = True
         return
-    if kind in ("bounce", "report"):
+    if kind in ("bounce", "report") or not ctx.entry.envelope.mail_from:
         # A bounce belongs to the ticket whose outbound message it reports on; it never
-        # opens a ticket and is never answered (FIELD-NOTES §3 rule 7).
+        # opens a ticket and is never answered (FIELD-NOTES §3 rule 7). The null reverse-path
+        # is reserved for such notifications (RFC 5321 §4.5.5), so mail sent with it never
+        # opens a ticket either, even when its content is not a recognisable report.
         ctx.kind = "bounce"
         target = None
         if ctx.bounce is not None:
@@ -155,6 +159,7 @@ STAGES: tuple[Stage, ...] = (
     thread_stage,
     route_stage,
     record,
+    respond,
 )
 
 LOOP_HEADER = "X-Support-Gateway-Loop"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import traceback
+from collections.abc import Callable
 from datetime import datetime
 
 from sqlalchemy.engine import Engine
@@ -42,6 +43,7 @@ class PipelineWorker:
         self.wakeup = asyncio.Event()
         self.processed = 0
         self.failures = 0
+        self.after_batch: Callable[[], None] | None = None
 
     def process(self, entry: SpoolEntry) -> Context:
         """Run every stage for one entry in one transaction (blocking; call in a thread)."""
@@ -76,14 +78,21 @@ class PipelineWorker:
         log.info("processed %s", summary(ctx))
         return True
 
-    def run_once_sync(self) -> int:
-        """Process everything waiting now; return how many entries were handled."""
+    def run_once_sync(self, stopping: asyncio.Event | None = None) -> int:
+        """Process everything waiting now; return how many entries were handled.
+
+        With `stopping` set it returns after the current entry (graceful stop must not wait
+        for a whole backlog); entries claimed but not processed go back in line.
+        """
         done = 0
         while True:
             entries = self.spool.claim(self.batch)
             if not entries:
                 return done
-            for entry in entries:
+            for i, entry in enumerate(entries):
+                if stopping is not None and stopping.is_set():
+                    self.spool.unclaim([e.id for e in entries[i:]])
+                    return done
                 self.process_one(entry)
                 done += 1
 
@@ -95,7 +104,9 @@ class PipelineWorker:
         while not stopping.is_set():
             self.wakeup.clear()
             try:
-                await self.run_once()
+                done = await asyncio.to_thread(self.run_once_sync, stopping)
+                if done and self.after_batch is not None:
+                    self.after_batch()
             except Exception:  # the spool itself failed: log, back off, try again
                 log.exception("pipeline loop error")
                 await asyncio.sleep(1)

@@ -26,6 +26,9 @@ class CustomerAddress(SQLModel, table=True):
     customer_id: int = Field(foreign_key="customer.id", index=True)
     address: str = Field(unique=True)  # lowercased
     created_at: datetime
+    # Set by a permanent DSN about our mail to this address; cleared when it writes again.
+    undeliverable_since: datetime | None = None
+    undeliverable_reason: str = ""
 
 
 class CustomerMerge(SQLModel, table=True):
@@ -146,7 +149,7 @@ class Outbox(SQLModel, table=True):
     kind: str  # ack | notification | staff_reply | escalation | customer_notice | confirmation
     mail_from: str = ""  # envelope sender ("" = null sender for automatic mail)
     rcpt_tos: str = "[]"  # JSON list
-    message_id: str = ""
+    message_id: str = Field(default="", index=True)  # bounces are matched by it
     raw: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
     state: str = "queued"  # queued | sending | sent | failed | given_up
     attempts: int = 0

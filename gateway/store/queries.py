@@ -138,6 +138,47 @@ def ensure_customer(session: Session, address: str, name: str, now: datetime) ->
     return c.id
 
 
+def mark_undeliverable(session: Session, address: str, reason: str, now: datetime) -> None:
+    """A permanent bounce about our mail to `address` (FIELD-NOTES §3 rule 7)."""
+    row = session.exec(
+        select(CustomerAddress).where(CustomerAddress.address == address.lower())
+    ).first()
+    if row is None:
+        customer = ensure_customer(session, address, "", now)
+        assert customer is not None
+        row = session.exec(
+            select(CustomerAddress).where(CustomerAddress.address == address.lower())
+        ).one()
+    row.undeliverable_since = row.undeliverable_since or now
+    row.undeliverable_reason = reason[:500]
+    session.add(row)
+
+
+def mark_deliverable(session: Session, address: str) -> bool:
+    """The address wrote to us: whatever bounced before, it reaches a person now."""
+    row = session.exec(
+        select(CustomerAddress).where(CustomerAddress.address == address.lower())
+    ).first()
+    if row is None or row.undeliverable_since is None:
+        return False
+    row.undeliverable_since = None
+    row.undeliverable_reason = ""
+    session.add(row)
+    return True
+
+
+def undeliverable(session: Session, addresses: list[str]) -> list[str]:
+    if not addresses:
+        return []
+    rows = session.exec(
+        select(CustomerAddress.address).where(
+            col(CustomerAddress.address).in_([a.lower() for a in addresses]),
+            col(CustomerAddress.undeliverable_since).is_not(None),
+        )
+    ).all()
+    return list(rows)
+
+
 def add_participant(
     session: Session, ticket_id: int, address: str, role: str, now: datetime
 ) -> bool:

@@ -304,16 +304,16 @@ async def test_failed_notification_is_not_notified(env: Env) -> None:
 
 
 async def test_daily_cap_stops_acks_and_tells_the_owner_once(env: Env) -> None:
-    from gateway.pipeline.respond import DAILY_ACK_CAP
+    cap = env.gw.settings.outbound.daily_ack_cap
 
-    for i in range(DAILY_ACK_CAP + 3):
+    for i in range(cap + 3):
         await send(env.gw, make_mail(subject=f"question {i}"))
     await env.process()
     to_pat = env.relay.to("pat@customer.example")
     to_alice = env.relay.to("alice@example.com")
-    assert len(to_pat) == DAILY_ACK_CAP
+    assert len(to_pat) == cap
     assert len(to_alice) == 1
-    assert len(all_tickets(env.gw)) == DAILY_ACK_CAP + 3  # nothing dropped
+    assert len(all_tickets(env.gw)) == cap + 3  # nothing dropped
     with Session(env.gw.engine) as s:
         caps = s.exec(select(Event).where(Event.type == "ack-cap-reached")).all()
         assert len(caps) == 1
@@ -323,7 +323,7 @@ async def test_daily_cap_stops_acks_and_tells_the_owner_once(env: Env) -> None:
     env.clock.advance(timedelta(hours=25))
     await send(env.gw, make_mail(subject="next day"))
     await env.process()
-    assert len(env.relay.to("pat@customer.example")) == DAILY_ACK_CAP + 1
+    assert len(env.relay.to("pat@customer.example")) == cap + 1
 
 
 async def test_stuck_sending_row_is_reclaimed(env: Env) -> None:

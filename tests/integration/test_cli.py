@@ -138,7 +138,12 @@ name = "Ann Lee"
 email = "ann@example.com"
 [calendars.office]
 timezone = "{tz}"
-hours = {{ mon = "09:00-18:00", tue = "09:00-18:00", wed = "09:00-18:00", thu = "09:00-18:00", fri = "09:00-18:00" }}
+[calendars.office.hours]
+mon = "09:00-18:00"
+tue = "09:00-18:00"
+wed = "09:00-18:00"
+thu = "09:00-18:00"
+fri = "09:00-18:00"
 [sla.rt]
 calendar = "office"
 first_response = "2h"
@@ -274,3 +279,21 @@ def test_serve_notifies_systemd_when_ready(tmp_path: Path) -> None:
             assert daemon.wait() == 0
         stopping = sock.recv(4096).decode()
         assert "STOPPING=1" in stopping
+
+
+def test_dkim_keygen_writes_a_key_and_prints_the_record(tmp_path: Path, cfg: Path) -> None:
+    import dkim as dkimpy
+
+    from gateway.outbound.dkim import load_key, sign
+
+    key_path = tmp_path / "gw1.key"
+    r = cli(cfg, "dkim", "keygen", "--out", str(key_path))
+    assert r.returncode == 0, r.stderr
+    assert "gw1._domainkey.example.com. IN TXT" in r.stdout
+    assert oct(key_path.stat().st_mode & 0o777) == "0o600"
+    txt = "".join(part for part in r.stdout.split('"')[1::2])
+    signed = sign(make_mail(sender="support@example.com").as_bytes(),
+                  [load_key(key_path, "example.com", "gw1")])
+    assert dkimpy.verify(signed, dnsfunc=lambda name, timeout=5: txt.encode())
+    again = cli(cfg, "dkim", "keygen", "--out", str(key_path))
+    assert again.returncode == 1  # never overwrites a key

@@ -53,10 +53,7 @@ def make_message(subject: str = "Re: [#42] printer", body: str = "Hello.\r\n") -
     ).encode()
 
 
-@pytest.fixture
-async def relay() -> AsyncIterator[CaptureRelay]:
-    async with CaptureRelay() as r:
-        yield r
+# `relay` (a fresh CaptureRelay per test) comes from tests/conftest.py.
 
 
 async def send(

@@ -11,7 +11,14 @@ import pytest
 from gateway.clock import FrozenClock
 from gateway.settings import Settings
 from tests.conftest import make_settings
-from tests.support.gateway import all_tickets, make_mail, running_gateway, send, ticket_json
+from tests.support.gateway import (
+    all_tickets,
+    inbound,
+    make_mail,
+    running_gateway,
+    send,
+    ticket_json,
+)
 
 
 async def test_message_becomes_a_ticket(settings: Settings, clock: FrozenClock) -> None:
@@ -143,7 +150,7 @@ async def test_long_lines_smtputf8_and_8bit_are_accepted(
         from gateway.store.models import Message
 
         with Session(gw.engine) as s:
-            m = s.exec(select(Message)).one()
+            m = s.exec(select(Message).where(Message.direction == "in")).one()
             assert long_line.encode() in m.raw and "ü€" in m.text
 
 
@@ -250,7 +257,7 @@ async def test_client_retry_after_disconnect_is_stored_once(
         await gw.pipeline.run_once()
         [t] = all_tickets(gw)
         d = ticket_json(gw, t.ref)
-        assert len(d["messages"]) == 1
+        assert len(inbound(d)) == 1
         assert any(e["type"] == "duplicate" for e in d["events"])
 
 

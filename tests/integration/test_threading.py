@@ -17,7 +17,14 @@ from gateway.clock import FrozenClock
 from gateway.store.models import Ticket
 from gateway.store.queries import customer_of, merge_customers
 from tests.conftest import make_settings
-from tests.support.gateway import all_tickets, make_mail, running_gateway, send, ticket_json
+from tests.support.gateway import (
+    all_tickets,
+    inbound,
+    make_mail,
+    running_gateway,
+    send,
+    ticket_json,
+)
 
 PAT = "pat@customer.example"
 EVE = "eve@stranger.example"
@@ -43,6 +50,16 @@ async def first_ticket(gw: Gateway) -> dict:  # type: ignore[type-arg]
     return ticket_json(gw, t.ref)
 
 
+def close_first_ticket(gw: Gateway) -> None:
+    """Setup step: close the first ticket (staff commands arrive with the staff issue)."""
+    with Session(gw.engine) as s:
+        row = s.get(Ticket, all_tickets(gw)[0].id)
+        assert row is not None
+        row.status = "closed"
+        s.add(row)
+        s.commit()
+
+
 def events(d: dict, type_: str) -> list[str]:  # type: ignore[type-arg]
     return [e["detail"] for e in d["events"] if e["type"] == type_]
 
@@ -55,7 +72,7 @@ async def test_signed_reply_token_joins_even_from_a_new_address(gw: Gateway) -> 
     await deliver(gw, sender="pat.at.home@other.example", to=addr, subject="more details")
     assert len(all_tickets(gw)) == 1
     d = ticket_json(gw, t["ref"])
-    assert len(d["messages"]) == 2
+    assert len(inbound(d)) == 2
     assert any(x.startswith("reply-token") for x in events(d, "threaded"))
     assert "pat.at.home@other.example" in d["participants"]
 
@@ -127,7 +144,7 @@ async def test_stored_message_id_joins_only_for_participants(gw: Gateway) -> Non
     new = ticket_json(gw, tickets[1].ref)
     assert new["links"] == [{"ref": t["ref"], "relation": "possible-follow-up"}]
     old = ticket_json(gw, t["ref"])
-    assert len(old["messages"]) == 2
+    assert len(inbound(old)) == 2
     assert any(EVE in x for x in events(old, "follow-up-linked"))
 
 
@@ -142,7 +159,7 @@ async def test_subject_reference_joins_only_for_participants(gw: Gateway) -> Non
     new = ticket_json(gw, tickets[1].ref)
     assert new["requester"] == EVE
     assert new["links"] == [{"ref": t["ref"], "relation": "possible-follow-up"}]
-    assert len(ticket_json(gw, t["ref"])["messages"]) == 2
+    assert len(inbound(ticket_json(gw, t["ref"]))) == 2
 
 
 async def test_same_message_to_two_support_addresses_is_one_message(gw: Gateway) -> None:
@@ -157,7 +174,7 @@ async def test_same_message_to_two_support_addresses_is_one_message(gw: Gateway)
     await gw.pipeline.run_once()
     [t] = all_tickets(gw)
     d = ticket_json(gw, t.ref)
-    assert len(d["messages"]) == 1
+    assert len(inbound(d)) == 1
     assert any("same message already stored" in x for x in events(d, "duplicate"))
 
 
@@ -173,17 +190,12 @@ async def test_cc_participant_replies_without_becoming_requester(gw: Gateway) ->
     d = ticket_json(gw, t.ref)
     assert d["requester"] == PAT
     assert d["participants"] == [PAT, "boss@customer.example"]
-    assert len(d["messages"]) == 2
+    assert len(inbound(d)) == 2
 
 
 async def test_follow_up_reopens_a_closed_ticket(gw: Gateway) -> None:
     t = await first_ticket(gw)
-    with Session(gw.engine) as s:
-        row = s.get(Ticket, all_tickets(gw)[0].id)
-        assert row is not None
-        row.status = "closed"
-        s.add(row)
-        s.commit()
+    close_first_ticket(gw)
     await deliver(gw, sender=PAT, subject=f"Re: [{t['ref']}] it is burning again")
     d = ticket_json(gw, t["ref"])
     assert d["status"] == "open" and len(all_tickets(gw)) == 1
@@ -198,12 +210,7 @@ async def test_follow_up_to_closed_ticket_can_open_a_linked_one(
     )
     async with running_gateway(settings, clock) as gw:
         t = await first_ticket(gw)
-        with Session(gw.engine) as s:
-            row = s.get(Ticket, all_tickets(gw)[0].id)
-            assert row is not None
-            row.status = "closed"
-            s.add(row)
-            s.commit()
+        close_first_ticket(gw)
         await deliver(gw, sender=PAT, subject=f"Re: [{t['ref']}] again")
         tickets = all_tickets(gw)
         assert len(tickets) == 2 and tickets[0].status == "closed"
@@ -227,7 +234,7 @@ async def test_merged_customer_replies_from_second_address(gw: Gateway) -> None:
     await deliver(gw, sender="pat@home.example", subject=f"Re: [{t['ref']}] after merge")
     assert len(all_tickets(gw)) == 3
     d = ticket_json(gw, t["ref"])
-    assert len(d["messages"]) == 2
+    assert len(inbound(d)) == 2
     with Session(gw.engine) as s:
         assert customer_of(s, "pat@home.example") == customer_of(s, PAT)
 
@@ -236,12 +243,7 @@ async def test_out_of_office_joins_without_reopening(gw: Gateway) -> None:
     t = await first_ticket(gw)
     ticket_id = all_tickets(gw)[0].id
     ours = gw.signer.message_id("mx.example.com", ticket_id, "ack")
-    with Session(gw.engine) as s:
-        row = s.get(Ticket, ticket_id)
-        assert row is not None
-        row.status = "closed"
-        s.add(row)
-        s.commit()
+    close_first_ticket(gw)
     await deliver(
         gw,
         sender=PAT,
@@ -251,7 +253,7 @@ async def test_out_of_office_joins_without_reopening(gw: Gateway) -> None:
     )
     d = ticket_json(gw, t["ref"])
     assert d["status"] == "closed"
-    assert [m["kind"] for m in d["messages"]] == ["customer", "auto_reply"]
+    assert [m["kind"] for m in inbound(d)] == ["customer", "auto_reply"]
 
 
 async def test_bounce_never_opens_a_ticket(gw: Gateway) -> None:

@@ -90,6 +90,11 @@ def ticket_json(gw: Gateway, ref: str) -> dict:  # type: ignore[type-arg]
         return ticket_detail(s, t, gw.rules.current)
 
 
+def inbound(ticket: dict) -> list[dict]:  # type: ignore[type-arg]
+    """The messages that came in (acknowledgements and notifications are outbound)."""
+    return [m for m in ticket["messages"] if m["direction"] == "in"]
+
+
 def all_tickets(gw: Gateway) -> list[Ticket]:
     with Session(gw.engine) as s:
         return list(s.exec(select(Ticket).order_by(Ticket.id)).all())  # type: ignore[arg-type]

@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises:
-Create Date: 2026-11-23 15:40:18.477593
+Create Date: 2026-11-23 15:58:18.740435
 """
 
 from __future__ import annotations
@@ -43,6 +43,8 @@ def upgrade() -> None:
         sa.Column("customer_id", sa.Integer(), nullable=False),
         sa.Column("address", sa.String(), nullable=False),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("undeliverable_since", sa.DateTime(timezone=True), nullable=True),
+        sa.Column("undeliverable_reason", sa.String(), nullable=False),
         sa.ForeignKeyConstraint(
             ["customer_id"],
             ["customer.id"],
@@ -195,6 +197,7 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("id"),
     )
     with op.batch_alter_table("outbox", schema=None) as batch_op:
+        batch_op.create_index(batch_op.f("ix_outbox_message_id"), ["message_id"], unique=False)
         batch_op.create_index(batch_op.f("ix_outbox_ticket_id"), ["ticket_id"], unique=False)
         batch_op.create_index("outbox_due", ["state", "next_attempt_at"], unique=False)
 
@@ -300,6 +303,7 @@ def downgrade() -> None:
     with op.batch_alter_table("outbox", schema=None) as batch_op:
         batch_op.drop_index("outbox_due")
         batch_op.drop_index(batch_op.f("ix_outbox_ticket_id"))
+        batch_op.drop_index(batch_op.f("ix_outbox_message_id"))
 
     op.drop_table("outbox")
     with op.batch_alter_table("message", schema=None) as batch_op:

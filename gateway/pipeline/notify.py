@@ -1,0 +1,335 @@
+"""Owner notifications: the owner gets the customer's whole message by email (issue 7).
+
+"The ticket was updated: log in to read it", and nothing was there (BRIEF). So the
+notification carries everything the owner needs to answer from a mail client:
+
+- the customer's **full text** (never "log in to read"), and their attachments, attached
+  when together they are under ``NOTIFY_ATTACHMENT_LIMIT`` (above it: names and sizes);
+- the ticket summary: reference, subject, requester, owner, queue, priority, and the running
+  deadlines as *stored* on the ticket (what the escalator enforces), in the SLA calendar's
+  time zone with the zone spelled out, plus UTC;
+- ``Reply-To`` = the signed per-person, per-ticket address
+  (``Signer.reply_address(..., person=owner)``): the owner answers by replying, and the staff
+  stage (``gateway.pipeline.staff``) checks that the reply really comes from that person
+  (FIELD-NOTES §5: staff identity is never proven by ``From:`` alone);
+- ``Auto-Submitted: auto-generated`` (RFC 3834 §5.1), a signed Message-ID (kind ``notify``),
+  our loop header; written to the transactional outbox with the null sender
+  (FIELD-NOTES §6), never sent from here.
+
+Runs after ``respond`` in the same transaction, for a new ticket and for every further
+message from a human customer. Never for robots (auto-replies, bounces, lists: their mail is
+recorded, the owner is not paged for it) and never for staff mail (``kind`` note or
+staff_reply, set by ``record`` and the staff stage). A mail whose From is one of our staff but
+that came without a staff token (a possible forgery, FIELD-NOTES §5) is still notified, with
+a warning line, so the impersonated person sees it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from email.message import EmailMessage, Message
+from email.policy import SMTP
+
+from gateway.outbound.compose import (
+    _base_headers,
+    _local_and_domain,
+    describe_size,
+    format_local,
+    isoz,
+    tagged_subject,
+)
+from gateway.outbound.worker import enqueue
+from gateway.pipeline.context import Context
+from gateway.routing.model import Person
+from gateway.security.tokens import Signer
+from gateway.sla.business_time import BusinessCalendar
+from gateway.store.models import Ticket
+from gateway.store.queries import add_event
+
+__all__ = [
+    "NOTIFY_ATTACHMENT_LIMIT",
+    "Part",
+    "attachment_parts",
+    "compose_owner_notification",
+    "notify_owner_stage",
+]
+
+#: Attach the customer's files when together they are below this (10 MiB); above it the
+#: notification lists names and sizes. `outbound.notify_attachment_limit` overrides it once
+#: the settings model has that key (see the report of issue 7).
+NOTIFY_ATTACHMENT_LIMIT = 10 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Part:
+    """One attachment of an inbound message, decoded."""
+
+    filename: str
+    content_type: str
+    data: bytes
+
+
+def attachment_parts(msg: Message) -> list[Part]:
+    """The attachments of ``msg`` (decoded bytes), chosen the way ``parse._walk`` does: every
+    leaf part that is not an inline text/plain or text/html body. Never raises."""
+    out: list[Part] = []
+    try:
+        parts = list(msg.walk())
+    except Exception:
+        return out
+    for part in parts:
+        if part.is_multipart():
+            continue
+        try:
+            ctype = part.get_content_type()
+            disposition = (part.get_content_disposition() or "").lower()
+            filename = part.get_filename() or ""
+        except Exception:
+            ctype, disposition, filename = "application/octet-stream", "attachment", ""
+        inline_body = disposition != "attachment" and not filename
+        if inline_body and ctype in ("text/plain", "text/html"):
+            continue
+        if ctype.startswith("multipart/"):
+            continue
+        try:
+            payload = part.get_payload(decode=True)
+        except Exception:
+            payload = None
+        if not isinstance(payload, bytes):
+            continue
+        out.append(Part(filename or f"unnamed.{ctype.split('/')[-1]}", ctype, payload))
+    return out
+
+
+def add_parts(msg: EmailMessage, parts: Sequence[Part]) -> None:
+    """Attach ``parts`` to ``msg`` (which already has its text body)."""
+    for part in parts:
+        maintype, _, subtype = part.content_type.partition("/")
+        if maintype == "text":
+            # Keep the bytes as they came (charset unknown here): attach as octets.
+            maintype, subtype = "application", "octet-stream"
+        msg.add_attachment(
+            part.data,
+            maintype=maintype or "application",
+            subtype=subtype or "octet-stream",
+            filename=part.filename,
+        )
+
+
+def _deadline_lines(ticket: Ticket, calendar: BusinessCalendar | None) -> list[str]:
+    def when(dt: datetime) -> str:
+        local = format_local(dt, calendar) if calendar is not None else ""
+        return f"{local} ({isoz(dt)})" if local else isoz(dt)
+
+    lines: list[str] = []
+    if ticket.status == "waiting":
+        lines.append("Deadlines:  paused, waiting on the customer")
+    if ticket.first_response_due is not None and ticket.first_responded_at is None:
+        lines.append(f"First response due: {when(ticket.first_response_due)}")
+    if ticket.next_response_due is not None:
+        lines.append(f"Next response due:  {when(ticket.next_response_due)}")
+    if ticket.resolution_due is not None and ticket.status != "closed":
+        lines.append(f"Resolution due:     {when(ticket.resolution_due)}")
+    return lines or ["Deadlines:  none running"]
+
+
+def compose_owner_notification(
+    *,
+    ticket: Ticket,
+    owner: Person,
+    new_ticket: bool,
+    sender: str,
+    sender_name: str,
+    customer_subject: str,
+    customer_text: str,
+    received_at: datetime,
+    parts: Sequence[Part],
+    calendar: BusinessCalendar | None,
+    warnings: Sequence[str],
+    from_address: str,
+    from_name: str,
+    signer: Signer,
+    hostname: str,
+    now: datetime,
+    attachment_limit: int = NOTIFY_ATTACHMENT_LIMIT,
+) -> tuple[bytes, str, str, str]:
+    """The notification to the owner: (unsigned bytes, Message-ID, subject, text body)."""
+    assert ticket.id is not None
+    local, domain = _local_and_domain(from_address)
+    reply_to = signer.reply_address(local, domain, ticket.id, owner.id)
+    message_id = signer.message_id(hostname, ticket.id, "notify")
+    subject = tagged_subject(ticket.ref, ticket.subject)
+    who = f"{sender_name} <{sender}>" if sender_name else sender
+    headline = (
+        f"New ticket {ticket.ref} from {who}."
+        if new_ticket
+        else f"{who} wrote again in ticket {ticket.ref}."
+    )
+    summary = [
+        f"Ticket:     {ticket.ref} ({ticket.status})",
+        f"Subject:    {ticket.subject}",
+        f"Requester:  {ticket.requester}",
+        f"Owner:      {owner.name} <{owner.email}>",
+        f"Queue:      {ticket.queue}",
+        f"Priority:   {ticket.priority}",
+        *_deadline_lines(ticket, calendar),
+    ]
+    total = sum(len(p.data) for p in parts)
+    attach = bool(parts) and total <= attachment_limit
+    files: list[str] = []
+    if parts:
+        noun = "attachment" if len(parts) == 1 else "attachments"
+        how = (
+            "attached below"
+            if attach
+            else f"NOT attached (over {describe_size(attachment_limit)}; stored in the ticket)"
+        )
+        files.append(f"{len(parts)} {noun}, {describe_size(total)} in total, {how}:")
+        files.extend(f"  - {p.filename} ({describe_size(len(p.data))})" for p in parts)
+    body_parts = [
+        headline,
+        *[f"WARNING: {w}" for w in warnings],
+        "\n".join(summary),
+        f"----- Message from {who}, received {isoz(received_at)} -----\n"
+        f"Subject: {customer_subject or '(no subject)'}\n\n"
+        f"{customer_text.strip() or '(the message has no text)'}\n"
+        f"----- end of message -----",
+    ]
+    if files:
+        body_parts.append("\n".join(files))
+    body_parts.append(
+        f"Reply to this email to answer {ticket.requester}: your reply is sent from "
+        f"{from_address} in the customer's thread. Commands on the first lines: #note "
+        f"(internal, not sent), #close, #assign <person>, #waiting, #snooze <2d|4h>, "
+        f"#priority <low|normal|high|urgent>, #merge <REF>."
+    )
+    text = "\n\n".join(body_parts) + "\n"
+    msg = EmailMessage(policy=SMTP)
+    _base_headers(
+        msg,
+        from_address=from_address,
+        from_name=from_name,
+        to=f"{owner.name} <{owner.email}>" if owner.name else owner.email,
+        subject=subject,
+        message_id=message_id,
+        now=now,
+        hostname=hostname,
+        auto_submitted="auto-generated",  # RFC 3834 §5.1: a notice, not a reply
+    )
+    msg["Reply-To"] = reply_to
+    msg.set_content(text)
+    if attach:
+        add_parts(msg, parts)
+    return msg.as_bytes(policy=SMTP), message_id, subject, text
+
+
+def _owner(ctx: Context, ticket: Ticket) -> Person | None:
+    rules = ctx.services.rules
+    person = rules.people.get(ticket.owner)
+    if person is None:
+        # Always a named human (FIELD-NOTES §7): fall back to the default owner.
+        person = rules.people.get(rules.defaults.owner)
+    return person
+
+
+def _warnings(ctx: Context) -> list[str]:
+    out: list[str] = []
+    rules = ctx.services.rules
+    staff = {p.email.lower(): p for p in rules.people.values()}
+    if ctx.sender.lower() in staff:
+        out.append(
+            f"the From address {ctx.sender} is {staff[ctx.sender.lower()].name}'s, but this "
+            f"mail did not come through a staff reply address; it was treated as a customer "
+            f"message and NOT relayed (FIELD-NOTES §5: From alone proves nothing)"
+        )
+    if ctx.auth is not None and ctx.auth.likely_forged:
+        out.append(
+            f"the sender looks forged (spf {ctx.auth.spf}, dmarc {ctx.auth.dmarc}); "
+            f"no acknowledgement was sent to it"
+        )
+    return out
+
+
+def notify_owner_stage(ctx: Context) -> None:
+    """Queue the owner's notification for a new ticket or a new customer message."""
+    if ctx.done or ctx.thread is None or ctx.parsed is None:
+        return
+    if ctx.ticket is None or ctx.message is None or ctx.ticket.id is None:
+        return
+    if ctx.kind != "customer":
+        return  # staff mail, notes, robots, bounces: recorded, nobody paged
+    if ctx.verdict is not None and not ctx.verdict.is_human:
+        return
+    if ctx.thread.claim is not None and ctx.thread.claim.person:
+        return  # a staff token: the staff stage handles it
+    ticket = ctx.ticket
+    s = ctx.session
+    owner = _owner(ctx, ticket)
+    if owner is None:
+        add_event(
+            s,
+            ticket.id,
+            "notify-skipped",
+            f"no owner notification: {ticket.owner!r} is not a person in rules/",
+            ctx.now,
+            message_id=ctx.message.id,
+        )
+        return
+    settings = ctx.services.settings
+    calendar: BusinessCalendar | None = None
+    with contextlib.suppress(KeyError):
+        calendar = ctx.services.rules.calendar_for_policy(ticket.sla)
+    limit = int(getattr(settings.outbound, "notify_attachment_limit", NOTIFY_ATTACHMENT_LIMIT))
+    p = ctx.parsed
+    parts = attachment_parts(p.msg)
+    raw, message_id, subject, text = compose_owner_notification(
+        ticket=ticket,
+        owner=owner,
+        new_ticket=ctx.thread.is_new,
+        sender=ctx.sender,
+        sender_name=p.from_name,
+        customer_subject=p.subject,
+        customer_text=p.text,
+        received_at=ctx.received_at,
+        parts=parts,
+        calendar=calendar,
+        warnings=_warnings(ctx),
+        from_address=settings.outbound.from_address,
+        from_name=settings.outbound.from_name,
+        signer=ctx.services.signer,
+        hostname=settings.smtp.hostname,
+        now=ctx.now,
+        attachment_limit=limit,
+    )
+    enqueue(
+        s,
+        ticket_id=ticket.id,
+        kind="notification",
+        raw=raw,
+        message_id=message_id,
+        rcpt_tos=[owner.email],
+        now=ctx.now,
+        mail_from="",  # automatic mail: null reverse-path (RFC 3834 §3.3)
+        from_address=settings.outbound.from_address,
+        subject=subject,
+        text=text,
+    )
+    total = sum(len(x.data) for x in parts)
+    files = (
+        f"; {len(parts)} attachment(s), {describe_size(total)}"
+        + (" attached" if parts and total <= limit else " listed, not attached")
+        if parts
+        else ""
+    )
+    add_event(
+        s,
+        ticket.id,
+        "owner-notified",
+        f"notification {message_id} queued to {owner.name} <{owner.email}> with the full "
+        f"text{files}",
+        ctx.now,
+        message_id=ctx.message.id,
+    )
