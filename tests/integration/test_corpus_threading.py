@@ -25,11 +25,12 @@ pytestmark = pytest.mark.skipif(
     not (MBOX.exists() and THREAD_HTML.exists()), reason="threads-fedora-devel corpus not present"
 )
 
-# Goal 1.0. Measured 212/227: the 15 misses all sit below a message whose own headers do not
-# reach its root (the archive threaded it by subject or by a common ancestor that is not in
-# the corpus), so no header-based engine can join them; see the report's MISS lines.
+# Goal 1.0. Measured 226/227. Replies that name an ancestor we never received are linked to
+# the tickets naming the same ancestor (the "ABRT considered painful" thread, whose root
+# predates the archive). The one miss, msg00248, sits below msg00153, which names nothing:
+# the archive threaded it by subject alone, so no header-based engine can place it.
 # Replies with a References chain to their root (within the corpus) are placed at 100%.
-PLACEMENT_FLOOR = 212 / 227
+PLACEMENT_FLOOR = 226 / 227
 
 
 def test_ground_truth_maps_every_message() -> None:

@@ -1,0 +1,572 @@
+"""Staff stage: staff answer by replying to email; verified replies are relayed (issue 7).
+
+Runs after ``record`` (which stores mail to a *staff* reply token, one carrying a person id,
+as an internal ``note`` and never lets it touch the customer clocks) and before ``respond``,
+in the same transaction. It decides what that mail may do.
+
+**Who is it?** (FIELD-NOTES §5: "staff identity is never proven by From: alone".) RT and
+FreeScout accept an agent's reply on the strength of the ``From:`` header, so anyone can write
+to the customer as an agent. Here a reply acts as staff only when all of these hold:
+
+1. it came to a valid signed staff reply address (``support+<token>@``; ``thread`` checked
+   the HMAC, or the message would not have matched by token);
+2. ``ctx.sender`` is, case-insensitively, the email of ``rules.people[claim.person]``: the
+   person the token was issued to;
+3. when DKIM/SPF results are available (``ctx.auth`` present and not ``skipped``), the From
+   domain is authenticated (aligned DKIM or SPF pass, ``AuthResult.authenticated``).
+
+Anything else is never relayed and changes nothing: the mail stays an internal note, the
+event ``unverified-staff-reply`` says why, and the ticket's owner gets one notification. The
+sender is not answered (it may be forged: an answer would be backscatter).
+
+**Colleagues** (issue 7, item 5). A reply on P's token from *another* known staff member Q
+(P forwarded or CC'd the notification) passes checks 1 and 3 but not 2. It is kept simple and
+safe: stored as an internal note *from Q*, Q becomes a ``staff`` participant, the owner is
+told and Q gets a confirmation; it is **not** relayed to the customer and its commands are
+not applied (a token is a capability for the person it names, not for whoever holds it).
+Q answers the customer from Q's own notification once Q owns or is told about the ticket.
+
+**Commands** (``gateway.pipeline.commands``) on the first lines: ``#note``, ``#close``,
+``#assign``, ``#waiting``, ``#snooze``, ``#priority``, ``#merge``. All or nothing: with any
+error (unknown command, unknown person, unknown ticket) nothing is applied and nothing is
+relayed; the sender gets the error. Otherwise each command leaves an event and the sender
+gets one short confirmation; a command-only mail sends nothing to the customer.
+
+**Relay.** Unless ``#note``, the reply text without the quoted notification
+(mail-parser-reply) goes to the requester and the other customer participants, from the
+support address as ``"<Person> via <from_name>"``, threaded to the customer's last message,
+``[REF] subject``, Reply-To the signed customer address, signed Message-ID, attachments kept;
+an Outbox row (kind ``staff_reply``, envelope sender = the support address: a human reply,
+not automatic mail) that the delivery worker DKIM-signs last (FIELD-NOTES §6). It is the
+human response for the SLA clocks (``on_staff_reply``: first response stops, next response
+is cleared, ``last_staff_at`` set).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from email.message import EmailMessage
+from email.policy import SMTP
+
+from mailparser_reply import EmailReplyParser
+from sqlmodel import col, select
+
+from gateway.outbound.compose import _base_headers, _local_and_domain, isoz, tagged_subject
+from gateway.outbound.worker import enqueue, notify_owner
+from gateway.pipeline.commands import Command, parse_commands
+from gateway.pipeline.context import Context
+from gateway.pipeline.notify import Part, add_parts, attachment_parts
+from gateway.routing.model import Person, Rules
+from gateway.security.tokens import Signer
+from gateway.sla.clocks import on_close, on_snooze, on_staff_reply, on_waiting
+from gateway.store.models import Message, Participant, Ticket
+from gateway.store.queries import add_event, add_participant, find_ticket, link
+
+__all__ = ["compose_staff_reply", "staff_stage", "strip_quoted"]
+
+#: Languages whose "On ... wrote:" headers mail-parser-reply recognises for us.
+QUOTE_LANGUAGES = ["en", "de", "fr", "es", "it", "nl", "sv", "da", "pl", "cs"]
+
+
+# ------------------------------------------------------------------------------ quoted text
+
+
+def strip_quoted(text: str) -> str:
+    """The new part of a reply: the quoted notification (``On ... wrote:`` and what follows,
+    ``-----Original Message-----``, trailing ``>`` lines) removed.
+
+    mail-parser-reply finds the quote header; the cut is then applied to the original lines
+    so the reply keeps its indentation (the library strips every line while parsing).
+    """
+    text = (text or "").replace("\r\n", "\n").replace("\r", "\n")
+    try:
+        latest = EmailReplyParser(languages=QUOTE_LANGUAGES).parse_reply(text) or ""
+    except Exception:  # a parser bug must not lose the reply: fall back to the whole text
+        latest = text
+    lines = text.split("\n")
+    normalised = [line.strip() for line in lines]
+    keep = lines
+    latest_lines = [line.strip() for line in latest.strip().split("\n")] if latest.strip() else []
+    if latest_lines:
+        n = len(latest_lines)
+        for start in range(len(normalised) - n + 1):
+            if normalised[start : start + n] == latest_lines:
+                keep = lines[: start + n]
+                break
+        else:
+            keep = latest.split("\n")
+    else:
+        keep = []
+    while keep and (not keep[-1].strip() or keep[-1].lstrip().startswith(">")):
+        keep.pop()
+    return "\n".join(line.rstrip() for line in keep).strip("\n")
+
+
+# ---------------------------------------------------------------------------- composition
+
+
+def compose_staff_reply(
+    *,
+    ticket_id: int,
+    ref: str,
+    ticket_subject: str,
+    person_name: str,
+    to: Sequence[str],
+    text: str,
+    parts: Sequence[Part],
+    in_reply_to: str | None,
+    references: Sequence[str],
+    from_address: str,
+    from_name: str,
+    signer: Signer,
+    hostname: str,
+    now: datetime,
+) -> tuple[bytes, str, str, str]:
+    """The relayed staff reply: (unsigned bytes, Message-ID, subject, body text)."""
+    local, domain = _local_and_domain(from_address)
+    message_id = signer.message_id(hostname, ticket_id, "reply")
+    subject = tagged_subject(ref, ticket_subject)
+    display = f"{person_name} via {from_name}" if from_name else person_name
+    body = (
+        text.rstrip()
+        + f"\n\n-- \n{display}\nTicket {ref}: reply to this email to add to your request.\n"
+    )
+    msg = EmailMessage(policy=SMTP)
+    _base_headers(
+        msg,
+        from_address=from_address,
+        from_name=display,
+        to=to[0],
+        subject=subject,
+        message_id=message_id,
+        now=now,
+        hostname=hostname,
+        auto_submitted="no",  # RFC 3834 §5: written by a person, not automatic
+    )
+    if len(to) > 1:
+        msg["Cc"] = ", ".join(to[1:])
+    msg["Reply-To"] = signer.reply_address(local, domain, ticket_id)
+    if in_reply_to:
+        msg["In-Reply-To"] = in_reply_to
+        refs = [r for r in references if r != in_reply_to]
+        msg["References"] = " ".join([*refs[-10:], in_reply_to])
+    msg.set_content(body)
+    add_parts(msg, parts)
+    return msg.as_bytes(policy=SMTP), message_id, subject, body
+
+
+# -------------------------------------------------------------------------------- helpers
+
+
+def _event(ctx: Context, type_: str, detail: str, data: object = None) -> None:
+    # `record` has already written and cleared ctx.events: add ours directly.
+    assert ctx.ticket is not None and ctx.message is not None
+    add_event(
+        ctx.session,
+        ctx.ticket.id,
+        type_,
+        detail,
+        ctx.now,
+        message_id=ctx.message.id,
+        data=data,
+    )
+
+
+def _person_by_email(rules: Rules, address: str) -> Person | None:
+    address = address.lower()
+    for person in rules.people.values():
+        if person.email.lower() == address:
+            return person
+    return None
+
+
+def _owner(ctx: Context) -> Person | None:
+    assert ctx.ticket is not None
+    rules = ctx.services.rules
+    return rules.people.get(ctx.ticket.owner) or rules.people.get(rules.defaults.owner)
+
+
+def _tell(ctx: Context, person: Person, subject: str, body: str) -> None:
+    """One notification (Outbox kind ``notification``, null sender) to a staff person."""
+    assert ctx.ticket is not None and ctx.parsed is not None
+    notify_owner(
+        ctx.session,
+        ctx.services.settings,
+        ctx.services.signer,
+        ticket=ctx.ticket,
+        email=person.email,
+        name=person.name,
+        person=person.id,
+        subject=subject,
+        body=body,
+        now=ctx.now,
+        in_reply_to=ctx.parsed.message_id,
+    )
+
+
+def _auth_text(ctx: Context) -> str:
+    a = ctx.auth
+    if a is None:
+        return "not checked"
+    dkim = ", ".join(f"{c.domain}={c.result}" for c in a.dkim) or "none"
+    return f"dkim {dkim}; spf {a.spf}; dmarc {a.dmarc}"
+
+
+def _unverified_reason(ctx: Context, issued_to: Person | None, person_id: str) -> str | None:
+    """Why this staff-token mail may not act as staff, or None when it may."""
+    sender = ctx.sender.lower()
+    # FIELD-NOTES §5: when results are available, the From domain must be authenticated.
+    if ctx.auth is not None and ctx.auth.source != "skipped" and not ctx.auth.authenticated:
+        return (
+            f"the From domain of {sender or '(no sender)'} is not authenticated "
+            f"({_auth_text(ctx)}): From alone proves nothing"
+        )
+    if issued_to is None:
+        return f"the reply token was issued to {person_id!r}, who is not a person in rules/"
+    if sender == issued_to.email.lower():
+        return None
+    if _person_by_email(ctx.services.rules, sender) is not None:
+        return None  # a colleague: handled as an internal note (module docstring)
+    return (
+        f"the reply token was issued to {issued_to.name} <{issued_to.email}> "
+        f"but the mail comes from {sender or '(no sender)'}"
+    )
+
+
+# --------------------------------------------------------------------------- the outcomes
+
+
+def _unverified(ctx: Context, why: str) -> None:
+    assert ctx.ticket is not None and ctx.message is not None and ctx.parsed is not None
+    ctx.message.kind = "note"
+    ctx.session.add(ctx.message)
+    _event(ctx, "unverified-staff-reply", f"not relayed, nothing applied: {why}")
+    owner = _owner(ctx)
+    if owner is None:
+        return
+    t = ctx.ticket
+    body = (
+        f"A mail to a staff reply address of ticket {t.ref} was NOT relayed to the "
+        f"customer and none of its commands were applied:\n\n  {why}\n\n"
+        f"It is stored in the ticket as an internal note. If it was you, reply from your "
+        f"own address to your own notification. If not, someone may be impersonating staff.\n\n"
+        f"----- The unverified mail (from {ctx.sender or '(no sender)'}, subject "
+        f"{ctx.parsed.subject!r}) -----\n{ctx.parsed.text.strip()}\n----- end -----\n"
+    )
+    _tell(ctx, owner, f"[{t.ref}] Unverified staff reply NOT relayed", body)
+    _event(ctx, "owner-alerted", f"{owner.name} <{owner.email}> told about the unverified reply")
+
+
+def _colleague(ctx: Context, issued_to: Person, colleague: Person) -> None:
+    assert ctx.ticket is not None and ctx.ticket.id is not None and ctx.parsed is not None
+    t = ctx.ticket
+    assert t.id is not None
+    add_participant(ctx.session, t.id, colleague.email, "staff", ctx.now)
+    _event(
+        ctx,
+        "staff-joined",
+        f"{colleague.name} replied on {issued_to.name}'s notification: stored as an internal "
+        f"note, not relayed, commands not applied; {colleague.email} added as staff participant",
+    )
+    owner = _owner(ctx)
+    if owner is not None and owner.id != colleague.id:
+        _tell(
+            ctx,
+            owner,
+            f"[{t.ref}] {colleague.name} added a note",
+            f"{colleague.name} replied to a notification of {t.ref} issued to "
+            f"{issued_to.name}. It was stored as an internal note and NOT sent to the "
+            f"customer.\n\n----- Note from {colleague.name} -----\n"
+            f"{strip_quoted(ctx.parsed.text) or '(empty)'}\n----- end -----\n",
+        )
+    _tell(
+        ctx,
+        colleague,
+        f"[{t.ref}] Stored as an internal note",
+        f"Your reply to {t.ref} was stored as an internal note and NOT sent to the customer: "
+        f"the notification you answered was issued to {issued_to.name}. The owner has been "
+        f"told. Commands in it were not applied.\n",
+    )
+
+
+def _validate(ctx: Context, commands: Sequence[Command]) -> list[str]:
+    """Errors that need the rules or the database (all checked before anything is applied)."""
+    assert ctx.ticket is not None
+    errors: list[str] = []
+    rules = ctx.services.rules
+    for cmd in commands:
+        if cmd.name == "assign" and cmd.arg not in rules.people:
+            known = ", ".join(sorted(rules.people))
+            errors.append(f"#assign: nobody called {cmd.arg!r} in rules/ (people: {known})")
+        if cmd.name == "merge":
+            target = find_ticket(ctx.session, cmd.arg)
+            if target is None:
+                errors.append(f"#merge: there is no ticket {cmd.arg}")
+            elif target.id == ctx.ticket.id:
+                errors.append(f"#merge: {cmd.arg} is this ticket")
+    return errors
+
+
+def _customer_recipients(ctx: Context, ticket: Ticket) -> list[str]:
+    """The requester first, then the other customer participants; never staff, never us."""
+    settings = ctx.services.settings
+    ours = {d.lower() for d in settings.smtp.domains}
+    staff = {p.email.lower() for p in ctx.services.rules.people.values()}
+    own = settings.outbound.from_address.lower()
+    rows = ctx.session.exec(
+        select(Participant)
+        .where(Participant.ticket_id == ticket.id, Participant.role != "staff")
+        .order_by(col(Participant.id))
+    ).all()
+    out: list[str] = []
+    for address in [ticket.requester, *(p.address for p in rows)]:
+        a = (address or "").lower()
+        if not a or "@" not in a or a in out or a in staff or a == own:
+            continue
+        if a.rpartition("@")[2] in ours:
+            continue
+        out.append(a)
+    return out
+
+
+def _last_customer_message(ctx: Context, ticket_id: int) -> Message | None:
+    return ctx.session.exec(
+        select(Message)
+        .where(
+            Message.ticket_id == ticket_id,
+            Message.direction == "in",
+            Message.kind == "customer",
+        )
+        .order_by(col(Message.at).desc(), col(Message.id).desc())
+    ).first()
+
+
+def _relay(ctx: Context, person: Person, text: str) -> str:
+    """Queue the reply to the customer; returns what the confirmation says about it."""
+    assert ctx.ticket is not None and ctx.ticket.id is not None and ctx.parsed is not None
+    assert ctx.message is not None
+    t = ctx.ticket
+    assert t.id is not None
+    settings = ctx.services.settings
+    to = _customer_recipients(ctx, t)
+    if not to:
+        _event(ctx, "relay-skipped", "no customer address to send the reply to; kept as a note")
+        return "NOT sent: the ticket has no customer address (kept as an internal note)"
+    last = _last_customer_message(ctx, t.id)
+    in_reply_to = last.message_id if last is not None else None
+    references = last.references.split() if last is not None and last.references else []
+    parts = attachment_parts(ctx.parsed.msg)
+    raw, message_id, subject, body = compose_staff_reply(
+        ticket_id=t.id,
+        ref=t.ref,
+        ticket_subject=t.subject,
+        person_name=person.name,
+        to=to,
+        text=text,
+        parts=parts,
+        in_reply_to=in_reply_to,
+        references=references,
+        from_address=settings.outbound.from_address,
+        from_name=settings.outbound.from_name,
+        signer=ctx.services.signer,
+        hostname=settings.smtp.hostname,
+        now=ctx.now,
+    )
+    refs = [*references, *([in_reply_to] if in_reply_to else [])]
+    enqueue(
+        ctx.session,
+        ticket_id=t.id,
+        kind="staff_reply",
+        raw=raw,
+        message_id=message_id,
+        rcpt_tos=to,
+        now=ctx.now,
+        # A human reply: a real envelope sender so bounces come back to us (not <>).
+        mail_from=settings.outbound.from_address,
+        from_address=settings.outbound.from_address,
+        subject=subject,
+        text=body,
+        in_reply_to=in_reply_to,
+        references=" ".join(refs),
+    )
+    ctx.message.kind = "staff_reply"
+    ctx.session.add(ctx.message)
+    had_first = t.first_responded_at is not None
+    on_staff_reply(t, ctx.received_at)
+    files = f", {len(parts)} attachment(s)" if parts else ""
+    _event(
+        ctx,
+        "staff-reply-relayed",
+        f"reply of {person.name} relayed as {message_id} to {', '.join(to)}"
+        f"{files}; in reply to {in_reply_to or '(no customer message)'}",
+        {"to": to, "message_id": message_id},
+    )
+    _event(
+        ctx,
+        "sla",
+        ("next response answered" if had_first else "first response given")
+        + f" by {person.name} at {isoz(ctx.received_at)}",
+    )
+    return f"sent to {', '.join(to)}"
+
+
+def _apply(ctx: Context, person: Person, cmd: Command) -> str:
+    """Apply one validated command; returns the confirmation line."""
+    assert ctx.ticket is not None and ctx.ticket.id is not None
+    t = ctx.ticket
+    assert t.id is not None
+    s = ctx.session
+    rules = ctx.services.rules
+    by = f"by {person.name} (#{cmd.name})"
+    if cmd.name == "close":
+        on_close(t, ctx.now)
+        _event(ctx, "closed", f"{t.ref} closed {by}")
+        return f"#close: {t.ref} is closed"
+    if cmd.name == "waiting":
+        before = t.status
+        on_waiting(t, ctx.now)
+        if t.status != "waiting":
+            _event(ctx, "waiting", f"not set to waiting {by}: the ticket is {before}")
+            return f"#waiting: nothing to do, {t.ref} is {before}"
+        _event(ctx, "waiting", f"waiting on the customer {by}: our clocks pause")
+        return f"#waiting: {t.ref} waits on the customer; our clocks pause until they write"
+    if cmd.name == "snooze":
+        assert cmd.duration is not None
+        until = ctx.now + cmd.duration
+        on_snooze(t, until)
+        _event(ctx, "snoozed", f"snoozed until {isoz(until)} {by}; deadlines unchanged")
+        return f"#snooze: no escalation before {isoz(until)} (the deadlines stand)"
+    if cmd.name == "priority":
+        old = t.priority
+        t.priority = cmd.arg
+        _event(ctx, "priority", f"priority {old} -> {cmd.arg} {by}")
+        return f"#priority: {old} -> {cmd.arg}"
+    if cmd.name == "assign":
+        target = rules.people[cmd.arg]
+        old = t.owner
+        t.owner = target.id
+        _event(ctx, "assigned", f"owner {old} -> {target.id} ({target.name}) {by}")
+        if target.id != person.id:
+            last = _last_customer_message(ctx, t.id)
+            text = last.text.strip() if last is not None and last.text else "(no message)"
+            _tell(
+                ctx,
+                target,
+                f"[{t.ref}] Assigned to you: {t.subject}",
+                f"{person.name} assigned {t.ref} to you.\n\nRequester: {t.requester}\n"
+                f"Subject: {t.subject}\n\n----- The customer's last message -----\n{text}\n"
+                f"----- end -----\n\nReply to this email to answer the customer.\n",
+            )
+        return f"#assign: {t.ref} now belongs to {target.name}"
+    if cmd.name == "merge":
+        into = find_ticket(s, cmd.arg)
+        assert into is not None and into.id is not None
+        link(s, t.id, into.id, "merged-into", ctx.now)
+        for p in s.exec(select(Participant).where(Participant.ticket_id == t.id)).all():
+            role = "cc" if p.role == "requester" else p.role
+            add_participant(s, into.id, p.address, role, ctx.now)
+        on_close(t, ctx.now)
+        _event(ctx, "merged", f"{t.ref} merged into {into.ref} and closed {by}")
+        add_event(
+            s,
+            into.id,
+            "merged",
+            f"{t.ref} ({t.requester}: {t.subject}) merged into this ticket {by}",
+            ctx.now,
+        )
+        return f"#merge: {t.ref} merged into {into.ref} and closed"
+    return f"#{cmd.name}: done"  # note: handled by the caller
+
+
+def _verified(ctx: Context, person: Person) -> None:
+    assert ctx.ticket is not None and ctx.parsed is not None and ctx.message is not None
+    t = ctx.ticket
+    commands, rest, errors = parse_commands(ctx.parsed.text)
+    if not errors:
+        errors = _validate(ctx, commands)
+    if errors:
+        _event(ctx, "staff-command-error", "; ".join(errors) + " (nothing applied, not relayed)")
+        _tell(
+            ctx,
+            person,
+            f"[{t.ref}] NOT done: command error",
+            "Your reply was NOT sent to the customer and nothing was changed:\n\n"
+            + "\n".join(f"  - {e}" for e in errors)
+            + "\n\nIt is kept in the ticket as an internal note. Fix the command and reply "
+            "again.\n",
+        )
+        return
+    reply = strip_quoted(rest)
+    is_note = any(c.name == "note" for c in commands)
+    done: list[str] = []
+    if is_note:
+        _event(ctx, "staff-note", f"internal note from {person.name}; not sent to the customer")
+        done.append("#note: kept as an internal note, not sent to the customer")
+    elif reply.strip():
+        done.append("your reply was " + _relay(ctx, person, reply))
+    elif not commands:
+        _event(ctx, "staff-reply-empty", "nothing left after removing the quoted text")
+        _tell(
+            ctx,
+            person,
+            f"[{t.ref}] NOT sent: empty reply",
+            "Your reply held nothing but the quoted notification, so nothing was sent to the "
+            "customer. Write your answer above the quoted text.\n",
+        )
+        return
+    for cmd in commands:
+        if cmd.name != "note":
+            done.append(_apply(ctx, person, cmd))
+    t.updated_at = ctx.now
+    ctx.session.add(t)
+    if commands:
+        if not is_note and not reply.strip():
+            done.append("nothing was sent to the customer (commands only)")
+        _event(
+            ctx, "staff-commands", ", ".join(c.describe() for c in commands) + f" by {person.name}"
+        )
+        _tell(
+            ctx,
+            person,
+            f"[{t.ref}] Done: " + " ".join(c.describe() for c in commands),
+            f"Ticket {t.ref} ({t.subject}):\n\n"
+            + "\n".join(f"  - {line}" for line in done)
+            + f"\n\nStatus {t.status}, owner {t.owner}, priority {t.priority}.\n",
+        )
+
+
+# ---------------------------------------------------------------------------------- stage
+
+
+def staff_stage(ctx: Context) -> None:
+    """Authenticate a staff-token reply, apply its commands and relay it (module docstring)."""
+    th = ctx.thread
+    if ctx.done or th is None or th.claim is None or not th.claim.person:
+        return
+    if ctx.ticket is None or ctx.ticket.id is None or ctx.message is None or ctx.parsed is None:
+        return
+    if ctx.ticket.id != th.claim.ticket_id:
+        return
+    if ctx.kind != "note":
+        # `record` marks human staff-token mail "note"; anything else here is a robot (an
+        # out-of-office answering a notification): recorded, never acted on.
+        return
+    rules = ctx.services.rules
+    issued_to = rules.people.get(th.claim.person)
+    why = _unverified_reason(ctx, issued_to, th.claim.person)
+    if why is not None or issued_to is None:
+        _unverified(ctx, why or "unknown person")
+        return
+    if ctx.sender.lower() != issued_to.email.lower():
+        colleague = _person_by_email(rules, ctx.sender)
+        assert colleague is not None
+        _colleague(ctx, issued_to, colleague)
+        return
+    _event(
+        ctx,
+        "staff-verified",
+        f"{issued_to.name}: token issued to {issued_to.id}, From {ctx.sender}, {_auth_text(ctx)}",
+        {"person": issued_to.id},
+    )
+    _verified(ctx, issued_to)
