@@ -28,6 +28,7 @@ from gateway.routing.holder import RulesHolder
 from gateway.security.dns import Resolver, SystemResolver
 from gateway.security.tokens import Signer
 from gateway.settings import ConfigError, Settings
+from gateway.sla.escalator import Escalator
 from gateway.spool import Spool
 from gateway.store.db import open_database
 
@@ -88,8 +89,19 @@ class Gateway:
         self.delivery = DeliveryWorker(
             self.engine, settings, self.clock, signer=self.signer, rules=lambda: self.rules.current
         )
-        # New outbox rows (acknowledgements) go out as soon as their batch has committed.
-        self.pipeline.after_batch = self.delivery.wakeup.set
+        # SLA escalation (FIELD-NOTES §7): sleeps until the next step is due, at most 60 s.
+        self.escalator = Escalator(
+            self.engine, settings, self.clock, lambda: self.rules.current, self.signer
+        )
+        self.escalator_wakeup = asyncio.Event()
+
+        def after_batch() -> None:
+            # New outbox rows (acknowledgements) go out as soon as their batch has committed,
+            # and the escalator looks again (a new ticket or reply may move the next step).
+            self.delivery.wakeup.set()
+            self.escalator_wakeup.set()
+
+        self.pipeline.after_batch = after_batch
         self.handler: InboundHandler | None = None
         self.server: asyncio.Server | None = None
         self.stopping = asyncio.Event()
@@ -101,6 +113,7 @@ class Gateway:
     def reload_rules(self) -> bool:
         ok = self.rules.reload()
         self.services.rules = self.rules.current
+        self.escalator_wakeup.set()  # ladders and deadlines may have changed
         return ok
 
     async def _watch_rules(self) -> None:
@@ -109,6 +122,7 @@ class Gateway:
                 await asyncio.wait_for(self.stopping.wait(), timeout=2.0)
             if self.rules.reload_if_changed():
                 self.services.rules = self.rules.current
+                self.escalator_wakeup.set()
 
     # Lifecycle --------------------------------------------------------------------------
 
@@ -151,6 +165,9 @@ class Gateway:
                 asyncio.create_task(self._watch_rules(), name="rules-watch"),
                 asyncio.create_task(
                     self.delivery.run(self.stopping, self.delivery.wakeup), name="delivery"
+                ),
+                asyncio.create_task(
+                    self.escalator.run(self.stopping, self.escalator_wakeup), name="escalator"
                 ),
             ]
         log.info("listening on %s:%s for %s", host, self.port, ", ".join(s.domains))

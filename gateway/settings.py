@@ -157,6 +157,9 @@ class OutboundSettings(_Section):
     # Acknowledgements to one sender per 24 h at most (Znuny: 40/day, Mailman: 10/day);
     # past it the mail is still recorded and the owner is told once.
     daily_ack_cap: int = Field(default=5, ge=1)
+    # Owner notifications attach the customer's files up to this total; above it, they
+    # list names and sizes instead.
+    notify_attachment_limit: int = Field(default=10 * 1024 * 1024, ge=0)
     dkim: DkimSettings = Field(default_factory=DkimSettings)
 
     @field_validator("relay")

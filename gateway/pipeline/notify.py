@@ -4,7 +4,8 @@
 notification carries everything the owner needs to answer from a mail client:
 
 - the customer's **full text** (never "log in to read"), and their attachments, attached
-  when together they are under ``NOTIFY_ATTACHMENT_LIMIT`` (above it: names and sizes);
+  when together they are under ``outbound.notify_attachment_limit`` (above it: names and
+  sizes);
 - the ticket summary: reference, subject, requester, owner, queue, priority, and the running
   deadlines as *stored* on the ticket (what the escalator enforces), in the SLA calendar's
   time zone with the zone spelled out, plus UTC;
@@ -50,17 +51,11 @@ from gateway.store.models import Ticket
 from gateway.store.queries import add_event
 
 __all__ = [
-    "NOTIFY_ATTACHMENT_LIMIT",
     "Part",
     "attachment_parts",
     "compose_owner_notification",
     "notify_owner_stage",
 ]
-
-#: Attach the customer's files when together they are below this (10 MiB); above it the
-#: notification lists names and sizes. `outbound.notify_attachment_limit` overrides it once
-#: the settings model has that key (see the report of issue 7).
-NOTIFY_ATTACHMENT_LIMIT = 10 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -282,7 +277,7 @@ def notify_owner_stage(ctx: Context) -> None:
     calendar: BusinessCalendar | None = None
     with contextlib.suppress(KeyError):
         calendar = ctx.services.rules.calendar_for_policy(ticket.sla)
-    limit = int(getattr(settings.outbound, "notify_attachment_limit", NOTIFY_ATTACHMENT_LIMIT))
+    limit = settings.outbound.notify_attachment_limit
     p = ctx.parsed
     parts = attachment_parts(p.msg)
     raw, message_id, subject, text = compose_owner_notification(

@@ -100,6 +100,15 @@ def _safe_header(msg: Message, name: str) -> str:
         return ""
 
 
+def _safe_all(msg: Message, name: str) -> list[str]:
+    """Every value of a header as text; the raw values when the structured parser chokes
+    (e.g. a malformed group such as `To: :;0`, found by hypothesis)."""
+    try:
+        return [str(v) for v in msg.get_all(name, []) or []]
+    except Exception:
+        return [_decode_words(str(v)) for k, v in msg.raw_items() if k.lower() == name.lower()]
+
+
 def _decode_words(text: str) -> str:
     try:
         return str(email.header.make_header(email.header.decode_header(text)))
@@ -261,8 +270,8 @@ def parse(raw: bytes, *, max_size: int | None = None, truncated_bytes: int = 0) 
         from_address=from_address,
         from_name=from_name,
         reply_to=reply_pairs[0][1] if reply_pairs else "",
-        to=[a for _, a in _addresses(msg.get_all("To", []) or [])],
-        cc=[a for _, a in _addresses(msg.get_all("Cc", []) or [])],
+        to=[a for _, a in _addresses(_safe_all(msg, "To"))],
+        cc=[a for _, a in _addresses(_safe_all(msg, "Cc"))],
         subject=subject,
         date=date,
         text=text,

@@ -9,6 +9,7 @@ import json
 import uuid
 
 from gateway.pipeline.context import Context
+from gateway.sla.clocks import on_customer_message, on_reopen, utc
 from gateway.sla.deadlines import initial_deadlines, isoz
 from gateway.store.models import Message, MessageRef, Ticket
 from gateway.store.queries import (
@@ -141,7 +142,14 @@ def record(ctx: Context) -> None:
     if ticket is not None and ctx.decision is None:
         assert ticket.id is not None
         ctx.event("threaded", f"{th.key}: {th.detail}")
-        if th.reopen and ctx.kind == "customer":
+        staff_token = th.claim is not None and bool(th.claim.person)
+        rules = ctx.services.rules
+        policy = rules.sla.get(ticket.sla)
+        calendar = rules.calendar_for_policy(ticket.sla) if policy is not None else None
+        if th.reopen and ctx.kind == "customer" and not staff_token:
+            if calendar is not None:
+                # Resolution resumes, moved by the business time it was closed (clocks.py).
+                on_reopen(ticket, ctx.received_at, calendar)
             ticket.status = "open"
             ticket.closed_at = None
             ctx.event("reopened", f"{ticket.ref} reopened by {ctx.sender}")
@@ -157,11 +165,33 @@ def record(ctx: Context) -> None:
                     ctx.event("deliverable", f"{ctx.sender} wrote again: no longer undeliverable")
                 for a in _audience(ctx):
                     add_participant(s, ticket.id, a, "cc", ctx.now)
-                ticket.last_customer_at = ctx.received_at
-                if ticket.status == "waiting":
-                    ticket.status = "open"
-                    ticket.waiting_since = None
-                    ctx.event("resumed", "the customer wrote: clocks run again")
+                was_waiting = ticket.status == "waiting"
+                armed = ticket.next_response_due
+                if policy is not None and calendar is not None:
+                    # FIELD-NOTES §7: resumes a waiting ticket (deadlines moved by the business
+                    # time spent waiting) and re-arms next response after a human reply,
+                    # counted from the oldest unanswered message. Only human customer mail
+                    # gets here: out-of-office replies have kind auto_reply.
+                    on_customer_message(ticket, ctx.received_at, policy, calendar)
+                else:  # the ticket's SLA policy is gone from the rules: no clocks to run
+                    ticket.last_customer_at = ctx.received_at
+                    if was_waiting:
+                        ticket.status = "open"
+                        ticket.waiting_since = None
+                if was_waiting:
+                    ctx.event(
+                        "resumed",
+                        "the customer wrote: clocks run again (first response due "
+                        f"{isoz(utc(ticket.first_response_due))}, resolution due "
+                        f"{isoz(utc(ticket.resolution_due))})",
+                    )
+                if ticket.next_response_due is not None and ticket.next_response_due != armed:
+                    ctx.event(
+                        "deadlines",
+                        f"next response due {isoz(utc(ticket.next_response_due))}"
+                        + (f" ({calendar.describe_hours()})" if calendar is not None else ""),
+                        {"next_response": isoz(utc(ticket.next_response_due))},
+                    )
         ticket.updated_at = ctx.now
         s.add(ticket)
     elif ticket is None:

@@ -61,7 +61,13 @@ from gateway.routing.model import Person, Rules
 from gateway.security.tokens import Signer
 from gateway.sla.clocks import on_close, on_snooze, on_staff_reply, on_waiting
 from gateway.store.models import Message, Participant, Ticket
-from gateway.store.queries import add_event, add_participant, find_ticket, link
+from gateway.store.queries import (
+    add_event,
+    add_participant,
+    find_ticket,
+    link,
+    undeliverable,
+)
 
 __all__ = ["compose_staff_reply", "staff_stage", "strip_quoted"]
 
@@ -81,7 +87,9 @@ def strip_quoted(text: str) -> str:
     """
     text = (text or "").replace("\r\n", "\n").replace("\r", "\n")
     try:
-        latest = EmailReplyParser(languages=QUOTE_LANGUAGES).parse_reply(text) or ""
+        replies = EmailReplyParser(languages=QUOTE_LANGUAGES).read(text).replies
+        # A first fragment that starts with a quote header means nothing was written above it.
+        latest = replies[0].content if replies and not replies[0].headers else ""
     except Exception:  # a parser bug must not lose the reply: fall back to the whole text
         latest = text
     lines = text.split("\n")
@@ -214,24 +222,34 @@ def _auth_text(ctx: Context) -> str:
 
 
 def _unverified_reason(ctx: Context, issued_to: Person | None, person_id: str) -> str | None:
-    """Why this staff-token mail may not act as staff, or None when it may."""
+    """Why this staff-token mail may not act as staff (every reason), or None when it may."""
     sender = ctx.sender.lower()
+    reasons: list[str] = []
+    if issued_to is None:
+        reasons.append(f"the reply token was issued to {person_id!r}, who is not in rules/")
+    elif sender != issued_to.email.lower() and (
+        _person_by_email(ctx.services.rules, sender) is None
+    ):
+        # (A known colleague is handled as an internal note, see the module docstring.)
+        reasons.append(
+            f"the reply token was issued to {issued_to.name} <{issued_to.email}> "
+            f"but the mail comes from {sender or '(no sender)'}"
+        )
     # FIELD-NOTES §5: when results are available, the From domain must be authenticated.
-    if ctx.auth is not None and ctx.auth.source != "skipped" and not ctx.auth.authenticated:
-        return (
+    # A domain that publishes neither DKIM nor SPF gives no results: the signed token issued
+    # to this very address is then the proof (a forged From without it never gets here).
+    auth = ctx.auth
+    if (
+        auth is not None
+        and auth.source != "skipped"
+        and auth.has_evidence
+        and not auth.authenticated
+    ):
+        reasons.append(
             f"the From domain of {sender or '(no sender)'} is not authenticated "
             f"({_auth_text(ctx)}): From alone proves nothing"
         )
-    if issued_to is None:
-        return f"the reply token was issued to {person_id!r}, who is not a person in rules/"
-    if sender == issued_to.email.lower():
-        return None
-    if _person_by_email(ctx.services.rules, sender) is not None:
-        return None  # a colleague: handled as an internal note (module docstring)
-    return (
-        f"the reply token was issued to {issued_to.name} <{issued_to.email}> "
-        f"but the mail comes from {sender or '(no sender)'}"
-    )
+    return "; ".join(reasons) or None
 
 
 # --------------------------------------------------------------------------- the outcomes
@@ -327,7 +345,10 @@ def _customer_recipients(ctx: Context, ticket: Ticket) -> list[str]:
         if a.rpartition("@")[2] in ours:
             continue
         out.append(a)
-    return out
+    dead = set(undeliverable(ctx.session, out))
+    if dead:
+        _event(ctx, "relay-skipped-undeliverable", "not sent to " + ", ".join(sorted(dead)))
+    return [a for a in out if a not in dead]
 
 
 def _last_customer_message(ctx: Context, ticket_id: int) -> Message | None:

@@ -6,6 +6,8 @@ The order is the flow of a message (ARCHITECTURE.md) and matters:
   sender, and never opens a ticket (FIELD-NOTES §3 rule 7);
 - authenticate before route: rules may match on `authenticated`;
 - thread before route: only a new ticket is routed, a reply keeps its ticket's owner;
+- staff replies are judged after record (the message is stored whatever the verdict) and
+  before respond, so a relayed answer and its clock changes commit together;
 - record, then respond: the ticket, the message, the audit trail and any acknowledgement
   (a transactional outbox row, FIELD-NOTES §6) are written in the same transaction as
   everything decided above; the spool entry is released after the commit.
@@ -20,10 +22,12 @@ from collections.abc import Callable
 from gateway.pipeline.bounce import parse_bounce
 from gateway.pipeline.classify import classify
 from gateway.pipeline.context import Context
+from gateway.pipeline.notify import notify_owner_stage
 from gateway.pipeline.parse import parse
 from gateway.pipeline.record import record
 from gateway.pipeline.respond import respond
 from gateway.pipeline.route import route
+from gateway.pipeline.staff import staff_stage
 from gateway.pipeline.thread import decide
 from gateway.security.sender_auth import authenticate as check_sender
 from gateway.store.queries import SqlLookup, lock_message_id, ticket_of_outbound
@@ -159,7 +163,9 @@ STAGES: tuple[Stage, ...] = (
     thread_stage,
     route_stage,
     record,
+    staff_stage,  # staff-token mail: authenticate, apply commands, relay (FIELD-NOTES §5)
     respond,
+    notify_owner_stage,  # the owner gets the customer's full text, never "log in to read"
 )
 
 LOOP_HEADER = "X-Support-Gateway-Loop"

@@ -92,6 +92,10 @@ class StaticResolver:
         current = existing if isinstance(existing, list) else []
         self._records[key] = [*current, *answers]
 
+    def remove(self, name: str, rtype: str) -> None:
+        """Forget every answer for ``name``/``rtype``: the name then has no such record."""
+        self._records.pop((normalize_name(name), rtype.upper()), None)
+
     def query(self, name: str, rtype: str) -> list[str]:
         """Look ``name``/``rtype`` up in the table (see class docstring)."""
         key = (normalize_name(name), rtype.upper())

@@ -186,6 +186,15 @@ class AuthResult:
         return self.spf == "pass" and _aligned(self.spf_domain, self.from_domain, strict=False)
 
     @property
+    def has_evidence(self) -> bool:
+        """Whether there was anything to check: a DKIM signature, an SPF policy that gave a
+        verdict, or a DMARC result. A domain that publishes nothing yields no evidence either
+        way, which is not the same as failing."""
+        return bool(self.dkim) or self.spf in ("pass", "fail", "softfail", "neutral") or (
+            self.dmarc in ("pass", "fail")
+        )
+
+    @property
     def likely_forged(self) -> bool:
         """True when an automatic reply would probably be backscatter (FIELD-NOTES §3 rule 8).
 

@@ -146,16 +146,16 @@ def on_customer_message(
     Resumes a waiting ticket (with the shift), then arms next response when the customer
     writes after a human reply, counted from the oldest unanswered message: an already armed,
     unanswered next-response deadline is kept. A closed ticket must be reopened first
-    (`on_reopen`); here it is left alone.
+    (`on_reopen`); here only its `last_customer_at` is updated.
     """
     at = utc(at) or at
+    last = utc(ticket.last_customer_at)
+    if last is None or at > last:
+        ticket.last_customer_at = at
     if ticket.status == "closed":
         return
     if ticket.status == "waiting":
         on_resume(ticket, at, calendar)
-    last = utc(ticket.last_customer_at)
-    if last is None or at > last:
-        ticket.last_customer_at = at
     if ticket.first_responded_at is None:
         return  # the first-response clock is still running for this customer
     staff = utc(ticket.last_staff_at)

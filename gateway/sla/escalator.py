@@ -33,7 +33,6 @@ ticket under the lock and only fires for clocks `active_deadlines` still reports
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
 from collections.abc import Callable
@@ -235,6 +234,8 @@ class Escalator:
         self._last_message: dict[int | None, Message | None] = {}
         self._human: dict[int, bool] = {}
         self.fired_total = 0
+        #: How long `run()` last decided to sleep (seconds), for tests and metrics.
+        self.last_delay: float | None = None
 
     # -------------------------------------------------------------------------- planning
 
@@ -348,7 +349,9 @@ class Escalator:
         now = self.clock.now()
         rules = self.rules_provider()
         due_ids: list[int] = []
-        for row in self._scan(now):
+        rows = self._scan(now)
+        self._forget_all_but({row.id for row in rows if row.id is not None})
+        for row in rows:
             assert row.id is not None
             nxt = self._earliest_unfired(row, rules)
             if nxt is not None and nxt <= now:
@@ -362,6 +365,14 @@ class Escalator:
         self.fired_total += fired
         return fired
 
+    def _forget_all_but(self, ticket_ids: set[int]) -> None:
+        """Drop the memos of tickets no longer running a clock (closed, answered), so a
+        long-running daemon's memory stays proportional to the open tickets."""
+        self._fired = {k for k in self._fired if k[0] in ticket_ids}
+        self._pending = {k: v for k, v in self._pending.items() if k in ticket_ids}
+        self._notice_at = {k: v for k, v in self._notice_at.items() if k in ticket_ids}
+        self._human = {k: v for k, v in self._human.items() if k in ticket_ids}
+
     @staticmethod
     def _key(ticket_id: int, fire: Fire) -> tuple[int, str, datetime, int]:
         return (ticket_id, fire.clock, fire.due_at, fire.step)
@@ -369,6 +380,10 @@ class Escalator:
     def _process(self, ticket_id: int, now: datetime, rules: Rules) -> int:
         fired = 0
         self._last_message = {}
+        # Keys claimed in this transaction: remembered only once it has committed (a rollback
+        # must leave them to be fired again).
+        claimed: set[tuple[int, str, datetime, int]] = set()
+        notice_sent: datetime | None = None
         with session_scope(self.engine) as session:
             query = select(Ticket).where(Ticket.id == ticket_id)
             if is_postgres(self.engine):
@@ -409,20 +424,29 @@ class Escalator:
                             data={"clock": fire.clock, "due_at": isoz(fire.due_at)},
                         )
                     known.add(key)
-                    self._fired.add(key)
+                    claimed.add(key)
+                    continue
+                if fire.step == WARNING_STEP and now >= fire.due_at:
+                    # Catching up past the deadline itself: a "due soon" warning would be
+                    # noise next to the breach; mark it done without mail.
+                    self._claim(session, ticket, fire, now, "warning-skipped")
+                    known.add(key)
+                    claimed.add(key)
                     continue
                 row = self._claim(session, ticket, fire, now)
                 known.add(key)
-                self._fired.add(key)
+                claimed.add(key)
                 if row is None:
                     continue
                 fired += 1
                 if fire.step == NOTICE_STEP:
-                    last_notice = now
-                    self._notice_at[ticket_id] = now
+                    last_notice = notice_sent = now
                 self._act(session, ticket, row, fire, now, rules)
             ticket.updated_at = now
             session.add(ticket)
+        self._fired |= claimed
+        if notice_sent is not None:
+            self._notice_at[ticket_id] = notice_sent
         return fired
 
     def _claim(
@@ -856,8 +880,10 @@ class Escalator:
 
     async def run(self, stopping: asyncio.Event, wakeup: asyncio.Event) -> None:
         """Fire what is due, then sleep exactly until the next moment (at most MAX_SLEEP, so
-        rules edits and new tickets are seen) or until `wakeup` is set."""
+        rules edits and new tickets are seen) or until `wakeup` is set (a new ticket, a
+        reply, a rules reload). Not a coarse poll: a step due in 3 s is fired in 3 s."""
         while not stopping.is_set():
+            wakeup.clear()  # before the work: a wakeup during the run is not lost
             try:
                 await asyncio.to_thread(self.run_once)
                 nxt = await asyncio.to_thread(self.next_due)
@@ -867,12 +893,13 @@ class Escalator:
             delay = MAX_SLEEP
             if nxt is not None:
                 delay = min(MAX_SLEEP, max(0.0, (nxt - self.clock.now()).total_seconds()))
-            wakeup.clear()
+            self.last_delay = delay
             waiters = [
                 asyncio.ensure_future(stopping.wait()),
                 asyncio.ensure_future(wakeup.wait()),
             ]
-            with contextlib.suppress(asyncio.TimeoutError):
+            try:
                 await asyncio.wait(waiters, timeout=delay, return_when=asyncio.FIRST_COMPLETED)
-            for w in waiters:
-                w.cancel()
+            finally:
+                for w in waiters:
+                    w.cancel()

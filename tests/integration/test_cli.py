@@ -292,8 +292,10 @@ def test_dkim_keygen_writes_a_key_and_prints_the_record(tmp_path: Path, cfg: Pat
     assert "gw1._domainkey.example.com. IN TXT" in r.stdout
     assert oct(key_path.stat().st_mode & 0o777) == "0o600"
     txt = "".join(part for part in r.stdout.split('"')[1::2])
-    signed = sign(make_mail(sender="support@example.com").as_bytes(),
-                  [load_key(key_path, "example.com", "gw1")])
+    signed = sign(
+        make_mail(sender="support@example.com").as_bytes(),
+        [load_key(key_path, "example.com", "gw1")],
+    )
     assert dkimpy.verify(signed, dnsfunc=lambda name, timeout=5: txt.encode())
     again = cli(cfg, "dkim", "keygen", "--out", str(key_path))
     assert again.returncode == 1  # never overwrites a key

@@ -7,7 +7,9 @@ import os
 from pathlib import Path
 
 import test.test_email  # CPython's own e-mail test data ships with every Python
-from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 
 from gateway.clock import FrozenClock
 from gateway.pipeline.parse import parse
@@ -28,14 +30,18 @@ HORRORS = [
 ]
 
 
-async def test_cpython_mime_edge_cases_are_all_stored(settings: Settings, clock: FrozenClock) -> None:
+async def test_cpython_mime_edge_cases_are_all_stored(
+    settings: Settings, clock: FrozenClock
+) -> None:
     files = sorted(p for p in DATA.iterdir() if p.name.startswith("msg_"))
     assert len(files) >= 40, f"CPython test data not found in {DATA}"
     raws = [p.read_bytes().replace(b"\r\n", b"\n").replace(b"\n", b"\r\n") for p in files]
     raws += HORRORS
     async with running_gateway(settings, clock) as gw:
         for raw in raws:
-            await send(gw, raw, sender="someone@customer.example", recipients=["support@example.com"])
+            await send(
+                gw, raw, sender="someone@customer.example", recipients=["support@example.com"]
+            )
         await gw.pipeline.run_once()
         assert gw.spool.counts() == {}  # nothing quarantined, nothing left behind
         from sqlmodel import Session, func, select
@@ -46,13 +52,17 @@ async def test_cpython_mime_edge_cases_are_all_stored(settings: Settings, clock:
             stored = s.exec(
                 select(func.count()).select_from(Message).where(Message.direction == "in")
             ).one()
-            dups = s.exec(select(func.count()).select_from(Event).where(Event.type == "duplicate")).one()
+            dups = s.exec(
+                select(func.count()).select_from(Event).where(Event.type == "duplicate")
+            ).one()
             defects = s.exec(
                 select(func.count()).select_from(Event).where(Event.type == "parsed-with-defects")
             ).one()
         distinct = len(set(raws))
-        print(f"{len(raws)} defective/edge-case messages: {stored} stored, {dups} duplicates, "
-              f"{defects} with recorded defects, {len(all_tickets(gw))} tickets")
+        print(
+            f"{len(raws)} defective/edge-case messages: {stored} stored, {dups} duplicates, "
+            f"{defects} with recorded defects, {len(all_tickets(gw))} tickets"
+        )
         assert stored + dups == distinct
         assert defects > 0
 
@@ -68,8 +78,20 @@ def test_parse_never_raises_on_arbitrary_bytes(raw: bytes) -> None:
 @given(
     st.lists(
         st.tuples(
-            st.sampled_from(["From", "To", "Subject", "Content-Type", "Message-ID", "References",
-                             "Date", "Content-Transfer-Encoding", "Auto-Submitted", "X-Any"]),
+            st.sampled_from(
+                [
+                    "From",
+                    "To",
+                    "Subject",
+                    "Content-Type",
+                    "Message-ID",
+                    "References",
+                    "Date",
+                    "Content-Transfer-Encoding",
+                    "Auto-Submitted",
+                    "X-Any",
+                ]
+            ),
             st.text(max_size=80).map(lambda t: t.replace("\r", " ").replace("\n", " ")),
         ),
         max_size=8,

@@ -1,4 +1,5 @@
-"""A simulated week of 1,000 tickets against the real database and the real escalator.
+"""A simulated week of 1,000 tickets against the real database and the real escalator
+(SQLite; PostgreSQL runs the same week with 300 tickets, see PG_TICKETS).
 
 Tickets are written straight into the database (deadlines from `initial_deadlines`, the one
 computation behind the acknowledgement's promise), staff and customer replies go through
@@ -38,6 +39,10 @@ from tests.conftest import make_settings
 from tests.support.sla import SLA_RULES, add_customer_message, make_escalator, new_ticket, sla_rules
 
 TICKETS = 1000
+#: PostgreSQL runs the same week with fewer tickets: every fire costs a few more round trips
+#: there and the full 1,000 takes ~70 s; 300 still exercise SKIP LOCKED, savepoints and
+#: timestamptz on every path while keeping the run short.
+PG_TICKETS = 300
 TICK = timedelta(minutes=10)
 START = datetime(2026, 11, 23, 0, 0, tzinfo=UTC)  # Monday 00:00Z
 END = START + timedelta(days=7)
@@ -59,9 +64,9 @@ def ceil_tick(moment: datetime) -> datetime:
     return START + n * TICK
 
 
-def make_plans(rng: random.Random) -> list[Plan]:
+def make_plans(rng: random.Random, count: int) -> list[Plan]:
     plans = []
-    for _ in range(TICKETS):
+    for _ in range(count):
         created = START + rng.randrange(0, 5 * 24 * 6) * TICK
         plan = Plan(
             created=created,
@@ -90,7 +95,8 @@ def test_week_of_escalations(tmp_path: Path, db: Engine) -> None:
     clock = FrozenClock(START)
     escalator = make_escalator(db, settings, clock, rules)
     rng = random.Random(SEED)
-    plans = make_plans(rng)
+    count = TICKETS if db.dialect.name == "sqlite" else PG_TICKETS
+    plans = make_plans(rng, count)
     by_tick: dict[datetime, list[tuple[int, str]]] = {}
     for index, plan in enumerate(plans):
         by_tick.setdefault(plan.created, []).append((index, "create"))
@@ -169,6 +175,7 @@ def test_week_of_escalations(tmp_path: Path, db: Engine) -> None:
     assert max(key_count.values()) == 1  # each step exactly once
 
     rows = {(r.ticket_id, r.clock, clocks.utc(r.due_at), r.step): r for r in steps}
+    escalated = {k[:3] for k in rows if k[3] != WARNING_STEP}
     expected_ladder = 0
     breaches_seen = 0
     answered_in_time = 0
@@ -182,7 +189,7 @@ def test_week_of_escalations(tmp_path: Path, db: Engine) -> None:
         if not seen:
             answered_in_time += stop <= due
             assert breach_row is None, (tid, c, due)
-            assert not any(k[:3] == (tid, c, due) and k[3] != WARNING_STEP for k in rows)
+            assert (tid, c, due) not in escalated  # answered in time: never escalated
             continue
         breaches_seen += 1
         assert breach_row is not None and clocks.utc(breach_row.fired_at) == ceil_tick(due)
@@ -241,7 +248,7 @@ def test_week_of_escalations(tmp_path: Path, db: Engine) -> None:
 
     summary = {
         "database": db.dialect.name,
-        "tickets": TICKETS,
+        "tickets": count,
         "ticks": int((END - START) / TICK) + 1,
         "clocks armed": len(armed),
         "answered in time": answered_in_time,
@@ -257,4 +264,5 @@ def test_week_of_escalations(tmp_path: Path, db: Engine) -> None:
         "seconds": round(elapsed, 1),
     }
     print("\nescalation simulation:", json.dumps(summary))
-    assert breaches_seen > 100 and answered_in_time > 100 and kinds["customer_notice"] > 100
+    floor = count // 10
+    assert breaches_seen > floor and answered_in_time > floor and kinds["customer_notice"] > floor

@@ -40,8 +40,8 @@ MON_09 = datetime(2026, 11, 23, 9, 0, tzinfo=UTC)
 TUE_02 = datetime(2026, 11, 24, 2, 0, tzinfo=UTC)
 
 
-def at(day: int, hour: int, minute: int = 0) -> datetime:
-    return datetime(2026, 11, day, hour, minute, tzinfo=UTC)
+def at(day: int, hour: int, minute: int = 0, second: int = 0) -> datetime:
+    return datetime(2026, 11, day, hour, minute, second, tzinfo=UTC)
 
 
 RULES = sla_rules()
@@ -513,3 +513,59 @@ def test_at_most_one_customer_notice_per_day(engine, sla_settings, clock) -> Non
         assert len(notices) == 2
         assert b"an answer to your last message" in notices[1].raw
     assert esc.run_once() == 0
+
+
+async def test_run_sleeps_until_next_due_and_wakes_on_demand(engine, sla_settings, clock) -> None:  # type: ignore[no-untyped-def]
+    import asyncio
+
+    create(engine, at=MON_09)
+    esc = make_escalator(engine, sla_settings, clock)
+    loop = asyncio.get_running_loop()
+    runs: asyncio.Queue[int] = asyncio.Queue()
+    original = esc.run_once
+
+    def counted() -> int:
+        n = original()
+        loop.call_soon_threadsafe(runs.put_nowait, n)
+        return n
+
+    esc.run_once = counted  # type: ignore[method-assign]
+    stopping, wakeup = asyncio.Event(), asyncio.Event()
+    task = asyncio.create_task(esc.run(stopping, wakeup))
+    assert await asyncio.wait_for(runs.get(), 10) == 0
+    clock.set(at(23, 12, 59, 30))
+    wakeup.set()  # e.g. a new ticket: look again now
+    assert await asyncio.wait_for(runs.get(), 10) == 0
+    # The breach is 30 s away: it sleeps exactly that long, not a poll interval.
+    while esc.last_delay is None or esc.last_delay == 60.0:
+        await asyncio.sleep(0)
+    assert esc.last_delay == 30.0
+    clock.set(at(23, 13))
+    wakeup.set()
+    assert await asyncio.wait_for(runs.get(), 10) == 3
+    stopping.set()
+    await asyncio.wait_for(task, 10)
+
+
+def test_failed_fire_rolls_back_and_is_retried(engine, sla_settings, clock, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    tid = create(engine, at=MON_09)
+    esc = make_escalator(engine, sla_settings, clock)
+    clock.set(at(23, 13))
+    with monkeypatch.context() as m:
+        m.setattr(esc, "_notify", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
+        assert esc.run_once() == 0  # the whole ticket transaction rolled back
+    assert steps(engine, tid) == []
+    assert esc.run_once() == 3  # nothing was remembered as fired: retried in full
+    assert esc.run_once() == 0
+
+
+def test_catch_up_past_the_deadline_sends_no_stale_warning(engine, sla_settings, clock) -> None:  # type: ignore[no-untyped-def]
+    clock.set(TUE_02)
+    tid = create(engine, at=TUE_02, sla="night", owner="alice")
+    esc = make_escalator(engine, sla_settings, clock)
+    clock.set(at(24, 3, 5))  # down over both the warning (02:30) and the breach (03:00)
+    esc.run_once()
+    assert (WARNING_STEP, "", "warning-skipped") in [(s[1], s[2], s[3]) for s in steps(engine, tid)]
+    with Session(engine) as s:
+        assert outbox(s, "notification") == []
+        assert len(outbox(s, "escalation")) == 1

@@ -1,0 +1,149 @@
+"""Email commands on the first lines of a staff reply (gateway.pipeline.commands), and the
+quoted-text removal the staff stage applies to what follows them."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+
+from gateway.pipeline.commands import Command, parse_commands, parse_duration
+from gateway.pipeline.staff import strip_quoted
+
+
+def names(text: str) -> list[str]:
+    commands, _, errors = parse_commands(text)
+    assert errors == []
+    return [c.describe() for c in commands]
+
+
+def test_no_commands_is_all_text() -> None:
+    commands, rest, errors = parse_commands("Hello Pat,\n#close is not a command here\n")
+    assert commands == [] and errors == []
+    assert rest == "Hello Pat,\n#close is not a command here"
+
+
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        ("#note", "#note"),
+        ("#close", "#close"),
+        ("#CLOSE", "#close"),
+        ("  #Waiting  ", "#waiting"),
+        ("#assign Bob", "#assign bob"),
+        ("#snooze 2d", "#snooze 2d"),
+        ("#snooze 4H", "#snooze 4h"),
+        ("#priority URGENT", "#priority urgent"),
+        ("#merge acme-1042", "#merge ACME-1042"),
+        ("#merge [ACME-1042]", "#merge ACME-1042"),
+    ],
+)
+def test_each_command(line: str, expected: str) -> None:
+    assert names(line + "\n\nbody") == [expected]
+
+
+def test_commands_then_text() -> None:
+    commands, rest, errors = parse_commands(
+        "\n#priority high\n\n#assign bob\nHello Pat,\n#close\n> quoted\n"
+    )
+    assert errors == []
+    assert [c.name for c in commands] == ["priority", "assign"]
+    assert rest == "Hello Pat,\n#close\n> quoted"  # only the FIRST lines are commands
+
+
+def test_command_only_mail_leaves_no_text() -> None:
+    commands, rest, errors = parse_commands("#close\r\n#priority low\r\n")
+    assert [c.name for c in commands] == ["close", "priority"] and rest == "" and errors == []
+
+
+def test_snooze_carries_duration() -> None:
+    [cmd], _, _ = parse_commands("#snooze 1d12h")
+    assert cmd == Command("snooze", "1d12h", "#snooze 1d12h", timedelta(hours=36))
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ("#clsoe\nHello", "unknown command #clsoe"),
+        ("#assign", "#assign needs a person id"),
+        ("#assign bob carol", "takes one argument"),
+        ("#assign B@d!", "not a person id"),
+        ("#close now", "#close takes no argument"),
+        ("#snooze tomorrow", "not a duration"),
+        ("#snooze 0h", "not a duration"),
+        ("#snooze 400d", "longer than 365 days"),
+        ("#priority meh", "not one of low, normal, high, urgent"),
+        ("#merge", "needs a ticket reference"),
+        ("#merge ???", "not a ticket reference"),
+        ("#close\n#waiting", "contradictory commands: #close and #waiting"),
+        ("#priority low\n#priority high", "#priority given twice"),
+    ],
+)
+def test_errors_are_clear(text: str, fragment: str) -> None:
+    _, _, errors = parse_commands(text)
+    assert errors and fragment in errors[0], errors
+
+
+def test_unknown_word_is_an_error_even_with_valid_commands() -> None:
+    commands, rest, errors = parse_commands("#close\n#frobnicate\nText")
+    assert [c.name for c in commands] == ["close"]
+    assert rest == "Text"
+    assert errors == [
+        "unknown command #frobnicate (known commands: #note, #close, #waiting, #assign, "
+        "#snooze, #priority, #merge)"
+    ]
+
+
+def test_hash_not_followed_by_a_letter_is_text() -> None:
+    commands, rest, errors = parse_commands("#1 thing to check: the fuse\n")
+    assert commands == [] and errors == [] and rest.startswith("#1 thing")
+
+
+def test_same_command_twice_is_harmless() -> None:
+    assert names("#close\n#close\n") == ["#close", "#close"]
+
+
+def test_invisible_characters_before_a_command() -> None:
+    assert names("\ufeff#note\nsecret") == ["#note"]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("2d", timedelta(days=2)),
+        ("4h", timedelta(hours=4)),
+        ("90m", timedelta(minutes=90)),
+        ("1w", timedelta(weeks=1)),
+        ("1d 2h", timedelta(hours=26)),
+        ("2x", None),
+        ("", None),
+        ("d", None),
+    ],
+)
+def test_parse_duration(text: str, expected: timedelta | None) -> None:
+    assert parse_duration(text) == expected
+
+
+def test_strip_quoted_keeps_indentation_and_drops_the_notification() -> None:
+    text = (
+        "Hello Pat,\n\nplease:\n    1. switch it off\n    2. unplug it\n\nAlice\n\n"
+        "On Mon, 23 Nov 2026 at 10:00, Example Support <support@example.com> wrote:\n"
+        "> New ticket ACME-1 from pat@customer.example.\n> the printer is on fire.\n"
+    )
+    assert strip_quoted(text) == (
+        "Hello Pat,\n\nplease:\n    1. switch it off\n    2. unplug it\n\nAlice"
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("Thanks!\n\n-----Original Message-----\nFrom: x\n", "Thanks!"),
+        ("Answer\n\n> quoted without a header line\n", "Answer"),
+        ("> nothing but quote\n", ""),
+        ("Am 23.11.2026 um 10:00 schrieb Example Support <support@example.com>:\n> x\n", ""),
+        ("", ""),
+    ],
+)
+def test_strip_quoted_variants(text: str, expected: str) -> None:
+    assert strip_quoted(text) == expected
