@@ -149,7 +149,7 @@ def compose_owner_notification(
     signer: Signer,
     hostname: str,
     now: datetime,
-    attachment_limit: int = NOTIFY_ATTACHMENT_LIMIT,
+    attachment_limit: int,
 ) -> tuple[bytes, str, str, str]:
     """The notification to the owner: (unsigned bytes, Message-ID, subject, text body)."""
     assert ticket.id is not None
