@@ -785,16 +785,27 @@ class Escalator:
         calendar: BusinessCalendar,
         owner: Person,
     ) -> None:
-        """Tell the customer plainly: the promised time, who owns the request now, and when
-        they will hear from us (the next ladder moment, computed with the calendar)."""
+        """Tell the customer plainly: the promised time, who owns the request now, when they
+        will hear from us (the next ladder moment, computed with the calendar), and who takes
+        over if that slips too: exactly what the ladder will do, nothing invented."""
         assert ticket.id is not None
         row.person = owner.id
-        later = [m for m, _ in _schedule(policy, calendar, fire.due_at) if m > now]
+        later = [(m, step) for m, step in _schedule(policy, calendar, fire.due_at) if m > now]
         if later:
-            by = later[0]
+            by = later[0][0]
         else:
             budget = policy.next_response or policy.first_response or calendar.day
             by = calendar.add(now, budget)
+        successor = ""
+        rules = self.rules_provider()
+        for moment, step in later:
+            target = rules.resolve(step.assign, owner) if step.assign else None
+            if target is not None and target.id != owner.id:
+                successor = (
+                    f" If {owner.name} has not answered by {format_local(moment, calendar)}, "
+                    f"{target.name} takes over your request."
+                )
+                break
         promised = format_local(fire.due_at, calendar)
         what = {
             "first_response": "a first answer from a person",
@@ -806,7 +817,7 @@ class Escalator:
             f"we promised you {what} by {promised}, and we did not keep that promise. "
             "We are sorry.\n\n"
             f"{owner.name} now owns your request {ticket.ref} and will answer you by "
-            f"{format_local(by, calendar)}.\n\n"
+            f"{format_local(by, calendar)}.{successor}\n\n"
             f"Our support hours are {calendar.describe_hours()}.\n\n"
             f"You do not need to do anything. To add something, simply reply to this email: "
             f"your reply goes straight into ticket {ticket.ref} and is read by people.\n\n"

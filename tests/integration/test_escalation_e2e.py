@@ -148,3 +148,45 @@ async def test_customer_follow_up_rearms_next_response_through_the_pipeline(env:
     detail = ticket_json(env.gw, ticket.ref)
     # 8 Berlin business hours after 09:30Z Monday: 6.5h Monday, 1.5h Tuesday from 08:00Z.
     assert detail["deadlines"]["next_response"] == "2026-11-24T09:30:00Z"
+
+
+async def test_seconds_policy_owner_told_then_manager_takes_over(
+    tmp_path: Path, clock: FrozenClock, relay: CaptureRelay
+) -> None:
+    """Issue 6: a 24x7 policy of a few seconds, moved forward by the clock (no sleeping)."""
+    rules = Path(__file__).parents[1] / "support" / "rules_blink"
+    settings = make_settings(
+        tmp_path, rules_dir=str(rules), outbound={"relay": f"127.0.0.1:{relay.port}"}
+    )
+    async with running_gateway(settings, clock) as gw:
+        escalator = Escalator(gw.engine, settings, clock, lambda: gw.rules.current, gw.signer)
+        env = Env(
+            gw,
+            escalator,
+            DeliveryWorker(gw.engine, settings, clock, signer=gw.signer),
+            relay,
+            clock,
+        )
+        await send(gw, make_mail(body="Nothing works.\nPat\n"))
+        await env.process()
+        (ticket,) = all_tickets(gw)
+        due = ticket_json(gw, ticket.ref)["deadlines"]["first_response"]
+        assert due == "2026-11-23T09:00:05Z"
+        # The worker sleeps until exactly the breach, not a coarse poll.
+        assert escalator.next_due() == clock.now() + timedelta(seconds=5)
+
+        clock.advance(timedelta(seconds=5))
+        await env.process()
+        (breach,) = [m for m in _by_rcpt(relay, "alice@example.com") if "escalation:" in m]
+        assert "Nothing works." in breach
+
+        clock.advance(timedelta(seconds=3))
+        await env.process()
+        assert ticket_json(gw, ticket.ref)["owner"]["id"] == "carol"
+        (to_carol,) = [m for m in _by_rcpt(relay, "carol@example.com") if "escalated to you" in m]
+        assert "Nothing works." in to_carol
+        # One notice for the breach, sent at once; it names the owner and the manager the
+        # ladder hands the request to, as it then did.
+        (notice,) = [m for m in _by_rcpt(relay, "pat@customer.example") if "did not keep" in m]
+        assert "Alice Martin now owns your request" in notice
+        assert "Carol Diaz takes over your request" in notice
