@@ -12,8 +12,10 @@ to the customer as an agent. Here a reply acts as staff only when all of these h
    the HMAC, or the message would not have matched by token);
 2. ``ctx.sender`` is, case-insensitively, the email of ``rules.people[claim.person]``: the
    person the token was issued to;
-3. when DKIM/SPF results are available (``ctx.auth`` present and not ``skipped``), the From
-   domain is authenticated (aligned DKIM or SPF pass, ``AuthResult.authenticated``).
+3. when DKIM/SPF results are available (``ctx.auth`` present, not ``skipped``, and the
+   domain published something to check: ``AuthResult.has_evidence``), the From domain is
+   authenticated (aligned DKIM or SPF pass, ``AuthResult.authenticated``). A domain with
+   neither DKIM nor SPF gives no results; the token issued to this address is the proof.
 
 Anything else is never relayed and changes nothing: the mail stays an internal note, the
 event ``unverified-staff-reply`` says why, and the ticket's owner gets one notification. The
