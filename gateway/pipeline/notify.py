@@ -44,6 +44,7 @@ from gateway.outbound.compose import (
 )
 from gateway.outbound.worker import enqueue
 from gateway.pipeline.context import Context
+from gateway.pipeline.parse import leaf_parts
 from gateway.routing.model import Person
 from gateway.security.tokens import Signer
 from gateway.sla.business_time import BusinessCalendar
@@ -71,26 +72,12 @@ def attachment_parts(msg: Message) -> list[Part]:
     """The attachments of ``msg`` (decoded bytes), chosen the way ``parse._walk`` does: every
     leaf part that is not an inline text/plain or text/html body. Never raises."""
     out: list[Part] = []
-    try:
-        parts = list(msg.walk())
-    except Exception:
-        return out
-    for part in parts:
-        if part.is_multipart():
+    for leaf in leaf_parts(msg):
+        if leaf.body_kind is not None:
             continue
+        ctype, filename = leaf.content_type, leaf.filename
         try:
-            ctype = part.get_content_type()
-            disposition = (part.get_content_disposition() or "").lower()
-            filename = part.get_filename() or ""
-        except Exception:
-            ctype, disposition, filename = "application/octet-stream", "attachment", ""
-        inline_body = disposition != "attachment" and not filename
-        if inline_body and ctype in ("text/plain", "text/html"):
-            continue
-        if ctype.startswith("multipart/"):
-            continue
-        try:
-            payload = part.get_payload(decode=True)
+            payload = leaf.part.get_payload(decode=True)
         except Exception:
             payload = None
         if not isinstance(payload, bytes):

@@ -185,15 +185,33 @@ def _part_text(part: Message, defects: list[str]) -> str:
     return payload.decode("utf-8", "replace")
 
 
-def _walk(msg: Message, defects: list[str]) -> tuple[str, str, list[Attachment]]:
-    texts: list[str] = []
-    htmls: list[str] = []
-    attachments: list[Attachment] = []
+@dataclass(frozen=True)
+class Leaf:
+    """One non-multipart part, with how it presents itself."""
+
+    part: Message
+    content_type: str
+    filename: str
+    disposition: str
+
+    @property
+    def body_kind(self) -> str | None:
+        """ "text/plain" or "text/html" for an inline body part, else None (an attachment)."""
+        inline = self.disposition != "attachment" and not self.filename
+        if inline and self.content_type in ("text/plain", "text/html"):
+            return self.content_type
+        return None
+
+
+def leaf_parts(msg: Message, defects: list[str] | None = None) -> list[Leaf]:
+    """Every leaf part of `msg` in order; never raises (a broken structure is one leaf)."""
     try:
         parts = list(msg.walk())
     except Exception as exc:
-        defects.append(f"MIME structure: {exc.__class__.__name__}")
+        if defects is not None:
+            defects.append(f"MIME structure: {exc.__class__.__name__}")
         parts = [msg]
+    out: list[Leaf] = []
     for part in parts:
         if part.is_multipart():
             continue
@@ -203,12 +221,22 @@ def _walk(msg: Message, defects: list[str]) -> tuple[str, str, list[Attachment]]
             filename = part.get_filename() or ""
         except Exception:
             ctype, disposition, filename = "application/octet-stream", "attachment", ""
-        if disposition != "attachment" and not filename and ctype == "text/plain":
-            texts.append(_part_text(part, defects))
-        elif disposition != "attachment" and not filename and ctype == "text/html":
-            htmls.append(_part_text(part, defects))
-        elif ctype.startswith("multipart/"):
+        if ctype.startswith("multipart/"):
             continue
+        out.append(Leaf(part, ctype, filename, disposition))
+    return out
+
+
+def _walk(msg: Message, defects: list[str]) -> tuple[str, str, list[Attachment]]:
+    texts: list[str] = []
+    htmls: list[str] = []
+    attachments: list[Attachment] = []
+    for leaf in leaf_parts(msg, defects):
+        part, ctype, filename = leaf.part, leaf.content_type, leaf.filename
+        if leaf.body_kind == "text/plain":
+            texts.append(_part_text(part, defects))
+        elif leaf.body_kind == "text/html":
+            htmls.append(_part_text(part, defects))
         else:
             try:
                 payload = part.get_payload(decode=True)

@@ -62,11 +62,12 @@ from gateway.pipeline.notify import Part, add_parts, attachment_parts
 from gateway.routing.model import Person, Rules
 from gateway.security.tokens import Signer
 from gateway.sla.clocks import on_close, on_snooze, on_staff_reply, on_waiting
-from gateway.store.models import Message, Participant, Ticket
+from gateway.store.models import Participant, Ticket
 from gateway.store.queries import (
     add_event,
     add_participant,
     find_ticket,
+    last_customer_message,
     link,
     undeliverable,
 )
@@ -353,18 +354,6 @@ def _customer_recipients(ctx: Context, ticket: Ticket) -> list[str]:
     return [a for a in out if a not in dead]
 
 
-def _last_customer_message(ctx: Context, ticket_id: int) -> Message | None:
-    return ctx.session.exec(
-        select(Message)
-        .where(
-            Message.ticket_id == ticket_id,
-            Message.direction == "in",
-            Message.kind == "customer",
-        )
-        .order_by(col(Message.at).desc(), col(Message.id).desc())
-    ).first()
-
-
 def _relay(ctx: Context, person: Person, text: str) -> str:
     """Queue the reply to the customer; returns what the confirmation says about it."""
     assert ctx.ticket is not None and ctx.ticket.id is not None and ctx.parsed is not None
@@ -376,7 +365,7 @@ def _relay(ctx: Context, person: Person, text: str) -> str:
     if not to:
         _event(ctx, "relay-skipped", "no customer address to send the reply to; kept as a note")
         return "NOT sent: the ticket has no customer address (kept as an internal note)"
-    last = _last_customer_message(ctx, t.id)
+    last = last_customer_message(ctx.session, t.id)
     in_reply_to = last.message_id if last is not None else None
     references = last.references.split() if last is not None and last.references else []
     parts = attachment_parts(ctx.parsed.msg)
@@ -471,7 +460,7 @@ def _apply(ctx: Context, person: Person, cmd: Command) -> str:
         t.owner = target.id
         _event(ctx, "assigned", f"owner {old} -> {target.id} ({target.name}) {by}")
         if target.id != person.id:
-            last = _last_customer_message(ctx, t.id)
+            last = last_customer_message(ctx.session, t.id)
             text = last.text.strip() if last is not None and last.text else "(no message)"
             _tell(
                 ctx,

@@ -190,8 +190,10 @@ class AuthResult:
         """Whether there was anything to check: a DKIM signature, an SPF policy that gave a
         verdict, or a DMARC result. A domain that publishes nothing yields no evidence either
         way, which is not the same as failing."""
-        return bool(self.dkim) or self.spf in ("pass", "fail", "softfail", "neutral") or (
-            self.dmarc in ("pass", "fail")
+        return (
+            bool(self.dkim)
+            or self.spf in ("pass", "fail", "softfail", "neutral")
+            or (self.dmarc in ("pass", "fail"))
         )
 
     @property

@@ -66,7 +66,7 @@ from gateway.sla.clocks import active_deadlines, utc
 from gateway.sla.deadlines import escalation_schedule, isoz
 from gateway.store.db import is_postgres, session_scope
 from gateway.store.models import EscalationStep, Message, Ticket
-from gateway.store.queries import add_event
+from gateway.store.queries import add_event, last_customer_message
 
 __all__ = [
     "BREACH_STEP",
@@ -684,15 +684,7 @@ class Escalator:
         """The customer's last inbound message (memoised for the ticket being processed)."""
         if ticket_id in self._last_message:
             return self._last_message[ticket_id]
-        found = session.exec(
-            select(Message)
-            .where(
-                Message.ticket_id == ticket_id,
-                Message.direction == "in",
-                Message.kind == "customer",
-            )
-            .order_by(col(Message.at).desc(), col(Message.id).desc())
-        ).first()
+        found = last_customer_message(session, ticket_id) if ticket_id is not None else None
         self._last_message = {ticket_id: found}
         return found
 

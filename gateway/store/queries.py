@@ -98,6 +98,20 @@ class SqlLookup:
         return cust is not None and cust == resolve_customer(self.s, ticket.customer_id)
 
 
+def last_customer_message(session: Session, ticket_id: int) -> Message | None:
+    """The customer's latest inbound message on a ticket (what staff answer, what an
+    escalation quotes, what a relayed reply is threaded to)."""
+    return session.exec(
+        select(Message)
+        .where(
+            Message.ticket_id == ticket_id,
+            Message.direction == "in",
+            Message.kind == "customer",
+        )
+        .order_by(col(Message.at).desc(), col(Message.id).desc())
+    ).first()
+
+
 def lock_message_id(session: Session, message_id: str | None) -> None:
     """Serialise two nodes processing the same Message-ID (PostgreSQL advisory lock)."""
     if message_id and session.get_bind().dialect.name == "postgresql":
