@@ -35,6 +35,7 @@ from gateway.outbound.compose import (
 from gateway.outbound.worker import enqueue, notify_owner
 from gateway.pipeline.context import Context
 from gateway.store.models import Event, Outbox, Ticket
+from gateway.store.queries import add_event
 
 #: Window for the "recent performance" line of the acknowledgement.
 STATS_DAYS = 30
@@ -115,14 +116,13 @@ def _cap_tripped(ctx: Context, to: str) -> None:
         f"{_cap(ctx)} acknowledgements sent to {marker} in 24 hours; no more today. "
         f"{owner.name} ({owner.email}) told once."
     )
-    ctx.session.add(
-        Event(
-            ticket_id=ctx.ticket.id,
-            at=ctx.now,
-            type="ack-cap-reached",
-            detail=detail,
-            data=json.dumps({"sender": to, "cap": _cap(ctx)}),
-        )
+    add_event(
+        ctx.session,
+        ctx.ticket.id,
+        "ack-cap-reached",
+        detail,
+        ctx.now,
+        data={"sender": to, "cap": _cap(ctx)},
     )
     body = (
         f"{to} has written {_cap(ctx)} or more new requests within 24 hours; the latest is "
@@ -166,14 +166,13 @@ def respond(ctx: Context) -> None:
             # A robot's mail that opened no ticket (an unmatched auto-reply or bounce) is
             # recorded ticketless; say on its message why nobody answered it.
             reason = f"{ctx.verdict.kind}: " + "; ".join(ctx.verdict.reasons)
-            ctx.session.add(
-                Event(
-                    ticket_id=None,
-                    message_id=ctx.message.id,
-                    at=ctx.now,
-                    type="ack-suppressed",
-                    detail=f"no ticket opened; {reason}",
-                )
+            add_event(
+                ctx.session,
+                None,
+                "ack-suppressed",
+                f"no ticket opened; {reason}",
+                ctx.now,
+                message_id=ctx.message.id,
             )
         return
     ticket = ctx.ticket
@@ -185,28 +184,13 @@ def respond(ctx: Context) -> None:
     if why is None and _acks_today(ctx, to) >= _cap(ctx):
         why = f"daily cap of {_cap(ctx)} acknowledgements to {to} reached"
         _cap_tripped(ctx, to)
+    if why is None and ticket.first_response_due is None:
+        why = "the ticket has no first-response deadline to promise"
     if why is not None:
-        s.add(
-            Event(
-                ticket_id=ticket.id,
-                message_id=msg_id,
-                at=ctx.now,
-                type="ack-suppressed",
-                detail=why,
-            )
-        )
+        add_event(s, ticket.id, "ack-suppressed", why, ctx.now, message_id=msg_id)
         return
-    if ticket.first_response_due is None:
-        s.add(
-            Event(
-                ticket_id=ticket.id,
-                message_id=msg_id,
-                at=ctx.now,
-                type="ack-suppressed",
-                detail="the ticket has no first-response deadline to promise",
-            )
-        )
-        return
+    due = ticket.first_response_due
+    assert due is not None  # checked above
 
     settings = ctx.services.settings
     rules = ctx.services.rules
@@ -216,7 +200,7 @@ def respond(ctx: Context) -> None:
         ref=ticket.ref,
         owner_name=ctx.decision.owner.name,
         subject=p.subject,
-        first_response_due=ticket.first_response_due,  # THE stored value, never recomputed
+        first_response_due=due,  # THE stored value, never recomputed
         calendar=calendar,
         received_at=ctx.received_at,
         customer_date=p.date,
@@ -258,13 +242,12 @@ def respond(ctx: Context) -> None:
     )
     ticket.acknowledged = True
     s.add(ticket)
-    s.add(
-        Event(
-            ticket_id=ticket.id,
-            message_id=msg_id,
-            at=ctx.now,
-            type="ack-sent",
-            detail=f"acknowledgement {message_id} queued to {to}; first response promised "
-            f"by {content.first_response_due.isoformat()}",
-        )
+    add_event(
+        s,
+        ticket.id,
+        "ack-sent",
+        f"acknowledgement {message_id} queued to {to}; first response promised "
+        f"by {content.first_response_due.isoformat()}",
+        ctx.now,
+        message_id=msg_id,
     )
