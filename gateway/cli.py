@@ -172,7 +172,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
                     mail_from=sender,
                     rcpt_tos=recipients,
                     source="pipe",
-                    received_at=datetime.now(UTC).isoformat(),
+                    received_at=datetime.now(UTC).replace(microsecond=0).isoformat(),
                 ),
                 raw,
             )
@@ -494,6 +494,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.verbose:
         # dkimpy logs every failing signature at ERROR; the result is stored on the message.
         logging.getLogger("gateway.security.sender_auth.dkimpy").setLevel(logging.CRITICAL)
+        # Migrations run at every command; their chatter is noise unless something changes.
+        logging.getLogger("alembic").setLevel(logging.WARNING)
     try:
         return COMMANDS[args.command](args)
     except ConfigError as exc:

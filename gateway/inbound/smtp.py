@@ -282,7 +282,8 @@ class InboundHandler:
             rcpt_tos=list(envelope.rcpt_tos),
             peer=peer[0] if isinstance(peer, tuple) else str(peer or ""),
             helo=session.host_name or "",
-            received_at=self.clock.now().isoformat(),
+            # Whole seconds, like a Date header: deadlines then read "…T13:12:00Z".
+            received_at=self.clock.now().replace(microsecond=0).isoformat(),
             smtputf8="SMTPUTF8" in [o.upper() for o in envelope.mail_options],
             truncated_bytes=server.truncated_bytes,
         )
