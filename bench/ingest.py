@@ -40,7 +40,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -211,6 +211,9 @@ class Served:
     port: int
     expected: int = 0
     check: str = ""
+    # Waits until the pipeline has processed the warm-up (workers only): the timed run then
+    # measures a running pipeline, not one still starting up.
+    drained: Callable[[], Awaitable[None]] | None = None
 
 
 @contextlib.asynccontextmanager
@@ -293,7 +296,12 @@ async def gateway_server(workers: bool, rules: Path) -> AsyncIterator[Served]:
                 f" distinct {total}, expected {expected}"
             )
 
-        served = Served(gw.port)
+        async def drained() -> None:
+            end = time.monotonic() + 60
+            while gw.spool.counts().get("pending") and time.monotonic() < end:
+                await asyncio.sleep(0.05)
+
+        served = Served(gw.port, drained=drained if workers else None)
         try:
             yield served
         finally:
@@ -381,6 +389,8 @@ async def measure(
         warm = await client.run(
             port=served.port, sessions=args.sessions, messages=2, tag=tag + "w", **job
         )
+        if served.drained is not None:
+            await served.drained()
         if profiler is not None:
             profiler.enable()
         c0 = time.process_time()

@@ -23,6 +23,7 @@ from gateway.clock import Clock, SystemClock
 from gateway.inbound.smtp import ConnectionLimits, InboundHandler, make_tls_context, start_server
 from gateway.outbound.worker import DeliveryWorker
 from gateway.pipeline.context import Services
+from gateway.pipeline.process import PipelineProcess
 from gateway.pipeline.worker import PipelineWorker
 from gateway.routing.holder import RulesHolder
 from gateway.security.dns import Resolver, SystemResolver
@@ -107,12 +108,15 @@ class Gateway:
         self.stopping = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self.port: int | None = None
+        self.pipeline_process: PipelineProcess | None = None
 
     # Rules ------------------------------------------------------------------------------
 
     def reload_rules(self) -> bool:
         ok = self.rules.reload()
         self.services.rules = self.rules.current
+        if self.pipeline_process is not None:
+            self.pipeline_process.reload()
         self.escalator_wakeup.set()  # ladders and deadlines may have changed
         return ok
 
@@ -132,10 +136,22 @@ class Gateway:
         if recovered:
             log.warning("recovered %d spool entries claimed before a crash", recovered)
 
-        def wake() -> None:
-            loop.call_soon_threadsafe(self.pipeline.wakeup.set)
+        # The pipeline runs in its own process (its own core) unless configured otherwise;
+        # a clock cannot cross a process boundary, so with an injected clock it stays here.
+        if workers and self.settings.pipeline.process and isinstance(self.clock, SystemClock):
+            self.pipeline_process = PipelineProcess(
+                self.settings.model_dump(),
+                rules=lambda: self.rules.current,
+                on_batch=self.pipeline.after_batch,
+            )
+            self.pipeline_process.start()
+            self.spool.on_commit = self.pipeline_process.wake.set
+        else:
 
-        self.spool.on_commit = wake
+            def wake() -> None:
+                loop.call_soon_threadsafe(self.pipeline.wakeup.set)
+
+            self.spool.on_commit = wake
         self.spool.start_writer()
         s = self.settings.smtp
         self.handler = InboundHandler(
@@ -160,8 +176,12 @@ class Gateway:
         )
         self.port = self.server.sockets[0].getsockname()[1]
         if workers:
+            if self.pipeline_process is not None:
+                pipeline = self.pipeline_process.supervise(self.stopping, self.spool.recover)
+            else:
+                pipeline = self.pipeline.run(self.stopping)
             self._tasks = [
-                asyncio.create_task(self.pipeline.run(self.stopping), name="pipeline"),
+                asyncio.create_task(pipeline, name="pipeline"),
                 asyncio.create_task(self._watch_rules(), name="rules-watch"),
                 asyncio.create_task(
                     self.delivery.run(self.stopping, self.delivery.wakeup), name="delivery"
@@ -182,6 +202,8 @@ class Gateway:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.server.wait_closed(), 5)
         self.stopping.set()
+        if self.pipeline_process is not None:
+            await self.pipeline_process.stop()
         for t in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await t

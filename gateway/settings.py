@@ -203,6 +203,12 @@ class TicketSettings(_Section):
         return v.upper()
 
 
+class PipelineSettings(_Section):
+    # Run the pipeline in a child process (its own core): SMTP ingest keeps full speed
+    # during a burst. false = a thread in the daemon's process.
+    process: bool = True
+
+
 class Settings(BaseSettings):
     """Every infrastructure key of the gateway. Build with `load_settings()`."""
 
@@ -219,6 +225,7 @@ class Settings(BaseSettings):
     outbound: OutboundSettings = Field(default_factory=OutboundSettings)
     security: SecuritySettings = Field(default_factory=SecuritySettings)
     tickets: TicketSettings = Field(default_factory=TicketSettings)
+    pipeline: PipelineSettings = Field(default_factory=PipelineSettings)
 
     # Where the TOML came from (None: embedded defaults); relative paths resolve from cwd.
     config_path: str | None = Field(default=None, exclude=True)

@@ -14,6 +14,7 @@ import logging
 import traceback
 from collections.abc import Callable
 from datetime import datetime
+from typing import Protocol
 
 from sqlalchemy.engine import Engine
 
@@ -23,6 +24,12 @@ from gateway.spool import Spool, SpoolEntry
 from gateway.store.db import session_scope
 
 log = logging.getLogger("gateway.pipeline")
+
+
+class Stopping(Protocol):
+    """An asyncio, threading or multiprocessing Event: only `is_set()` is used."""
+
+    def is_set(self) -> bool: ...
 
 
 class PipelineWorker:
@@ -78,7 +85,7 @@ class PipelineWorker:
         log.info("processed %s", summary(ctx))
         return True
 
-    def run_once_sync(self, stopping: asyncio.Event | None = None) -> int:
+    def run_once_sync(self, stopping: Stopping | None = None) -> int:
         """Process everything waiting now; return how many entries were handled.
 
         With `stopping` set it returns after the current entry (graceful stop must not wait

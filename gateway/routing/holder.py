@@ -17,9 +17,11 @@ log = logging.getLogger("gateway.rules")
 
 
 class RulesHolder:
-    def __init__(self, rules_dir: Path) -> None:
+    def __init__(self, rules_dir: Path, initial: Rules | None = None) -> None:
         self.rules_dir = Path(rules_dir)
-        self.current: Rules = load_rules(self.rules_dir)  # start-up fails on broken rules
+        # Start-up fails on broken rules, unless rules already in force are handed over
+        # (the pipeline process starts with the daemon's).
+        self.current: Rules = initial if initial is not None else load_rules(self.rules_dir)
         self._stamp = self._fingerprint()
         self.reloads = 0
         self.failed_reloads = 0

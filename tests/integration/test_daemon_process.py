@@ -249,3 +249,48 @@ def test_environment_overrides_config(tmp_path: Path, value: str) -> None:
     finally:
         del os.environ["GATEWAY_SMTP__LISTEN"]
     assert s.smtp.listen == value and s.smtp.hostname == "mx.example.com"
+
+
+def children_of(pid: int) -> list[int]:
+    out = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # pid (comm) state ppid ...: comm may contain spaces, so split after the last ")".
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+            out.append(int(entry.name))
+    return out
+
+
+async def test_pipeline_process_is_restarted_and_nothing_is_lost(tmp_path: Path) -> None:
+    port = free_port()
+    daemon = start_daemon(write_config(tmp_path, port))
+    try:
+        # The pipeline runs in its own process (pipeline.process = true by default).
+        end = time.monotonic() + 30
+        kids: list[int] = []
+        while time.monotonic() < end and not kids:
+            kids = [
+                k
+                for k in children_of(daemon.proc.pid)
+                if "pipeline" in Path(f"/proc/{k}/cmdline").read_text(errors="replace")
+                or "multiprocessing" in Path(f"/proc/{k}/cmdline").read_text(errors="replace")
+            ]
+            time.sleep(0.05)
+        assert kids, f"no pipeline process under {daemon.proc.pid}"
+        for k in kids:
+            os.kill(k, signal.SIGKILL)
+        async with aiosmtplib.SMTP(hostname="127.0.0.1", port=port, timeout=10) as smtp:
+            m = make_mail(subject="after the pipeline died")
+            errors, _ = await smtp.sendmail(m["From"], ["support@example.com"], m.as_bytes())
+            assert not errors  # ingest never depended on the pipeline
+        wait_until_processed(tmp_path)
+        assert stored_message_ids(tmp_path) == [m["Message-ID"]]
+    finally:
+        daemon.signal(signal.SIGTERM)
+        assert daemon.wait() == 0
+    assert "pipeline process exited" in daemon.output()

@@ -1,0 +1,194 @@
+"""The pipeline in its own process, so SMTP ingest keeps a core to itself.
+
+The pipeline is CPU-bound Python (parse, classify, thread, route, record, respond: tens of
+milliseconds a message); in the daemon's process it shares the interpreter lock with the
+SMTP event loop and halves ingest during a burst (docs/performance.md). Postfix keeps its
+smtpd and cleanup apart for the same reason. The spool and the database are files and
+transactions, so the child needs nothing from the parent but three signals:
+
+- `wake` (a multiprocessing Event): the spool committed new mail;
+- `reload` (a multiprocessing Event): read the rules again (the parent got SIGHUP);
+- `stop` (a multiprocessing Event): finish the current message and exit;
+- a pipe back to the parent: "I committed a batch" (new outbox rows: wake the delivery
+  worker and the escalator).
+
+The child starts with the parent's rules in force (a broken edit on disk must not stop a
+restarted child) and, like the parent, keeps them when a reload finds errors. It dies
+with its parent (Linux `PR_SET_PDEATHSIG`), so after a crash of the daemon no orphan keeps
+entries claimed while the restarted daemon recovers them; if the child dies on its own, the
+parent recovers its claimed entries and starts a new one (`PipelineProcess.supervise`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import logging
+import multiprocessing
+import os
+import signal
+from multiprocessing.connection import Connection
+from multiprocessing.synchronize import Event as MpEvent
+from typing import Any
+
+log = logging.getLogger("gateway.pipeline")
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    with contextlib.suppress(Exception):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def child_main(
+    config: dict[str, Any],
+    rules_now: Any,
+    wake: MpEvent,
+    reload: MpEvent,
+    stop: MpEvent,
+    notify: Connection,
+    parent: int,
+) -> None:
+    """Entry point of the pipeline process (spawned: a fresh interpreter)."""
+    _die_with_parent()
+    # The parent coordinates shutdown and reloads; a terminal's Ctrl-C or a stray SIGHUP
+    # must not kill us mid-transaction.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s[pipeline]: %(message)s"
+    )
+    logging.getLogger("gateway.security.sender_auth.dkimpy").setLevel(logging.CRITICAL)
+
+    from gateway.app import build_resolver, build_spool
+    from gateway.clock import SystemClock
+    from gateway.pipeline.context import Services
+    from gateway.pipeline.worker import PipelineWorker
+    from gateway.routing.holder import RulesHolder
+    from gateway.security.tokens import Signer
+    from gateway.settings import Settings
+    from gateway.store.db import open_database
+
+    settings = Settings(**config)
+    clock = SystemClock()
+    engine = open_database(settings.storage.database_url, migrate=False)
+    spool = build_spool(settings, clock)
+    rules = RulesHolder(settings.rules_path, initial=rules_now)
+    services = Services(
+        settings=settings,
+        clock=clock,
+        signer=Signer(settings.secret()),
+        rules=rules.current,
+        resolver=build_resolver(settings),
+    )
+    worker = PipelineWorker(engine=engine, spool=spool, services=services)
+    try:
+        while not stop.is_set() and os.getppid() == parent:
+            if reload.is_set():
+                reload.clear()
+                rules.reload()
+                services.rules = rules.current
+            elif rules.reload_if_changed():
+                services.rules = rules.current
+            wake.clear()
+            if worker.run_once_sync(stop):
+                with contextlib.suppress(OSError):
+                    notify.send_bytes(b"1")
+            # Woken by the next commit; the timeout retries entries whose backoff ended.
+            wake.wait(timeout=2.0)
+    finally:
+        spool.close()
+        engine.dispose()
+
+
+class PipelineProcess:
+    """Parent side: start, wake, reload, supervise and stop the pipeline process."""
+
+    def __init__(self, config: dict[str, Any], rules: Any, on_batch: Any) -> None:
+        self._mp = multiprocessing.get_context("spawn")
+        self.config = config
+        self.rules = rules  # callable: the rules in force now (handed to each new child)
+        self.on_batch = on_batch
+        self.wake = self._mp.Event()
+        self.reload_event = self._mp.Event()
+        self.stop_event = self._mp.Event()
+        self.proc: Any = None
+        self._conn: Connection | None = None
+        self.restarts = 0
+
+    def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        receiver, sender = self._mp.Pipe(duplex=False)
+        self.proc = self._mp.Process(
+            target=child_main,
+            args=(
+                self.config,
+                self.rules(),
+                self.wake,
+                self.reload_event,
+                self.stop_event,
+                sender,
+                os.getpid(),
+            ),
+            name="support-gateway-pipeline",
+            daemon=True,
+        )
+        self.proc.start()
+        sender.close()
+        self._conn = receiver
+        loop.add_reader(receiver.fileno(), self._on_notify)
+        self.wake.set()  # whatever waits in the spool from before
+
+    def _on_notify(self) -> None:
+        assert self._conn is not None
+        try:
+            while self._conn.poll():
+                self._conn.recv_bytes()
+        except (EOFError, OSError):
+            asyncio.get_running_loop().remove_reader(self._conn.fileno())
+            return
+        self.on_batch()
+
+    def reload(self) -> None:
+        self.reload_event.set()
+        self.wake.set()
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.is_alive()
+
+    async def supervise(self, stopping: asyncio.Event, recover: Any) -> None:
+        """Restart the child if it dies on its own (its claimed entries go back in line)."""
+        while not stopping.is_set():
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stopping.wait(), timeout=1.0)
+            if stopping.is_set() or self.alive:
+                continue
+            code = self.proc.exitcode if self.proc is not None else None
+            log.error("pipeline process exited (%s); recovering and restarting it", code)
+            self._close_conn()
+            recover()
+            self.restarts += 1
+            self.start()
+
+    def _close_conn(self) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(Exception):
+                asyncio.get_running_loop().remove_reader(self._conn.fileno())
+            self._conn.close()
+            self._conn = None
+
+    async def stop(self, timeout: float = 60.0) -> None:
+        """Let the child finish its current message, then wait for it to exit."""
+        self.stop_event.set()
+        self.wake.set()
+        if self.proc is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.proc.join, timeout)
+            if self.proc.is_alive():
+                log.error("pipeline process did not stop in %ss; killing it", timeout)
+                self.proc.kill()
+                self.proc.join()
+        self._close_conn()
