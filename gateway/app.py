@@ -145,7 +145,7 @@ class Gateway:
                 on_batch=self.pipeline.after_batch,
             )
             self.pipeline_process.start()
-            self.spool.on_commit = self.pipeline_process.wake.set
+            self.spool.on_commit = self.pipeline_process.wake
         else:
 
             def wake() -> None:

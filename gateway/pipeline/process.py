@@ -4,13 +4,12 @@ The pipeline is CPU-bound Python (parse, classify, thread, route, record, respon
 milliseconds a message); in the daemon's process it shares the interpreter lock with the
 SMTP event loop and halves ingest during a burst (docs/performance.md). Postfix keeps its
 smtpd and cleanup apart for the same reason. The spool and the database are files and
-transactions, so the child needs nothing from the parent but three signals:
-
-- `wake` (a multiprocessing Event): the spool committed new mail;
-- `reload` (a multiprocessing Event): read the rules again (the parent got SIGHUP);
-- `stop` (a multiprocessing Event): finish the current message and exit;
-- a pipe back to the parent: "I committed a batch" (new outbox rows: wake the delivery
-  worker and the escalator).
+transactions, so the child needs nothing from the parent but a control pipe carrying one
+byte per signal: `w` the spool committed new mail, `r` read the rules again (the parent got
+SIGHUP), `s` finish the current message and exit; end of file means the parent is gone.
+A second pipe goes back: "I committed a batch" (new outbox rows: wake the delivery worker
+and the escalator). Pipes, not multiprocessing Events: those are named semaphores, which
+Python 3.11's resource tracker double-unregisters at exit with spawned children.
 
 The child starts with the parent's rules in force (a broken edit on disk must not stop a
 restarted child) and, like the parent, keeps them when a reload finds errors. It dies
@@ -29,7 +28,7 @@ import multiprocessing
 import os
 import signal
 from multiprocessing.connection import Connection
-from multiprocessing.synchronize import Event as MpEvent
+from threading import Event, Lock, Thread
 from typing import Any
 
 log = logging.getLogger("gateway.pipeline")
@@ -43,12 +42,26 @@ def _die_with_parent() -> None:
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
+def _listen(control: Connection, wake: Event, reload: Event, stop: Event) -> None:
+    """Child thread: turn control bytes into events; EOF (the parent died) means stop."""
+    while True:
+        try:
+            data = control.recv_bytes()
+        except (EOFError, OSError):
+            data = b"s"
+        if b"r" in data:
+            reload.set()
+        if b"s" in data:
+            stop.set()
+        wake.set()
+        if stop.is_set():
+            return
+
+
 def child_main(
     config: dict[str, Any],
     rules_now: Any,
-    wake: MpEvent,
-    reload: MpEvent,
-    stop: MpEvent,
+    control: Connection,
     notify: Connection,
     parent: int,
 ) -> None:
@@ -85,6 +98,8 @@ def child_main(
         resolver=build_resolver(settings),
     )
     worker = PipelineWorker(engine=engine, spool=spool, services=services)
+    wake, reload, stop = Event(), Event(), Event()
+    Thread(target=_listen, args=(control, wake, reload, stop), daemon=True).start()
     try:
         while not stop.is_set() and os.getppid() == parent:
             if reload.is_set():
@@ -112,35 +127,39 @@ class PipelineProcess:
         self.config = config
         self.rules = rules  # callable: the rules in force now (handed to each new child)
         self.on_batch = on_batch
-        self.wake = self._mp.Event()
-        self.reload_event = self._mp.Event()
-        self.stop_event = self._mp.Event()
         self.proc: Any = None
         self._conn: Connection | None = None
+        self._control: Connection | None = None
+        self._send_lock = Lock()  # wake() comes from the spool's writer thread
         self.restarts = 0
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
         receiver, sender = self._mp.Pipe(duplex=False)
+        control_in, control_out = self._mp.Pipe(duplex=False)
         self.proc = self._mp.Process(
             target=child_main,
-            args=(
-                self.config,
-                self.rules(),
-                self.wake,
-                self.reload_event,
-                self.stop_event,
-                sender,
-                os.getpid(),
-            ),
+            args=(self.config, self.rules(), control_in, sender, os.getpid()),
             name="support-gateway-pipeline",
             daemon=True,
         )
         self.proc.start()
         sender.close()
+        control_in.close()
         self._conn = receiver
+        self._control = control_out
         loop.add_reader(receiver.fileno(), self._on_notify)
-        self.wake.set()  # whatever waits in the spool from before
+        self.wake()  # whatever waits in the spool from before
+
+    def _send(self, signal_byte: bytes) -> None:
+        with self._send_lock:
+            if self._control is not None:
+                with contextlib.suppress(OSError):
+                    self._control.send_bytes(signal_byte)
+
+    def wake(self) -> None:
+        """New mail is durable in the spool (called from the spool's writer thread)."""
+        self._send(b"w")
 
     def _on_notify(self) -> None:
         assert self._conn is not None
@@ -153,8 +172,7 @@ class PipelineProcess:
         self.on_batch()
 
     def reload(self) -> None:
-        self.reload_event.set()
-        self.wake.set()
+        self._send(b"r")
 
     @property
     def alive(self) -> bool:
@@ -180,11 +198,14 @@ class PipelineProcess:
                 asyncio.get_running_loop().remove_reader(self._conn.fileno())
             self._conn.close()
             self._conn = None
+        with self._send_lock:
+            if self._control is not None:
+                self._control.close()
+                self._control = None
 
     async def stop(self, timeout: float = 60.0) -> None:
         """Let the child finish its current message, then wait for it to exit."""
-        self.stop_event.set()
-        self.wake.set()
+        self._send(b"s")
         if self.proc is not None:
             await asyncio.get_running_loop().run_in_executor(None, self.proc.join, timeout)
             if self.proc.is_alive():
