@@ -1,1 +1,1 @@
-"""outbound package."""
+"""Outgoing mail: compose, DKIM-sign last, deliver through the relay or MX, retry."""

@@ -1,1 +1,1 @@
-"""security package."""
+"""Signed reply tokens and Message-IDs, DNS, and inbound sender authentication."""

@@ -1,1 +1,1 @@
-"""sla package."""
+"""Business time, deadlines, SLA clocks and the escalation worker."""

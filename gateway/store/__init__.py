@@ -1,1 +1,1 @@
-"""store package."""
+"""The ticket database: SQLModel tables, named queries, Alembic migrations."""
