@@ -1,8 +1,9 @@
 """Acknowledgements end to end: SMTP in, respond stage, outbox, delivery worker, DKIM, relay.
 
-The respond stage and the delivery worker are wired in here without touching the app:
-``gw.pipeline.stages = (*STAGES, respond)`` and a ``DeliveryWorker`` driven by hand. Time
-only moves when the FrozenClock is advanced (no sleeps).
+The pipeline runs its stages without the owner notification (these tests count only what
+the customer gets; tests/integration/test_staff_email.py covers notifications), and a
+``DeliveryWorker`` is driven by hand. Time only moves when the FrozenClock is advanced (no
+sleeps).
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
 from pathlib import Path
 
-import dkim
 import pytest
 from sqlmodel import Session, select
 
@@ -29,6 +29,7 @@ from gateway.pipeline.respond import respond
 from gateway.pipeline.stages import STAGES
 from gateway.store.models import Event, Message, Outbox
 from tests.conftest import make_settings
+from tests.support.dkim import KeyTable
 from tests.support.gateway import all_tickets, make_mail, running_gateway, send, ticket_json
 from tests.support.relay import Captured, CaptureRelay
 
@@ -49,13 +50,8 @@ class Env:
         await self.gw.pipeline.run_once()
         return await self.worker.run_once()
 
-    def dnsfunc(self, name: bytes | str, timeout: int = 5) -> bytes | None:
-        key = name.decode() if isinstance(name, bytes) else name
-        value = self.dns.get(key.rstrip(".").lower())
-        return value.encode() if value is not None else None
-
     def verify(self, captured: Captured) -> bool:
-        return bool(dkim.verify(captured.data, dnsfunc=self.dnsfunc))
+        return KeyTable(self.dns).verify(captured)
 
 
 @pytest.fixture

@@ -5,8 +5,8 @@ notification's Reply-To, quoting it -> the customer gets the answer without the 
 the support address, threaded and DKIM-signed, and the first-response clock stops. Commands,
 notes, forged staff mail and tokens used from the wrong address are covered too.
 
-The new stages are wired in here without touching the app (as test_acknowledgement does):
-``staff_stage`` right after ``record``, ``notify_owner_stage`` after ``respond``. Staff mail
+The pipeline's own stages run (``staff_stage`` right after ``record``,
+``notify_owner_stage`` after ``respond``) with a ``DeliveryWorker`` driven by hand. Staff mail
 is DKIM-signed for example.com with the test key, whose record is in the gateway's static
 resolver, so the "aligned DKIM/SPF when available" rule (FIELD-NOTES §5) is exercised for
 real; example.com also publishes SPF `-all`, so an unsigned reply fails SPF and is refused
@@ -23,7 +23,6 @@ from email.message import EmailMessage
 from email.utils import make_msgid
 from pathlib import Path
 
-import dkim
 import pytest
 from sqlmodel import Session, select
 
@@ -33,28 +32,17 @@ from gateway.outbound.dkim import DkimKey, load_key, public_txt_record, sign
 from gateway.outbound.dkim import keygen as dkim_keygen
 from gateway.outbound.worker import DeliveryWorker
 from gateway.pipeline.notify import notify_owner_stage
-from gateway.pipeline.record import record
-from gateway.pipeline.respond import respond
 from gateway.pipeline.staff import staff_stage
-from gateway.pipeline.stages import STAGES, Stage
 from gateway.security.dns import StaticResolver
 from gateway.sla.clocks import active_deadlines
 from gateway.store.models import Outbox, Ticket
 from tests.conftest import make_settings
+from tests.support.dkim import KeyTable
 from tests.support.gateway import all_tickets, make_mail, running_gateway, send, ticket_json
 from tests.support.relay import Captured, CaptureRelay
 
 SELECTOR = "gw1"
 DOMAIN = "example.com"
-
-
-def wired_stages() -> tuple[Stage, ...]:
-    stages = [s for s in STAGES if s not in (staff_stage, notify_owner_stage)]
-    if respond not in stages:
-        stages.append(respond)
-    stages.insert(stages.index(record) + 1, staff_stage)
-    stages.insert(stages.index(respond) + 1, notify_owner_stage)
-    return tuple(stages)
 
 
 @dataclass
@@ -70,13 +58,8 @@ class Env:
         await self.gw.pipeline.run_once()
         return await self.worker.run_once()
 
-    def dnsfunc(self, name: bytes | str, timeout: int = 5) -> bytes | None:
-        k = name.decode() if isinstance(name, bytes) else name
-        value = self.dns.get(k.rstrip(".").lower())
-        return value.encode() if value is not None else None
-
     def verify(self, captured: Captured) -> bool:
-        return bool(dkim.verify(captured.data, dnsfunc=self.dnsfunc))
+        return KeyTable(self.dns).verify(captured)
 
     def sent_to(self, address: str) -> list[Captured]:
         return [m for m in self.relay.messages if address in m.rcpt_tos]
@@ -107,7 +90,7 @@ async def env(tmp_path: Path, clock: FrozenClock, relay: CaptureRelay) -> AsyncI
         },
     )
     async with running_gateway(settings, clock) as gw:
-        gw.pipeline.stages = wired_stages()
+        assert staff_stage in gw.pipeline.stages and notify_owner_stage in gw.pipeline.stages
         record_name = f"{SELECTOR}._domainkey.{DOMAIN}"
         assert isinstance(gw.resolver, StaticResolver)
         gw.resolver.add(record_name, "TXT", public_txt_record(key))
