@@ -18,6 +18,7 @@ from gateway.clock import FrozenClock
 from tests.conftest import make_settings
 from tests.integration.test_daemon_process import RULES, free_port, start_daemon, write_config
 from tests.support.gateway import make_mail, running_gateway, send
+from tests.support.tls import self_signed
 
 
 def cli(cfg: Path, *args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess[str]:
@@ -209,35 +210,10 @@ async def test_rules_file_change_is_picked_up_and_broken_edit_kept_out(
 
 
 async def test_starttls_is_offered_with_a_certificate(tmp_path: Path, clock: FrozenClock) -> None:
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "mx.example.com")])
-    now = dt.datetime.now(dt.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(1)
-        .not_valid_before(now - dt.timedelta(days=1))
-        .not_valid_after(now + dt.timedelta(days=1))
-        .sign(key, hashes.SHA256())
-    )
-    (tmp_path / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (tmp_path / "key.pem").write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
+    cert, key = self_signed(tmp_path, "mx.example.com")
     settings = make_settings(
         tmp_path,
-        smtp={"tls_cert": str(tmp_path / "cert.pem"), "tls_key": str(tmp_path / "key.pem")},
+        smtp={"tls_cert": str(cert), "tls_key": str(key)},
     )
     async with running_gateway(settings, clock) as gw:
         smtp = aiosmtplib.SMTP(
