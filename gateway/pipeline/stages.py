@@ -111,11 +111,21 @@ def thread_stage(ctx: Context) -> None:
     if ctx.thread.key == "duplicate":
         ctx.done = True
         return
+    if kind in ("auto_reply", "loop"):
+        # Out-of-office replies (often sent with the null reverse-path, RFC 3834 §3.1.3) and
+        # our own mail coming back join their ticket without reopening it (FIELD-NOTES §3);
+        # unmatched, they are recorded without a ticket.
+        ctx.kind = "auto_reply"
+        ctx.thread.reopen = False
+        if ctx.thread.ticket is None:
+            ctx.thread.key = "unmatched-auto-reply" if kind == "auto_reply" else "loop"
+            ctx.thread.links.clear()
+        return
     if kind in ("bounce", "report") or not ctx.entry.envelope.mail_from:
         # A bounce belongs to the ticket whose outbound message it reports on; it never
         # opens a ticket and is never answered (FIELD-NOTES §3 rule 7). The null reverse-path
-        # is reserved for such notifications (RFC 5321 §4.5.5), so mail sent with it never
-        # opens a ticket either, even when its content is not a recognisable report.
+        # is reserved for such notifications (RFC 5321 §4.5.5), so other mail sent with it
+        # never opens a ticket either, even when its content is not a recognisable report.
         ctx.kind = "bounce"
         target = None
         if ctx.bounce is not None:
@@ -131,21 +141,6 @@ def thread_stage(ctx: Context) -> None:
         ctx.thread.ticket = lookup.ticket(target) if target is not None else None
         ctx.thread.reopen = False
         ctx.thread.key = "bounce" if ctx.thread.ticket else "unmatched-bounce"
-        return
-    if kind == "auto_reply":
-        # Out-of-office replies join their ticket without reopening it (FIELD-NOTES §3).
-        ctx.kind = "auto_reply"
-        ctx.thread.reopen = False
-        if ctx.thread.ticket is None:
-            ctx.thread.key = "unmatched-auto-reply"
-            ctx.thread.links.clear()
-        return
-    if kind == "loop":
-        ctx.kind = "auto_reply"
-        ctx.thread.reopen = False
-        if ctx.thread.ticket is None:
-            ctx.thread.key = "loop"
-            ctx.thread.links.clear()
 
 
 def route_stage(ctx: Context) -> None:

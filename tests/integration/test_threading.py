@@ -239,18 +239,21 @@ async def test_merged_customer_replies_from_second_address(gw: Gateway) -> None:
         assert customer_of(s, "pat@home.example") == customer_of(s, PAT)
 
 
-async def test_out_of_office_joins_without_reopening(gw: Gateway) -> None:
+@pytest.mark.parametrize("envelope", [PAT, ""], ids=["sender", "null-sender"])
+async def test_out_of_office_joins_without_reopening(gw: Gateway, envelope: str) -> None:
     t = await first_ticket(gw)
     ticket_id = all_tickets(gw)[0].id
     ours = gw.signer.message_id("mx.example.com", ticket_id, "ack")
     close_first_ticket(gw)
-    await deliver(
-        gw,
+    ooo = make_mail(
         sender=PAT,
         in_reply_to=ours,
         subject="Automatic reply: Printer on fire",
         headers={"Auto-Submitted": "auto-replied"},
     )
+    # RFC 3834 §3.1.3 recommends the null reverse-path for automatic responses.
+    await send(gw, ooo, sender=envelope, recipients=["support@example.com"])
+    await gw.pipeline.run_once()
     d = ticket_json(gw, t["ref"])
     assert d["status"] == "closed"
     assert [m["kind"] for m in inbound(d)] == ["customer", "auto_reply"]
