@@ -20,7 +20,7 @@ from gateway.settings import Settings
 from gateway.store.models import Event, Message, Outbox
 from tests.support.gateway import all_tickets, make_mail, running_gateway, send, ticket_json
 
-CORPUS = Path(__file__).parents[3] / "shared" / "corpora" / "bounces-sisimai" / "maildir" / "bsd"
+CORPUS = Path(__file__).parents[1] / "data" / "bounces-sisimai" / "maildir" / "bsd"
 
 
 def corpus() -> list[Path]:

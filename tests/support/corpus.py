@@ -1,6 +1,6 @@
-"""The fedora-devel January 2010 thread corpus (/work/shared/corpora/threads-fedora-devel/),
-and the threading evaluation run on it by tests/integration/test_corpus_threading.py and
-bench/corpus_threading.py.
+"""The fedora-devel January 2010 thread corpus (tests/data/threads-fedora-devel/, BSD, licence
+beside it), and the threading evaluation run on it by tests/integration/test_corpus_threading.py
+and bench/corpus_threading.py.
 
 Corpus: ``2010-January.mbox.gz`` (292 list messages, archive order = chronological) and
 ``2010-January_thread.html.gz``, the MHonArc archive's own thread index (ground truth).
@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from gateway.app import Gateway
 
-CORPUS_DIR = Path("/work/shared/corpora/threads-fedora-devel")
+CORPUS_DIR = Path(__file__).resolve().parents[1] / "data" / "threads-fedora-devel"
 MBOX = CORPUS_DIR / "2010-January.mbox.gz"
 THREAD_HTML = CORPUS_DIR / "2010-January_thread.html.gz"
 SUPPORT_ADDRESS = "support@example.com"

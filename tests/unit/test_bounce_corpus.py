@@ -1,6 +1,6 @@
 """Robot detection and bounce parsing against real mail nobody here wrote.
 
-Corpus: sisimai "set-of-emails" (BSD 2-clause), ``shared/corpora/bounces-sisimai/maildir``:
+Corpus: sisimai "set-of-emails" (BSD 2-clause), ``tests/data/bounces-sisimai/maildir``:
 ``bsd/`` holds 629 bounces, auto-replies and feedback reports from dozens of MTAs; ``not/``
 holds messages that are not bounces. No per-file answers are encoded here: every file must
 pass the same rules, and the shares below are thresholds under what was measured
@@ -35,12 +35,7 @@ from gateway.pipeline.classify import RobotVerdict, classify
 pytestmark = pytest.mark.slow
 
 CORPUS = (
-    Path(
-        os.environ.get(
-            "GATEWAY_CORPORA",
-            Path(__file__).resolve().parents[3] / "shared" / "corpora",
-        )
-    )
+    Path(os.environ.get("GATEWAY_CORPORA", Path(__file__).resolve().parents[1] / "data"))
     / "bounces-sisimai"
     / "maildir"
 )
