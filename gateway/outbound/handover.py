@@ -236,14 +236,14 @@ def compose_handover_letter(
         if i in file_lines:
             body += "\n\nFiles:\n" + "\n".join(file_lines[i])
         blocks.append(body)
-    n_files = sum(len(v) for v in file_lines.values())
+    distinct = len({hashlib.sha256(p.data).digest() for e in entries for p in e.parts})
     text_parts = [
         reason.strip(),
         *(["\n".join(f"Note: {n}" for n in notes)] if notes else []),
         "\n".join(summary),
         f"The whole history of {ticket.ref}, oldest first ({len(entries)} message"
         f"{'' if len(entries) == 1 else 's'}; staff answers and internal notes are marked; "
-        f"{len(attach)} of {n_files} file(s) attached, each once):",
+        f"{distinct} distinct file(s), {len(attach)} attached below, each once):",
         "\n\n".join(blocks) if blocks else "(no messages)",
         "===== end of history =====",
         f"Reply to this email to answer {ticket.requester}: your reply is sent from "
@@ -300,13 +300,15 @@ def compose_handover(
     notes: Sequence[str] = (),
     actor: Person | None = None,
     kind: str = "notification",
+    told: str | None = None,
 ) -> list[Outbox]:
     """Queue the handover pack to `new_holder` and the "now held by" letter to
     `previous_holder`; returns the outbox rows (see the module docstring).
 
     `actor` is whoever caused the change (``#assign`` by a person; None for the escalator):
     no pack to an actor who took the ticket themselves, no "now held by" letter to an actor
-    who gave their own ticket away (the command confirmation says so).
+    who gave their own ticket away (the command confirmation says so). `told` is why, in
+    words for the previous holder (default: `reason`).
     """
     assert ticket.id is not None
     rows: list[Outbox] = []
@@ -360,7 +362,7 @@ def compose_handover(
         and (actor is None or actor.id != previous_holder.id)
     ):
         subj, body = compose_previous_holder_letter(
-            ticket=ticket, new_holder=new_holder, reason=reason
+            ticket=ticket, new_holder=new_holder, reason=told or reason
         )
         rows.append(
             notify_owner(

@@ -569,6 +569,8 @@ class Escalator:
                 subject=f"[{ticket.ref}] escalated to you: {clock_name} missed",
                 notes=notes,
                 kind="escalation",
+                told=f"{ticket.ref} missed its {clock_name} deadline ({promised}); escalation"
+                f" step {fire.step + 1} of {len(ladder)} gave it to {person.name}.",
             )
             row.person, row.action = person.id, f"assign:{step.assign}"
             owner = person

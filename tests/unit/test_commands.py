@@ -8,8 +8,8 @@ from datetime import timedelta
 import pytest
 
 from gateway.pipeline.commands import Command, parse_commands, parse_duration
-from gateway.sla.durations import Duration
 from gateway.pipeline.staff import strip_quoted
+from gateway.sla.durations import Duration
 
 
 def names(text: str) -> list[str]:
