@@ -18,7 +18,10 @@ notification carries everything the owner needs to answer from a mail client:
   (FIELD-NOTES §6), never sent from here.
 
 Runs after ``respond`` in the same transaction, for a new ticket and for every further
-message from a human customer. Never for robots (auto-replies, bounces, lists: their mail is
+message from a human customer. For a new ticket, every person a matching route lists in
+``notify`` gets the same notification with a reply token of their own (issue 11: the list
+used to be stored in the ``routed`` event and nobody was told). All of them go at once:
+notifications are never held for a person's working hours (docs/rules.md "People"). Never for robots (auto-replies, bounces, lists: their mail is
 recorded, the owner is not paged for it) and never for staff mail (``kind`` note or
 staff_reply, set by ``record`` and the staff stage). A mail whose From is one of our staff but
 that came without a staff token (a possible forgery, FIELD-NOTES §5) is still notified, with
@@ -243,7 +246,8 @@ def _warnings(ctx: Context) -> list[str]:
 
 
 def notify_owner_stage(ctx: Context) -> None:
-    """Queue the owner's notification for a new ticket or a new customer message."""
+    """Queue the owner's notification for a new ticket or a new customer message, and for a
+    new ticket the same notification to each person in the route's ``notify`` list."""
     if ctx.done or ctx.thread is None or ctx.parsed is None:
         return
     if ctx.ticket is None or ctx.message is None or ctx.ticket.id is None:
