@@ -21,8 +21,9 @@ Runs after ``respond`` in the same transaction, for a new ticket and for every f
 message from a human customer. For a new ticket, every person a matching route lists in
 ``notify`` gets the same notification with a reply token of their own (issue 11: the list
 used to be stored in the ``routed`` event and nobody was told). All of them go at once:
-notifications are never held for a person's working hours (docs/rules.md "People"). Never for robots (auto-replies, bounces, lists: their mail is
-recorded, the owner is not paged for it) and never for staff mail (``kind`` note or
+notifications are never held for a person's working hours (docs/rules.md "People").
+Never for robots (auto-replies, bounces, lists: their mail is recorded, the owner is not
+paged for it) and never for staff mail (``kind`` note or
 staff_reply, set by ``record`` and the staff stage). A mail whose From is one of our staff but
 that came without a staff token (a possible forgery, FIELD-NOTES §5) is still notified, with
 a warning line, so the impersonated person sees it.
