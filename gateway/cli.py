@@ -79,7 +79,12 @@ def _parser() -> argparse.ArgumentParser:
 
     sla = sub.add_parser("sla", help="deadlines").add_subparsers(dest="sla_command", required=True)
     su = sla.add_parser("upcoming", help="deadlines due soon (and missed), per owner")
-    su.add_argument("--within", default="24h", help="duration, e.g. 4h, 2d (default 24h)")
+    su.add_argument(
+        "--within",
+        default="1d",
+        help="duration in the rules' grammar, e.g. 4h, 2d: business time in each ticket's "
+        "SLA calendar, d = one working day (default 1d)",
+    )
     su.add_argument("--json", action="store_true")
     su.add_argument("--at", help="ISO 8601 'now' (default: now)")
 
@@ -390,11 +395,12 @@ def cmd_outbox(args: argparse.Namespace) -> int:
 def cmd_sla(args: argparse.Namespace) -> int:
     settings = _settings(args)
     engine = _engine(settings)
-    from gateway.sla.business_time import parse_duration
+    from gateway.sla import durations
     from gateway.views import upcoming
 
     try:
-        within = parse_duration(args.within)
+        # The rules' grammar: "2d" is two working days of each ticket's SLA calendar.
+        within = durations.parse(args.within)
     except ValueError as exc:
         print(f"--within {args.within!r}: {exc}", file=sys.stderr)
         return EX_USAGE
@@ -408,6 +414,18 @@ def cmd_sla(args: argparse.Namespace) -> int:
         if r["owner"]["id"] != owner:
             owner = r["owner"]["id"]
             print(f"{r['owner']['name']} <{r['owner']['email']}>")
+        if r["paused"]:
+            # Issue 11: a paused clock is not "due"; say why and what is left.
+            why = r["paused_reason"]
+            more = (
+                f"{r['remaining']} left when the customer writes"
+                if r["remaining"]
+                else f"deadline {r['due']} stands"
+                if why.startswith("snoozed")
+                else f"deadline was {r['due']}"
+            )
+            print(f"  {r['ref']:<12} {r['clock']:<15} paused ({why}); {more}  {r['subject'][:50]}")
+            continue
         flag = "MISSED" if r["overdue"] else "due"
         print(f"  {r['ref']:<12} {r['clock']:<15} {flag} {r['due']}  {r['subject'][:50]}")
     if not rows:

@@ -9,7 +9,10 @@ from typing import Any
 from sqlmodel import Session, col, select
 
 from gateway.routing.model import Rules
+from gateway.sla.business_time import BusinessCalendar, format_duration
+from gateway.sla.clocks import utc
 from gateway.sla.deadlines import isoz
+from gateway.sla.durations import Duration
 from gateway.store.models import Event, Message, Participant, Ticket, TicketLink
 from gateway.store.queries import undeliverable
 
@@ -95,28 +98,63 @@ def ticket_detail(s: Session, t: Ticket, rules: Rules | None) -> dict[str, Any]:
 
 
 def upcoming(
-    s: Session, rules: Rules | None, now: datetime, within: timedelta
+    s: Session, rules: Rules | None, now: datetime, within: timedelta | Duration
 ) -> list[dict[str, Any]]:
-    """Deadlines due before now + within (including those already missed), soonest first."""
-    horizon = now + within
+    """Deadlines due before now + within (including those already missed), soonest first.
+
+    `within` is a `Duration` read with the rules' grammar (``gateway.sla.durations``): business
+    time in each ticket's SLA calendar, so ``--within 1d`` is "by the end of one working day"
+    for every ticket. A plain timedelta is clock time.
+
+    A paused clock is marked, not listed as due (issue 11, item 9): ``paused`` true, ``state``
+    "paused", ``paused_reason`` "waiting on customer" (the deadline moves by the business
+    time spent waiting; ``remaining`` is the budget left at the pause) or "snoozed until ..."
+    (no escalation before then; the deadline itself stands). ``state`` is otherwise "due" or
+    "missed" (``overdue``); a clock missed before the ticket went waiting stays missed.
+    """
     rows: list[dict[str, Any]] = []
     for t in s.exec(select(Ticket).where(Ticket.status != "closed")).all():
+        calendar: BusinessCalendar | None = None
+        if rules is not None and t.sla in rules.sla:
+            calendar = rules.calendar_for_policy(t.sla)
+        horizon = within.after(now, calendar) if isinstance(within, Duration) else now + within
         clocks = {
             "first_response": t.first_response_due if t.first_responded_at is None else None,
             "next_response": t.next_response_due,
             "resolution": t.resolution_due,
         }
-        if t.status == "waiting":
-            clocks["first_response"] = clocks["next_response"] = None  # paused on the customer
-        for clock, due in clocks.items():
+        waiting_since = utc(t.waiting_since) if t.status == "waiting" else None
+        snoozed_until = utc(t.snoozed_until)
+        if snoozed_until is not None and snoozed_until <= now:
+            snoozed_until = None
+        for clock, stored in clocks.items():
+            due = utc(stored)
             if due is None or due > horizon:
                 continue
+            paused, reason, remaining = False, None, None
+            overdue = due <= now
+            if t.status == "waiting":
+                # Paused on the customer (gateway.sla.clocks): only a clock missed before
+                # the pause is missed; the others resume with what was left.
+                paused_at = waiting_since or now
+                overdue = due <= paused_at
+                paused = not overdue
+                reason = "waiting on customer"
+                if paused and calendar is not None:
+                    remaining = format_duration(calendar.elapsed(paused_at, due))
+            elif snoozed_until is not None:
+                paused, reason = True, f"snoozed until {isoz(snoozed_until)}"
             rows.append(
                 {
                     "ref": t.ref,
                     "clock": clock,
                     "due": isoz(due),
-                    "overdue": due <= now,
+                    "overdue": overdue,
+                    "state": "paused" if paused else ("missed" if overdue else "due"),
+                    "paused": paused,
+                    "paused_reason": reason if paused else None,
+                    "paused_since": isoz(waiting_since) if paused and waiting_since else None,
+                    "remaining": remaining,
                     "owner": owner_json(rules, t.owner),
                     "subject": t.subject,
                     "priority": t.priority,

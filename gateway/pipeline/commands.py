@@ -11,7 +11,9 @@ Grammar (BRIEF: "a few email commands"; issue 7):
   the command block, and everything from there on is the reply text (so a ``#`` further down,
   or in the quoted notification, is never a command);
 - ``#note`` (internal, not sent), ``#close``, ``#waiting`` take no argument;
-  ``#assign <person-id>``, ``#snooze <duration>`` (``2d``, ``4h``, ``1d12h``; units s m h d w),
+  ``#assign <person-id>``, ``#snooze <duration>`` (``2d``, ``4h``, ``1d12h``: the grammar of
+  the rules, ``gateway.sla.durations``; ``d`` is a working day of the ticket's SLA calendar,
+  so ``#snooze 2d`` on a Friday wakes on Tuesday, not on Sunday),
   ``#priority <low|normal|high|urgent>``, ``#merge <REF>`` take one;
 - an unknown ``#word`` in the command block is an **error**, not silently text: a mistyped
   ``#clsoe`` must not be relayed to the customer as the first line of the answer;
@@ -26,6 +28,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from datetime import timedelta
+
+from gateway.sla.durations import Duration, parse
 
 __all__ = [
     "COMMANDS",
@@ -50,9 +54,6 @@ PRIORITIES = ("low", "normal", "high", "urgent")
 MAX_SNOOZE = timedelta(days=365)
 
 _LINE_RE = re.compile(r"#([A-Za-z][A-Za-z0-9_-]*)(?:\s+(.*))?")
-_DURATION_RE = re.compile(r"(?:\d+[smhdw])+")
-_DURATION_PART_RE = re.compile(r"(\d+)([smhdw])")
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _PERSON_RE = re.compile(r"[a-z0-9_-]{1,32}")
 _REF_RE = re.compile(r"[A-Z0-9][A-Z0-9_-]{0,63}")
 _STATUS = ("close", "waiting", "merge")
@@ -62,24 +63,24 @@ _INVISIBLE = "\ufeff\u200b\u200c\u200d\u2060"
 @dataclass(frozen=True)
 class Command:
     """One parsed command: ``name`` as in `COMMANDS`, its normalised argument, the original
-    line (for confirmations), and the duration of ``#snooze``."""
+    line (for confirmations), and the duration of ``#snooze`` (applied in the ticket's
+    calendar by the staff stage)."""
 
     name: str
     arg: str = ""
     line: str = ""
-    duration: timedelta | None = None
+    duration: Duration | None = None
 
     def describe(self) -> str:
         return f"#{self.name}" + (f" {self.arg}" if self.arg else "")
 
 
-def parse_duration(text: str) -> timedelta | None:
-    """``2d``, ``4h``, ``90m``, ``1d12h``, ``1w`` (case-insensitive); None when invalid."""
-    value = text.strip().lower().replace(" ", "")
-    if not _DURATION_RE.fullmatch(value):
+def parse_duration(text: str) -> Duration | None:
+    """``2d``, ``4h``, ``90m``, ``1d12h`` (``gateway.sla.durations``); None when invalid."""
+    try:
+        return parse(text)
+    except ValueError:
         return None
-    seconds = sum(int(n) * _UNITS[u] for n, u in _DURATION_PART_RE.findall(value))
-    return timedelta(seconds=seconds)
 
 
 def _command(name: str, arg: str, line: str) -> tuple[Command | None, str | None]:
@@ -117,11 +118,14 @@ def _command(name: str, arg: str, line: str) -> tuple[Command | None, str | None
         return Command(name, ref, line), None
     # snooze
     duration = parse_duration(arg)
-    if duration is None or duration <= timedelta(0):
-        return None, f"#snooze: {arg!r} is not a duration such as 2d, 4h or 90m"
-    if duration > MAX_SNOOZE:
+    if duration is None or duration.is_zero():
+        return None, (
+            f"#snooze: {arg!r} is not a duration such as 2d, 4h or 90m "
+            f"(d = working days, as in the rules)"
+        )
+    if duration.business() > MAX_SNOOZE:  # a working day is at most 24 h: an upper bound
         return None, f"#snooze: {arg!r} is longer than {MAX_SNOOZE.days} days"
-    return Command(name, arg.lower().replace(" ", ""), line, duration), None
+    return Command(name, duration.text, line, duration), None
 
 
 def parse_commands(text: str) -> tuple[list[Command], str, list[str]]:

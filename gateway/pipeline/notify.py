@@ -18,8 +18,12 @@ notification carries everything the owner needs to answer from a mail client:
   (FIELD-NOTES §6), never sent from here.
 
 Runs after ``respond`` in the same transaction, for a new ticket and for every further
-message from a human customer. Never for robots (auto-replies, bounces, lists: their mail is
-recorded, the owner is not paged for it) and never for staff mail (``kind`` note or
+message from a human customer. For a new ticket, every person a matching route lists in
+``notify`` gets the same notification with a reply token of their own (issue 11: the list
+used to be stored in the ``routed`` event and nobody was told). All of them go at once:
+notifications are never held for a person's working hours (docs/rules.md "People").
+Never for robots (auto-replies, bounces, lists: their mail is recorded, the owner is not
+paged for it) and never for staff mail (``kind`` note or
 staff_reply, set by ``record`` and the staff stage). A mail whose From is one of our staff but
 that came without a staff token (a possible forgery, FIELD-NOTES §5) is still notified, with
 a warning line, so the impersonated person sees it.
@@ -137,11 +141,18 @@ def compose_owner_notification(
     hostname: str,
     now: datetime,
     attachment_limit: int,
+    recipient: Person | None = None,
+    why: str = "",
 ) -> tuple[bytes, str, str, str]:
-    """The notification to the owner: (unsigned bytes, Message-ID, subject, text body)."""
+    """The notification to the owner: (unsigned bytes, Message-ID, subject, text body).
+
+    `recipient` (default: the owner) is who gets it, with a reply token of their own; a
+    route's ``notify`` list sends the very same notification to each person it names, with
+    `why` saying so (issue 11: "notify means notify")."""
     assert ticket.id is not None
+    to = recipient or owner
     local, domain = _local_and_domain(from_address)
-    reply_to = signer.reply_address(local, domain, ticket.id, owner.id)
+    reply_to = signer.reply_address(local, domain, ticket.id, to.id)
     message_id = signer.message_id(hostname, ticket.id, "notify")
     subject = tagged_subject(ticket.ref, ticket.subject)
     who = f"{sender_name} <{sender}>" if sender_name else sender
@@ -172,7 +183,7 @@ def compose_owner_notification(
         files.append(f"{len(parts)} {noun}, {describe_size(total)} in total, {how}:")
         files.extend(f"  - {p.filename} ({describe_size(len(p.data))})" for p in parts)
     body_parts = [
-        headline,
+        headline + (f"\n{why}" if why else ""),
         *[f"WARNING: {w}" for w in warnings],
         "\n".join(summary),
         f"----- Message from {who}, received {isoz(received_at)} -----\n"
@@ -194,7 +205,7 @@ def compose_owner_notification(
         msg,
         from_address=from_address,
         from_name=from_name,
-        to=f"{owner.name} <{owner.email}>" if owner.name else owner.email,
+        to=f"{to.name} <{to.email}>" if to.name else to.email,
         subject=subject,
         message_id=message_id,
         now=now,
@@ -236,7 +247,8 @@ def _warnings(ctx: Context) -> list[str]:
 
 
 def notify_owner_stage(ctx: Context) -> None:
-    """Queue the owner's notification for a new ticket or a new customer message."""
+    """Queue the owner's notification for a new ticket or a new customer message, and for a
+    new ticket the same notification to each person in the route's ``notify`` list."""
     if ctx.done or ctx.thread is None or ctx.parsed is None:
         return
     if ctx.ticket is None or ctx.message is None or ctx.ticket.id is None:
@@ -267,38 +279,6 @@ def notify_owner_stage(ctx: Context) -> None:
     limit = settings.outbound.notify_attachment_limit
     p = ctx.parsed
     parts = attachment_parts(p.msg)
-    raw, message_id, subject, text = compose_owner_notification(
-        ticket=ticket,
-        owner=owner,
-        new_ticket=ctx.thread.is_new,
-        sender=ctx.sender,
-        sender_name=p.from_name,
-        customer_subject=p.subject,
-        customer_text=p.text,
-        received_at=ctx.received_at,
-        parts=parts,
-        calendar=calendar,
-        warnings=_warnings(ctx),
-        from_address=settings.outbound.from_address,
-        from_name=settings.outbound.from_name,
-        signer=ctx.services.signer,
-        hostname=settings.smtp.hostname,
-        now=ctx.now,
-        attachment_limit=limit,
-    )
-    enqueue(
-        s,
-        ticket_id=ticket.id,
-        kind="notification",
-        raw=raw,
-        message_id=message_id,
-        rcpt_tos=[owner.email],
-        now=ctx.now,
-        mail_from="",  # automatic mail: null reverse-path (RFC 3834 §3.3)
-        from_address=settings.outbound.from_address,
-        subject=subject,
-        text=text,
-    )
     total = sum(len(x.data) for x in parts)
     files = (
         f"; {len(parts)} attachment(s), {describe_size(total)}"
@@ -306,12 +286,65 @@ def notify_owner_stage(ctx: Context) -> None:
         if parts
         else ""
     )
-    add_event(
-        s,
-        ticket.id,
-        "owner-notified",
-        f"notification {message_id} queued to {owner.name} <{owner.email}> with the full "
-        f"text{files}",
-        ctx.now,
-        message_id=ctx.message.id,
-    )
+    # The owner first, then (new ticket only) each person a matching route lists in
+    # `notify`: the same full notification, each with a reply token of their own. They go
+    # at once, whatever the person's calendar says (docs/rules.md "People"): holding them
+    # for working hours would need a delayed outbox, and an outage route that "wakes up the
+    # lead" must wake her (issue 11, items 4 and 5).
+    recipients: list[tuple[Person, str]] = [(owner, "")]
+    if ctx.thread.is_new and ctx.decision is not None:
+        routes = ", ".join(ctx.decision.matched_routes) or "the rules"
+        for who in ctx.decision.notify:
+            person = ctx.services.rules.people.get(who)
+            if person is None:
+                add_event(s, ticket.id, "notify-skipped", f"route notify {who!r}: unknown", ctx.now)
+                continue
+            if any(person.id == r.id for r, _ in recipients):
+                continue  # the owner (or a repeat) gets one notification, not two
+            recipients.append(
+                (person, f"You get this because route {routes} lists you in `notify`.")
+            )
+    for person, why in recipients:
+        raw, message_id, subject, text = compose_owner_notification(
+            ticket=ticket,
+            owner=owner,
+            new_ticket=ctx.thread.is_new,
+            sender=ctx.sender,
+            sender_name=p.from_name,
+            customer_subject=p.subject,
+            customer_text=p.text,
+            received_at=ctx.received_at,
+            parts=parts,
+            calendar=calendar,
+            warnings=_warnings(ctx),
+            from_address=settings.outbound.from_address,
+            from_name=settings.outbound.from_name,
+            signer=ctx.services.signer,
+            hostname=settings.smtp.hostname,
+            now=ctx.now,
+            attachment_limit=limit,
+            recipient=person,
+            why=why,
+        )
+        enqueue(
+            s,
+            ticket_id=ticket.id,
+            kind="notification",
+            raw=raw,
+            message_id=message_id,
+            rcpt_tos=[person.email],
+            now=ctx.now,
+            mail_from="",  # automatic mail: null reverse-path (RFC 3834 §3.3)
+            from_address=settings.outbound.from_address,
+            subject=subject,
+            text=text,
+        )
+        add_event(
+            s,
+            ticket.id,
+            "owner-notified" if person is owner else "route-notified",
+            f"notification {message_id} queued to {person.name} <{person.email}> with the "
+            f"full text{files}" + ("" if person is owner else " (route notify)"),
+            ctx.now,
+            message_id=ctx.message.id,
+        )

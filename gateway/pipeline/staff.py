@@ -55,6 +55,7 @@ from mailparser_reply import EmailReplyParser
 from sqlmodel import col, select
 
 from gateway.outbound.compose import _base_headers, _local_and_domain, isoz, tagged_subject
+from gateway.outbound.handover import compose_handover
 from gateway.outbound.worker import enqueue, notify_owner
 from gateway.pipeline.commands import Command, parse_commands
 from gateway.pipeline.context import Context
@@ -445,7 +446,12 @@ def _apply(ctx: Context, person: Person, cmd: Command) -> str:
         return f"#waiting: {t.ref} waits on the customer; our clocks pause until they write"
     if cmd.name == "snooze":
         assert cmd.duration is not None
-        until = ctx.now + cmd.duration
+        # One grammar (gateway.sla.durations): "2d" is two working days of the ticket's
+        # SLA calendar, as in the rules; clock time only when the policy is unknown.
+        calendar = None
+        if t.sla in rules.sla:
+            calendar = rules.calendar_for_policy(t.sla)
+        until = cmd.duration.after(ctx.now, calendar)
         on_snooze(t, until)
         _event(ctx, "snoozed", f"snoozed until {isoz(until)} {by}; deadlines unchanged")
         return f"#snooze: no escalation before {isoz(until)} (the deadlines stand)"
@@ -459,17 +465,20 @@ def _apply(ctx: Context, person: Person, cmd: Command) -> str:
         old = t.owner
         t.owner = target.id
         _event(ctx, "assigned", f"owner {old} -> {target.id} ({target.name}) {by}")
-        if target.id != person.id:
-            last = last_customer_message(ctx.session, t.id)
-            text = last.text.strip() if last is not None and last.text else "(no message)"
-            _tell(
-                ctx,
-                target,
-                f"[{t.ref}] Assigned to you: {t.subject}",
-                f"{person.name} assigned {t.ref} to you.\n\nRequester: {t.requester}\n"
-                f"Subject: {t.subject}\n\n----- The customer's last message -----\n{text}\n"
-                f"----- end -----\n\nReply to this email to answer the customer.\n",
-            )
+        # Issue 11: the new holder gets the whole history, the previous one is told.
+        compose_handover(
+            ctx.session,
+            t,
+            target,
+            rules.people.get(old),
+            f"{person.name} assigned {t.ref} to {target.name} (#assign).",
+            rules=rules,
+            settings=ctx.services.settings,
+            signer=ctx.services.signer,
+            now=ctx.now,
+            subject=f"[{t.ref}] Assigned to you: {t.subject}",
+            actor=person,
+        )
         return f"#assign: {t.ref} now belongs to {target.name}"
     if cmd.name == "merge":
         into = find_ticket(s, cmd.arg)

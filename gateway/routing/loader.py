@@ -35,11 +35,11 @@ from gateway.routing.model import (
     Rules,
     SlaPolicy,
 )
+from gateway.sla import durations
 from gateway.sla.business_time import (
     BusinessCalendar,
     day_indexes,
     parse_day,
-    parse_duration,
     parse_holiday_dates,
     parse_hours,
     parse_timezone,
@@ -582,7 +582,7 @@ class _Loader:
         calendar_id = self.string(source, path, table, "calendar", label, required=True)
         self.ref("calendar", calendar_id, source, (*path, "calendar"), label)
         known = self.calendars.get(calendar_id or "")
-        # "5d" means five of this calendar's working days (see parse_duration).
+        # "5d" means five of this calendar's working days (gateway.sla.durations).
         day = known[0].day if known else timedelta(days=1)
 
         def duration(
@@ -591,7 +591,7 @@ class _Loader:
             if key not in data:
                 return None
             try:
-                return parse_duration(data[key], day=day)
+                return durations.parse(data[key]).business(day)
             except ValueError as error:
                 self.problem(source, (*at, key), f"{where}: {key}: {error}")
                 return None

@@ -26,6 +26,8 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import holidays as holidays_lib
 
+from gateway.sla import durations
+
 __all__ = [
     "DAY_NAMES",
     "BusinessCalendar",
@@ -59,10 +61,6 @@ _MAX_CLOSED_DAYS = 3660
 
 # --------------------------------------------------------------------------- durations
 
-_DURATION_RE = re.compile(
-    r"(?:(?P<d>\d+)\s*d)?\s*(?:(?P<h>\d+)\s*h)?\s*(?:(?P<m>\d+)\s*m)?\s*(?:(?P<s>\d+)\s*s)?"
-)
-
 
 def parse_duration(text: str, *, day: timedelta = timedelta(days=1)) -> timedelta:
     """Parse "4h", "30m", "2d", "90s" or a combination in that order ("1d4h", "1h30m").
@@ -70,19 +68,10 @@ def parse_duration(text: str, *, day: timedelta = timedelta(days=1)) -> timedelt
     `day` is what one "d" is worth. Rules files speak of *business* days ("resolution = 5d"
     means five working days, CONTRACT.md's example lands exactly one week later), so the
     loader passes the length of the policy calendar's working day (`BusinessCalendar.day`);
-    the plain default is 24 hours.
+    the plain default is 24 hours. The grammar lives in `gateway.sla.durations` (one grammar
+    for rules, commands and the CLI).
     """
-    if not isinstance(text, str):
-        raise ValueError(f'duration must be a string like "4h", got {text!r}')
-    stripped = text.strip().lower()
-    match = _DURATION_RE.fullmatch(stripped)
-    if not stripped or match is None or not any(match.groupdict().values()):
-        raise ValueError(
-            f'bad duration "{text}": use a number with a unit s, m, h or d, e.g. "4h", "30m", '
-            '"2d" or "1h30m"'
-        )
-    parts = {k: int(v) if v else 0 for k, v in match.groupdict().items()}
-    return day * parts["d"] + timedelta(hours=parts["h"], minutes=parts["m"], seconds=parts["s"])
+    return durations.parse(text).business(day)
 
 
 def format_duration(value: timedelta) -> str:

@@ -56,6 +56,7 @@ from gateway.outbound.compose import (
     format_local,
     tagged_subject,
 )
+from gateway.outbound.handover import compose_handover
 from gateway.outbound.worker import enqueue
 from gateway.routing.model import EscalationStep as LadderStep
 from gateway.routing.model import Person, Rules, SlaPolicy
@@ -554,22 +555,22 @@ class Escalator:
                     data={"from": previous, "to": person.id, "skipped": skipped},
                 )
             done.append(f"assigned to {person.name} ({step.assign})")
-            body = self._staff_body(
-                session,
-                ticket,
-                calendar,
-                f"{ticket.ref} missed its {clock_name} deadline ({promised}) and is now yours"
-                f" (escalation step {fire.step + 1} of {len(ladder)}).",
-                fire,
-                notes,
-            )
-            self._notify(
+            compose_handover(  # issue 11: the whole history to the new holder; the old one told
                 session,
                 ticket,
                 person,
-                f"[{ticket.ref}] escalated to you: {clock_name} missed",
-                body,
-                now,
+                rules.people.get(previous),
+                f"{ticket.ref} missed its {clock_name} deadline ({promised}) and is now yours"
+                f" (escalation step {fire.step + 1} of {len(ladder)}).",
+                rules=rules,
+                settings=self.settings,
+                signer=self.signer,
+                now=now,
+                subject=f"[{ticket.ref}] escalated to you: {clock_name} missed",
+                notes=notes,
+                kind="escalation",
+                told=f"{ticket.ref} missed its {clock_name} deadline ({promised}); escalation"
+                f" step {fire.step + 1} of {len(ladder)} gave it to {person.name}.",
             )
             row.person, row.action = person.id, f"assign:{step.assign}"
             owner = person

@@ -9,6 +9,7 @@ import pytest
 
 from gateway.pipeline.commands import Command, parse_commands, parse_duration
 from gateway.pipeline.staff import strip_quoted
+from gateway.sla.durations import Duration
 
 
 def names(text: str) -> list[str]:
@@ -57,8 +58,13 @@ def test_command_only_mail_leaves_no_text() -> None:
 
 
 def test_snooze_carries_duration() -> None:
+    # The rules' grammar, units kept apart: a "d" is a working day of the ticket's calendar,
+    # applied by the staff stage (issue 11, item 9).
     [cmd], _, _ = parse_commands("#snooze 1d12h")
-    assert cmd == Command("snooze", "1d12h", "#snooze 1d12h", timedelta(hours=36))
+    assert cmd == Command("snooze", "1d12h", "#snooze 1d12h", Duration(1, 12 * 3600, "1d12h"))
+    assert cmd.duration is not None and cmd.duration.business(timedelta(hours=8)) == timedelta(
+        hours=20
+    )
 
 
 @pytest.mark.parametrize(
@@ -113,15 +119,18 @@ def test_invisible_characters_before_a_command() -> None:
         ("2d", timedelta(days=2)),
         ("4h", timedelta(hours=4)),
         ("90m", timedelta(minutes=90)),
-        ("1w", timedelta(weeks=1)),
         ("1d 2h", timedelta(hours=26)),
+        # One grammar with the rules (gateway.sla.durations): no weeks, units in order.
+        ("1w", None),
+        ("2h1d", None),
         ("2x", None),
         ("", None),
         ("d", None),
     ],
 )
 def test_parse_duration(text: str, expected: timedelta | None) -> None:
-    assert parse_duration(text) == expected
+    parsed = parse_duration(text)
+    assert (parsed.business() if parsed is not None else None) == expected
 
 
 def test_strip_quoted_keeps_indentation_and_drops_the_notification() -> None:

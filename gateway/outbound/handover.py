@@ -1,0 +1,384 @@
+"""The handover pack: whoever receives a ticket gets its whole history (issue 11, item 6).
+
+A reassignment or escalation mail used to carry only the customer's last message: the new
+holder had no original request, no attachments, no earlier staff answers, and the person who
+lost the ticket was not told. That is the "log in to read it" failure of the seeds in another
+form (BRIEF): a person is made accountable without what they need to act. So whoever
+receives a ticket, by ``#assign`` (``gateway.pipeline.staff``) or by an escalation ladder
+``assign`` step (``gateway.sla.escalator``), gets one letter built here:
+
+- why they have it (who assigned it, or which deadline was missed), the ticket summary and
+  the running deadlines as stored (what the escalator enforces);
+- **every message in order**: the customer's messages in full, staff answers marked
+  ``STAFF ANSWER`` (the text the customer actually received), internal notes marked
+  ``INTERNAL NOTE`` (quoted notification and command lines removed), staff commands,
+  automatic mail to and from the customer as one line each. Notifications between staff
+  are left out: they repeat the history;
+- **every attachment once**: the same file sent twice (the customer re-sending a photo, staff
+  forwarding it back) is attached once and the later message says "same file as in message
+  N"; attachments beyond ``outbound.notify_attachment_limit`` are listed, not attached;
+- ``Reply-To`` = the new holder's signed per-person token, so they answer or command by
+  replying (as with the owner's notification, ``gateway.pipeline.notify``).
+
+The previous holder gets a short "now held by X" letter (when there was one and it is
+someone else; an actor who reassigns their own ticket learns it from the command
+confirmation instead). Both go to the transactional outbox (null sender, RFC 3834 §3.3) in
+the caller's transaction; nothing is sent from here.
+
+``history`` reads the database; ``compose_handover_letter`` is pure (history in, bytes out);
+``compose_handover`` does both and writes the outbox rows and one ``handover`` event.
+"""
+
+from __future__ import annotations
+
+import email
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from email.message import EmailMessage
+from email.message import Message as MimeMessage
+from email.policy import SMTP
+from email.utils import formataddr, parseaddr
+
+from sqlmodel import Session, col, select
+
+from gateway.outbound.compose import (
+    _base_headers,
+    _local_and_domain,
+    describe_size,
+    isoz,
+)
+from gateway.outbound.worker import enqueue, notify_owner
+from gateway.pipeline.commands import parse_commands
+from gateway.pipeline.notify import Part, _deadline_lines, add_parts, attachment_parts
+from gateway.pipeline.parse import _POLICY
+from gateway.routing.model import Person, Rules
+from gateway.security.tokens import Signer
+from gateway.settings import Settings
+from gateway.sla.business_time import BusinessCalendar
+from gateway.sla.clocks import utc
+from gateway.store.models import Message, Outbox, Ticket
+from gateway.store.queries import add_event
+
+__all__ = [
+    "Entry",
+    "compose_handover",
+    "compose_handover_letter",
+    "compose_previous_holder_letter",
+    "history",
+]
+
+#: Message kinds shown with their full text, and how each is marked.
+_FULL = {
+    ("in", "customer"): "CUSTOMER MESSAGE",
+    ("out", "staff_reply"): "STAFF ANSWER",
+    ("in", "note"): "INTERNAL NOTE",
+    ("out", "customer_notice"): "AUTOMATIC NOTICE to the customer",
+}
+#: Kinds shown as one line (automatic mail: its text adds nothing a person must read).
+_ONE_LINE = {
+    ("out", "ack"): "AUTOMATIC ACKNOWLEDGEMENT sent to the customer",
+    ("in", "auto_reply"): "AUTOMATIC REPLY received",
+    ("in", "bounce"): "BOUNCE received",
+}
+# Left out: ("in", "staff_reply") is the staff mail whose relayed copy ("out", "staff_reply")
+# is shown; notifications, escalations and confirmations are mail between staff.
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One message of the history, ready to print."""
+
+    at: datetime
+    label: str  # e.g. "STAFF ANSWER by Alice Martin (sent to the customer)"
+    subject: str
+    text: str | None  # None: shown as one line
+    parts: tuple[Part, ...] = field(default=())
+
+
+def _parse(raw: bytes) -> MimeMessage | None:
+    try:
+        return email.message_from_bytes(raw, policy=_POLICY)
+    except Exception:  # a stored message we cannot parse still appears, without files
+        return None
+
+
+def _person_name(rules: Rules, address: str) -> str:
+    address = (address or "").lower()
+    for person in rules.people.values():
+        if person.email.lower() == address:
+            return person.name
+    return address or "(unknown sender)"
+
+
+def _entry(m: Message, rules: Rules) -> Entry | None:
+    key = (m.direction, m.kind)
+    at = utc(m.at) or m.at
+    if key in _ONE_LINE:
+        who = m.from_address or m.mail_from or "(no sender)"
+        if m.direction == "out":
+            who = ", ".join(json.loads(m.to or "[]")) or "(nobody)"
+        return Entry(at, f"{_ONE_LINE[key]} ({who})", m.subject, None)
+    if key not in _FULL:
+        return None
+    mime = _parse(m.raw)
+    parts = tuple(attachment_parts(mime)) if mime is not None else ()
+    text = (m.text or "").strip()
+    if key == ("in", "customer"):
+        label = f"CUSTOMER MESSAGE from {m.from_address or m.mail_from or '(no sender)'}"
+    elif key == ("out", "staff_reply"):
+        # The relayed copy is From "<Person> via <support name>": its author is the person.
+        display = parseaddr(str(mime["From"] or ""))[0] if mime is not None else ""
+        author = display.split(" via ", 1)[0] if display else "staff"
+        label = f"STAFF ANSWER by {author} (sent to the customer)"
+    elif key == ("in", "note"):
+        from gateway.pipeline.staff import strip_quoted  # staff imports this module
+
+        author = _person_name(rules, m.from_address)
+        commands, rest, _errors = parse_commands(text)
+        text = strip_quoted(rest).strip()
+        names = " ".join(c.describe() for c in commands if c.name != "note")
+        if not text and not parts:
+            if not names:
+                return None  # nothing but the quoted notification
+            return Entry(at, f"STAFF COMMANDS by {author}: {names}", m.subject, None)
+        label = f"INTERNAL NOTE by {author} (not sent to the customer)"
+        if names:
+            label += f"; commands {names}"
+    else:
+        label = _FULL[key]
+    return Entry(at, label, m.subject, text, parts)
+
+
+def history(session: Session, ticket_id: int, rules: Rules) -> list[Entry]:
+    """The ticket's messages, oldest first, as handover entries."""
+    rows = session.exec(
+        select(Message)
+        .where(Message.ticket_id == ticket_id)
+        .order_by(col(Message.at), col(Message.id))
+    ).all()
+    out: list[Entry] = []
+    for m in rows:
+        entry = _entry(m, rules)
+        if entry is not None:
+            out.append(entry)
+    return out
+
+
+def _files(entries: Sequence[Entry], limit: int) -> tuple[list[Part], dict[int, list[str]]]:
+    """Each distinct file once (by content), attached while the total stays within `limit`;
+    returns what to attach and, per entry index, the lines describing its files."""
+    first_seen: dict[str, int] = {}
+    attach: list[Part] = []
+    total = 0
+    lines: dict[int, list[str]] = {}
+    for i, entry in enumerate(entries):
+        for part in entry.parts:
+            digest = hashlib.sha256(part.data).hexdigest()
+            size = describe_size(len(part.data))
+            if digest in first_seen:
+                how = f"same file as in message {first_seen[digest] + 1}, attached once"
+            elif total + len(part.data) <= limit:
+                first_seen[digest] = i
+                attach.append(part)
+                total += len(part.data)
+                how = "attached below"
+            else:
+                first_seen[digest] = i
+                how = f"NOT attached (over {describe_size(limit)} in all; stored in the ticket)"
+            lines.setdefault(i, []).append(f"  - {part.filename} ({size}), {how}")
+    return attach, lines
+
+
+def compose_handover_letter(
+    *,
+    ticket: Ticket,
+    new_holder: Person,
+    previous_holder: Person | None,
+    reason: str,
+    notes: Sequence[str],
+    entries: Sequence[Entry],
+    calendar: BusinessCalendar | None,
+    subject: str,
+    from_address: str,
+    from_name: str,
+    signer: Signer,
+    hostname: str,
+    now: datetime,
+    attachment_limit: int,
+) -> tuple[bytes, str, str, str, int]:
+    """The handover pack: (unsigned bytes, Message-ID, subject, text body, files attached)."""
+    assert ticket.id is not None
+    local, domain = _local_and_domain(from_address)
+    message_id = signer.message_id(hostname, ticket.id, "handover")
+    was = f" (was {previous_holder.name})" if previous_holder else ""
+    if previous_holder is not None and previous_holder.id == new_holder.id:
+        was = ""
+    summary = [
+        f"Ticket:     {ticket.ref} ({ticket.status})",
+        f"Subject:    {ticket.subject}",
+        f"Requester:  {ticket.requester}",
+        f"Owner:      {new_holder.name} <{new_holder.email}>{was}",
+        f"Queue:      {ticket.queue}",
+        f"Priority:   {ticket.priority}",
+        *_deadline_lines(ticket, calendar),
+    ]
+    attach, file_lines = _files(entries, attachment_limit)
+    blocks: list[str] = []
+    for i, e in enumerate(entries):
+        head = f"===== {i + 1} of {len(entries)} · {isoz(e.at)} · {e.label} ====="
+        if e.text is None:
+            blocks.append(f"{head}\nSubject: {e.subject or '(no subject)'}")
+            continue
+        body = f"{head}\nSubject: {e.subject or '(no subject)'}\n\n{e.text or '(no text)'}"
+        if i in file_lines:
+            body += "\n\nFiles:\n" + "\n".join(file_lines[i])
+        blocks.append(body)
+    distinct = len({hashlib.sha256(p.data).digest() for e in entries for p in e.parts})
+    text_parts = [
+        reason.strip(),
+        *(["\n".join(f"Note: {n}" for n in notes)] if notes else []),
+        "\n".join(summary),
+        f"The whole history of {ticket.ref}, oldest first ({len(entries)} message"
+        f"{'' if len(entries) == 1 else 's'}; staff answers and internal notes are marked; "
+        f"{distinct} distinct file(s), {len(attach)} attached below, each once):",
+        "\n\n".join(blocks) if blocks else "(no messages)",
+        "===== end of history =====",
+        f"Reply to this email to answer {ticket.requester}: your reply is sent from "
+        f"{from_address} in the customer's thread. Commands on the first lines: #note "
+        f"(internal, not sent), #close, #assign <person>, #waiting, #snooze <2d|4h>, "
+        f"#priority <low|normal|high|urgent>, #merge <REF>.",
+    ]
+    text = "\n\n".join(text_parts) + "\n"
+    msg = EmailMessage(policy=SMTP)
+    _base_headers(
+        msg,
+        from_address=from_address,
+        from_name=from_name,
+        to=formataddr((new_holder.name, new_holder.email)) if new_holder.name else new_holder.email,
+        subject=subject,
+        message_id=message_id,
+        now=now,
+        hostname=hostname,
+        auto_submitted="auto-generated",  # RFC 3834 §5.1: a notice, not a reply
+    )
+    msg["Reply-To"] = signer.reply_address(local, domain, ticket.id, new_holder.id)
+    msg.set_content(text)
+    add_parts(msg, attach)
+    return msg.as_bytes(policy=SMTP), message_id, subject, text, len(attach)
+
+
+def compose_previous_holder_letter(
+    *, ticket: Ticket, new_holder: Person, reason: str
+) -> tuple[str, str]:
+    """The "now held by X" letter to whoever lost the ticket: (subject, body)."""
+    subject = f"[{ticket.ref}] Now held by {new_holder.name}: {ticket.subject}"
+    body = (
+        f"Ticket {ticket.ref} ({ticket.subject}, from {ticket.requester}) is now held by "
+        f"{new_holder.name} <{new_holder.email}>.\n\n{reason.strip()}\n\n"
+        f"You no longer own it; {new_holder.name} has its whole history. Nothing more is "
+        f"expected of you on it. If you reply to this email anyway, your reply goes into the "
+        f"ticket as before (and to the customer unless it starts with #note).\n"
+    )
+    return subject, body
+
+
+def compose_handover(
+    session: Session,
+    ticket: Ticket,
+    new_holder: Person,
+    previous_holder: Person | None,
+    reason: str,
+    *,
+    rules: Rules,
+    settings: Settings,
+    signer: Signer,
+    now: datetime,
+    subject: str | None = None,
+    notes: Sequence[str] = (),
+    actor: Person | None = None,
+    kind: str = "notification",
+    told: str | None = None,
+) -> list[Outbox]:
+    """Queue the handover pack to `new_holder` and the "now held by" letter to
+    `previous_holder`; returns the outbox rows (see the module docstring).
+
+    `actor` is whoever caused the change (``#assign`` by a person; None for the escalator):
+    no pack to an actor who took the ticket themselves, no "now held by" letter to an actor
+    who gave their own ticket away (the command confirmation says so). `told` is why, in
+    words for the previous holder (default: `reason`).
+    """
+    assert ticket.id is not None
+    rows: list[Outbox] = []
+    out = settings.outbound
+    calendar: BusinessCalendar | None = None
+    try:
+        calendar = rules.calendar_for_policy(ticket.sla)
+    except KeyError:
+        calendar = None
+    did: list[str] = []
+    if actor is None or actor.id != new_holder.id:
+        entries = history(session, ticket.id, rules)
+        raw, mid, subj, text, attached = compose_handover_letter(
+            ticket=ticket,
+            new_holder=new_holder,
+            previous_holder=previous_holder,
+            reason=reason,
+            notes=notes,
+            entries=entries,
+            calendar=calendar,
+            subject=subject or f"[{ticket.ref}] Handed over to you: {ticket.subject}",
+            from_address=out.from_address,
+            from_name=out.from_name,
+            signer=signer,
+            hostname=settings.smtp.hostname,
+            now=now,
+            attachment_limit=out.notify_attachment_limit,
+        )
+        rows.append(
+            enqueue(
+                session,
+                ticket_id=ticket.id,
+                kind=kind,
+                raw=raw,
+                message_id=mid,
+                rcpt_tos=[new_holder.email],
+                now=now,
+                mail_from="",  # automatic mail: null reverse-path (RFC 3834 §3.3)
+                from_address=out.from_address,
+                subject=subj,
+                text=text,
+            )
+        )
+        did.append(
+            f"handover pack {mid} to {new_holder.name} <{new_holder.email}>: "
+            f"{len(entries)} message(s), {attached} file(s) attached"
+        )
+    if (
+        previous_holder is not None
+        and previous_holder.id != new_holder.id
+        and (actor is None or actor.id != previous_holder.id)
+    ):
+        subj, body = compose_previous_holder_letter(
+            ticket=ticket, new_holder=new_holder, reason=told or reason
+        )
+        rows.append(
+            notify_owner(
+                session,
+                settings,
+                signer,
+                ticket=ticket,
+                email=previous_holder.email,
+                name=previous_holder.name,
+                person=previous_holder.id,
+                subject=subj,
+                body=body,
+                now=now,
+            )
+        )
+        did.append(f"{previous_holder.name} told it is now held by {new_holder.name}")
+    if did:
+        add_event(session, ticket.id, "handover", "; ".join(did), now)
+    return rows
