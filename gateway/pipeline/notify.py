@@ -137,8 +137,15 @@ def compose_owner_notification(
     hostname: str,
     now: datetime,
     attachment_limit: int,
+    unverified: str = "",
+    references: Sequence[str] = (),
 ) -> tuple[bytes, str, str, str]:
-    """The notification to the owner: (unsigned bytes, Message-ID, subject, text body)."""
+    """The notification to the owner: (unsigned bytes, Message-ID, subject, text body).
+
+    ``unverified`` (why the From address is not proven) becomes the first line of the text,
+    above everything else, so no owner answers a forged sender unawares (issue 10).
+    ``references`` are lines about tickets this mail named but could not join.
+    """
     assert ticket.id is not None
     local, domain = _local_and_domain(from_address)
     reply_to = signer.reply_address(local, domain, ticket.id, owner.id)
@@ -171,8 +178,18 @@ def compose_owner_notification(
         )
         files.append(f"{len(parts)} {noun}, {describe_size(total)} in total, {how}:")
         files.extend(f"  - {p.filename} ({describe_size(len(p.data))})" for p in parts)
+    first = []
+    if unverified:
+        first.append(
+            f"UNVERIFIED SENDER: {unverified}. This mail does not count as {sender}'s: "
+            f"it joined no ticket of theirs, made nobody a participant, and nothing was sent "
+            f"or copied on its strength. Check before you answer: a reply goes to {sender}, "
+            f"who may not have written it."
+        )
     body_parts = [
+        *first,
         headline,
+        *references,
         *[f"WARNING: {w}" for w in warnings],
         "\n".join(summary),
         f"----- Message from {who}, received {isoz(received_at)} -----\n"
@@ -235,6 +252,26 @@ def _warnings(ctx: Context) -> list[str]:
     return out
 
 
+def _references(ctx: Context) -> list[str]:
+    """What the owner must know about tickets this new ticket was linked to instead of
+    joining them: the sender named them but is not (or not provably) a participant."""
+    if ctx.thread is None or not ctx.thread.is_new:
+        return []
+    out: list[str] = []
+    for other, relation, why in ctx.thread.links:
+        if relation != "possible-follow-up":
+            continue
+        t = ctx.session.get(Ticket, other)
+        ref = t.ref if t is not None else str(other)
+        out.append(
+            f"References {ref} ({why}), but {ctx.sender} is not a participant of {ref}: "
+            f"opened as a new ticket linked to {ref} as a possible follow-up. Nobody was "
+            f"added to {ref} or copied on its replies; to bring {ctx.sender} in, the "
+            f"requester of {ref} can Cc them, or merge the tickets (#merge {ref})."
+        )
+    return out
+
+
 def notify_owner_stage(ctx: Context) -> None:
     """Queue the owner's notification for a new ticket or a new customer message."""
     if ctx.done or ctx.thread is None or ctx.parsed is None:
@@ -285,6 +322,8 @@ def notify_owner_stage(ctx: Context) -> None:
         hostname=settings.smtp.hostname,
         now=ctx.now,
         attachment_limit=limit,
+        unverified="" if ctx.sender_verified else ctx.unverified_reason,
+        references=_references(ctx),
     )
     enqueue(
         s,
