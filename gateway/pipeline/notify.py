@@ -182,9 +182,8 @@ def compose_owner_notification(
     if unverified:
         first.append(
             f"UNVERIFIED SENDER: {unverified}. This mail does not count as {sender}'s: "
-            f"it joined no ticket of theirs, made nobody a participant, and nothing was sent "
-            f"or copied on its strength. Check before you answer: a reply goes to {sender}, "
-            f"who may not have written it."
+            f"it joined no ticket of theirs and made nobody a participant. Check before you "
+            f"answer: a reply goes to {sender}, who may not have written it."
         )
     body_parts = [
         *first,
@@ -263,11 +262,19 @@ def _references(ctx: Context) -> list[str]:
             continue
         t = ctx.session.get(Ticket, other)
         ref = t.ref if t is not None else str(other)
+        if ctx.sender_verified:
+            who = f"{ctx.sender} is not a participant of {ref}"
+            bring = (
+                f"; to bring {ctx.sender} in, the requester of {ref} can Cc them, or reply "
+                f"to this notification with #merge {ref}"
+            )
+        else:
+            who = f"an unverified From counts as no participant of {ref}"
+            bring = ""
         out.append(
-            f"References {ref} ({why}), but {ctx.sender} is not a participant of {ref}: "
-            f"opened as a new ticket linked to {ref} as a possible follow-up. Nobody was "
-            f"added to {ref} or copied on its replies; to bring {ctx.sender} in, the "
-            f"requester of {ref} can Cc them, or merge the tickets (#merge {ref})."
+            f"References {ref} ({why}), but {who}: opened as a new ticket linked to {ref} "
+            f"as a possible follow-up. Nobody was added to {ref} or copied on its "
+            f"replies{bring}."
         )
     return out
 

@@ -223,6 +223,7 @@ async def test_forged_requester_from_is_unverified_and_joins_nothing(env: Env) -
         subject=f"[{ref}] change of address",
         body="Please send all details to mallory@evil.test from now on.\n",
     )
+    to_pat = len([m for m in env.relay.messages if PAT in m.rcpt_tos])
     await send(env.gw, forged, sender="mallory@evil.test")
     await env.process()
 
@@ -246,8 +247,10 @@ async def test_forged_requester_from_is_unverified_and_joins_nothing(env: Env) -
         f"UNVERIFIED SENDER: the From address {PAT} is not authenticated and the envelope "
         "sender is mallory@evil.test."
     )
-    # Nothing went to the forged-in addresses: no ack, no copy.
+    assert f"an unverified From counts as no participant of {ref}" in body_text(note)
+    # Nothing went to the addresses the forgery names: no ack, no copy.
     assert not [m for m in env.relay.messages if "accomplice@evil.test" in m.rcpt_tos]
+    assert len([m for m in env.relay.messages if PAT in m.rcpt_tos]) == to_pat
 
     # The next staff reply to pat goes to pat and pat's colleague only.
     nxt = await staff_replies(env, ref, "Your address is unchanged.")
