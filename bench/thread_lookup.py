@@ -355,8 +355,8 @@ def _sample(
         headers["In-Reply-To"] = row[0]
         headers["References"] = (row[1] + " " + row[0]).strip()
         if case == "stranger-ref":
-            # Quotes the customer's id and the ref, but none of our signed ids (those
-            # would admit anyone holding them, by design: FIELD-NOTES §4 rule 3).
+            # Quotes the customer's id and the ref (our signed ids from a stranger are
+            # refused the same way since issue 10: they prove the ticket, not the person).
             headers["From"] = stranger
             headers["Subject"] = f"Re: [{ref}] Printer"
             headers["References"] = row[0]

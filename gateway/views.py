@@ -73,6 +73,7 @@ def ticket_detail(s: Session, t: Ticket, rules: Rules | None) -> dict[str, Any]:
             "robot": m.robot or None,
             "not_kept": json.loads(m.not_kept),
             "auth": json.loads(m.auth),
+            "sender_unverified": m.sender_unverified,
         }
         for m in s.exec(
             select(Message)

@@ -50,6 +50,10 @@ class Context:
     ticket: Ticket | None = None
     message: Message | None = None
     sender: str = ""
+    # Whether `sender` (the From address) is proven: authenticated or equal to the envelope
+    # sender (thread.from_is_verified). An unverified From makes nobody a participant.
+    sender_verified: bool = True
+    unverified_reason: str = ""
     kind: str = "customer"
     done: bool = False  # a stage decided nothing further applies (e.g. a duplicate)
     events: list[tuple[str, str, Any]] = field(default_factory=list)

@@ -143,12 +143,17 @@ def compose_owner_notification(
     attachment_limit: int,
     recipient: Person | None = None,
     why: str = "",
+    unverified: str = "",
+    references: Sequence[str] = (),
 ) -> tuple[bytes, str, str, str]:
     """The notification to the owner: (unsigned bytes, Message-ID, subject, text body).
 
     `recipient` (default: the owner) is who gets it, with a reply token of their own; a
     route's ``notify`` list sends the very same notification to each person it names, with
-    `why` saying so (issue 11: "notify means notify")."""
+    `why` saying so. ``unverified`` (why the From address is not proven) becomes the first
+    line of the text, above everything else, so no owner answers a forged sender unawares.
+    ``references`` are lines about tickets this mail named but could not join.
+    """
     assert ticket.id is not None
     to = recipient or owner
     local, domain = _local_and_domain(from_address)
@@ -182,8 +187,17 @@ def compose_owner_notification(
         )
         files.append(f"{len(parts)} {noun}, {describe_size(total)} in total, {how}:")
         files.extend(f"  - {p.filename} ({describe_size(len(p.data))})" for p in parts)
+    first = []
+    if unverified:
+        first.append(
+            f"UNVERIFIED SENDER: {unverified}. This mail does not count as {sender}'s: "
+            f"it joined no ticket of theirs and made nobody a participant. Check before you "
+            f"answer: a reply goes to {sender}, who may not have written it."
+        )
     body_parts = [
+        *first,
         headline + (f"\n{why}" if why else ""),
+        *references,
         *[f"WARNING: {w}" for w in warnings],
         "\n".join(summary),
         f"----- Message from {who}, received {isoz(received_at)} -----\n"
@@ -242,6 +256,34 @@ def _warnings(ctx: Context) -> list[str]:
         out.append(
             f"the sender looks forged (spf {ctx.auth.spf}, dmarc {ctx.auth.dmarc}); "
             f"no acknowledgement was sent to it"
+        )
+    return out
+
+
+def _references(ctx: Context) -> list[str]:
+    """What the owner must know about tickets this new ticket was linked to instead of
+    joining them: the sender named them but is not (or not provably) a participant."""
+    if ctx.thread is None or not ctx.thread.is_new:
+        return []
+    out: list[str] = []
+    for other, relation, why in ctx.thread.links:
+        if relation != "possible-follow-up":
+            continue
+        t = ctx.session.get(Ticket, other)
+        ref = t.ref if t is not None else str(other)
+        if ctx.sender_verified:
+            who = f"{ctx.sender} is not a participant of {ref}"
+            bring = (
+                f"; to bring {ctx.sender} in, the requester of {ref} can Cc them, or reply "
+                f"to this notification with #merge {ref}"
+            )
+        else:
+            who = f"an unverified From counts as no participant of {ref}"
+            bring = ""
+        out.append(
+            f"References {ref} ({why}), but {who}: opened as a new ticket linked to {ref} "
+            f"as a possible follow-up. Nobody was added to {ref} or copied on its "
+            f"replies{bring}."
         )
     return out
 
@@ -325,6 +367,8 @@ def notify_owner_stage(ctx: Context) -> None:
             attachment_limit=limit,
             recipient=person,
             why=why,
+            unverified="" if ctx.sender_verified else ctx.unverified_reason,
+            references=_references(ctx),
         )
         enqueue(
             s,

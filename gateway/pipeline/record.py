@@ -88,7 +88,9 @@ def _create_ticket(ctx: Context) -> Ticket:
     ticket.normalized_subject = normalise_subject(ticket.subject)[:500]
     s.add(ticket)
     add_participant(s, ticket.id, ctx.sender, "requester", ctx.now)
-    for a in _audience(ctx):
+    # The requester's own To/Cc become participants: how a customer brings a colleague in.
+    # Not on the strength of an unverified From (issue 10): anyone can write those headers.
+    for a in _audience(ctx) if ctx.sender_verified else []:
         if a != ctx.sender:
             add_participant(s, ticket.id, a, "cc", ctx.now)
     if d.assigned_by == "round-robin" and d.route:
@@ -160,11 +162,17 @@ def record(ctx: Context) -> None:
                     "staff-token", f"staff reply token of {th.claim.person} used by {ctx.sender}"
                 )
             else:
-                add_participant(s, ticket.id, ctx.sender, "cc", ctx.now)
-                if mark_deliverable(s, ctx.sender):
-                    ctx.event("deliverable", f"{ctx.sender} wrote again: no longer undeliverable")
-                for a in _audience(ctx):
-                    add_participant(s, ticket.id, a, "cc", ctx.now)
+                # thread.decide let customer mail in only from a verified participant (or the
+                # same customer under another address, who is added here); the guard keeps
+                # an unverified From from adding anybody whatever the key (issue 10).
+                if ctx.sender_verified:
+                    add_participant(s, ticket.id, ctx.sender, "cc", ctx.now)
+                    if mark_deliverable(s, ctx.sender):
+                        ctx.event(
+                            "deliverable", f"{ctx.sender} wrote again: no longer undeliverable"
+                        )
+                    for a in _audience(ctx):
+                        add_participant(s, ticket.id, a, "cc", ctx.now)
                 was_waiting = ticket.status == "waiting"
                 armed = ticket.next_response_due
                 if policy is not None and calendar is not None:
@@ -233,6 +241,7 @@ def record(ctx: Context) -> None:
         references=" ".join(p.references),
         robot=robot,
         auth=json.dumps(ctx.auth.to_json() if ctx.auth else {}),
+        sender_unverified=not ctx.sender_verified,
         not_kept=json.dumps(p.not_kept),
         spool_id=ctx.entry.id,
     )

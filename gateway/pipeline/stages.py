@@ -28,7 +28,7 @@ from gateway.pipeline.record import record
 from gateway.pipeline.respond import respond
 from gateway.pipeline.route import route
 from gateway.pipeline.staff import staff_stage
-from gateway.pipeline.thread import decide
+from gateway.pipeline.thread import decide, from_is_verified
 from gateway.security.sender_auth import authenticate as check_sender
 from gateway.store.queries import SqlLookup, lock_message_id, ticket_of_outbound
 
@@ -97,6 +97,27 @@ def thread_stage(ctx: Context) -> None:
     lock_message_id(ctx.session, ctx.parsed.message_id)
     lookup = SqlLookup(ctx.session)
     env = ctx.entry.envelope
+    kind = ctx.verdict.kind
+    # Robots that join a ticket without ever becoming participants (the branches below set
+    # their kind): a signed reference of ours is enough for them. List, bulk and other robot
+    # mail keeps kind "customer" and so must take part like a human.
+    robot = kind in ("auto_reply", "loop", "bounce", "report") or not env.mail_from
+    # Participation proves the person (issue 10): a From that is neither authenticated nor
+    # the envelope sender counts as nobody's.
+    if not robot:
+        verified, why = from_is_verified(
+            ctx.parsed.from_address,
+            env.mail_from,
+            authenticated=ctx.auth is not None and ctx.auth.authenticated,
+        )
+        if not verified:
+            ctx.sender_verified = False
+            ctx.unverified_reason = why
+            ctx.event(
+                "sender-unverified",
+                f"{why}: this mail does not count as {ctx.sender}'s; it joins no ticket "
+                "of theirs and makes nobody a participant",
+            )
     ctx.thread = decide(
         ctx.parsed,
         sender=ctx.sender,
@@ -106,8 +127,9 @@ def thread_stage(ctx: Context) -> None:
         lookup=lookup,
         ref_prefix=settings.tickets.ref_prefix,
         closed_followup=settings.tickets.closed_followup,
+        sender_verified=ctx.sender_verified,
+        robot=robot,
     )
-    kind = ctx.verdict.kind
     if ctx.thread.key == "duplicate":
         ctx.done = True
         return

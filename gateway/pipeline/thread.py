@@ -1,22 +1,34 @@
 """Thread stage: which ticket does this message belong to, and why (FIELD-NOTES §4).
 
-Order of precedence, first hit wins:
+Threading proves the ticket, participation proves the person (issue 10). Order of
+precedence, first hit wins:
 1. exact duplicate (same envelope+bytes hash, or a Message-ID we already stored): record,
    do nothing else;
-2. a signed reply token in a recipient address (`support+<token>@domain`);
-3. In-Reply-To/References naming a Message-ID *we* generated and signed;
+2. a signed reply token in a recipient address (`support+<token>@domain`): a *staff* token
+   (one naming a person) always reaches its ticket, the staff stage then judges the person;
+   a *customer* token joins only when the sender is a participant;
+3. In-Reply-To/References naming a Message-ID *we* generated and signed, only when the sender
+   is a participant;
 4. In-Reply-To/References naming a stored Message-ID of a ticket, only when the sender is
    a participant of that ticket (or the same customer under another address);
 5. a ticket reference in the subject (`[ACME-1042]`), only when the sender is a participant;
 6. otherwise a new ticket, linked (`possible-follow-up`) to every ticket it referenced, so a
-   stranger who quotes a ticket number never lands in someone else's ticket (zammad#5064)
-   but the owner still sees the connection. A reference to a message we never received is
-   followed too: tickets whose messages name the same unknown ancestor are linked (never
-   joined), which keeps list threads whose root predates us together.
+   stranger who quotes a ticket number, one of our Message-IDs or a customer reply token
+   never lands in (nor is copied on) someone else's ticket (zammad#5064) but the owner still
+   sees the connection. A reference to a message we never received is followed too: tickets
+   whose messages name the same unknown ancestor are linked (never joined), which keeps list
+   threads whose root predates us together.
 
-Security never depends on the reference being secret: only the HMAC-signed token and our
-signed Message-IDs admit a non-participant. The decision is pure: storage is reached only
-through the `ThreadLookup` protocol, so it is tested without I/O.
+Our signed Message-IDs and customer reply tokens travel in every forward, quote and
+reply-all: they prove *which ticket* is meant, never *who may join it*. "The sender is a
+participant" needs two things: the sender's From address is on the ticket (`is_participant`)
+and that From address is verified (`sender_verified`: authenticated, or equal to the envelope
+sender; see `from_is_verified`). Robot mail (auto-replies, bounces, our own mail coming back)
+still reaches its ticket by a signed reference without being a participant: it never becomes
+one, never reopens and never pages anybody (`stages.thread_stage`, `record`).
+
+The decision is pure: storage is reached only through the `ThreadLookup` protocol, so it is
+tested without I/O.
 """
 
 from __future__ import annotations
@@ -59,6 +71,33 @@ class ThreadLookup(Protocol):
         ...
 
 
+def from_is_verified(
+    from_address: str, envelope_sender: str, *, authenticated: bool
+) -> tuple[bool, str]:
+    """Does the From address count as the person it names? (verified, why) — pure.
+
+    Yes when the From domain is authenticated (aligned DKIM or SPF pass, or a trusted
+    Authentication-Results: `AuthResult.authenticated`, RFC 7489 §3.1), or when From equals
+    the envelope sender, case-insensitively. A plain comparison on purpose: SRS (forwarders)
+    and BATV (`prvs=...=local@domain`) rewrite the envelope, so such mail is verified only
+    through DKIM; a signed domain is the better proof anyway. With `security.verify_senders`
+    off there is no authentication, and the envelope match is the only proof. A message
+    without a From address is taken as its envelope sender's (nothing else is claimed).
+    """
+    claimed = from_address.strip().lower()
+    envelope = envelope_sender.strip().lower()
+    if not claimed:
+        return True, "no From address: the envelope sender stands for the sender"
+    if authenticated:
+        return True, f"the domain of {claimed} is authenticated"
+    if claimed == envelope:
+        return True, f"{claimed} is also the envelope sender"
+    return False, (
+        f"the From address {claimed} is not authenticated and the envelope sender is "
+        f"{envelope or '<> (null)'}"
+    )
+
+
 @dataclass
 class ThreadDecision:
     key: str  # duplicate | reply-token | our-message-id | known-message-id | subject-ref | new
@@ -85,8 +124,27 @@ def decide(
     lookup: ThreadLookup,
     ref_prefix: str,
     closed_followup: str = "reopen",
+    sender_verified: bool = True,
+    robot: bool = False,
 ) -> ThreadDecision:
-    """Decide the ticket for one message. `sender` is the From (else envelope) address."""
+    """Decide the ticket for one message. `sender` is the From (else envelope) address.
+
+    `sender_verified` False: the From address is not proven (see `from_is_verified`), so it
+    counts as nobody's: the sender is a participant of no ticket. `robot` True (auto-reply,
+    bounce, loop): a signed reference of ours reaches its ticket without participation.
+    """
+    who = sender or "the sender"
+
+    def takes_part(ticket: TicketView) -> bool:
+        # Robot mail gains nothing by joining (no participant, no reopen, no page), so its
+        # From need not be proven; a human's must be.
+        return (sender_verified or robot) and lookup.is_participant(ticket.id, sender)
+
+    def refused(ticket: TicketView, what: str) -> str:
+        if not sender_verified and lookup.is_participant(ticket.id, sender):
+            return f"{what} but the From address {who} is not verified, so it does not count"
+        return f"{what} but {who} is not a participant"
+
     dup = lookup.duplicate_of(dedupe_key, parsed.message_id)
     if dup is not None:
         msg_row, ticket_id = dup
@@ -110,6 +168,12 @@ def decide(
         if ticket is None:
             notes.append(f"reply token in {rcpt} names no existing ticket")
             continue
+        if not claim.person and not robot and not takes_part(ticket):
+            # A customer token is issued to the requester's address but copied into every
+            # forward: it names the ticket, it does not admit whoever holds it.
+            referenced.setdefault(ticket.id, f"customer reply token of {ticket.ref} in {rcpt}")
+            notes.append(refused(ticket, f"reply token in {rcpt} names {ticket.ref}"))
+            continue
         return _join(
             ticket,
             "reply-token",
@@ -125,9 +189,17 @@ def decide(
         if ticket_id is not None:
             ticket = lookup.ticket(ticket_id)
             if ticket is not None:
-                return _join(
-                    ticket, "our-message-id", f"reply to our message {mid}", notes, closed_followup
-                )
+                if robot or takes_part(ticket):
+                    return _join(
+                        ticket,
+                        "our-message-id",
+                        f"reply to our message {mid}",
+                        notes,
+                        closed_followup,
+                    )
+                referenced.setdefault(ticket.id, f"reply to our message {mid} of {ticket.ref}")
+                notes.append(refused(ticket, f"{mid} is our message in {ticket.ref}"))
+                continue
         known = lookup.ticket_of_message_id(mid)
         if known is None:
             for tid in lookup.tickets_referencing(mid):
@@ -140,14 +212,12 @@ def decide(
         ticket = lookup.ticket(known)
         if ticket is None:
             continue
-        if lookup.is_participant(ticket.id, sender):
+        if takes_part(ticket):
             return _join(
                 ticket, "known-message-id", f"reply to stored message {mid}", notes, closed_followup
             )
         referenced.setdefault(ticket.id, f"references {mid} of {ticket.ref}")
-        notes.append(
-            f"{mid} belongs to {ticket.ref} but {sender or 'the sender'} is not a participant"
-        )
+        notes.append(refused(ticket, f"{mid} belongs to {ticket.ref}"))
 
     # 5. Ticket reference in the subject.
     for ref in find_ticket_refs(parsed.subject, ref_prefix):
@@ -155,7 +225,7 @@ def decide(
         if ticket is None:
             notes.append(f"subject names {ref}, which does not exist")
             continue
-        if lookup.is_participant(ticket.id, sender):
+        if takes_part(ticket):
             return _join(
                 ticket,
                 "subject-ref",
@@ -164,7 +234,7 @@ def decide(
                 closed_followup,
             )
         referenced.setdefault(ticket.id, f"subject names {ref}")
-        notes.append(f"subject names {ref} but {sender or 'the sender'} is not a participant")
+        notes.append(refused(ticket, f"subject names {ref}"))
 
     decision = ThreadDecision("new", None, "no threading key matched", notes=notes)
     for tid, why in referenced.items():

@@ -103,6 +103,9 @@ class Message(SQLModel, table=True):
     references: str = Field(default="", sa_column=Column(Text, nullable=False, default=""))
     robot: str = ""  # classification reasons, "" for a human
     auth: str = "{}"  # JSON sender-authentication result
+    # The From address was neither authenticated nor the envelope sender (issue 10): the
+    # mail counted as nobody's and made nobody a participant.
+    sender_unverified: bool = False
     not_kept: str = "[]"  # JSON list of what was not kept (oversize parts, truncation)
     spool_id: int | None = None
 

@@ -64,17 +64,33 @@ def events(d: dict, type_: str) -> list[str]:  # type: ignore[type-arg]
     return [e["detail"] for e in d["events"] if e["type"] == type_]
 
 
-async def test_signed_reply_token_joins_even_from_a_new_address(gw: Gateway) -> None:
+async def test_signed_reply_token_joins_for_the_requester(gw: Gateway) -> None:
+    t = await first_ticket(gw)
+    ticket_id = all_tickets(gw)[0].id
+    assert ticket_id is not None
+    addr = gw.signer.reply_address("support", "example.com", ticket_id)
+    await deliver(gw, sender=PAT, to=addr, subject="more details")
+    assert len(all_tickets(gw)) == 1
+    d = ticket_json(gw, t["ref"])
+    assert len(inbound(d)) == 2
+    assert any(x.startswith("reply-token") for x in events(d, "threaded"))
+
+
+async def test_customer_reply_token_from_a_new_address_opens_a_linked_ticket(
+    gw: Gateway,
+) -> None:
+    # Issue 10: a customer token travels in every forward; it proves the ticket, not the
+    # person. (Before, pat.at.home joined and became a participant.)
     t = await first_ticket(gw)
     ticket_id = all_tickets(gw)[0].id
     assert ticket_id is not None
     addr = gw.signer.reply_address("support", "example.com", ticket_id)
     await deliver(gw, sender="pat.at.home@other.example", to=addr, subject="more details")
-    assert len(all_tickets(gw)) == 1
-    d = ticket_json(gw, t["ref"])
-    assert len(inbound(d)) == 2
-    assert any(x.startswith("reply-token") for x in events(d, "threaded"))
-    assert "pat.at.home@other.example" in d["participants"]
+    tickets = all_tickets(gw)
+    assert len(tickets) == 2
+    new = ticket_json(gw, tickets[1].ref)
+    assert new["links"] == [{"ref": t["ref"], "relation": "possible-follow-up"}]
+    assert "pat.at.home@other.example" not in ticket_json(gw, t["ref"])["participants"]
 
 
 @pytest.mark.parametrize("token", ["truncate", "alter", "foreign"])
@@ -97,21 +113,35 @@ async def test_forged_or_truncated_token_does_not_join(gw: Gateway, token: str) 
 
 
 async def test_reply_to_our_signed_message_id_joins(gw: Gateway) -> None:
-    t = await first_ticket(gw)
-    ticket_id = all_tickets(gw)[0].id
-    ours = gw.signer.message_id("mx.example.com", ticket_id, "ack")
-    # A colleague of the customer, never seen before, answers our mail: the signed
-    # Message-ID proves they received it from us.
+    # The customer's colleague, Cc'd by the customer, answers our mail: a participant.
+    await deliver(gw, sender=PAT, cc="colleague@customer.example")
+    [t] = all_tickets(gw)
+    assert t.id is not None
+    ours = gw.signer.message_id("mx.example.com", t.id, "ack")
     await deliver(
         gw,
         sender="colleague@customer.example",
         in_reply_to=ours,
         references=[ours],
-        subject="Re: [ACME-1000] Printer on fire",
+        subject=f"Re: [{t.ref}] Printer on fire",
     )
     assert len(all_tickets(gw)) == 1
-    d = ticket_json(gw, t["ref"])
+    d = ticket_json(gw, t.ref)
     assert any(x.startswith("our-message-id") for x in events(d, "threaded"))
+
+
+async def test_our_signed_message_id_from_a_stranger_opens_a_linked_ticket(gw: Gateway) -> None:
+    # Issue 10: our Message-ID travels in every forward and quote; it proves which ticket
+    # is meant, not who may join it. (Before, the stranger joined the ticket.)
+    t = await first_ticket(gw)
+    ticket_id = all_tickets(gw)[0].id
+    ours = gw.signer.message_id("mx.example.com", ticket_id, "ack")
+    await deliver(gw, sender=EVE, in_reply_to=ours, references=[ours], subject="Re: hi")
+    tickets = all_tickets(gw)
+    assert len(tickets) == 2
+    new = ticket_json(gw, tickets[1].ref)
+    assert new["links"] == [{"ref": t["ref"], "relation": "possible-follow-up"}]
+    assert EVE not in ticket_json(gw, t["ref"])["participants"]
 
 
 async def test_forged_message_id_at_our_domain_does_not_join(gw: Gateway) -> None:
