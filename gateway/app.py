@@ -219,6 +219,9 @@ class Gateway:
                 await t
         self.spool.close()
         self.engine.dispose()
+        close = getattr(self.resolver, "close", None)
+        if callable(close):
+            await asyncio.to_thread(close)  # the DNS breaker's probe thread, if one runs
 
     async def __aenter__(self) -> Gateway:
         await self.start()

@@ -255,6 +255,13 @@ class AuthRechecker:
                 message_id=msg_id,
             )  # fmt: skip
             return f"suppressed: {decision.reason}"
+        if ctx.ticket.first_responded_at is not None:
+            # A person answered while the ack waited: "we got your request" would come
+            # after the answer (RFC 3834 §2: automatic replies only where useful).
+            why = "a person already answered the ticket while the acknowledgement waited"
+            add_event(ctx.session, ctx.ticket.id, "ack-suppressed", why, ctx.now,
+                      message_id=msg_id)  # fmt: skip
+            return f"suppressed: {why}"
         to = ack_recipient(ctx.auth, ctx.parsed.from_address, ctx.entry.envelope.mail_from)
         if not to or "@" not in to or _is_ours(ctx, to):
             why = f"no address to answer ({to or 'null reverse-path'})"

@@ -212,6 +212,8 @@ FAILURE_TTL = 5.0
 BREAKER_TIMEOUTS = 2
 #: Seconds between probes while the breaker is open.
 PROBE_INTERVAL = 5.0
+#: Seconds a probe may take (the root's NS comes from any working resolver's cache).
+PROBE_LIFETIME = 1.0
 #: Entries kept in the cache at most (oldest dropped first).
 CACHE_SIZE = 10_000
 
@@ -250,6 +252,9 @@ class SystemResolver:
         self._down_since: float | None = None
         self._probe_interval = probe_interval
         self._prober: threading.Thread | None = None
+        self._closed = threading.Event()
+        #: Set while the breaker is open (tests and ``doctor`` may wait on it).
+        self.breaker_open = threading.Event()
 
     # -- breaker -----------------------------------------------------------------------
 
@@ -259,12 +264,20 @@ class SystemResolver:
         with self._lock:
             return self._down_since is not None
 
+    def _open(self) -> None:
+        # (called with the lock held)
+        if self._down_since is None:
+            self._down_since = self._monotonic()
+            self.breaker_open.set()
+
     def _record_timeout(self) -> None:
+        """A question timed out: the servers are suspect.  A second consecutive timeout
+        opens the breaker at once; after the first, the prober asks the root's NS right away
+        and opens it if that times out too (one slow domain is not a dead resolver)."""
         with self._lock:
             self._timeouts += 1
-            if self._timeouts < BREAKER_TIMEOUTS or self._down_since is not None:
-                return
-            self._down_since = self._monotonic()
+            if self._timeouts >= BREAKER_TIMEOUTS:
+                self._open()
             if self._prober is None or not self._prober.is_alive():
                 self._prober = threading.Thread(
                     target=self._probe, name="dns-breaker-probe", daemon=True
@@ -275,25 +288,39 @@ class SystemResolver:
         with self._lock:
             self._timeouts = 0
             self._down_since = None
+            self.breaker_open.clear()
+
+    def close(self) -> None:
+        """Stop the probe thread (the daemon's stop; the breaker then stays as it is)."""
+        self._closed.set()
+        prober = self._prober
+        if prober is not None and prober.is_alive():
+            prober.join(timeout=PROBE_LIFETIME + 1.0)
+
+    def _ping(self) -> bool:
+        """Do the servers answer at all?  The root's NS: any working recursive resolver has
+        it in its cache, so only a dead or unreachable server makes this time out."""
+        try:
+            self._resolver.resolve(".", "NS", search=False, lifetime=PROBE_LIFETIME)
+        except (dns.exception.Timeout, dns.resolver.NoNameservers):
+            return False
+        except dns.exception.DNSException:
+            return True  # an answer of any kind (even NXDOMAIN): the servers are there
+        except Exception:  # never let the probe thread die silently with the breaker open
+            return False
+        return True
 
     def _probe(self) -> None:
-        """While the breaker is open: ask the root's NS every few seconds (any working
-        recursive resolver answers it from cache at once); the first answer closes it."""
-        while True:
-            time.sleep(self._probe_interval)
+        """Ping now; while the breaker is open, ping again every ``probe_interval``.  The
+        first answer closes the breaker; a failed ping opens it."""
+        while not self._closed.is_set():
+            if self._ping():
+                self._record_answer()
+                return
             with self._lock:
-                if self._down_since is None:
-                    return
-            try:
-                self._resolver.resolve(".", "NS", search=False, lifetime=self.timeout)
-            except (dns.exception.Timeout, dns.resolver.NoNameservers):
-                continue
-            except dns.exception.DNSException:
-                pass  # an answer of any kind: the servers are back
-            except Exception:  # never let the probe thread die silently with the breaker open
-                continue
-            self._record_answer()
-            return
+                self._open()
+            if self._closed.wait(self._probe_interval):
+                return
 
     # -- cache -------------------------------------------------------------------------
 
