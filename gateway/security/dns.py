@@ -291,11 +291,9 @@ class SystemResolver:
             self.breaker_open.clear()
 
     def close(self) -> None:
-        """Stop the probe thread (the daemon's stop; the breaker then stays as it is)."""
+        """Stop the probe thread (the daemon's stop): it ends after its current ping, at
+        most PROBE_LIFETIME later; not joined, so a stop never waits on a dead server."""
         self._closed.set()
-        prober = self._prober
-        if prober is not None and prober.is_alive():
-            prober.join(timeout=PROBE_LIFETIME + 1.0)
 
     def _ping(self) -> bool:
         """Do the servers answer at all?  The root's NS: any working recursive resolver has

@@ -94,6 +94,7 @@ async def _env(
     *,
     resolver: Resolver | None = None,
     security: dict[str, Any] | None = None,
+    database_url: str | None = None,
 ) -> AsyncIterator[Env]:
     key_file = tmp_path / "dkim.key"
     dkim_keygen(key_file, domain=DOMAIN, selector=SELECTOR, bits=1024)
@@ -109,6 +110,7 @@ async def _env(
             "dns_budget": 0.5,
             **(security or {}),
         },
+        **({"storage": {"database_url": database_url}} if database_url else {}),
     )
     gw = Gateway(settings, clock=clock, resolver=resolver)  # None: built from settings
     if resolver is None:
@@ -123,7 +125,17 @@ async def _env(
 
 @pytest.fixture
 async def env(tmp_path: Path, clock: FrozenClock, relay: CaptureRelay) -> AsyncIterator[Env]:
+    """The daemon with its DNS at 127.0.0.2 (SQLite)."""
     async for e in _env(tmp_path, clock, relay):
+        yield e
+
+
+@pytest.fixture
+async def env_db(
+    tmp_path: Path, clock: FrozenClock, relay: CaptureRelay, database_url: str
+) -> AsyncIterator[Env]:
+    """The same on SQLite and on PostgreSQL (the re-check rows' times and locking)."""
+    async for e in _env(tmp_path, clock, relay, database_url=database_url):
         yield e
 
 
@@ -164,7 +176,8 @@ async def _staff_reply(env: Env, ref: str, body: str, *, signed: bool) -> None:
 # ------------------------------------------------------------------- finding 1, staff reply
 
 
-async def test_forged_staff_reply_with_dns_down_is_held_then_refused(env: Env) -> None:
+async def test_forged_staff_reply_with_dns_down_is_held_then_refused(env_db: Env) -> None:
+    env = env_db
     ref = await _customer(env)
     # The ticket and the owner's notification did not wait for DNS; only the ack waits.
     assert len(env.sent_to("alice@example.com")) == 1
@@ -218,7 +231,8 @@ async def test_forged_staff_reply_refused_when_dns_returns(env: Env) -> None:
             str(m.message()["Subject"])]  # fmt: skip
 
 
-async def test_genuine_staff_reply_waits_for_dns_then_is_relayed(env: Env) -> None:
+async def test_genuine_staff_reply_waits_for_dns_then_is_relayed(env_db: Env) -> None:
+    env = env_db
     ref = await _customer(env)
     due = env.ticket(ref).first_response_due
     env.clock.advance(timedelta(minutes=10))
