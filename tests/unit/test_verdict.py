@@ -146,3 +146,15 @@ def test_ack_for_completed_checks() -> None:
     assert ack_decision(auth(dkim=(PASS,), dmarc="temperror")).action == "send"
     assert ack_decision(auth(spf="softfail")).action == "send"
     assert ack_decision(None).action == "send"  # verify_senders = false
+
+
+def test_recheck_backoff_is_bounded_by_the_deadline() -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from gateway.pipeline.holds import next_check
+
+    t0 = datetime(2026, 11, 23, 9, 0, tzinfo=UTC)
+    deadline = t0 + timedelta(minutes=30)
+    steps = [next_check(t0, n, deadline) - t0 for n in range(6)]
+    assert steps == [timedelta(minutes=m) for m in (1, 2, 4, 8, 10, 10)]
+    assert next_check(deadline - timedelta(seconds=5), 3, deadline) == deadline
