@@ -24,6 +24,7 @@ from gateway.inbound.smtp import ConnectionLimits, InboundHandler, make_tls_cont
 from gateway.outbound.worker import DeliveryWorker
 from gateway.pipeline.context import Services
 from gateway.pipeline.process import PipelineProcess
+from gateway.pipeline.recheck import AuthRechecker
 from gateway.pipeline.worker import PipelineWorker
 from gateway.routing.holder import RulesHolder
 from gateway.security.dns import Resolver, SystemResolver
@@ -95,14 +96,20 @@ class Gateway:
             self.engine, settings, self.clock, lambda: self.rules.current, self.signer
         )
         self.escalator_wakeup = asyncio.Event()
+        # Deferred acknowledgements and held staff replies whose sender check could not
+        # complete (issue 10, docs/security.md).
+        self.rechecker = AuthRechecker(self.engine, self.services)
+        self.rechecker_wakeup = asyncio.Event()
 
         def after_batch() -> None:
             # New outbox rows (acknowledgements) go out as soon as their batch has committed,
             # and the escalator looks again (a new ticket or reply may move the next step).
             self.delivery.wakeup.set()
             self.escalator_wakeup.set()
+            self.rechecker_wakeup.set()
 
         self.pipeline.after_batch = after_batch
+        self.rechecker.after_batch = self.delivery.wakeup.set
         self.handler: InboundHandler | None = None
         self.server: asyncio.Server | None = None
         self.stopping = asyncio.Event()
@@ -189,6 +196,9 @@ class Gateway:
                 asyncio.create_task(
                     self.escalator.run(self.stopping, self.escalator_wakeup), name="escalator"
                 ),
+                asyncio.create_task(
+                    self.rechecker.run(self.stopping, self.rechecker_wakeup), name="recheck"
+                ),
             ]
         log.info("listening on %s:%s for %s", host, self.port, ", ".join(s.domains))
 
@@ -209,6 +219,9 @@ class Gateway:
                 await t
         self.spool.close()
         self.engine.dispose()
+        close = getattr(self.resolver, "close", None)
+        if callable(close):
+            await asyncio.to_thread(close)  # the DNS breaker's probe thread, if one runs
 
     async def __aenter__(self) -> Gateway:
         await self.start()

@@ -187,6 +187,19 @@ class SecuritySettings(_Section):
     # DNS servers for those checks; empty = the system's /etc/resolv.conf.
     nameservers: list[str] = Field(default_factory=list)
     dns_timeout: float = 5.0
+    # All DNS questions of one message share this many seconds (issue 10: DNS trouble must
+    # not stall the pipeline); what does not answer in time is "temperror", decided later.
+    dns_budget: float = Field(default=2.0, gt=0)
+    # How long an inconclusive sender check (DNS timeout, SERVFAIL) is re-tried, with
+    # backoff, before the policy below decides. Staff replies wait as long, then are refused.
+    recheck_window: float = Field(default=1800.0, gt=0)
+    # An acknowledgement whose sender is still unverified after recheck_window: "suppress"
+    # (default: it could be backscatter) or "send". A sender that FAILED is never answered.
+    ack_if_unverified: Literal["suppress", "send"] = "suppress"
+    # Opt-in, empty by default: staff domains that publish neither DKIM nor SPF, whose staff
+    # replies are accepted on the signed reply token alone when the checks completed and
+    # nothing failed. A token travels in forwards and reply-all: prefer DKIM.
+    staff_token_only_domains: list[str] = Field(default_factory=list)
 
 
 class TicketSettings(_Section):

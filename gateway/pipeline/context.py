@@ -56,6 +56,7 @@ class Context:
     unverified_reason: str = ""
     kind: str = "customer"
     done: bool = False  # a stage decided nothing further applies (e.g. a duplicate)
+    staff_hold_reason: str = ""  # why a staff reply waits for its sender check (staff.judge)
     events: list[tuple[str, str, Any]] = field(default_factory=list)
 
     def event(self, type_: str, detail: str, data: Any = None) -> None:

@@ -10,6 +10,10 @@ No acknowledgement (each a rule of FIELD-NOTES §3, RFC 3834 §2):
 - the classifier found a robot (rules 1-7: null sender, Auto-Submitted, Precedence, List-*,
   X-Auto-Response-Suppress, system local parts, our loop header, reports);
 - the sender is likely forged (rule 8): an ack would be backscatter to an innocent party;
+  when the sender check could not complete (DNS trouble) the ack is DEFERRED, not sent and
+  not dropped: ``ack-deferred``, then the re-check worker (``gateway.pipeline.recheck``)
+  calls :func:`send_ack_now` or suppresses it (``gateway.security.verdict.ack_decision``,
+  issue 10). The ticket and the owner's notification never wait for that;
 - the ticket already has one, or the per-sender daily cap is reached (rule 9); when the cap
   trips, the owner is told once per sender per day and the mail is still recorded;
 - the recipient would be empty or one of our own addresses (rule 6).
@@ -34,6 +38,10 @@ from gateway.outbound.compose import (
 )
 from gateway.outbound.worker import enqueue, notify_owner
 from gateway.pipeline.context import Context
+from gateway.pipeline.holds import hold
+from gateway.routing.model import Person
+from gateway.security.sender_auth import AuthResult
+from gateway.security.verdict import ack_decision
 from gateway.store.models import Event, Outbox, Ticket
 from gateway.store.queries import add_event
 
@@ -45,12 +53,16 @@ def _cap(ctx: Context) -> int:
     return ctx.services.settings.outbound.daily_ack_cap
 
 
-def _recipient(ctx: Context) -> str:
+def ack_recipient(auth: AuthResult | None, from_address: str, mail_from: str) -> str:
     """The envelope sender, or the From when it is authenticated; never Reply-To (§3)."""
+    if auth is not None and auth.authenticated and from_address:
+        return from_address.lower()
+    return mail_from.strip().strip("<>").lower()
+
+
+def _recipient(ctx: Context) -> str:
     assert ctx.parsed is not None
-    if ctx.auth is not None and ctx.auth.authenticated and ctx.parsed.from_address:
-        return ctx.parsed.from_address.lower()
-    return ctx.entry.envelope.mail_from.strip().strip("<>").lower()
+    return ack_recipient(ctx.auth, ctx.parsed.from_address, ctx.entry.envelope.mail_from)
 
 
 def _is_ours(ctx: Context, address: str) -> bool:
@@ -69,11 +81,7 @@ def _suppression(ctx: Context, to: str) -> str | None:
         return f"route {route} says acknowledge = false"
     if ctx.verdict is not None and not ctx.verdict.may_acknowledge:
         return f"{ctx.verdict.kind}: " + "; ".join(ctx.verdict.reasons)
-    if ctx.auth is not None and ctx.auth.likely_forged:
-        return (
-            f"sender likely forged (spf {ctx.auth.spf}, dmarc {ctx.auth.dmarc}"
-            f" p={ctx.auth.dmarc_policy or '-'}): an ack would be backscatter"
-        )
+    # (A likely-forged sender is judged by gateway.security.verdict.ack_decision, in respond.)
     if ctx.ticket.acknowledged:
         return "the ticket was already acknowledged"
     if not to or "@" not in to:
@@ -97,9 +105,9 @@ def _acks_today(ctx: Context, to: str) -> int:
     return int(n)
 
 
-def _cap_tripped(ctx: Context, to: str) -> None:
+def _cap_tripped(ctx: Context, to: str, owner: Person) -> None:
     """Tell the owner ONCE per sender per day; the mail itself is recorded regardless."""
-    assert ctx.ticket is not None and ctx.ticket.id is not None and ctx.decision is not None
+    assert ctx.ticket is not None and ctx.ticket.id is not None
     since = ctx.now - timedelta(hours=24)
     marker = f"<{to}>"
     already = ctx.session.exec(
@@ -111,7 +119,6 @@ def _cap_tripped(ctx: Context, to: str) -> None:
     ).first()
     if already is not None:
         return
-    owner = ctx.decision.owner
     detail = (
         f"{_cap(ctx)} acknowledgements sent to {marker} in 24 hours; no more today. "
         f"{owner.name} ({owner.email}) told once."
@@ -177,18 +184,68 @@ def respond(ctx: Context) -> None:
         return
     ticket = ctx.ticket
     assert ticket.id is not None
-    s = ctx.session
     msg_id = ctx.message.id if ctx.message is not None else None
     to = _recipient(ctx)
     why = _suppression(ctx, to)
+    template_name = ctx.decision.acknowledge if isinstance(ctx.decision.acknowledge, str) else "ack"
+    if why is None:
+        # Unknown is not verified (issue 10): a sender check that could not complete defers
+        # the ack; only the ack waits, the ticket and the owner's notification do not.
+        verdict = ack_decision(
+            ctx.auth, if_unverified=ctx.services.settings.security.ack_if_unverified
+        )
+        if verdict.action == "suppress":
+            why = verdict.reason
+        elif verdict.action == "defer" and ctx.message is not None:
+            row = hold(
+                ctx,
+                "ack",
+                {
+                    "template": template_name,
+                    "truncated_bytes": ctx.entry.envelope.truncated_bytes,
+                    "received_at": ctx.received_at.isoformat(),
+                },
+            )
+            add_event(
+                ctx.session,
+                ticket.id,
+                "ack-deferred",
+                f"{verdict.reason}; re-checked until {row.deadline.isoformat()}",
+                ctx.now,
+                message_id=msg_id,
+            )
+            return
+    if why is not None:
+        add_event(ctx.session, ticket.id, "ack-suppressed", why, ctx.now, message_id=msg_id)
+        return
+    send_ack_now(ctx, to, owner=ctx.decision.owner, template_name=template_name)
+
+
+def send_ack_now(
+    ctx: Context, to: str, *, owner: Person, template_name: str, because: str = ""
+) -> bool:
+    """Queue the acknowledgement of ``ctx.ticket`` to ``to`` now, or record why not.
+
+    The pipeline's ``respond`` calls it for a new ticket; the re-check worker calls it for
+    an ack that waited for the sender's verdict (same composition, same stored deadline).
+    ``because`` is added to the ``ack-sent`` event. Returns whether an ack was queued.
+    """
+    assert ctx.ticket is not None and ctx.ticket.id is not None and ctx.parsed is not None
+    ticket = ctx.ticket
+    assert ticket.id is not None
+    s = ctx.session
+    msg_id = ctx.message.id if ctx.message is not None else None
+    why: str | None = None
+    if ticket.acknowledged:
+        why = "the ticket was already acknowledged"
     if why is None and _acks_today(ctx, to) >= _cap(ctx):
         why = f"daily cap of {_cap(ctx)} acknowledgements to {to} reached"
-        _cap_tripped(ctx, to)
+        _cap_tripped(ctx, to, owner)
     if why is None and ticket.first_response_due is None:
         why = "the ticket has no first-response deadline to promise"
     if why is not None:
         add_event(s, ticket.id, "ack-suppressed", why, ctx.now, message_id=msg_id)
-        return
+        return False
     due = ticket.first_response_due
     assert due is not None  # checked above
 
@@ -198,7 +255,7 @@ def respond(ctx: Context) -> None:
     p = ctx.parsed
     content = AckContent(
         ref=ticket.ref,
-        owner_name=ctx.decision.owner.name,
+        owner_name=owner.name,
         subject=p.subject,
         first_response_due=due,  # THE stored value, never recomputed
         calendar=calendar,
@@ -208,7 +265,6 @@ def respond(ctx: Context) -> None:
         not_kept=list(p.not_kept),
         stats=response_stats(_stats(ctx, ticket.queue), STATS_DAYS),
     )
-    template_name = ctx.decision.acknowledge if isinstance(ctx.decision.acknowledge, str) else "ack"
     template = load_template(settings.rules_path, template_name) or load_template(
         settings.rules_path, "ack"
     )
@@ -247,7 +303,8 @@ def respond(ctx: Context) -> None:
         ticket.id,
         "ack-sent",
         f"acknowledgement {message_id} queued to {to}; first response promised "
-        f"by {content.first_response_due.isoformat()}",
+        f"by {content.first_response_due.isoformat()}" + (f" ({because})" if because else ""),
         ctx.now,
         message_id=msg_id,
     )
+    return True

@@ -12,10 +12,15 @@ to the customer as an agent. Here a reply acts as staff only when all of these h
    the HMAC, or the message would not have matched by token);
 2. ``ctx.sender`` is, case-insensitively, the email of ``rules.people[claim.person]``: the
    person the token was issued to;
-3. when DKIM/SPF results are available (``ctx.auth`` present, not ``skipped``, and the
-   domain published something to check: ``AuthResult.has_evidence``), the From domain is
-   authenticated (aligned DKIM or SPF pass, ``AuthResult.authenticated``). A domain with
-   neither DKIM nor SPF gives no results; the token issued to this address is the proof.
+3. the From domain is POSITIVELY proven (issue 10, ``gateway.security.verdict``): DKIM pass
+   aligned with it, DMARC pass, aligned SPF pass, or the same from a trusted front MTA's
+   Authentication-Results. The token is not proof on its own: it travels in every forward
+   and reply-all (the only exception is the opt-in ``security.staff_token_only_domains``).
+   When a check could not complete (DNS timeout, SERVFAIL: ``temperror``) the reply is
+   HELD: stored as an internal note, nothing relayed or applied, event
+   ``staff-reply-held``; the re-check worker (``gateway.pipeline.recheck``) re-runs the
+   checks on the stored message and calls :func:`judge` again, until
+   ``security.recheck_window`` is over, when an unproven reply is refused.
 
 Anything else is never relayed and changes nothing: the mail stays an internal note, the
 event ``unverified-staff-reply`` says why, and the ticket's owner gets one notification. The
@@ -59,9 +64,11 @@ from gateway.outbound.handover import compose_handover
 from gateway.outbound.worker import enqueue, notify_owner
 from gateway.pipeline.commands import Command, parse_commands
 from gateway.pipeline.context import Context
+from gateway.pipeline.holds import hold
 from gateway.pipeline.notify import Part, add_parts, attachment_parts
 from gateway.routing.model import Person, Rules
 from gateway.security.tokens import Signer
+from gateway.security.verdict import auth_summary, staff_decision
 from gateway.sla.clocks import on_close, on_snooze, on_staff_reply, on_waiting
 from gateway.store.models import Participant, Ticket
 from gateway.store.queries import (
@@ -73,7 +80,7 @@ from gateway.store.queries import (
     undeliverable,
 )
 
-__all__ = ["compose_staff_reply", "staff_stage", "strip_quoted"]
+__all__ = ["compose_staff_reply", "judge", "staff_stage", "strip_quoted"]
 
 #: Languages whose "On ... wrote:" headers mail-parser-reply recognises for us.
 QUOTE_LANGUAGES = ["en", "de", "fr", "es", "it", "nl", "sv", "da", "pl", "cs"]
@@ -218,11 +225,7 @@ def _tell(ctx: Context, person: Person, subject: str, body: str) -> None:
 
 
 def _auth_text(ctx: Context) -> str:
-    a = ctx.auth
-    if a is None:
-        return "not checked"
-    dkim = ", ".join(f"{c.domain}={c.result}" for c in a.dkim) or "none"
-    return f"dkim {dkim}; spf {a.spf}; dmarc {a.dmarc}"
+    return auth_summary(ctx.auth)
 
 
 def _unverified_reason(ctx: Context, issued_to: Person | None, person_id: str) -> str | None:
@@ -239,20 +242,7 @@ def _unverified_reason(ctx: Context, issued_to: Person | None, person_id: str) -
             f"the reply token was issued to {issued_to.name} <{issued_to.email}> "
             f"but the mail comes from {sender or '(no sender)'}"
         )
-    # FIELD-NOTES §5: when results are available, the From domain must be authenticated.
-    # A domain that publishes neither DKIM nor SPF gives no results: the signed token issued
-    # to this very address is then the proof (a forged From without it never gets here).
-    auth = ctx.auth
-    if (
-        auth is not None
-        and auth.source != "skipped"
-        and auth.has_evidence
-        and not auth.authenticated
-    ):
-        reasons.append(
-            f"the From domain of {sender or '(no sender)'} is not authenticated "
-            f"({_auth_text(ctx)}): From alone proves nothing"
-        )
+    # The From domain's proof is judged by gateway.security.verdict (see `judge`).
     return "; ".join(reasons) or None
 
 
@@ -573,12 +563,47 @@ def staff_stage(ctx: Context) -> None:
         # `record` marks human staff-token mail "note"; anything else here is a robot (an
         # out-of-office answering a notification): recorded, never acted on.
         return
+    if judge(ctx, th.claim.person) == "wait":
+        row = hold(ctx, "staff", {"person": th.claim.person})
+        _event(
+            ctx,
+            "staff-reply-held",
+            f"held, not relayed, nothing applied: {ctx.staff_hold_reason}; re-checked until "
+            f"{row.deadline.isoformat()}",
+        )
+
+
+def judge(ctx: Context, person_id: str, *, waited_out: bool = False) -> str:
+    """Decide and carry out what a reply on ``person_id``'s staff token may do.
+
+    Returns ``"accept"`` (relayed or applied, or a colleague's note), ``"refuse"`` (kept as
+    a note, owner told) or ``"wait"`` (nothing done; the caller holds it for a re-check and
+    ``ctx.staff_hold_reason`` says why). ``waited_out``: the re-check window is over.
+    """
     rules = ctx.services.rules
-    issued_to = rules.people.get(th.claim.person)
-    why = _unverified_reason(ctx, issued_to, th.claim.person)
+    issued_to = rules.people.get(person_id)
+    why = _unverified_reason(ctx, issued_to, person_id)
     if why is not None or issued_to is None:
         _unverified(ctx, why or "unknown person")
-        return
+        return "refuse"
+    decision = staff_decision(
+        ctx.auth,
+        sender=ctx.sender or "(no sender)",
+        token_only_domains=ctx.services.settings.security.staff_token_only_domains,
+        waited_out=waited_out,
+    )
+    if decision.action == "wait":
+        ctx.staff_hold_reason = decision.reason
+        return "wait"
+    if decision.action == "refuse":
+        _unverified(ctx, decision.reason)
+        return "refuse"
+    _accepted(ctx, issued_to, decision.reason)
+    return "accept"
+
+
+def _accepted(ctx: Context, issued_to: Person, proof: str) -> None:
+    rules = ctx.services.rules
     if ctx.sender.lower() != issued_to.email.lower():
         colleague = _person_by_email(rules, ctx.sender)
         assert colleague is not None
@@ -587,7 +612,7 @@ def staff_stage(ctx: Context) -> None:
     _event(
         ctx,
         "staff-verified",
-        f"{issued_to.name}: token issued to {issued_to.id}, From {ctx.sender}, {_auth_text(ctx)}",
+        f"{issued_to.name}: token issued to {issued_to.id}, From {ctx.sender}, {proof}",
         {"person": issued_to.id},
     )
     _verified(ctx, issued_to)

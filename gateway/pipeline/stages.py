@@ -29,6 +29,7 @@ from gateway.pipeline.respond import respond
 from gateway.pipeline.route import route
 from gateway.pipeline.staff import staff_stage
 from gateway.pipeline.thread import decide, from_is_verified
+from gateway.security.dns import BudgetResolver, OfflineResolver
 from gateway.security.sender_auth import authenticate as check_sender
 from gateway.store.queries import SqlLookup, lock_message_id, ticket_of_outbound
 
@@ -71,9 +72,18 @@ def classify_stage(ctx: Context) -> None:
 
 
 def authenticate_stage(ctx: Context) -> None:
+    security = ctx.services.settings.security
     resolver = ctx.services.resolver
     if resolver is None:
-        return
+        if not security.trusted_authserv_ids:
+            return
+        # No DNS of our own, but a trusted front MTA's verdicts can still be read; anything
+        # needing DNS is then temperror, never a guess (docs/security.md).
+        resolver = OfflineResolver()
+    # One shared time budget for all the questions of this message (issue 10): DNS trouble
+    # makes the verdict "unknown" (decided later by the re-check worker), never the queue
+    # wait.
+    budget = BudgetResolver(resolver, security.dns_budget)
     env = ctx.entry.envelope
     try:
         ctx.auth = check_sender(
@@ -81,13 +91,27 @@ def authenticate_stage(ctx: Context) -> None:
             envelope_sender=env.mail_from,
             client_ip=env.peer or None,
             helo=env.helo or None,
-            resolver=resolver,
-            trusted_authserv_ids=ctx.services.settings.security.trusted_authserv_ids,
+            resolver=budget,
+            trusted_authserv_ids=security.trusted_authserv_ids,
         )
     except Exception as exc:  # authentication trouble never loses the message
         log.warning("sender authentication failed: %r", exc)
         ctx.event("authentication-error", repr(exc))
         return
+    if budget.cut:
+        ctx.event(
+            "dns-budget-cut",
+            f"the per-message DNS budget of {security.dns_budget:g}s ran out: "
+            f"{budget.temp_errors} of {budget.questions} questions unanswered",
+            {"budget": security.dns_budget, "questions": budget.questions},
+        )
+    elif budget.temp_errors:
+        ctx.event(
+            "dns-unavailable",
+            f"{budget.temp_errors} of {budget.questions} DNS questions failed at once "
+            f"(servers unreachable or failing): verdict deferred",
+            {"questions": budget.questions},
+        )
     ctx.event("authenticated", ctx.auth.header_value(ctx.services.settings.smtp.hostname))
 
 

@@ -49,7 +49,9 @@ import email.utils
 import ipaddress
 import logging
 import re
+import threading
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -197,6 +199,18 @@ class AuthResult:
         )
 
     @property
+    def inconclusive(self) -> bool:
+        """True when some check could not complete (DNS timeout, SERVFAIL, spent budget):
+        RFC 8601 §2.7 ``temperror`` anywhere.  Such a result is evidence of nothing, neither
+        authenticity nor forgery (issue 10); :mod:`gateway.security.verdict` decides what
+        waits for a re-check."""
+        return (
+            any(c.result == "temperror" for c in self.dkim)
+            or self.spf == "temperror"
+            or self.dmarc == "temperror"
+        )
+
+    @property
     def likely_forged(self) -> bool:
         """True when an automatic reply would probably be backscatter (FIELD-NOTES §3 rule 8).
 
@@ -231,6 +245,7 @@ class AuthResult:
             "source": self.source,
             "authenticated": self.authenticated,
             "likely_forged": self.likely_forged,
+            "inconclusive": self.inconclusive,
         }
 
     @classmethod
@@ -343,10 +358,21 @@ def _authenticate(
                 resolver=resolver,
             )
 
-    checks = _verify_dkim(raw, resolver)
-    spf_result, spf_domain = _check_spf(envelope_sender, client_ip, helo, resolver)
-    arc = _verify_arc(raw, resolver)
-    dmarc, policy = _evaluate_dmarc(from_domain, checks, spf_result, spf_domain, resolver)
+    # The independent checks run concurrently (issue 10: DNS trouble must not stall the
+    # pipeline): with a slow or dead resolver the message waits for the slowest question,
+    # not for the sum of all of them.  DMARC discovery (RFC 7489 §6.6.3) needs no other
+    # result; only its evaluation (§6.6.2) waits for DKIM and SPF.
+    pool = _executor()
+    dkim_f = pool.submit(_verify_dkim, raw, resolver)
+    spf_f = pool.submit(_check_spf, envelope_sender, client_ip, helo, resolver)
+    arc_f = pool.submit(_verify_arc, raw, resolver)
+    discovered = _discover_or_temp(from_domain, resolver)
+    checks = dkim_f.result()
+    spf_result, spf_domain = spf_f.result()
+    arc = arc_f.result()
+    dmarc, policy = _evaluate_dmarc(
+        from_domain, checks, spf_result, spf_domain, resolver, discovered=discovered
+    )
     return AuthResult(
         from_domain=from_domain,
         dkim=checks,
@@ -357,6 +383,20 @@ def _authenticate(
         arc=arc,
         source="verified",
     )
+
+
+_POOL: ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
+
+
+def _executor() -> ThreadPoolExecutor:
+    """One small pool per process for the concurrent checks (created on first use, so a
+    spawned pipeline process builds its own)."""
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None:
+            _POOL = ThreadPoolExecutor(max_workers=8, thread_name_prefix="sender-auth")
+        return _POOL
 
 
 # --------------------------------------------------------------------------------------------
@@ -711,19 +751,34 @@ def _discover_dmarc(from_domain: str, resolver: Resolver) -> _DmarcRecord | None
     )
 
 
+def _discover_or_temp(from_domain: str, resolver: Resolver) -> _DmarcRecord | DnsTempError | None:
+    """:func:`_discover_dmarc`, with a DNS failure returned instead of raised."""
+    if not from_domain:
+        return None
+    try:
+        return _discover_dmarc(from_domain, resolver)
+    except DnsTempError as exc:
+        return exc
+
+
 def _evaluate_dmarc(
     from_domain: str,
     checks: Sequence[DkimCheck],
     spf_result: str,
     spf_domain: str,
     resolver: Resolver,
+    *,
+    discovered: _DmarcRecord | DnsTempError | str | None = "ask",
 ) -> tuple[str, str | None]:
-    """RFC 7489 §4.2 / §6.6.2: pass iff an aligned identifier passes; ``(result, policy)``."""
+    """RFC 7489 §4.2 / §6.6.2: pass iff an aligned identifier passes; ``(result, policy)``.
+
+    ``discovered`` is the outcome of policy discovery when it was done already (``"ask"``:
+    discover now).
+    """
     if not from_domain:
         return "none", None
-    try:
-        record = _discover_dmarc(from_domain, resolver)
-    except DnsTempError:
+    record = _discover_or_temp(from_domain, resolver) if isinstance(discovered, str) else discovered
+    if isinstance(record, DnsTempError):
         return "temperror", None
     if record is None:
         return "none", None

@@ -186,3 +186,30 @@ class EscalationStep(SQLModel, table=True):
     person: str = ""
     action: str = ""
     fired_at: datetime
+
+
+class AuthRecheck(SQLModel, table=True):
+    """A decision waiting for a sender check that could not complete (issue 10).
+
+    ``purpose`` ``ack``: the acknowledgement of the message's new ticket is deferred until the
+    sender's DKIM/SPF/DMARC verdict is known; ``staff``: a reply on a staff token is held, not
+    relayed, its commands not applied, until its From domain is proven.  The re-check worker
+    (``gateway.pipeline.recheck``) re-runs authentication on the stored raw message with the
+    SMTP client's address and HELO kept here, with backoff, until ``deadline``.
+    """
+
+    __tablename__ = "auth_recheck"
+    __table_args__ = (Index("auth_recheck_due", "state", "next_check_at"),)
+    id: int | None = Field(default=None, primary_key=True)
+    message_id: int = Field(foreign_key="message.id", index=True)
+    ticket_id: int | None = Field(default=None, foreign_key="ticket.id", index=True)
+    purpose: str  # ack | staff
+    client_ip: str = ""
+    helo: str = ""
+    created_at: datetime
+    deadline: datetime
+    next_check_at: datetime
+    attempts: int = 0
+    state: str = "waiting"  # waiting | done
+    outcome: str = Field(default="", sa_column=Column(Text, nullable=False, default=""))
+    data: str = Field(default="{}", sa_column=Column(Text, nullable=False, default="{}"))

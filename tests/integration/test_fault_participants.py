@@ -113,7 +113,12 @@ async def env(
     key = load_key(key_file, DOMAIN, SELECTOR)
     settings = make_settings(
         tmp_path,
-        security={"verify_senders": request.param},
+        # Without sender checks a staff reply has no proof but its token; such a site must
+        # opt its staff domain in explicitly (security.staff_token_only_domains).
+        security={
+            "verify_senders": request.param,
+            "staff_token_only_domains": [] if request.param else [DOMAIN],
+        },
         outbound={
             "relay": f"127.0.0.1:{relay.port}",
             "dkim": {"domain": DOMAIN, "selector": SELECTOR, "key_file": str(key_file)},

@@ -102,6 +102,9 @@ async def env(tmp_path: Path, clock: FrozenClock, relay: CaptureRelay) -> AsyncI
         tmp_path,
         rules_dir=str(rules_dir),
         outbound={"relay": f"127.0.0.1:{relay.port}", "from_name": "Example Support"},
+        # Staff mail here is unsigned: the documented opt-in for a staff domain without
+        # DKIM/SPF lets the reply token stand as the proof (docs/security.md).
+        security={"staff_token_only_domains": ["example.com"]},
     )
     async with running_gateway(settings, clock) as gw:
         escalator = Escalator(gw.engine, settings, clock, lambda: gw.rules.current, gw.signer)

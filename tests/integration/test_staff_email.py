@@ -10,7 +10,8 @@ The pipeline's own stages run (``staff_stage`` right after ``record``,
 is DKIM-signed for example.com with the test key, whose record is in the gateway's static
 resolver, so the "aligned DKIM/SPF when available" rule (FIELD-NOTES §5) is exercised for
 real; example.com also publishes SPF `-all`, so an unsigned reply fails SPF and is refused
-by that same rule, while a domain that publishes nothing relies on the token alone.
+by that same rule; a domain that publishes nothing is refused too, unless it is listed in the
+opt-in `security.staff_token_only_domains` (issue 10).
 """
 
 from __future__ import annotations
@@ -462,12 +463,30 @@ async def test_out_of_office_on_a_staff_token_does_nothing(env: Env) -> None:
     assert json.dumps(ticket_json(env.gw, ref)["deadlines"]["first_response"]) != "null"
 
 
-async def test_unsigned_reply_is_relayed_when_the_domain_publishes_nothing(env: Env) -> None:
-    # No DKIM signature and no SPF record: no results are available, so the signed token
-    # issued to this very address is the proof (FIELD-NOTES §5 "when available").
+async def test_unsigned_reply_is_refused_when_the_domain_publishes_nothing(env: Env) -> None:
+    # No DKIM signature and no SPF record: the checks complete without proof. The reply
+    # token alone proves nothing (it travels in every forward and reply-all; issue 10).
     assert isinstance(env.gw.resolver, StaticResolver)
     env.gw.resolver.remove("example.com", "TXT")
+    _, ref = await _customer(env)
+    sent = len(env.relay.messages)
+    await _staff(env, ref, "Hello Pat, unplug it.\n", signed=False)
+    assert env.outbox("staff_reply") == []
+    [why] = _events(env, ref, "unverified-staff-reply")
+    assert "not authenticated" in why and "reply token" in why
+    [alert] = env.relay.messages[sent:]
+    assert alert.rcpt_tos == ["alice@example.com"]
+
+
+async def test_unsigned_reply_is_relayed_for_an_opted_in_token_only_domain(env: Env) -> None:
+    # security.staff_token_only_domains: the explicit, documented opt-in for staff domains
+    # that publish neither DKIM nor SPF.
+    assert isinstance(env.gw.resolver, StaticResolver)
+    env.gw.resolver.remove("example.com", "TXT")
+    env.gw.settings.security.staff_token_only_domains = ["example.com"]
     _, ref = await _customer(env)
     await _staff(env, ref, "Hello Pat, unplug it.\n", signed=False)
     assert len(env.outbox("staff_reply")) == 1
     assert _events(env, ref, "unverified-staff-reply") == []
+    [ok] = _events(env, ref, "staff-verified")
+    assert "staff_token_only_domains" in ok
