@@ -19,6 +19,7 @@ import socket
 
 from sqlalchemy.engine import Engine
 
+from gateway import alerts
 from gateway.clock import Clock, SystemClock
 from gateway.inbound.smtp import ConnectionLimits, InboundHandler, make_tls_context, start_server
 from gateway.outbound.worker import DeliveryWorker
@@ -128,6 +129,23 @@ class Gateway:
                 self.services.rules = self.rules.current
                 self.escalator_wakeup.set()
 
+    def _pipeline_down(self, why: str) -> None:
+        """The pipeline child crashed past its restart cap: tell the admins (blocking)."""
+        alerts.send_alert(
+            self.engine,
+            self.settings,
+            self.signer,
+            to=alerts.recipients(self.settings, self.rules.current),
+            subject="pipeline stopped: mail is being spooled, not processed",
+            body=(
+                f"{why}.\nIncoming mail is still accepted and kept in the spool"
+                f" ({self.settings.spool_path}); nothing is processed (no tickets, no"
+                " acknowledgements) until the cause is fixed and the daemon restarted."
+                " The log of the pipeline process says why it exited.\n"
+            ),
+            now=self.clock.now(),
+        )
+
     # Lifecycle --------------------------------------------------------------------------
 
     async def start(self, *, workers: bool = True) -> None:
@@ -143,6 +161,7 @@ class Gateway:
                 self.settings.model_dump(),
                 rules=lambda: self.rules.current,
                 on_batch=self.pipeline.after_batch,
+                on_give_up=self._pipeline_down,
             )
             self.pipeline_process.start()
             self.spool.on_commit = self.pipeline_process.wake

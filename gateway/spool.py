@@ -436,3 +436,19 @@ class Spool:
                 (entry_id,),
             )
             return cur.rowcount == 1
+
+    def replay_all(self) -> list[int]:
+        """Put every quarantined entry back in line (`quarantine replay --all`)."""
+        with self._tx() as conn:
+            ids = [
+                r[0]
+                for r in conn.execute(
+                    "SELECT id FROM spool WHERE state='quarantined' ORDER BY id"
+                ).fetchall()
+            ]
+            conn.executemany(
+                "UPDATE spool SET state='pending', attempts=0, quarantined_at=NULL, not_before=0"
+                " WHERE id=? AND state='quarantined'",
+                [(i,) for i in ids],
+            )
+        return ids

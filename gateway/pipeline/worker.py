@@ -105,6 +105,7 @@ class PipelineWorker:
         self.heartbeat: Callable[[str], None] | None = None
         self.outage: Outage | None = None
         self.outages = 0  # how many have ended (status, tests)
+        self.probes = 0  # probes made during outages (status, tests)
         self.backoff = Backoff(pause_initial, pause_max)
         self._next_probe = 0.0
         self._suspects: dict[int, int] = {}
@@ -282,6 +283,7 @@ class PipelineWorker:
             return False
         if self.heartbeat is not None:
             self.heartbeat("paused")
+        self.probes += 1
         try:
             probe(self.engine, self.folders, self.min_free_disk)
         except Exception as exc:

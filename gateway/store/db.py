@@ -51,7 +51,9 @@ def make_engine(url: str) -> Engine:
         return engine
     if u.drivername == "postgresql":
         url = u.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
-    return create_engine(url, pool_pre_ping=True, future=True)
+    # connect_timeout: a database host that does not answer (network cut) must fail the
+    # pipeline's probe in seconds, not hang it (issue 10; the worker pauses and retries).
+    return create_engine(url, pool_pre_ping=True, future=True, connect_args={"connect_timeout": 10})
 
 
 def is_postgres(engine: Engine) -> bool:
