@@ -126,9 +126,31 @@ def check_free_space(folders: Iterable[Path], minimum: int) -> None:
             raise DiskLow(f"{free} bytes free in {folder}, less than the {minimum} required")
 
 
-def probe(engine: Engine, folders: Iterable[Path], minimum: int) -> None:
-    """Raise if the infrastructure is still away: free space, then a `SELECT 1`."""
+#: Space a disk probe reserves at least: a full disk answers reads (`SELECT 1` works) and
+#: frees a few pages now and then, so "some bytes free" is no proof that work can resume.
+PROBE_BYTES = 1024 * 1024
+
+
+def check_writable(folders: Iterable[Path], size: int) -> None:
+    """Reserve `size` bytes in each folder (posix_fallocate: no data written) and free them;
+    raises OSError(ENOSPC) when the space is not there."""
+    for folder in folders:
+        path = folder / f".gateway-probe-{os.getpid()}"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.posix_fallocate(fd, 0, size)
+        finally:
+            os.close(fd)
+            path.unlink(missing_ok=True)
+
+
+def probe(engine: Engine, folders: Iterable[Path], minimum: int, reserve: int = 0) -> None:
+    """Raise if the infrastructure is still away: free space (and, after a disk fault,
+    `reserve` bytes that can really be allocated), then a `SELECT 1`."""
+    folders = list(folders)
     check_free_space(folders, minimum)
+    if reserve:
+        check_writable(folders, reserve)
     with engine.connect() as conn:
         conn.execute(text("SELECT 1"))
 

@@ -37,6 +37,7 @@ from sqlalchemy.engine import Engine
 from gateway import alerts
 from gateway.pipeline.context import Context, Services
 from gateway.pipeline.faults import (
+    PROBE_BYTES,
     Backoff,
     DiskLow,
     Fault,
@@ -77,6 +78,7 @@ class Outage:
     started_mono: float
     deferred: set[int] = field(default_factory=set)
     warned: bool = False
+    reserve: int = 0  # bytes a disk probe must be able to allocate (0: database fault)
 
 
 class PipelineWorker:
@@ -168,7 +170,7 @@ class PipelineWorker:
         fault = classify_fault(exc)
         if fault is None:
             return None
-        if self._healthy():
+        if self._healthy(_reserve(fault, entry)):
             # The fault looked like the infrastructure's, yet the infrastructure answers:
             # transient (a dropped connection) or the message's own in disguise.
             n = self._suspects.get(entry.id, 0) + 1
@@ -185,9 +187,9 @@ class PipelineWorker:
                 return None
         return fault
 
-    def _healthy(self) -> bool:
+    def _healthy(self, reserve: int = 0) -> bool:
         try:
-            probe(self.engine, self.folders, self.min_free_disk)
+            probe(self.engine, self.folders, self.min_free_disk, reserve)
         except Exception:
             return False
         return True
@@ -266,6 +268,7 @@ class PipelineWorker:
                 fault.kind,
                 fault.reason,
             )
+        self.outage.reserve = max(self.outage.reserve, _reserve(fault, entry))
         if entry is not None:
             self.outage.deferred.add(entry.id)
         self._next_probe = time.monotonic() + self.backoff.next()
@@ -285,7 +288,7 @@ class PipelineWorker:
             self.heartbeat("paused")
         self.probes += 1
         try:
-            probe(self.engine, self.folders, self.min_free_disk)
+            probe(self.engine, self.folders, self.min_free_disk, self.outage.reserve)
         except Exception as exc:
             log.info("%s still unavailable: %r", self.outage.kind, exc)
             self._next_probe = time.monotonic() + self.backoff.next()
@@ -413,6 +416,14 @@ class PipelineWorker:
             )
             waiter.cancel()
             stopper.cancel()
+
+
+def _reserve(fault: Fault, entry: SpoolEntry | None) -> int:
+    """After a disk fault, resume only when this much can be allocated: the message that
+    hit the fault twice over (database row plus WAL) and at least `PROBE_BYTES`."""
+    if fault.kind != "disk":
+        return 0
+    return max(PROBE_BYTES, 2 * len(entry.raw) if entry is not None else 0)
 
 
 def _degraded_stage(reason: str) -> Stage:
