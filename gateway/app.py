@@ -146,6 +146,14 @@ class Gateway:
             now=self.clock.now(),
         )
 
+    def _recover_crashed(self, culprit: int | None, reason: str) -> None:
+        """The pipeline child died (blocking): its entries back in line, the one it was busy
+        with charged an attempt; if that was its last, the admins are told (worker.py)."""
+        entry = self.spool.get(culprit) if culprit is not None else None
+        state = self.spool.recover_crashed(culprit, reason)
+        if entry is not None and state == "quarantined":
+            self.pipeline.alert_quarantined(entry, reason)
+
     # Lifecycle --------------------------------------------------------------------------
 
     async def start(self, *, workers: bool = True) -> None:
@@ -196,7 +204,7 @@ class Gateway:
         self.port = self.server.sockets[0].getsockname()[1]
         if workers:
             if self.pipeline_process is not None:
-                pipeline = self.pipeline_process.supervise(self.stopping, self.spool.recover)
+                pipeline = self.pipeline_process.supervise(self.stopping, self._recover_crashed)
             else:
                 pipeline = self.pipeline.run(self.stopping)
             self._tasks = [

@@ -134,9 +134,10 @@ def child_main(
     worker = PipelineWorker(engine=engine, spool=spool, services=services)
     beat = {"busy": b"b", "idle": b"i", "paused": b"z"}
 
-    def heartbeat(state: str) -> None:
+    def heartbeat(state: str, entry_id: int | None) -> None:
+        data = beat[state] + (str(entry_id).encode() if entry_id is not None else b"")
         with contextlib.suppress(OSError):
-            notify.send_bytes(beat[state])
+            notify.send_bytes(data)
 
     worker.heartbeat = heartbeat
     wake, reload, stop = Event(), Event(), Event()
@@ -186,6 +187,7 @@ class PipelineProcess:
         self.restarts = 0
         self.restart_times: list[float] = []  # monotonic
         self.state = "starting"  # busy | idle | paused, as the child last said
+        self.current: int | None = None  # the spool entry it said it is busy with
         self.last_word = time.monotonic()
         self.down: str | None = None  # why it stays down after the restart cap
         p = config.get("pipeline", {})
@@ -210,6 +212,7 @@ class PipelineProcess:
         self._conn = receiver
         self._control = control_out
         self.state = "starting"
+        self.current = None
         self.last_word = time.monotonic()
         loop.add_reader(receiver.fileno(), self._on_notify)
         self.wake()  # whatever waits in the spool from before
@@ -234,8 +237,9 @@ class PipelineProcess:
                 self.last_word = time.monotonic()
                 if data == b"1":
                     batch = True
-                elif data in states:
-                    self.state = states[data]
+                elif data[:1] in states:
+                    self.state = states[data[:1]]
+                    self.current = int(data[1:]) if data[1:].isdigit() else None
         except (EOFError, OSError):
             asyncio.get_running_loop().remove_reader(self._conn.fileno())
             return
@@ -249,9 +253,12 @@ class PipelineProcess:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.is_alive()
 
-    async def supervise(self, stopping: asyncio.Event, recover: Any) -> None:
-        """Restart the child if it dies on its own (its claimed entries go back in line),
-        with backoff and a cap; kill and restart it when it hangs."""
+    async def supervise(
+        self, stopping: asyncio.Event, recover: Callable[[int | None, str], Any]
+    ) -> None:
+        """Restart the child if it dies on its own (its claimed entries go back in line:
+        `recover(culprit, reason)`), with backoff and a cap; kill and restart it when it
+        hangs."""
         while not stopping.is_set():
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(stopping.wait(), timeout=1.0)
@@ -270,6 +277,11 @@ class PipelineProcess:
                     continue
             code = self.proc.exitcode if self.proc is not None else None
             self._close_conn()
+            # The entry it was busy with pays the attempt (a message that kills the process
+            # ends in the quarantine); the rest of its batch goes back in line for free.
+            culprit = self.current if self.state == "busy" else None
+            self.current = None
+            await asyncio.to_thread(recover, culprit, f"the pipeline process died ({code})")
             delay = restart_delay(
                 self.restart_times,
                 now,
@@ -296,7 +308,6 @@ class PipelineProcess:
                 await asyncio.wait_for(stopping.wait(), timeout=delay)
             if stopping.is_set():
                 return
-            recover()
             self.restarts += 1
             self.restart_times.append(time.monotonic())
             self.start()

@@ -104,7 +104,7 @@ class PipelineWorker:
         self.after_batch: Callable[[], None] | None = None
         # Called with "busy" before each entry, "idle" when nothing is left, "paused" at
         # each probe of an outage: the supervisor's heartbeat (process.py).
-        self.heartbeat: Callable[[str], None] | None = None
+        self.heartbeat: Callable[[str, int | None], None] | None = None
         self.outage: Outage | None = None
         self.outages = 0  # how many have ended (status, tests)
         self.probes = 0  # probes made during outages (status, tests)
@@ -214,14 +214,14 @@ class PipelineWorker:
                 return False
             self.spool.quarantine(entry.id, reason)
             log.error("spool entry %s quarantined: %r", entry.id, exc)
-            self._alert_quarantined(entry, short)
+            self.alert_quarantined(entry, short)
             return False
         self.spool.release(entry.id)
         self.processed += 1
         log.error("processed %s in degraded form after %r", summary(ctx), exc)
         return True
 
-    def _alert_quarantined(self, entry: SpoolEntry, reason: str) -> None:
+    def alert_quarantined(self, entry: SpoolEntry, reason: str) -> None:
         """Tell the admins and the default owner: who wrote, about what, and why it failed."""
         settings = self.services.settings
         try:
@@ -285,7 +285,7 @@ class PipelineWorker:
         if time.monotonic() < self._next_probe:
             return False
         if self.heartbeat is not None:
-            self.heartbeat("paused")
+            self.heartbeat("paused", None)
         self.probes += 1
         try:
             probe(self.engine, self.folders, self.min_free_disk, self.outage.reserve)
@@ -373,14 +373,14 @@ class PipelineWorker:
                 entries = self.spool.claim(self.batch)
                 if not entries:
                     if self.heartbeat is not None:
-                        self.heartbeat("idle")
+                        self.heartbeat("idle", None)
                     return done
                 for i, entry in enumerate(entries):
                     if (stopping is not None and stopping.is_set()) or self.outage is not None:
                         self.spool.unclaim([e.id for e in entries[i:]])
                         return done
                     if self.heartbeat is not None:
-                        self.heartbeat("busy")
+                        self.heartbeat("busy", entry.id)
                     self.process_one(entry)
                     if self.outage is None:
                         done += 1
