@@ -369,6 +369,7 @@ async def test_last_attempt_in_degraded_form_still_makes_a_ticket(
 # (e) the pipeline child crashing: backoff, cap, alert; SMTP goes on -----------------------------
 
 
+@pytest.mark.slow
 async def test_crashing_pipeline_child_backs_off_stops_at_the_cap_and_alerts(
     tmp_path: Path, relay: CaptureRelay
 ) -> None:
@@ -403,5 +404,36 @@ async def test_crashing_pipeline_child_backs_off_stops_at_the_cap_and_alerts(
         assert [s for s, _ in spool_rows(settings.spool_path)] == ["pending"]
         await asyncio.sleep(1.5)
         assert pp.restarts == restarts and not pp.alive
+    finally:
+        await gw.stop()
+
+
+@pytest.mark.slow
+async def test_hung_pipeline_child_is_killed_and_restarted(tmp_path: Path) -> None:
+    """Hang detection: another process holds the SQLite write lock, so the child waits inside
+    one message (busy_timeout 30 s) saying nothing; past `hang_timeout` it is killed and a new
+    child started; the message stays in the spool, charged one attempt."""
+    settings = make_settings(
+        tmp_path, pipeline={"hang_timeout": 1.5, "restart_backoff": 0.1, "max_restarts": 5}
+    )
+    gw = Gateway(settings, resolver=StaticResolver({}))
+    await gw.start()
+    try:
+        pp = gw.pipeline_process
+        assert pp is not None
+        await wait_until(lambda: pp.state == "idle", what="the child's first word")
+        first_child = pp.proc.pid
+        db = settings.storage.database_url.removeprefix("sqlite:///")
+        with contextlib.closing(sqlite3.connect(db, isolation_level=None)) as locker:
+            locker.execute("BEGIN IMMEDIATE")  # the write lock, held
+            await send(gw, make_mail(subject="stuck behind a lock"))
+            await wait_until(lambda: pp.restarts >= 1, timeout=30, what="the restart")
+            assert pp.proc.pid != first_child
+            assert spool_rows(settings.spool_path) == [("pending", 1)]
+            locker.execute("ROLLBACK")
+        await wait_until(lambda: pp.alive and pp.state == "idle", what="the new child")
+        await send(gw, make_mail(subject="after the lock", sender="kim@customer.example"))
+        await wait_until(lambda: ticket_count(settings.storage.database_url) == 1, what="ticket")
+        assert pp.down is None
     finally:
         await gw.stop()
