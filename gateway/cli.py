@@ -336,6 +336,9 @@ def _process_spool(
     )
     worker = PipelineWorker(engine=_engine(settings), spool=spool, services=services)
     n = worker.run_once_sync()
+    if worker.outage is not None:
+        print(f"paused: {worker.outage.kind} unavailable ({worker.outage.reason})")
+        return EX_TEMPFAIL
     state = spool.get(only) if only is not None else None
     if state is not None:  # still in the spool: it failed again
         print(f"message {only} failed again: {(state.last_error or '').splitlines()[0]}")
@@ -343,9 +346,6 @@ def _process_spool(
     again = [e for e in (spool.get(i) for i in replayed or []) if e is not None]
     for e in again:
         print(f"message {e.id} failed again: {(e.last_error or '').splitlines()[0]}")
-    if worker.outage is not None:
-        print(f"paused: {worker.outage.kind} unavailable ({worker.outage.reason})")
-        return EX_TEMPFAIL
     if again:
         return 1
     print(f"processed {n} message(s)")

@@ -288,7 +288,12 @@ class PipelineWorker:
             self.heartbeat("paused", None)
         self.probes += 1
         try:
-            probe(self.engine, self.folders, self.min_free_disk, self.outage.reserve)
+            # After a disk fault, resume only with 10 % to spare above the floor, so that
+            # free space hovering around it does not pause and resume (and alert) by turns.
+            floor = self.min_free_disk
+            if self.outage.kind == "disk":
+                floor += floor // 10
+            probe(self.engine, self.folders, floor, self.outage.reserve)
         except Exception as exc:
             log.info("%s still unavailable: %r", self.outage.kind, exc)
             self._next_probe = time.monotonic() + self.backoff.next()

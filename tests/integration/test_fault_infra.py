@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import aiosmtplib
 import pytest
 from sqlmodel import Session, select
 
@@ -437,3 +438,23 @@ async def test_hung_pipeline_child_is_killed_and_restarted(tmp_path: Path) -> No
         assert pp.down is None
     finally:
         await gw.stop()
+
+
+async def test_spool_that_cannot_commit_answers_4xx_never_250_and_recovers(
+    tmp_path: Path, small_tmpfs: Path, clock: FrozenClock
+) -> None:
+    """The `250` promise: while the spool's disk is full the answer is temporary (the
+    sender retries), and once space returns the same mail is accepted and processed."""
+    settings = make_settings(tmp_path, storage={"spool_dir": str(small_tmpfs / "spool")})
+    async with running_gateway(settings, clock) as gw:
+        await send(gw, make_mail(subject="before"))
+        filler = fill(small_tmpfs)
+        mail = make_mail(subject="while the spool disk is full", body="y" * 200_000)
+        with pytest.raises(aiosmtplib.SMTPResponseException) as err:
+            await send(gw, mail)
+        assert 400 <= err.value.code < 500, err.value
+        filler.unlink()
+        code, _ = await send(gw, mail)  # the sender's retry
+        assert code == 250
+        assert await gw.pipeline.run_once() == 2
+        assert ticket_count(settings.storage.database_url) == 2
