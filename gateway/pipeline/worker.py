@@ -154,10 +154,7 @@ class PipelineWorker:
         try:
             ctx = self.process(entry)
         except Exception as exc:
-            fault = self._infrastructure(exc, entry)
-            if fault is not None:
-                self.spool.unclaim([entry.id])
-                self._enter_outage(fault, entry)
+            if self._infrastructure(exc, entry):
                 return False
             return self._message_fault(entry, exc)
         self._suspects.pop(entry.id, None)
@@ -166,26 +163,40 @@ class PipelineWorker:
         log.info("processed %s", summary(ctx))
         return True
 
-    def _infrastructure(self, exc: BaseException, entry: SpoolEntry) -> Fault | None:
+    def _infrastructure(self, exc: BaseException, entry: SpoolEntry) -> bool:
+        """Handle an infrastructure fault: the entry goes back in line at no cost and, if
+        the probe confirms the outage, the worker pauses. False: a fault of the message."""
         fault = classify_fault(exc)
         if fault is None:
-            return None
-        if self._healthy(_reserve(fault, entry)):
-            # The fault looked like the infrastructure's, yet the infrastructure answers:
-            # transient (a dropped connection) or the message's own in disguise.
-            n = self._suspects.get(entry.id, 0) + 1
-            self._suspects[entry.id] = n
-            if n >= SUSPECT_LIMIT:
-                log.error(
-                    "spool entry %s: %s repeated %d times with the database healthy;"
-                    " treating it as a fault of the message",
-                    entry.id,
-                    fault.reason,
-                    n,
-                )
-                self._suspects.pop(entry.id, None)
-                return None
-        return fault
+            return False
+        if not self._healthy(_reserve(fault, entry)):
+            self.spool.unclaim([entry.id])
+            self._enter_outage(fault, entry)
+            return True
+        # The fault looked like the infrastructure's, yet the infrastructure answers: a
+        # transient one (a dropped connection: retry at once, no outage, no alert) or the
+        # message's own in disguise (the same entry again and again).
+        n = self._suspects.get(entry.id, 0) + 1
+        self._suspects[entry.id] = n
+        if n < SUSPECT_LIMIT:
+            log.warning(
+                "spool entry %s: transient %s fault (%s); retrying it",
+                entry.id,
+                fault.kind,
+                fault.reason,
+            )
+            self.spool.unclaim([entry.id])
+            return True
+        log.error(
+            "spool entry %s: %s repeated %d times with the %s healthy;"
+            " treating it as a fault of the message",
+            entry.id,
+            fault.reason,
+            n,
+            fault.kind,
+        )
+        self._suspects.pop(entry.id, None)
+        return False
 
     def _healthy(self, reserve: int = 0) -> bool:
         try:
@@ -207,10 +218,7 @@ class PipelineWorker:
         try:
             ctx = self.process(entry, degrade=f"processing failed ({short})")
         except Exception as exc2:
-            fault = self._infrastructure(exc2, entry)
-            if fault is not None:
-                self.spool.unclaim([entry.id])
-                self._enter_outage(fault, entry)
+            if self._infrastructure(exc2, entry):
                 return False
             self.spool.quarantine(entry.id, reason)
             log.error("spool entry %s quarantined: %r", entry.id, exc)

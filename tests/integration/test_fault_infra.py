@@ -23,7 +23,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import aiosmtplib
+import psycopg
 import pytest
+from sqlalchemy import exc as sa_exc
 from sqlmodel import Session, select
 
 from gateway.app import Gateway
@@ -458,3 +460,38 @@ async def test_spool_that_cannot_commit_answers_4xx_never_250_and_recovers(
         assert code == 250
         assert await gw.pipeline.run_once() == 2
         assert ticket_count(settings.storage.database_url) == 2
+
+
+async def test_transient_database_error_is_retried_at_once_and_a_disguised_one_is_not_forever(
+    tmp_path: Path, clock: FrozenClock, relay: CaptureRelay
+) -> None:
+    """A connection dropped once (the probe right after finds the database healthy) is
+    retried at once: no attempt, no pause, no alert. The same "database" error raised by one
+    message every time is that message's own fault after a few tries: it costs attempts and
+    the rest of the queue flows."""
+    settings = make_settings(
+        tmp_path, outbound={"relay": f"127.0.0.1:{relay.port}"}, alerts={"admins": [ADMIN]}
+    )
+    dropped = sa_exc.OperationalError(
+        "SELECT 1", {}, psycopg.OperationalError("server closed the connection unexpectedly")
+    )
+    seen: list[bytes] = []
+
+    def flaky(ctx: Context) -> None:
+        if b"FLAKY" in ctx.entry.raw and not seen:
+            seen.append(ctx.entry.raw)
+            raise dropped
+        if b"DISGUISED" in ctx.entry.raw:
+            raise dropped
+
+    async with running_gateway(settings, clock) as gw:
+        gw.pipeline.stages = (flaky, *gw.pipeline.stages)
+        await send(gw, make_mail(subject="FLAKY once"))
+        await send(gw, make_mail(subject="DISGUISED poison", sender="kim@customer.example"))
+        await send(gw, make_mail(subject="ordinary", sender="lee@customer.example"))
+        await gw.pipeline.run_once()
+        assert gw.pipeline.outage is None and gw.pipeline.outages == 0
+        assert ticket_count(settings.storage.database_url) == 2  # FLAKY and ordinary
+        assert spool_rows(settings.spool_path) == [("pending", 1)]  # the disguised one paid
+        await gw.delivery.run_once()
+        assert relay.to(ADMIN) == []
