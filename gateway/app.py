@@ -19,6 +19,7 @@ import socket
 
 from sqlalchemy.engine import Engine
 
+from gateway import alerts
 from gateway.clock import Clock, SystemClock
 from gateway.inbound.smtp import ConnectionLimits, InboundHandler, make_tls_context, start_server
 from gateway.outbound.worker import DeliveryWorker
@@ -135,6 +136,31 @@ class Gateway:
                 self.services.rules = self.rules.current
                 self.escalator_wakeup.set()
 
+    def _pipeline_down(self, why: str) -> None:
+        """The pipeline child crashed past its restart cap: tell the admins (blocking)."""
+        alerts.send_alert(
+            self.engine,
+            self.settings,
+            self.signer,
+            to=alerts.recipients(self.settings, self.rules.current),
+            subject="pipeline stopped: mail is being spooled, not processed",
+            body=(
+                f"{why}.\nIncoming mail is still accepted and kept in the spool"
+                f" ({self.settings.spool_path}); nothing is processed (no tickets, no"
+                " acknowledgements) until the cause is fixed and the daemon restarted."
+                " The log of the pipeline process says why it exited.\n"
+            ),
+            now=self.clock.now(),
+        )
+
+    def _recover_crashed(self, culprit: int | None, reason: str) -> None:
+        """The pipeline child died (blocking): its entries back in line, the one it was busy
+        with charged an attempt; if that was its last, the admins are told (worker.py)."""
+        entry = self.spool.get(culprit) if culprit is not None else None
+        state = self.spool.recover_crashed(culprit, reason)
+        if entry is not None and state == "quarantined":
+            self.pipeline.alert_quarantined(entry, reason)
+
     # Lifecycle --------------------------------------------------------------------------
 
     async def start(self, *, workers: bool = True) -> None:
@@ -150,6 +176,7 @@ class Gateway:
                 self.settings.model_dump(),
                 rules=lambda: self.rules.current,
                 on_batch=self.pipeline.after_batch,
+                on_give_up=self._pipeline_down,
             )
             self.pipeline_process.start()
             self.spool.on_commit = self.pipeline_process.wake
@@ -184,7 +211,7 @@ class Gateway:
         self.port = self.server.sockets[0].getsockname()[1]
         if workers:
             if self.pipeline_process is not None:
-                pipeline = self.pipeline_process.supervise(self.stopping, self.spool.recover)
+                pipeline = self.pipeline_process.supervise(self.stopping, self._recover_crashed)
             else:
                 pipeline = self.pipeline.run(self.stopping)
             self._tasks = [

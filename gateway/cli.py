@@ -66,8 +66,9 @@ def _parser() -> argparse.ArgumentParser:
     ql.add_argument("--json", action="store_true")
     qs = q.add_parser("show", help="print the raw message")
     qs.add_argument("id", type=int)
-    qr = q.add_parser("replay", help="process it again now")
-    qr.add_argument("id", type=int)
+    qr = q.add_parser("replay", help="process it again now (ID, or --all)")
+    qr.add_argument("id", type=int, nargs="?")
+    qr.add_argument("--all", action="store_true", help="every quarantined message")
 
     o = sub.add_parser("outbox", help="outgoing mail and its delivery state").add_subparsers(
         dest="o_command", required=True
@@ -297,6 +298,16 @@ def cmd_quarantine(args: argparse.Namespace) -> int:
                 if not items:
                     print("quarantine is empty")
             return 0
+        if args.q_command == "replay" and args.all:
+            if args.id is not None:
+                print("give an ID or --all, not both", file=sys.stderr)
+                return 2
+            ids = spool.replay_all()
+            print(f"replaying {len(ids)} quarantined message(s)")
+            return _process_spool(settings, spool, replayed=ids)
+        if args.id is None:
+            print("give the ID of a quarantined message, or --all", file=sys.stderr)
+            return 2
         entry = spool.get(args.id)
         if entry is None or (args.q_command == "replay" and entry.state != "quarantined"):
             print(f"no quarantined message {args.id}", file=sys.stderr)
@@ -311,7 +322,9 @@ def cmd_quarantine(args: argparse.Namespace) -> int:
         spool.close()
 
 
-def _process_spool(settings: Settings, spool: Any, only: int | None = None) -> int:
+def _process_spool(
+    settings: Settings, spool: Any, only: int | None = None, replayed: list[int] | None = None
+) -> int:
     from gateway.app import build_resolver
     from gateway.clock import SystemClock
     from gateway.pipeline.context import Services
@@ -328,9 +341,17 @@ def _process_spool(settings: Settings, spool: Any, only: int | None = None) -> i
     )
     worker = PipelineWorker(engine=_engine(settings), spool=spool, services=services)
     n = worker.run_once_sync()
+    if worker.outage is not None:
+        print(f"paused: {worker.outage.kind} unavailable ({worker.outage.reason})")
+        return EX_TEMPFAIL
     state = spool.get(only) if only is not None else None
     if state is not None:  # still in the spool: it failed again
         print(f"message {only} failed again: {(state.last_error or '').splitlines()[0]}")
+        return 1
+    again = [e for e in (spool.get(i) for i in replayed or []) if e is not None]
+    for e in again:
+        print(f"message {e.id} failed again: {(e.last_error or '').splitlines()[0]}")
+    if again:
         return 1
     print(f"processed {n} message(s)")
     return 0

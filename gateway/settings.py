@@ -220,6 +220,28 @@ class PipelineSettings(_Section):
     # Run the pipeline in a child process (its own core): SMTP ingest keeps full speed
     # during a burst. false = a thread in the daemon's process.
     process: bool = True
+    # Supervision of that child (docs/operations.md): the first restart waits this many
+    # seconds, doubling each time (at most 60 s); more than `max_restarts` restarts within
+    # `restart_window` seconds and it stays down (SMTP keeps spooling) and the admins are
+    # alerted. A child that is busy without progress for `hang_timeout` seconds is killed.
+    restart_backoff: float = Field(default=1.0, gt=0)
+    max_restarts: int = Field(default=5, ge=1)
+    restart_window: float = Field(default=300.0, gt=0)
+    hang_timeout: float = Field(default=300.0, gt=0)
+
+
+class AlertsSettings(_Section):
+    # Who is told about infrastructure trouble (database, disk, DNS, quarantine) and a
+    # pipeline that stays down; empty = the rules' default owner.
+    admins: list[str] = Field(default_factory=list)
+
+    @field_validator("admins")
+    @classmethod
+    def _admins(cls, v: list[str]) -> list[str]:
+        for a in v:
+            if "@" not in a:
+                raise ValueError(f"expected email addresses, got {a!r}")
+        return v
 
 
 class Settings(BaseSettings):
@@ -239,6 +261,7 @@ class Settings(BaseSettings):
     security: SecuritySettings = Field(default_factory=SecuritySettings)
     tickets: TicketSettings = Field(default_factory=TicketSettings)
     pipeline: PipelineSettings = Field(default_factory=PipelineSettings)
+    alerts: AlertsSettings = Field(default_factory=AlertsSettings)
 
     # Where the TOML came from (None: embedded defaults); relative paths resolve from cwd.
     config_path: str | None = Field(default=None, exclude=True)

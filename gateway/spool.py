@@ -312,6 +312,21 @@ class Spool:
             cur = conn.execute("UPDATE spool SET state='pending' WHERE state='claimed'")
             return cur.rowcount
 
+    def recover_crashed(self, culprit: int | None, reason: str) -> str | None:
+        """The pipeline process died: entries it had claimed go back in line without cost,
+        except `culprit` (the entry it was busy with), which is charged the attempt like a
+        failure and quarantined after `max_attempts` (a message that kills the process must
+        not take the pipeline down for good). Returns the culprit's new state."""
+        state = None
+        if culprit is not None:
+            state = self.fail(culprit, reason)
+        with self._tx() as conn:
+            conn.execute(
+                "UPDATE spool SET state='pending', attempts=max(attempts-1, 0)"
+                " WHERE state='claimed'"
+            )
+        return state
+
     def claim(self, limit: int = 50) -> list[SpoolEntry]:
         with self._tx() as conn:
             rows = conn.execute(
@@ -436,3 +451,19 @@ class Spool:
                 (entry_id,),
             )
             return cur.rowcount == 1
+
+    def replay_all(self) -> list[int]:
+        """Put every quarantined entry back in line (`quarantine replay --all`)."""
+        with self._tx() as conn:
+            ids = [
+                r[0]
+                for r in conn.execute(
+                    "SELECT id FROM spool WHERE state='quarantined' ORDER BY id"
+                ).fetchall()
+            ]
+            conn.executemany(
+                "UPDATE spool SET state='pending', attempts=0, quarantined_at=NULL, not_before=0"
+                " WHERE id=? AND state='quarantined'",
+                [(i,) for i in ids],
+            )
+        return ids

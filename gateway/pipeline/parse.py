@@ -7,6 +7,15 @@ authoritative; everything here is derived and can be recomputed on replay.
 Oversize policy (docs/oversize.md): a message larger than `smtp.max_message_size` keeps its
 headers and text parts; the largest attachments are replaced by a short placeholder until it
 fits, and each is listed in `not_kept` so the acknowledgement can say what we did not keep.
+
+Depth bound (issue 10 finding 8): the standard library's MIME parser, `walk()` and the
+generator recurse once per nesting level, so a message nested ~1,000 levels deep raises
+`RecursionError` (a poison message that used to end in the quarantine, silently). Real mail
+nests a handful of levels (forwarded digests perhaps ten); past `MAX_MIME_DEPTH` the message
+degrades: its top-level headers are kept, its body becomes one explanatory line plus the
+original bytes as the attachment `original-message.eml`, and a defect says why. The same
+degraded form is what the worker falls back to before quarantining a message
+(`degraded()`), so a customer still gets a ticket and an acknowledgement.
 """
 
 from __future__ import annotations
@@ -24,6 +33,16 @@ from typing import Any
 
 _MSGID_RE = re.compile(r"<[^<>\s]+>")
 _POLICY: Policy = email.policy.default.clone(linesep="\r\n")
+#: Deepest MIME nesting read part by part; deeper mail is kept whole as an attachment.
+MAX_MIME_DEPTH = 64
+#: Most parts walked in one message (a flat bomb of 100,000 parts is no better).
+MAX_MIME_PARTS = 5000
+#: The file name of the original bytes in a degraded message.
+ORIGINAL_NAME = "original-message.eml"
+
+
+class TooDeep(Exception):
+    """The MIME structure is nested deeper than `MAX_MIME_DEPTH` (or has too many parts)."""
 
 
 @dataclass(frozen=True)
@@ -185,6 +204,28 @@ def _part_text(part: Message, defects: list[str]) -> str:
     return payload.decode("utf-8", "replace")
 
 
+def walk_parts(msg: Message) -> list[Message]:
+    """`msg.walk()` without recursion, in the same order; raises `TooDeep` past the bounds.
+
+    `Message.walk()` is a recursive generator (one Python frame per level); this walks with
+    an explicit stack so depth costs memory, not the interpreter's stack.
+    """
+    out: list[Message] = []
+    stack: list[tuple[Message, int]] = [(msg, 1)]
+    while stack:
+        part, depth = stack.pop()
+        if depth > MAX_MIME_DEPTH:
+            raise TooDeep(f"MIME nesting deeper than {MAX_MIME_DEPTH} levels")
+        out.append(part)
+        if len(out) > MAX_MIME_PARTS:
+            raise TooDeep(f"more than {MAX_MIME_PARTS} MIME parts")
+        if part.is_multipart():
+            payload = part.get_payload()
+            if isinstance(payload, list):
+                stack.extend((p, depth + 1) for p in reversed(payload) if isinstance(p, Message))
+    return out
+
+
 @dataclass(frozen=True)
 class Leaf:
     """One non-multipart part, with how it presents itself."""
@@ -206,7 +247,7 @@ class Leaf:
 def leaf_parts(msg: Message, defects: list[str] | None = None) -> list[Leaf]:
     """Every leaf part of `msg` in order; never raises (a broken structure is one leaf)."""
     try:
-        parts = list(msg.walk())
+        parts = walk_parts(msg)
     except Exception as exc:
         if defects is not None:
             defects.append(f"MIME structure: {exc.__class__.__name__}")
@@ -260,11 +301,66 @@ def parse(raw: bytes, *, max_size: int | None = None, truncated_bytes: int = 0) 
             }
         )
     if max_size is not None and len(raw) > max_size:
-        raw, dropped = trim_oversize(raw, max_size)
+        try:
+            raw, dropped = trim_oversize(raw, max_size)
+        except (RecursionError, TooDeep) as exc:
+            return degraded(raw, _depth_reason(exc), not_kept=not_kept)
         not_kept.extend(dropped)
-    msg = email.message_from_bytes(raw, policy=_POLICY)
+    try:
+        msg = email.message_from_bytes(raw, policy=_POLICY)
+        walk_parts(msg)  # the depth bound, before anything recursive touches the tree
+    except (RecursionError, TooDeep) as exc:
+        return degraded(raw, _depth_reason(exc), not_kept=not_kept)
     for d in getattr(msg, "defects", []):
         defects.append(d.__class__.__name__)
+    text, html, attachments = _walk(msg, defects)
+    return _build(raw, msg, defects, not_kept, text, html, attachments)
+
+
+def _depth_reason(exc: BaseException) -> str:
+    if isinstance(exc, TooDeep):
+        return str(exc)
+    return f"MIME nesting too deep to parse ({exc.__class__.__name__})"
+
+
+def degraded(
+    raw: bytes, reason: str, *, not_kept: list[dict[str, Any]] | None = None
+) -> ParsedMessage:
+    """The message as its top-level headers plus the original bytes as one attachment.
+
+    Used when the structure cannot be read (nesting bound) and by the worker's last attempt
+    before the quarantine: whoever reads the ticket gets sender, subject and the untouched
+    original, and the defect names the reason. Never raises.
+    """
+    cut = [i for i in (raw.find(b"\r\n\r\n"), raw.find(b"\n\n")) if i >= 0]
+    head = raw[: min(cut)] if cut else raw
+    try:
+        msg = email.message_from_bytes(head + b"\r\n\r\n", policy=_POLICY)
+        for name in {k.lower() for k in msg}:
+            if name.startswith("content-") or name == "mime-version":
+                del msg[name]
+    except Exception:
+        msg = EmailMessage(policy=_POLICY)
+    text = (
+        f"[This message could not be read normally: {reason}. The original message is"
+        f" attached unchanged as {ORIGINAL_NAME}.]"
+    )
+    assert isinstance(msg, EmailMessage)
+    msg.set_content(text)
+    msg.add_attachment(raw, maintype="application", subtype="octet-stream", filename=ORIGINAL_NAME)
+    attachments = [Attachment(ORIGINAL_NAME, "application/octet-stream", len(raw))]
+    return _build(raw, msg, [f"degraded: {reason}"], list(not_kept or []), text, "", attachments)
+
+
+def _build(
+    raw: bytes,
+    msg: Message,
+    defects: list[str],
+    not_kept: list[dict[str, Any]],
+    text: str,
+    html: str,
+    attachments: list[Attachment],
+) -> ParsedMessage:
 
     headers: list[tuple[str, str]] = []
     try:
@@ -285,7 +381,6 @@ def parse(raw: bytes, *, max_size: int | None = None, truncated_bytes: int = 0) 
                 date = None
         except Exception:
             defects.append("unparseable Date")
-    text, html, attachments = _walk(msg, defects)
     if not text.strip() and html:
         text = html_to_text(html)
     subject = " ".join(_safe_header(msg, "Subject").split())
@@ -316,7 +411,7 @@ def trim_oversize(raw: bytes, max_size: int) -> tuple[bytes, list[dict[str, Any]
     msg = email.message_from_bytes(raw, policy=_POLICY)
     dropped: list[dict[str, Any]] = []
     candidates = []
-    for part in msg.walk():
+    for part in walk_parts(msg):
         if part.is_multipart():
             continue
         ctype = part.get_content_type()

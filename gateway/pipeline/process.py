@@ -16,6 +16,17 @@ restarted child) and, like the parent, keeps them when a reload finds errors. It
 with its parent (Linux `PR_SET_PDEATHSIG`), so after a crash of the daemon no orphan keeps
 entries claimed while the restarted daemon recovers them; if the child dies on its own, the
 parent recovers its claimed entries and starts a new one (`PipelineProcess.supervise`).
+
+Supervision with limits (Mailman's master and its `max_restarts`; issue 10 finding 6, where
+a child crashing on a full disk was restarted every 2 s for ever): restarts back off
+(`pipeline.restart_backoff` seconds, doubling, at most 60 s); more than
+`pipeline.max_restarts` within `pipeline.restart_window` seconds and the child stays down,
+the admins are alerted, and SMTP goes on accepting into the spool (nothing is lost; a restart
+of the daemon after the fix processes the backlog). The child reports its state over the
+notify pipe (`b` busy with an entry, `i` idle, `z` paused by an infrastructure fault, `1` a
+batch committed); busy with no word for `pipeline.hang_timeout` seconds is a hang: the child
+is killed and restarted like a crash. An infrastructure outage is a pause, not a crash: the
+child stays up and probes (worker.py), so an outage never burns the restart budget.
 """
 
 from __future__ import annotations
@@ -27,6 +38,8 @@ import logging
 import multiprocessing
 import os
 import signal
+import time
+from collections.abc import Callable
 from multiprocessing.connection import Connection
 from threading import Event, Lock, Thread
 from typing import Any
@@ -34,6 +47,27 @@ from typing import Any
 log = logging.getLogger("gateway.pipeline")
 
 _PR_SET_PDEATHSIG = 1
+#: Longest wait between two restarts of a crashing child.
+MAX_RESTART_DELAY = 60.0
+
+
+def restart_delay(
+    recent: list[float], now: float, *, window: float, cap: int, backoff: float
+) -> float | None:
+    """Seconds to wait before the next restart, or None: the cap is reached, stay down.
+
+    `recent` holds the monotonic times of earlier restarts; those older than `window` no
+    longer count (a child that ran well for a while starts again from `backoff`).
+    """
+    live = [t for t in recent if now - t < window]
+    if len(live) >= cap:
+        return None
+    return min(backoff * 2 ** len(live), MAX_RESTART_DELAY)
+
+
+def hung(state: str, last_word: float, now: float, timeout: float) -> bool:
+    """A child busy with one entry and silent for `timeout` seconds is hung."""
+    return state == "busy" and now - last_word > timeout
 
 
 def _die_with_parent() -> None:
@@ -98,6 +132,14 @@ def child_main(
         resolver=build_resolver(settings),
     )
     worker = PipelineWorker(engine=engine, spool=spool, services=services)
+    beat = {"busy": b"b", "idle": b"i", "paused": b"z"}
+
+    def heartbeat(state: str, entry_id: int | None) -> None:
+        data = beat[state] + (str(entry_id).encode() if entry_id is not None else b"")
+        with contextlib.suppress(OSError):
+            notify.send_bytes(data)
+
+    worker.heartbeat = heartbeat
     wake, reload, stop = Event(), Event(), Event()
     Thread(target=_listen, args=(control, wake, reload, stop), daemon=True).start()
     try:
@@ -112,8 +154,12 @@ def child_main(
             if worker.run_once_sync(stop):
                 with contextlib.suppress(OSError):
                     notify.send_bytes(b"1")
-            # Woken by the next commit; the timeout retries entries whose backoff ended.
-            wake.wait(timeout=2.0)
+            delay = worker.retry_delay()
+            if delay is None:
+                # Woken by the next commit; the timeout retries entries whose backoff ended.
+                wake.wait(timeout=2.0)
+            else:  # paused: the next probe; new mail does not hurry it
+                stop.wait(timeout=delay)
     finally:
         spool.close()
         engine.dispose()
@@ -122,16 +168,33 @@ def child_main(
 class PipelineProcess:
     """Parent side: start, wake, reload, supervise and stop the pipeline process."""
 
-    def __init__(self, config: dict[str, Any], rules: Any, on_batch: Any) -> None:
+    def __init__(
+        self,
+        config: dict[str, Any],
+        rules: Any,
+        on_batch: Any,
+        on_give_up: Callable[[str], None] | None = None,
+    ) -> None:
         self._mp = multiprocessing.get_context("spawn")
         self.config = config
         self.rules = rules  # callable: the rules in force now (handed to each new child)
         self.on_batch = on_batch
+        self.on_give_up = on_give_up  # blocking (an alert); run in a thread
         self.proc: Any = None
         self._conn: Connection | None = None
         self._control: Connection | None = None
         self._send_lock = Lock()  # wake() comes from the spool's writer thread
         self.restarts = 0
+        self.restart_times: list[float] = []  # monotonic
+        self.state = "starting"  # busy | idle | paused, as the child last said
+        self.current: int | None = None  # the spool entry it said it is busy with
+        self.last_word = time.monotonic()
+        self.down: str | None = None  # why it stays down after the restart cap
+        p = config.get("pipeline", {})
+        self.backoff = float(p.get("restart_backoff", 1.0))
+        self.max_restarts = int(p.get("max_restarts", 5))
+        self.window = float(p.get("restart_window", 300.0))
+        self.hang_timeout = float(p.get("hang_timeout", 300.0))
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -148,6 +211,9 @@ class PipelineProcess:
         control_in.close()
         self._conn = receiver
         self._control = control_out
+        self.state = "starting"
+        self.current = None
+        self.last_word = time.monotonic()
         loop.add_reader(receiver.fileno(), self._on_notify)
         self.wake()  # whatever waits in the spool from before
 
@@ -163,13 +229,22 @@ class PipelineProcess:
 
     def _on_notify(self) -> None:
         assert self._conn is not None
+        batch = False
+        states = {b"b": "busy", b"i": "idle", b"z": "paused"}
         try:
             while self._conn.poll():
-                self._conn.recv_bytes()
+                data = self._conn.recv_bytes()
+                self.last_word = time.monotonic()
+                if data == b"1":
+                    batch = True
+                elif data[:1] in states:
+                    self.state = states[data[:1]]
+                    self.current = int(data[1:]) if data[1:].isdigit() else None
         except (EOFError, OSError):
             asyncio.get_running_loop().remove_reader(self._conn.fileno())
             return
-        self.on_batch()
+        if batch:
+            self.on_batch()
 
     def reload(self) -> None:
         self._send(b"r")
@@ -178,18 +253,63 @@ class PipelineProcess:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.is_alive()
 
-    async def supervise(self, stopping: asyncio.Event, recover: Any) -> None:
-        """Restart the child if it dies on its own (its claimed entries go back in line)."""
+    async def supervise(
+        self, stopping: asyncio.Event, recover: Callable[[int | None, str], Any]
+    ) -> None:
+        """Restart the child if it dies on its own (its claimed entries go back in line:
+        `recover(culprit, reason)`), with backoff and a cap; kill and restart it when it
+        hangs."""
         while not stopping.is_set():
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(stopping.wait(), timeout=1.0)
-            if stopping.is_set() or self.alive:
-                continue
+            if stopping.is_set():
+                return
+            now = time.monotonic()
+            if self.alive:
+                if hung(self.state, self.last_word, now, self.hang_timeout):
+                    log.error(
+                        "pipeline process busy without progress for %.0f s; killing it",
+                        now - self.last_word,
+                    )
+                    self.proc.kill()
+                    await asyncio.get_running_loop().run_in_executor(None, self.proc.join, 10)
+                else:
+                    continue
             code = self.proc.exitcode if self.proc is not None else None
-            log.error("pipeline process exited (%s); recovering and restarting it", code)
             self._close_conn()
-            recover()
+            # The entry it was busy with pays the attempt (a message that kills the process
+            # ends in the quarantine); the rest of its batch goes back in line for free.
+            culprit = self.current if self.state == "busy" else None
+            self.current = None
+            await asyncio.to_thread(recover, culprit, f"the pipeline process died ({code})")
+            delay = restart_delay(
+                self.restart_times,
+                now,
+                window=self.window,
+                cap=self.max_restarts,
+                backoff=self.backoff,
+            )
+            if delay is None:
+                self.down = (
+                    f"the pipeline process exited ({code}) after {self.max_restarts} restarts"
+                    f" within {self.window:.0f} s; it stays down"
+                )
+                log.critical("%s; mail is still accepted into the spool", self.down)
+                if self.on_give_up is not None:
+                    await asyncio.to_thread(self.on_give_up, self.down)
+                    self.on_batch()  # a queued alert: wake the delivery worker
+                return
+            log.error(
+                "pipeline process exited (%s); recovering and restarting it in %.1f s",
+                code,
+                delay,
+            )
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stopping.wait(), timeout=delay)
+            if stopping.is_set():
+                return
             self.restarts += 1
+            self.restart_times.append(time.monotonic())
             self.start()
 
     def _close_conn(self) -> None:

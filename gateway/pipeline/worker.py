@@ -4,24 +4,59 @@
 loops it, woken by an `asyncio.Event` that the spool sets after each group commit.
 The spool entry is released only after the database commit; a crash in between means
 the entry is processed again and the database dedupes it (same envelope+bytes hash).
-A message that fails `storage.max_attempts` times moves to the quarantine with its reason.
+
+Two kinds of failure (issue 10; docs/operations.md "Infrastructure faults"):
+- an *infrastructure fault* (database unreachable, disk full or below the free-space floor;
+  `gateway.pipeline.faults`) says nothing about the message: the entry goes back in line
+  without costing an attempt and the worker *pauses*, probing (`SELECT 1` and free space)
+  at 0.5 s doubling to 4 s, and resumes at the first healthy probe. One alert per outage
+  goes to the admins when it ends ("unreachable from T1 to T2, N messages waited"; the
+  outage is logged at ERROR when it starts, and reported directly through the relay if it
+  is still going after `WARN_AFTER` seconds);
+- a *message fault* (anything else) costs an attempt with backoff. On the last attempt the
+  message is processed once more in degraded form (top-level headers, the original bytes
+  attached: `parse.degraded`) so the customer still gets a ticket and an acknowledgement;
+  only if that fails too does it go to the quarantine, and the admins and the default
+  owner are alerted with the reason and the raw message attached. Never silently.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import traceback
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import datetime
+from pathlib import Path
 from typing import Protocol
 
 from sqlalchemy.engine import Engine
 
+from gateway import alerts
 from gateway.pipeline.context import Context, Services
-from gateway.pipeline.stages import STAGES, Stage, run_stages, summary
+from gateway.pipeline.faults import (
+    PROBE_BYTES,
+    Backoff,
+    DiskLow,
+    Fault,
+    check_free_space,
+    classify_fault,
+    database_folder,
+    probe,
+)
+from gateway.pipeline.parse import degraded
+from gateway.pipeline.stages import STAGES, Stage, parse_stage, run_stages, summary
 from gateway.spool import Spool, SpoolEntry
 from gateway.store.db import session_scope
+
+#: An outage still going after this many (real) seconds is reported at once, directly.
+WARN_AFTER = 600.0
+#: Infrastructure faults of one entry that the probe right after found healthy, after which
+#: the fault counts as the message's own (a misclassified poison message must not stall
+#: the whole pipeline for ever).
+SUSPECT_LIMIT = 3
 
 log = logging.getLogger("gateway.pipeline")
 
@@ -30,6 +65,20 @@ class Stopping(Protocol):
     """An asyncio, threading or multiprocessing Event: only `is_set()` is used."""
 
     def is_set(self) -> bool: ...
+
+
+@dataclass
+class Outage:
+    """The infrastructure is away: since when (injected clock, for the alert's text, and
+    monotonic, for pacing), why, and how many entries were put back meanwhile."""
+
+    kind: str
+    reason: str
+    started: datetime
+    started_mono: float
+    deferred: set[int] = field(default_factory=set)
+    warned: bool = False
+    reserve: int = 0  # bytes a disk probe must be able to allocate (0: database fault)
 
 
 class PipelineWorker:
@@ -41,6 +90,8 @@ class PipelineWorker:
         services: Services,
         stages: tuple[Stage, ...] = STAGES,
         batch: int = 50,
+        pause_initial: float = 0.5,
+        pause_max: float = 4.0,
     ) -> None:
         self.engine = engine
         self.spool = spool
@@ -51,14 +102,40 @@ class PipelineWorker:
         self.processed = 0
         self.failures = 0
         self.after_batch: Callable[[], None] | None = None
+        # Called with "busy" before each entry, "idle" when nothing is left, "paused" at
+        # each probe of an outage: the supervisor's heartbeat (process.py).
+        self.heartbeat: Callable[[str, int | None], None] | None = None
+        self.outage: Outage | None = None
+        self.outages = 0  # how many have ended (status, tests)
+        self.probes = 0  # probes made during outages (status, tests)
+        self.backoff = Backoff(pause_initial, pause_max)
+        self._next_probe = 0.0
+        self._suspects: dict[int, int] = {}
+        folders = [Path(spool.directory)]
+        db_folder = database_folder(engine.url.render_as_string(hide_password=True))
+        if db_folder is not None and db_folder not in folders:
+            folders.append(db_folder)
+        self.folders = folders
+        # SMTP refuses mail below smtp.min_free_disk; the pipeline keeps draining the spool
+        # into the database down to half of it, then pauses (it never fills the disk).
+        self.min_free_disk = services.settings.smtp.min_free_disk // 2
 
-    def process(self, entry: SpoolEntry) -> Context:
-        """Run every stage for one entry in one transaction (blocking; call in a thread)."""
+    # Processing ----------------------------------------------------------------------------
+
+    def process(self, entry: SpoolEntry, *, degrade: str | None = None) -> Context:
+        """Run every stage for one entry in one transaction (blocking; call in a thread).
+
+        With `degrade` (a reason) the parse stage is replaced by the degraded form: the
+        top-level headers and the original bytes as an attachment.
+        """
         received = (
             datetime.fromisoformat(entry.envelope.received_at)
             if entry.envelope.received_at
             else None
         )
+        stages = self.stages
+        if degrade is not None:
+            stages = tuple(_degraded_stage(degrade) if s is parse_stage else s for s in stages)
         now = self.services.clock.now()
         with session_scope(self.engine) as session:
             ctx = Context(
@@ -68,40 +145,264 @@ class PipelineWorker:
                 now=now,
                 received_at=received or now,
             )
-            run_stages(ctx, self.stages)
+            run_stages(ctx, stages)
         return ctx
 
     def process_one(self, entry: SpoolEntry) -> bool:
+        """Process one claimed entry. False: it failed, or it went back in line because the
+        infrastructure is away (then `self.outage` is set and the caller stops the batch)."""
         try:
             ctx = self.process(entry)
         except Exception as exc:
-            self.failures += 1
-            reason = f"{exc.__class__.__name__}: {exc}\n{traceback.format_exc(limit=8)}"
-            state = self.spool.fail(entry.id, reason)
-            log.error("processing spool entry %s failed (%s): %r", entry.id, state, exc)
-            return False
+            if self._infrastructure(exc, entry):
+                return False
+            return self._message_fault(entry, exc)
+        self._suspects.pop(entry.id, None)
         self.spool.release(entry.id)
         self.processed += 1
         log.info("processed %s", summary(ctx))
         return True
 
+    def _infrastructure(self, exc: BaseException, entry: SpoolEntry) -> bool:
+        """Handle an infrastructure fault: the entry goes back in line at no cost and, if
+        the probe confirms the outage, the worker pauses. False: a fault of the message."""
+        fault = classify_fault(exc)
+        if fault is None:
+            return False
+        if not self._healthy(_reserve(fault, entry)):
+            self.spool.unclaim([entry.id])
+            self._enter_outage(fault, entry)
+            return True
+        # The fault looked like the infrastructure's, yet the infrastructure answers: a
+        # transient one (a dropped connection: retry at once, no outage, no alert) or the
+        # message's own in disguise (the same entry again and again).
+        n = self._suspects.get(entry.id, 0) + 1
+        self._suspects[entry.id] = n
+        if n < SUSPECT_LIMIT:
+            log.warning(
+                "spool entry %s: transient %s fault (%s); retrying it",
+                entry.id,
+                fault.kind,
+                fault.reason,
+            )
+            self.spool.unclaim([entry.id])
+            return True
+        log.error(
+            "spool entry %s: %s repeated %d times with the %s healthy;"
+            " treating it as a fault of the message",
+            entry.id,
+            fault.reason,
+            n,
+            fault.kind,
+        )
+        self._suspects.pop(entry.id, None)
+        return False
+
+    def _healthy(self, reserve: int = 0) -> bool:
+        try:
+            probe(self.engine, self.folders, self.min_free_disk, reserve)
+        except Exception:
+            return False
+        return True
+
+    def _message_fault(self, entry: SpoolEntry, exc: BaseException) -> bool:
+        self.failures += 1
+        reason = f"{exc.__class__.__name__}: {exc}\n{traceback.format_exc(limit=8)}"
+        if entry.attempts < self.spool.max_attempts:
+            state = self.spool.fail(entry.id, reason)
+            log.error("processing spool entry %s failed (%s): %r", entry.id, state, exc)
+            return False
+        # Last attempt: the message once more in degraded form, so that a customer whose
+        # mail trips a bug still gets a ticket (with the original attached) and an answer.
+        short = f"{exc.__class__.__name__}: {exc}".splitlines()[0][:300]
+        try:
+            ctx = self.process(entry, degrade=f"processing failed ({short})")
+        except Exception as exc2:
+            if self._infrastructure(exc2, entry):
+                return False
+            self.spool.quarantine(entry.id, reason)
+            log.error("spool entry %s quarantined: %r", entry.id, exc)
+            self.alert_quarantined(entry, short)
+            return False
+        self.spool.release(entry.id)
+        self.processed += 1
+        log.error("processed %s in degraded form after %r", summary(ctx), exc)
+        return True
+
+    def alert_quarantined(self, entry: SpoolEntry, reason: str) -> None:
+        """Tell the admins and the default owner: who wrote, about what, and why it failed."""
+        settings = self.services.settings
+        try:
+            p = degraded(entry.raw, reason)
+            sender, subject = p.from_address or entry.envelope.mail_from, p.subject
+        except Exception:
+            sender, subject = entry.envelope.mail_from, ""
+        body = (
+            f"A message could not be processed and is in the quarantine (spool id {entry.id}).\n"
+            f"\nFrom: {sender or '(null sender)'}\n"
+            f"Envelope sender: <{entry.envelope.mail_from}>\n"
+            f"To: {', '.join(entry.envelope.rcpt_tos)}\n"
+            f"Subject: {subject or '(none readable)'}\n"
+            f"Received: {entry.envelope.received_at}\n"
+            f"\nCould not be processed: {reason}\n"
+            f"\nThe original message is attached when it is small enough. After a fix:\n"
+            f"  support-gateway quarantine replay {entry.id}   (or --all)\n"
+        )
+        attach = None
+        if len(entry.raw) <= settings.outbound.notify_attachment_limit:
+            attach = (f"quarantined-{entry.id}.eml", entry.raw)
+        alerts.send_alert(
+            self.engine,
+            settings,
+            self.services.signer,
+            to=alerts.recipients(settings, self.services.rules, owner=True),
+            subject=f"message from {sender or 'unknown sender'} quarantined",
+            body=body,
+            now=self.services.clock.now(),
+            attachment=attach,
+        )
+
+    # Outages -------------------------------------------------------------------------------
+
+    def _enter_outage(self, fault: Fault, entry: SpoolEntry | None = None) -> None:
+        if self.outage is None:
+            self.outage = Outage(
+                fault.kind, fault.reason, self.services.clock.now(), time.monotonic()
+            )
+            self.backoff.reset()
+            log.error(
+                "%s unavailable (%s): pipeline paused; mail is kept in the spool and no"
+                " attempts are counted",
+                fault.kind,
+                fault.reason,
+            )
+        self.outage.reserve = max(self.outage.reserve, _reserve(fault, entry))
+        if entry is not None:
+            self.outage.deferred.add(entry.id)
+        self._next_probe = time.monotonic() + self.backoff.next()
+
+    def _ready(self) -> bool:
+        """May the worker claim work now? Probes the infrastructure during an outage."""
+        if self.outage is None:
+            try:
+                check_free_space(self.folders, self.min_free_disk)
+            except DiskLow as exc:
+                self._enter_outage(Fault("disk", str(exc)))
+                return False
+            return True
+        if time.monotonic() < self._next_probe:
+            return False
+        if self.heartbeat is not None:
+            self.heartbeat("paused", None)
+        self.probes += 1
+        try:
+            # After a disk fault, resume only with 10 % to spare above the floor, so that
+            # free space hovering around it does not pause and resume (and alert) by turns.
+            floor = self.min_free_disk
+            if self.outage.kind == "disk":
+                floor += floor // 10
+            probe(self.engine, self.folders, floor, self.outage.reserve)
+        except Exception as exc:
+            log.info("%s still unavailable: %r", self.outage.kind, exc)
+            self._next_probe = time.monotonic() + self.backoff.next()
+            self._warn_if_long()
+            return False
+        self._end_outage()
+        return True
+
+    def _warn_if_long(self) -> None:
+        outage = self.outage
+        assert outage is not None
+        if outage.warned or time.monotonic() - outage.started_mono < WARN_AFTER:
+            return
+        outage.warned = True
+        settings = self.services.settings
+        alerts.send_alert(
+            self.engine,
+            settings,
+            self.services.signer,
+            to=alerts.recipients(settings, self.services.rules),
+            subject=f"{outage.kind} unavailable since {outage.started:%Y-%m-%d %H:%M:%S} UTC",
+            body=(
+                f"The pipeline has been paused since {outage.started.isoformat()}: "
+                f"{outage.reason}\nIncoming mail is accepted and kept in the spool; it will"
+                " be processed when the fault is gone. Another alert follows then.\n"
+            ),
+            now=self.services.clock.now(),
+        )
+
+    def _end_outage(self) -> None:
+        outage = self.outage
+        assert outage is not None
+        self.outage = None
+        self.outages += 1
+        self.backoff.reset()
+        ended = self.services.clock.now()
+        waiting = self.spool.counts().get("pending", 0)
+        seconds = time.monotonic() - outage.started_mono
+        log.warning(
+            "%s available again after %.1f s; resuming with %d messages waiting",
+            outage.kind,
+            seconds,
+            waiting,
+        )
+        settings = self.services.settings
+        alerts.send_alert(
+            self.engine,
+            settings,
+            self.services.signer,
+            to=alerts.recipients(settings, self.services.rules),
+            subject=f"{outage.kind} was unavailable; processing resumed",
+            body=(
+                f"The {outage.kind} was unavailable from {outage.started.isoformat()} to"
+                f" {ended.isoformat()} (by the wall clock {seconds:.0f} s).\n"
+                f"Cause: {outage.reason}\n"
+                f"{waiting} messages waited in the spool; none was lost or quarantined for it,"
+                " and processing has resumed.\n"
+            ),
+            now=ended,
+        )
+
+    def retry_delay(self) -> float | None:
+        """Seconds until the next probe during an outage; None when not paused."""
+        if self.outage is None:
+            return None
+        return max(0.0, self._next_probe - time.monotonic())
+
+    # Loops ---------------------------------------------------------------------------------
+
     def run_once_sync(self, stopping: Stopping | None = None) -> int:
         """Process everything waiting now; return how many entries were handled.
 
         With `stopping` set it returns after the current entry (graceful stop must not wait
-        for a whole backlog); entries claimed but not processed go back in line.
+        for a whole backlog); entries claimed but not processed go back in line. During an
+        outage it returns at once (0) until a probe finds the infrastructure back.
         """
         done = 0
-        while True:
-            entries = self.spool.claim(self.batch)
-            if not entries:
+        try:
+            if not self._ready():
                 return done
-            for i, entry in enumerate(entries):
-                if stopping is not None and stopping.is_set():
-                    self.spool.unclaim([e.id for e in entries[i:]])
+            while True:
+                entries = self.spool.claim(self.batch)
+                if not entries:
+                    if self.heartbeat is not None:
+                        self.heartbeat("idle", None)
                     return done
-                self.process_one(entry)
-                done += 1
+                for i, entry in enumerate(entries):
+                    if (stopping is not None and stopping.is_set()) or self.outage is not None:
+                        self.spool.unclaim([e.id for e in entries[i:]])
+                        return done
+                    if self.heartbeat is not None:
+                        self.heartbeat("busy", entry.id)
+                    self.process_one(entry)
+                    if self.outage is None:
+                        done += 1
+        except Exception as exc:  # the spool itself (its disk) or a probe's own failure
+            fault = classify_fault(exc)
+            if fault is None:
+                raise
+            self._enter_outage(fault)
+            return done
 
     async def run_once(self) -> int:
         return await asyncio.to_thread(self.run_once_sync)
@@ -119,7 +420,31 @@ class PipelineWorker:
                 await asyncio.sleep(1)
             waiter = asyncio.create_task(self.wakeup.wait())
             stopper = asyncio.create_task(stopping.wait())
-            # A timeout so that entries whose failure put them back in line are retried.
-            await asyncio.wait({waiter, stopper}, timeout=30, return_when=asyncio.FIRST_COMPLETED)
+            # A timeout so that entries whose failure put them back in line are retried;
+            # during an outage, the next probe (and mail arriving does not hurry it).
+            delay = self.retry_delay()
+            tasks = {stopper} if delay is not None else {waiter, stopper}
+            await asyncio.wait(
+                tasks, timeout=30 if delay is None else delay, return_when=asyncio.FIRST_COMPLETED
+            )
             waiter.cancel()
             stopper.cancel()
+
+
+def _reserve(fault: Fault, entry: SpoolEntry | None) -> int:
+    """After a disk fault, resume only when this much can be allocated: the message that
+    hit the fault twice over (database row plus WAL) and at least `PROBE_BYTES`."""
+    if fault.kind != "disk":
+        return 0
+    return max(PROBE_BYTES, 2 * len(entry.raw) if entry is not None else 0)
+
+
+def _degraded_stage(reason: str) -> Stage:
+    """A parse stage that reads the message in degraded form (see `parse.degraded`)."""
+
+    def degraded_parse(ctx: Context) -> None:
+        ctx.parsed = degraded(ctx.entry.raw, reason)
+        ctx.sender = ctx.parsed.from_address or ctx.entry.envelope.mail_from.lower()
+        ctx.event("degraded", reason)
+
+    return degraded_parse

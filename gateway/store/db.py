@@ -51,7 +51,17 @@ def make_engine(url: str) -> Engine:
         return engine
     if u.drivername == "postgresql":
         url = u.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
-    return create_engine(url, pool_pre_ping=True, future=True)
+    # A database host that stops answering (network cut) must fail the pipeline in seconds,
+    # not hang it (issue 10; the worker pauses and probes): connect_timeout for new
+    # connections, TCP keepalives (libpq) for established ones (dead within about a minute).
+    args = {
+        "connect_timeout": 10,
+        "keepalives": 1,
+        "keepalives_idle": 30,
+        "keepalives_interval": 10,
+        "keepalives_count": 3,
+    }
+    return create_engine(url, pool_pre_ping=True, future=True, connect_args=args)
 
 
 def is_postgres(engine: Engine) -> bool:
