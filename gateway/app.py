@@ -187,7 +187,12 @@ class Gateway:
                     self.delivery.run(self.stopping, self.delivery.wakeup), name="delivery"
                 ),
                 asyncio.create_task(
-                    self.escalator.run(self.stopping, self.escalator_wakeup), name="escalator"
+                    # Fired steps wake the delivery worker: their mail leaves now, not at its
+                    # next poll up to 60 s later (issue 11 finding 3).
+                    self.escalator.run(
+                        self.stopping, self.escalator_wakeup, on_fired=self.delivery.wakeup.set
+                    ),
+                    name="escalator",
                 ),
             ]
         log.info("listening on %s:%s for %s", host, self.port, ", ".join(s.domains))
