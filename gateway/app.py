@@ -32,6 +32,7 @@ from gateway.settings import ConfigError, Settings
 from gateway.sla.escalator import Escalator
 from gateway.spool import Spool
 from gateway.store.db import open_database
+from gateway.store.notify import ClusterNotifier
 
 log = logging.getLogger("gateway")
 
@@ -95,14 +96,26 @@ class Gateway:
             self.engine, settings, self.clock, lambda: self.rules.current, self.signer
         )
         self.escalator_wakeup = asyncio.Event()
+        # Other nodes on the same PostgreSQL hear about our new outbox rows (LISTEN/NOTIFY;
+        # a no-op on SQLite), and theirs wake our delivery worker.
+        self.cluster = ClusterNotifier(
+            self.engine, self.delivery.node.name, self.delivery.wakeup.set
+        )
 
         def after_batch() -> None:
             # New outbox rows (acknowledgements) go out as soon as their batch has committed,
             # and the escalator looks again (a new ticket or reply may move the next step).
             self.delivery.wakeup.set()
             self.escalator_wakeup.set()
+            self.cluster.notify()
+
+        def after_fire() -> None:
+            # Fired escalation steps queued mail: it leaves now (issue 11 finding 3).
+            self.delivery.wakeup.set()
+            self.cluster.notify()
 
         self.pipeline.after_batch = after_batch
+        self.after_fire = after_fire
         self.handler: InboundHandler | None = None
         self.server: asyncio.Server | None = None
         self.stopping = asyncio.Event()
@@ -190,10 +203,11 @@ class Gateway:
                     # Fired steps wake the delivery worker: their mail leaves now, not at its
                     # next poll up to 60 s later (issue 11 finding 3).
                     self.escalator.run(
-                        self.stopping, self.escalator_wakeup, on_fired=self.delivery.wakeup.set
+                        self.stopping, self.escalator_wakeup, on_fired=self.after_fire
                     ),
                     name="escalator",
                 ),
+                asyncio.create_task(self.cluster.run(self.stopping), name="cluster-notify"),
             ]
         log.info("listening on %s:%s for %s", host, self.port, ", ".join(s.domains))
 

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import aiosmtplib
 import pytest
+from sqlalchemy import text
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
 
@@ -33,6 +34,7 @@ from gateway.outbound.worker import DeliveryWorker, enqueue
 from gateway.spool import Envelope
 from gateway.store.db import open_database, session_scope
 from gateway.store.models import Outbox
+from gateway.store.notify import ClusterNotifier
 from tests.conftest import _pg_database, make_settings
 from tests.support.gateway import all_tickets, make_mail, send, ticket_json
 from tests.support.relay import Captured, CaptureRelay
@@ -182,6 +184,58 @@ async def test_two_nodes_slow_relay_short_lease_each_message_once(
         assert {r.claimed_by for r in rows} == {"node-a", "node-b"}
     finally:
         engine.dispose()
+
+
+@pytest.mark.postgres
+async def test_new_rows_wake_another_node_at_once(
+    tmp_path: Path, pg_url: str, relay: CaptureRelay
+) -> None:
+    """Issue 13 / 11.3 across nodes: node A queues mail and NOTIFYs; node B's delivery
+    worker, asleep for up to 60 s, is woken by its LISTEN and sends it at once."""
+    engine_a, engine_b = open_database(pg_url), open_database(pg_url, migrate=False)
+    settings = make_settings(tmp_path, outbound={"relay": f"127.0.0.1:{relay.port}"})
+    clock = SystemClock()
+    worker_b = DeliveryWorker(engine_b, settings, clock, node=NodeIdentity("node-b", "b1"))
+    node_a = ClusterNotifier(engine_a, "node-a", lambda: None)
+    node_b = ClusterNotifier(engine_b, "node-b", worker_b.wakeup.set)
+    stopping = asyncio.Event()
+    tasks = [
+        asyncio.create_task(node_a.run(stopping)),
+        asyncio.create_task(node_b.run(stopping)),
+        asyncio.create_task(worker_b.run(stopping)),
+    ]
+    try:
+        # B is listening and its worker asleep (nothing queued): wait for that state.
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and (
+            worker_b.wakeup.is_set() or not _listening(engine_a)
+        ):
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.2)  # let B's worker finish its pass and go to sleep
+        mids = queue_rows(engine_a, 3, clock.now())
+        queued = time.monotonic()
+        node_a.notify()
+        await relay.wait_for(3, timeout=10)
+        took = time.monotonic() - queued
+        print(f"node B delivered node A's mail {took:.2f} s after A queued it")
+        assert sorted(message_ids_at(relay)) == sorted(mids)
+        assert took < 5 and node_b.received >= 1
+    finally:
+        stopping.set()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        engine_a.dispose()
+        engine_b.dispose()
+
+
+def _listening(engine: Engine) -> bool:
+    with engine.connect() as c:
+        n = c.execute(
+            text(
+                "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'LISTEN%'"
+                " AND datname = current_database()"
+            )
+        ).scalar_one()
+    return int(n) >= 2
 
 
 # -- a real `serve` killed mid-delivery ------------------------------------------------------
