@@ -298,7 +298,6 @@ class DeliveryWorker:
         nothing is still sending them and no lease needs to run out (issue 10 finding 12).
         Their attempt is not counted: whether it reached the relay is unknown.
         """
-        now = self.clock.now()
         with session_scope(self.engine) as s:
             result = s.exec(
                 update(Outbox)
@@ -307,7 +306,8 @@ class DeliveryWorker:
                     col(Outbox.claimed_by) == self.node.name,
                     col(Outbox.claim_boot) != self.node.boot,
                 )
-                .values(state="queued", claimed_until=None, next_attempt_at=now)
+                # next_attempt_at stays: they were due, so they go first, oldest first.
+                .values(state="queued", claimed_until=None)
             )
             n = int(result.rowcount or 0)
         if n:

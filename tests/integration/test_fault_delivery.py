@@ -9,16 +9,10 @@ runs two `DeliveryWorker`s with their own node identities on one PostgreSQL data
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
 import sqlite3
-import subprocess
-import sys
 import time
-from collections import Counter
 from collections.abc import Iterator
 from datetime import datetime, timedelta
-from email.utils import make_msgid
 from pathlib import Path
 
 import aiosmtplib
@@ -30,43 +24,25 @@ from sqlmodel import Session, select
 from gateway.app import Gateway, build_spool
 from gateway.clock import FrozenClock, SystemClock
 from gateway.node import NodeIdentity
-from gateway.outbound.worker import DeliveryWorker, enqueue
+from gateway.outbound.worker import DeliveryWorker
 from gateway.spool import Envelope
-from gateway.store.db import open_database, session_scope
+from gateway.store.db import open_database
 from gateway.store.models import Outbox
 from gateway.store.notify import ClusterNotifier
 from tests.conftest import _pg_database, make_settings
+from tests.support.delivery import (
+    SUPPORT,
+    ServeProcess,
+    free_port,
+    message_ids_at,
+    outbox_states,
+    queue_rows,
+    write_serve_config,
+)
 from tests.support.gateway import all_tickets, make_mail, send, ticket_json
 from tests.support.relay import Captured, CaptureRelay
 
-SUPPORT = Path(__file__).parents[1] / "support"
-
-
 # -- helpers ---------------------------------------------------------------------------------
-
-
-def queue_rows(engine: Engine, n: int, now: datetime) -> list[str]:
-    """`n` ticketless acknowledgements in the outbox; returns their Message-IDs."""
-    mids = []
-    with session_scope(engine) as s:
-        for i in range(n):
-            mid = make_msgid(idstring=f"fault{i}", domain="example.com")
-            raw = (
-                "From: Example Support <support@example.com>\r\n"
-                f"To: c{i}@customer.example\r\nSubject: ack {i}\r\n"
-                f"Message-ID: {mid}\r\nAuto-Submitted: auto-replied\r\n\r\nThanks.\r\n"
-            ).encode()
-            enqueue(
-                s,
-                ticket_id=None,
-                kind="ack",
-                raw=raw,
-                message_id=mid,
-                rcpt_tos=[f"c{i}@customer.example"],
-                now=now,
-            )
-            mids.append(mid)
-    return mids
 
 
 def _text(m: Captured) -> str:
@@ -74,10 +50,6 @@ def _text(m: Captured) -> str:
     body = m.message().get_body(preferencelist=("plain",))
     head = m.data.split(b"\r\n\r\n", 1)[0].decode(errors="replace")
     return head + "\n\n" + (str(body.get_content()) if body is not None else "")
-
-
-def message_ids_at(relay: CaptureRelay) -> Counter[str]:
-    return Counter(str(m.message()["Message-ID"]) for m in relay.messages)
 
 
 def outbox_rows(engine: Engine) -> list[Outbox]:
@@ -241,73 +213,6 @@ def _listening(engine: Engine) -> bool:
 # -- a real `serve` killed mid-delivery ------------------------------------------------------
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _write_config(tmp_path: Path, port: int, relay_port: int) -> Path:
-    cfg = tmp_path / "config.toml"
-    cfg.write_text(
-        f'rules_dir = "{SUPPORT / "rules"}"\n'
-        f'[smtp]\nlisten = "127.0.0.1:{port}"\nhostname = "mx.example.com"\n'
-        'domains = ["example.com"]\nmin_free_disk = 0\n'
-        f'[storage]\ndatabase_url = "sqlite:///{tmp_path}/gw.db"\nspool_dir = "{tmp_path}/spool"\n'
-        f'[outbound]\nrelay = "127.0.0.1:{relay_port}"\n'
-        '[security]\nsecret_key = "crash-test-secret-0123456789"\n'
-        "verify_senders = false\n"
-    )
-    return cfg
-
-
-class _Daemon:
-    """`support-gateway serve` in a child process, its log in a file."""
-
-    def __init__(self, cfg: Path) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
-        self.log_path = cfg.parent / f"daemon-{time.monotonic_ns()}.log"
-        self.log = open(self.log_path, "wb")  # noqa: SIM115
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gateway", "--config", str(cfg), "serve"],
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
-
-    async def started(self) -> None:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:  # bounded wait for start-up
-            if b"listening on" in self.log_path.read_bytes():
-                return
-            if self.proc.poll() is not None:
-                break
-            await asyncio.sleep(0.05)
-        self.kill()
-        raise AssertionError(f"daemon did not start: {self.output()}")
-
-    def output(self) -> str:
-        return self.log_path.read_bytes().decode(errors="replace")
-
-    def kill(self) -> None:
-        self.proc.kill()
-        self.proc.wait(timeout=30)
-        self.log.close()
-
-    def stop(self) -> int:
-        self.proc.send_signal(signal.SIGTERM)
-        code = self.proc.wait(timeout=30)
-        self.log.close()
-        return code
-
-
-def _outbox_states(db_path: Path) -> dict[str, str]:
-    with sqlite3.connect(db_path) as c:
-        return dict(c.execute("SELECT message_id, state FROM outbox").fetchall())
-
-
 @pytest.mark.slow
 async def test_sigkill_during_delivery_duplicates_only_in_flight(
     tmp_path: Path, relay: CaptureRelay
@@ -316,10 +221,10 @@ async def test_sigkill_during_delivery_duplicates_only_in_flight(
     restart every row goes out at once (no lease waited out), and the only duplicates are
     the messages that were in flight at the kill."""
     relay.data_delay = 0.1  # the 250 to each DATA comes 0.1 s after the relay has the mail
-    port = _free_port()
-    cfg = _write_config(tmp_path, port, relay.port)
+    port = free_port()
+    cfg = write_serve_config(tmp_path, port, relay.port)
     db_path = tmp_path / "gw.db"
-    daemon = _Daemon(cfg)
+    daemon = ServeProcess(cfg)
     await daemon.started()
     try:
         async with aiosmtplib.SMTP(hostname="127.0.0.1", port=port, timeout=30) as smtp:
@@ -331,19 +236,19 @@ async def test_sigkill_during_delivery_duplicates_only_in_flight(
         daemon.kill()
         raise
     daemon.kill()  # SIGKILL, with the 5th message captured and not yet confirmed
-    states = _outbox_states(db_path)
+    states = outbox_states(db_path)
     at_kill = message_ids_at(relay)
     in_flight = sum(1 for mid in at_kill if states.get(mid) != "sent")
     left_sending = sum(1 for s in states.values() if s == "sending")
     assert left_sending > 0, states
 
     restarted = time.monotonic()
-    daemon = _Daemon(cfg)
+    daemon = ServeProcess(cfg)
     try:
         await daemon.started()
         # Waiting for work to finish (not for a deadline): bounded poll of the database.
         while time.monotonic() - restarted < 60:
-            states = _outbox_states(db_path)
+            states = outbox_states(db_path)
             if len(states) >= 30 and set(states.values()) == {"sent"}:
                 break
             await asyncio.sleep(0.1)
