@@ -121,6 +121,33 @@ async def test_dead_node_rows_taken_over_within_30s(
     assert len(relay.messages) == 2
 
 
+async def test_lease_running_out_mid_send_abandons_the_send(
+    tmp_path: Path, db: Engine, clock: FrozenClock, relay: CaptureRelay
+) -> None:
+    """Issue 13.3: a node that cannot renew stops sending before its lease is over, so the
+    node that takes the row over is the only one that sends it."""
+    settings = make_settings(tmp_path, outbound={"relay": f"127.0.0.1:{relay.port}"})
+    a = DeliveryWorker(db, settings, clock, node=NodeIdentity("node-a", "a1"))
+    b = DeliveryWorker(db, settings, clock, node=NodeIdentity("node-b", "b1"))
+    (mid,) = queue_rows(db, 1, clock.now())
+    relay.rcpt_delay = 2.0  # A's transaction stalls before DATA
+    sending = asyncio.create_task(a.run_once())
+    while relay.connections_seen == 0:  # A is talking to the relay now
+        await asyncio.sleep(0.01)
+    # 31 s pass without a renewal (A lost the database): the lease is over for everyone.
+    clock.advance(timedelta(seconds=31))
+    (taken,) = b._claim()
+    assert await sending == 0  # A gave up the send and records nothing
+    relay.rcpt_delay = 0.0
+    outcome = await b._send_within_lease(taken)
+    assert outcome is not None
+    b._record(taken, *outcome)
+    assert message_ids_at(relay) == {mid: 1}
+    (row,) = outbox_rows(db)
+    assert (row.state, row.claimed_by) == ("sent", "node-b")
+    assert a.sent == 0 and a.stale_records == 0
+
+
 # -- two delivery workers, slow relay, short lease (PostgreSQL) ------------------------------
 
 

@@ -12,6 +12,7 @@ and can be told to fail:
         relay.fail_always(421); relay.heal()
         relay.data_delay = 0.5               # a slow relay: each 250 to DATA comes 0.5 s
                                              # after the message was captured
+        relay.rcpt_delay = 3.0               # ... or each RCPT is answered 3 s late
         await relay.stop(); await relay.start()   # relay down / up, same port
         [msg] = await relay.wait_for(1)
 
@@ -167,6 +168,8 @@ class _Handler:
         address: str,
         rcpt_options: list[str],
     ) -> str:
+        if self._relay.rcpt_delay > 0:
+            await asyncio.sleep(self._relay.rcpt_delay)
         if envelope not in self._rcpt_rule:
             self._rcpt_rule[envelope] = self._relay._take("RCPT")
         rule = self._rcpt_rule[envelope]
@@ -223,6 +226,8 @@ class CaptureRelay:
         self.connections_seen = 0
         #: Seconds between capturing a message and answering 250 (a slow relay).
         self.data_delay = 0.0
+        #: Seconds before each RCPT is answered (a relay stalling before DATA).
+        self.rcpt_delay = 0.0
         self._tls_context = tls_context
         self._data_size_limit = data_size_limit
         self._handler = _Handler(self)
