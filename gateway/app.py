@@ -34,6 +34,7 @@ from gateway.settings import ConfigError, Settings
 from gateway.sla.escalator import Escalator
 from gateway.spool import Spool
 from gateway.store.db import open_database
+from gateway.store.notify import ClusterNotifier
 
 log = logging.getLogger("gateway")
 
@@ -101,6 +102,11 @@ class Gateway:
         # complete (issue 10, docs/security.md).
         self.rechecker = AuthRechecker(self.engine, self.services)
         self.rechecker_wakeup = asyncio.Event()
+        # Other nodes on the same PostgreSQL hear about our new outbox rows (LISTEN/NOTIFY;
+        # a no-op on SQLite), and theirs wake our delivery worker.
+        self.cluster = ClusterNotifier(
+            self.engine, self.delivery.node.name, self.delivery.wakeup.set
+        )
 
         def after_batch() -> None:
             # New outbox rows (acknowledgements) go out as soon as their batch has committed,
@@ -108,9 +114,16 @@ class Gateway:
             self.delivery.wakeup.set()
             self.escalator_wakeup.set()
             self.rechecker_wakeup.set()
+            self.cluster.notify()
+
+        def after_fire() -> None:
+            # Fired escalation steps queued mail: it leaves now (issue 11 finding 3).
+            self.delivery.wakeup.set()
+            self.cluster.notify()
 
         self.pipeline.after_batch = after_batch
-        self.rechecker.after_batch = self.delivery.wakeup.set
+        self.after_fire = after_fire
+        self.rechecker.after_batch = after_fire  # a released acknowledgement leaves now
         self.handler: InboundHandler | None = None
         self.server: asyncio.Server | None = None
         self.stopping = asyncio.Event()
@@ -221,11 +234,17 @@ class Gateway:
                     self.delivery.run(self.stopping, self.delivery.wakeup), name="delivery"
                 ),
                 asyncio.create_task(
-                    self.escalator.run(self.stopping, self.escalator_wakeup), name="escalator"
+                    # Fired steps wake the delivery worker: their mail leaves now, not at its
+                    # next poll up to 60 s later (issue 11 finding 3).
+                    self.escalator.run(
+                        self.stopping, self.escalator_wakeup, on_fired=self.after_fire
+                    ),
+                    name="escalator",
                 ),
                 asyncio.create_task(
                     self.rechecker.run(self.stopping, self.rechecker_wakeup), name="recheck"
                 ),
+                asyncio.create_task(self.cluster.run(self.stopping), name="cluster-notify"),
             ]
         log.info("listening on %s:%s for %s", host, self.port, ", ".join(s.domains))
 

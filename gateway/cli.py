@@ -388,6 +388,8 @@ def cmd_outbox(args: argparse.Namespace) -> int:
                     "sent_at": isoz(o.sent_at),
                     "last_error": o.last_error,
                     "message_id": o.message_id,
+                    # The node that holds (sending) or last held (sent) the row's claim.
+                    "claimed_by": o.claimed_by,
                 }
                 for o in rows
             ]

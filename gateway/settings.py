@@ -244,6 +244,19 @@ class AlertsSettings(_Section):
         return v
 
 
+class NodeSettings(_Section):
+    # This node's name in outbox claims (gateway/node.py); "" = host name + hash of the
+    # spool folder. Must be unique per running daemon and stable across its restarts.
+    id: str = ""
+
+    @field_validator("id")
+    @classmethod
+    def _id(cls, v: str) -> str:
+        if v and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", v):
+            raise ValueError("expected 1-64 letters, digits, '.', '_' or '-'")
+        return v
+
+
 class Settings(BaseSettings):
     """Every infrastructure key of the gateway. Build with `load_settings()`."""
 
@@ -262,6 +275,7 @@ class Settings(BaseSettings):
     tickets: TicketSettings = Field(default_factory=TicketSettings)
     pipeline: PipelineSettings = Field(default_factory=PipelineSettings)
     alerts: AlertsSettings = Field(default_factory=AlertsSettings)
+    node: NodeSettings = Field(default_factory=NodeSettings)
 
     # Where the TOML came from (None: embedded defaults); relative paths resolve from cwd.
     config_path: str | None = Field(default=None, exclude=True)

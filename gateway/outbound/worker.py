@@ -5,17 +5,29 @@ transaction as the ticket change (``enqueue``); this worker claims due rows, DKI
 *last* (after every header is final), hands them to the relay and records the outcome:
 
 - claim: rows ``queued`` and due (``next_attempt_at <= now``), plus rows stuck in ``sending``
-  past ``claimed_until`` (a node crashed mid-send), are set to ``sending`` with a lease of
-  ``CLAIM_LEASE`` in one transaction. On PostgreSQL the select takes ``FOR UPDATE SKIP
-  LOCKED`` so several nodes never claim the same row; SQLite ignores it (one writer anyway).
+  past ``claimed_until`` (their node stopped renewing: it died or lost the database), are set
+  to ``sending`` in one transaction, stamped with this node's name and boot id
+  (gateway/node.py) and a fresh fencing token (``claim_token`` + 1), with a short lease
+  (``CLAIM_LEASE``, 30 s). On PostgreSQL the select takes ``FOR UPDATE SKIP LOCKED`` so
+  several nodes never claim the same row; SQLite ignores it (one writer anyway).
+- lease: while the worker holds claims it renews them every ``RENEW_EVERY`` (10 s), so a
+  slow relay never lets a lease lapse under a live sender, and the rows of a node that
+  stopped are fair game within 30 s. If renewing fails (the database is away) and the lease
+  runs out, the worker abandons its current send before anyone else may claim the row: a
+  re-claim never sends while the first claim is still sending.
+- restart: at start the worker takes back at once every row its node's previous run left in
+  ``sending`` (same name, other boot id): that run is dead, no lease needs to run out.
+- record: only by the claim that is still current (row ``sending`` with our token); a stale
+  claim's outcome is logged and dropped.
 - sent: ``sent`` with ``sent_at``; ``raw`` becomes the signed bytes that actually went out.
 - temporary (4xx, 552, connection trouble): back to ``queued`` at
   ``retry.next_attempt()`` (Postfix-like backoff); after 5 days ``given_up``.
 - permanent (5xx) or given up: an event on the ticket and ONE notice to the ticket's owner,
   never to the customer; a failed notice to staff is not itself notified (no loops).
 
-A crash after the relay said 250 but before the commit means the row is sent again after its
-lease expires: at-least-once, as with every MTA queue.
+A crash after the relay said 250 but before the commit means the row is sent again (at the
+restart, or by another node within the lease): at-least-once, as with every MTA queue, and
+the only duplicates are the messages in flight at the crash (issue 10 finding 12).
 """
 
 from __future__ import annotations
@@ -32,11 +44,12 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from sqlalchemy import and_, func, or_
+from sqlalchemy import and_, func, or_, update
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
 from gateway.clock import Clock
+from gateway.node import NodeIdentity, node_identity
 from gateway.outbound import retry
 from gateway.outbound.compose import compose_notification
 from gateway.outbound.deliver import PERMANENT, SENT, DeliveryResult, deliver
@@ -51,8 +64,10 @@ from gateway.store.queries import add_event
 
 log = logging.getLogger("gateway.outbound")
 
-#: How long a claimed row is ours before another node may take it over.
-CLAIM_LEASE = timedelta(minutes=10)
+#: How long a claim lasts without renewal: a dead node's rows move to a live one within it.
+CLAIM_LEASE = timedelta(seconds=30)
+#: How often a working node renews its leases (a third of the lease: two renewals may fail).
+RENEW_EVERY = CLAIM_LEASE / 3
 #: Kinds addressed to staff: their failure is logged, never notified (no notice loops).
 STAFF_KINDS = frozenset({"notification", "escalation"})
 #: Safety net for `run()`: wake at least this often even if nobody sets `wakeup`.
@@ -184,6 +199,7 @@ class _Claimed:
     message_id: str
     raw: bytes
     first_attempt_at: datetime
+    token: int  # the fencing token of this claim
 
 
 class DeliveryWorker:
@@ -199,6 +215,8 @@ class DeliveryWorker:
         signer: Signer | None = None,
         rules: Callable[[], Rules] | None = None,
         batch: int = 50,
+        node: NodeIdentity | None = None,
+        lease: timedelta = CLAIM_LEASE,
     ) -> None:
         self.engine = engine
         self.settings = settings
@@ -213,6 +231,12 @@ class DeliveryWorker:
         self.keys = load_keys(settings)  # loaded once; a bad key fails at start, loudly
         self.wakeup = asyncio.Event()
         self.sent = 0
+        self.node = node or node_identity(settings)
+        self.lease = lease
+        # Our claims are valid until here (by `clock`); moved on by every renewal. Sending
+        # stops before it passes, so no other node can hold a row we are still sending.
+        self._lease_until: datetime | None = None
+        self.stale_records = 0  # outcomes dropped because our claim was no longer current
 
     # -- claiming ----------------------------------------------------------------------
 
@@ -220,7 +244,7 @@ class DeliveryWorker:
         now = self.clock.now()
         due = or_(
             and_(col(Outbox.state) == "queued", col(Outbox.next_attempt_at) <= now),
-            # A node died mid-send: its lease ran out, the row is fair game again.
+            # Its node stopped renewing (died, or lost the database): fair game again.
             and_(col(Outbox.state) == "sending", col(Outbox.claimed_until) < now),
         )
         out: list[_Claimed] = []
@@ -234,8 +258,19 @@ class DeliveryWorker:
             ).all()
             for row in rows:
                 assert row.id is not None
+                if row.state == "sending":
+                    log.warning(
+                        "outbox %s: lease of %s/%s ran out; %s takes it over",
+                        row.id,
+                        row.claimed_by or "?",
+                        row.claim_boot or "?",
+                        self.node,
+                    )
                 row.state = "sending"
-                row.claimed_until = now + CLAIM_LEASE
+                row.claimed_until = now + self.lease
+                row.claimed_by = self.node.name
+                row.claim_boot = self.node.boot
+                row.claim_token = (row.claim_token or 0) + 1
                 if row.first_attempt_at is None:
                     row.first_attempt_at = now
                 s.add(row)
@@ -249,9 +284,75 @@ class DeliveryWorker:
                         message_id=row.message_id,
                         raw=row.raw,
                         first_attempt_at=row.first_attempt_at,
+                        token=row.claim_token,
                     )
                 )
+        if out:
+            self._lease_until = now + self.lease
         return out
+
+    def take_back_own(self) -> int:
+        """Rows this node's previous run left in ``sending`` go back in line at once.
+
+        Same node name, another boot id: that run is over (this process replaced it), so
+        nothing is still sending them and no lease needs to run out (issue 10 finding 12).
+        Their attempt is not counted: whether it reached the relay is unknown.
+        """
+        with session_scope(self.engine) as s:
+            result = s.exec(
+                update(Outbox)
+                .where(
+                    col(Outbox.state) == "sending",
+                    col(Outbox.claimed_by) == self.node.name,
+                    col(Outbox.claim_boot) != self.node.boot,
+                )
+                # next_attempt_at stays: they were due, so they go first, oldest first.
+                .values(state="queued", claimed_until=None)
+            )
+            n = int(result.rowcount or 0)
+        if n:
+            log.warning(
+                "took back %d outbox row(s) left in sending by this node's previous run (%s)",
+                n,
+                self.node.name,
+            )
+        return n
+
+    def renew(self) -> int:
+        """Extend the lease of every row this run holds; returns how many rows."""
+        now = self.clock.now()
+        until = now + self.lease
+        with session_scope(self.engine) as s:
+            result = s.exec(
+                update(Outbox)
+                .where(
+                    col(Outbox.state) == "sending",
+                    col(Outbox.claimed_by) == self.node.name,
+                    col(Outbox.claim_boot) == self.node.boot,
+                )
+                .values(claimed_until=until)
+            )
+            n = int(result.rowcount or 0)
+        self._lease_until = until
+        return n
+
+    def _lease_left(self) -> float:
+        """Seconds our claims stay ours, minus a margin for clock skew between nodes and
+        the time a send takes to stop; <= 0 means stop sending now."""
+        if self._lease_until is None:
+            return 0.0
+        margin = self.lease.total_seconds() / 6
+        return (self._lease_until - self.clock.now()).total_seconds() - margin
+
+    async def _renew_loop(self) -> None:
+        """While claims are held: renew them every lease/3 (monotonic time, not `clock`)."""
+        every = self.lease.total_seconds() / 3
+        while True:
+            await asyncio.sleep(every)
+            try:
+                await asyncio.to_thread(self.renew)
+            except Exception:  # the database is away: the lease runs down, sending stops
+                log.exception("renewing outbox leases failed")
 
     # -- one delivery ------------------------------------------------------------------
 
@@ -272,9 +373,20 @@ class DeliveryWorker:
     def _record(self, item: _Claimed, result: DeliveryResult, signed: bytes) -> None:
         now = self.clock.now()
         with session_scope(self.engine) as s:
-            row = s.get(Outbox, item.id)
-            if row is None or row.state != "sending":
-                return  # someone else (outbox retry, another node) took it over
+            # Locked (PostgreSQL) so no claim slips in between the check and the write.
+            row = s.get(Outbox, item.id, with_for_update=True)
+            if row is None or row.state != "sending" or row.claim_token != item.token:
+                # A newer claim (another node after our lease ran out, `outbox retry`) owns
+                # the row now: only the current claim records (fencing token).
+                self.stale_records += 1
+                log.warning(
+                    "outbox %s: claim %s of %s is no longer current; outcome %s not recorded",
+                    item.id,
+                    item.token,
+                    self.node,
+                    result.outcome,
+                )
+                return
             row.attempts += 1
             row.claimed_until = None
             rcpts = ", ".join(item.rcpt_tos)
@@ -363,14 +475,52 @@ class DeliveryWorker:
     async def run_once(self) -> int:
         """Deliver everything due now (including notices queued meanwhile); return count."""
         done = 0
-        while True:
-            claimed = await asyncio.to_thread(self._claim)
-            if not claimed:
-                return done
-            for item in claimed:
-                result, signed = await self._send(item)
-                await asyncio.to_thread(self._record, item, result, signed)
-                done += 1
+        renewer = asyncio.create_task(self._renew_loop(), name="outbox-lease-renewal")
+        try:
+            while True:
+                claimed = await asyncio.to_thread(self._claim)
+                if not claimed:
+                    return done
+                for item in claimed:
+                    outcome = await self._send_within_lease(item)
+                    if outcome is None:
+                        # Our lease ran out (renewals failed): the rest of this batch is
+                        # anyone's now; claim afresh.
+                        break
+                    await asyncio.to_thread(self._record, item, *outcome)
+                    done += 1
+        finally:
+            renewer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await renewer
+
+    async def _send_within_lease(self, item: _Claimed) -> tuple[DeliveryResult, bytes] | None:
+        """Send `item`, but never past our lease: if renewals fail and the lease runs down
+        mid-send, the SMTP transaction is abandoned (before the final dot, the relay drops
+        it) so that a node which re-claims the row is the only one sending it."""
+        if self._lease_left() <= 0:
+            log.warning("outbox %s: lease of %s ran out before sending", item.id, self.node)
+            return None
+        send = asyncio.ensure_future(self._send(item))
+        try:
+            while True:
+                left = self._lease_left()
+                if left <= 0:
+                    send.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await send
+                    log.warning(
+                        "outbox %s: lease of %s ran out mid-send; send abandoned",
+                        item.id,
+                        self.node,
+                    )
+                    return None
+                finished, _ = await asyncio.wait({send}, timeout=min(left, 1.0))
+                if finished:
+                    return send.result()
+        finally:
+            if not send.done():
+                send.cancel()
 
     def next_due(self) -> datetime | None:
         """When the earliest queued row is due, or a stuck lease expires; None if idle."""
@@ -388,6 +538,15 @@ class DeliveryWorker:
         """Until `stopping`: deliver what is due, then sleep until the next due time or
         until `wakeup` is set (a stage queued mail). Never a fixed coarse poll."""
         wake = wakeup or self.wakeup
+        # First take back what this node's previous run left in `sending`.
+        while not stopping.is_set():
+            try:
+                await asyncio.to_thread(self.take_back_own)
+                break
+            except Exception:
+                log.exception("taking back this node's outbox claims failed; retrying")
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stopping.wait(), 5)
         while not stopping.is_set():
             wake.clear()
             try:

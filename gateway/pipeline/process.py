@@ -140,6 +140,20 @@ def child_main(
             notify.send_bytes(data)
 
     worker.heartbeat = heartbeat
+    # "I committed": after every message, not only when the spool is empty, which under
+    # sustained load is never; the delivery worker and the escalator would then wake only
+    # on their 60 s timeouts (issue 16 finding 1). One byte per message; the parent drains
+    # the pipe and wakes them once per read.
+    process_one = worker.process_one
+
+    def process_and_signal(entry: Any) -> bool:
+        ok = process_one(entry)
+        if ok:
+            with contextlib.suppress(OSError):
+                notify.send_bytes(b"1")
+        return ok
+
+    worker.process_one = process_and_signal  # type: ignore[method-assign]
     wake, reload, stop = Event(), Event(), Event()
     Thread(target=_listen, args=(control, wake, reload, stop), daemon=True).start()
     try:

@@ -105,6 +105,9 @@ class PipelineWorker:
         # Called with "busy" before each entry, "idle" when nothing is left, "paused" at
         # each probe of an outage: the supervisor's heartbeat (process.py).
         self.heartbeat: Callable[[str, int | None], None] | None = None
+        # Thread-safe "a batch has committed" (set by `run`; the process child signals
+        # after every message instead, see process.py).
+        self.on_batch_committed: Callable[[], None] | None = None
         self.outage: Outage | None = None
         self.outages = 0  # how many have ended (status, tests)
         self.probes = 0  # probes made during outages (status, tests)
@@ -397,6 +400,10 @@ class PipelineWorker:
                     self.process_one(entry)
                     if self.outage is None:
                         done += 1
+                # Under sustained load the spool is never empty, so "batch done" must not
+                # wait for it: wake delivery and the escalator after every claimed batch.
+                if done and self.on_batch_committed is not None:
+                    self.on_batch_committed()
         except Exception as exc:  # the spool itself (its disk) or a probe's own failure
             fault = classify_fault(exc)
             if fault is None:
@@ -409,6 +416,13 @@ class PipelineWorker:
 
     async def run(self, stopping: asyncio.Event) -> None:
         """Loop until `stopping` is set; the current item is always finished first."""
+        loop = asyncio.get_running_loop()
+
+        def committed() -> None:  # called in the worker thread
+            if self.after_batch is not None:
+                loop.call_soon_threadsafe(self.after_batch)
+
+        self.on_batch_committed = committed
         while not stopping.is_set():
             self.wakeup.clear()
             try:

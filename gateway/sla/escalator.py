@@ -882,14 +882,23 @@ class Escalator:
                 best = moment
         return best
 
-    async def run(self, stopping: asyncio.Event, wakeup: asyncio.Event) -> None:
+    async def run(
+        self,
+        stopping: asyncio.Event,
+        wakeup: asyncio.Event,
+        on_fired: Callable[[], None] | None = None,
+    ) -> None:
         """Fire what is due, then sleep exactly until the next moment (at most MAX_SLEEP, so
         rules edits and new tickets are seen) or until `wakeup` is set (a new ticket, a
-        reply, a rules reload). Not a coarse poll: a step due in 3 s is fired in 3 s."""
+        reply, a rules reload). Not a coarse poll: a step due in 3 s is fired in 3 s.
+        `on_fired` runs after a pass that fired steps: it wakes the delivery worker, so the
+        mail leaves now and not at the worker's next poll (issue 11 finding 3)."""
         while not stopping.is_set():
             wakeup.clear()  # before the work: a wakeup during the run is not lost
             try:
-                await asyncio.to_thread(self.run_once)
+                fired = await asyncio.to_thread(self.run_once)
+                if fired and on_fired is not None:
+                    on_fired()
                 nxt = await asyncio.to_thread(self.next_due)
             except Exception:
                 log.exception("escalator run failed; retrying")

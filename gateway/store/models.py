@@ -146,7 +146,10 @@ class TicketLink(SQLModel, table=True):
 class Outbox(SQLModel, table=True):
     """Transactional outbox: written with the ticket change, sent by the delivery worker."""
 
-    __table_args__ = (Index("outbox_due", "state", "next_attempt_at"),)
+    __table_args__ = (
+        Index("outbox_due", "state", "next_attempt_at"),
+        Index("outbox_claims", "state", "claimed_by"),
+    )
     id: int | None = Field(default=None, primary_key=True)
     ticket_id: int | None = Field(default=None, foreign_key="ticket.id", index=True)
     kind: str  # ack | notification | staff_reply | escalation | customer_notice | confirmation
@@ -162,6 +165,11 @@ class Outbox(SQLModel, table=True):
     sent_at: datetime | None = None
     last_error: str = ""
     claimed_until: datetime | None = None
+    # The claim (migration 0004_delivery): which node holds the row, which run of it, and a
+    # fencing token bumped by every claim; only the current claim may record the outcome.
+    claimed_by: str = ""
+    claim_boot: str = ""
+    claim_token: int = 0
 
 
 class AssignmentCursor(SQLModel, table=True):

@@ -10,6 +10,9 @@ and can be told to fail:
         relay.fail_next(550, at="RCPT")      # next transaction's RCPTs get 550
         relay.refuse_recipient("x@b.test")   # that RCPT always refused (partial refusal)
         relay.fail_always(421); relay.heal()
+        relay.data_delay = 0.5               # a slow relay: each 250 to DATA comes 0.5 s
+                                             # after the message was captured
+        relay.rcpt_delay = 3.0               # ... or each RCPT is answered 3 s late
         await relay.stop(); await relay.start()   # relay down / up, same port
         [msg] = await relay.wait_for(1)
 
@@ -26,6 +29,7 @@ import email.policy
 import ssl
 import weakref
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from email.message import EmailMessage
 from types import TracebackType
 from typing import Any, Literal
@@ -50,6 +54,8 @@ class Captured:
     helo: str | None = None
     tls: bool = False
     mail_options: list[str] = field(default_factory=list)
+    #: Wall-clock moment the relay had the whole message (UTC).
+    received_at: datetime = field(default_factory=lambda: datetime.now(UTC))
 
     @property
     def null_sender(self) -> bool:
@@ -162,6 +168,8 @@ class _Handler:
         address: str,
         rcpt_options: list[str],
     ) -> str:
+        if self._relay.rcpt_delay > 0:
+            await asyncio.sleep(self._relay.rcpt_delay)
         if envelope not in self._rcpt_rule:
             self._rcpt_rule[envelope] = self._relay._take("RCPT")
         rule = self._rcpt_rule[envelope]
@@ -191,7 +199,12 @@ class _Handler:
             mail_options=list(envelope.mail_options),
         )
         await self._relay._record(captured)
-        return f"250 2.0.0 OK captured #{len(self._relay.messages)}"
+        number = len(self._relay.messages)
+        if self._relay.data_delay > 0:
+            # Captured but not yet confirmed: a sender that dies now has delivered a message
+            # it cannot know about (the "in flight at a crash" case of at-least-once).
+            await asyncio.sleep(self._relay.data_delay)
+        return f"250 2.0.0 OK captured #{number}"
 
 
 class CaptureRelay:
@@ -211,6 +224,10 @@ class CaptureRelay:
         self.messages: list[Captured] = []
         self.rejected: list[Rejected] = []
         self.connections_seen = 0
+        #: Seconds between capturing a message and answering 250 (a slow relay).
+        self.data_delay = 0.0
+        #: Seconds before each RCPT is answered (a relay stalling before DATA).
+        self.rcpt_delay = 0.0
         self._tls_context = tls_context
         self._data_size_limit = data_size_limit
         self._handler = _Handler(self)

@@ -1,0 +1,110 @@
+"""Wakeups across nodes: PostgreSQL LISTEN/NOTIFY on one channel (issue 13, issue 11.3).
+
+On one node the pipeline and the escalator wake the delivery worker through an
+`asyncio.Event`. With several nodes on one PostgreSQL, mail one node queued may be sent by
+another (its own worker is busy, or it died and its claims moved on): that node must not
+wait for its next poll (up to 60 s). So after committing new outbox rows a node sends
+`NOTIFY gateway_outbox, '<node name>'`, and every node LISTENs on the channel and sets its
+events when another node spoke.
+
+PostgreSQL delivers a notification only after the sending transaction commits, and our
+`NOTIFY` runs in its own transaction after the rows were committed, so a woken node always
+sees the rows. Notifications are coalesced: while one is being sent, further requests fold
+into one more. SQLite has a single node, so there is nothing to do there.
+A lost notification (listener reconnecting) costs one poll interval, never mail.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+
+from sqlalchemy import text
+from sqlalchemy.engine import Engine
+
+from gateway.store.db import is_postgres
+
+log = logging.getLogger("gateway.notify")
+
+#: The channel for "new outbox rows".
+OUTBOX_CHANNEL = "gateway_outbox"
+
+
+class ClusterNotifier:
+    """Send and receive outbox wakeups between the nodes of one PostgreSQL database."""
+
+    def __init__(self, engine: Engine, node: str, on_wake: Callable[[], None]) -> None:
+        self.engine = engine
+        self.node = node
+        self.on_wake = on_wake
+        self.enabled = is_postgres(engine)
+        self._wanted = asyncio.Event()
+        self.received = 0
+        self.sent = 0
+
+    def notify(self) -> None:
+        """Tell the other nodes that outbox rows were committed (call on the event loop)."""
+        if self.enabled:
+            self._wanted.set()
+
+    def _send(self) -> None:
+        with self.engine.connect() as conn:
+            conn.execute(
+                text("SELECT pg_notify(:ch, :node)"), {"ch": OUTBOX_CHANNEL, "node": self.node}
+            )
+            conn.commit()
+
+    async def _sender(self, stopping: asyncio.Event) -> None:
+        while not stopping.is_set():
+            waiter = asyncio.ensure_future(self._wanted.wait())
+            stopper = asyncio.ensure_future(stopping.wait())
+            try:
+                await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                waiter.cancel()
+                stopper.cancel()
+            if stopping.is_set():
+                return
+            self._wanted.clear()  # requests from now on fold into the next NOTIFY
+            try:
+                await asyncio.to_thread(self._send)
+                self.sent += 1
+            except Exception as exc:  # the database is away; the poll is the fallback
+                log.warning("NOTIFY %s failed: %r", OUTBOX_CHANNEL, exc)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stopping.wait(), 1.0)
+
+    async def _listener(self, stopping: asyncio.Event) -> None:
+        import psycopg
+
+        url = self.engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+        while not stopping.is_set():
+            try:
+                async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+                    await conn.execute(f"LISTEN {OUTBOX_CHANNEL}")
+                    # Rows may have been queued while we were not listening: look once.
+                    self.on_wake()
+                    async for note in conn.notifies():
+                        if note.payload != self.node:
+                            self.received += 1
+                            self.on_wake()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("LISTEN %s lost (%r); reconnecting", OUTBOX_CHANNEL, exc)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stopping.wait(), 2.0)
+
+    async def run(self, stopping: asyncio.Event) -> None:
+        """Until `stopping`: listen for other nodes and send our own notifications."""
+        if not self.enabled:
+            return
+        listener = asyncio.create_task(self._listener(stopping), name="notify-listen")
+        try:
+            await self._sender(stopping)
+        finally:
+            listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await listener
