@@ -68,6 +68,8 @@ CREATE TRIGGER IF NOT EXISTS spool_part_gc AFTER DELETE ON spool BEGIN
     DELETE FROM spool_part WHERE entry_id = old.id;
 END;
 """
+# What one `claim` hands the pipeline at most (beyond its first entry).
+CLAIM_BYTES = 64 * 1024 * 1024
 # Pieces of a large message: small enough that the writer thread never holds much at once.
 PART_SIZE = 1024 * 1024
 # Sizes for SELECTs that report an entry's size (raw, or the sum of its parts).
@@ -436,16 +438,32 @@ class Spool:
     def claim(self, limit: int = 50) -> list[SpoolEntry]:
         with self._tx() as conn:
             rows = conn.execute(
-                "SELECT id, envelope, raw, attempts, state, last_error, received_at, dedupe_key"
-                " FROM spool WHERE state='pending' AND not_before <= ? ORDER BY id LIMIT ?",
+                f"SELECT id, envelope, {_SIZE_SQL}, attempts, state, last_error, received_at,"
+                " dedupe_key FROM spool WHERE state='pending' AND not_before <= ?"
+                " ORDER BY id LIMIT ?",
                 (self.clock.now().timestamp(), limit),
             ).fetchall()
+            # At most CLAIM_BYTES of mail per batch (at least one entry): fifty 100 MiB
+            # messages must not all be held at once by the pipeline (issue 10 #7).
+            total = 0
+            for n, r in enumerate(rows):
+                total += r[2]
+                if n and total > CLAIM_BYTES:
+                    rows = rows[:n]
+                    break
             if rows:
                 conn.executemany(
                     "UPDATE spool SET state='claimed', attempts=attempts+1 WHERE id=?",
                     [(r[0],) for r in rows],
                 )
-            raws = {r[0]: self._full_raw(conn, r[0], r[2]) for r in rows}
+            raws = {
+                r[0]: self._full_raw(
+                    conn,
+                    r[0],
+                    conn.execute("SELECT raw FROM spool WHERE id=?", (r[0],)).fetchone()[0],
+                )
+                for r in rows
+            }
         return [
             SpoolEntry(
                 id=r[0],
