@@ -17,6 +17,7 @@ import stat
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import aiosmtplib
@@ -345,3 +346,48 @@ async def test_daemon_files_are_private_and_the_banner_names_no_software(tmp_pat
     finally:
         proc.send_signal(signal.SIGTERM)
         await asyncio.to_thread(proc.communicate, timeout=60)
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 2 MiB tmpfs (a real full disk, not a simulated one)."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], capture_output=True
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode(errors='replace')}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+async def test_a_large_message_that_cannot_be_streamed_to_disk_gets_452(
+    tmp_path: Path, clock: FrozenClock, small_disk: Path
+) -> None:
+    settings = make_settings(
+        tmp_path,
+        smtp={"inflight_budget": "1MiB"},
+        storage={"spool_dir": str(small_disk / "spool")},
+    )
+    async with running_gateway(settings, clock) as gw:
+        assert gw.port is not None
+        c = await Client.connect(gw.port)
+        try:
+            await c.envelope()
+            c.writer.write(_stuffed(_body(3 * 1024 * 1024, "toolarge")) + b".\r\n")
+            code, text = await c.reply()
+            assert code == 452 and "4.3.1" in text, text  # temporary: the sender retries
+            # The session goes on, and the space the failed file took is free again.
+            assert (await c.cmd(b"MAIL FROM:<pat@customer.example>"))[0] == 250
+            assert (await c.cmd(b"RCPT TO:<support@example.com>"))[0] == 250
+            assert (await c.cmd(b"DATA"))[0] == 354
+            c.writer.write(_stuffed(_body(4096, "small")) + b".\r\n")
+            code, text = await c.reply()
+            assert code == 250, text
+        finally:
+            c.close()
+        assert list(gw.spool.tmp_dir.iterdir()) == []
+        assert gw.spool.counts() == {"pending": 1}
