@@ -11,6 +11,7 @@ Usage::
     python bench/memory.py                              # 6 x 48 MB, budget 256MiB
     python bench/memory.py --clients 6 --size 48000000 --budget 64MiB
     python bench/memory.py --budget ""                  # no budget key (older daemons)
+    python bench/memory.py --clients 200 --size 5000000 --per-ip 200   # many sessions
 
 The target (issue 10): peak RSS of the daemon below 2 x the budget, whatever clients send.
 """
@@ -79,14 +80,20 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def message(n: int, size: int) -> bytes:
+_BODIES: dict[int, bytes] = {}
+
+
+def message(n: int, size: int) -> tuple[bytes, bytes]:
+    """Head and body of message `n`; the body is shared by all clients (one copy here)."""
     head = (
         f"From: big{n}@customer.example\r\nTo: support@example.com\r\n"
         f"Subject: large file {n}\r\nMessage-ID: <mem.{n}.{time.time_ns()}@customer.example>\r\n"
         "MIME-Version: 1.0\r\nContent-Type: text/plain\r\n\r\n"
     ).encode()
-    line = b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ.,;:!? base64ish\r\n"
-    return head + line * max(1, (size - len(head)) // len(line))
+    if size not in _BODIES:
+        line = b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ.,;:!? base64ish\r\n"
+        _BODIES[size] = line * max(1, size // len(line))
+    return head, _BODIES[size]
 
 
 async def reply(reader: asyncio.StreamReader) -> str:
@@ -99,7 +106,7 @@ async def reply(reader: asyncio.StreamReader) -> str:
 
 
 async def send_one(port: int, n: int, size: int) -> str:
-    data = message(n, size)
+    head, body = message(n, size)
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
         await reply(reader)
@@ -111,8 +118,9 @@ async def send_one(port: int, n: int, size: int) -> str:
         writer.write(b"DATA\r\n")
         await reply(reader)
         # The lines never begin with ".", so the bytes need no stuffing.
-        view = memoryview(data)
-        for i in range(0, len(data), MiB):
+        writer.write(head)
+        view = memoryview(body)
+        for i in range(0, len(body), MiB):
             writer.write(view[i : i + MiB])
             await writer.drain()
         writer.write(b".\r\n")
@@ -128,6 +136,7 @@ def main() -> int:
     p.add_argument("--clients", type=int, default=6)
     p.add_argument("--size", type=int, default=48_000_000, help="bytes per message")
     p.add_argument("--budget", default="256MiB", help='smtp.inflight_budget; "" = not set')
+    p.add_argument("--per-ip", type=int, default=50, help="smtp.max_connections_per_ip")
     args = p.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="gw-mem-") as tmp:
@@ -138,6 +147,7 @@ def main() -> int:
             f'rules_dir = "{RULES}"\n'
             f'[smtp]\nlisten = "127.0.0.1:{port}"\nhostname = "mx.bench.example"\n'
             f'domains = ["example.com"]\nmin_free_disk = 0\n{budget_line}'
+            f"max_connections_per_ip = {args.per_ip}\n"
             f'[storage]\ndatabase_url = "sqlite:///{tmp}/gw.db"\nspool_dir = "{tmp}/spool"\n'
             '[outbound]\nrelay = "127.0.0.1:9"\n'
             '[security]\nsecret_key = "bench-secret-key-0123456789abcdef"\n'
@@ -195,6 +205,7 @@ def main() -> int:
 
         b = parse_size(args.budget)
         print(f"peak / budget          {sampler.peak / b:8.2f}  (target < 2.00)")
+        print(f"growth / budget        {(sampler.peak - idle) / b:8.2f}")
     child = f"{idle_child / MiB:8.1f} MiB idle, {sampler.child_peak / MiB:.1f} MiB peak"
     print(f"pipeline child RSS     {child}")
     codes = [a[:3] for a in answers]

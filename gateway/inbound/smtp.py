@@ -63,6 +63,16 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 # Past this size a message goes to a file even when the budget has room: one large message
 # should not take the memory that hundreds of ordinary ones need.
 SPILL_OVER = 1024 * 1024
+# Bytes asyncio reads from a client socket at once (its default is 256 KiB).
+READ_SIZE = 64 * 1024
+# What a session in DATA holds besides the message it keeps: socket reads and the reader's
+# buffer (it pauses the socket beyond 2 x the line limit), the piece being unstuffed, and
+# allocator slack (bench/memory.py: ~0.6 MiB a session with 200 in DATA at once). It comes
+# out of the budget for the whole DATA, so the budget bounds these too, whatever the
+# number of sessions.
+DATA_ALLOWANCE = 512 * 1024
+# How long a DATA waits for room in the budget before answering 452 4.3.1 (temporary).
+BUDGET_WAIT = 60.0
 # Commands that do not move a message forward; a session may send only so many of them
 # between two accepted messages (`smtp.max_idle_commands`).
 _IDLE_COMMANDS = ("NOOP", "RSET", "HELP", "VRFY", "EXPN", "HELO", "EHLO")
@@ -102,6 +112,9 @@ class InflightBudget:
         self.used = 0
         self.peak = 0
         self.spilled = 0  # messages that went to a file instead
+        self.waited = 0  # DATA commands that had to wait for room
+        self.refused = 0  # ... and got 452 because none came
+        self._freed = asyncio.Event()
 
     def take(self, n: int) -> bool:
         if self.used + n > self.total:
@@ -110,8 +123,25 @@ class InflightBudget:
         self.peak = max(self.peak, self.used)
         return True
 
+    async def acquire(self, n: int, timeout: float) -> bool:
+        """`take`, waiting up to `timeout` seconds for another session to give room back."""
+        if self.take(n):
+            return True
+        self.waited += 1
+        deadline = asyncio.get_running_loop().time() + timeout
+        while not self.take(n):
+            remaining = deadline - asyncio.get_running_loop().time()
+            self._freed.clear()
+            try:
+                await asyncio.wait_for(self._freed.wait(), max(remaining, 0))
+            except TimeoutError:
+                self.refused += 1
+                return False
+        return True
+
     def give(self, n: int) -> None:
         self.used -= n
+        self._freed.set()
 
 
 class DataSink:
@@ -324,6 +354,11 @@ class GatewaySMTP(SMTP):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         first = self.transport is None
         if first:
+            # asyncio reads up to 256 KiB per recv() into the reader's buffer, which pauses
+            # only beyond 2 x the line limit: with hundreds of sessions in DATA that is most
+            # of the edge's memory outside the budget. 64 KiB reads cost nothing measurable.
+            if hasattr(transport, "max_size"):
+                transport.max_size = READ_SIZE
             peer = transport.get_extra_info("peername")
             self._peer_ip = peer[0] if peer else ""
             refusal = self.limits.admit(self._peer_ip)
@@ -377,6 +412,18 @@ class GatewaySMTP(SMTP):
         if arg:
             await self.push("501 Syntax: DATA")
             return
+        allowance = min(DATA_ALLOWANCE, self.budget.total // 8)
+        if not await self.budget.acquire(allowance, BUDGET_WAIT):
+            # 452 is a reply RFC 5321 §4.3.2 lists for DATA: temporary, the sender retries.
+            await self.push("452 4.3.1 Insufficient system storage, try again later")
+            return
+        try:
+            await self._data()
+        finally:
+            self.budget.give(allowance)
+
+    async def _data(self) -> None:
+        assert self.envelope is not None
         await self.push("354 End data with <CR><LF>.<CR><LF>")
 
         # Read until CRLF.CRLF (RFC 5321 §4.1.1.4). Only that exact sequence ends DATA, so

@@ -243,6 +243,44 @@ async def test_inflight_budget_streams_large_data_to_disk_and_loses_nothing(
         assert gw.spool.counts() == {}
 
 
+async def test_sessions_beyond_the_budget_wait_for_room_and_all_land(
+    tmp_path: Path, clock: FrozenClock
+) -> None:
+    # 1 MiB budget: each DATA reserves 128 KiB for its socket buffers, so 8 fit at once.
+    settings = make_settings(tmp_path, smtp={"inflight_budget": "1MiB"})
+    bodies = [_body(200 * 1024, f"wait{i}") for i in range(12)]
+    async with running_gateway(settings, clock) as gw:
+        assert gw.port is not None and gw.handler is not None
+        meter = gw.handler.budget
+        clients = [await Client.connect(gw.port) for _ in bodies]
+        try:
+            for c in clients:
+                assert (await c.cmd(b"EHLO client.example"))[0] == 250
+                assert (await c.cmd(b"MAIL FROM:<pat@customer.example>"))[0] == 250
+                assert (await c.cmd(b"RCPT TO:<support@example.com>"))[0] == 250
+            for c in clients:
+                c.writer.write(b"DATA\r\n")
+            deadline = time.monotonic() + 20
+            while meter.waited < 4 and time.monotonic() < deadline:  # bounded wait
+                await asyncio.sleep(0.02)
+            assert meter.waited == 4 and meter.used == meter.total
+
+            async def finish(c: Client, raw: bytes) -> tuple[int, str]:
+                assert (await c.reply())[0] == 354  # at once, or once another finished
+                c.writer.write(_stuffed(raw) + b".\r\n")
+                return await c.reply()
+
+            replies = await asyncio.gather(
+                *(finish(c, raw) for c, raw in zip(clients, bodies, strict=True))
+            )
+        finally:
+            for c in clients:
+                c.close()
+        assert [code for code, _ in replies] == [250] * 12, replies
+        assert meter.refused == 0 and meter.used == 0 and meter.peak <= meter.total
+        assert gw.spool.counts() == {"pending": 12}
+
+
 # --- #11: banner, secrets, file modes (the daemon as an admin runs it) -------------------
 
 
