@@ -28,6 +28,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -209,7 +210,8 @@ def main() -> int:
     child = f"{idle_child / MiB:8.1f} MiB idle, {sampler.child_peak / MiB:.1f} MiB peak"
     print(f"pipeline child RSS     {child}")
     codes = [a[:3] for a in answers]
-    print(f"replies                {', '.join(codes)}")
+    counts = ", ".join(f"{n} x {code}" for code, n in sorted(Counter(codes).items()))
+    print(f"replies                {counts}")
     return 0 if all(c == "250" for c in codes) else 1
 
 
