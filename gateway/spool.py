@@ -144,14 +144,18 @@ def file_dedupe_key(envelope: Envelope, path: Path) -> str:
     return str(h.hexdigest())
 
 
+def _private(path: Path, mode: int) -> None:
+    """chmod what we own; an admin's CLI run as another user leaves it as it is."""
+    with contextlib.suppress(PermissionError):
+        os.chmod(path, mode)
+
+
 def _private_file(path: Path) -> None:
     """Create `path` 0600 if missing, else make it 0600: SQLite gives its WAL and SHM
     files the mode of the database file, so this makes all three private."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
-    try:
-        os.fchmod(fd, 0o600)
-    finally:
-        os.close(fd)
+    if not path.exists():
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+    _private(path, 0o600)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -214,9 +218,10 @@ class Spool:
 
     def open(self) -> None:
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        os.chmod(self.directory, 0o700)
-        self.tmp_dir.mkdir(mode=0o700, exist_ok=True)
-        os.chmod(self.tmp_dir, 0o700)
+        _private(self.directory, 0o700)
+        with contextlib.suppress(PermissionError):  # a CLI run by another user
+            self.tmp_dir.mkdir(mode=0o700, exist_ok=True)
+            _private(self.tmp_dir, 0o700)
         for name in (self.FILE, self.FILE + "-wal", self.FILE + "-shm"):
             if name == self.FILE or (self.directory / name).exists():
                 _private_file(self.directory / name)
