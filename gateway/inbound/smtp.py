@@ -18,7 +18,9 @@ Limits that keep one client from holding the edge's resources (issue 10, docs/sm
 - message bytes in memory across all sessions are bounded by `smtp.inflight_budget`; a
   message over 1 MiB, or one that does not fit the budget, is streamed to a file in
   `<spool_dir>/tmp` and from there into the spool in pieces. If even that fails (disk),
-  the answer after DATA is `452 4.3.1`: the sender retries, nothing is lost.
+  the answer after DATA is `452 4.3.1`: the sender retries, nothing is lost. Each DATA
+  also reserves an allowance for its socket buffers; with no room left a `DATA` command
+  waits for another session to finish (at most 60 s, then `452 4.3.1`).
 - a session lasts at most `smtp.max_session_time` (`421 4.4.2`), however busy it keeps
   itself, and at most `smtp.max_idle_commands` NOOP/RSET/HELP/... between two messages.
 - an envelope address with a control character (C0 or DEL) is a syntax error:
