@@ -78,9 +78,10 @@ class Gateway:
                 " example in rules/; set rules_dir or GATEWAY_RULES_DIR)"
             )
         self.rules = RulesHolder(rules_path)
+        # The secret first: a weak one stops start-up before anything is created.
+        self.signer = Signer(settings.secret())
         self.engine = engine or open_database(settings.storage.database_url)
         self.spool = build_spool(settings, self.clock)
-        self.signer = Signer(settings.secret())
         self.resolver = resolver if resolver is not None else build_resolver(settings)
         self.services = Services(
             settings=settings,
@@ -208,6 +209,7 @@ class Gateway:
             clock=self.clock,
             max_recipients=s.max_recipients,
             max_messages_per_connection=s.max_messages_per_connection,
+            inflight_budget=s.inflight_budget,
         )
         tls = make_tls_context(s.tls_cert, s.tls_key) if s.tls_cert and s.tls_key else None
         host, port = self.settings.listen
@@ -220,6 +222,8 @@ class Gateway:
             limits=ConnectionLimits(s.max_connections, s.max_connections_per_ip),
             timeout=s.timeout,
             tls_context=tls,
+            max_session_time=s.max_session_time,
+            max_idle_commands=s.max_idle_commands,
         )
         self.port = self.server.sockets[0].getsockname()[1]
         if workers:
@@ -291,6 +295,10 @@ def sd_notify(message: str) -> None:
 
 async def serve(settings: Settings) -> int:
     """Run until SIGTERM/SIGINT; SIGHUP reloads the rules."""
+    # Everything the daemon writes (spool, database, keys, streamed DATA) holds customers'
+    # mail or secrets: private whatever umask the admin's shell had (systemd's UMask= does
+    # the same; outside systemd nothing did).
+    os.umask(0o077)
     gw = Gateway(settings)
     await gw.start()
     loop = asyncio.get_running_loop()

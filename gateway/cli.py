@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
@@ -149,6 +150,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_ingest(args: argparse.Namespace) -> int:
     """Exit 0 only when the message is durable; 75 on any temporary failure."""
+    os.umask(0o077)  # the spool it may create holds customers' mail (as `serve` does)
     try:
         settings = _settings(args)
         raw = Path(args.file).read_bytes() if args.file else sys.stdin.buffer.read()

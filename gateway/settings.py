@@ -103,6 +103,15 @@ class SmtpSettings(_Section):
     max_recipients: int = 100
     max_messages_per_connection: int = 1000
     min_free_disk: int = parse_size("200MiB")
+    # Bytes of message data all sessions together may hold in memory. A message that does
+    # not fit (or is larger than 1 MiB) is streamed to a file in <spool_dir>/tmp and from
+    # there into the spool, so memory stays bounded whatever clients send (issue 10 #7).
+    inflight_budget: int = parse_size("256MiB")
+    # A session ends with "421 4.4.2" after this many seconds, however busy it keeps
+    # itself (NOOP/RSET reset the idle timer, RFC 5321 §4.5.3.2 only bounds idleness).
+    max_session_time: float = Field(default=1800.0, gt=0)
+    # NOOP, RSET, HELP, VRFY, EXPN, HELO/EHLO allowed between two accepted messages.
+    max_idle_commands: int = Field(default=50, ge=1)
 
     @field_validator("listen")
     @classmethod
@@ -110,7 +119,9 @@ class SmtpSettings(_Section):
         parse_hostport(v, default_port=25)
         return v
 
-    @field_validator("max_message_size", "max_receive_size", "min_free_disk", mode="before")
+    @field_validator(
+        "max_message_size", "max_receive_size", "min_free_disk", "inflight_budget", mode="before"
+    )
     @classmethod
     def _size(cls, v: Any) -> int:
         return parse_size(v)
@@ -177,6 +188,28 @@ class OutboundSettings(_Section):
         return v
 
 
+MIN_SECRET_LENGTH = 32
+
+
+def secret_problem(secret: str) -> str | None:
+    """Why `secret` is unfit to key an HMAC, or None.
+
+    Reply tokens and Message-IDs are HMAC-signed with it (gateway/security/tokens.py): a
+    short or repetitive key can be guessed offline from one token and then forges staff
+    replies. 32 bytes is the HMAC-SHA256 output size (RFC 2104 §3: keys shorter than it
+    weaken the function). A length check alone would pass "aaaa…", so very few distinct
+    characters is refused too; `secrets.token_hex(32)` (what we generate) has 16.
+    """
+    if len(secret.encode()) < MIN_SECRET_LENGTH:
+        return (
+            f"too short ({len(secret.encode())} bytes; at least {MIN_SECRET_LENGTH} random bytes,"
+            " e.g. the output of `openssl rand -hex 32`)"
+        )
+    if len(set(secret)) < 8:
+        return "too little variety (a repeated pattern); use `openssl rand -hex 32`"
+    return None
+
+
 class SecuritySettings(_Section):
     secret_key: str = ""
     secret_key_file: str = ""
@@ -200,6 +233,14 @@ class SecuritySettings(_Section):
     # replies are accepted on the signed reply token alone when the checks completed and
     # nothing failed. A token travels in forwards and reply-all: prefer DKIM.
     staff_token_only_domains: list[str] = Field(default_factory=list)
+
+    @field_validator("secret_key")
+    @classmethod
+    def _secret_key(cls, v: str) -> str:
+        problem = secret_problem(v) if v else None  # "" = generated and stored for you
+        if problem:
+            raise ValueError(problem)
+        return v
 
 
 class TicketSettings(_Section):
@@ -326,12 +367,13 @@ class Settings(BaseSettings):
         path = Path(self.security.secret_key_file or self.spool_path.parent / "secret_key")
         if path.exists():
             key = path.read_text().strip()
-            if len(key) < 16:
-                raise ConfigError(f"security.secret_key_file = {str(path)!r}: key is too short")
+            problem = secret_problem(key)
+            if problem:
+                raise ConfigError(f"security.secret_key_file = {str(path)!r}: key is {problem}")
             return key.encode()
         if self.security.secret_key_file:
             raise ConfigError(f"security.secret_key_file = {str(path)!r}: file does not exist")
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(secrets.token_hex(32) + "\n")
@@ -382,6 +424,8 @@ def _format_errors(exc: ValidationError, path: Path | None) -> str:
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             lines.append(f"  {key}: unknown key (see config.example.toml for the valid keys)")
+        elif key.endswith("secret_key"):  # never echo a secret into a log
+            lines.append(f"  {key} = <hidden>: {msg}")
         else:
             lines.append(f"  {key} = {err.get('input')!r}: {msg}")
     return "\n".join(lines)

@@ -17,6 +17,12 @@ cannot spin the worker. On start, `recover()` puts
 claimed entries (a crash mid-processing) back to `pending`. Nothing is deleted before the
 database has it; the database dedupes if an entry is processed twice.
 
+A large message (streamed to a file by the SMTP edge, docs/smtp.md) is copied into the
+spool in 1 MiB pieces (table `spool_part`, the entry's `raw` left empty) so that neither
+the session nor the writer ever holds it whole; `claim` and `get` put it back together.
+Everything here is created private (0700 folders, 0600 files, WAL and SHM included),
+whatever the umask: the spool holds customers' mail.
+
 The write is idempotent: an entry is keyed by a hash of envelope and bytes, so a client that
 disconnected before seeing `250` and sends again does not create a second entry.
 """
@@ -52,7 +58,25 @@ CREATE TABLE IF NOT EXISTS spool (
     not_before REAL NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS spool_state ON spool(state, id);
+CREATE TABLE IF NOT EXISTS spool_part (
+    entry_id INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    data BLOB NOT NULL,
+    PRIMARY KEY (entry_id, seq)
+);
+CREATE TRIGGER IF NOT EXISTS spool_part_gc AFTER DELETE ON spool BEGIN
+    DELETE FROM spool_part WHERE entry_id = old.id;
+END;
 """
+# What one `claim` hands the pipeline at most (beyond its first entry).
+CLAIM_BYTES = 64 * 1024 * 1024
+# Pieces of a large message: small enough that the writer thread never holds much at once.
+PART_SIZE = 1024 * 1024
+# Sizes for SELECTs that report an entry's size (raw, or the sum of its parts).
+_SIZE_SQL = (
+    "length(raw) + coalesce((SELECT sum(length(data)) FROM spool_part p"
+    " WHERE p.entry_id = spool.id), 0)"
+)
 
 
 class SpoolFull(Exception):
@@ -94,16 +118,44 @@ class SpoolEntry:
     dedupe_key: str = ""
 
 
-def dedupe_key(envelope: Envelope, raw: bytes) -> str:
-    """Hash of the envelope (sender, recipients) and the raw bytes (FIELD-NOTES §2)."""
+def _envelope_hash(envelope: Envelope) -> Any:
     h = hashlib.sha256()
     h.update(envelope.mail_from.lower().encode("utf-8", "surrogateescape"))
     h.update(b"\0")
     for r in sorted(x.lower() for x in envelope.rcpt_tos):
         h.update(r.encode("utf-8", "surrogateescape"))
         h.update(b"\0")
+    return h
+
+
+def dedupe_key(envelope: Envelope, raw: bytes) -> str:
+    """Hash of the envelope (sender, recipients) and the raw bytes (FIELD-NOTES §2)."""
+    h = _envelope_hash(envelope)
     h.update(raw)
-    return h.hexdigest()
+    return str(h.hexdigest())
+
+
+def file_dedupe_key(envelope: Envelope, path: Path) -> str:
+    """`dedupe_key` of a message held in a file, read piece by piece."""
+    h = _envelope_hash(envelope)
+    with open(path, "rb") as f:
+        while piece := f.read(PART_SIZE):
+            h.update(piece)
+    return str(h.hexdigest())
+
+
+def _private(path: Path, mode: int) -> None:
+    """chmod what we own; an admin's CLI run as another user leaves it as it is."""
+    with contextlib.suppress(PermissionError):
+        os.chmod(path, mode)
+
+
+def _private_file(path: Path) -> None:
+    """Create `path` 0600 if missing, else make it 0600: SQLite gives its WAL and SHM
+    files the mode of the database file, so this makes all three private."""
+    if not path.exists():
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+    _private(path, 0o600)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -130,6 +182,7 @@ class _Pending:
     raw: bytes
     done: Callable[[int | None, BaseException | None], None]
     id: int | None = field(default=None)
+    path: Path | None = None  # the bytes are in this file instead (a large message)
 
 
 class Spool:
@@ -148,6 +201,8 @@ class Spool:
         self.directory = Path(directory)
         self.clock: Clock = clock or SystemClock()
         self.path = self.directory / self.FILE
+        # Large DATA is streamed here before it is copied in (gateway/inbound/smtp.py).
+        self.tmp_dir = self.directory / "tmp"
         self.max_attempts = max_attempts
         self.min_free_disk = min_free_disk
         self._queue: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
@@ -162,7 +217,14 @@ class Spool:
     # Lifecycle ------------------------------------------------------------------------
 
     def open(self) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
+        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        _private(self.directory, 0o700)
+        with contextlib.suppress(PermissionError):  # a CLI run by another user
+            self.tmp_dir.mkdir(mode=0o700, exist_ok=True)
+            _private(self.tmp_dir, 0o700)
+        for name in (self.FILE, self.FILE + "-wal", self.FILE + "-shm"):
+            if name == self.FILE or (self.directory / name).exists():
+                _private_file(self.directory / name)
         conn = _connect(self.path)
         conn.executescript(SCHEMA)
         conn.close()
@@ -172,6 +234,10 @@ class Spool:
 
     def start_writer(self) -> None:
         if self._writer is None:
+            # Files left by a session that was streaming when the daemon stopped: nothing
+            # was promised for them (no `250`), the senders send them again.
+            for leftover in self.tmp_dir.glob("data-*"):
+                leftover.unlink(missing_ok=True)
             self._writer = threading.Thread(target=self._write_loop, name="spool-writer")
             self._writer.daemon = True
             self._writer.start()
@@ -221,6 +287,39 @@ class Spool:
         # Shielded: a client that disconnects mid-wait cancels its session, not the write.
         return await asyncio.shield(fut)
 
+    async def submit_file(self, envelope: Envelope, path: Path) -> int:
+        """Like `submit`, for a message held in a file; the spool removes the file.
+
+        The file is the spool's from the call on, whatever happens: it is deleted once the
+        commit is done or has failed (never while the writer may still read it).
+        """
+        return await asyncio.shield(self._submit_file(envelope, path))
+
+    async def _submit_file(self, envelope: Envelope, path: Path) -> int:
+        try:
+            self.check_disk()
+            key = await asyncio.to_thread(file_dedupe_key, envelope, path)
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[int] = loop.create_future()
+
+        def done(entry_id: int | None, error: BaseException | None) -> None:
+            def resolve() -> None:
+                if fut.done():
+                    return
+                if error is not None:
+                    fut.set_exception(error)
+                else:
+                    assert entry_id is not None
+                    fut.set_result(entry_id)
+
+            loop.call_soon_threadsafe(resolve)
+
+        self._queue.put(_Pending(key, envelope, b"", done, path=path))
+        return await fut
+
     def submit_sync(self, envelope: Envelope, raw: bytes) -> int:
         """Durable write without the writer thread (pipe mode: one message per process)."""
         self.check_disk()
@@ -249,11 +348,17 @@ class Spool:
                         stop = True
                         break
                     batch.append(nxt)
+                error: BaseException | None = None
                 try:
                     self._commit_batch(conn, batch)
                 except BaseException as exc:  # report to every waiting session: 451
+                    error = exc
+                for item in batch:  # streamed files are copied in (or failed): remove them
+                    if item.path is not None:
+                        item.path.unlink(missing_ok=True)
+                if error is not None:
                     for item in batch:
-                        item.done(None, exc)
+                        item.done(None, error)
                 else:
                     for item in batch:
                         item.done(item.id, None)
@@ -282,6 +387,8 @@ class Spool:
                 )
                 if cur.rowcount:
                     item.id = cur.lastrowid
+                    if item.path is not None:
+                        self._insert_parts(conn, cur.lastrowid, item.path)
                 else:  # the same message again (client retry): keep the first entry
                     row = conn.execute(
                         "SELECT id FROM spool WHERE dedupe_key=?", (item.key,)
@@ -291,6 +398,27 @@ class Spool:
         except BaseException:
             conn.execute("ROLLBACK")
             raise
+
+    @staticmethod
+    def _insert_parts(conn: sqlite3.Connection, entry_id: int | None, path: Path) -> None:
+        with open(path, "rb") as f:
+            seq = 0
+            while piece := f.read(PART_SIZE):
+                conn.execute(
+                    "INSERT INTO spool_part(entry_id, seq, data) VALUES (?,?,?)",
+                    (entry_id, seq, piece),
+                )
+                seq += 1
+
+    @staticmethod
+    def _full_raw(conn: sqlite3.Connection, entry_id: int, raw: bytes) -> bytes:
+        """The entry's bytes: `raw`, or (a large message) its pieces in order."""
+        if raw:
+            return bytes(raw)
+        parts = conn.execute(
+            "SELECT data FROM spool_part WHERE entry_id=? ORDER BY seq", (entry_id,)
+        ).fetchall()
+        return b"".join(bytes(p[0]) for p in parts)
 
     # Claiming (pipeline side) ---------------------------------------------------------
 
@@ -330,20 +458,37 @@ class Spool:
     def claim(self, limit: int = 50) -> list[SpoolEntry]:
         with self._tx() as conn:
             rows = conn.execute(
-                "SELECT id, envelope, raw, attempts, state, last_error, received_at, dedupe_key"
-                " FROM spool WHERE state='pending' AND not_before <= ? ORDER BY id LIMIT ?",
+                f"SELECT id, envelope, {_SIZE_SQL}, attempts, state, last_error, received_at,"
+                " dedupe_key FROM spool WHERE state='pending' AND not_before <= ?"
+                " ORDER BY id LIMIT ?",
                 (self.clock.now().timestamp(), limit),
             ).fetchall()
+            # At most CLAIM_BYTES of mail per batch (at least one entry): fifty 100 MiB
+            # messages must not all be held at once by the pipeline (issue 10 #7).
+            total = 0
+            for n, r in enumerate(rows):
+                total += r[2]
+                if n and total > CLAIM_BYTES:
+                    rows = rows[:n]
+                    break
             if rows:
                 conn.executemany(
                     "UPDATE spool SET state='claimed', attempts=attempts+1 WHERE id=?",
                     [(r[0],) for r in rows],
                 )
+            raws = {
+                r[0]: self._full_raw(
+                    conn,
+                    r[0],
+                    conn.execute("SELECT raw FROM spool WHERE id=?", (r[0],)).fetchone()[0],
+                )
+                for r in rows
+            }
         return [
             SpoolEntry(
                 id=r[0],
                 envelope=Envelope.from_json(r[1]),
-                raw=bytes(r[2]),
+                raw=raws[r[0]],
                 attempts=r[3] + 1,
                 state="claimed",
                 last_error=r[5],
@@ -403,7 +548,7 @@ class Spool:
 
     def quarantined(self) -> list[dict[str, Any]]:
         rows = self.conn.execute(
-            "SELECT id, received_at, envelope, length(raw), attempts, last_error, quarantined_at"
+            f"SELECT id, received_at, envelope, {_SIZE_SQL}, attempts, last_error, quarantined_at"
             " FROM spool WHERE state='quarantined' ORDER BY id"
         ).fetchall()
         out = []
@@ -434,7 +579,7 @@ class Spool:
         return SpoolEntry(
             id=r[0],
             envelope=Envelope.from_json(r[1]),
-            raw=bytes(r[2]),
+            raw=self._full_raw(self.conn, r[0], r[2]),
             attempts=r[3],
             state=r[4],
             last_error=r[5],

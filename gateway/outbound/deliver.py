@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import re
 import ssl
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -43,6 +44,9 @@ import dns.name
 import dns.resolver
 
 SENT = "sent"
+# RFC 5321 §4.1.2: no C0 control or DEL is valid in a mailbox (the SMTP edge refuses them
+# at MAIL/RCPT; this catches addresses that came from anywhere else, e.g. a header).
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 TEMPORARY = "temporary"
 PERMANENT = "permanent"
 STARTTLS_MODES = ("opportunistic", "required", "never")
@@ -182,6 +186,13 @@ async def deliver(
             )
         if not recipients:
             return DeliveryResult(PERMANENT, None, "no recipients")
+        bad = next((a for a in (mail_from, *recipients) if _CONTROL.search(a)), None)
+        if bad is not None:
+            # No SMTP server can take it and no retry changes it (aiosmtplib refuses the
+            # command with ValueError): permanent, not five days of retries (issue 10 #9).
+            return DeliveryResult(
+                PERMANENT, 553, f"5.1.3 {bad!r}: control character in an envelope address"
+            )
         session = _Session(message, mail_from, helo, timeout, starttls)
         if relay is not None:
             return await session.attempt(relay[0], relay[1], list(recipients))

@@ -7,6 +7,7 @@ explicitly).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,7 +26,12 @@ def make_engine(url: str) -> Engine:
     u = make_url(url)
     if u.get_backend_name() == "sqlite":
         if u.database and u.database != ":memory:":
-            Path(u.database).parent.mkdir(parents=True, exist_ok=True)
+            db_file = Path(u.database)
+            db_file.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            # Created 0600 before SQLite opens it: its WAL and SHM files take the database
+            # file's mode, so all three stay private whatever the umask (customers' mail).
+            if not db_file.exists():
+                os.close(os.open(db_file, os.O_WRONLY | os.O_CREAT, 0o600))
         engine = create_engine(
             url, connect_args={"check_same_thread": False, "timeout": 30}, future=True
         )

@@ -35,7 +35,7 @@ def write_config(tmp_path: Path, port: int, rules: Path = RULES) -> Path:
         f'[smtp]\nlisten = "127.0.0.1:{port}"\nhostname = "mx.example.com"\n'
         'domains = ["example.com"]\nmin_free_disk = 0\n'
         f'[storage]\ndatabase_url = "sqlite:///{tmp_path}/gw.db"\nspool_dir = "{tmp_path}/spool"\n'
-        '[security]\nsecret_key = "crash-test-secret-0123456789"\n'
+        '[security]\nsecret_key = "crash-test-secret-0123456789abcdef"\n'
         "verify_senders = false\n"  # no DNS lookups leave this machine in tests
     )
     return cfg
