@@ -269,6 +269,11 @@ def cmd_tickets(args: argparse.Namespace) -> int:
                 print(f"  {e['at']} {e['type']}: {e['detail']}")
             for lk in d["links"]:
                 print(f"  link: {lk['relation']} {lk['ref']}")
+            for pr in d["promises"]:
+                print(
+                    f"  promise {pr['made_at']} to {pr['to']}: {pr['what']}"
+                    f" (due {pr['due'] or 'no time'}) [{pr['state']}]"
+                )
     return 0
 
 

@@ -10,6 +10,7 @@ from sqlmodel import Session, col, select
 
 from gateway.routing.model import Rules
 from gateway.sla.deadlines import isoz
+from gateway.sla.promises import promises_json
 from gateway.store.models import Event, Message, Participant, Ticket, TicketLink
 from gateway.store.queries import undeliverable
 
@@ -91,6 +92,7 @@ def ticket_detail(s: Session, t: Ticket, rules: Rules | None) -> dict[str, Any]:
             {"ref": other.ref if other else str(lk.ticket_id), "relation": f"{lk.relation} (from)"}
         )
     out["links"] = links
+    out["promises"] = promises_json(s, t.id)
     return out
 
 

@@ -15,13 +15,21 @@ No acknowledgement (each a rule of FIELD-NOTES §3, RFC 3834 §2):
 - the recipient would be empty or one of our own addresses (rule 6).
 
 The deadline in the ack is ``ticket.first_response_due``, the stored value the escalator
-enforces, never recomputed (BRIEF: one computation for the promise and the escalation).
+enforces, never recomputed (BRIEF: one computation for the promise and the escalation). The
+owner it names is the route's owner checked against the plan (gateway.pipeline.route
+``cover_window``: on duty before the deadline), and the promise is recorded
+(``_record_promise``) so it is enforced and shown (issue 11).
+
+A ticket processed after its own deadlines passed (it waited in a stopped node's spool) gets
+ONE message instead (``_late``): when it arrived, that it was processed late, who holds it now
+and the plan's real next commitment; the steps whose moments had already passed are
+collapsed into the plan's current state, never fired in one burst (issue 11 finding 8).
 """
 
 from __future__ import annotations
 
 import json
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from sqlmodel import col, func, select
 
@@ -34,7 +42,11 @@ from gateway.outbound.compose import (
 )
 from gateway.outbound.worker import enqueue, notify_owner
 from gateway.pipeline.context import Context
-from gateway.store.models import Event, Outbox, Ticket
+from gateway.sla import promises
+from gateway.sla.deadlines import isoz
+from gateway.sla.notice import Broken, late_text, queue_customer_mail
+from gateway.sla.plan import Commitment, Fire, fires, plan_ticket
+from gateway.store.models import EscalationStep, Event, Outbox, Ticket
 from gateway.store.queries import add_event
 
 #: Window for the "recent performance" line of the acknowledgement.
@@ -179,6 +191,7 @@ def respond(ctx: Context) -> None:
     assert ticket.id is not None
     s = ctx.session
     msg_id = ctx.message.id if ctx.message is not None else None
+    late = _collapse_late(ctx)
     to = _recipient(ctx)
     why = _suppression(ctx, to)
     if why is None and _acks_today(ctx, to) >= _cap(ctx):
@@ -191,6 +204,9 @@ def respond(ctx: Context) -> None:
         return
     due = ticket.first_response_due
     assert due is not None  # checked above
+    if late is not None:
+        _late(ctx, to, *late)
+        return
 
     settings = ctx.services.settings
     rules = ctx.services.rules
@@ -242,6 +258,7 @@ def respond(ctx: Context) -> None:
     )
     ticket.acknowledged = True
     s.add(ticket)
+    _record_promise(ctx, to, message_id, f"first answer from {content.owner_name}", due)
     add_event(
         s,
         ticket.id,
@@ -250,4 +267,130 @@ def respond(ctx: Context) -> None:
         f"by {content.first_response_due.isoformat()}",
         ctx.now,
         message_id=msg_id,
+    )
+
+
+def _record_promise(
+    ctx: Context, to: str, message_id: str, what: str, due: datetime | None, clock: str = ""
+) -> None:
+    """The acknowledgement (or the late message) promised the customer a first answer from
+    the named owner by `due`: record it so the escalator enforces it and `tickets show`
+    lists it (issue 11, "One plan, said and done")."""
+    assert ctx.ticket is not None and ctx.ticket.id is not None
+    promises.record(
+        ctx.session,
+        ticket_id=ctx.ticket.id,
+        made_at=ctx.now,
+        to=to,
+        person=ctx.ticket.owner,
+        message_id=message_id,
+        what=f"{what} by {isoz(due)}" if due is not None else what,
+        clock=clock or "first_response",
+        due=due,
+    )
+
+
+def _collapse_late(ctx: Context) -> tuple[list[Broken], Commitment] | None:
+    """For a ticket whose plan has moments already past when it is processed: mark those
+    steps done at once (one row each, action "late-collapsed", so the escalator never fires
+    them), put the ticket with whoever the ladder would hold it by now, and return what was
+    missed and the plan's next commitment. None when nothing is late."""
+    ticket, rules, now = ctx.ticket, ctx.services.rules, ctx.now
+    assert ticket is not None and ticket.id is not None
+    past = [f for f in fires(ticket, ticket.sla, rules) if f.moment <= now]
+    if not past:
+        return None
+    before = plan_ticket(ticket, ticket.owner, ticket.sla, rules, now)
+    acting = before.acting.person
+    holder = ticket.owner
+    for step in before.steps:
+        if step.moment <= now:
+            holder, acting = step.holder.id, step.acting
+    previous = ticket.owner
+    ticket.owner = holder
+    for fire in past:
+        ctx.session.add(
+            EscalationStep(
+                ticket_id=ticket.id,
+                clock=fire.clock,
+                due_at=fire.due_at,
+                step=fire.step,
+                person=acting.id if fire.step >= 0 else "",
+                action="late-collapsed",
+                fired_at=now,
+            )
+        )
+    done = [(f.clock, f.due_at, f.step) for f in past if f.step >= 0]
+    after = plan_ticket(ticket, ticket.owner, ticket.sla, rules, now, done)
+    missed = sorted({(f.clock, f.due_at) for f in past if f.step == -2})
+    first = _first_missed(past)
+    commitment = after.commitment(first.clock, first.due_at, acting)
+    add_event(
+        ctx.session,
+        ticket.id,
+        "late",
+        f"received {isoz(ctx.received_at)}, processed {isoz(now)} after "
+        + ", ".join(f"{c} due {isoz(d)}" for c, d in missed)
+        + f"; {len(past)} step(s) already past collapsed into the plan: {acting.name} acts now"
+        + (f" (owner was {previous})" if previous != holder else ""),
+        now,
+        data={"collapsed": len(past), "owner": holder, "acting": acting.id},
+    )
+    return [Broken(c, d) for c, d in missed], commitment
+
+
+def _first_missed(past: list[Fire]) -> Fire:
+    breaches = [f for f in past if f.step == -2] or past
+    return min(breaches, key=lambda f: (f.due_at, f.clock))
+
+
+def _late(ctx: Context, to: str, missed: list[Broken], commitment: Commitment) -> None:
+    """The one message of a late-processed ticket (instead of an acknowledgement)."""
+    ticket = ctx.ticket
+    assert ticket is not None and ticket.id is not None
+    settings = ctx.services.settings
+    calendar = ctx.services.rules.calendar_for_policy(ticket.sla)
+    signature = settings.outbound.from_name or settings.outbound.from_address
+    text = late_text(ticket.ref, ctx.received_at, ctx.now, missed, commitment, calendar, signature)
+    message_id = queue_customer_mail(
+        ctx.session,
+        settings,
+        ctx.services.signer,
+        ticket,
+        text,
+        ctx.now,
+        ctx.message,
+        kind="ack",
+        tag="late",
+        to=to,
+    )
+    ticket.acknowledged = True
+    ctx.session.add(ticket)
+    clock = missed[0].clock if missed else "first_response"
+    what = (
+        f"answer from {commitment.person.name}"
+        if commitment.by is not None
+        else f"{commitment.person.name} responsible (no time promised)"
+    )
+    ctx.session.flush()
+    promises.record(
+        ctx.session,
+        ticket_id=ticket.id,
+        made_at=ctx.now,
+        to=to,
+        person=commitment.person.id,
+        message_id=message_id,
+        what=f"{what} by {isoz(commitment.by)}" if commitment.by is not None else what,
+        clock=clock,
+        due=commitment.by,
+    )
+    add_event(
+        ctx.session,
+        ticket.id,
+        "ack-sent",
+        f"late-processing message {message_id} queued to {to} instead of an acknowledgement;"
+        f" {commitment.person.name} responsible"
+        + (f", next answer by {isoz(commitment.by)}" if commitment.by else ", no time promised"),
+        ctx.now,
+        message_id=ctx.message.id if ctx.message is not None else None,
     )
