@@ -44,9 +44,8 @@ from gateway.outbound.worker import enqueue, notify_owner
 from gateway.pipeline.context import Context
 from gateway.sla import promises
 from gateway.sla.deadlines import isoz
-from gateway.sla.notice import Broken, late_text, queue_customer_mail
-from gateway.sla.plan import Commitment, Fire, fires, plan_ticket
-from gateway.store.models import EscalationStep, Event, Outbox, Ticket
+from gateway.sla.late import Late, collapse, send_late
+from gateway.store.models import Event, Outbox, Ticket
 from gateway.store.queries import add_event
 
 #: Window for the "recent performance" line of the acknowledgement.
@@ -205,7 +204,7 @@ def respond(ctx: Context) -> None:
     due = ticket.first_response_due
     assert due is not None  # checked above
     if late is not None:
-        _late(ctx, to, *late)
+        _late(ctx, to, late)
         return
 
     settings = ctx.services.settings
@@ -290,107 +289,23 @@ def _record_promise(
     )
 
 
-def _collapse_late(ctx: Context) -> tuple[list[Broken], Commitment] | None:
-    """For a ticket whose plan has moments already past when it is processed: mark those
-    steps done at once (one row each, action "late-collapsed", so the escalator never fires
-    them), put the ticket with whoever the ladder would hold it by now, and return what was
-    missed and the plan's next commitment. None when nothing is late."""
-    ticket, rules, now = ctx.ticket, ctx.services.rules, ctx.now
-    assert ticket is not None and ticket.id is not None
-    past = [f for f in fires(ticket, ticket.sla, rules) if f.moment <= now]
-    if not past:
-        return None
-    before = plan_ticket(ticket, ticket.owner, ticket.sla, rules, now)
-    acting = before.acting.person
-    holder = ticket.owner
-    for step in before.steps:
-        if step.moment <= now:
-            holder, acting = step.holder.id, step.acting
-    previous = ticket.owner
-    ticket.owner = holder
-    for fire in past:
-        ctx.session.add(
-            EscalationStep(
-                ticket_id=ticket.id,
-                clock=fire.clock,
-                due_at=fire.due_at,
-                step=fire.step,
-                person=acting.id if fire.step >= 0 else "",
-                action="late-collapsed",
-                fired_at=now,
-            )
-        )
-    done = [(f.clock, f.due_at, f.step) for f in past if f.step >= 0]
-    after = plan_ticket(ticket, ticket.owner, ticket.sla, rules, now, done)
-    missed = sorted({(f.clock, f.due_at) for f in past if f.step == -2})
-    first = _first_missed(past)
-    commitment = after.commitment(first.clock, first.due_at, acting)
-    add_event(
-        ctx.session,
-        ticket.id,
-        "late",
-        f"received {isoz(ctx.received_at)}, processed {isoz(now)} after "
-        + ", ".join(f"{c} due {isoz(d)}" for c, d in missed)
-        + f"; {len(past)} step(s) already past collapsed into the plan: {acting.name} acts now"
-        + (f" (owner was {previous})" if previous != holder else ""),
-        now,
-        data={"collapsed": len(past), "owner": holder, "acting": acting.id},
-    )
-    return [Broken(c, d) for c, d in missed], commitment
+def _collapse_late(ctx: Context) -> Late | None:
+    """A ticket processed after moments of its own plan: collapse them (gateway.sla.late)."""
+    assert ctx.ticket is not None
+    return collapse(ctx.session, ctx.ticket, ctx.services.rules, ctx.received_at, ctx.now)
 
 
-def _first_missed(past: list[Fire]) -> Fire:
-    breaches = [f for f in past if f.step == -2] or past
-    return min(breaches, key=lambda f: (f.due_at, f.clock))
-
-
-def _late(ctx: Context, to: str, missed: list[Broken], commitment: Commitment) -> None:
+def _late(ctx: Context, to: str, late: Late) -> None:
     """The one message of a late-processed ticket (instead of an acknowledgement)."""
-    ticket = ctx.ticket
-    assert ticket is not None and ticket.id is not None
-    settings = ctx.services.settings
-    calendar = ctx.services.rules.calendar_for_policy(ticket.sla)
-    signature = settings.outbound.from_name or settings.outbound.from_address
-    text = late_text(ticket.ref, ctx.received_at, ctx.now, missed, commitment, calendar, signature)
-    message_id = queue_customer_mail(
+    assert ctx.ticket is not None
+    send_late(
         ctx.session,
-        settings,
+        ctx.services.settings,
         ctx.services.signer,
-        ticket,
-        text,
-        ctx.now,
-        ctx.message,
-        kind="ack",
-        tag="late",
+        ctx.ticket,
+        ctx.services.rules,
+        late,
         to=to,
-    )
-    ticket.acknowledged = True
-    ctx.session.add(ticket)
-    clock = missed[0].clock if missed else "first_response"
-    what = (
-        f"answer from {commitment.person.name}"
-        if commitment.by is not None
-        else f"{commitment.person.name} responsible (no time promised)"
-    )
-    ctx.session.flush()
-    promises.record(
-        ctx.session,
-        ticket_id=ticket.id,
-        made_at=ctx.now,
-        to=to,
-        person=commitment.person.id,
-        message_id=message_id,
-        what=f"{what} by {isoz(commitment.by)}" if commitment.by is not None else what,
-        clock=clock,
-        due=commitment.by,
-    )
-    add_event(
-        ctx.session,
-        ticket.id,
-        "ack-sent",
-        f"late-processing message {message_id} queued to {to} instead of an acknowledgement;"
-        f" {commitment.person.name} responsible"
-        + (f", next answer by {isoz(commitment.by)}" if commitment.by else ", no time promised"),
-        ctx.now,
-        message_id=ctx.message.id if ctx.message is not None else None,
+        last=ctx.message,
+        message_row=ctx.message.id if ctx.message is not None else None,
     )

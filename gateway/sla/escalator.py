@@ -854,6 +854,7 @@ class Escalator:
                 "clock": main.clock,
                 "due_at": isoz(main.due_at),
                 "covers": [[b.clock, isoz(b.due)] for b in broken],
+                "breach_due": isoz(breach_due),
                 "person": acting.id,
                 "by": isoz(commitment.by),
                 "then": commitment.then.id if commitment.then else None,
