@@ -190,9 +190,7 @@ async def test_seconds_policy_owner_told_then_manager_takes_over(
         assert "Nothing works." in to_carol
         # One notice for the breach, sent at once; it names the owner and the manager the
         # ladder hands the request to, as it then did; then one for that broken promise.
-        notice, second = [
-            m for m in _by_rcpt(relay, "pat@customer.example") if "did not keep" in m
-        ]
+        notice, second = [m for m in _by_rcpt(relay, "pat@customer.example") if "did not keep" in m]
         assert "Alice Martin is now responsible for your request" in notice
         assert "Carol Diaz takes over" in notice
         assert "Carol Diaz is responsible for your request" in second

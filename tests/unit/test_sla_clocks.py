@@ -324,7 +324,7 @@ def test_customer_notice_once_names_owner_and_next_time(engine, sla_settings, cl
     clock.set(at(23, 14))
     esc.run_once()
     with Session(engine) as s:
-        first, second = outbox(s, "customer_notice")
+        _, second = outbox(s, "customer_notice")
     text = email.message_from_bytes(second.raw, policy=email.policy.default)
     body = text.get_body(("plain",)).get_content()  # type: ignore[union-attr]
     assert "told you Alice Martin would answer you by Monday 23 November 2026, 15:00" in body
