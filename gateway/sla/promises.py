@@ -20,6 +20,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
+from sqlalchemy import or_
 from sqlmodel import Session, col, select
 
 from gateway.sla.clocks import utc
@@ -71,17 +72,30 @@ def settle_state(promise: Promise, ticket: Ticket, now: datetime) -> str | None:
     assert made is not None
     if staff is not None and staff >= made:
         return "kept" if due is None or staff <= due else "broken"
+    if ticket.status != "open":
+        # Closed, merged or waiting on the customer: withdrawn if that came before its time.
+        stopped = utc(ticket.closed_at) or utc(ticket.waiting_since) or now
+        if due is None or stopped < due:
+            return "withdrawn"
     if due is not None and now >= due:
         return "broken"
-    if ticket.status != "open":
-        return "withdrawn"  # closed, merged or waiting on the customer before its time
     return None
 
 
 def settle(session: Session, now: datetime, ticket_ids: set[int] | None = None) -> list[Promise]:
     """Move pending promises on (kept, broken, withdrawn); returns the changed rows."""
+    # Only rows that can move now: their time has come, or the ticket was answered since
+    # the promise or is no longer open (the rest stay pending; this runs every escalator
+    # pass, so it must not read every pending promise each time).
     query = select(Promise, Ticket).where(
-        col(Promise.state) == "pending", col(Promise.ticket_id) == col(Ticket.id)
+        col(Promise.state) == "pending",
+        col(Promise.ticket_id) == col(Ticket.id),
+        or_(
+            col(Promise.due) <= now,
+            col(Ticket.status) != "open",
+            col(Ticket.last_staff_at) >= col(Promise.made_at),
+            col(Ticket.first_responded_at) >= col(Promise.made_at),
+        ),
     )
     if ticket_ids is not None:
         query = query.where(col(Promise.ticket_id).in_(ticket_ids))
