@@ -10,16 +10,17 @@ trace is what `rules explain` prints and what the pipeline stores as the audit t
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from fnmatch import fnmatchcase
 
 from gateway.routing.facts import MessageFacts
 from gateway.routing.model import Match, Pattern, Person, Route, Rules
 from gateway.sla.business_time import BusinessCalendar
-from gateway.sla.duty import pick_on_duty
+from gateway.sla.deadlines import initial_deadlines
+from gateway.sla.duty import owner_for_window, pick_on_duty
 
-__all__ = ["AssignmentState", "Decision", "TraceEntry", "evaluate"]
+__all__ = ["AssignmentState", "Decision", "TraceEntry", "cover_window", "evaluate"]
 
 
 @dataclass(frozen=True)
@@ -268,3 +269,21 @@ def evaluate(
         assigned_by=assigned_by,
         matched_routes=tuple(matched),
     )
+
+
+def cover_window(rules: Rules, decision: Decision, received_at: datetime) -> Decision:
+    """The owner the acknowledgement names must be on duty at some time before the first
+    response is due (issue 11: never name someone away for the whole window). Otherwise the
+    plan's walk (backup, manager, on call, default owner) picks who is, and the trace says
+    why."""
+    policy = rules.sla.get(decision.sla)
+    if policy is None:
+        return decision
+    due = initial_deadlines(policy, rules.calendar_for_policy(decision.sla), received_at)
+    end = due.first_response or due.resolution
+    found = owner_for_window(rules, policy, decision.owner, received_at, end)
+    if found.person.id == decision.owner.id:
+        return decision
+    why = "; ".join(found.skipped) or f"{decision.owner.name} is not on duty"
+    entry = TraceEntry("(coverage)", True, f"owner {found.person.name}: {why}")
+    return replace(decision, owner=found.person, trace=(*decision.trace, entry))

@@ -281,7 +281,7 @@ def _report(
             continue
         statements += 1
         by = datetime.fromisoformat(data["by"].replace("Z", "+00:00"))
-        if any(told_at < r <= by for r in reassigned.get(tid, [])):
+        if any(told_at <= r <= by for r in reassigned.get(tid, [])):
             continue  # a person reassigned it meanwhile: the plan changed, and says so next
         policy = rules.policy(tickets[tid].sla)
         calendar = rules.calendar_for_policy(tickets[tid].sla)
