@@ -285,3 +285,24 @@ def test_shipped_rules_check_clean(tmp_path: Path) -> None:
     )
     assert out.returncode == 0, out.stdout + out.stderr
     assert "warning" not in out.stdout and "rules are valid" in out.stdout
+
+
+def test_promise_states() -> None:
+    from gateway.sla.promises import settle_state
+    from gateway.store.models import Promise
+
+    made = MON_10Z
+    due = MON_10Z + timedelta(hours=1)
+
+    def state(now: datetime = due - timedelta(minutes=1), **ticket: object) -> str | None:
+        t = Ticket(ref="T", created_at=made, updated_at=made, **ticket)  # type: ignore[arg-type]
+        p = Promise(ticket_id=1, made_at=made, clock="next_response", due=due)
+        return settle_state(p, t, now)
+
+    assert state() is None  # open, before its time
+    assert state(now=due) == "broken"
+    assert state(last_staff_at=due - timedelta(minutes=5)) == "kept"
+    assert state(last_staff_at=made - timedelta(minutes=5), now=due) == "broken"  # older reply
+    assert state(status="closed", closed_at=due - timedelta(minutes=5), now=due) == "withdrawn"
+    assert state(status="waiting", waiting_since=made, now=due) == "withdrawn"
+    assert state(status="closed", closed_at=due + timedelta(minutes=5), now=due) == "broken"
