@@ -833,10 +833,24 @@ class Escalator:
                 main,
                 [],
             )
-            self._notify(
+            staff_id = self._notify(
                 session, ticket, acting, f"[{ticket.ref}] promise to the customer broken", body, now
             )
             batch.mailed.add(acting.id)
+            if commitment.by is not None:
+                # A time stated to a colleague is a promise too (recorded, shown, settled).
+                promises.record(
+                    session,
+                    ticket_id=ticket.id,
+                    made_at=now,
+                    to=acting.email,
+                    person=acting.id,
+                    message_id=staff_id,
+                    what=f"{acting.name} answers {ticket.ref} by {isoz(commitment.by)}",
+                    clock=main.clock,
+                    due=commitment.by,
+                    audience="staff",
+                )
         for _, step_row in batch.notices:
             step_row.person = acting.id
             session.add(step_row)
