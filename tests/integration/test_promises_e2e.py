@@ -11,7 +11,8 @@ delivery worker driven on a frozen clock, everything read at the capture relay a
   slips the customer hears once more, with the next real commitment, until the ladder is
   exhausted (then who stays responsible, and no invented time);
 - story 8: a message processed after its own deadlines gets ONE message saying so, not an
-  acknowledgement plus a burst of notices, and the ladder is not fired in one instant.
+  acknowledgement plus a burst of notices, and the ladder is not fired in one instant;
+- coverage (finding 7): round-robin and a route's fixed owner never name someone away.
 """
 
 from __future__ import annotations
@@ -178,3 +179,72 @@ async def test_story_8_late_ticket_gets_one_honest_message(env: Env) -> None:
     assert len(customer) == 2 and "told you Bob Stone would answer you by" in customer[1]
     sent_at = Counter(m.message()["Date"] for m in env.relay.messages if "pat@" in m.rcpt_tos[0])
     assert max(sent_at.values()) == 1
+
+
+AWAY_RULES = """
+[people.alice]
+name = "Alice Martin"
+email = "alice@example.com"
+calendar = "berlin"
+backup = "bob"
+away = ["2026-11-23..2026-11-27"]
+
+[people.bob]
+name = "Bob Stone"
+email = "bob@example.com"
+calendar = "berlin"
+
+[calendars.berlin]
+timezone = "Europe/Berlin"
+hours = { mon-fri = "09:00-17:00" }
+
+[sla.standard]
+calendar = "berlin"
+first_response = "4h"
+escalation = [{ after = "0m", notify = "owner" }]
+
+[defaults]
+owner = "alice"
+queue = "support"
+sla = "standard"
+
+[[route]]
+name = "support"
+match = { to = "support@example.com" }
+team = ["alice", "bob"]
+assign = "round-robin"
+
+[[route]]
+name = "sales"
+match = { to = "sales@example.com" }
+owner = "alice"
+"""
+
+
+async def test_coverage_nobody_away_is_named_or_assigned(
+    tmp_path: Path, clock: FrozenClock, relay: CaptureRelay
+) -> None:
+    """Finding 7: round-robin and a route's fixed owner never name someone on holiday."""
+    rules = tmp_path / "rules"
+    rules.mkdir()
+    (rules / "rules.toml").write_text(AWAY_RULES)
+    settings = make_settings(
+        tmp_path, rules_dir=str(rules), outbound={"relay": f"127.0.0.1:{relay.port}"}
+    )
+    async with running_gateway(settings, clock) as gw:
+        worker = DeliveryWorker(gw.engine, settings, clock, signer=gw.signer)
+        for n, to in enumerate(["support@example.com", "support@example.com", "sales@example.com"]):
+            await send(gw, make_mail(to=to, subject=f"Question {n}"))
+            await gw.pipeline.run_once()
+        await worker.run_once()
+        tickets = all_tickets(gw)
+        assert [t.owner for t in tickets] == ["bob", "bob", "bob"]
+        acks = [m for m in relay.messages if m.rcpt_tos == ["pat@customer.example"]]
+        assert len(acks) == 3
+        for m in acks:
+            body = m.message().get_body(preferencelist=("plain",))
+            assert body is not None
+            assert "Bob Stone" in body.get_content() and "Alice" not in body.get_content()
+        assert not [m for m in relay.messages if "alice@example.com" in m.rcpt_tos]
+        promises = ticket_json(gw, tickets[2].ref)["promises"]
+        assert [(p["state"], p["due"]) for p in promises] == [("pending", "2026-11-23T13:00:00Z")]

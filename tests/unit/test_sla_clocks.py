@@ -587,3 +587,26 @@ def test_catch_up_past_the_deadline_sends_no_stale_warning(engine, sla_settings,
     with Session(engine) as s:
         assert outbox(s, "notification") == []
         assert len(outbox(s, "escalation")) == 1
+
+
+def test_notices_due_within_a_minute_go_as_one_mail(engine, sla_settings, clock) -> None:  # type: ignore[no-untyped-def]
+    tid = create(engine, at=MON_09)
+    with Session(engine) as s:
+        t = s.get(Ticket, tid)
+        assert t is not None
+        # Resolution runs out 30 s after first response (a short policy, or a pause moved it).
+        t.resolution_due = at(23, 13) + timedelta(seconds=30)
+        s.add(t)
+        s.commit()
+    esc = make_escalator(engine, sla_settings, clock)
+    clock.set(at(23, 13))
+    esc.run_once()
+    clock.set(at(23, 13) + timedelta(seconds=30))
+    esc.run_once()
+    with Session(engine) as s:
+        (notice,) = outbox(s, "customer_notice")
+        (event,) = events(s, tid, "customer-notice")
+    assert b"a first answer from a person" in notice.raw and b"your request resolved" in notice.raw
+    assert '"covers": [["first_response"' in (event.data or "") and "resolution" in (
+        event.data or ""
+    )
