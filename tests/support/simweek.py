@@ -120,6 +120,7 @@ def run_week(db: Engine, tmp_path: Path, count: int, seed: int = SEED) -> Report
     ids: dict[int, int] = {}
     acks: list[tuple[str, datetime]] = []  # (customer, when) of acknowledgements
     reassigned: dict[int, list[datetime]] = {}
+    clocks_seen = Clocks()
     started = time.monotonic()
     fired = 0
     now = START
@@ -143,11 +144,85 @@ def run_week(db: Engine, tmp_path: Path, count: int, seed: int = SEED) -> Report
                         acks,
                         reassigned,
                         rng,
+                        clocks_seen,
                     )
                 s.commit()
         now += TICK
     elapsed = time.monotonic() - started
-    return _report(db, rules, stories, ids, acks, reassigned, fired, elapsed, count)
+    report = _report(db, rules, stories, ids, acks, reassigned, fired, elapsed, count)
+    _check_clocks(db, rules, clocks_seen, report)
+    return report
+
+
+@dataclass
+class Clocks:
+    """Every clock instance that ran, and when it stopped (answered, closed)."""
+
+    armed: dict[tuple[int, str, datetime], None] = field(default_factory=dict)
+    stopped: dict[tuple[int, str, datetime], datetime] = field(default_factory=dict)
+
+    def before(self, t: Ticket) -> set[tuple[str, datetime]]:
+        return {(c, d) for c, d in clocks.active_deadlines(t)}
+
+    def after(self, t: Ticket, before: set[tuple[str, datetime]], now: datetime) -> None:
+        assert t.id is not None
+        after = self.before(t)
+        for c, due in before - after:
+            self.stopped[(t.id, c, due)] = now
+        for c, due in after - before:
+            # A clock can re-arm with the very due time of an earlier one that was answered
+            # in time (both land on a closing instant): track the latest.
+            self.armed[(t.id, c, due)] = None
+            self.stopped.pop((t.id, c, due), None)
+
+
+def ceil_tick(moment: datetime) -> datetime:
+    """The first escalator run at or after `moment`."""
+    n = -(-(moment - START) // TICK)
+    return START + n * TICK
+
+
+def _check_clocks(db: Engine, rules: Any, seen: Clocks, report: Report) -> None:
+    """Each breach the escalator could see escalates exactly once per ladder step, at the
+    first run at or after its moment (a late ticket's past steps are collapsed at creation);
+    an agent who answered in time is never escalated (zammad#3140); nothing fires for a clock
+    that never ran."""
+    with Session(db) as s:
+        steps = s.exec(select(EscalationStep)).all()
+        tickets = {t.id: t for t in s.exec(select(Ticket)).all()}
+    rows = {(r.ticket_id, r.clock, clocks.utc(r.due_at), r.step): r for r in steps}
+    bad = report.violations.setdefault("ladder", [])
+    expected = 0
+    for (tid, c, due), _ in seen.armed.items():
+        stop = seen.stopped.get((tid, c, due), END + TICK)
+        policy = rules.policy(tickets[tid].sla)
+        calendar = rules.calendar_for_policy(tickets[tid].sla)
+        breach = rows.get((tid, c, due, -2))
+        if ceil_tick(due) > stop:  # answered (or closed) before any run saw it overdue
+            if breach is not None:
+                bad.append(f"{tid} {c} answered in time but escalated")
+            continue
+        if breach is None:
+            bad.append(f"{tid} {c} due {isoz(due)} never breached")
+            continue
+        if breach.action != "late-collapsed" and clocks.utc(breach.fired_at) != ceil_tick(due):
+            bad.append(f"{tid} {c} breach fired at {isoz(clocks.utc(breach.fired_at))}")
+        for index, (moment, _) in enumerate(escalation_schedule(policy, calendar, due)):
+            row = rows.get((tid, c, due, index))
+            if ceil_tick(moment) <= stop:
+                expected += 1
+                if row is None:
+                    bad.append(f"{tid} {c} step {index} missing")
+                elif row.action != "late-collapsed" and clocks.utc(row.fired_at) != ceil_tick(
+                    moment
+                ):
+                    bad.append(f"{tid} {c} step {index} fired at the wrong time")
+            elif row is not None:
+                bad.append(f"{tid} {c} step {index} fired after the clock stopped")
+    # (A notice for a broken promise is keyed by the promise's own time, not a deadline.)
+    if not {k[:3] for k in rows if k[3] != -3} <= set(seen.armed):
+        bad.append("something fired for a clock that never ran")
+    report.figures["ladder steps expected"] = expected
 
 
 def _act(
@@ -163,6 +238,7 @@ def _act(
     acks: list[tuple[str, datetime]],
     reassigned: dict[int, list[datetime]],
     rng: random.Random,
+    seen: Clocks,
 ) -> None:
     story = stories[index]
     requester = f"customer{index}@customer.example"
@@ -185,6 +261,7 @@ def _act(
             rules, policy, rules.person(t.owner), received, clocks.utc(t.first_response_due)
         )
         t.owner = found.person.id
+        seen.after(t, set(), received)
         late = collapse(s, t, rules, received, now) if story.late is not None else None
         if story.robot:
             return
@@ -206,6 +283,7 @@ def _act(
         return
     t = s.get(Ticket, ids[index])
     assert t is not None
+    before = seen.before(t)
     if what == "staff":
         clocks.on_staff_reply(t, now)
     elif what == "customer":
@@ -218,6 +296,7 @@ def _act(
             reassigned.setdefault(t.id or 0, []).append(now)
     else:  # close or merge (a merge closes the ticket into another)
         clocks.on_close(t, now)
+    seen.after(t, before, now)
     s.add(t)
 
 
