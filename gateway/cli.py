@@ -43,7 +43,8 @@ def _parser() -> argparse.ArgumentParser:
     rules = sub.add_parser("rules", help="check or explain the routing rules").add_subparsers(
         dest="rules_command", required=True
     )
-    rules.add_parser("check", help="exit 0 when valid, else file:line: message lines")
+    rc = rules.add_parser("check", help="exit 0 when valid, else file:line: message lines")
+    rc.add_argument("--at", help="ISO 8601 start of the 4-week coverage check (default: now)")
     ex = rules.add_parser("explain", help="where would this .eml go, and why (writes nothing)")
     ex.add_argument("file")
     ex.add_argument("--at", help="ISO 8601 arrival time (default: now)")
@@ -202,7 +203,15 @@ def cmd_rules(args: argparse.Namespace) -> int:
 
     if args.rules_command == "check":
         problems = check_rules(settings.rules_path)
-        for line in problems:
+        warnings: list[str] = []
+        if not problems:
+            # Coverage (issue 11): hours of each policy nobody on its ladder is on duty.
+            from gateway.sla.coverage import coverage_report
+
+            warnings, problems = coverage_report(
+                load_rules(settings.rules_path), _parse_at(args.at)
+            )
+        for line in [*problems, *warnings]:
             print(line)
         if not problems:
             print(f"{settings.rules_path}: rules are valid")
@@ -277,6 +286,11 @@ def cmd_tickets(args: argparse.Namespace) -> int:
                 print(f"  {e['at']} {e['type']}: {e['detail']}")
             for lk in d["links"]:
                 print(f"  link: {lk['relation']} {lk['ref']}")
+            for pr in d["promises"]:
+                print(
+                    f"  promise {pr['made_at']} to {pr['to']}: {pr['what']}"
+                    f" (due {pr['due'] or 'no time'}) [{pr['state']}]"
+                )
     return 0
 
 

@@ -13,6 +13,7 @@ from gateway.sla.business_time import BusinessCalendar, format_duration
 from gateway.sla.clocks import utc
 from gateway.sla.deadlines import isoz
 from gateway.sla.durations import Duration
+from gateway.sla.promises import promises_json
 from gateway.store.models import Event, Message, Participant, Ticket, TicketLink
 from gateway.store.queries import undeliverable
 
@@ -95,6 +96,7 @@ def ticket_detail(s: Session, t: Ticket, rules: Rules | None) -> dict[str, Any]:
             {"ref": other.ref if other else str(lk.ticket_id), "relation": f"{lk.relation} (from)"}
         )
     out["links"] = links
+    out["promises"] = promises_json(s, t.id)
     return out
 
 

@@ -19,13 +19,21 @@ No acknowledgement (each a rule of FIELD-NOTES §3, RFC 3834 §2):
 - the recipient would be empty or one of our own addresses (rule 6).
 
 The deadline in the ack is ``ticket.first_response_due``, the stored value the escalator
-enforces, never recomputed (BRIEF: one computation for the promise and the escalation).
+enforces, never recomputed (BRIEF: one computation for the promise and the escalation). The
+owner it names is the route's owner checked against the plan (gateway.pipeline.route
+``cover_window``: on duty before the deadline), and the promise is recorded
+(``_record_promise``) so it is enforced and shown (issue 11).
+
+A ticket processed after its own deadlines passed (it waited in a stopped node's spool) gets
+ONE message instead (``_late``): when it arrived, that it was processed late, who holds it now
+and the plan's real next commitment; the steps whose moments had already passed are
+collapsed into the plan's current state, never fired in one burst (issue 11 finding 8).
 """
 
 from __future__ import annotations
 
 import json
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from sqlmodel import col, func, select
 
@@ -42,6 +50,9 @@ from gateway.pipeline.holds import hold
 from gateway.routing.model import Person
 from gateway.security.sender_auth import AuthResult
 from gateway.security.verdict import ack_decision
+from gateway.sla import promises
+from gateway.sla.deadlines import isoz
+from gateway.sla.late import Late, collapse, send_late
 from gateway.store.models import Event, Outbox, Ticket
 from gateway.store.queries import add_event
 
@@ -185,6 +196,7 @@ def respond(ctx: Context) -> None:
     ticket = ctx.ticket
     assert ticket.id is not None
     msg_id = ctx.message.id if ctx.message is not None else None
+    late = _collapse_late(ctx)
     to = _recipient(ctx)
     why = _suppression(ctx, to)
     template_name = ctx.decision.acknowledge if isinstance(ctx.decision.acknowledge, str) else "ack"
@@ -218,17 +230,25 @@ def respond(ctx: Context) -> None:
     if why is not None:
         add_event(ctx.session, ticket.id, "ack-suppressed", why, ctx.now, message_id=msg_id)
         return
-    send_ack_now(ctx, to, owner=ctx.decision.owner, template_name=template_name)
+    send_ack_now(ctx, to, owner=ctx.decision.owner, template_name=template_name, late=late)
 
 
 def send_ack_now(
-    ctx: Context, to: str, *, owner: Person, template_name: str, because: str = ""
+    ctx: Context,
+    to: str,
+    *,
+    owner: Person,
+    template_name: str,
+    because: str = "",
+    late: Late | None = None,
 ) -> bool:
     """Queue the acknowledgement of ``ctx.ticket`` to ``to`` now, or record why not.
 
     The pipeline's ``respond`` calls it for a new ticket; the re-check worker calls it for
     an ack that waited for the sender's verdict (same composition, same stored deadline).
-    ``because`` is added to the ``ack-sent`` event. Returns whether an ack was queued.
+    ``because`` is added to the ``ack-sent`` event. A ticket processed after its own
+    deadlines (``late``) gets the one honest late message instead. Returns whether a letter
+    was queued.
     """
     assert ctx.ticket is not None and ctx.ticket.id is not None and ctx.parsed is not None
     ticket = ctx.ticket
@@ -248,6 +268,9 @@ def send_ack_now(
         return False
     due = ticket.first_response_due
     assert due is not None  # checked above
+    if late is not None:
+        _late(ctx, to, late)
+        return True
 
     settings = ctx.services.settings
     rules = ctx.services.rules
@@ -298,6 +321,7 @@ def send_ack_now(
     )
     ticket.acknowledged = True
     s.add(ticket)
+    _record_promise(ctx, to, message_id, f"first answer from {content.owner_name}", due)
     add_event(
         s,
         ticket.id,
@@ -308,3 +332,45 @@ def send_ack_now(
         message_id=msg_id,
     )
     return True
+
+
+def _record_promise(
+    ctx: Context, to: str, message_id: str, what: str, due: datetime | None, clock: str = ""
+) -> None:
+    """The acknowledgement (or the late message) promised the customer a first answer from
+    the named owner by `due`: record it so the escalator enforces it and `tickets show`
+    lists it (issue 11, "One plan, said and done")."""
+    assert ctx.ticket is not None and ctx.ticket.id is not None
+    promises.record(
+        ctx.session,
+        ticket_id=ctx.ticket.id,
+        made_at=ctx.now,
+        to=to,
+        person=ctx.ticket.owner,
+        message_id=message_id,
+        what=f"{what} by {isoz(due)}" if due is not None else what,
+        clock=clock or "first_response",
+        due=due,
+    )
+
+
+def _collapse_late(ctx: Context) -> Late | None:
+    """A ticket processed after moments of its own plan: collapse them (gateway.sla.late)."""
+    assert ctx.ticket is not None
+    return collapse(ctx.session, ctx.ticket, ctx.services.rules, ctx.received_at, ctx.now)
+
+
+def _late(ctx: Context, to: str, late: Late) -> None:
+    """The one message of a late-processed ticket (instead of an acknowledgement)."""
+    assert ctx.ticket is not None
+    send_late(
+        ctx.session,
+        ctx.services.settings,
+        ctx.services.signer,
+        ctx.ticket,
+        ctx.services.rules,
+        late,
+        to=to,
+        last=ctx.message,
+        message_row=ctx.message.id if ctx.message is not None else None,
+    )

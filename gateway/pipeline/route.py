@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from gateway.pipeline.context import Context
 from gateway.pipeline.parse import ParsedMessage
-from gateway.routing.engine import AssignmentState, evaluate
+from gateway.routing.engine import AssignmentState, cover_window, evaluate
 from gateway.routing.facts import MessageFacts
 from gateway.store.queries import assignment_cursors, open_ticket_counts
 
@@ -45,4 +45,5 @@ def route(ctx: Context) -> None:
         open_tickets=open_ticket_counts(ctx.session),
         last_assigned=assignment_cursors(ctx.session),
     )
-    ctx.decision = evaluate(ctx.services.rules, facts_of(ctx), ctx.received_at, state)
+    decision = evaluate(ctx.services.rules, facts_of(ctx), ctx.received_at, state)
+    ctx.decision = cover_window(ctx.services.rules, decision, ctx.received_at)

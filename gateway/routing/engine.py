@@ -10,15 +10,17 @@ trace is what `rules explain` prints and what the pipeline stores as the audit t
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from fnmatch import fnmatchcase
 
 from gateway.routing.facts import MessageFacts
 from gateway.routing.model import Match, Pattern, Person, Route, Rules
 from gateway.sla.business_time import BusinessCalendar
+from gateway.sla.deadlines import initial_deadlines
+from gateway.sla.duty import owner_for_window, pick_on_duty
 
-__all__ = ["AssignmentState", "Decision", "TraceEntry", "evaluate"]
+__all__ = ["AssignmentState", "Decision", "TraceEntry", "cover_window", "evaluate"]
 
 
 @dataclass(frozen=True)
@@ -182,15 +184,25 @@ def _match(
 # --------------------------------------------------------------------------- assignment
 
 
-def _pick_from_team(route: Route, state: AssignmentState) -> tuple[str, str]:
-    team = route.team
+def _pick_from_team(
+    route: Route, state: AssignmentState, rules: Rules, at: datetime
+) -> tuple[str, str]:
+    # Only people on duty now (or, if nobody is, on duty soonest) are candidates: a ticket
+    # handed to someone on holiday is a promise nobody keeps (issue 11 finding 7).
+    on_duty = pick_on_duty(rules, route.team, at)
+    team = on_duty or route.team
     if route.assign == "least-open":
         # Fewest open tickets; ties go to the earlier team member so the choice is stable.
         chosen = min(team, key=lambda pid: (state.open_tickets.get(pid, 0), team.index(pid)))
         return chosen, "least-open"
+    # Round-robin walks the whole team from the cursor and takes the next one on duty.
+    full = route.team
     last = state.last_assigned.get(route.name)
-    if last in team:
-        return team[(team.index(last) + 1) % len(team)], "round-robin"
+    start = full.index(last) + 1 if last in full else 0
+    for offset in range(len(full)):
+        candidate = full[(start + offset) % len(full)]
+        if candidate in team:
+            return candidate, "round-robin"
     return team[0], "round-robin"
 
 
@@ -238,7 +250,7 @@ def evaluate(
         if route.owner is not None:
             owner_id, assigned_by = route.owner, "route"
         elif route.team:
-            owner_id, assigned_by = _pick_from_team(route, state)
+            owner_id, assigned_by = _pick_from_team(route, state, rules, at)
         _add_unique(tags, route.tags)
         _add_unique(notify, route.notify)
         if not route.continue_:
@@ -257,3 +269,21 @@ def evaluate(
         assigned_by=assigned_by,
         matched_routes=tuple(matched),
     )
+
+
+def cover_window(rules: Rules, decision: Decision, received_at: datetime) -> Decision:
+    """The owner the acknowledgement names must be on duty at some time before the first
+    response is due (issue 11: never name someone away for the whole window). Otherwise the
+    plan's walk (backup, manager, on call, default owner) picks who is, and the trace says
+    why."""
+    policy = rules.sla.get(decision.sla)
+    if policy is None:
+        return decision
+    due = initial_deadlines(policy, rules.calendar_for_policy(decision.sla), received_at)
+    end = due.first_response or due.resolution
+    found = owner_for_window(rules, policy, decision.owner, received_at, end)
+    if found.person.id == decision.owner.id:
+        return decision
+    why = "; ".join(found.skipped) or f"{decision.owner.name} is not on duty"
+    entry = TraceEntry("(coverage)", True, f"owner {found.person.name}: {why}")
+    return replace(decision, owner=found.person, trace=(*decision.trace, entry))

@@ -14,7 +14,7 @@ from datetime import datetime
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from gateway.routing.engine import _NO_STATE, AssignmentState, evaluate
+from gateway.routing.engine import _NO_STATE, AssignmentState, cover_window, evaluate
 from gateway.routing.facts import MessageFacts
 from gateway.routing.model import Rules
 from gateway.sla.deadlines import initial_deadlines, isoz
@@ -35,7 +35,7 @@ def explain(
     state: AssignmentState = _NO_STATE,
 ) -> dict[str, Any]:
     """The `rules explain --json` object for a message arriving at `at`."""
-    decision = evaluate(rules, facts, at, state)
+    decision = cover_window(rules, evaluate(rules, facts, at, state), at)
     policy = rules.policy(decision.sla)
     calendar = rules.calendar_for_policy(decision.sla)
     deadlines = initial_deadlines(policy, calendar, at)

@@ -18,7 +18,7 @@ import re
 import tomllib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +51,7 @@ __all__ = ["Problem", "RulesError", "check_rules", "load_rules"]
 Key = tuple[str | int, ...]
 
 TOP_LEVEL_KEYS = ("people", "calendars", "sla", "defaults", "route")
-PERSON_KEYS = ("name", "email", "calendar", "backup", "manager")
+PERSON_KEYS = ("name", "email", "calendar", "backup", "manager", "away")
 CALENDAR_KEYS = ("timezone", "hours", "holidays", "country", "subdivision", "description")
 SLA_KEYS = (
     "calendar",
@@ -61,6 +61,7 @@ SLA_KEYS = (
     "customer_notice",
     "escalation",
     "warn_at",
+    "on_call",
     "description",
 )
 STEP_KEYS = ("after", "notify", "assign")
@@ -564,10 +565,44 @@ class _Loader:
                 self.problem(source, (*path, key), f"{label}: cannot be their own {key}")
             else:
                 self.ref("person", other, source, (*path, key), label)
+        away = self.away(source, path, table, label)
         self.people[id] = (
-            Person(id, name or id, email or "", calendar, backup, manager),
+            Person(id, name or id, email or "", calendar, backup, manager, away),
             where,
         )
+
+    def away(
+        self, source: _Source, path: Key, table: Mapping[str, Any], label: str
+    ) -> tuple[tuple[date, date], ...]:
+        """`away = ["2026-12-21..2027-01-03", "2027-02-14"]`: dates or inclusive ranges."""
+        if "away" not in table:
+            return ()
+        raw = table["away"]
+        items = raw if isinstance(raw, list) else [raw]
+        out: list[tuple[date, date]] = []
+        for index, item in enumerate(items):
+            at: Key = (*path, "away")
+            text = item.isoformat() if isinstance(item, date) else item
+            if not isinstance(text, str):
+                self.problem(source, at, f"{label}: 'away' entries are dates or 'first..last'")
+                continue
+            first, _, last = text.partition("..")
+            try:
+                start = date.fromisoformat(first.strip())
+                end = date.fromisoformat(last.strip()) if last else start
+            except ValueError:
+                self.problem(
+                    source,
+                    at,
+                    f"{label}: away entry {index + 1} '{text}' is not a date (2026-12-24)"
+                    " or a range (2026-12-21..2027-01-03)",
+                )
+                continue
+            if end < start:
+                self.problem(source, at, f"{label}: away range '{text}' ends before it starts")
+                continue
+            out.append((start, end))
+        return tuple(sorted(out))
 
     def load_policy(self, source: _Source, id: str, data: Any) -> None:
         path: Key = ("sla", id)
@@ -643,6 +678,9 @@ class _Loader:
                     f"{label}: 'warn_at' must be a fraction between 0 and 1, e.g. 0.8",
                 )
         notice = self.boolean(source, path, table, "customer_notice", label)
+        on_call = self.strings(source, path, table, "on_call", label)
+        for who in on_call:
+            self.ref("person", who, source, (*path, "on_call"), label)
         policy = SlaPolicy(
             id=id,
             calendar=calendar_id or "",
@@ -652,6 +690,7 @@ class _Loader:
             customer_notice=True if notice is None else notice,
             escalation=tuple(steps),
             warn_at=warn_at,
+            on_call=on_call,
         )
         self.policies[id] = (policy, where)
 
@@ -930,6 +969,10 @@ def load_rules(rules_dir: Path) -> Rules:
         defaults=loader.defaults[0],
         routes=tuple(loader.routes),
         files=tuple(files),
+        where={
+            **{f"sla.{id}": where for id, (_, where) in loader.policies.items()},
+            **{f"people.{id}": where for id, (_, where) in loader.people.items()},
+        },
     )
 
 

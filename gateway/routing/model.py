@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import date, timedelta
 from pathlib import Path
 
 from gateway.sla.business_time import BusinessCalendar
@@ -45,6 +45,9 @@ class Person:
     calendar: str | None = None
     backup: str | None = None
     manager: str | None = None
+    #: Days off, inclusive (first, last) local dates in the person's calendar's zone
+    #: (`[people.X] away`, docs/rules.md "Absence and on-call").
+    away: tuple[tuple[date, date], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -70,6 +73,9 @@ class SlaPolicy:
     customer_notice: bool = True
     escalation: tuple[EscalationStep, ...] = ()
     warn_at: float | None = None
+    #: People on call for this policy: tried after owner -> backup -> manager when nobody of
+    #: the ladder is on duty (`[sla.X] on_call`, docs/rules.md "Absence and on-call").
+    on_call: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -147,6 +153,9 @@ class Rules:
     defaults: Defaults
     routes: tuple[Route, ...]
     files: tuple[Path, ...] = ()
+    #: Where each policy and person is defined ("sla.vip" -> "rules/sla.toml:27"), for
+    #: `rules check` warnings that point at a line.
+    where: dict[str, str] = field(default_factory=dict, compare=False)
 
     def person(self, id: str) -> Person:
         """The person with this id (KeyError with the id when unknown)."""

@@ -366,6 +366,18 @@ class BusinessCalendar:
                 raise ValueError(f"calendar {self.id!r} is closed for over ten years")
             day += timedelta(days=1)
 
+    def open_intervals(self, start: datetime, end: datetime) -> list[tuple[datetime, datetime]]:
+        """The open intervals [a, b) in UTC clipped to [start, end), in order (coverage
+        checks walk these instead of sampling hours)."""
+        start = _require_aware(start, "start").astimezone(UTC)
+        end = _require_aware(end, "end").astimezone(UTC)
+        out: list[tuple[datetime, datetime]] = []
+        for a, b in self._intervals(start):
+            if a >= end:
+                break
+            out.append((max(a, start), min(b, end)))
+        return out
+
     # ----------------------------------------------------------------- the four questions
 
     def is_open(self, at: datetime) -> bool:

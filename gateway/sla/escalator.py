@@ -10,9 +10,14 @@ What fires, for each open, non-snoozed ticket and each running clock (`clocks.ac
   `after = "0m"` step fires at the breach even at closing time). "owner", "backup" and
   "manager" are resolved against the ticket's owner *at the moment the step fires*, so after
   `assign = "backup"` a later `assign = "manager"` names the backup's manager;
-- the **customer notice** (step -3): once per breach, after any ladder step of the same moment
-  (so it names the new owner), only to a human requester, at most one per ticket per 24 h (a
-  notice held back by that limit is sent when the 24 h are over, if the clock still runs).
+- the **customer notice** (step -3): once per breach and once per broken promise that an
+  earlier notice made (keyed by the promise's own time, so the rate limit is per promise, not
+  per ticket per day), after any ladder step of the same moment (so it names who acts now),
+  only to a human requester; notices due within `MERGE_WINDOW` of each other go as one mail.
+
+What each step does and what each notice says come from one plan (`gateway.sla.plan`, walking
+`gateway.sla.duty`): the person a notice names is the person the ladder step acts with, and
+no person is sent two mails for one breach.
 
 Exactly once, across restarts and several nodes: every fire first inserts its
 `EscalationStep` row (UNIQUE ticket, clock, due_at, step) inside a SAVEPOINT; an
@@ -22,9 +27,10 @@ ticket at once; on SQLite `BEGIN IMMEDIATE` serialises writers anyway. After dow
 step whose moment has passed fires once, in order (catch-up).
 
 Notify people in their own working hours, and always a named human (FIELD-NOTES §7; Zammad
-notifies nobody when a ticket has no owner): a target outside their own calendar is skipped
-for the next on-duty person in the ladder owner -> backup -> manager, with
-`rules.defaults.owner` as the last resort; who was skipped and why goes into the event.
+notifies nobody when a ticket has no owner): a target off duty (outside their calendar or
+away) is skipped for the next on-duty person in owner -> backup -> manager -> the policy's
+on-call people -> `rules.defaults.owner`; with nobody on duty, the one on duty soonest stays
+accountable (`gateway.sla.duty.walk_chain`); who was skipped and why goes into the event.
 
 The escalator never escalates an agent who already answered (zammad#3140): it re-reads the
 ticket under the lock and only fires for clocks `active_deadlines` still reports.
@@ -33,14 +39,10 @@ ticket under the lock and only fires for clocks `active_deadlines` still reports
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
-from email.message import EmailMessage
-from email.policy import SMTP
-from email.utils import format_datetime, formataddr
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import or_
@@ -50,29 +52,37 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
 from gateway.clock import Clock
-from gateway.outbound.compose import (
-    LOOP_HEADER,
-    compose_notification,
-    format_local,
-    tagged_subject,
-)
+from gateway.outbound.compose import compose_notification, format_local
 from gateway.outbound.handover import compose_handover
 from gateway.outbound.worker import enqueue
-from gateway.routing.model import EscalationStep as LadderStep
-from gateway.routing.model import Person, Rules, SlaPolicy
+from gateway.routing.model import Person, Rules
 from gateway.security.tokens import Signer
 from gateway.settings import Settings
+from gateway.sla import promises
 from gateway.sla.business_time import BusinessCalendar
 from gateway.sla.clocks import active_deadlines, utc
-from gateway.sla.deadlines import escalation_schedule, isoz
+from gateway.sla.deadlines import isoz
+from gateway.sla.duty import resolve
+from gateway.sla.notice import Broken, broken_promise_text, queue_customer_mail
+from gateway.sla.plan import (
+    BREACH_STEP,
+    MERGE_WINDOW,
+    NOTICE_STEP,
+    WARNING_STEP,
+    Commitment,
+    Fire,
+    TicketPlan,
+    fires,
+    plan_ticket,
+)
 from gateway.store.db import is_postgres, session_scope
-from gateway.store.models import EscalationStep, Message, Ticket
+from gateway.store.models import EscalationStep, Message, Promise, Ticket
 from gateway.store.queries import add_event, last_customer_message
 
 __all__ = [
     "BREACH_STEP",
     "MAX_SLEEP",
-    "NOTICE_INTERVAL",
+    "MERGE_WINDOW",
     "NOTICE_STEP",
     "WARNING_STEP",
     "Escalator",
@@ -81,14 +91,6 @@ __all__ = [
 
 log = logging.getLogger("gateway.sla")
 
-#: `EscalationStep.step` of the warning before a breach (models.py: -1 = warning).
-WARNING_STEP = -1
-#: `EscalationStep.step` of the breach itself (event 'breach').
-BREACH_STEP = -2
-#: `EscalationStep.step` of the customer notice for a breach.
-NOTICE_STEP = -3
-#: At most one customer notice per ticket in this window.
-NOTICE_INTERVAL = timedelta(hours=24)
 #: `run()` wakes at least this often, so rules edits and new tickets are seen.
 MAX_SLEEP = 60.0
 
@@ -97,19 +99,6 @@ _CLOCK_NAMES = {
     "next_response": "next response",
     "resolution": "resolution",
 }
-# Order of fires that fall on the same moment: warning, breach, ladder, customer notice last.
-_RANK = {WARNING_STEP: 0, BREACH_STEP: 1, NOTICE_STEP: 3}
-
-
-@dataclass(frozen=True, order=True)
-class Fire:
-    """One thing due: `step` of the breach of `clock` (due at `due_at`) at `moment`."""
-
-    moment: datetime
-    rank: int
-    step: int
-    clock: str
-    due_at: datetime
 
 
 @dataclass
@@ -151,60 +140,23 @@ _FIRED_COLUMNS: tuple[Any, ...] = (
     EscalationStep.clock,
     EscalationStep.due_at,
     EscalationStep.step,
+    EscalationStep.person,
     EscalationStep.action,
-    EscalationStep.fired_at,
 )
 
-
-# ------------------------------------------------------------------------------ time helpers
-
-
-@functools.lru_cache(maxsize=65536)
-def _schedule(
-    policy: SlaPolicy, calendar: BusinessCalendar, due: datetime
-) -> tuple[tuple[datetime, LadderStep], ...]:
-    """`escalation_schedule`, cached: every run asks again for the same breaches."""
-    return escalation_schedule(policy, calendar, due)
+#: A fired step: (ticket id, clock, due, step).
+Key = tuple[int, str, datetime, int]
 
 
-@functools.lru_cache(maxsize=65536)
-def _business_before(calendar: BusinessCalendar, due: datetime, amount: timedelta) -> datetime:
-    """The latest instant `w` with `amount` of business time between `w` and `due`."""
-    if amount <= timedelta(0):
-        return due
-    low, gap = due - amount, amount
-    for _ in range(64):  # widen until enough business time lies in [low, due]
-        if calendar.elapsed(low, due) >= amount:
-            break
-        gap *= 2
-        low = due - gap
-    high = due
-    while high - low > timedelta(seconds=1):
-        middle = low + (high - low) / 2
-        if calendar.elapsed(middle, due) >= amount:
-            low = middle
-        else:
-            high = middle
-    return low.replace(microsecond=0)
+@dataclass
+class _Batch:
+    """What one `_process` run of a ticket has done so far: who was mailed for which breach,
+    who acts for each clock, and the customer notices to send as one mail at the end."""
 
-
-def _budget(policy: SlaPolicy, clock: str) -> timedelta | None:
-    if clock == "first_response":
-        return policy.first_response
-    if clock == "next_response":
-        return policy.next_response
-    return policy.resolution
-
-
-def _warning_moment(
-    policy: SlaPolicy, calendar: BusinessCalendar, clock: str, due: datetime
-) -> datetime | None:
-    """When `warn_at` of the budget is used: `(1 - warn_at) * budget` business time before
-    the deadline (measured back from the deadline, so pauses that moved it are honoured)."""
-    budget = _budget(policy, clock)
-    if policy.warn_at is None or budget is None or not budget:
-        return None
-    return _business_before(calendar, due, budget * (1 - policy.warn_at))
+    told: dict[tuple[str, datetime], set[str]]  # (clock, due) -> person ids mailed
+    acting: dict[str, str]  # clock -> person id acting since its latest ladder step
+    notices: list[tuple[Fire, EscalationStep]]
+    mailed: set[str]
 
 
 # ------------------------------------------------------------------------------ the escalator
@@ -227,11 +179,11 @@ class Escalator:
         self.rules_provider = rules_provider
         self.signer = signer
         # Keys known to be fired (rows are never deleted, so this only saves queries).
-        self._fired: set[tuple[int, str, datetime, int]] = set()
-        # Last customer notice per ticket seen by this process (the DB is the authority).
-        self._notice_at: dict[int, datetime] = {}
+        self._fired: set[Key] = set()
         # Per ticket: (clock state, earliest moment not fired yet), see _earliest_unfired.
         self._pending: dict[int, tuple[object, datetime | None]] = {}
+        # Per ticket: (clock, due) of customer promises not yet owned up to (see _scan).
+        self._promised: dict[int, tuple[tuple[str, datetime], ...]] = {}
         self._last_message: dict[int | None, Message | None] = {}
         self._human: dict[int, bool] = {}
         self.fired_total = 0
@@ -241,56 +193,33 @@ class Escalator:
     # -------------------------------------------------------------------------- planning
 
     def _plan(
-        self,
-        ticket: Ticket | _Scan,
-        rules: Rules,
-        fired: set[tuple[int, str, datetime, int]],
-        last_notice: datetime | None,
+        self, ticket: Ticket | _Scan, rules: Rules, promised: tuple[tuple[str, datetime], ...]
     ) -> list[Fire]:
-        """Every fire this ticket has, fired or not, in order (moments may be in the future).
+        """Every fire this ticket has, fired or not, in order (`gateway.sla.plan.fires`).
 
         The customer notice is planned whenever the policy asks for one; whether the requester
         is a human is checked when it fires (a robot's notice is recorded as skipped).
         """
-        policy = rules.sla.get(ticket.sla)
-        if policy is None or ticket.id is None:
+        if ticket.id is None:
             return []
-        calendar = rules.calendar_for_policy(ticket.sla)
-        out: list[Fire] = []
-        for clock, due in active_deadlines(ticket):
-            warn = _warning_moment(policy, calendar, clock, due)
-            if warn is not None and warn < due:
-                out.append(Fire(warn, 0, WARNING_STEP, clock, due))
-            out.append(Fire(due, 1, BREACH_STEP, clock, due))
-            for index, (moment, _step) in enumerate(_schedule(policy, calendar, due)):
-                out.append(Fire(moment, 2, index, clock, due))
-            if policy.customer_notice:
-                notice_at = due
-                if last_notice is not None and (ticket.id, clock, due, NOTICE_STEP) not in fired:
-                    notice_at = max(due, last_notice + NOTICE_INTERVAL)
-                out.append(Fire(notice_at, 3, NOTICE_STEP, clock, due))
-        out.sort()
-        return out
+        return fires(ticket, ticket.sla, rules, promised)
 
     def _fired_state(
         self, session: Session, ticket_id: int
-    ) -> tuple[set[tuple[int, str, datetime, int]], datetime | None]:
-        """The ticket's fired step keys and when its last customer notice went out (one query;
-        the database is the authority, the in-memory sets only save work)."""
+    ) -> tuple[set[Key], dict[tuple[str, datetime], list[tuple[int, str, str]]]]:
+        """The ticket's fired step keys and, per breach, (step, person, action) of its rows
+        (one query; the database is the authority, the in-memory sets only save work)."""
         rows = session.execute(
             sa_select(*_FIRED_COLUMNS).where(col(EscalationStep.ticket_id) == ticket_id)
         ).all()
-        keys: set[tuple[int, str, datetime, int]] = set()
-        last_notice: datetime | None = None
-        for clock, due_at, step, action, fired_at in rows:
-            keys.add((ticket_id, clock, utc(due_at) or due_at, step))
-            when = utc(fired_at)
-            if action == "customer-notice" and when is not None:
-                last_notice = when if last_notice is None else max(last_notice, when)
+        keys: set[Key] = set()
+        by_breach: dict[tuple[str, datetime], list[tuple[int, str, str]]] = {}
+        for clock, due_at, step, person, action in rows:
+            due = utc(due_at) or due_at
+            keys.add((ticket_id, clock, due, step))
+            by_breach.setdefault((clock, due), []).append((step, person, action))
         self._fired |= keys
-        if last_notice is not None:
-            self._notice_at[ticket_id] = last_notice
-        return keys, last_notice
+        return keys, by_breach
 
     def _requester_is_human(self, session: Session, ticket_id: int) -> bool:
         """True when the ticket's first inbound message is from a human (`Message.robot` is
@@ -310,7 +239,8 @@ class Escalator:
 
     def _scan(self, now: datetime, *, include_snoozed: bool = False) -> list[_Scan]:
         """Open tickets with a running clock (awake ones unless `include_snoozed`), as plain
-        column values: the cheap SQL part of the filter, run every time."""
+        column values: the cheap SQL part of the filter, run every time. Also refreshes the
+        customer promises still to be owned up to if broken (`_promised`)."""
         query = sa_select(*_SCAN_COLUMNS).where(
             col(Ticket.status) == "open",
             or_(
@@ -325,20 +255,33 @@ class Escalator:
                 or_(col(Ticket.snoozed_until).is_(None), col(Ticket.snoozed_until) <= now)
             )
         with Session(self.engine) as session:
-            return [_Scan(*row) for row in session.execute(query).all()]
+            rows = [_Scan(*row) for row in session.execute(query).all()]
+            promised: dict[int, list[tuple[str, datetime]]] = {}
+            for ticket_id, clock, due in session.execute(
+                sa_select(col(Promise.ticket_id), col(Promise.clock), col(Promise.due)).where(
+                    col(Promise.audience) == "customer",
+                    col(Promise.told) == "",
+                    col(Promise.due).is_not(None),
+                    col(Promise.state).in_(("pending", "broken")),
+                )
+            ).all():
+                promised.setdefault(ticket_id, []).append((clock, utc(due) or due))
+        self._promised = {k: tuple(sorted(v)) for k, v in promised.items()}
+        return rows
 
     def _earliest_unfired(self, row: _Scan, rules: Rules) -> datetime | None:
         """The earliest moment of this ticket's plan not fired yet, memoised per clock state
         (fired keys only ever grow, so the answer stays right until the state changes)."""
         assert row.id is not None
         deadlines = tuple(active_deadlines(row))
-        state = (id(rules), row.sla, deadlines, self._notice_at.get(row.id))
+        promised = self._promised.get(row.id, ())
+        state = (id(rules), row.sla, deadlines, promised)
         cached = self._pending.get(row.id)
         if cached is not None and cached[0] == state:
             nxt = cached[1]
             if nxt is None or nxt > self.clock.now():
                 return nxt
-        plan = self._plan(row, rules, self._fired, self._notice_at.get(row.id))
+        plan = self._plan(row, rules, promised)
         nxt = next((f.moment for f in plan if self._key(row.id, f) not in self._fired), None)
         self._pending[row.id] = (state, nxt)
         return nxt
@@ -346,7 +289,8 @@ class Escalator:
     # -------------------------------------------------------------------------- run_once
 
     def run_once(self) -> int:
-        """Fire everything due at `clock.now()`; returns how many steps fired."""
+        """Fire everything due at `clock.now()`, then settle promises; returns how many
+        steps fired."""
         now = self.clock.now()
         rules = self.rules_provider()
         due_ids: list[int] = []
@@ -363,6 +307,11 @@ class Escalator:
                 fired += self._process(ticket_id, now, rules)
             except Exception:  # one broken ticket must not stop the others
                 log.exception("escalation of ticket %s failed; will retry", ticket_id)
+        try:
+            with session_scope(self.engine) as session:
+                promises.settle(session, now)
+        except Exception:
+            log.exception("settling promises failed; will retry")
         self.fired_total += fired
         return fired
 
@@ -371,11 +320,10 @@ class Escalator:
         long-running daemon's memory stays proportional to the open tickets."""
         self._fired = {k for k in self._fired if k[0] in ticket_ids}
         self._pending = {k: v for k, v in self._pending.items() if k in ticket_ids}
-        self._notice_at = {k: v for k, v in self._notice_at.items() if k in ticket_ids}
         self._human = {k: v for k, v in self._human.items() if k in ticket_ids}
 
     @staticmethod
-    def _key(ticket_id: int, fire: Fire) -> tuple[int, str, datetime, int]:
+    def _key(ticket_id: int, fire: Fire) -> Key:
         return (ticket_id, fire.clock, fire.due_at, fire.step)
 
     def _process(self, ticket_id: int, now: datetime, rules: Rules) -> int:
@@ -383,8 +331,7 @@ class Escalator:
         self._last_message = {}
         # Keys claimed in this transaction: remembered only once it has committed (a rollback
         # must leave them to be fired again).
-        claimed: set[tuple[int, str, datetime, int]] = set()
-        notice_sent: datetime | None = None
+        claimed: set[Key] = set()
         with session_scope(self.engine) as session:
             query = select(Ticket).where(Ticket.id == ticket_id)
             if is_postgres(self.engine):
@@ -395,22 +342,33 @@ class Escalator:
             snoozed = utc(ticket.snoozed_until)
             if ticket.status != "open" or (snoozed is not None and snoozed > now):
                 return 0  # re-checked under the lock: answered, closed or snoozed meanwhile
-            known, last_notice = self._fired_state(session, ticket_id)
+            known, by_breach = self._fired_state(session, ticket_id)
             human = self._requester_is_human(session, ticket_id)
-            plan = self._plan(ticket, rules, known, last_notice)
+            promised = self._customer_promises(session, ticket_id)
+            plan = self._plan(ticket, rules, promised)
+            batch = _Batch(told={}, acting={}, notices=[], mailed=set())
+            running = active_deadlines(ticket)
+            for (clock, deadline), steps in by_breach.items():
+                batch.told[(clock, deadline)] = {p for step, p, _ in steps if p and step >= -1}
+                ladder = [(step, p) for step, p, _ in steps if step >= 0 and p]
+                if ladder and (clock, deadline) in running:
+                    batch.acting[clock] = max(ladder)[1]
+            due = [f for f in plan if f.moment <= now and self._key(ticket_id, f) not in known]
+            if any(f.step == NOTICE_STEP for f in due):
+                # A customer never gets two notices within a minute: fold the notices due
+                # within MERGE_WINDOW into this one (their keys are claimed now).
+                due += [
+                    f
+                    for f in plan
+                    if f.step == NOTICE_STEP
+                    and now < f.moment <= now + MERGE_WINDOW
+                    and self._key(ticket_id, f) not in known
+                ]
             # Customer notices go after every ladder step due now (catch-up included), so
-            # the notice names the owner the ladder has just put in charge.
-            due = sorted(
-                (f for f in plan if f.moment <= now), key=lambda f: (f.step == NOTICE_STEP, f)
-            )
+            # the notice names the person the ladder has just put in charge.
+            due.sort(key=lambda f: (f.step == NOTICE_STEP, f))
             for fire in due:
                 key = self._key(ticket_id, fire)
-                if key in known:
-                    continue
-                # The 24 h notice limit may have moved since planning (a notice just went out).
-                recent = last_notice is not None and now < last_notice + NOTICE_INTERVAL
-                if fire.step == NOTICE_STEP and recent:
-                    continue
                 if fire.step == NOTICE_STEP and not human:
                     # Never to robots: the breach is recorded, the notice is not sent.
                     row = self._claim(session, ticket, fire, now, "customer-notice-skipped")
@@ -441,14 +399,29 @@ class Escalator:
                     continue
                 fired += 1
                 if fire.step == NOTICE_STEP:
-                    last_notice = notice_sent = now
-                self._act(session, ticket, row, fire, now, rules)
+                    batch.notices.append((fire, row))
+                    continue
+                self._act(session, ticket, row, fire, now, rules, known, batch)
+            if batch.notices:
+                self._customer_notice(session, ticket, now, rules, known, batch)
             ticket.updated_at = now
             session.add(ticket)
         self._fired |= claimed
-        if notice_sent is not None:
-            self._notice_at[ticket_id] = notice_sent
         return fired
+
+    def _customer_promises(
+        self, session: Session, ticket_id: int
+    ) -> tuple[tuple[str, datetime], ...]:
+        rows = session.execute(
+            sa_select(col(Promise.clock), col(Promise.due)).where(
+                col(Promise.ticket_id) == ticket_id,
+                col(Promise.audience) == "customer",
+                col(Promise.told) == "",
+                col(Promise.due).is_not(None),
+                col(Promise.state).in_(("pending", "broken")),
+            )
+        ).all()
+        return tuple(sorted((clock, utc(due) or due) for clock, due in rows))
 
     def _claim(
         self, session: Session, ticket: Ticket, fire: Fire, now: datetime, action: str = ""
@@ -473,6 +446,12 @@ class Escalator:
             return None
         return row
 
+    def _plan_now(self, ticket: Ticket, rules: Rules, now: datetime, known: set[Key]) -> TicketPlan:
+        """The plan of this ticket at `now`, with every step fired so far taken as done."""
+        assert ticket.id is not None
+        fired = [(c, d, s) for (t, c, d, s) in known if t == ticket.id and s >= 0]
+        return plan_ticket(ticket, ticket.owner, ticket.sla, rules, now, fired)
+
     # -------------------------------------------------------------------------- actions
 
     def _act(
@@ -483,6 +462,8 @@ class Escalator:
         fire: Fire,
         now: datetime,
         rules: Rules,
+        known: set[Key],
+        batch: _Batch,
     ) -> None:
         policy = rules.policy(ticket.sla)
         calendar = rules.calendar_for_policy(ticket.sla)
@@ -499,8 +480,10 @@ class Escalator:
             )
             return
         owner, why_owner = self._owner(ticket, rules)
+        told = batch.told.setdefault((fire.clock, fire.due_at), set())
         if fire.step == WARNING_STEP:
-            person, skipped = self._on_duty(owner, "owner", owner, rules, now)
+            found = resolve(rules, policy, "owner", owner, now)
+            person, skipped = found.person, list(found.skipped)
             row.person, row.action = person.id, "warning"
             body = self._staff_body(
                 session,
@@ -519,6 +502,8 @@ class Escalator:
                 now,
                 "notification",
             )
+            batch.mailed.add(person.id)
+            told.add(person.id)
             add_event(
                 session,
                 ticket.id,
@@ -529,18 +514,21 @@ class Escalator:
                 data={"clock": fire.clock, "due_at": isoz(fire.due_at), "person": person.id},
             )
             return
-        if fire.step == NOTICE_STEP:
-            self._customer_notice(session, ticket, row, fire, now, policy, calendar, owner)
-            return
         ladder = policy.escalation
         if fire.step >= len(ladder):
             return  # the rules changed and the ladder got shorter
         step = ladder[fire.step]
+        # The plan with this step still to do: what it does is what it said it would do.
+        planned = self._plan_now(ticket, rules, now, known - {self._key(ticket.id or 0, fire)})
+        this = planned.step(fire.clock, fire.due_at, fire.step)
+        assert this is not None
+        after = self._plan_now(ticket, rules, now, known)
         done: list[str] = []
         notes: list[str] = list(why_owner)
-        if step.assign:
-            person, skipped = self._target(step.assign, owner, rules, now)
-            notes += skipped
+        of = f"(escalation step {fire.step + 1} of {len(ladder)})"
+        if this.assign is not None:
+            person = this.assign.person
+            notes += this.assign.skipped
             previous = ticket.owner
             if person.id != ticket.owner:
                 ticket.owner = person.id
@@ -552,51 +540,58 @@ class Escalator:
                     f" ladder step {fire.step + 1}: assign {step.assign});"
                     f" was {previous or 'nobody'}",
                     now,
-                    data={"from": previous, "to": person.id, "skipped": skipped},
+                    data={"from": previous, "to": person.id, "skipped": list(this.assign.skipped)},
                 )
-            done.append(f"assigned to {person.name} ({step.assign})")
-            compose_handover(  # issue 11: the whole history to the new holder; the old one told
-                session,
-                ticket,
-                person,
-                rules.people.get(previous),
-                f"{ticket.ref} missed its {clock_name} deadline ({promised}) and is now yours"
-                f" (escalation step {fire.step + 1} of {len(ladder)}).",
-                rules=rules,
-                settings=self.settings,
-                signer=self.signer,
-                now=now,
-                subject=f"[{ticket.ref}] escalated to you: {clock_name} missed",
-                notes=notes,
-                kind="escalation",
-                told=f"{ticket.ref} missed its {clock_name} deadline ({promised}); escalation"
-                f" step {fire.step + 1} of {len(ladder)} gave it to {person.name}.",
-            )
+                done.append(f"assigned to {person.name} ({step.assign})")
+                commitment = after.commitment(fire.clock, fire.due_at, person)
+                self._tell_new_holder(
+                    session,
+                    ticket,
+                    person,
+                    rules.people.get(previous) if previous else None,
+                    calendar,
+                    fire,
+                    notes,
+                    now,
+                    of,
+                    commitment,
+                    rules,
+                )
+                told.add(person.id)
+                batch.mailed.add(person.id)
+            else:
+                done.append(f"{person.name} already holds it ({step.assign})")
             row.person, row.action = person.id, f"assign:{step.assign}"
-            owner = person
-        if step.notify:
-            person, skipped = self._target(step.notify, owner, rules, now)
-            notes += skipped
-            body = self._staff_body(
-                session,
-                ticket,
-                calendar,
-                f"{ticket.ref} missed its {clock_name} deadline ({promised})"
-                f" (escalation step {fire.step + 1} of {len(ladder)}).",
-                fire,
-                notes,
-            )
-            self._notify(
-                session,
-                ticket,
-                person,
-                f"[{ticket.ref}] escalation: {clock_name} missed",
-                body,
-                now,
-            )
-            done.append(f"notified {person.name} ({step.notify})")
-            if not step.assign:
+        if this.notify is not None:
+            person = this.notify.person
+            notes += this.notify.skipped
+            if person.id in told:
+                # One mail per person per breach: they already have this one.
+                done.append(f"{person.name} already told ({step.notify})")
+            else:
+                body = self._staff_body(
+                    session,
+                    ticket,
+                    calendar,
+                    f"{ticket.ref} missed its {_CLOCK_NAMES[fire.clock]} deadline"
+                    f" ({format_local(fire.due_at, calendar)}) {of}.",
+                    fire,
+                    notes,
+                )
+                self._notify(
+                    session,
+                    ticket,
+                    person,
+                    f"[{ticket.ref}] escalation: {clock_name} missed",
+                    body,
+                    now,
+                )
+                told.add(person.id)
+                batch.mailed.add(person.id)
+                done.append(f"notified {person.name} ({step.notify})")
+            if this.assign is None:
                 row.person, row.action = person.id, f"notify:{step.notify}"
+        batch.acting[fire.clock] = this.acting.id
         session.add(row)
         add_event(
             session,
@@ -615,6 +610,66 @@ class Escalator:
             },
         )
 
+    def _tell_new_holder(
+        self,
+        session: Session,
+        ticket: Ticket,
+        person: Person,
+        previous: Person | None,
+        calendar: BusinessCalendar,
+        fire: Fire,
+        notes: list[str],
+        now: datetime,
+        of: str,
+        commitment: Commitment,
+        rules: Rules,
+    ) -> None:
+        """The one place an assign step tells the person who now holds the ticket: the
+        handover pack (the whole history; the previous holder is told who has it now). A
+        time stated to them is recorded as a promise."""
+        assert ticket.id is not None
+        headline = (
+            f"{ticket.ref} missed its {_CLOCK_NAMES[fire.clock]} deadline"
+            f" ({format_local(fire.due_at, calendar)}) and is now yours {of}."
+        )
+        if commitment.by is not None:
+            headline += (
+                f" Please answer the customer by {format_local(commitment.by, calendar)}"
+                + (f"; after that it goes to {commitment.then.name}." if commitment.then else ".")
+            )
+        clock_name = _CLOCK_NAMES[fire.clock]
+        rows = compose_handover(
+            session,
+            ticket,
+            person,
+            previous,
+            headline,
+            rules=rules,
+            settings=self.settings,
+            signer=self.signer,
+            now=now,
+            subject=f"[{ticket.ref}] escalated to you: {clock_name} missed",
+            notes=notes,
+            kind="escalation",
+            told=f"{ticket.ref} missed its {clock_name} deadline"
+            f" ({format_local(fire.due_at, calendar)}); escalation {of[1:-1]} gave it to"
+            f" {person.name}.",
+        )
+        message_id = rows[0].message_id if rows else ""
+        if commitment.by is not None:
+            promises.record(
+                session,
+                ticket_id=ticket.id,
+                made_at=now,
+                to=person.email,
+                person=person.id,
+                message_id=message_id,
+                what=f"{person.name} answers {ticket.ref} by {isoz(commitment.by)}",
+                clock=fire.clock,
+                due=commitment.by,
+                audience="staff",
+            )
+
     # -------------------------------------------------------------------------- people
 
     def _owner(self, ticket: Ticket, rules: Rules) -> tuple[Person, list[str]]:
@@ -626,58 +681,6 @@ class Escalator:
         fallback = rules.person(rules.defaults.owner)
         why = f"owner {ticket.owner!r} unknown" if ticket.owner else "no owner"
         return fallback, [f"{why}: default owner {fallback.name} used"]
-
-    @staticmethod
-    def _on_shift(person: Person, rules: Rules, now: datetime) -> bool:
-        calendar = rules.calendar_for_person(person.id)
-        return calendar is None or calendar.is_open(now)
-
-    def _on_duty(
-        self, first: Person, role: str, owner: Person, rules: Rules, now: datetime
-    ) -> tuple[Person, list[str]]:
-        """`first`, or the next on-duty person after it in owner -> backup -> manager, else
-        the default owner (even off duty: always a named human). Returns who and why."""
-        chain: list[tuple[str, Person | None]] = [(role, first)]
-        order = ["owner", "backup", "manager"]
-        if role in order:
-            chain += [(r, rules.resolve(r, owner)) for r in order[order.index(role) + 1 :]]
-        else:
-            chain += [(r, rules.resolve(r, first)) for r in ("backup", "manager")]
-        skipped: list[str] = []
-        seen: set[str] = set()
-        for label, person in chain:
-            if person is None:
-                skipped.append(f"no {label}")
-                continue
-            if person.id in seen:
-                continue
-            seen.add(person.id)
-            if self._on_shift(person, rules, now):
-                return person, skipped
-            calendar = rules.calendar_for_person(person.id)
-            hours = calendar.describe_hours() if calendar else "?"
-            skipped.append(f"{person.name} ({label}) skipped: off duty ({hours})")
-        last = rules.person(rules.defaults.owner)
-        skipped.append(f"nobody on duty in the ladder: default owner {last.name} used")
-        return last, skipped
-
-    def _target(
-        self, who: str, owner: Person, rules: Rules, now: datetime
-    ) -> tuple[Person, list[str]]:
-        person = rules.resolve(who, owner)
-        if person is None:
-            # The owner has no backup/manager (or the id is unknown): walk on from there.
-            order = ["owner", "backup", "manager"]
-            if who in order:
-                rest = order[order.index(who) + 1 :]
-                for role in rest:
-                    nxt = rules.resolve(role, owner)
-                    if nxt is not None:
-                        found, skipped = self._on_duty(nxt, role, owner, rules, now)
-                        return found, [f"{owner.name} has no {who}", *skipped]
-            last = rules.person(rules.defaults.owner)
-            return last, [f"{who!r} names nobody: default owner {last.name} used"]
-        return self._on_duty(person, who, owner, rules, now)
 
     # -------------------------------------------------------------------------- mail
 
@@ -734,7 +737,8 @@ class Escalator:
         body: str,
         now: datetime,
         kind: str = "escalation",
-    ) -> None:
+    ) -> str:
+        """Queue a staff mail to `person`; returns its Message-ID."""
         out = self.settings.outbound
         token_person: str | None = person.id
         try:
@@ -766,102 +770,134 @@ class Escalator:
             subject=subject,
             text=body,
         )
+        return message_id
 
     def _customer_notice(
         self,
         session: Session,
         ticket: Ticket,
-        row: EscalationStep,
-        fire: Fire,
         now: datetime,
-        policy: SlaPolicy,
-        calendar: BusinessCalendar,
-        owner: Person,
+        rules: Rules,
+        known: set[Key],
+        batch: _Batch,
     ) -> None:
-        """Tell the customer plainly: the promised time, who owns the request now, when they
-        will hear from us (the next ladder moment, computed with the calendar), and who takes
-        over if that slips too: exactly what the ladder will do, nothing invented."""
+        """One mail for every customer notice of this run: each broken promise owned up to,
+        then the next real commitment from the plan (who acts now, by when, who next), or,
+        with the ladder exhausted, who stays responsible and no invented time."""
         assert ticket.id is not None
-        row.person = owner.id
-        later = [(m, step) for m, step in _schedule(policy, calendar, fire.due_at) if m > now]
-        if later:
-            by = later[0][0]
-        else:
-            budget = policy.next_response or policy.first_response or calendar.day
-            by = calendar.add(now, budget)
-        successor = ""
-        rules = self.rules_provider()
-        for moment, step in later:
-            target = rules.resolve(step.assign, owner) if step.assign else None
-            if target is not None and target.id != owner.id:
-                successor = (
-                    f" If {owner.name} has not answered by {format_local(moment, calendar)}, "
-                    f"{target.name} takes over your request."
+        calendar = rules.calendar_for_policy(ticket.sla)
+        running = dict(active_deadlines(ticket))
+        broken: list[Broken] = []
+        covered: list[Promise] = []
+        for fire, _ in batch.notices:
+            rows = session.exec(
+                select(Promise).where(
+                    Promise.ticket_id == ticket.id,
+                    Promise.audience == "customer",
+                    Promise.clock == fire.clock,
+                    Promise.due == fire.due_at,
+                    Promise.told == "",
                 )
-                break
-        promised = format_local(fire.due_at, calendar)
-        what = {
-            "first_response": "a first answer from a person",
-            "next_response": "an answer to your last message",
-            "resolution": "your request resolved",
-        }[fire.clock]
-        text = (
-            "Hello,\n\n"
-            f"we promised you {what} by {promised}, and we did not keep that promise. "
-            "We are sorry.\n\n"
-            f"{owner.name} now owns your request {ticket.ref} and will answer you by "
-            f"{format_local(by, calendar)}.{successor}\n\n"
-            f"Our support hours are {calendar.describe_hours()}.\n\n"
-            f"You do not need to do anything. To add something, simply reply to this email: "
-            f"your reply goes straight into ticket {ticket.ref} and is read by people.\n\n"
-            f"{self.settings.outbound.from_name or self.settings.outbound.from_address}\n"
-        )
-        out = self.settings.outbound
-        local, _, domain = out.from_address.rpartition("@")
-        reply_to = self.signer.reply_address(local.split("+", 1)[0], domain, ticket.id)
-        message_id = self.signer.message_id(self.settings.smtp.hostname, ticket.id, "notice")
-        subject = tagged_subject(ticket.ref, ticket.subject)
-        msg = EmailMessage(policy=SMTP)
-        msg["From"] = (
-            formataddr((out.from_name, out.from_address)) if out.from_name else out.from_address
-        )
-        msg["To"] = ticket.requester
-        msg["Subject"] = subject
-        msg["Date"] = format_datetime(now.astimezone(UTC))
-        msg["Message-ID"] = message_id
-        msg["Reply-To"] = reply_to
-        msg["Auto-Submitted"] = "auto-generated"  # RFC 3834 §5
-        msg["X-Auto-Response-Suppress"] = "All"
-        msg[LOOP_HEADER] = self.settings.smtp.hostname
+            ).all()
+            rows = [p for p in rows if utc(p.due) == fire.due_at]
+            covered += rows
+            names = {rules.people[p.person].name for p in rows if p.person in rules.people}
+            if fire.due_at == running.get(fire.clock) or not names:
+                broken.append(Broken(fire.clock, fire.due_at))
+            else:
+                broken.append(Broken(fire.clock, fire.due_at, " or ".join(sorted(names))))
+        # The notice speaks for the clock due first; its breach's ladder gives the next time.
+        main = min((f for f, _ in batch.notices), key=lambda f: (f.due_at, f.clock))
+        plan = self._plan_now(ticket, rules, now, known)
+        acting_id = batch.acting.get(main.clock)
+        acting = rules.people.get(acting_id) if acting_id else None
+        if acting is None:
+            acting = plan.acting.person
+        breach_due = running.get(main.clock, main.due_at)
+        commitment = plan.commitment(main.clock, breach_due, acting)
+        signature = self.settings.outbound.from_name or self.settings.outbound.from_address
+        text = broken_promise_text(broken, ticket.ref, commitment, calendar, signature)
         last = self._last_customer_message(session, ticket.id)
-        if last is not None and last.message_id:
-            msg["In-Reply-To"] = last.message_id
-            refs = [r for r in last.references.split() if r != last.message_id]
-            msg["References"] = " ".join([*refs[-10:], last.message_id])
-        msg.set_content(text)
-        raw = msg.as_bytes(policy=SMTP)
-        enqueue(
+        message_id = queue_customer_mail(
+            session, self.settings, self.signer, ticket, text, now, last
+        )
+        for p in covered:
+            p.told = message_id
+            if p.state == "pending":
+                p.state, p.settled_at = "broken", now
+            session.add(p)
+        promises.record(
             session,
             ticket_id=ticket.id,
-            kind="customer_notice",
-            raw=raw,
+            made_at=now,
+            to=ticket.requester,
+            person=acting.id,
             message_id=message_id,
-            rcpt_tos=[ticket.requester],
-            now=now,
-            from_address=out.from_address,
-            subject=subject,
-            text=text,
-            in_reply_to=last.message_id if last is not None else None,
+            what=(
+                f"answer from {acting.name} by {isoz(commitment.by)}"
+                if commitment.by is not None
+                else f"{acting.name} stays responsible (no time promised)"
+            ),
+            clock=main.clock,
+            due=commitment.by,
         )
-        session.add(row)
+        if acting.id not in batch.mailed:
+            # The person accountable for the broken promise hears of it too.
+            body = self._staff_body(
+                session,
+                ticket,
+                calendar,
+                f"A promise to the customer on {ticket.ref} was broken; the customer has been"
+                f" told that you are responsible now"
+                + (
+                    f" and will answer by {format_local(commitment.by, calendar)}."
+                    if commitment.by is not None
+                    else "."
+                ),
+                main,
+                [],
+            )
+            staff_id = self._notify(
+                session, ticket, acting, f"[{ticket.ref}] promise to the customer broken", body, now
+            )
+            batch.mailed.add(acting.id)
+            if commitment.by is not None:
+                # A time stated to a colleague is a promise too (recorded, shown, settled).
+                promises.record(
+                    session,
+                    ticket_id=ticket.id,
+                    made_at=now,
+                    to=acting.email,
+                    person=acting.id,
+                    message_id=staff_id,
+                    what=f"{acting.name} answers {ticket.ref} by {isoz(commitment.by)}",
+                    clock=main.clock,
+                    due=commitment.by,
+                    audience="staff",
+                )
+        for _, step_row in batch.notices:
+            step_row.person = acting.id
+            session.add(step_row)
         add_event(
             session,
             ticket.id,
             "customer-notice",
-            f"told {ticket.requester} that the {_CLOCK_NAMES[fire.clock]} promise"
-            f" ({isoz(fire.due_at)}) was missed; owner {owner.name}; next answer by {isoz(by)}",
+            f"told {ticket.requester} that "
+            + "; ".join(f"the {_CLOCK_NAMES[b.clock]} promise ({isoz(b.due)})" for b in broken)
+            + f" was missed; {acting.name} responsible"
+            + (f"; next answer by {isoz(commitment.by)}" if commitment.by else "; no time promised")
+            + (f"; then {commitment.then.name}" if commitment.then else ""),
             now,
-            data={"clock": fire.clock, "due_at": isoz(fire.due_at), "by": isoz(by)},
+            data={
+                "clock": main.clock,
+                "due_at": isoz(main.due_at),
+                "covers": [[b.clock, isoz(b.due)] for b in broken],
+                "breach_due": isoz(breach_due),
+                "person": acting.id,
+                "by": isoz(commitment.by),
+                "then": commitment.then.id if commitment.then else None,
+                "message_id": message_id,
+            },
         )
 
     # -------------------------------------------------------------------------- timing

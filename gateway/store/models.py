@@ -221,3 +221,23 @@ class AuthRecheck(SQLModel, table=True):
     state: str = "waiting"  # waiting | done
     outcome: str = Field(default="", sa_column=Column(Text, nullable=False, default=""))
     data: str = Field(default="{}", sa_column=Column(Text, nullable=False, default="{}"))
+
+
+class Promise(SQLModel, table=True):
+    """A statement of a person or a time made to someone (issue 11, "One plan, said and
+    done"): the acknowledgement's first-response promise, each customer notice's next
+    commitment, a staff mail's "answer by". `state` is pending, kept, broken or withdrawn."""
+
+    id: int | None = Field(default=None, primary_key=True)
+    ticket_id: int = Field(foreign_key="ticket.id", index=True)
+    made_at: datetime
+    audience: str = "customer"  # customer | staff
+    to: str = ""  # the address the promise was made to
+    person: str = ""  # the person id accountable for keeping it
+    message_id: str = ""  # the mail that made it
+    what: str = ""
+    clock: str = ""  # first_response | next_response | resolution
+    due: datetime | None = None  # None: a named person, no time (the ladder is exhausted)
+    state: str = Field(default="pending", index=True)
+    settled_at: datetime | None = None
+    told: str = ""  # Message-ID of the notice that told the customer it was broken

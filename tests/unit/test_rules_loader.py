@@ -169,11 +169,13 @@ def test_the_shipped_example_rules_are_valid() -> None:
     rules_dir = REPO / "rules"
     assert check_rules(rules_dir) == []
     rules = load_rules(rules_dir)
-    assert set(rules.people) == {"alice", "bob", "carol"}
-    assert set(rules.calendars) == {"berlin", "always"}
+    assert set(rules.people) == {"alice", "bob", "carol", "nina"}
+    assert set(rules.calendars) == {"berlin", "always", "oncall"}
     assert set(rules.sla) == {"standard", "vip"}
     assert rules.defaults.owner == "alice"
     assert all(p.email.endswith("@example.com") for p in rules.people.values())
+    assert rules.policy("vip").on_call == ("nina",)
+    assert rules.person("bob").away  # the shipped example shows an absence
 
 
 def test_routes_keep_file_order_then_order_within_file() -> None:

@@ -22,7 +22,7 @@ from gateway.security.tokens import Signer
 from gateway.sla import clocks
 from gateway.sla.escalator import BREACH_STEP, NOTICE_STEP, WARNING_STEP
 from gateway.store.db import open_database
-from gateway.store.models import EscalationStep, Ticket
+from gateway.store.models import EscalationStep, Promise, Ticket
 from tests.conftest import make_settings
 from tests.support.sla import (
     SLA_RULES,
@@ -244,12 +244,13 @@ def test_ladder_fires_at_business_time_offsets(engine, sla_settings, clock) -> N
     ]
     assert esc.next_due() == at(23, 14)
     clock.set(at(23, 14))
-    assert esc.run_once() == 1
+    # Step 2, and the notice's own promise ("Alice by 14:00Z") is broken: told again.
+    assert esc.run_once() == 2
     clock.set(at(23, 23))
     assert esc.run_once() == 0  # 4 business hours after 13:00Z is Tuesday 09:00Z
     assert esc.next_due() == at(24, 9)
     clock.set(at(24, 9))
-    assert esc.run_once() == 1
+    assert esc.run_once() == 2
     assert [s[1:3] for s in steps(engine, tid) if s[1] >= 0] == [
         (0, "alice"),
         (1, "bob"),
@@ -299,7 +300,7 @@ def test_customer_notice_once_names_owner_and_next_time(engine, sla_settings, cl
     esc = make_escalator(engine, sla_settings, clock)
     clock.set(at(23, 13))
     esc.run_once()
-    clock.set(at(23, 14))
+    clock.set(at(23, 13, 59))
     esc.run_once()
     with Session(engine) as s:
         (row,) = outbox(s, "customer_notice")
@@ -316,8 +317,18 @@ def test_customer_notice_once_names_owner_and_next_time(engine, sla_settings, cl
     assert claim is not None and claim.ticket_id == tid and claim.person is None
     body = msg.get_body(("plain",)).get_content()  # type: ignore[union-attr]
     assert "by Monday 23 November 2026, 14:00 CET (Europe/Berlin)" in body  # the promise
-    assert "Alice Martin now owns your request ACME-1001" in body
+    assert "Alice Martin is now responsible for your request ACME-1001" in body
     assert "answer you by Monday 23 November 2026, 15:00 CET" in body  # next ladder step
+    assert "If Alice Martin has not answered by then, Bob Stone takes over." in body
+    # That is a promise too: when 15:00 CET passes unanswered, the customer hears again.
+    clock.set(at(23, 14))
+    esc.run_once()
+    with Session(engine) as s:
+        _, second = outbox(s, "customer_notice")
+    text = email.message_from_bytes(second.raw, policy=email.policy.default)
+    body = text.get_body(("plain",)).get_content()  # type: ignore[union-attr]
+    assert "told you Alice Martin would answer you by Monday 23 November 2026, 15:00" in body
+    assert "Bob Stone is now responsible" in body
 
 
 def test_catch_up_after_downtime_fires_each_step_once(engine, sla_settings, clock) -> None:  # type: ignore[no-untyped-def]
@@ -337,8 +348,10 @@ def test_catch_up_after_downtime_fires_each_step_once(engine, sla_settings, cloc
             (False, False, True),
         ]
         (notice,) = outbox(s, "customer_notice")
-    # The notice goes last and names the owner after the whole ladder: Carol.
-    assert b"Carol Diaz now owns your request" in notice.raw
+    # The notice goes last and names the owner after the whole ladder: Carol, with no time
+    # (the ladder is exhausted: nothing would enforce one).
+    assert b"Carol Diaz is responsible for your request" in notice.raw
+    assert b"will answer you by" not in notice.raw
 
 
 def test_two_nodes_fire_each_step_once(engine, sla_settings, clock) -> None:  # type: ignore[no-untyped-def]
@@ -362,7 +375,7 @@ def test_off_duty_backup_is_skipped_at_night(engine, sla_settings, clock) -> Non
     clock.set(at(24, 3))
     esc.run_once()
     clock.set(at(24, 3, 30))  # 04:30 in Berlin: Bob (office hours) is off duty
-    assert esc.run_once() == 1
+    assert esc.run_once() == 2  # the step, and the notice's promise (Alice by 03:30) broken
     assert [(s[1], s[2]) for s in steps(engine, tid) if s[1] in (WARNING_STEP, 0, 1)] == [
         (WARNING_STEP, "alice"),
         (0, "alice"),
@@ -480,12 +493,12 @@ def test_no_customer_notice_when_policy_says_so(engine, sla_settings, clock) -> 
         assert outbox(s, "customer_notice") == []
 
 
-def test_at_most_one_customer_notice_per_day(engine, sla_settings, clock) -> None:  # type: ignore[no-untyped-def]
+def test_customer_notices_are_limited_per_promise_not_per_day(engine, sla_settings, clock) -> None:  # type: ignore[no-untyped-def]
     clock.set(TUE_02)
     tid = create(engine, at=TUE_02, sla="night", owner="alice")
     esc = make_escalator(engine, sla_settings, clock)
     clock.set(at(24, 3))
-    esc.run_once()  # first response missed: notice 1
+    esc.run_once()  # first response missed: notice 1 promises Alice by 03:30
     with Session(engine) as s:
         t = s.get(Ticket, tid)
         assert t is not None
@@ -497,21 +510,26 @@ def test_at_most_one_customer_notice_per_day(engine, sla_settings, clock) -> Non
         s.add(t)
         s.commit()
         assert t.next_response_due == at(24, 5, 20)
+    clock.set(at(24, 3, 30))
+    esc.run_once()  # the staff reply kept notice 1's promise: nothing to say
+    with Session(engine) as s:
+        assert len(outbox(s, "customer_notice")) == 1
+        states = [p.state for p in s.exec(select(Promise).order_by(Promise.id)).all()]  # type: ignore[arg-type]
+        assert states == ["kept"]
     clock.set(at(24, 5, 20))
-    esc.run_once()  # next response missed: escalated, but the customer was told 2h20 ago
-    with Session(engine) as s:
-        assert len(outbox(s, "customer_notice")) == 1
-    assert esc.next_due() == at(24, 5, 50)  # the ladder goes on meanwhile
-    clock.set(at(25, 2, 59))
-    esc.run_once()
-    with Session(engine) as s:
-        assert len(outbox(s, "customer_notice")) == 1
-    clock.set(at(25, 3))
-    esc.run_once()  # 24 h after the first notice, the second breach is told
+    esc.run_once()  # next response missed: told at once (no "one a day" silence)
     with Session(engine) as s:
         notices = outbox(s, "customer_notice")
         assert len(notices) == 2
         assert b"an answer to your last message" in notices[1].raw
+    clock.set(at(24, 5, 50))
+    esc.run_once()  # notice 2 promised an answer by 05:50: broken, told once more
+    clock.set(at(24, 9))
+    esc.run_once()  # 07:20: the last step; its notice names who stays responsible, no time
+    with Session(engine) as s:
+        notices = outbox(s, "customer_notice")
+        assert len(notices) == 4
+        assert b"will answer you by" not in notices[3].raw
     assert esc.run_once() == 0
 
 
@@ -569,3 +587,26 @@ def test_catch_up_past_the_deadline_sends_no_stale_warning(engine, sla_settings,
     with Session(engine) as s:
         assert outbox(s, "notification") == []
         assert len(outbox(s, "escalation")) == 1
+
+
+def test_notices_due_within_a_minute_go_as_one_mail(engine, sla_settings, clock) -> None:  # type: ignore[no-untyped-def]
+    tid = create(engine, at=MON_09)
+    with Session(engine) as s:
+        t = s.get(Ticket, tid)
+        assert t is not None
+        # Resolution runs out 30 s after first response (a short policy, or a pause moved it).
+        t.resolution_due = at(23, 13) + timedelta(seconds=30)
+        s.add(t)
+        s.commit()
+    esc = make_escalator(engine, sla_settings, clock)
+    clock.set(at(23, 13))
+    esc.run_once()
+    clock.set(at(23, 13) + timedelta(seconds=30))
+    esc.run_once()
+    with Session(engine) as s:
+        (notice,) = outbox(s, "customer_notice")
+        (event,) = events(s, tid, "customer-notice")
+    assert b"a first answer from a person" in notice.raw and b"your request resolved" in notice.raw
+    assert '"covers": [["first_response"' in (event.data or "") and "resolution" in (
+        event.data or ""
+    )

@@ -1,0 +1,170 @@
+"""Customer notices: the words of a broken promise, of a late-processed ticket, and the mail.
+
+Pure text builders (`broken_promise_text`, `late_text`) take what the plan says
+(`gateway.sla.plan.Commitment`) and never add a person or a time of their own: with no next
+ladder step the text names who stays responsible and promises no time (issue 11, "No silence
+after a broken promise"). `queue_customer_mail` writes the mail to the outbox in the
+caller's transaction, threaded under the customer's last message, marked automatic
+(RFC 3834 §5: Auto-Submitted: auto-generated) so well-behaved responders stay quiet.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.message import EmailMessage
+from email.policy import SMTP
+from email.utils import format_datetime, formataddr
+
+from sqlmodel import Session
+
+from gateway.outbound.compose import LOOP_HEADER, format_local, tagged_subject
+from gateway.outbound.worker import enqueue
+from gateway.security.tokens import Signer
+from gateway.settings import Settings
+from gateway.sla.business_time import BusinessCalendar
+from gateway.sla.plan import Commitment
+from gateway.store.models import Message, Ticket
+
+__all__ = ["Broken", "broken_promise_text", "commitment_text", "late_text", "queue_customer_mail"]
+
+#: What each clock promised, in the customer's words.
+WHAT = {
+    "first_response": "a first answer from a person",
+    "next_response": "an answer to your last message",
+    "resolution": "your request resolved",
+}
+
+
+@dataclass(frozen=True)
+class Broken:
+    """One promise the notice owns up to: what was promised, by when, and by whom (None:
+    the policy's own deadline, no person was named for it)."""
+
+    clock: str
+    due: datetime
+    person_name: str | None = None
+
+
+def commitment_text(ref: str, commitment: Commitment, calendar: BusinessCalendar) -> str:
+    """The next real commitment, in words: only what the plan will do."""
+    who = commitment.person.name
+    if commitment.by is None:
+        # Ladder exhausted: name who stays accountable, invent no time.
+        return (
+            f"{who} is responsible for your request {ref} and stays responsible until it is "
+            "answered. We will not promise you another time we cannot guarantee; you will "
+            f"hear from {who} as soon as possible."
+        )
+    text = (
+        f"{who} is now responsible for your request {ref} and will answer you by "
+        f"{format_local(commitment.by, calendar)}."
+    )
+    if commitment.then is not None:
+        text += f" If {who} has not answered by then, {commitment.then.name} takes over."
+    return text
+
+
+def broken_promise_text(
+    broken: list[Broken],
+    ref: str,
+    commitment: Commitment,
+    calendar: BusinessCalendar,
+    signature: str,
+) -> str:
+    """One notice for every promise broken at (about) this moment."""
+    owned: list[str] = []
+    for b in broken:
+        when = format_local(b.due, calendar)
+        if b.person_name:
+            owned.append(f"we told you {b.person_name} would answer you by {when}")
+        else:
+            owned.append(f"we promised you {WHAT[b.clock]} by {when}")
+    said = "; and ".join(owned)
+    return (
+        "Hello,\n\n"
+        f"{said[0].upper() + said[1:]}, and we did not keep that promise. We are sorry.\n\n"
+        f"{commitment_text(ref, commitment, calendar)}\n\n"
+        f"Our support hours are {calendar.describe_hours()}.\n\n"
+        "You do not need to do anything. To add something, simply reply to this email: "
+        f"your reply goes straight into ticket {ref} and is read by people.\n\n"
+        f"{signature}\n"
+    )
+
+
+def late_text(
+    ref: str,
+    received_at: datetime,
+    processed_at: datetime,
+    missed: list[Broken],
+    commitment: Commitment,
+    calendar: BusinessCalendar,
+    signature: str,
+) -> str:
+    """The one message of a ticket processed after its own deadlines (issue 11 finding 8):
+    when it arrived, that it was processed late, who owns it now and the real next time."""
+    missed_text = "; ".join(f"{WHAT[b.clock]} by {format_local(b.due, calendar)}" for b in missed)
+    return (
+        "Hello,\n\n"
+        f"we received your message at {format_local(received_at, calendar)}, but because of a"
+        f" delay on our side it was only processed at {format_local(processed_at, calendar)},"
+        f" after the time we aim for ({missed_text}). We are sorry.\n\n"
+        f"{commitment_text(ref, commitment, calendar)}\n\n"
+        f"Our support hours are {calendar.describe_hours()}.\n\n"
+        "To add something, simply reply to this email: your reply goes straight into ticket "
+        f"{ref} and is read by people.\n\n"
+        f"{signature}\n"
+    )
+
+
+def queue_customer_mail(
+    session: Session,
+    settings: Settings,
+    signer: Signer,
+    ticket: Ticket,
+    text: str,
+    now: datetime,
+    last: Message | None,
+    *,
+    kind: str = "customer_notice",
+    tag: str = "notice",
+    to: str | None = None,
+) -> str:
+    """Queue `text` to the requester (or `to`); returns the Message-ID."""
+    assert ticket.id is not None
+    out = settings.outbound
+    local, _, domain = out.from_address.rpartition("@")
+    reply_to = signer.reply_address(local.split("+", 1)[0], domain, ticket.id)
+    message_id = signer.message_id(settings.smtp.hostname, ticket.id, tag)
+    subject = tagged_subject(ticket.ref, ticket.subject)
+    rcpt = to or ticket.requester
+    msg = EmailMessage(policy=SMTP)
+    sender = formataddr((out.from_name, out.from_address)) if out.from_name else out.from_address
+    msg["From"] = sender
+    msg["To"] = rcpt
+    msg["Subject"] = subject
+    msg["Date"] = format_datetime(now.astimezone(UTC))
+    msg["Message-ID"] = message_id
+    msg["Reply-To"] = reply_to
+    msg["Auto-Submitted"] = "auto-generated"  # RFC 3834 §5
+    msg["X-Auto-Response-Suppress"] = "All"
+    msg[LOOP_HEADER] = settings.smtp.hostname
+    if last is not None and last.message_id:
+        msg["In-Reply-To"] = last.message_id
+        refs = [r for r in last.references.split() if r != last.message_id]
+        msg["References"] = " ".join([*refs[-10:], last.message_id])
+    msg.set_content(text)
+    enqueue(
+        session,
+        ticket_id=ticket.id,
+        kind=kind,
+        raw=msg.as_bytes(policy=SMTP),
+        message_id=message_id,
+        rcpt_tos=[rcpt],
+        now=now,
+        from_address=out.from_address,
+        subject=subject,
+        text=text,
+        in_reply_to=last.message_id if last is not None else None,
+    )
+    return message_id
