@@ -33,6 +33,7 @@ from typing import Any
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from gateway.clock import Clock
+from gateway.logs import kv
 from gateway.spool import Envelope as SpoolEnvelope
 from gateway.spool import Spool, SpoolFull
 
@@ -40,6 +41,16 @@ log = logging.getLogger("gateway.smtp")
 
 _SIMPLE_ADDR = re.compile(r"^<([^<>\s\"()\\,;:@]+@[^<>\s\"()\\,;:@]+|)>(.*)$", re.DOTALL)
 _TERMINATOR = b"\r\n.\r\n"
+
+
+_MESSAGE_ID = re.compile(rb"^message-id:[ \t]*(<[^>\r\n]{1,500}>)", re.IGNORECASE | re.MULTILINE)
+
+
+def _message_id(raw: bytes) -> str | None:
+    """The Message-ID for the log line, from the header block only (no full parse here)."""
+    end = raw.find(b"\r\n\r\n")
+    m = _MESSAGE_ID.search(raw[: end if end >= 0 else 65536])
+    return m.group(1).decode("utf-8", "replace") if m else None
 
 
 class ConnectionLimits:
@@ -98,6 +109,7 @@ class GatewaySMTP(SMTP):
             refusal = self.limits.admit(self._peer_ip)
             if refusal is not None:
                 log.warning("refusing connection from %s: %s", self._peer_ip, refusal)
+                self.event_handler.tally[("smtp_messages_deferred", "421")] += 1
                 assert isinstance(transport, asyncio.WriteTransport)
                 transport.write(f"421 4.7.0 {self.hostname} {refusal}, try later\r\n".encode())
                 transport.close()
@@ -227,6 +239,8 @@ class InboundHandler:
         self.max_messages_per_connection = max_messages_per_connection
         self.on_accepted = on_accepted
         self.accepted = 0
+        # Prometheus tallies (gateway/metrics.py): accepted, deferred by reply code.
+        self.tally: Counter[tuple[str, ...]] = Counter()
         self.inflight = 0
         self.idle = asyncio.Event()
         self.idle.set()
@@ -247,10 +261,13 @@ class InboundHandler:
         mail_options: list[str],
     ) -> str:
         if server.messages_in_session >= self.max_messages_per_connection:
+            self.tally[("smtp_messages_deferred", "421")] += 1
             return "421 4.7.0 Too many messages in one session, please reconnect"
         try:
             self.spool.check_disk()
         except SpoolFull:
+            self.tally[("smtp_messages_deferred", "452")] += 1
+            log.warning("spool disk nearly full: answering 452 4.3.1 to MAIL FROM %s", address)
             return "452 4.3.1 Insufficient system storage, try again later"
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
@@ -292,6 +309,8 @@ class InboundHandler:
         try:
             entry_id = await self.spool.submit(spool_env, raw)
         except SpoolFull:
+            self.tally[("smtp_messages_deferred", "452")] += 1
+            log.warning("spool disk nearly full: answering 452 4.3.1 after DATA")
             return "452 4.3.1 Insufficient system storage, try again later"
         finally:
             self.inflight -= 1
@@ -299,6 +318,16 @@ class InboundHandler:
                 self.idle.set()
         server.messages_in_session += 1
         self.accepted += 1
+        self.tally[("smtp_messages_accepted",)] += 1
+        fields = {
+            "spool": entry_id,
+            "message_id": _message_id(raw),
+            "size": len(raw),
+            "from": spool_env.mail_from or "<>",
+            "to": spool_env.rcpt_tos,
+            "client": spool_env.peer,
+        }
+        log.info("accepted %s", kv(fields), extra={"fields": {"event": "accepted", **fields}})
         if self.on_accepted is not None:
             self.on_accepted(entry_id)
         return f"250 2.0.0 OK queued as {entry_id}"
@@ -307,6 +336,7 @@ class InboundHandler:
         # Must be async: aiosmtpd 1.4.6 awaits it (FIELD-NOTES §1). Our trouble is
         # never the sender's fault, so the answer is temporary and the sender retries.
         log.error("SMTP session error: %r", error, exc_info=error)
+        self.tally[("smtp_messages_deferred", "451")] += 1
         return "451 4.3.0 Temporary local problem, please try again later"
 
 

@@ -27,6 +27,7 @@ import json
 import logging
 import random
 import re
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -37,6 +38,8 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
 from gateway.clock import Clock
+from gateway.logs import kv
+from gateway.metrics import is_database_error
 from gateway.outbound import retry
 from gateway.outbound.compose import compose_notification
 from gateway.outbound.deliver import PERMANENT, SENT, DeliveryResult, deliver
@@ -213,6 +216,8 @@ class DeliveryWorker:
         self.keys = load_keys(settings)  # loaded once; a bad key fails at start, loudly
         self.wakeup = asyncio.Event()
         self.sent = 0
+        # Prometheus tallies (gateway/metrics.py): deliveries by outcome.
+        self.tally: Counter[tuple[str, ...]] = Counter()
 
     # -- claiming ----------------------------------------------------------------------
 
@@ -270,11 +275,35 @@ class DeliveryWorker:
         return result, signed
 
     def _record(self, item: _Claimed, result: DeliveryResult, signed: bytes) -> None:
+        state = self._record_row(item, result, signed)
+        if state is None:
+            return
+        self.tally[("deliveries", result.outcome)] += 1
+        # One line per attempt, after the commit (issue 14: failures were not logged at all):
+        # INFO delivered, WARNING temporary failure (retried), ERROR permanent / given up.
+        fields = {
+            "outbox": item.id,
+            "kind": item.kind,
+            "message_id": item.message_id,
+            "to": item.rcpt_tos,
+            "state": state,
+            "reply": f"{result.code or ''} {result.detail}".strip()[:300],
+        }
+        extra = {"fields": {"event": "delivery", **fields}}
+        if result.outcome == SENT:
+            log.info("delivered %s", kv(fields), extra=extra)
+        elif state == "queued":
+            log.warning("delivery deferred %s", kv(fields), extra=extra)
+        else:
+            log.error("delivery failed %s", kv(fields), extra=extra)
+
+    def _record_row(self, item: _Claimed, result: DeliveryResult, signed: bytes) -> str | None:
+        """Store the attempt's outcome; return the row's new state (None: not ours now)."""
         now = self.clock.now()
         with session_scope(self.engine) as s:
             row = s.get(Outbox, item.id)
             if row is None or row.state != "sending":
-                return  # someone else (outbox retry, another node) took it over
+                return None  # someone else (outbox retry, another node) took it over
             row.attempts += 1
             row.claimed_until = None
             rcpts = ", ".join(item.rcpt_tos)
@@ -323,6 +352,7 @@ class DeliveryWorker:
                         now,
                     )
             s.add(row)
+            return row.state
 
     def _tell_owner(self, s: Session, item: _Claimed, detail: str, now: datetime) -> None:
         """ONE notice to the ticket's owner; never the customer, never about a notice."""
@@ -393,7 +423,9 @@ class DeliveryWorker:
             try:
                 await self.run_once()
                 due = await asyncio.to_thread(self.next_due)
-            except Exception:  # the database is away: log, back off, try again
+            except Exception as exc:  # the database is away: log, back off, try again
+                if is_database_error(exc):
+                    self.tally[("database_errors",)] += 1
                 log.exception("delivery loop error")
                 due = None
                 with contextlib.suppress(TimeoutError):

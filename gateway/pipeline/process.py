@@ -8,7 +8,9 @@ transactions, so the child needs nothing from the parent but a control pipe carr
 byte per signal: `w` the spool committed new mail, `r` read the rules again (the parent got
 SIGHUP), `s` finish the current message and exit; end of file means the parent is gone.
 A second pipe goes back: "I committed a batch" (new outbox rows: wake the delivery worker
-and the escalator). Pipes, not multiprocessing Events: those are named semaphores, which
+and the escalator), carrying the batch's metric increments as JSON (gateway/metrics.py), so
+`/metrics` counts what the child did without a shared-memory registry. Pipes, not
+multiprocessing Events: those are named semaphores, which
 Python 3.11's resource tracker double-unregisters at exit with spawned children.
 
 The child starts with the parent's rules in force (a broken edit on disk must not stop a
@@ -23,13 +25,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import json
 import logging
 import multiprocessing
 import os
 import signal
+from collections import Counter
+from collections.abc import Callable
 from multiprocessing.connection import Connection
 from threading import Event, Lock, Thread
 from typing import Any
+
+from gateway.metrics import tally_from_wire
 
 log = logging.getLogger("gateway.pipeline")
 
@@ -71,13 +78,18 @@ def child_main(
     # must not kill us mid-transaction.
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, signal.SIG_IGN)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s[pipeline]: %(message)s"
+    from gateway.logs import setup_logging
+
+    setup_logging(
+        fmt=str(config.get("log_format") or config.get("logging", {}).get("format") or "text"),
+        level=str(config.get("logging", {}).get("level") or "INFO"),
+        verbose=bool(config.get("_verbose")),
+        tag="pipeline",
     )
-    logging.getLogger("gateway.security.sender_auth.dkimpy").setLevel(logging.CRITICAL)
 
     from gateway.app import build_resolver, build_spool
     from gateway.clock import SystemClock
+    from gateway.metrics import CountingResolver, tally_to_wire
     from gateway.pipeline.context import Services
     from gateway.pipeline.worker import PipelineWorker
     from gateway.routing.holder import RulesHolder
@@ -85,19 +97,22 @@ def child_main(
     from gateway.settings import Settings
     from gateway.store.db import open_database
 
-    settings = Settings(**config)
+    settings = Settings(**{k: v for k, v in config.items() if not k.startswith("_")})
     clock = SystemClock()
     engine = open_database(settings.storage.database_url, migrate=False)
     spool = build_spool(settings, clock)
     rules = RulesHolder(settings.rules_path, initial=rules_now)
+    resolver = build_resolver(settings)
     services = Services(
         settings=settings,
         clock=clock,
         signer=Signer(settings.secret()),
         rules=rules.current,
-        resolver=build_resolver(settings),
+        resolver=resolver,
     )
     worker = PipelineWorker(engine=engine, spool=spool, services=services)
+    if resolver is not None:
+        services.resolver = CountingResolver(resolver, worker.tally)
     wake, reload, stop = Event(), Event(), Event()
     Thread(target=_listen, args=(control, wake, reload, stop), daemon=True).start()
     try:
@@ -109,9 +124,10 @@ def child_main(
             elif rules.reload_if_changed():
                 services.rules = rules.current
             wake.clear()
-            if worker.run_once_sync(stop):
+            if worker.run_once_sync(stop) or worker.tally:
                 with contextlib.suppress(OSError):
-                    notify.send_bytes(b"1")
+                    notify.send_bytes(json.dumps(tally_to_wire(worker.tally)).encode())
+                worker.tally.clear()
             # Woken by the next commit; the timeout retries entries whose backoff ended.
             wake.wait(timeout=2.0)
     finally:
@@ -122,11 +138,18 @@ def child_main(
 class PipelineProcess:
     """Parent side: start, wake, reload, supervise and stop the pipeline process."""
 
-    def __init__(self, config: dict[str, Any], rules: Any, on_batch: Any) -> None:
+    def __init__(
+        self,
+        config: dict[str, Any],
+        rules: Any,
+        on_batch: Any,
+        on_tally: Callable[[Counter[tuple[str, ...]]], None] | None = None,
+    ) -> None:
         self._mp = multiprocessing.get_context("spawn")
         self.config = config
         self.rules = rules  # callable: the rules in force now (handed to each new child)
         self.on_batch = on_batch
+        self.on_tally = on_tally  # the child's metric increments, merged into the parent's
         self.proc: Any = None
         self._conn: Connection | None = None
         self._control: Connection | None = None
@@ -165,7 +188,10 @@ class PipelineProcess:
         assert self._conn is not None
         try:
             while self._conn.poll():
-                self._conn.recv_bytes()
+                data = self._conn.recv_bytes()
+                if self.on_tally is not None and data.startswith(b"["):
+                    with contextlib.suppress(ValueError):
+                        self.on_tally(tally_from_wire(json.loads(data)))
         except (EOFError, OSError):
             asyncio.get_running_loop().remove_reader(self._conn.fileno())
             return

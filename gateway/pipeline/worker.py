@@ -12,12 +12,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import traceback
+from collections import Counter
 from collections.abc import Callable
 from datetime import datetime
 from typing import Protocol
 
 from sqlalchemy.engine import Engine
 
+from gateway.logs import kv
+from gateway.metrics import is_database_error
 from gateway.pipeline.context import Context, Services
 from gateway.pipeline.stages import STAGES, Stage, run_stages, summary
 from gateway.spool import Spool, SpoolEntry
@@ -50,6 +53,8 @@ class PipelineWorker:
         self.wakeup = asyncio.Event()
         self.processed = 0
         self.failures = 0
+        # Prometheus tallies (gateway/metrics.py); the pipeline process ships them home.
+        self.tally: Counter[tuple[str, ...]] = Counter()
         self.after_batch: Callable[[], None] | None = None
 
     def process(self, entry: SpoolEntry) -> Context:
@@ -76,13 +81,20 @@ class PipelineWorker:
             ctx = self.process(entry)
         except Exception as exc:
             self.failures += 1
+            self.tally[("pipeline_failed",)] += 1
+            if is_database_error(exc):
+                self.tally[("database_errors",)] += 1
             reason = f"{exc.__class__.__name__}: {exc}\n{traceback.format_exc(limit=8)}"
             state = self.spool.fail(entry.id, reason)
+            if state == "quarantined":
+                self.tally[("pipeline_quarantined",)] += 1
             log.error("processing spool entry %s failed (%s): %r", entry.id, state, exc)
             return False
         self.spool.release(entry.id)
         self.processed += 1
-        log.info("processed %s", summary(ctx))
+        self.tally[("pipeline_processed",)] += 1
+        fields = summary(ctx)
+        log.info("processed %s", kv(fields), extra={"fields": {"event": "processed", **fields}})
         return True
 
     def run_once_sync(self, stopping: Stopping | None = None) -> int:
