@@ -179,15 +179,15 @@ def _parser() -> argparse.ArgumentParser:
 
 def _settings(args: argparse.Namespace) -> Settings:
     settings = load_settings(args.config)
-    if args.log_format is None and settings.effective_log_format != "text":
+    if args.log_format is not None:
+        # The option wins over the config, in this process and in the pipeline process.
+        settings.log_format = args.log_format
+    elif settings.effective_log_format != "text":
         from gateway.logs import setup_logging
 
-        setup_logging(
-            fmt=settings.effective_log_format, verbose=args.verbose, level=settings.logging.level
-        )
-    elif settings.logging.level != "INFO" and not args.verbose:
+        setup_logging(fmt=settings.effective_log_format, verbose=args.verbose)
+    if not args.verbose:
         logging.getLogger().setLevel(settings.logging.level)
-    args.settings_log_format = settings.effective_log_format
     return settings
 
 
