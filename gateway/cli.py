@@ -461,7 +461,8 @@ def _process_spool(settings: Settings, spool: Any, only: int | None = None) -> i
         rules=load_rules(settings.rules_path),
         resolver=build_resolver(settings),
     )
-    worker = PipelineWorker(engine=_engine(settings), spool=spool, services=services)
+    # `process` may be the first command after pipe-mode ingest: it may create the database.
+    worker = PipelineWorker(engine=_engine(settings, create=True), spool=spool, services=services)
     n = worker.run_once_sync()
     state = spool.get(only) if only is not None else None
     if state is not None:  # still in the spool: it failed again
@@ -477,7 +478,6 @@ def cmd_process(args: argparse.Namespace) -> int:
 
     spool = build_spool(settings)
     try:
-        _engine(settings, create=True)  # `process` may be the first to run after ingest
         return _process_spool(settings, spool)
     finally:
         spool.close()
