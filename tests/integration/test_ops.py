@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -26,7 +27,9 @@ from pathlib import Path
 import aiosmtplib
 import pytest
 
+from gateway.app import Gateway
 from gateway.clock import FrozenClock
+from gateway.security.dns import StaticResolver
 from tests.conftest import make_settings
 from tests.integration.test_daemon_process import RULES, free_port
 from tests.integration.test_staff_email import Env, _customer, _staff
@@ -184,6 +187,29 @@ async def test_two_gateways_in_one_process_keep_their_own_metrics(tmp_path: Path
         _, tb = await aget(gb.http_port, "/metrics")
         assert sample(ta, "support_gateway_smtp_messages_accepted_total") == 1
         assert sample(tb, "support_gateway_smtp_messages_accepted_total") == 0
+
+
+async def test_metrics_count_dns_errors_and_failed_rules_reloads(tmp_path: Path) -> None:
+    rules = tmp_path / "rules"
+    shutil.copytree(RULES, rules)
+    settings = make_settings(tmp_path, rules_dir=str(rules), http={"listen": "127.0.0.1:0"})
+    # The sender's SPF lookup times out (a real DnsTempError from the resolver).
+    dns = StaticResolver(temp_errors=[("customer.example", "TXT")])
+    gw = Gateway(settings, clock=FrozenClock(), resolver=dns)
+    await gw.start(workers=False)
+    try:
+        assert gw.http_port
+        await send(gw, make_mail())
+        await gw.pipeline.run_once()
+        (rules / "zz-broken.toml").write_text("[[route]]\nname = \n")
+        assert gw.reload_rules() is False
+        _, text = await aget(gw.http_port, "/metrics")
+        assert sample(text, "support_gateway_dns_errors_total") >= 1
+        assert sample(text, "support_gateway_rules_reloads_total", result="failed") == 1
+        assert sample(text, "support_gateway_rules_reloads_total", result="ok") == 0
+        assert sample(text, "support_gateway_pipeline_processed_total") == 1
+    finally:
+        await gw.stop()
 
 
 # -- the real daemon: `serve` in its own process, pipeline in a child process --------------
