@@ -12,16 +12,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import signal
 import socket
+import time
+from collections import Counter
+from datetime import UTC, datetime
+from typing import Any
 
 from sqlalchemy.engine import Engine
 
+import gateway
 from gateway import alerts
 from gateway.clock import Clock, SystemClock
+from gateway.http import AdminHttp
 from gateway.inbound.smtp import ConnectionLimits, InboundHandler, make_tls_context, start_server
+from gateway.metrics import CountingResolver, StateCollector, build_registry, node_name
 from gateway.outbound.worker import DeliveryWorker
 from gateway.pipeline.context import Services
 from gateway.pipeline.process import PipelineProcess
@@ -37,6 +45,24 @@ from gateway.store.db import open_database
 from gateway.store.notify import ClusterNotifier
 
 log = logging.getLogger("gateway")
+
+
+class ListenError(Exception):
+    """A configured listen address cannot be bound; the message names the key (exit 1)."""
+
+
+def _bind_error(key: str, value: str, exc: OSError) -> ListenError:
+    if exc.errno == errno.EADDRINUSE:
+        why = "address already in use (another support-gateway, or an MTA, listens there)"
+    elif exc.errno == errno.EACCES:
+        why = "permission denied (ports below 1024 need CAP_NET_BIND_SERVICE)"
+    elif exc.errno == errno.EADDRNOTAVAIL:
+        why = "no such address on this host"
+    elif isinstance(exc, socket.gaierror):
+        why = f"cannot resolve the host ({exc.strerror or exc})"
+    else:
+        why = exc.strerror or str(exc)
+    return ListenError(f"{key} = {value!r}: cannot listen: {why}")
 
 
 def build_spool(settings: Settings, clock: Clock | None = None) -> Spool:
@@ -91,6 +117,9 @@ class Gateway:
             resolver=self.resolver,
         )
         self.pipeline = PipelineWorker(engine=self.engine, spool=self.spool, services=self.services)
+        if self.resolver is not None:
+            # Count DNS timeouts/SERVFAILs for /metrics (the stages see the same answers).
+            self.services.resolver = CountingResolver(self.resolver, self.pipeline.tally)
         self.delivery = DeliveryWorker(
             self.engine, settings, self.clock, signer=self.signer, rules=lambda: self.rules.current
         )
@@ -131,6 +160,76 @@ class Gateway:
         self._tasks: list[asyncio.Task[None]] = []
         self.port: int | None = None
         self.pipeline_process: PipelineProcess | None = None
+        # Metrics and health (issue 14): the pipeline child's tallies arrive over its pipe.
+        self.started_at = time.time()
+        self.child_tally: Counter[tuple[str, ...]] = Counter()
+        self.node = settings.smtp.hostname or node_name()
+        self.collector = StateCollector(
+            tally=self.tally,
+            engine=self.engine,
+            spool_conn=self._spool_reader,
+            rules=self.rules,
+            node=self.node,
+            now=self.clock.now,
+        )
+        self.registry = build_registry(self.collector)
+        self.http: AdminHttp | None = None
+        self.http_port: int | None = None
+
+    # Metrics and health -----------------------------------------------------------------
+
+    def tally(self) -> Counter[tuple[str, ...]]:
+        """Every in-memory metric tally of this daemon (and its pipeline process)."""
+        total: Counter[tuple[str, ...]] = Counter()
+        for part in (
+            self.handler.tally if self.handler is not None else None,
+            self.pipeline.tally,
+            self.delivery.tally,
+            self.child_tally,
+        ):
+            if part:
+                total.update(part)
+        return total
+
+    def _spool_reader(self) -> Any:
+        """A read-only connection per scrape (the spool's own belongs to its writer)."""
+        import sqlite3
+
+        return sqlite3.connect(f"file:{self.spool.path}?mode=ro", uri=True, timeout=5)
+
+    def readiness(self) -> dict[str, str]:
+        """Check name -> "" when fine, else the problem (blocking: call in a thread)."""
+        from gateway.status import check_database, check_spool
+
+        listening = self.server is not None and self.server.is_serving()
+        return {
+            "smtp": "" if listening else "not listening",
+            "database": check_database(self.engine),
+            "spool": check_spool(self.spool.directory, self.settings.smtp.min_free_disk),
+        }
+
+    async def _ready(self) -> dict[str, str]:
+        try:
+            return await asyncio.wait_for(asyncio.to_thread(self.readiness), 5.0)
+        except TimeoutError:
+            return {"database": "no answer within 5 s"}
+
+    def daemon_status(self) -> dict[str, Any]:
+        """What only the running daemon knows, for `support-gateway status` (/status)."""
+        return {
+            "running": True,
+            "pid": os.getpid(),
+            "version": gateway.__version__,
+            "node": self.node,
+            "started_at": datetime.fromtimestamp(self.started_at, UTC).isoformat(),
+            "rules_loaded_at": datetime.fromtimestamp(self.rules.loaded_at, UTC).isoformat(),
+            "rules_reloads": {"ok": self.rules.reloads, "failed": self.rules.failed_reloads},
+            "rules_last_error": self.rules.last_error,
+            "smtp_port": self.port,
+            "pipeline_process": None
+            if self.pipeline_process is None
+            else {"alive": self.pipeline_process.alive, "restarts": self.pipeline_process.restarts},
+        }
 
     # Rules ------------------------------------------------------------------------------
 
@@ -187,10 +286,14 @@ class Gateway:
         # a clock cannot cross a process boundary, so with an injected clock it stays here.
         if workers and self.settings.pipeline.process and isinstance(self.clock, SystemClock):
             self.pipeline_process = PipelineProcess(
-                self.settings.model_dump(),
+                {
+                    **self.settings.model_dump(),
+                    "_verbose": logging.getLogger().isEnabledFor(logging.DEBUG),
+                },
                 rules=lambda: self.rules.current,
                 on_batch=self.pipeline.after_batch,
                 on_give_up=self._pipeline_down,
+                on_tally=self.child_tally.update,
             )
             self.pipeline_process.start()
             self.spool.on_commit = self.pipeline_process.wake
@@ -213,19 +316,36 @@ class Gateway:
         )
         tls = make_tls_context(s.tls_cert, s.tls_key) if s.tls_cert and s.tls_key else None
         host, port = self.settings.listen
-        self.server = await start_server(
-            self.handler,
-            host=host,
-            port=port,
-            hostname=s.hostname,
-            receive_limit=s.receive_limit,
-            limits=ConnectionLimits(s.max_connections, s.max_connections_per_ip),
-            timeout=s.timeout,
-            tls_context=tls,
-            max_session_time=s.max_session_time,
-            max_idle_commands=s.max_idle_commands,
-        )
+        try:
+            self.server = await start_server(
+                self.handler,
+                host=host,
+                port=port,
+                hostname=s.hostname,
+                receive_limit=s.receive_limit,
+                limits=ConnectionLimits(s.max_connections, s.max_connections_per_ip),
+                timeout=s.timeout,
+                tls_context=tls,
+                max_session_time=s.max_session_time,
+                max_idle_commands=s.max_idle_commands,
+            )
+        except OSError as exc:
+            await self._abort_start()
+            raise _bind_error("smtp.listen", s.listen, exc) from None
         self.port = self.server.sockets[0].getsockname()[1]
+        http_addr = self.settings.http_listen
+        if http_addr is not None:
+            self.http = AdminHttp(
+                registry=self.registry, ready=self._ready, status=self.daemon_status
+            )
+            try:
+                await self.http.start(*http_addr)
+            except OSError as exc:
+                self.server.close()
+                await self._abort_start()
+                raise _bind_error("http.listen", self.settings.http.listen, exc) from None
+            self.http_port = self.http.port
+            log.info("metrics and health on http://%s:%s/metrics", http_addr[0], self.http_port)
         if workers:
             if self.pipeline_process is not None:
                 pipeline = self.pipeline_process.supervise(self.stopping, self._recover_crashed)
@@ -252,7 +372,18 @@ class Gateway:
             ]
         log.info("listening on %s:%s for %s", host, self.port, ", ".join(s.domains))
 
+    async def _abort_start(self) -> None:
+        """A listener could not bind: undo what start() began, then the caller raises."""
+        self.stopping.set()
+        if self.pipeline_process is not None:
+            await self.pipeline_process.stop()
+            self.pipeline_process = None
+        self.spool.close()
+        self.engine.dispose()
+
     async def stop(self, drain_timeout: float = 30.0) -> None:
+        if self.http is not None:
+            await self.http.stop()
         if self.server is not None:
             self.server.close()  # stop listening; open sessions go on
             if self.handler is not None and not self.handler.idle.is_set():
@@ -308,6 +439,11 @@ async def serve(settings: Settings) -> int:
     loop.add_signal_handler(signal.SIGHUP, gw.reload_rules)
     sd_notify(f"READY=1\nSTATUS=listening on port {gw.port}")
     print(f"support-gateway listening on {settings.listen[0]}:{gw.port}", flush=True)
+    if gw.http_port is not None and settings.http_listen is not None:
+        print(
+            f"support-gateway metrics on http://{settings.http_listen[0]}:{gw.http_port}/metrics",
+            flush=True,
+        )
     await done.wait()
     sd_notify("STOPPING=1")
     log.info("stopping: finishing in-flight mail and current work")

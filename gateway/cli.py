@@ -1,9 +1,16 @@
-"""Command line: `support-gateway [--config PATH] COMMAND ...` (names fixed by CONTRACT.md)."""
+"""Command line: `support-gateway [--config PATH] COMMAND ...`.
+
+The commands, their options, JSON shapes and exit statuses are the public interface
+(docs/interface.md); names are extended, never renamed. Every failure ends with one line
+naming the problem and an exit status (issue 14): 0 ok, 1 failure, 2 usage, 75 temporary
+(ingest), 78 configuration. Never a traceback, unless -v asks for one.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -17,17 +24,63 @@ from sqlmodel import Session, col, select
 from gateway.settings import ConfigError, Settings, load_settings
 
 EX_OK = 0
+EX_FAIL = 1
 EX_USAGE = 64
+EX_ARGS = 2  # argparse's usage status, and ours for a bad option value (CONTRACT.md)
 EX_TEMPFAIL = 75  # sysexits.h: the MTA keeps the message and retries
+EX_CONFIG = 78  # sysexits.h EX_CONFIG
+
+DESCRIPTION = """\
+An email-first support gateway: customer mail in over SMTP (or pipe mode), tickets,
+honest acknowledgements, staff replies by email, SLA escalation.
+
+Configuration: --config, else $GATEWAY_CONFIG, else ./config.toml (see config.example.toml;
+any key can be set as GATEWAY_<SECTION>__<KEY>). Documentation: README.md and docs/
+(docs/interface.md: commands, JSON output and exit statuses; docs/operations.md: status,
+metrics, health and logs; docs/rules.md: routing rules).
+"""
+EPILOG = "Exit status: 0 ok, 1 failure, 2 usage, 75 temporary (ingest), 78 configuration."
+
+
+class UsageError(Exception):
+    """A bad option value: one line, exit 2."""
+
+
+class Failure(Exception):
+    """An expected failure (no such database, unreadable file): one line, exit 1."""
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="support-gateway", description=__doc__)
+    p = argparse.ArgumentParser(
+        prog="support-gateway",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--config", help="config.toml (default $GATEWAY_CONFIG, else ./config.toml)")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = p.add_subparsers(dest="command", required=True)
+    p.add_argument(
+        "-v", "--verbose", action="store_true", help="debug logging, library logs and tracebacks"
+    )
+    p.add_argument(
+        "--log-format",
+        choices=["text", "json"],
+        default=None,
+        help="log lines as text or as JSON objects (default: config log_format, else text)",
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    sub.add_parser("serve", help="run the daemon (SIGTERM stops, SIGHUP reloads rules)")
+    sub.add_parser(
+        "serve",
+        help="run the daemon: SMTP listener, pipeline, delivery, escalation, metrics",
+        description="Run the daemon until SIGTERM (graceful stop); SIGHUP reloads the rules.",
+    )
+    st = sub.add_parser(
+        "status",
+        help="spool, quarantine, outbox, tickets, rules: the state at a glance",
+        description="Reads the database and the spool directly (no daemon needed); asks the"
+        " daemon's [http] listener for its uptime and rules load time when it runs.",
+    )
+    st.add_argument("--json", action="store_true", help="one JSON object instead of lines")
 
     ing = sub.add_parser("ingest", help="pipe mode: one message from FILE or stdin")
     ing.add_argument("file", nargs="?", help="the message (default: stdin)")
@@ -41,46 +94,52 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     rules = sub.add_parser("rules", help="check or explain the routing rules").add_subparsers(
-        dest="rules_command", required=True
+        dest="rules_command", required=True, metavar="SUBCOMMAND"
     )
-    rc = rules.add_parser("check", help="exit 0 when valid, else file:line: message lines")
+    rc = rules.add_parser(
+        "check", help="validate rules_dir: exit 0 when valid, else file:line: message lines"
+    )
     rc.add_argument("--at", help="ISO 8601 start of the 4-week coverage check (default: now)")
     ex = rules.add_parser("explain", help="where would this .eml go, and why (writes nothing)")
-    ex.add_argument("file")
-    ex.add_argument("--at", help="ISO 8601 arrival time (default: now)")
-    ex.add_argument("--json", action="store_true")
+    ex.add_argument("file", help="the message, as an .eml file")
+    ex.add_argument("--at", help="ISO 8601 arrival time with a zone (default: now)")
+    ex.add_argument("--json", action="store_true", help="one JSON object (docs/interface.md)")
 
     t = sub.add_parser("tickets", help="list or show tickets").add_subparsers(
-        dest="tickets_command", required=True
+        dest="tickets_command", required=True, metavar="SUBCOMMAND"
     )
-    tl = t.add_parser("list")
-    tl.add_argument("--json", action="store_true")
-    tl.add_argument("--status", choices=["open", "waiting", "closed"])
-    tl.add_argument("--limit", type=int, default=0)
-    ts = t.add_parser("show")
-    ts.add_argument("ref")
-    ts.add_argument("--json", action="store_true")
+    tl = t.add_parser("list", help="tickets, newest first")
+    tl.add_argument("--json", action="store_true", help="a JSON array instead of lines")
+    tl.add_argument(
+        "--status", choices=["open", "waiting", "closed"], help="only tickets in this status"
+    )
+    tl.add_argument("--limit", type=int, default=0, help="at most this many tickets (default: all)")
+    ts = t.add_parser("show", help="one ticket: messages, events, links, deadlines")
+    ts.add_argument("ref", help="the ticket reference, e.g. ACME-1042")
+    ts.add_argument("--json", action="store_true", help="one JSON object instead of text")
 
     q = sub.add_parser("quarantine", help="messages that failed processing").add_subparsers(
-        dest="q_command", required=True
+        dest="q_command", required=True, metavar="SUBCOMMAND"
     )
-    ql = q.add_parser("list")
-    ql.add_argument("--json", action="store_true")
-    qs = q.add_parser("show", help="print the raw message")
-    qs.add_argument("id", type=int)
+    ql = q.add_parser("list", help="quarantined messages with their reasons")
+    ql.add_argument("--json", action="store_true", help="a JSON array instead of lines")
+    qs = q.add_parser("show", help="print the raw message (the reason goes to stderr)")
+    qs.add_argument("id", type=int, help="quarantine id (from quarantine list)")
     qr = q.add_parser("replay", help="process it again now (ID, or --all)")
-    qr.add_argument("id", type=int, nargs="?")
+    qr.add_argument("id", type=int, nargs="?", help="quarantine id (from quarantine list)")
     qr.add_argument("--all", action="store_true", help="every quarantined message")
 
     o = sub.add_parser("outbox", help="outgoing mail and its delivery state").add_subparsers(
-        dest="o_command", required=True
+        dest="o_command", required=True, metavar="SUBCOMMAND"
     )
-    ol = o.add_parser("list")
-    ol.add_argument("--json", action="store_true")
-    orr = o.add_parser("retry")
-    orr.add_argument("id", type=int)
+    ol = o.add_parser("list", help="outgoing mail, newest first, with its delivery state")
+    ol.add_argument("--json", action="store_true", help="a JSON array instead of lines")
+    orr = o.add_parser("retry", help="deliver this message again at the next chance")
+    orr.add_argument("id", type=int, help="outbox id (from outbox list)")
 
-    sla = sub.add_parser("sla", help="deadlines").add_subparsers(dest="sla_command", required=True)
+    sla = sub.add_parser("sla", help="deadlines").add_subparsers(
+        dest="sla_command", required=True, metavar="SUBCOMMAND"
+    )
     su = sla.add_parser("upcoming", help="deadlines due soon (and missed), per owner")
     su.add_argument(
         "--within",
@@ -88,36 +147,62 @@ def _parser() -> argparse.ArgumentParser:
         help="duration in the rules' grammar, e.g. 4h, 2d: business time in each ticket's "
         "SLA calendar, d = one working day (default 1d)",
     )
-    su.add_argument("--json", action="store_true")
-    su.add_argument("--at", help="ISO 8601 'now' (default: now)")
+    su.add_argument("--json", action="store_true", help="a JSON array instead of lines")
+    su.add_argument("--at", help="ISO 8601 'now' with a zone (default: now)")
 
-    c = sub.add_parser("customers", help="customers").add_subparsers(
-        dest="c_command", required=True
+    c = sub.add_parser("customers", help="customers and their addresses").add_subparsers(
+        dest="c_command", required=True, metavar="SUBCOMMAND"
     )
     cm = c.add_parser("merge", help="join the customer of address A into the customer of B")
-    cm.add_argument("a")
-    cm.add_argument("b")
+    cm.add_argument("a", help="an address of the customer that is merged away")
+    cm.add_argument("b", help="an address of the customer that stays")
 
-    db = sub.add_parser("db", help="database").add_subparsers(dest="db_command", required=True)
-    db.add_parser("upgrade", help="apply migrations")
+    db = sub.add_parser("db", help="database").add_subparsers(
+        dest="db_command", required=True, metavar="SUBCOMMAND"
+    )
+    db.add_parser("upgrade", help="create the database or apply pending migrations")
 
     sub.add_parser("process", help="process what waits in the spool once, then exit")
 
-    dk = sub.add_parser("dkim", help="DKIM keys").add_subparsers(dest="dkim_command", required=True)
+    dk = sub.add_parser("dkim", help="DKIM keys").add_subparsers(
+        dest="dkim_command", required=True, metavar="SUBCOMMAND"
+    )
     kg = dk.add_parser("keygen", help="write a signing key and print its DNS TXT record")
-    kg.add_argument("--algorithm", choices=["rsa-sha256", "ed25519-sha256"], default="rsa-sha256")
+    kg.add_argument(
+        "--algorithm",
+        choices=["rsa-sha256", "ed25519-sha256"],
+        default="rsa-sha256",
+        help="signing algorithm (default rsa-sha256)",
+    )
     kg.add_argument("--bits", type=int, default=2048, help="RSA key size (default 2048)")
     kg.add_argument("--out", help="key file (default: outbound.dkim.key_file)")
     return p
 
 
 def _settings(args: argparse.Namespace) -> Settings:
-    return load_settings(args.config)
+    settings = load_settings(args.config)
+    if args.log_format is not None:
+        # The option wins over the config, in this process and in the pipeline process.
+        settings.log_format = args.log_format
+    elif settings.effective_log_format != "text":
+        from gateway.logs import setup_logging
+
+        setup_logging(fmt=settings.effective_log_format, verbose=args.verbose)
+    if not args.verbose:
+        logging.getLogger().setLevel(settings.logging.level)
+    return settings
 
 
-def _engine(settings: Settings) -> Any:
+def _engine(settings: Settings, *, create: bool = False) -> Any:
+    """The database; only `serve`, `process` and `db upgrade` may create it (issue 14: a
+    command run from the wrong folder silently made an empty database there)."""
+    from gateway.status import missing_database
     from gateway.store.db import open_database
 
+    if not create:
+        missing = missing_database(settings.storage.database_url)
+        if missing:
+            raise Failure(missing)
     return open_database(settings.storage.database_url)
 
 
@@ -133,9 +218,14 @@ def _rules_or_none(settings: Settings) -> Any:
 def _parse_at(text: str | None) -> datetime:
     if not text:
         return datetime.now(UTC)
-    at = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    try:
+        at = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise UsageError(
+            f"--at {text!r}: expected an ISO 8601 time, e.g. 2026-11-23T09:00:00Z"
+        ) from None
     if at.tzinfo is None:
-        raise SystemExit(f"--at {text!r}: give a time zone, e.g. 2026-11-23T09:00:00Z")
+        raise UsageError(f"--at {text!r}: give a time zone, e.g. 2026-11-23T09:00:00Z")
     return at.astimezone(UTC)
 
 
@@ -226,7 +316,11 @@ def cmd_rules(args: argparse.Namespace) -> int:
     from gateway.pipeline.route import facts_from
     from gateway.routing.explain import explain, format_explain
 
-    parsed = parse(Path(args.file).read_bytes())
+    try:
+        raw = Path(args.file).read_bytes()
+    except OSError as exc:
+        raise Failure(f"explain: cannot read {args.file}: {exc.strerror or exc}") from None
+    parsed = parse(raw)
     recipients = parsed.to or [f"support@{settings.smtp.domains[0]}"]
     facts = facts_from(parsed, [], parsed.from_address, False)
     if not parsed.to:
@@ -277,7 +371,9 @@ def cmd_tickets(args: argparse.Namespace) -> int:
                 f"requester {d['requester']}; owner {d['owner']['name']} <{d['owner']['email']}>;"
                 f" queue {d['queue']}; priority {d['priority']}"
             )
-            print(f"deadlines: {d['deadlines']}")
+            print("deadlines:")
+            for line in _deadline_lines(d["deadlines"]):
+                print(f"  {line}")
             for m in d["messages"]:
                 print(
                     f"  {m['at']} {m['direction']:>3} {m['kind']:<14} {m['from']}: {m['subject']}"
@@ -294,10 +390,48 @@ def cmd_tickets(args: argparse.Namespace) -> int:
     return 0
 
 
+def _deadline_lines(deadlines: Any) -> list[str]:
+    """`tickets show` text: one line per clock, not a Python dict (issue 14)."""
+    if not isinstance(deadlines, dict) or not deadlines:
+        return ["none"]
+    out = []
+    for clock, value in deadlines.items():
+        name = str(clock).replace("_", " ")
+        if isinstance(value, dict):
+            words = [f"{k.replace('_', ' ')} {v}" for k, v in value.items() if v not in (None, "")]
+            out.append(f"{name + ':':<16} {'; '.join(words) or '-'}")
+        else:
+            out.append(f"{name + ':':<16} {value if value is not None else '-'}")
+    return out
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    engine = _engine(settings)
+    from gateway.status import collect, format_status
+
+    facts = collect(settings, engine)
+    engine.dispose()
+    if args.json:
+        _print(facts)
+    else:
+        print(format_status(facts))
+    return 0
+
+
+def _require_spool(settings: Settings) -> None:
+    from gateway.spool import Spool
+
+    path = settings.spool_path / Spool.FILE
+    if not path.exists():
+        raise Failure(f"no spool at {path} (is --config right? `serve` or `ingest` creates it)")
+
+
 def cmd_quarantine(args: argparse.Namespace) -> int:
     settings = _settings(args)
     from gateway.app import build_spool
 
+    _require_spool(settings)
     spool = build_spool(settings)
     try:
         if args.q_command == "list":
@@ -355,7 +489,8 @@ def _process_spool(
         rules=load_rules(settings.rules_path),
         resolver=build_resolver(settings),
     )
-    worker = PipelineWorker(engine=_engine(settings), spool=spool, services=services)
+    # `process` may be the first command after pipe-mode ingest: it may create the database.
+    worker = PipelineWorker(engine=_engine(settings, create=True), spool=spool, services=services)
     n = worker.run_once_sync()
     if worker.outage is not None:
         print(f"paused: {worker.outage.kind} unavailable ({worker.outage.reason})")
@@ -442,7 +577,7 @@ def cmd_sla(args: argparse.Namespace) -> int:
         within = durations.parse(args.within)
     except ValueError as exc:
         print(f"--within {args.within!r}: {exc}", file=sys.stderr)
-        return EX_USAGE
+        return EX_ARGS
     with Session(engine) as s:
         rows = upcoming(s, _rules_or_none(settings), _parse_at(args.at), within)
     if args.json:
@@ -497,7 +632,7 @@ def cmd_customers(args: argparse.Namespace) -> int:
 
 def cmd_db(args: argparse.Namespace) -> int:
     settings = _settings(args)
-    _engine(settings)
+    _engine(settings, create=True)
     print("database is at the latest schema")
     return 0
 
@@ -510,7 +645,7 @@ def cmd_dkim(args: argparse.Namespace) -> int:
     out = args.out or dkim.key_file
     if not out:
         print("give --out PATH or set outbound.dkim.key_file", file=sys.stderr)
-        return EX_USAGE
+        return EX_ARGS
     try:
         record = keygen(
             Path(out),
@@ -529,6 +664,7 @@ def cmd_dkim(args: argparse.Namespace) -> int:
 
 COMMANDS = {
     "serve": cmd_serve,
+    "status": cmd_status,
     "ingest": cmd_ingest,
     "rules": cmd_rules,
     "tickets": cmd_tickets,
@@ -542,22 +678,64 @@ COMMANDS = {
 }
 
 
+def _quiet_stdout() -> None:
+    """The reader went away (`outbox list | head`): send the rest of our output nowhere."""
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    if not args.verbose:
-        # dkimpy logs every failing signature at ERROR; the result is stored on the message.
-        logging.getLogger("gateway.security.sender_auth.dkimpy").setLevel(logging.CRITICAL)
-        # Migrations run at every command; their chatter is noise unless something changes.
-        logging.getLogger("alembic").setLevel(logging.WARNING)
+    from gateway.logs import setup_logging
+
+    # Libraries (alembic, aiosmtpd's "Connection lost", dkimpy) stay quiet unless -v.
+    setup_logging(fmt=args.log_format or "text", verbose=args.verbose)
+    prog = "support-gateway"
     try:
-        return COMMANDS[args.command](args)
+        code = COMMANDS[args.command](args)
+        sys.stdout.flush()  # a closed pipe shows up here, not at interpreter exit
+        return code
     except ConfigError as exc:
-        print(f"support-gateway: {exc}", file=sys.stderr)
-        return 78 if args.command != "ingest" else EX_TEMPFAIL  # EX_CONFIG
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return EX_CONFIG if args.command != "ingest" else EX_TEMPFAIL
+    except BrokenPipeError:
+        _quiet_stdout()
+        return EX_OK
+    except KeyboardInterrupt:
+        return 130
+    except UsageError as exc:
+        print(f"{prog} {args.command}: {exc}", file=sys.stderr)
+        return EX_ARGS
+    except Failure as exc:
+        print(f"{prog} {args.command}: {exc}", file=sys.stderr)
+        return EX_FAIL
+    except Exception as exc:
+        if args.verbose:
+            raise
+        print(f"{prog} {args.command}: {_one_line(exc)}", file=sys.stderr)
+        return EX_FAIL
+
+
+def _one_line(exc: BaseException) -> str:
+    """One line for an unexpected error (the traceback is for -v)."""
+    from gateway.app import ListenError
+
+    if isinstance(exc, ListenError):
+        return str(exc)
+    if isinstance(exc, OSError) and exc.strerror:
+        where = f"{exc.filename}: " if exc.filename else ""
+        return f"{where}{exc.strerror}"
+    try:
+        from sqlalchemy.exc import DBAPIError
+
+        if isinstance(exc, DBAPIError):
+            first = str(exc.orig).splitlines()[0] if exc.orig else str(exc).splitlines()[0]
+            return f"database error: {first}"
+    except ImportError:  # pragma: no cover
+        pass
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{exc.__class__.__name__}: {text} (run with -v for the traceback)"
 
 
 if __name__ == "__main__":

@@ -25,6 +25,10 @@ from pydantic_settings import (
 )
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B|[KMGT])?\s*$", re.IGNORECASE)
+# A host name, an IPv4 address or (inside brackets) an IPv6 address: letters, digits, dots,
+# hyphens, colons, "*" never. `garbage` is a valid host name, which is why `smtp.listen`
+# additionally requires an explicit port (issue 14: "garbage" was read as ("garbage", 25)).
+_HOST_RE = re.compile(r"[A-Za-z0-9_.\-:%]+")
 _SIZE_UNITS = {
     None: 1,
     "b": 1,
@@ -69,18 +73,35 @@ def parse_hostport(value: str, *, default_port: int) -> tuple[str, int]:
         host, sep, rest = value[1:].partition("]")
         if not sep:
             raise ValueError("expected [ipv6]:port")
-        port_text = rest[1:] if rest.startswith(":") else ""
+        if rest and not rest.startswith(":"):
+            raise ValueError("expected [ipv6]:port")
+        port_text = rest[1:]
+        if rest == ":":
+            raise ValueError("expected a port number from 0 to 65535 after the colon")
     elif value.count(":") == 1:
         host, _, port_text = value.partition(":")
     else:
         host, port_text = value, ""
     if not host:
         raise ValueError("expected host:port with a host")
-    if port_text == "":
+    if not _HOST_RE.fullmatch(host):
+        raise ValueError("expected host:port, e.g. 127.0.0.1:25, [::1]:25 or mx.example.com:25")
+    if port_text == "" and not value.endswith(":"):
         return host, default_port
     if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
         raise ValueError("expected a port number from 0 to 65535")
     return host, int(port_text)
+
+
+def _listen_value(v: str, *, required: bool) -> str:
+    """A listen address must say its port: `host:port` or `[ipv6]:port` (0 = any free port)."""
+    v = v.strip()
+    if not v and not required:
+        return v
+    _host, port = parse_hostport(v, default_port=-1)
+    if port < 0:
+        raise ValueError("expected host:port with an explicit port, e.g. 127.0.0.1:25 or [::1]:25")
+    return v
 
 
 class _Section(BaseModel):
@@ -116,8 +137,7 @@ class SmtpSettings(_Section):
     @field_validator("listen")
     @classmethod
     def _listen(cls, v: str) -> str:
-        parse_hostport(v, default_port=25)
-        return v
+        return _listen_value(v, required=True)
 
     @field_validator(
         "max_message_size", "max_receive_size", "min_free_disk", "inflight_budget", mode="before"
@@ -298,6 +318,32 @@ class NodeSettings(_Section):
         return v
 
 
+class HttpSettings(_Section):
+    # /metrics (Prometheus text format), /healthz, /readyz. "" = off. Off in the embedded
+    # defaults so that tests and a second instance on one host never fight over a port;
+    # config.example.toml turns it on at 127.0.0.1:9025 (CONTRACT.md). Port 0 = any free
+    # port (tests read the bound one from Gateway.http_port).
+    listen: str = ""
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, v: str) -> str:
+        return _listen_value(v, required=False)
+
+
+class LoggingSettings(_Section):
+    # "text": one readable line per event; "json": one JSON object per line (for journald
+    # forwarding, Loki, Elasticsearch). The global `--log-format` option overrides it.
+    format: Literal["text", "json"] = "text"
+    # Our own loggers' level; libraries stay at WARNING unless -v is given.
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("level", mode="before")
+    @classmethod
+    def _level(cls, v: Any) -> Any:
+        return v.upper() if isinstance(v, str) else v
+
+
 class Settings(BaseSettings):
     """Every infrastructure key of the gateway. Build with `load_settings()`."""
 
@@ -317,6 +363,10 @@ class Settings(BaseSettings):
     pipeline: PipelineSettings = Field(default_factory=PipelineSettings)
     alerts: AlertsSettings = Field(default_factory=AlertsSettings)
     node: NodeSettings = Field(default_factory=NodeSettings)
+    http: HttpSettings = Field(default_factory=HttpSettings)
+    logging: LoggingSettings = Field(default_factory=LoggingSettings)
+    # Shorthand for [logging] format (the brief's `log_format`); "" = use [logging] format.
+    log_format: Literal["", "text", "json"] = ""
 
     # Where the TOML came from (None: embedded defaults); relative paths resolve from cwd.
     config_path: str | None = Field(default=None, exclude=True)
@@ -341,6 +391,16 @@ class Settings(BaseSettings):
     @property
     def listen(self) -> tuple[str, int]:
         return parse_hostport(self.smtp.listen, default_port=25)
+
+    @property
+    def http_listen(self) -> tuple[str, int] | None:
+        if not self.http.listen:
+            return None
+        return parse_hostport(self.http.listen, default_port=9025)
+
+    @property
+    def effective_log_format(self) -> str:
+        return self.log_format or self.logging.format
 
     @property
     def relay(self) -> tuple[str, int] | None:
@@ -417,9 +477,11 @@ def load_settings(config: str | None = None, **overrides: Any) -> Settings:
 
 
 def _format_errors(exc: ValidationError, path: Path | None) -> str:
-    where = str(path) if path else "configuration"
+    # A bad value may come from the file or from a GATEWAY_* variable; name both sources.
+    where = f"configuration ({path} and GATEWAY_* environment)" if path else "configuration"
     lines = [f"invalid {where}:"]
-    for err in exc.errors():
+    errors = exc.errors()
+    for err in errors:
         key = ".".join(str(p) for p in err["loc"])
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
@@ -428,4 +490,6 @@ def _format_errors(exc: ValidationError, path: Path | None) -> str:
             lines.append(f"  {key} = <hidden>: {msg}")
         else:
             lines.append(f"  {key} = {err.get('input')!r}: {msg}")
+    if len(errors) == 1:  # one problem, one line (issue 14: an admin greps the journal)
+        return f"{lines[0]} {lines[1].strip()}"
     return "\n".join(lines)

@@ -51,6 +51,7 @@ from typing import Any
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from gateway.clock import Clock
+from gateway.logs import kv
 from gateway.spool import Envelope as SpoolEnvelope
 from gateway.spool import Spool, SpoolFull
 
@@ -244,6 +245,16 @@ class DataSink:
             self.path = None
 
 
+_MESSAGE_ID = re.compile(rb"^message-id:[ \t]*(<[^>\r\n]{1,500}>)", re.IGNORECASE | re.MULTILINE)
+
+
+def _message_id(raw: bytes) -> str | None:
+    """The Message-ID for the log line, from the header block only (no full parse here)."""
+    end = raw.find(b"\r\n\r\n")
+    m = _MESSAGE_ID.search(raw[: end if end >= 0 else 65536])
+    return m.group(1).decode("utf-8", "replace") if m else None
+
+
 class ConnectionLimits:
     """Counts open connections, overall and per client address."""
 
@@ -366,6 +377,7 @@ class GatewaySMTP(SMTP):
             refusal = self.limits.admit(self._peer_ip)
             if refusal is not None:
                 log.warning("refusing connection from %s: %s", self._peer_ip, refusal)
+                self.event_handler.tally[("smtp_messages_deferred", "421")] += 1
                 assert isinstance(transport, asyncio.WriteTransport)
                 transport.write(f"421 4.7.0 {self.hostname} {refusal}, try later\r\n".encode())
                 transport.close()
@@ -523,6 +535,8 @@ class InboundHandler:
         self.max_messages_per_connection = max_messages_per_connection
         self.on_accepted = on_accepted
         self.accepted = 0
+        # Prometheus tallies (gateway/metrics.py): accepted, deferred by reply code.
+        self.tally: Counter[tuple[str, ...]] = Counter()
         self.inflight = 0
         self.idle = asyncio.Event()
         self.idle.set()
@@ -543,6 +557,7 @@ class InboundHandler:
         mail_options: list[str],
     ) -> str:
         if server.messages_in_session >= self.max_messages_per_connection:
+            self.tally[("smtp_messages_deferred", "421")] += 1
             return "421 4.7.0 Too many messages in one session, please reconnect"
         if control_character(address) is not None:
             # Permanent and correct: the address is malformed, not the customer refused
@@ -552,6 +567,8 @@ class InboundHandler:
         try:
             self.spool.check_disk()
         except SpoolFull:
+            self.tally[("smtp_messages_deferred", "452")] += 1
+            log.warning("spool disk nearly full: answering 452 4.3.1 to MAIL FROM %s", address)
             return "452 4.3.1 Insufficient system storage, try again later"
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
@@ -599,6 +616,8 @@ class InboundHandler:
             else:
                 entry_id = await self.spool.submit(spool_env, raw)
         except SpoolFull:
+            self.tally[("smtp_messages_deferred", "452")] += 1
+            log.warning("spool disk nearly full: answering 452 4.3.1 after DATA")
             return "452 4.3.1 Insufficient system storage, try again later"
         finally:
             self.inflight -= 1
@@ -606,6 +625,16 @@ class InboundHandler:
                 self.idle.set()
         server.messages_in_session += 1
         self.accepted += 1
+        self.tally[("smtp_messages_accepted",)] += 1
+        fields = {
+            "spool": entry_id,
+            "message_id": _message_id(raw),
+            "size": len(raw),
+            "from": spool_env.mail_from or "<>",
+            "to": spool_env.rcpt_tos,
+            "client": spool_env.peer,
+        }
+        log.info("accepted %s", kv(fields), extra={"fields": {"event": "accepted", **fields}})
         if self.on_accepted is not None:
             self.on_accepted(entry_id)
         return f"250 2.0.0 OK queued as {entry_id}"
@@ -614,6 +643,7 @@ class InboundHandler:
         # Must be async: aiosmtpd 1.4.6 awaits it (FIELD-NOTES §1). Our trouble is
         # never the sender's fault, so the answer is temporary and the sender retries.
         log.error("SMTP session error: %r", error, exc_info=error)
+        self.tally[("smtp_messages_deferred", "451")] += 1
         return "451 4.3.0 Temporary local problem, please try again later"
 
 

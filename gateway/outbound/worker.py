@@ -39,6 +39,7 @@ import json
 import logging
 import random
 import re
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -49,6 +50,8 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
 from gateway.clock import Clock
+from gateway.logs import kv
+from gateway.metrics import is_database_error
 from gateway.node import NodeIdentity, node_identity
 from gateway.outbound import retry
 from gateway.outbound.compose import compose_notification
@@ -237,6 +240,8 @@ class DeliveryWorker:
         # stops before it passes, so no other node can hold a row we are still sending.
         self._lease_until: datetime | None = None
         self.stale_records = 0  # outcomes dropped because our claim was no longer current
+        # Prometheus tallies (gateway/metrics.py): deliveries by outcome.
+        self.tally: Counter[tuple[str, ...]] = Counter()
 
     # -- claiming ----------------------------------------------------------------------
 
@@ -371,6 +376,30 @@ class DeliveryWorker:
         return result, signed
 
     def _record(self, item: _Claimed, result: DeliveryResult, signed: bytes) -> None:
+        state = self._record_row(item, result, signed)
+        if state is None:
+            return
+        self.tally[("deliveries", result.outcome)] += 1
+        # One line per attempt, after the commit (issue 14: failures were not logged at all):
+        # INFO delivered, WARNING temporary failure (retried), ERROR permanent / given up.
+        fields = {
+            "outbox": item.id,
+            "kind": item.kind,
+            "message_id": item.message_id,
+            "to": item.rcpt_tos,
+            "state": state,
+            "reply": f"{result.code or ''} {result.detail}".strip()[:300],
+        }
+        extra = {"fields": {"event": "delivery", **fields}}
+        if result.outcome == SENT:
+            log.info("delivered %s", kv(fields), extra=extra)
+        elif state == "queued":
+            log.warning("delivery deferred %s", kv(fields), extra=extra)
+        else:
+            log.error("delivery failed %s", kv(fields), extra=extra)
+
+    def _record_row(self, item: _Claimed, result: DeliveryResult, signed: bytes) -> str | None:
+        """Store the attempt's outcome; return the row's new state (None: not ours now)."""
         now = self.clock.now()
         with session_scope(self.engine) as s:
             # Locked (PostgreSQL) so no claim slips in between the check and the write.
@@ -386,7 +415,7 @@ class DeliveryWorker:
                     self.node,
                     result.outcome,
                 )
-                return
+                return None
             row.attempts += 1
             row.claimed_until = None
             rcpts = ", ".join(item.rcpt_tos)
@@ -435,6 +464,7 @@ class DeliveryWorker:
                         now,
                     )
             s.add(row)
+            return row.state
 
     def _tell_owner(self, s: Session, item: _Claimed, detail: str, now: datetime) -> None:
         """ONE notice to the ticket's owner; never the customer, never about a notice."""
@@ -552,7 +582,9 @@ class DeliveryWorker:
             try:
                 await self.run_once()
                 due = await asyncio.to_thread(self.next_due)
-            except Exception:  # the database is away: log, back off, try again
+            except Exception as exc:  # the database is away: log, back off, try again
+                if is_database_error(exc):
+                    self.tally[("database_errors",)] += 1
                 log.exception("delivery loop error")
                 due = None
                 with contextlib.suppress(TimeoutError):

@@ -8,7 +8,9 @@ transactions, so the child needs nothing from the parent but a control pipe carr
 byte per signal: `w` the spool committed new mail, `r` read the rules again (the parent got
 SIGHUP), `s` finish the current message and exit; end of file means the parent is gone.
 A second pipe goes back: "I committed a batch" (new outbox rows: wake the delivery worker
-and the escalator). Pipes, not multiprocessing Events: those are named semaphores, which
+and the escalator), carrying the batch's metric increments as JSON (gateway/metrics.py), so
+`/metrics` counts what the child did without a shared-memory registry. Pipes, not
+multiprocessing Events: those are named semaphores, which
 Python 3.11's resource tracker double-unregisters at exit with spawned children.
 
 The child starts with the parent's rules in force (a broken edit on disk must not stop a
@@ -34,15 +36,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import json
 import logging
 import multiprocessing
 import os
 import signal
 import time
+from collections import Counter
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 from threading import Event, Lock, Thread
 from typing import Any
+
+from gateway.metrics import tally_from_wire
 
 log = logging.getLogger("gateway.pipeline")
 
@@ -105,13 +111,18 @@ def child_main(
     # must not kill us mid-transaction.
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, signal.SIG_IGN)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s[pipeline]: %(message)s"
+    from gateway.logs import setup_logging
+
+    setup_logging(
+        fmt=str(config.get("log_format") or config.get("logging", {}).get("format") or "text"),
+        level=str(config.get("logging", {}).get("level") or "INFO"),
+        verbose=bool(config.get("_verbose")),
+        tag="pipeline",
     )
-    logging.getLogger("gateway.security.sender_auth.dkimpy").setLevel(logging.CRITICAL)
 
     from gateway.app import build_resolver, build_spool
     from gateway.clock import SystemClock
+    from gateway.metrics import CountingResolver, tally_to_wire
     from gateway.pipeline.context import Services
     from gateway.pipeline.worker import PipelineWorker
     from gateway.routing.holder import RulesHolder
@@ -119,19 +130,22 @@ def child_main(
     from gateway.settings import Settings
     from gateway.store.db import open_database
 
-    settings = Settings(**config)
+    settings = Settings(**{k: v for k, v in config.items() if not k.startswith("_")})
     clock = SystemClock()
     engine = open_database(settings.storage.database_url, migrate=False)
     spool = build_spool(settings, clock)
     rules = RulesHolder(settings.rules_path, initial=rules_now)
+    resolver = build_resolver(settings)
     services = Services(
         settings=settings,
         clock=clock,
         signer=Signer(settings.secret()),
         rules=rules.current,
-        resolver=build_resolver(settings),
+        resolver=resolver,
     )
     worker = PipelineWorker(engine=engine, spool=spool, services=services)
+    if resolver is not None:
+        services.resolver = CountingResolver(resolver, worker.tally)
     beat = {"busy": b"b", "idle": b"i", "paused": b"z"}
 
     def heartbeat(state: str, entry_id: int | None) -> None:
@@ -140,17 +154,23 @@ def child_main(
             notify.send_bytes(data)
 
     worker.heartbeat = heartbeat
-    # "I committed": after every message, not only when the spool is empty, which under
-    # sustained load is never; the delivery worker and the escalator would then wake only
-    # on their 60 s timeouts (issue 16 finding 1). One byte per message; the parent drains
-    # the pipe and wakes them once per read.
+
+    def ship() -> None:
+        """Tell the parent "I committed", with the metric increments since the last word
+        (a JSON list; b"1" when there are none)."""
+        data = json.dumps(tally_to_wire(worker.tally)).encode() if worker.tally else b"1"
+        worker.tally.clear()
+        with contextlib.suppress(OSError):
+            notify.send_bytes(data)
+
+    # After every message, not only when the spool is empty, which under sustained load is
+    # never; the delivery worker and the escalator would then wake only on their 60 s
+    # timeouts (issue 16 finding 1). The parent drains the pipe and wakes them once per read.
     process_one = worker.process_one
 
     def process_and_signal(entry: Any) -> bool:
         ok = process_one(entry)
-        if ok:
-            with contextlib.suppress(OSError):
-                notify.send_bytes(b"1")
+        ship()
         return ok
 
     worker.process_one = process_and_signal  # type: ignore[method-assign]
@@ -165,9 +185,8 @@ def child_main(
             elif rules.reload_if_changed():
                 services.rules = rules.current
             wake.clear()
-            if worker.run_once_sync(stop):
-                with contextlib.suppress(OSError):
-                    notify.send_bytes(b"1")
+            if worker.run_once_sync(stop) or worker.tally:
+                ship()
             delay = worker.retry_delay()
             if delay is None:
                 # Woken by the next commit; the timeout retries entries whose backoff ended.
@@ -188,12 +207,14 @@ class PipelineProcess:
         rules: Any,
         on_batch: Any,
         on_give_up: Callable[[str], None] | None = None,
+        on_tally: Callable[[Counter[tuple[str, ...]]], None] | None = None,
     ) -> None:
         self._mp = multiprocessing.get_context("spawn")
         self.config = config
         self.rules = rules  # callable: the rules in force now (handed to each new child)
         self.on_batch = on_batch
         self.on_give_up = on_give_up  # blocking (an alert); run in a thread
+        self.on_tally = on_tally  # the child's metric increments, merged into the parent's
         self.proc: Any = None
         self._conn: Connection | None = None
         self._control: Connection | None = None
@@ -251,6 +272,11 @@ class PipelineProcess:
                 self.last_word = time.monotonic()
                 if data == b"1":
                     batch = True
+                elif data.startswith(b"["):
+                    batch = True
+                    if self.on_tally is not None:
+                        with contextlib.suppress(ValueError):
+                            self.on_tally(tally_from_wire(json.loads(data)))
                 elif data[:1] in states:
                     self.state = states[data[:1]]
                     self.current = int(data[1:]) if data[1:].isdigit() else None

@@ -15,9 +15,9 @@ The order is the flow of a message (ARCHITECTURE.md) and matters:
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable
+from typing import Any
 
 from gateway.pipeline.bounce import parse_bounce
 from gateway.pipeline.classify import classify
@@ -217,7 +217,17 @@ def run_stages(ctx: Context, stages: tuple[Stage, ...] = STAGES) -> None:
         stage(ctx)
 
 
-def summary(ctx: Context) -> str:
+def summary(ctx: Context) -> dict[str, Any]:
+    """The facts of one processed message for its log line (gateway/logs.py)."""
     t = ctx.ticket.ref if ctx.ticket is not None else "-"
     key = ctx.thread.key if ctx.thread else "?"
-    return json.dumps({"spool": ctx.entry.id, "ticket": t, "thread": key, "kind": ctx.kind})
+    # The stored message's kind is the final word: the staff stage turns a "note" into a
+    # "staff_reply" once it is relayed (issue 14: relayed replies were logged as notes).
+    kind = ctx.message.kind if ctx.message is not None else ctx.kind
+    return {
+        "spool": ctx.entry.id,
+        "message_id": ctx.parsed.message_id if ctx.parsed is not None else None,
+        "ticket": t,
+        "kind": kind,
+        "thread": key,
+    }

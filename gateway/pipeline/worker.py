@@ -26,6 +26,7 @@ import asyncio
 import logging
 import time
 import traceback
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -35,6 +36,8 @@ from typing import Protocol
 from sqlalchemy.engine import Engine
 
 from gateway import alerts
+from gateway.logs import kv
+from gateway.metrics import is_database_error
 from gateway.pipeline.context import Context, Services
 from gateway.pipeline.faults import (
     PROBE_BYTES,
@@ -101,6 +104,8 @@ class PipelineWorker:
         self.wakeup = asyncio.Event()
         self.processed = 0
         self.failures = 0
+        # Prometheus tallies (gateway/metrics.py); the pipeline process ships them home.
+        self.tally: Counter[tuple[str, ...]] = Counter()
         self.after_batch: Callable[[], None] | None = None
         # Called with "busy" before each entry, "idle" when nothing is left, "paused" at
         # each probe of an outage: the supervisor's heartbeat (process.py).
@@ -157,13 +162,18 @@ class PipelineWorker:
         try:
             ctx = self.process(entry)
         except Exception as exc:
+            if is_database_error(exc):
+                self.tally[("database_errors",)] += 1
             if self._infrastructure(exc, entry):
                 return False
+            self.tally[("pipeline_failed",)] += 1
             return self._message_fault(entry, exc)
         self._suspects.pop(entry.id, None)
         self.spool.release(entry.id)
         self.processed += 1
-        log.info("processed %s", summary(ctx))
+        self.tally[("pipeline_processed",)] += 1
+        fields = summary(ctx)
+        log.info("processed %s", kv(fields), extra={"fields": {"event": "processed", **fields}})
         return True
 
     def _infrastructure(self, exc: BaseException, entry: SpoolEntry) -> bool:
@@ -224,12 +234,14 @@ class PipelineWorker:
             if self._infrastructure(exc2, entry):
                 return False
             self.spool.quarantine(entry.id, reason)
+            self.tally[("pipeline_quarantined",)] += 1
             log.error("spool entry %s quarantined: %r", entry.id, exc)
             self.alert_quarantined(entry, short)
             return False
         self.spool.release(entry.id)
         self.processed += 1
-        log.error("processed %s in degraded form after %r", summary(ctx), exc)
+        self.tally[("pipeline_processed",)] += 1
+        log.error("processed %s in degraded form after %r", kv(summary(ctx)), exc)
         return True
 
     def alert_quarantined(self, entry: SpoolEntry, reason: str) -> None:

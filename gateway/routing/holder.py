@@ -8,6 +8,7 @@ times, cheap enough to run every few seconds). A failed reload is logged loudly 
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 from gateway.routing.loader import RulesError, load_rules
@@ -26,6 +27,7 @@ class RulesHolder:
         self.reloads = 0
         self.failed_reloads = 0
         self.last_error: str | None = None
+        self.loaded_at = time.time()  # when the rules in force were read (status, /metrics)
 
     def _fingerprint(self) -> tuple[tuple[str, int, int], ...]:
         files = sorted(self.rules_dir.glob("*.toml"))
@@ -52,6 +54,7 @@ class RulesHolder:
             return False
         self.current = rules
         self._stamp = stamp
+        self.loaded_at = time.time()
         self.reloads += 1
         self.last_error = None
         log.info("rules reloaded from %s", self.rules_dir)

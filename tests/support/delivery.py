@@ -68,7 +68,7 @@ def write_serve_config(tmp_path: Path, port: int, relay_port: int) -> Path:
         'domains = ["example.com"]\nmin_free_disk = 0\n'
         f'[storage]\ndatabase_url = "sqlite:///{tmp_path}/gw.db"\nspool_dir = "{tmp_path}/spool"\n'
         f'[outbound]\nrelay = "127.0.0.1:{relay_port}"\n'
-        '[security]\nsecret_key = "crash-test-secret-0123456789"\n'
+        '[security]\nsecret_key = "crash-test-secret-0123456789abcdefgh"\n'
         "verify_senders = false\n"
     )
     return cfg
