@@ -28,16 +28,14 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("serve", help="run the daemon (SIGTERM stops, SIGHUP reloads rules)")
 
-    ing = sub.add_parser("ingest", help="pipe mode: one message from FILE or stdin")
-    ing.add_argument("file", nargs="?", help="the message (default: stdin)")
-    ing.add_argument("--sender", "-f", default=None, help="envelope sender (Postfix ${sender})")
-    ing.add_argument(
-        "--recipient",
-        "-r",
-        action="append",
-        default=[],
-        help="envelope recipient (Postfix ${recipient}); repeatable",
+    ing = sub.add_parser(
+        "ingest",
+        help="pipe mode: one message from FILE or stdin (docs/postfix.md)",
+        description="Exit 0 when the message is durable, 75 on any failure (the MTA retries).",
     )
+    from gateway.pipe import add_arguments as ingest_arguments
+
+    ingest_arguments(ing)
 
     rules = sub.add_parser("rules", help="check or explain the routing rules").add_subparsers(
         dest="rules_command", required=True
@@ -98,7 +96,15 @@ def _parser() -> argparse.ArgumentParser:
     db = sub.add_parser("db", help="database").add_subparsers(dest="db_command", required=True)
     db.add_parser("upgrade", help="apply migrations")
 
-    sub.add_parser("process", help="process what waits in the spool once, then exit")
+    pr = sub.add_parser(
+        "process",
+        help="process what waits in the spool once, deliver the outbox once, then exit",
+    )
+    pr.add_argument(
+        "--no-deliver",
+        action="store_true",
+        help="leave outgoing mail for the running daemon (`serve`) to deliver",
+    )
 
     dk = sub.add_parser("dkim", help="DKIM keys").add_subparsers(dest="dkim_command", required=True)
     kg = dk.add_parser("keygen", help="write a signing key and print its DNS TXT record")
@@ -147,50 +153,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
-    """Exit 0 only when the message is durable; 75 on any temporary failure."""
-    try:
-        settings = _settings(args)
-        raw = Path(args.file).read_bytes() if args.file else sys.stdin.buffer.read()
-        from email.parser import BytesHeaderParser
-        from email.utils import getaddresses
+    """Exit 0 only when the message is durable; 75 on any temporary failure (gateway/pipe.py)."""
+    from gateway.pipe import run
 
-        from gateway.app import build_spool
-        from gateway.spool import Envelope
-
-        headers = BytesHeaderParser().parsebytes(raw)
-        sender = args.sender
-        if sender is None:
-            rp = getaddresses([str(headers.get("Return-Path", ""))])
-            sender = rp[0][1] if rp else ""
-        recipients = (
-            args.recipient
-            or [a for _, a in getaddresses([str(v) for v in headers.get_all("To", []) or []]) if a]
-            or [f"postmaster@{settings.smtp.domains[0]}"]
-        )
-        # Normalise CRLF so pipe mode and SMTP store the same bytes for the same message.
-        if b"\r\n" not in raw:
-            raw = raw.replace(b"\n", b"\r\n")
-        spool = build_spool(settings)
-        try:
-            entry_id = spool.submit_sync(
-                Envelope(
-                    mail_from=sender,
-                    rcpt_tos=recipients,
-                    source="pipe",
-                    received_at=datetime.now(UTC).replace(microsecond=0).isoformat(),
-                ),
-                raw,
-            )
-        finally:
-            spool.close()
-    except ConfigError as exc:
-        print(f"support-gateway ingest: {exc}", file=sys.stderr)
-        return EX_TEMPFAIL
-    except Exception as exc:  # anything else is temporary too: the MTA keeps the mail
-        print(f"support-gateway ingest: temporary failure: {exc!r}", file=sys.stderr)
-        return EX_TEMPFAIL
-    print(f"queued as {entry_id}")
-    return EX_OK
+    return run(args)
 
 
 def cmd_rules(args: argparse.Namespace) -> int:
@@ -311,7 +277,9 @@ def cmd_quarantine(args: argparse.Namespace) -> int:
         spool.close()
 
 
-def _process_spool(settings: Settings, spool: Any, only: int | None = None) -> int:
+def _process_spool(
+    settings: Settings, spool: Any, only: int | None = None, deliver: bool = False
+) -> int:
     from gateway.app import build_resolver
     from gateway.clock import SystemClock
     from gateway.pipeline.context import Services
@@ -326,13 +294,24 @@ def _process_spool(settings: Settings, spool: Any, only: int | None = None) -> i
         rules=load_rules(settings.rules_path),
         resolver=build_resolver(settings),
     )
-    worker = PipelineWorker(engine=_engine(settings), spool=spool, services=services)
+    engine = _engine(settings)
+    worker = PipelineWorker(engine=engine, spool=spool, services=services)
     n = worker.run_once_sync()
     state = spool.get(only) if only is not None else None
     if state is not None:  # still in the spool: it failed again
         print(f"message {only} failed again: {(state.last_error or '').splitlines()[0]}")
         return 1
     print(f"processed {n} message(s)")
+    if deliver:
+        # Pipe mode without a running daemon (issue 14): `process` also makes one delivery
+        # pass, so acknowledgements leave now; what the relay refuses stays queued for the
+        # next pass or for `serve` (retry schedule unchanged).
+        from gateway.outbound.worker import DeliveryWorker
+
+        sent = asyncio.run(
+            DeliveryWorker(engine, settings, services.clock, signer=services.signer).run_once()
+        )
+        print(f"delivered {sent} outgoing message(s)")
     return 0
 
 
@@ -342,7 +321,7 @@ def cmd_process(args: argparse.Namespace) -> int:
 
     spool = build_spool(settings)
     try:
-        return _process_spool(settings, spool)
+        return _process_spool(settings, spool, deliver=not args.no_deliver)
     finally:
         spool.close()
 

@@ -23,7 +23,6 @@ disconnected before seeing `250` and sends again does not create a second entry.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import hashlib
 import json
@@ -201,6 +200,8 @@ class Spool:
 
     async def submit(self, envelope: Envelope, raw: bytes) -> int:
         """Make one message durable; return its spool id once the commit is fsynced."""
+        import asyncio  # here, not at the top: pipe-mode ingest never needs it (start-up time)
+
         self.check_disk()
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[int] = loop.create_future()
