@@ -106,6 +106,13 @@ def _parser() -> argparse.ArgumentParser:
         help="leave outgoing mail for the running daemon (`serve`) to deliver",
     )
 
+    doc = sub.add_parser(
+        "doctor",
+        help="check the installation end to end (config, database, spool, relay, DNS, TLS, "
+        "rules); each check ok/warn/fail with the fix; exit 1 when any fails",
+    )
+    doc.add_argument("--json", action="store_true", help='{"checks": [...]} (CONTRACT.md)')
+
     dk = sub.add_parser("dkim", help="DKIM keys").add_subparsers(dest="dkim_command", required=True)
     kg = dk.add_parser("keygen", help="write a signing key and print its DNS TXT record")
     kg.add_argument("--algorithm", choices=["rsa-sha256", "ed25519-sha256"], default="rsa-sha256")
@@ -467,6 +474,17 @@ def cmd_dkim(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from gateway.doctor import format_text, run_checks
+
+    checks = run_checks(args.config, now=datetime.now(UTC))
+    if args.json:
+        _print({"checks": [c.to_json() for c in checks]})
+    else:
+        print(format_text(checks))
+    return 1 if any(c.status == "fail" for c in checks) else 0
+
+
 COMMANDS = {
     "serve": cmd_serve,
     "ingest": cmd_ingest,
@@ -479,6 +497,7 @@ COMMANDS = {
     "db": cmd_db,
     "process": cmd_process,
     "dkim": cmd_dkim,
+    "doctor": cmd_doctor,
 }
 
 
