@@ -119,3 +119,16 @@ async def test_process_delivers_the_acknowledgement(tmp_path: Path) -> None:
         got = await relay.wait_for(1)
         acks = [c for c in got if "pat@customer.example" in c.rcpt_tos]
         assert acks and "ack me" in str(acks[0].message()["Subject"])
+
+
+def test_one_invocation_per_recipient_still_files_once(tmp_path: Path) -> None:
+    # support_destination_recipient_limit = 1: pipe(8) runs ingest once per recipient.
+    cfg = write_config(tmp_path, free_port())
+    raw = make_mail(to="support@example.com, billing@example.com").as_bytes()
+    for rcpt in ("support@example.com", "billing@example.com"):
+        r = run_cli(
+            cfg, "ingest", "--sender=pat@customer.example", f"--recipient={rcpt}", stdin=raw
+        )
+        assert r.returncode == 0, r.stderr
+    assert run_cli(cfg, "process", "--no-deliver").returncode == 0
+    assert len(json.loads(run_cli(cfg, "tickets", "list", "--json").stdout)) == 1
