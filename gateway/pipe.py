@@ -176,26 +176,29 @@ def split_words(words: list[str], file: str | None) -> tuple[list[str], str | No
 
 def ingest(args: argparse.Namespace, stdin: Any = None) -> str:
     """Make one message durable; return the spool id. Raises on any failure."""
-    from email.parser import BytesHeaderParser
-    from email.utils import getaddresses
-
     from gateway.spool import Envelope, Spool
 
     cfg = load_config(args.config)
     extra, file = split_words(list(args.words), args.file)
     raw = Path(file).read_bytes() if file else (stdin or sys.stdin.buffer).read()
-    headers = BytesHeaderParser().parsebytes(raw)
     sender = args.sender
-    if sender is None:
-        rp = getaddresses([str(headers.get("Return-Path", ""))])
-        sender = rp[0][1] if rp else ""
+    recipients = [*args.recipient, *extra]
+    if sender is None or not recipients:
+        # Only without an envelope from the MTA: read it from the headers (the email
+        # package is the largest import left, so the Postfix recipes never pay for it).
+        from email.parser import BytesHeaderParser
+        from email.utils import getaddresses
+
+        headers = BytesHeaderParser().parsebytes(raw)
+        if sender is None:
+            rp = getaddresses([str(headers.get("Return-Path", ""))])
+            sender = rp[0][1] if rp else ""
+        recipients = recipients or [
+            a for _, a in getaddresses([str(v) for v in headers.get_all("To", []) or []]) if a
+        ]
+    recipients = recipients or [f"postmaster@{cfg.domains[0]}"]
     if sender.upper() == "MAILER-DAEMON":  # pipe(8)'s default spelling of <>
         sender = ""
-    recipients = (
-        [*args.recipient, *extra]
-        or [a for _, a in getaddresses([str(v) for v in headers.get_all("To", []) or []]) if a]
-        or [f"postmaster@{cfg.domains[0]}"]
-    )
     # Normalise CRLF so pipe mode and SMTP store the same bytes for the same message.
     if b"\r\n" not in raw:
         raw = raw.replace(b"\n", b"\r\n")
