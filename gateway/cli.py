@@ -316,7 +316,13 @@ def _process_spool(
         from gateway.outbound.worker import DeliveryWorker
 
         sent = asyncio.run(
-            DeliveryWorker(engine, settings, services.clock, signer=services.signer).run_once()
+            DeliveryWorker(
+                engine,
+                settings,
+                services.clock,
+                signer=services.signer,
+                rules=lambda: services.rules,
+            ).run_once()
         )
         print(f"delivered {sent} outgoing message(s)")
     return 0
