@@ -1,5 +1,5 @@
-"""`python -m gateway` runs the command line."""
+"""`python -m gateway` runs the command line (gateway/entry.py: ingest's fast path first)."""
 
-from gateway.cli import main
+from gateway.entry import main
 
 raise SystemExit(main())

@@ -420,8 +420,40 @@ def sd_notify(message: str) -> None:
     if addr.startswith("@"):
         addr = "\0" + addr[1:]
     with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        # Never block the event loop on a reader that is slow or gone (a full socket buffer
+        # would stall every SMTP session); a lost ping is retried at the next interval.
+        s.setblocking(False)
         s.connect(addr)
         s.sendall(message.encode())
+
+
+def watchdog_interval(environ: dict[str, str] | None = None) -> float | None:
+    """Seconds between WATCHDOG=1 pings: half of $WATCHDOG_USEC (sd_watchdog_enabled(3)),
+    or None when systemd asked for none (or asked another process, $WATCHDOG_PID)."""
+    env = os.environ if environ is None else environ
+    usec, pid = env.get("WATCHDOG_USEC", ""), env.get("WATCHDOG_PID", "")
+    if not usec.isdigit() or int(usec) == 0 or (pid and pid != str(os.getpid())):
+        return None
+    return int(usec) / 2 / 1_000_000
+
+
+async def _watchdog(interval: float, done: asyncio.Event) -> None:
+    # From the event loop itself: a loop that hangs stops the pings and systemd restarts
+    # the service (WatchdogSec= in systemd/support-gateway.service).
+    while not done.is_set():
+        sd_notify("WATCHDOG=1")
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(done.wait(), interval)
+
+
+def _reload(gw: Gateway) -> None:
+    # sd_notify(3): RELOADING=1 with the CLOCK_MONOTONIC time, then READY=1 once done, so
+    # `systemctl reload` returns when the new rules are in force (or refused).
+    sd_notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
+    ok = gw.reload_rules()
+    sd_notify(
+        f"READY=1\nSTATUS=listening on port {gw.port}; rules reload {'ok' if ok else 'FAILED'}"
+    )
 
 
 async def serve(settings: Settings) -> int:
@@ -436,8 +468,12 @@ async def serve(settings: Settings) -> int:
     done = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, done.set)
     loop.add_signal_handler(signal.SIGINT, done.set)
-    loop.add_signal_handler(signal.SIGHUP, gw.reload_rules)
+    loop.add_signal_handler(signal.SIGHUP, _reload, gw)
     sd_notify(f"READY=1\nSTATUS=listening on port {gw.port}")
+    interval = watchdog_interval()
+    # Pings go on while stopping: draining may take up to TimeoutStopSec.
+    stopped = asyncio.Event()
+    watchdog = asyncio.create_task(_watchdog(interval, stopped)) if interval else None
     print(f"support-gateway listening on {settings.listen[0]}:{gw.port}", flush=True)
     if gw.http_port is not None and settings.http_listen is not None:
         print(
@@ -448,4 +484,7 @@ async def serve(settings: Settings) -> int:
     sd_notify("STOPPING=1")
     log.info("stopping: finishing in-flight mail and current work")
     await gw.stop()
+    stopped.set()
+    if watchdog is not None:
+        await watchdog
     return 0

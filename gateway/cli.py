@@ -82,16 +82,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     st.add_argument("--json", action="store_true", help="one JSON object instead of lines")
 
-    ing = sub.add_parser("ingest", help="pipe mode: one message from FILE or stdin")
-    ing.add_argument("file", nargs="?", help="the message (default: stdin)")
-    ing.add_argument("--sender", "-f", default=None, help="envelope sender (Postfix ${sender})")
-    ing.add_argument(
-        "--recipient",
-        "-r",
-        action="append",
-        default=[],
-        help="envelope recipient (Postfix ${recipient}); repeatable",
+    ing = sub.add_parser(
+        "ingest",
+        help="pipe mode: one message from FILE or stdin (docs/postfix.md)",
+        description="Exit 0 when the message is durable, 75 on any failure (the MTA retries).",
     )
+    from gateway.pipe import add_arguments as ingest_arguments
+
+    ingest_arguments(ing)
 
     rules = sub.add_parser("rules", help="check or explain the routing rules").add_subparsers(
         dest="rules_command", required=True, metavar="SUBCOMMAND"
@@ -162,7 +160,22 @@ def _parser() -> argparse.ArgumentParser:
     )
     db.add_parser("upgrade", help="create the database or apply pending migrations")
 
-    sub.add_parser("process", help="process what waits in the spool once, then exit")
+    pr = sub.add_parser(
+        "process",
+        help="process what waits in the spool once, deliver the outbox once, then exit",
+    )
+    pr.add_argument(
+        "--no-deliver",
+        action="store_true",
+        help="leave outgoing mail for the running daemon (`serve`) to deliver",
+    )
+
+    doc = sub.add_parser(
+        "doctor",
+        help="check the installation end to end (config, database, spool, relay, DNS, TLS, "
+        "rules); each check ok/warn/fail with the fix; exit 1 when any fails",
+    )
+    doc.add_argument("--json", action="store_true", help='{"checks": [...]} (CONTRACT.md)')
 
     dk = sub.add_parser("dkim", help="DKIM keys").add_subparsers(
         dest="dkim_command", required=True, metavar="SUBCOMMAND"
@@ -240,51 +253,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
-    """Exit 0 only when the message is durable; 75 on any temporary failure."""
-    os.umask(0o077)  # the spool it may create holds customers' mail (as `serve` does)
-    try:
-        settings = _settings(args)
-        raw = Path(args.file).read_bytes() if args.file else sys.stdin.buffer.read()
-        from email.parser import BytesHeaderParser
-        from email.utils import getaddresses
+    """Exit 0 only when the message is durable; 75 on any temporary failure (gateway/pipe.py)."""
+    from gateway.pipe import run
 
-        from gateway.app import build_spool
-        from gateway.spool import Envelope
-
-        headers = BytesHeaderParser().parsebytes(raw)
-        sender = args.sender
-        if sender is None:
-            rp = getaddresses([str(headers.get("Return-Path", ""))])
-            sender = rp[0][1] if rp else ""
-        recipients = (
-            args.recipient
-            or [a for _, a in getaddresses([str(v) for v in headers.get_all("To", []) or []]) if a]
-            or [f"postmaster@{settings.smtp.domains[0]}"]
-        )
-        # Normalise CRLF so pipe mode and SMTP store the same bytes for the same message.
-        if b"\r\n" not in raw:
-            raw = raw.replace(b"\n", b"\r\n")
-        spool = build_spool(settings)
-        try:
-            entry_id = spool.submit_sync(
-                Envelope(
-                    mail_from=sender,
-                    rcpt_tos=recipients,
-                    source="pipe",
-                    received_at=datetime.now(UTC).replace(microsecond=0).isoformat(),
-                ),
-                raw,
-            )
-        finally:
-            spool.close()
-    except ConfigError as exc:
-        print(f"support-gateway ingest: {exc}", file=sys.stderr)
-        return EX_TEMPFAIL
-    except Exception as exc:  # anything else is temporary too: the MTA keeps the mail
-        print(f"support-gateway ingest: temporary failure: {exc!r}", file=sys.stderr)
-        return EX_TEMPFAIL
-    print(f"queued as {entry_id}")
-    return EX_OK
+    return run(args)
 
 
 def cmd_rules(args: argparse.Namespace) -> int:
@@ -473,7 +445,11 @@ def cmd_quarantine(args: argparse.Namespace) -> int:
 
 
 def _process_spool(
-    settings: Settings, spool: Any, only: int | None = None, replayed: list[int] | None = None
+    settings: Settings,
+    spool: Any,
+    only: int | None = None,
+    replayed: list[int] | None = None,
+    deliver: bool = False,
 ) -> int:
     from gateway.app import build_resolver
     from gateway.clock import SystemClock
@@ -490,7 +466,8 @@ def _process_spool(
         resolver=build_resolver(settings),
     )
     # `process` may be the first command after pipe-mode ingest: it may create the database.
-    worker = PipelineWorker(engine=_engine(settings, create=True), spool=spool, services=services)
+    engine = _engine(settings, create=True)
+    worker = PipelineWorker(engine=engine, spool=spool, services=services)
     n = worker.run_once_sync()
     if worker.outage is not None:
         print(f"paused: {worker.outage.kind} unavailable ({worker.outage.reason})")
@@ -505,6 +482,22 @@ def _process_spool(
     if again:
         return 1
     print(f"processed {n} message(s)")
+    if deliver:
+        # Pipe mode without a running daemon (issue 14): `process` also makes one delivery
+        # pass, so acknowledgements leave now; what the relay refuses stays queued for the
+        # next pass or for `serve` (retry schedule unchanged).
+        from gateway.outbound.worker import DeliveryWorker
+
+        sent = asyncio.run(
+            DeliveryWorker(
+                engine,
+                settings,
+                services.clock,
+                signer=services.signer,
+                rules=lambda: services.rules,
+            ).run_once()
+        )
+        print(f"delivered {sent} outgoing message(s)")
     return 0
 
 
@@ -514,7 +507,7 @@ def cmd_process(args: argparse.Namespace) -> int:
 
     spool = build_spool(settings)
     try:
-        return _process_spool(settings, spool)
+        return _process_spool(settings, spool, deliver=not args.no_deliver)
     finally:
         spool.close()
 
@@ -662,6 +655,17 @@ def cmd_dkim(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from gateway.doctor import format_text, run_checks
+
+    checks = run_checks(args.config, now=datetime.now(UTC))
+    if args.json:
+        _print({"checks": [c.to_json() for c in checks]})
+    else:
+        print(format_text(checks))
+    return 1 if any(c.status == "fail" for c in checks) else 0
+
+
 COMMANDS = {
     "serve": cmd_serve,
     "status": cmd_status,
@@ -675,6 +679,7 @@ COMMANDS = {
     "db": cmd_db,
     "process": cmd_process,
     "dkim": cmd_dkim,
+    "doctor": cmd_doctor,
 }
 
 

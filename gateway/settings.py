@@ -233,8 +233,13 @@ def secret_problem(secret: str) -> str | None:
 class SecuritySettings(_Section):
     secret_key: str = ""
     secret_key_file: str = ""
-    # authserv-ids whose Authentication-Results headers we trust (our front MTA).
+    # authserv-ids whose Authentication-Results headers we trust (our front MTA). With
+    # trusted_relays set, honoured only on mail that came through one of those relays.
     trusted_authserv_ids: list[str] = Field(default_factory=list)
+    # Front MTAs (addresses or networks, e.g. ["127.0.0.1/32", "::1"]) whose Received header
+    # and Authentication-Results we trust: sender checks (SPF) use the client address and
+    # HELO the relay saw (gateway/security/relay.py, docs/postfix.md).
+    trusted_relays: list[str] = Field(default_factory=list)
     # Verify senders (DKIM, SPF, DMARC) on arrival; off = no DNS lookups at all.
     verify_senders: bool = True
     # DNS servers for those checks; empty = the system's /etc/resolv.conf.
@@ -261,6 +266,14 @@ class SecuritySettings(_Section):
         if problem:
             raise ValueError(problem)
         return v
+
+    @field_validator("trusted_relays")
+    @classmethod
+    def _relays(cls, v: list[str]) -> list[str]:
+        from gateway.security.relay import parse_networks
+
+        parse_networks(v)  # raises ValueError naming the bad entry
+        return [x.strip() for x in v]
 
 
 class TicketSettings(_Section):

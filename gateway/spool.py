@@ -29,7 +29,6 @@ disconnected before seeing `250` and sends again does not create a second entry.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import hashlib
 import json
@@ -267,6 +266,8 @@ class Spool:
 
     async def submit(self, envelope: Envelope, raw: bytes) -> int:
         """Make one message durable; return its spool id once the commit is fsynced."""
+        import asyncio  # here, not at the top: pipe-mode ingest never needs it (start-up time)
+
         self.check_disk()
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[int] = loop.create_future()
@@ -293,11 +294,15 @@ class Spool:
         The file is the spool's from the call on, whatever happens: it is deleted once the
         commit is done or has failed (never while the writer may still read it).
         """
+        import asyncio  # not at the top: pipe-mode ingest never needs it (start-up time)
+
         return await asyncio.shield(self._submit_file(envelope, path))
 
     async def _submit_file(self, envelope: Envelope, path: Path) -> int:
         try:
             self.check_disk()
+            import asyncio  # not at the top: pipe-mode ingest never needs it (start-up time)
+
             key = await asyncio.to_thread(file_dedupe_key, envelope, path)
         except BaseException:
             path.unlink(missing_ok=True)

@@ -14,6 +14,7 @@ from typing import Any
 from sqlmodel import Session
 
 from gateway.pipeline.context import Context
+from gateway.security.relay import effective_client_of
 from gateway.store.models import AuthRecheck
 
 __all__ = ["FIRST_RECHECK", "MAX_RECHECK_INTERVAL", "hold", "next_check"]
@@ -35,17 +36,21 @@ def hold(ctx: Context, purpose: str, data: dict[str, Any] | None = None) -> Auth
     """Record that ``purpose`` (``ack`` or ``staff``) waits for this message's sender check."""
     assert ctx.message is not None and ctx.message.id is not None
     window = timedelta(seconds=ctx.services.settings.security.recheck_window)
-    env = ctx.entry.envelope
+    # The client the sender is judged by: behind a trusted front MTA, the one it saw, and
+    # only then its Authentication-Results (security/relay.py), exactly as the first check.
+    client = effective_client_of(ctx.entry.raw, ctx.entry.envelope, ctx.services.settings)
     row = AuthRecheck(
         message_id=ctx.message.id,
         ticket_id=ctx.ticket.id if ctx.ticket is not None else None,
         purpose=purpose,
-        client_ip=env.peer or "",
-        helo=env.helo or "",
+        client_ip=client.client_ip or "",
+        helo=client.helo or "",
         created_at=ctx.now,
         deadline=ctx.now + window,
         next_check_at=next_check(ctx.now, 0, ctx.now + window),
-        data=json.dumps(data or {}),
+        data=json.dumps(
+            {**(data or {}), "trusted_authserv_ids": list(client.trusted_authserv_ids)}
+        ),
     )
     _add(ctx.session, row)
     return row

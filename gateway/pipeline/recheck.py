@@ -138,13 +138,21 @@ class AuthRechecker:
         resolver = self._resolver()
         if resolver is None:
             return None
+        # The row holds the client the first check judged (behind a trusted relay, the one
+        # the relay saw) and whose Authentication-Results it honoured (holds.hold).
+        data: dict[str, Any] = json.loads(row.data or "{}")
+        trusted = data.get("trusted_authserv_ids")
         return authenticate(
             raw,
             envelope_sender=mail_from,
             client_ip=row.client_ip or None,
             helo=row.helo or None,
             resolver=resolver,
-            trusted_authserv_ids=self.services.settings.security.trusted_authserv_ids,
+            trusted_authserv_ids=(
+                [str(x) for x in trusted]
+                if isinstance(trusted, list)
+                else self.services.settings.security.trusted_authserv_ids
+            ),
         )
 
     def recheck(self, row_id: int) -> str:

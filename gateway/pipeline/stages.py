@@ -30,6 +30,7 @@ from gateway.pipeline.route import route
 from gateway.pipeline.staff import staff_stage
 from gateway.pipeline.thread import decide, from_is_verified
 from gateway.security.dns import BudgetResolver, OfflineResolver
+from gateway.security.relay import effective_client_of
 from gateway.security.sender_auth import authenticate as check_sender
 from gateway.store.queries import SqlLookup, lock_message_id, ticket_of_outbound
 
@@ -85,14 +86,16 @@ def authenticate_stage(ctx: Context) -> None:
     # wait.
     budget = BudgetResolver(resolver, security.dns_budget)
     env = ctx.entry.envelope
+    # Behind a trusted front MTA, judge the client it saw (issue 14; security/relay.py).
+    client = effective_client_of(ctx.entry.raw, env, ctx.services.settings)
     try:
         ctx.auth = check_sender(
             ctx.entry.raw,
             envelope_sender=env.mail_from,
-            client_ip=env.peer or None,
-            helo=env.helo or None,
+            client_ip=client.client_ip,
+            helo=client.helo,
             resolver=budget,
-            trusted_authserv_ids=security.trusted_authserv_ids,
+            trusted_authserv_ids=client.trusted_authserv_ids,
         )
     except Exception as exc:  # authentication trouble never loses the message
         log.warning("sender authentication failed: %r", exc)
