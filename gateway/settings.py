@@ -200,6 +200,18 @@ class SecuritySettings(_Section):
     # replies are accepted on the signed reply token alone when the checks completed and
     # nothing failed. A token travels in forwards and reply-all: prefer DKIM.
     staff_token_only_domains: list[str] = Field(default_factory=list)
+    # Front hosts (Postfix + rspamd/SpamAssassin) whose client address makes their spam
+    # verdict headers and Authentication-Results believable (issue 18): addresses or
+    # networks such as "127.0.0.1/32", "10.0.0.0/8". Empty = no spam verdict is trusted.
+    trusted_relays: list[str] = Field(default_factory=list)
+
+    @field_validator("trusted_relays")
+    @classmethod
+    def _relays(cls, v: list[str]) -> list[str]:
+        from gateway.security.spam import parse_networks
+
+        parse_networks(v)  # raises ValueError naming the bad entry
+        return [x.strip() for x in v if x.strip()]
 
 
 class TicketSettings(_Section):
@@ -214,6 +226,39 @@ class TicketSettings(_Section):
         if not re.fullmatch(r"[A-Za-z][A-Za-z0-9]{0,15}", v):
             raise ValueError("expected 1-16 letters or digits starting with a letter")
         return v.upper()
+
+
+class JunkSettings(_Section):
+    """The junk folder (issue 18): what a route with ``disposition = "junk"``, a blocked
+    sender or a staff ``#junk`` keeps out of the ticket queue."""
+
+    # Junk older than this many days is expired: its raw message is dropped, the record of
+    # what it was and why it was junk stays.
+    expire_days: int = Field(default=30, ge=1)
+    # More than alert_threshold items junked within alert_window (a duration: 30m, 1h, 1d
+    # in clock time) raise one alert to [alerts] admins per window.
+    alert_threshold: int = Field(default=500, ge=1)
+    alert_window: str = "1h"
+
+    @field_validator("alert_window")
+    @classmethod
+    def _window(cls, v: str) -> str:
+        from gateway.sla.durations import parse
+
+        if parse(v).is_zero():
+            raise ValueError("expected a duration such as 30m, 1h or 1d")
+        return v
+
+    @property
+    def alert_window_seconds(self) -> float:
+        from gateway.sla.durations import parse
+
+        return parse(self.alert_window).business().total_seconds()
+
+
+class AlertsSettings(_Section):
+    # Who is told about trouble that needs an operator (a junk folder growing fast, ...).
+    admins: list[str] = Field(default_factory=list)
 
 
 class PipelineSettings(_Section):
@@ -239,6 +284,8 @@ class Settings(BaseSettings):
     security: SecuritySettings = Field(default_factory=SecuritySettings)
     tickets: TicketSettings = Field(default_factory=TicketSettings)
     pipeline: PipelineSettings = Field(default_factory=PipelineSettings)
+    junk: JunkSettings = Field(default_factory=JunkSettings)
+    alerts: AlertsSettings = Field(default_factory=AlertsSettings)
 
     # Where the TOML came from (None: embedded defaults); relative paths resolve from cwd.
     config_path: str | None = Field(default=None, exclude=True)

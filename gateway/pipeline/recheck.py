@@ -40,6 +40,7 @@ from gateway.pipeline.respond import _is_ours, ack_recipient, send_ack_now
 from gateway.pipeline.staff import judge
 from gateway.security.dns import BudgetResolver, OfflineResolver, Resolver
 from gateway.security.sender_auth import AuthResult, authenticate
+from gateway.security.spam import authserv_ids_for
 from gateway.security.verdict import ack_decision
 from gateway.spool import Envelope, SpoolEntry
 from gateway.store.db import session_scope
@@ -144,7 +145,12 @@ class AuthRechecker:
             client_ip=row.client_ip or None,
             helo=row.helo or None,
             resolver=resolver,
-            trusted_authserv_ids=self.services.settings.security.trusted_authserv_ids,
+            # Believed only from a trusted front host, as on arrival (issue 18).
+            trusted_authserv_ids=authserv_ids_for(
+                self.services.settings.security.trusted_authserv_ids,
+                self.services.settings.security.trusted_relays,
+                row.client_ip,
+            ),
         )
 
     def recheck(self, row_id: int) -> str:

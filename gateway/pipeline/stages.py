@@ -22,6 +22,7 @@ from collections.abc import Callable
 from gateway.pipeline.bounce import parse_bounce
 from gateway.pipeline.classify import classify
 from gateway.pipeline.context import Context
+from gateway.pipeline.junk import after_route, blocked_stage, spam_stage
 from gateway.pipeline.notify import notify_owner_stage
 from gateway.pipeline.parse import parse
 from gateway.pipeline.record import record
@@ -31,6 +32,7 @@ from gateway.pipeline.staff import staff_stage
 from gateway.pipeline.thread import decide, from_is_verified
 from gateway.security.dns import BudgetResolver, OfflineResolver
 from gateway.security.sender_auth import authenticate as check_sender
+from gateway.security.spam import authserv_ids_for
 from gateway.store.queries import SqlLookup, lock_message_id, ticket_of_outbound
 
 log = logging.getLogger("gateway.pipeline")
@@ -92,7 +94,11 @@ def authenticate_stage(ctx: Context) -> None:
             client_ip=env.peer or None,
             helo=env.helo or None,
             resolver=budget,
-            trusted_authserv_ids=security.trusted_authserv_ids,
+            # A trusted authserv-id counts only from a trusted front host (issue 18): anyone
+            # can write "Authentication-Results: mx.ours; dkim=pass" (RFC 8601 §5).
+            trusted_authserv_ids=authserv_ids_for(
+                security.trusted_authserv_ids, security.trusted_relays, env.peer
+            ),
         )
     except Exception as exc:  # authentication trouble never loses the message
         log.warning("sender authentication failed: %r", exc)
@@ -190,18 +196,21 @@ def thread_stage(ctx: Context) -> None:
 
 
 def route_stage(ctx: Context) -> None:
-    if ctx.done or ctx.thread is None or not ctx.thread.is_new:
+    if ctx.done or ctx.junk is not None or ctx.thread is None or not ctx.thread.is_new:
         return
     if ctx.thread.key in ("unmatched-bounce", "unmatched-auto-reply", "loop"):
         return
     route(ctx)
+    after_route(ctx)  # disposition = "junk": the junk folder, not the ticket queue (issue 18)
 
 
 STAGES: tuple[Stage, ...] = (
     parse_stage,
     classify_stage,
     authenticate_stage,
+    spam_stage,  # the front filter's verdict, trusted only from security.trusted_relays
     thread_stage,
+    blocked_stage,  # `#junk sender` sent this sender's mail to the junk folder
     route_stage,
     record,
     staff_stage,  # staff-token mail: authenticate, apply commands, relay (FIELD-NOTES §5)
