@@ -535,8 +535,8 @@ def cmd_junk(args: argparse.Namespace) -> int:
 
     now = datetime.now(UTC)
     with session_scope(engine) as s:
-        expired = expire_junk(s, now, settings.junk.expire_days)
         if args.j_command == "expire":
+            expired = expire_junk(s, now, settings.junk.expire_days)
             print(f"{expired} junk item(s) expired (older than {settings.junk.expire_days} days)")
             return 0
         if args.j_command == "list":

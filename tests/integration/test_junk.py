@@ -96,8 +96,8 @@ class Env:
             code = cli_main(argv)
         return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
 
-    def junk_list(self) -> list[dict]:  # type: ignore[type-arg]
-        r = self.cli("junk", "list", "--json")
+    def junk_list(self, *more: str) -> list[dict]:  # type: ignore[type-arg]
+        r = self.cli("junk", "list", "--json", *more)
         assert r.returncode == 0, r.stderr
         items: list[dict] = json.loads(r.stdout)  # type: ignore[type-arg]
         return items
@@ -128,8 +128,10 @@ def _write_config(tmp_path: Path, settings_rules: Path, relay_port: int) -> Path
     return cfg
 
 
-@pytest.fixture
-async def env(tmp_path: Path, clock: FrozenClock, relay: CaptureRelay) -> AsyncIterator[Env]:
+@contextlib.asynccontextmanager
+async def _environment(
+    tmp_path: Path, clock: FrozenClock, relay: CaptureRelay, **extra: object
+) -> AsyncIterator[Env]:
     rules = tmp_path / "rules"
     rules.mkdir()
     shutil.copy(RULES / "rules.toml", rules / "rules.toml")
@@ -143,11 +145,18 @@ async def env(tmp_path: Path, clock: FrozenClock, relay: CaptureRelay) -> AsyncI
             # Unsigned staff mail from example.com counts on its token (issue 10 opt-in).
             "staff_token_only_domains": ["example.com"],
         },
+        **extra,
     )
     cfg = _write_config(tmp_path, rules, relay.port)
     async with running_gateway(settings, clock) as gw:
         worker = DeliveryWorker(gw.engine, settings, clock, signer=gw.signer)
         yield Env(gw, relay, clock, worker, cfg)
+
+
+@pytest.fixture
+async def env(tmp_path: Path, clock: FrozenClock, relay: CaptureRelay) -> AsyncIterator[Env]:
+    async with _environment(tmp_path, clock, relay) as e:
+        yield e
 
 
 def _events(env: Env, ref: str, type_: str) -> list[str]:
@@ -270,3 +279,43 @@ async def test_junk_sender_blocks_future_mail_without_notifying_the_owner(env: E
     # And the block can be undone.
     assert env.cli("customers", "unblock", "pest@nuisance.example").returncode == 0
     assert json.loads(env.cli("customers", "blocked", "--json").stdout) == []
+
+
+async def test_a_fast_growing_junk_folder_raises_one_alert_and_old_junk_expires(
+    tmp_path: Path, clock: FrozenClock, relay: CaptureRelay
+) -> None:
+    async with _environment(
+        tmp_path,
+        clock,
+        relay,
+        junk={"alert_threshold": 3, "alert_window": "1h", "expire_days": 30},
+        alerts={"admins": ["ops@example.com"]},
+    ) as env:
+        for i in range(5):
+            spam = make_mail(
+                sender=f"spammer{i}@bulk.example", subject=f"Pills {i}", headers=SPAM_HEADERS
+            )
+            await env.send(spam)
+        await env.process()
+        assert len(env.junk_list()) == 5
+        # One alert for the run, to the admins only; nothing to any spammer.
+        [alert] = env.relay.messages
+        assert alert.rcpt_tos == ["ops@example.com"] and alert.null_sender
+        assert "junk folder grew by 3" in str(alert.message()["Subject"])
+
+        # A month later the old junk has expired (raw dropped, record kept); a new run of
+        # spam in a new window raises a new alert.
+        env.relay.clear()
+        env.clock.advance(timedelta(days=31))
+        for i in range(3):
+            await env.send(
+                make_mail(sender=f"late{i}@bulk.example", subject="More", headers=SPAM_HEADERS)
+            )
+        await env.process()
+        assert [i["subject"] for i in env.junk_list()] == ["More"] * 3
+        everything = env.junk_list("--all")
+        assert sorted(i["state"] for i in everything) == ["expired"] * 5 + ["junk"] * 3
+        expired = next(i for i in everything if i["state"] == "expired")
+        assert env.cli("junk", "release", str(expired["id"])).returncode == 1
+        [again] = env.relay.messages
+        assert again.rcpt_tos == ["ops@example.com"]
