@@ -30,7 +30,7 @@ from sqlmodel import Session, col, func, select, update
 
 from gateway.outbound.alerts import alert_admins
 from gateway.pipeline.context import Context
-from gateway.security.spam import client_is_trusted_relay, read_spam_verdict
+from gateway.security.spam import client_is_trusted_relay, read_spam_verdict, relay_client
 from gateway.settings import Settings
 from gateway.sla.deadlines import isoz
 from gateway.spool import Envelope, Spool
@@ -57,8 +57,9 @@ def spam_stage(ctx: Context) -> None:
     """Read the front filter's verdict; trusted only from a ``security.trusted_relays`` host."""
     assert ctx.parsed is not None
     env = ctx.entry.envelope
-    trusted = client_is_trusted_relay(ctx.services.settings.security.trusted_relays, env.peer)
-    ctx.spam = read_spam_verdict(ctx.parsed.headers, client_ip=env.peer, trusted=trusted)
+    client = relay_client(env.peer, env.source)
+    trusted = client_is_trusted_relay(ctx.services.settings.security.trusted_relays, client)
+    ctx.spam = read_spam_verdict(ctx.parsed.headers, client_ip=client, trusted=trusted)
     if ctx.spam.present:
         ctx.event("spam-verdict", ctx.spam.describe(), ctx.spam.to_json())
 

@@ -32,7 +32,7 @@ from gateway.pipeline.staff import staff_stage
 from gateway.pipeline.thread import decide, from_is_verified
 from gateway.security.dns import BudgetResolver, OfflineResolver
 from gateway.security.sender_auth import authenticate as check_sender
-from gateway.security.spam import authserv_ids_for
+from gateway.security.spam import authserv_ids_for, relay_client
 from gateway.store.queries import SqlLookup, lock_message_id, ticket_of_outbound
 
 log = logging.getLogger("gateway.pipeline")
@@ -97,7 +97,9 @@ def authenticate_stage(ctx: Context) -> None:
             # A trusted authserv-id counts only from a trusted front host (issue 18): anyone
             # can write "Authentication-Results: mx.ours; dkim=pass" (RFC 8601 §5).
             trusted_authserv_ids=authserv_ids_for(
-                security.trusted_authserv_ids, security.trusted_relays, env.peer
+                security.trusted_authserv_ids,
+                security.trusted_relays,
+                relay_client(env.peer, env.source),
             ),
         )
     except Exception as exc:  # authentication trouble never loses the message

@@ -40,6 +40,7 @@ __all__ = [
     "client_is_trusted_relay",
     "parse_networks",
     "read_spam_verdict",
+    "relay_client",
 ]
 
 _SCORE_RE = re.compile(r"score\s*=\s*(-?\d+(?:\.\d+)?)", re.IGNORECASE)
@@ -139,6 +140,15 @@ def client_is_trusted_relay(trusted_relays: Sequence[str], client_ip: str | None
     except ValueError:
         return False
     return any(ip.version == n.version and ip in n for n in networks)
+
+
+def relay_client(peer: str, source: str) -> str:
+    """The client address to judge trust by: the SMTP peer, or for pipe mode (``ingest``,
+    run by the local MTA after its milters) the loopback address, so that listing
+    ``127.0.0.1/32`` in ``trusted_relays`` trusts the local Postfix either way."""
+    if peer:
+        return peer
+    return "127.0.0.1" if source == "pipe" else ""
 
 
 def authserv_ids_for(

@@ -189,6 +189,8 @@ async def test_trusted_spam_verdict_goes_to_junk_untrusted_opens_a_ticket(env: E
     [ticket] = all_tickets(env.gw)
     [verdict] = _events(env, ticket.ref, "spam-verdict")
     assert "UNTRUSTED" in verdict and "127.0.0.2" in verdict, verdict
+    [message] = [m for m in ticket_json(env.gw, ticket.ref)["messages"] if m["direction"] == "in"]
+    assert message["spam"]["spam"] is True and message["spam"]["trusted"] is False
     assert _events(env, ticket.ref, "ack-sent")
     assert env.relay.to("pat@customer.example"), "the customer got no acknowledgement"
     assert len(env.junk_list()) == 1  # still only the trusted spam

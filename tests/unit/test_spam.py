@@ -16,6 +16,7 @@ from gateway.security.spam import (
     authserv_ids_for,
     client_is_trusted_relay,
     read_spam_verdict,
+    relay_client,
 )
 from gateway.settings import ConfigError
 from tests.conftest import make_settings
@@ -73,6 +74,12 @@ def test_untrusted_verdict_is_recorded_but_never_routable() -> None:
 )
 def test_trusted_relays(relays: list[str], ip: str, trusted: bool) -> None:
     assert client_is_trusted_relay(relays, ip) is trusted
+
+
+def test_pipe_mode_counts_as_the_local_host() -> None:
+    assert relay_client("", "pipe") == "127.0.0.1"
+    assert relay_client("192.0.2.1", "smtp") == "192.0.2.1"
+    assert relay_client("", "smtp") == ""
 
 
 def test_authentication_results_believed_only_from_a_trusted_relay() -> None:
