@@ -45,9 +45,7 @@ def facts_from(
 def facts_of(ctx: Context) -> MessageFacts:
     assert ctx.parsed is not None
     authenticated = bool(ctx.auth and ctx.auth.authenticated)
-    return facts_from(
-        ctx.parsed, ctx.entry.envelope.rcpt_tos, ctx.sender, authenticated, ctx.spam
-    )
+    return facts_from(ctx.parsed, ctx.entry.envelope.rcpt_tos, ctx.sender, authenticated, ctx.spam)
 
 
 def route(ctx: Context) -> None:

@@ -136,9 +136,12 @@ def _conditions(
     if match.spam_score is not None:
         score = facts.spam_score
         if score is None:
-            yield False, (
-                f"spam score: none from a trusted front filter (route wants "
-                f"{match.spam_score.text})"
+            yield (
+                False,
+                (
+                    f"spam score: none from a trusted front filter (route wants "
+                    f"{match.spam_score.text})"
+                ),
             )
         elif match.spam_score.holds(score):
             yield True, f"spam score {score:g} {match.spam_score.text}"
