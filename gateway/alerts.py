@@ -12,15 +12,17 @@ With no admins configured the default owner of the rules is told instead: someon
 
 from __future__ import annotations
 
+import json
 import logging
 import smtplib
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from email import message_from_bytes
 from email.message import EmailMessage
 from email.policy import SMTP
 
 from sqlalchemy.engine import Engine
+from sqlmodel import Session, col, select
 
 from gateway.outbound.compose import compose_notification
 from gateway.outbound.worker import enqueue
@@ -28,6 +30,8 @@ from gateway.routing.model import Rules
 from gateway.security.tokens import Signer
 from gateway.settings import Settings
 from gateway.store.db import session_scope
+from gateway.store.models import Event
+from gateway.store.queries import add_event
 
 log = logging.getLogger("gateway.alerts")
 
@@ -153,3 +157,49 @@ def send_alert(
     except Exception as exc:
         log.error("alert could not be sent to the relay either (%r); it is only in this log", exc)
         return "logged"
+
+
+#: Default: the same alert key is not raised twice within this window.
+DEFAULT_WINDOW = timedelta(hours=1)
+
+
+def _recently_alerted(session: Session, key: str, since: datetime) -> bool:
+    rows = session.exec(
+        select(Event.data).where(Event.type == "alert", col(Event.at) >= since)
+    ).all()
+    for data in rows:
+        try:
+            if json.loads(data or "{}").get("key") == key:
+                return True
+        except ValueError:
+            continue
+    return False
+
+
+def alert_admins(
+    session: Session,
+    settings: Settings,
+    signer: Signer,
+    subject: str,
+    body: str,
+    now: datetime,
+    key: str,
+    window: timedelta = DEFAULT_WINDOW,
+) -> int:
+    """Queue one alert to `[alerts] admins` in the caller's transaction, unless an alert with
+    `key` went out within `window` (a flood raises one alert, not one per message). An
+    `alert` event records it either way, with the key. Returns how many were queued."""
+    if _recently_alerted(session, key, now - window):
+        return 0
+    admins = [a.strip() for a in settings.alerts.admins if a.strip()]
+    if admins:
+        queue_alert(session, settings, signer, to=admins, subject=subject, body=body, now=now)
+    add_event(
+        session,
+        None,
+        "alert",
+        f"{subject} (to {', '.join(admins) or 'nobody: [alerts] admins is empty'})",
+        now,
+        data={"key": key, "admins": admins},
+    )
+    return 1 if admins else 0

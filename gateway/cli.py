@@ -102,6 +102,11 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("file", help="the message, as an .eml file")
     ex.add_argument("--at", help="ISO 8601 arrival time with a zone (default: now)")
     ex.add_argument("--json", action="store_true", help="one JSON object (docs/interface.md)")
+    ex.add_argument(
+        "--trusted-relay",
+        action="store_true",
+        help="read the spam verdict headers as if a trusted front host handed the mail over",
+    )
 
     t = sub.add_parser("tickets", help="list or show tickets").add_subparsers(
         dest="tickets_command", required=True, metavar="SUBCOMMAND"
@@ -154,6 +159,27 @@ def _parser() -> argparse.ArgumentParser:
     cm = c.add_parser("merge", help="join the customer of address A into the customer of B")
     cm.add_argument("a", help="an address of the customer that is merged away")
     cm.add_argument("b", help="an address of the customer that stays")
+    cb = c.add_parser("blocked", help="senders blocked by #junk sender (their mail goes to junk)")
+    cb.add_argument("--json", action="store_true", help="a JSON array instead of lines")
+    cu = c.add_parser("unblock", help="undo #junk sender: ADDRESS's mail opens tickets again")
+    cu.add_argument("address", help="the blocked sender's address")
+
+    j = sub.add_parser("junk", help="the junk folder: kept out of the ticket queue, and why")
+    js = j.add_subparsers(dest="j_command", required=True, metavar="SUBCOMMAND")
+    jl = js.add_parser("list", help="junk items, newest first")
+    jl.add_argument("--json", action="store_true", help="a JSON array instead of lines")
+    jl.add_argument(
+        "--all", action="store_true", help="also released and expired items (default: in junk)"
+    )
+    jsh = js.add_parser("show", help="one item: envelope, why it is junk, its audit trail")
+    jsh.add_argument("id", type=int, help="junk id (from junk list)")
+    jsh.add_argument("--json", action="store_true", help="one JSON object instead of text")
+    jsh.add_argument("--raw", action="store_true", help="print the raw message")
+    jr = js.add_parser("release", help="process it as a normal message, as if it just arrived")
+    jr.add_argument("id", type=int, help="junk id (from junk list)")
+    jr.add_argument("--reason", default="", help="why (kept in the audit trail)")
+    jr.add_argument("--by", default="", help="who releases it (default: $USER)")
+    js.add_parser("expire", help="expire junk older than junk.expire_days now")
 
     db = sub.add_parser("db", help="database").add_subparsers(
         dest="db_command", required=True, metavar="SUBCOMMAND"
@@ -287,6 +313,7 @@ def cmd_rules(args: argparse.Namespace) -> int:
     from gateway.pipeline.parse import parse
     from gateway.pipeline.route import facts_from
     from gateway.routing.explain import explain, format_explain
+    from gateway.security.spam import read_spam_verdict
 
     try:
         raw = Path(args.file).read_bytes()
@@ -294,9 +321,10 @@ def cmd_rules(args: argparse.Namespace) -> int:
         raise Failure(f"explain: cannot read {args.file}: {exc.strerror or exc}") from None
     parsed = parse(raw)
     recipients = parsed.to or [f"support@{settings.smtp.domains[0]}"]
-    facts = facts_from(parsed, [], parsed.from_address, False)
+    spam = read_spam_verdict(parsed.headers, trusted=args.trusted_relay)
+    facts = facts_from(parsed, [], parsed.from_address, False, spam)
     if not parsed.to:
-        facts = facts_from(parsed, recipients, parsed.from_address, False)
+        facts = facts_from(parsed, recipients, parsed.from_address, False, spam)
     result = explain(rules, facts, _parse_at(args.at))
     if args.json:
         _print(result)
@@ -604,6 +632,9 @@ def cmd_customers(args: argparse.Namespace) -> int:
     settings = _settings(args)
     engine = _engine(settings)
     from gateway.store.db import session_scope
+
+    if args.c_command in ("blocked", "unblock"):
+        return _customers_blocks(args, engine)
     from gateway.store.queries import customer_of, merge_customers
 
     with session_scope(engine) as s:
@@ -621,6 +652,112 @@ def cmd_customers(args: argparse.Namespace) -> int:
             f"addresses {json.loads(rec.addresses)}, tickets {json.loads(rec.tickets)}"
         )
     return 0
+
+
+def _customers_blocks(args: argparse.Namespace, engine: Any) -> int:
+    from gateway.pipeline.junk import unblock_sender
+    from gateway.sla.deadlines import isoz
+    from gateway.store.db import session_scope
+    from gateway.store.models import BlockedSender
+
+    with session_scope(engine) as s:
+        if args.c_command == "unblock":
+            if not unblock_sender(s, args.address):
+                print(f"{args.address} is not blocked", file=sys.stderr)
+                return 1
+            print(
+                f"{args.address} unblocked: new mail opens tickets again (what is in the junk "
+                "folder stays there: `junk release ID`)"
+            )
+            return 0
+        rows = s.exec(select(BlockedSender).order_by(col(BlockedSender.id))).all()
+        items = [
+            {
+                "address": r.address,
+                "blocked_at": isoz(r.blocked_at),
+                "by": r.by,
+                "ticket": r.ticket_ref,
+                "reason": r.reason,
+            }
+            for r in rows
+        ]
+    if args.json:
+        _print(items)
+    else:
+        for i in items:
+            print(f"{i['address']:<40} {i['blocked_at']} by {i['by']}: {i['reason']}")
+        if not items:
+            print("no blocked senders")
+    return 0
+
+
+def cmd_junk(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    engine = _engine(settings)
+    import getpass
+
+    from gateway.pipeline.junk import expire_junk, junk_summary, release_junk
+    from gateway.store.db import session_scope
+    from gateway.store.models import Junk
+
+    now = datetime.now(UTC)
+    with session_scope(engine) as s:
+        if args.j_command == "expire":
+            expired = expire_junk(s, now, settings.junk.expire_days)
+            print(f"{expired} junk item(s) expired (older than {settings.junk.expire_days} days)")
+            return 0
+        if args.j_command == "list":
+            q = select(Junk).order_by(col(Junk.junked_at).desc(), col(Junk.id).desc())
+            if not args.all:
+                q = q.where(Junk.state == "junk")
+            items = [junk_summary(r) for r in s.exec(q).all()]
+            if args.json:
+                _print(items)
+            else:
+                for i in items:
+                    print(
+                        f"{i['id']:>6} {i['received_at']} {i['from'][:30]:<30} "
+                        f"{i['subject'][:40]:<40} {i['reason'][:60]}"
+                    )
+                if not items:
+                    print("the junk folder is empty")
+            return 0
+        row = s.get(Junk, args.id)
+        if row is None:
+            print(f"no junk item {args.id}", file=sys.stderr)
+            return 1
+        if args.j_command == "show":
+            if args.raw:
+                sys.stdout.buffer.write(row.raw)
+                return 0
+            d = junk_summary(row)
+            d["envelope"] = {"mail_from": row.mail_from, "client": row.peer, "helo": row.helo}
+            d["events"] = json.loads(row.events or "[]")
+            if args.json:
+                _print(d)
+                return 0
+            print(f"junk {d['id']} [{d['state']}]  {d['subject']}")
+            print(f"from {d['from']} (envelope <{row.mail_from}>, client {row.peer or '-'})")
+            print(f"received {d['received_at']}; why: {d['reason']}")
+            for e in d["events"]:
+                print(f"  {e['at']} {e['type']}: {e['detail']}")
+            return 0
+        from gateway.app import build_spool
+
+        spool = build_spool(settings)
+        try:
+            by = args.by or getpass.getuser()
+            released, why = release_junk(
+                s, spool, args.id, reason=args.reason or "released by an admin", by=by, now=now
+            )
+            if released is None:
+                print(why, file=sys.stderr)
+                return 1
+            s.commit()
+            print(f"junk {args.id} released: processed as a normal message")
+            return _process_spool(settings, spool)
+        finally:
+            spool.close()
 
 
 def cmd_db(args: argparse.Namespace) -> int:
@@ -676,6 +813,7 @@ COMMANDS = {
     "outbox": cmd_outbox,
     "sla": cmd_sla,
     "customers": cmd_customers,
+    "junk": cmd_junk,
     "db": cmd_db,
     "process": cmd_process,
     "dkim": cmd_dkim,

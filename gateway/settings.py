@@ -290,6 +290,34 @@ class TicketSettings(_Section):
         return v.upper()
 
 
+class JunkSettings(_Section):
+    """The junk folder (issue 18): what a route with ``disposition = "junk"``, a blocked
+    sender or a staff ``#junk`` keeps out of the ticket queue."""
+
+    # Junk older than this many days is expired: its raw message is dropped, the record of
+    # what it was and why it was junk stays.
+    expire_days: int = Field(default=30, ge=1)
+    # More than alert_threshold items junked within alert_window (a duration: 30m, 1h, 1d
+    # in clock time) raise one alert to [alerts] admins per window.
+    alert_threshold: int = Field(default=500, ge=1)
+    alert_window: str = "1h"
+
+    @field_validator("alert_window")
+    @classmethod
+    def _window(cls, v: str) -> str:
+        from gateway.sla.durations import parse
+
+        if parse(v).is_zero():
+            raise ValueError("expected a duration such as 30m, 1h or 1d")
+        return v
+
+    @property
+    def alert_window_seconds(self) -> float:
+        from gateway.sla.durations import parse
+
+        return parse(self.alert_window).business().total_seconds()
+
+
 class PipelineSettings(_Section):
     # Run the pipeline in a child process (its own core): SMTP ingest keeps full speed
     # during a burst. false = a thread in the daemon's process.
@@ -305,8 +333,9 @@ class PipelineSettings(_Section):
 
 
 class AlertsSettings(_Section):
-    # Who is told about infrastructure trouble (database, disk, DNS, quarantine) and a
-    # pipeline that stays down; empty = the rules' default owner.
+    # Who is told about infrastructure trouble (database, disk, DNS, quarantine), a
+    # pipeline that stays down and a junk folder growing fast; empty = the rules' default
+    # owner.
     admins: list[str] = Field(default_factory=list)
 
     @field_validator("admins")
@@ -380,6 +409,7 @@ class Settings(BaseSettings):
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
     # Shorthand for [logging] format (the brief's `log_format`); "" = use [logging] format.
     log_format: Literal["", "text", "json"] = ""
+    junk: JunkSettings = Field(default_factory=JunkSettings)
 
     # Where the TOML came from (None: embedded defaults); relative paths resolve from cwd.
     config_path: str | None = Field(default=None, exclude=True)

@@ -94,7 +94,10 @@ class Envelope:
     smtputf8: bool = False
     # Bytes that arrived beyond smtp.max_receive_size and were not kept (0: complete).
     truncated_bytes: int = 0
-    source: str = "smtp"  # smtp | pipe
+    source: str = "smtp"  # smtp | pipe | junk-release
+    # The junk folder entry `junk release` put back in line (issue 18): processed as if it
+    # had just arrived, never sent back to the junk folder by a route or the block list.
+    released_from: int = 0
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__, sort_keys=True)

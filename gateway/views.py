@@ -75,6 +75,8 @@ def ticket_detail(s: Session, t: Ticket, rules: Rules | None) -> dict[str, Any]:
             "not_kept": json.loads(m.not_kept),
             "auth": json.loads(m.auth),
             "sender_unverified": m.sender_unverified,
+            # The front filter's verdict and whether it was trusted (issue 18); {} = none.
+            "spam": json.loads(m.spam or "{}"),
         }
         for m in s.exec(
             select(Message)

@@ -11,6 +11,8 @@ Grammar (BRIEF: "a few email commands"; issue 7):
   the command block, and everything from there on is the reply text (so a ``#`` further down,
   or in the quoted notification, is never a command);
 - ``#note`` (internal, not sent), ``#close``, ``#waiting`` take no argument;
+  ``#junk`` (the ticket is junk: to the junk folder, clocks stopped, nothing sent to the
+  sender; issue 18) takes none or ``sender`` (``#junk sender`` also blocks the requester);
   ``#assign <person-id>``, ``#snooze <duration>`` (``2d``, ``4h``, ``1d12h``: the grammar of
   the rules, ``gateway.sla.durations``; ``d`` is a working day of the ticket's SLA calendar,
   so ``#snooze 2d`` on a Friday wakes on Tuesday, not on Sunday),
@@ -48,6 +50,9 @@ COMMANDS: dict[str, bool] = {
     "snooze": True,
     "priority": True,
     "merge": True,
+    # Issue 18: the ticket is junk (no clock, no promise, nothing sent to the sender);
+    # optional argument "sender": that sender's future mail goes to the junk folder too.
+    "junk": False,
 }
 PRIORITIES = ("low", "normal", "high", "urgent")
 #: Longest snooze accepted (a typo such as ``#snooze 200d`` should not hide a ticket for good).
@@ -56,7 +61,7 @@ MAX_SNOOZE = timedelta(days=365)
 _LINE_RE = re.compile(r"#([A-Za-z][A-Za-z0-9_-]*)(?:\s+(.*))?")
 _PERSON_RE = re.compile(r"[a-z0-9_-]{1,32}")
 _REF_RE = re.compile(r"[A-Z0-9][A-Z0-9_-]{0,63}")
-_STATUS = ("close", "waiting", "merge")
+_STATUS = ("close", "waiting", "merge", "junk")
 _INVISIBLE = "\ufeff\u200b\u200c\u200d\u2060"
 
 
@@ -86,6 +91,10 @@ def parse_duration(text: str) -> Duration | None:
 def _command(name: str, arg: str, line: str) -> tuple[Command | None, str | None]:
     """One command line to a Command, or an error message."""
     takes_arg = COMMANDS[name]
+    if name == "junk":
+        if arg and arg.lower() != "sender":
+            return None, f"#junk takes no argument or 'sender' (got {arg!r} in {line!r})"
+        return Command(name, arg.lower(), line), None
     if not takes_arg:
         if arg:
             return None, f"#{name} takes no argument (got {arg!r} in {line!r})"

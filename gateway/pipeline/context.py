@@ -17,6 +17,7 @@ from gateway.routing.engine import Decision
 from gateway.routing.model import Rules
 from gateway.security.dns import Resolver
 from gateway.security.sender_auth import AuthResult
+from gateway.security.spam import SpamVerdict
 from gateway.security.tokens import Signer
 from gateway.settings import Settings
 from gateway.spool import SpoolEntry
@@ -57,6 +58,10 @@ class Context:
     kind: str = "customer"
     done: bool = False  # a stage decided nothing further applies (e.g. a duplicate)
     staff_hold_reason: str = ""  # why a staff reply waits for its sender check (staff.judge)
+    spam: SpamVerdict | None = None  # the front filter's verdict (issue 18)
+    # Set when the message goes to the junk folder instead of the ticket queue (issue 18):
+    # (source, rule, reason); `record` then files it there and later stages do nothing.
+    junk: tuple[str, str, str] | None = None
     events: list[tuple[str, str, Any]] = field(default_factory=list)
 
     def event(self, type_: str, detail: str, data: Any = None) -> None:

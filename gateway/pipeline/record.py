@@ -9,6 +9,7 @@ import json
 import uuid
 
 from gateway.pipeline.context import Context
+from gateway.pipeline.junk import file_junk
 from gateway.sla.clocks import on_customer_message, on_reopen, utc
 from gateway.sla.deadlines import initial_deadlines, isoz
 from gateway.store.models import Message, MessageRef, Ticket
@@ -133,6 +134,10 @@ def record(ctx: Context) -> None:
         tid = th.ticket.id if th.ticket else None
         add_event(s, tid, "duplicate", f"{th.detail}; spool entry {ctx.entry.id} ignored", ctx.now)
         return
+    if ctx.junk is not None:
+        # Issue 18: the junk folder instead of the ticket queue; later stages do nothing.
+        file_junk(ctx)
+        return
 
     ticket: Ticket | None = None
     if th.ticket is not None:
@@ -244,6 +249,7 @@ def record(ctx: Context) -> None:
         sender_unverified=not ctx.sender_verified,
         not_kept=json.dumps(p.not_kept),
         spool_id=ctx.entry.id,
+        spam=json.dumps(ctx.spam.to_json() if ctx.spam is not None and ctx.spam.present else {}),
     )
     s.add(msg)
     s.flush()

@@ -11,11 +11,16 @@ from gateway.pipeline.context import Context
 from gateway.pipeline.parse import ParsedMessage
 from gateway.routing.engine import AssignmentState, cover_window, evaluate
 from gateway.routing.facts import MessageFacts
+from gateway.security.spam import SpamVerdict
 from gateway.store.queries import assignment_cursors, open_ticket_counts
 
 
 def facts_from(
-    p: ParsedMessage, rcpt_tos: list[str], sender: str, authenticated: bool
+    p: ParsedMessage,
+    rcpt_tos: list[str],
+    sender: str,
+    authenticated: bool,
+    spam: SpamVerdict | None = None,
 ) -> MessageFacts:
     """What the rules may look at, from a parsed message and its envelope."""
     recipients: list[str] = []
@@ -31,13 +36,16 @@ def facts_from(
         headers=tuple(p.headers),
         authenticated=authenticated,
         has_attachment=bool(p.attachments),
+        # Only a trusted front filter's verdict is routable (gateway.security.spam).
+        spam=spam.spam_for_routes if spam is not None else False,
+        spam_score=spam.score_for_routes if spam is not None else None,
     )
 
 
 def facts_of(ctx: Context) -> MessageFacts:
     assert ctx.parsed is not None
     authenticated = bool(ctx.auth and ctx.auth.authenticated)
-    return facts_from(ctx.parsed, ctx.entry.envelope.rcpt_tos, ctx.sender, authenticated)
+    return facts_from(ctx.parsed, ctx.entry.envelope.rcpt_tos, ctx.sender, authenticated, ctx.spam)
 
 
 def route(ctx: Context) -> None:

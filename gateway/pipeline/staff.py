@@ -51,6 +51,7 @@ is cleared, ``last_staff_at`` set).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from datetime import datetime
 from email.message import EmailMessage
@@ -65,10 +66,12 @@ from gateway.outbound.worker import enqueue, notify_owner
 from gateway.pipeline.commands import Command, parse_commands
 from gateway.pipeline.context import Context
 from gateway.pipeline.holds import hold
+from gateway.pipeline.junk import block_sender, junk_ticket, withdraw_customer_mail
 from gateway.pipeline.notify import Part, add_parts, attachment_parts
 from gateway.routing.model import Person, Rules
 from gateway.security.tokens import Signer
 from gateway.security.verdict import auth_summary, staff_decision
+from gateway.sla import promises
 from gateway.sla.clocks import on_close, on_snooze, on_staff_reply, on_waiting
 from gateway.store.models import Participant, Ticket
 from gateway.store.queries import (
@@ -487,7 +490,69 @@ def _apply(ctx: Context, person: Person, cmd: Command) -> str:
             ctx.now,
         )
         return f"#merge: {t.ref} merged into {into.ref} and closed"
+    if cmd.name == "junk":
+        return _junk(ctx, person, block=cmd.arg == "sender")
     return f"#{cmd.name}: done"  # note: handled by the caller
+
+
+def _junk(ctx: Context, person: Person, *, block: bool) -> str:
+    """``#junk [sender]`` (issue 18): the ticket's messages to the junk folder, every clock
+    stopped, what was still to go out to the customer withdrawn, and with ``sender`` the
+    requester's future mail to the junk folder too. Nothing is sent to the sender."""
+    assert ctx.ticket is not None and ctx.ticket.id is not None
+    t = ctx.ticket
+    assert t.id is not None
+    s = ctx.session
+    by = f"by {person.name} (#junk{' sender' if block else ''})"
+    trail = [
+        {
+            "at": isoz(ctx.now),
+            "type": "junked",
+            "detail": f"{t.ref} ({t.requester}: {t.subject}) declared junk {by}",
+            "data": {"ticket": t.ref, "person": person.id},
+        }
+    ]
+    moved = junk_ticket(s, t, by=person.name, now=ctx.now, events=trail)
+    on_close(t, ctx.now)
+    # No clock runs for junk: nothing is owed, nothing escalates.
+    t.first_response_due = None
+    t.next_response_due = None
+    t.resolution_due = None
+    t.snoozed_until = None
+    tags = json.loads(t.tags or "[]")
+    if "junk" not in tags:
+        t.tags = json.dumps([*tags, "junk"])
+    withdrawn = withdraw_customer_mail(s, t.id, ctx.now)
+    # The ticket is closed now: its pending promises are withdrawn (closed before their time).
+    s.add(t)
+    s.flush()
+    settled = promises.settle(s, ctx.now, {t.id})
+    n_promises = sum(1 for p in settled if p.state == "withdrawn")
+    _event(
+        ctx,
+        "junked",
+        f"{t.ref} declared junk {by}: {moved} message(s) moved to the junk folder, clocks "
+        f"stopped, {withdrawn} pending mail to the customer withdrawn, {n_promises} "
+        "promise(s) withdrawn",
+        {"moved": moved, "withdrawn": withdrawn, "block": block, "promises": n_promises},
+    )
+    line = f"#junk: {t.ref} is junk ({moved} message(s) in the junk folder, clocks stopped)"
+    if block:
+        address = (t.requester or "").lower()
+        if address and block_sender(
+            s,
+            address,
+            by=person.name,
+            ticket_ref=t.ref,
+            reason=f"#junk sender on {t.ref}",
+            now=ctx.now,
+        ):
+            _event(ctx, "sender-blocked", f"{address} blocked {by}: future mail goes to junk")
+            line += f"; future mail from {address} goes to the junk folder"
+            line += f" (undo: customers unblock {address})"
+        else:
+            line += f"; {address or 'the sender'} was already blocked"
+    return line
 
 
 def _verified(ctx: Context, person: Person) -> None:
@@ -509,11 +574,13 @@ def _verified(ctx: Context, person: Person) -> None:
         )
         return
     reply = strip_quoted(rest)
-    is_note = any(c.name == "note" for c in commands)
+    # Nothing junk-related is ever sent to the sender (issue 18): text with #junk is a note.
+    is_note = any(c.name in ("note", "junk") for c in commands)
     done: list[str] = []
     if is_note:
         _event(ctx, "staff-note", f"internal note from {person.name}; not sent to the customer")
-        done.append("#note: kept as an internal note, not sent to the customer")
+        if any(c.name == "note" for c in commands) or reply.strip():
+            done.append("#note: kept as an internal note, not sent to the customer")
     elif reply.strip():
         done.append("your reply was " + _relay(ctx, person, reply))
     elif not commands:

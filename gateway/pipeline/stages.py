@@ -22,6 +22,7 @@ from typing import Any
 from gateway.pipeline.bounce import parse_bounce
 from gateway.pipeline.classify import classify
 from gateway.pipeline.context import Context
+from gateway.pipeline.junk import after_route, blocked_stage, spam_stage
 from gateway.pipeline.notify import notify_owner_stage
 from gateway.pipeline.parse import parse
 from gateway.pipeline.record import record
@@ -193,18 +194,21 @@ def thread_stage(ctx: Context) -> None:
 
 
 def route_stage(ctx: Context) -> None:
-    if ctx.done or ctx.thread is None or not ctx.thread.is_new:
+    if ctx.done or ctx.junk is not None or ctx.thread is None or not ctx.thread.is_new:
         return
     if ctx.thread.key in ("unmatched-bounce", "unmatched-auto-reply", "loop"):
         return
     route(ctx)
+    after_route(ctx)  # disposition = "junk": the junk folder, not the ticket queue (issue 18)
 
 
 STAGES: tuple[Stage, ...] = (
     parse_stage,
     classify_stage,
     authenticate_stage,
+    spam_stage,  # the front filter's verdict, trusted only from security.trusted_relays
     thread_stage,
+    blocked_stage,  # `#junk sender` sent this sender's mail to the junk folder
     route_stage,
     record,
     staff_stage,  # staff-token mail: authenticate, apply commands, relay (FIELD-NOTES §5)

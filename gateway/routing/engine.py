@@ -61,6 +61,8 @@ class Decision:
     trace: tuple[TraceEntry, ...]
     assigned_by: str  # "route" | "round-robin" | "least-open" | "default"
     matched_routes: tuple[str, ...] = ()
+    disposition: str = "ticket"  # "ticket" | "junk" (issue 18)
+    disposition_route: str | None = None  # the route that set it
 
 
 # --------------------------------------------------------------------------- matching
@@ -126,6 +128,27 @@ def _conditions(
             f"has attachment: {_yes(actual)}"
             + ("" if actual == match.has_attachment else f" (route wants {_yes(not actual)})"),
         )
+    if match.spam is not None:
+        actual = facts.spam
+        yield (
+            actual == match.spam,
+            f"spam (trusted front filter): {_yes(actual)}"
+            + ("" if actual == match.spam else f" (route wants {_yes(match.spam)})"),
+        )
+    if match.spam_score is not None:
+        score = facts.spam_score
+        if score is None:
+            yield (
+                False,
+                (
+                    f"spam score: none from a trusted front filter (route wants "
+                    f"{match.spam_score.text})"
+                ),
+            )
+        elif match.spam_score.holds(score):
+            yield True, f"spam score {score:g} {match.spam_score.text}"
+        else:
+            yield False, f"spam score {score:g} is not {match.spam_score.text}"
     for name, patterns in match.header:
         values = facts.header_values(name)
         hit = next((p for v in values if (p := _first_search(v, patterns))), None)
@@ -232,6 +255,7 @@ def evaluate(
     notify: list[str] = []
     trace: list[TraceEntry] = []
     matched: list[str] = []
+    disposition, disposition_route = "ticket", None
 
     for route in rules.routes:
         # `business_hours` is judged in the calendar of the SLA this route would apply:
@@ -247,6 +271,8 @@ def evaluate(
         priority = route.priority or priority
         if route.acknowledge is not None:
             acknowledge = route.acknowledge
+        if route.disposition is not None:
+            disposition, disposition_route = route.disposition, route.name
         if route.owner is not None:
             owner_id, assigned_by = route.owner, "route"
         elif route.team:
@@ -268,6 +294,8 @@ def evaluate(
         trace=tuple(trace),
         assigned_by=assigned_by,
         matched_routes=tuple(matched),
+        disposition=disposition,
+        disposition_route=disposition_route,
     )
 
 

@@ -54,6 +54,7 @@ def explain(
         "notify": list(decision.notify),
         "assigned_by": decision.assigned_by,
         "matched_routes": list(decision.matched_routes),
+        "disposition": decision.disposition,  # "ticket" | "junk" (issue 18)
         "calendar": {
             "id": calendar.id,
             "timezone": calendar.timezone.key,
@@ -95,6 +96,9 @@ def format_explain(result: dict[str, Any]) -> str:
         + ")",
         f"Acknowledge:  {ack_text}",
     ]
+    if result.get("disposition") == "junk":
+        # Issue 18: no ticket, no acknowledgement, no notification, no clock.
+        lines.insert(0, "Disposition:  JUNK (kept in the junk folder: no ticket, no ack, no clock)")
     if result.get("tags"):
         lines.append(f"Tags:         {', '.join(result['tags'])}")
     if result.get("notify"):

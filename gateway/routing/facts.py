@@ -27,6 +27,10 @@ class MessageFacts:
     headers: tuple[tuple[str, str], ...] = ()
     authenticated: bool = False
     has_attachment: bool = False
+    # The front filter's verdict, only when it came from a trusted relay (issue 18): an
+    # untrusted X-Spam-Flag leaves spam False and spam_score None.
+    spam: bool = False
+    spam_score: float | None = None
 
     def header_values(self, name: str) -> tuple[str, ...]:
         """Every value of header `name` (case-insensitive name), in message order."""

@@ -24,6 +24,7 @@ from typing import Any
 
 from gateway.routing.model import (
     ASSIGN_MODES,
+    DISPOSITIONS,
     PRIORITIES,
     ROLES,
     Defaults,
@@ -33,6 +34,7 @@ from gateway.routing.model import (
     Person,
     Route,
     Rules,
+    ScoreTest,
     SlaPolicy,
 )
 from gateway.sla import durations
@@ -80,6 +82,7 @@ ROUTE_KEYS = (
     "acknowledge",
     "notify",
     "continue",
+    "disposition",
 )
 MATCH_KEYS = (
     "to",
@@ -90,11 +93,14 @@ MATCH_KEYS = (
     "authenticated",
     "has_attachment",
     "business_hours",
+    "spam",
+    "spam_score",
     "not",
 )
 
 _EMAIL_RE = re.compile(r"[^@\s]+@[^@\s]+")
 _TEMPLATE_RE = re.compile(r"[A-Za-z0-9_.-]+")
+_SCORE_RE = re.compile(r"(>=|>|<=|<)?\s*(-?\d+(?:\.\d+)?)")
 
 
 # --------------------------------------------------------------------------- problems
@@ -481,6 +487,41 @@ class _Loader:
         )
         return None
 
+    def score_test(
+        self, source: _Source, path: Key, data: Mapping[str, Any], label: str
+    ) -> ScoreTest | None:
+        """``spam_score = ">= 5"`` (also >, <=, <), or a bare number meaning ">=" it."""
+        if "spam_score" not in data:
+            return None
+        value = data["spam_score"]
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return ScoreTest(">=", float(value))
+        if isinstance(value, str) and (m := _SCORE_RE.fullmatch(value.strip())) is not None:
+            return ScoreTest(m.group(1) or ">=", float(m.group(2)))
+        self.problem(
+            source,
+            (*path, "spam_score"),
+            f"{label}: 'spam_score' must be a number or a comparison such as \">= 5\" "
+            "(>=, >, <=, <)",
+        )
+        return None
+
+    def disposition(
+        self, source: _Source, path: Key, data: Mapping[str, Any], label: str
+    ) -> str | None:
+        if "disposition" not in data:
+            return None
+        value = data["disposition"]
+        if isinstance(value, str) and value.strip() in DISPOSITIONS:
+            return value.strip()
+        self.problem(
+            source,
+            (*path, "disposition"),
+            f"{label}: bad disposition {value!r}; use one of "
+            + ", ".join(f'"{d}"' for d in DISPOSITIONS),
+        )
+        return None
+
     def define(
         self, kind: str, id: str, where: str, seen: dict[str, str], source: _Source, path: Key
     ) -> bool:
@@ -790,6 +831,8 @@ class _Loader:
             authenticated=self.boolean(source, path, table, "authenticated", label),
             has_attachment=self.boolean(source, path, table, "has_attachment", label),
             business_hours=self.boolean(source, path, table, "business_hours", label),
+            spam=self.boolean(source, path, table, "spam", label),
+            spam_score=self.score_test(source, path, table, label),
             none_of=none_of,
         )
 
@@ -852,6 +895,7 @@ class _Loader:
             acknowledge=self.acknowledge(source, path, table, label),
             notify=notify,
             continue_=bool(continue_),
+            disposition=self.disposition(source, path, table, label),
             source=source.where(path),
         )
         self.routes.append(route)

@@ -16,6 +16,7 @@ from gateway.sla.business_time import BusinessCalendar
 
 __all__ = [
     "ASSIGN_MODES",
+    "DISPOSITIONS",
     "PRIORITIES",
     "ROLES",
     "Defaults",
@@ -24,6 +25,7 @@ __all__ = [
     "Person",
     "Route",
     "Rules",
+    "ScoreTest",
     "SlaPolicy",
 ]
 
@@ -31,6 +33,8 @@ __all__ = [
 PRIORITIES: tuple[str, ...] = ("low", "normal", "high", "urgent")
 #: How a route with a `team` picks the owner.
 ASSIGN_MODES: tuple[str, ...] = ("round-robin", "least-open")
+#: What a route does with a message: open (or join) a ticket, or file it in the junk folder.
+DISPOSITIONS: tuple[str, ...] = ("ticket", "junk")
 #: Relative people an escalation step may name instead of a person id.
 ROLES: tuple[str, ...] = ("owner", "backup", "manager")
 
@@ -102,6 +106,26 @@ class Pattern:
 
 
 @dataclass(frozen=True)
+class ScoreTest:
+    """``spam_score = ">= 5"``: a comparison with the trusted front filter's score."""
+
+    op: str  # >=, >, <=, <
+    value: float
+
+    def holds(self, score: float) -> bool:
+        return {
+            ">=": score >= self.value,
+            ">": score > self.value,
+            "<=": score <= self.value,
+            "<": score < self.value,
+        }[self.op]
+
+    @property
+    def text(self) -> str:
+        return f"{self.op} {self.value:g}"
+
+
+@dataclass(frozen=True)
 class Match:
     """The conditions of a route. Every given condition must hold; lists are any-of.
 
@@ -117,6 +141,10 @@ class Match:
     authenticated: bool | None = None
     has_attachment: bool | None = None
     business_hours: bool | None = None
+    # The trusted front filter's verdict (gateway.security.spam): untrusted headers never
+    # make these hold.
+    spam: bool | None = None
+    spam_score: ScoreTest | None = None
     none_of: Match | None = None
 
     @property
@@ -140,6 +168,7 @@ class Route:
     acknowledge: bool | str | None = None
     notify: tuple[str, ...] = ()
     continue_: bool = False
+    disposition: str | None = None  # "ticket" | "junk" (None: unchanged, default ticket)
     source: str = ""
 
 

@@ -108,6 +108,8 @@ class Message(SQLModel, table=True):
     sender_unverified: bool = False
     not_kept: str = "[]"  # JSON list of what was not kept (oversize parts, truncation)
     spool_id: int | None = None
+    # The front filter's spam verdict and whether it was trusted (gateway.security.spam).
+    spam: str = Field(default="{}", sa_column=Column(Text, nullable=False, default="{}"))
 
 
 class MessageRef(SQLModel, table=True):
@@ -241,3 +243,51 @@ class Promise(SQLModel, table=True):
     state: str = Field(default="pending", index=True)
     settled_at: datetime | None = None
     told: str = ""  # Message-ID of the notice that told the customer it was broken
+
+
+class Junk(SQLModel, table=True):
+    """One message kept out of the ticket queue (issue 18): a route's ``disposition =
+    "junk"``, a blocked sender, or a staff ``#junk`` on a ticket. The raw message and the
+    envelope are kept so ``junk release`` can process it as if it had just arrived; ``events``
+    is its audit trail (the route trace, the spam verdict, who released it and why)."""
+
+    __table_args__ = (Index("junk_state_at", "state", "junked_at"),)
+    id: int | None = Field(default=None, primary_key=True)
+    state: str = "junk"  # junk | released | expired
+    source: str = "route"  # route | blocked | staff
+    reason: str = Field(default="", sa_column=Column(Text, nullable=False, default=""))
+    rule: str = ""  # the route that said junk, "#junk" or "blocked sender"
+    received_at: datetime
+    junked_at: datetime
+    mail_from: str = ""
+    rcpt_tos: str = "[]"  # JSON list
+    peer: str = ""
+    helo: str = ""
+    from_address: str = Field(default="", index=True)
+    subject: str = ""
+    message_id: str | None = Field(default=None, index=True)
+    dedupe_key: str = Field(index=True)
+    size: int = 0
+    raw: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    spam: str = Field(default="{}", sa_column=Column(Text, nullable=False, default="{}"))
+    events: str = Field(default="[]", sa_column=Column(Text, nullable=False, default="[]"))
+    # Set when a staff #junk moved a ticket's message here.
+    ticket_id: int | None = Field(default=None, foreign_key="ticket.id", index=True)
+    message_row_id: int | None = Field(default=None, foreign_key="message.id")
+    released_at: datetime | None = None
+    released_by: str = ""
+    released_reason: str = ""
+    expired_at: datetime | None = None
+
+
+class BlockedSender(SQLModel, table=True):
+    """``#junk sender``: this address's future mail goes to the junk folder (never
+    answered, never lost: ``junk release`` and ``customers unblock`` undo it)."""
+
+    __tablename__ = "blocked_sender"
+    id: int | None = Field(default=None, primary_key=True)
+    address: str = Field(unique=True)  # lowercased
+    blocked_at: datetime
+    by: str = ""
+    ticket_ref: str = ""
+    reason: str = ""

@@ -41,14 +41,22 @@ class SqlLookup:
     def duplicate_of(
         self, dedupe_key: str, message_id: str | None
     ) -> tuple[int, int | None] | None:
+        # A message a staff `#junk` moved to the junk folder (kind "junk") is no duplicate
+        # of its release (issue 18: released mail is processed as if it had just arrived).
         row = self.s.exec(
-            select(Message.id, Message.ticket_id).where(Message.dedupe_key == dedupe_key)
+            select(Message.id, Message.ticket_id).where(
+                Message.dedupe_key == dedupe_key, Message.kind != "junk"
+            )
         ).first()
         if row is None and message_id:
             # Mail to support@ and billing@ with one Message-ID is one message (§4).
             row = self.s.exec(
                 select(Message.id, Message.ticket_id)
-                .where(Message.message_id == message_id, Message.direction == "in")
+                .where(
+                    Message.message_id == message_id,
+                    Message.direction == "in",
+                    Message.kind != "junk",
+                )
                 .order_by(col(Message.id))
             ).first()
         if row is None:

@@ -185,7 +185,8 @@ def test_doctor_cli_json_and_exit_status(tmp_path: Path) -> None:
         f'[storage]\ndatabase_url = "sqlite:///{tmp_path}/gw.db"\nspool_dir = "{tmp_path}/spool"\n'
         '[outbound]\nrelay = "127.0.0.1:9"\n'
         # DNS pointed at an address where nothing listens: the DNS checks cannot pass.
-        '[security]\nsecret_key = "doctor-secret-0123456789abcdefghijk"\nnameservers = ["127.0.0.1"]\n'
+        '[security]\nsecret_key = "doctor-secret-0123456789abcdefghijk"\n'
+        'nameservers = ["127.0.0.1"]\n'
         "dns_timeout = 0.5\n"
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}

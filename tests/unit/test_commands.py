@@ -96,7 +96,7 @@ def test_unknown_word_is_an_error_even_with_valid_commands() -> None:
     assert rest == "Text"
     assert errors == [
         "unknown command #frobnicate (known commands: #note, #close, #waiting, #assign, "
-        "#snooze, #priority, #merge)"
+        "#snooze, #priority, #merge, #junk)"
     ]
 
 
