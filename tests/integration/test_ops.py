@@ -538,5 +538,6 @@ async def test_relayed_staff_reply_is_logged_as_staff_reply(
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("processed ")]
     assert len(lines) == 1 and f"ticket={ref}" in lines[0]
     assert "kind=staff_reply" in lines[0], lines[0]
-    fields = caplog.records[-1].__dict__.get("fields") or {}
+    [record] = [r for r in caplog.records if r.getMessage().startswith("processed ")]
+    fields = record.__dict__.get("fields") or {}
     assert fields.get("kind") == "staff_reply" and fields.get("event") == "processed"
