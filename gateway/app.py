@@ -22,6 +22,7 @@ from sqlalchemy.engine import Engine
 from gateway.clock import Clock, SystemClock
 from gateway.inbound.smtp import ConnectionLimits, InboundHandler, make_tls_context, start_server
 from gateway.outbound.worker import DeliveryWorker
+from gateway.pipeline.bundle import BundleWorker
 from gateway.pipeline.context import Services
 from gateway.pipeline.process import PipelineProcess
 from gateway.pipeline.recheck import AuthRechecker
@@ -100,6 +101,10 @@ class Gateway:
         # complete (issue 10, docs/security.md).
         self.rechecker = AuthRechecker(self.engine, self.services)
         self.rechecker_wakeup = asyncio.Event()
+        # Bundled acknowledgements and owner notifications (issue 12), sent when a
+        # customer's outbound.ack_window closes.
+        self.bundler = BundleWorker(self.engine, self.services)
+        self.bundler_wakeup = asyncio.Event()
 
         def after_batch() -> None:
             # New outbox rows (acknowledgements) go out as soon as their batch has committed,
@@ -107,9 +112,11 @@ class Gateway:
             self.delivery.wakeup.set()
             self.escalator_wakeup.set()
             self.rechecker_wakeup.set()
+            self.bundler_wakeup.set()
 
         self.pipeline.after_batch = after_batch
         self.rechecker.after_batch = self.delivery.wakeup.set
+        self.bundler.after_batch = self.delivery.wakeup.set
         self.handler: InboundHandler | None = None
         self.server: asyncio.Server | None = None
         self.stopping = asyncio.Event()
@@ -198,6 +205,9 @@ class Gateway:
                 ),
                 asyncio.create_task(
                     self.rechecker.run(self.stopping, self.rechecker_wakeup), name="recheck"
+                ),
+                asyncio.create_task(
+                    self.bundler.run(self.stopping, self.bundler_wakeup), name="bundle"
                 ),
             ]
         log.info("listening on %s:%s for %s", host, self.port, ", ".join(s.domains))

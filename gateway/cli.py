@@ -55,6 +55,11 @@ def _parser() -> argparse.ArgumentParser:
     tl.add_argument("--json", action="store_true")
     tl.add_argument("--status", choices=["open", "waiting", "closed"])
     tl.add_argument("--limit", type=int, default=0)
+    tl.add_argument(
+        "--customer",
+        metavar="ADDRESS",
+        help="only the tickets of the customer of ADDRESS (any of their addresses)",
+    )
     ts = t.add_parser("show")
     ts.add_argument("ref")
     ts.add_argument("--json", action="store_true")
@@ -94,6 +99,9 @@ def _parser() -> argparse.ArgumentParser:
     cm = c.add_parser("merge", help="join the customer of address A into the customer of B")
     cm.add_argument("a")
     cm.add_argument("b")
+    cs = c.add_parser("show", help="a customer's addresses, tickets and merges")
+    cs.add_argument("address")
+    cs.add_argument("--json", action="store_true")
 
     db = sub.add_parser("db", help="database").add_subparsers(dest="db_command", required=True)
     db.add_parser("upgrade", help="apply migrations")
@@ -238,6 +246,14 @@ def cmd_tickets(args: argparse.Namespace) -> int:
     with Session(engine) as s:
         if args.tickets_command == "list":
             q = select(Ticket).order_by(col(Ticket.created_at).desc(), col(Ticket.id).desc())
+            if args.customer:
+                from gateway.views import customer_tickets
+
+                found = customer_tickets(s, args.customer)
+                if found is None:
+                    print(f"no customer with the address {args.customer}", file=sys.stderr)
+                    return 1
+                q = q.where(col(Ticket.id).in_([t.id for t in found]))
             if args.status:
                 q = q.where(Ticket.status == args.status)
             if args.limit:
@@ -439,6 +455,8 @@ def cmd_customers(args: argparse.Namespace) -> int:
     from gateway.store.db import session_scope
     from gateway.store.queries import customer_of, merge_customers
 
+    if args.c_command == "show":
+        return _customer_show(args, settings, engine)
     with session_scope(engine) as s:
         a, b = customer_of(s, args.a), customer_of(s, args.b)
         if a is None or b is None:
@@ -453,6 +471,41 @@ def cmd_customers(args: argparse.Namespace) -> int:
             f"merged customer {rec.source_id} ({args.a}) into {rec.target_id} ({args.b}): "
             f"addresses {json.loads(rec.addresses)}, tickets {json.loads(rec.tickets)}"
         )
+        # Issue 12: their open tickets are possible duplicates; each owner is told.
+        from gateway.pipeline.conversation import announce_customer_merge
+        from gateway.security.tokens import Signer
+
+        for line in announce_customer_merge(
+            s,
+            customer_id=rec.target_id,
+            rules=_rules_or_none(settings),
+            settings=settings,
+            signer=Signer(settings.secret()),
+            now=datetime.now(UTC),
+        ):
+            print(f"possible duplicate: {line}")
+    return 0
+
+
+def _customer_show(args: argparse.Namespace, settings: Settings, engine: Any) -> int:
+    from gateway.views import customer_detail
+
+    with Session(engine) as s:
+        d = customer_detail(s, args.address, _rules_or_none(settings))
+    if d is None:
+        print(f"no customer with the address {args.address}", file=sys.stderr)
+        return 1
+    if args.json:
+        _print(d)
+        return 0
+    print(f"customer {d['id']} {d['name']}".rstrip())
+    for a in d["addresses"]:
+        bad = " (undeliverable)" if a["undeliverable"] else ""
+        print(f"  address {a['address']} since {a['since']}{bad}")
+    for t in d["tickets"]:
+        print(f"  {t['ref']:<12} {t['status']:<8} {t['owner']['name']:<20} {t['subject'][:60]}")
+    for m in d["merges"]:
+        print(f"  merged {m['addresses']} ({m['tickets']}) at {m['at']} by {m['by']}")
     return 0
 
 

@@ -56,7 +56,10 @@ class Context:
     unverified_reason: str = ""
     kind: str = "customer"
     done: bool = False  # a stage decided nothing further applies (e.g. a duplicate)
-    staff_hold_reason: str = ""  # why a staff reply waits for its sender check (staff.judge)
+    staff_hold_reason: str = ""
+    # Issue 12: a human's NEW mail (not a reply): "new" opened a ticket, "joined" went into
+    # the customer's open ticket (gateway.pipeline.conversation); "" for anything else.
+    fresh: str = ""  # why a staff reply waits for its sender check (staff.judge)
     events: list[tuple[str, str, Any]] = field(default_factory=list)
 
     def event(self, type_: str, detail: str, data: Any = None) -> None:

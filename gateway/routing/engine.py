@@ -59,6 +59,8 @@ class Decision:
     trace: tuple[TraceEntry, ...]
     assigned_by: str  # "route" | "round-robin" | "least-open" | "default"
     matched_routes: tuple[str, ...] = ()
+    # Issue 12: the matching route's `known_customer` policy (None: tickets.known_customer).
+    known_customer: str | None = None
 
 
 # --------------------------------------------------------------------------- matching
@@ -220,6 +222,7 @@ def evaluate(
     notify: list[str] = []
     trace: list[TraceEntry] = []
     matched: list[str] = []
+    known_customer: str | None = None
 
     for route in rules.routes:
         # `business_hours` is judged in the calendar of the SLA this route would apply:
@@ -235,6 +238,8 @@ def evaluate(
         priority = route.priority or priority
         if route.acknowledge is not None:
             acknowledge = route.acknowledge
+        if route.known_customer is not None:
+            known_customer = route.known_customer
         if route.owner is not None:
             owner_id, assigned_by = route.owner, "route"
         elif route.team:
@@ -256,4 +261,5 @@ def evaluate(
         trace=tuple(trace),
         assigned_by=assigned_by,
         matched_routes=tuple(matched),
+        known_customer=known_customer,
     )

@@ -135,6 +135,8 @@ class Route:
     notify: tuple[str, ...] = ()
     continue_: bool = False
     source: str = ""
+    # Issue 12: overrides `tickets.known_customer` for mail this route matches.
+    known_customer: str | None = None
 
 
 @dataclass(frozen=True)
