@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -93,13 +94,20 @@ def match_known_customer(
             hit = by_ref.get(ref.upper())
             if hit is not None:
                 return hit, f"its {where} names {hit.ref}, an open request of this customer"
-    norm = normalise_subject(subject, ref_prefix)
+    norm = _loose(normalise_subject(subject, ref_prefix))
     if not norm:
         return None
     for c in sorted(candidates, key=lambda c: -c.id):
-        if c.normalized_subject and c.normalized_subject == norm:
+        if _loose(c.normalized_subject) == norm:
             return c, f'same subject as the open request {c.ref} ("{norm}")'
     return None
+
+
+def _loose(normalised: str) -> str:
+    """Punctuation and spacing do not make a new subject: "My refund is still missing!!"
+    is the same request as "my refund is still missing" (anxious customers add "!" and
+    "???")."""
+    return re.sub(r"[\W_]+", " ", normalised).strip()
 
 
 # ------------------------------------------------------------------------------- queries
