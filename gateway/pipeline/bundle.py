@@ -295,12 +295,14 @@ class BundleWorker:
             return "nothing"
         sender = rows[-1][2].from_address or rows[-1][2].mail_from
         parts = [
-            f"{sender} wrote {len(rows)} more new mail{'s' if len(rows) != 1 else ''} within "
+            f"{sender} wrote {len(rows)} more mail{'s' if len(rows) != 1 else ''} within "
             f"{settings.outbound.ack_window} of the last notification; here is each one in "
             f"full, and where it went. The customer got one acknowledgement for them.",
         ]
         for n, (item, t, m) in enumerate(rows, 1):
-            where = f"opened new ticket {t.ref}" if item.how == "new" else f"added to {t.ref}"
+            where = {"new": f"opened new ticket {t.ref}", "reply": f"reply in {t.ref}"}.get(
+                item.how, f"new mail added to {t.ref}"
+            )
             owner = rules.people.get(t.owner)
             parts.append(
                 f"=== {n}. {where} (owner {owner.name if owner else t.owner}; status "

@@ -38,7 +38,7 @@ from sqlmodel import Session, col, select
 
 from gateway.outbound.compose import format_local, isoz
 from gateway.pipeline.context import Context
-from gateway.pipeline.subject import find_ticket_refs, normalise_subject
+from gateway.pipeline.subject import format_ref, normalise_subject
 from gateway.pipeline.thread import ThreadDecision, TicketView
 from gateway.routing.model import Person, Rules
 from gateway.security.tokens import Signer
@@ -90,7 +90,7 @@ def match_known_customer(
     by_ref = {c.ref.upper(): c for c in candidates}
     head = "\n".join(text.splitlines()[:20])
     for where, source in (("subject", subject), ("text", head)):
-        for ref in find_ticket_refs(source, ref_prefix):
+        for ref in _bare_refs(source, ref_prefix):
             hit = by_ref.get(ref.upper())
             if hit is not None:
                 return hit, f"its {where} names {hit.ref}, an open request of this customer"
@@ -101,6 +101,18 @@ def match_known_customer(
         if _loose(c.normalized_subject) == norm:
             return c, f'same subject as the open request {c.ref} ("{norm}")'
     return None
+
+
+def _bare_refs(text: str, prefix: str) -> list[str]:
+    """``ACME-1042`` with or without brackets: customers write "about ACME-1042 again".
+    Safe without the brackets here because only the customer's OWN tickets are matched."""
+    out: list[str] = []
+    pattern = re.compile(r"(?<![\w-])" + re.escape(prefix) + r"-([0-9]{1,18})(?![\w-])", re.I)
+    for m in pattern.finditer(text or ""):
+        ref = format_ref(prefix, int(m.group(1)))
+        if ref not in out:
+            out.append(ref)
+    return out
 
 
 def _loose(normalised: str) -> str:
@@ -361,8 +373,17 @@ def bundle_ack(ctx: Context, to: str) -> bool:
 def bundle_notification(ctx: Context, owner: Person) -> bool:
     """Notify's helper: is this fresh mail's owner notification bundled? (records why)"""
     assert ctx.ticket is not None and ctx.ticket.id is not None
-    if not ctx.fresh or ctx.ticket.customer_id is None:
+    if ctx.ticket.customer_id is None or ctx.kind != "customer":
         return False
+    if not ctx.fresh:
+        # A reply joins a burst already being bundled for this owner (one notification per
+        # burst); on its own a reply is notified at once, as before.
+        pending = _waiting(ctx.session, "notify", owner.id)
+        if pending is None or pending.customer_id not in customer_ids(
+            ctx.session, ctx.ticket.customer_id
+        ):
+            return False
+        ctx.fresh = "reply"
     ids = customer_ids(ctx.session, ctx.ticket.customer_id)
     tickets = {
         t

@@ -175,7 +175,7 @@ async def test_a_night_of_new_mails_is_one_conversation(env: Env) -> None:
     assert text.count(f"added to your open request {first.ref}") == 2
     # Deadlines are the stored ones.
     stored = ticket_json(env.gw, second.ref)["deadlines"]["first_response"]
-    assert f"Alice Martin is looking after it, first answer by" in text and stored in text
+    assert "Alice Martin is looking after it, first answer by" in text and stored in text
     assert env.gw.signer.ticket_from_message_id(acks[1].message()["Message-ID"]) is not None
     note = _text(notes[1])
     for body in ("Hello??", "Where is my money?", "Third try."):
