@@ -120,7 +120,8 @@ async def night(label: str, **extra: Any) -> dict[str, int]:
                 }
     print(
         f"{label:<14} mails {len(NIGHT)}: tickets created {result['tickets']}, "
-        f"acknowledgements sent {result['acks']}, owner notifications {result['owner_notifications']}"
+        f"acknowledgements sent {result['acks']}, "
+        f"owner notifications {result['owner_notifications']}"
     )
     return result
 
