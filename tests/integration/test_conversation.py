@@ -85,9 +85,13 @@ class Env:
 
 
 @pytest.fixture
-async def env(tmp_path: Path, clock: FrozenClock, relay: CaptureRelay) -> AsyncIterator[Env]:
+async def env(
+    tmp_path: Path, clock: FrozenClock, relay: CaptureRelay, database_url: str
+) -> AsyncIterator[Env]:
+    """The gateway on SQLite and on PostgreSQL (bundle queries lock rows there)."""
     settings = make_settings(
         tmp_path,
+        storage={"database_url": database_url, "spool_dir": str(tmp_path / "spool")},
         outbound={"relay": f"127.0.0.1:{relay.port}", "from_name": "Example Support"},
         # Unsigned test mail from staff is accepted on the token (docs/staff-email.md).
         security={
@@ -100,7 +104,7 @@ async def env(tmp_path: Path, clock: FrozenClock, relay: CaptureRelay) -> AsyncI
         f'rules_dir = "{RULES}"\n'
         '[smtp]\nlisten = "127.0.0.1:0"\nhostname = "mx.example.com"\n'
         'domains = ["example.com", "localhost"]\nmin_free_disk = 0\n'
-        f'[storage]\ndatabase_url = "sqlite:///{tmp_path}/gateway.db"\n'
+        f'[storage]\ndatabase_url = "{database_url}"\n'
         f'spool_dir = "{tmp_path}/cli-spool"\n'
         '[outbound]\nfrom_address = "support@example.com"\n'
         '[security]\nsecret_key = "test-secret-key-0123456789abcdef"\nverify_senders = false\n'

@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
 from gateway.pipeline.conversation import Candidate, match_known_customer
 from gateway.pipeline.parse import parse
 from gateway.pipeline.thread import TicketView, decide
+from gateway.routing.engine import evaluate
+from gateway.routing.facts import MessageFacts
+from gateway.routing.loader import load_rules
 from gateway.security.tokens import Signer
 from tests.unit.test_thread_decide import PAT, Store
 
@@ -67,3 +75,29 @@ def test_every_key_of_a_merged_ticket_reaches_the_target() -> None:
         assert "ACME-1006 was merged into ACME-1008: redirected" in d.detail
         if d.claim is not None:
             assert d.claim.ticket_id == 9
+
+
+def test_a_route_overrides_the_known_customer_policy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.unit import test_rules_loader as rl
+
+    monkeypatch.chdir(tmp_path)
+    routes = rl.edit(
+        rl.ROUTES, 'tags = ["billing"]', 'tags = ["billing"]\nknown_customer = "separate"'
+    )
+    rules = load_rules(rl.write({"routes.toml": routes}))
+    facts = MessageFacts(
+        recipients=("billing@example.com",), sender=PAT, subject="Refund", body="",
+        headers=(), authenticated=False, has_attachment=False,
+    )  # fmt: skip
+    at = datetime(2026, 11, 23, 9, 0, tzinfo=UTC)
+    assert evaluate(rules, facts, at).known_customer == "separate"
+    other = MessageFacts(
+        recipients=("support@example.com",), sender=PAT, subject="Hi", body="",
+        headers=(), authenticated=False, has_attachment=False,
+    )  # fmt: skip
+    assert evaluate(rules, other, at).known_customer is None
+    bad = rl.edit(rl.ROUTES, 'tags = ["billing"]', 'tags = ["billing"]\nknown_customer = "merge"')
+    (tmp_path / "rules").rename(tmp_path / "old")
+    assert any("known_customer" in p for p in rl.problems({"routes.toml": bad}))
