@@ -23,6 +23,7 @@ ticket (goal 10 / 0).
 Usage::
 
     python bench/night_of_mails.py
+    python bench/night_of_mails.py --show    # also print every message that left
 """
 
 from __future__ import annotations
@@ -76,7 +77,17 @@ async def _run(gw: Any, worker: Any) -> None:
     await worker.run_once()
 
 
-async def night(label: str, **extra: Any) -> dict[str, int]:
+async def _until(gw: Any, worker: Any, clock: Any, when: datetime) -> None:
+    """Move the clock to `when`, waking the workers at each window close on the way, as
+    the daemon's bundle worker does (it sleeps until the next bundle is due)."""
+    while (nxt := gw.bundler.next_due()) is not None and nxt <= when:
+        clock.set(max(nxt, clock.now()))
+        await _run(gw, worker)
+    clock.set(when)
+    await _run(gw, worker)
+
+
+async def night(label: str, show: bool = False, **extra: Any) -> dict[str, int]:
     from gateway.clock import FrozenClock
     from gateway.outbound.worker import DeliveryWorker
     from tests.support.gateway import all_tickets, make_mail, running_gateway, send
@@ -91,8 +102,7 @@ async def night(label: str, **extra: Any) -> dict[str, int]:
                 worker = DeliveryWorker(gw.engine, settings, clock, signer=gw.signer)
                 first_ack: dict[str, Any] = {}
                 for minutes, sender, subject, how in NIGHT:
-                    clock.set(start + timedelta(minutes=minutes))
-                    await _run(gw, worker)  # windows that closed meanwhile
+                    await _until(gw, worker, clock, start + timedelta(minutes=minutes))
                     kw: dict[str, Any] = {"sender": sender, "subject": subject}
                     if how == "reply" and sender in first_ack:
                         ack = first_ack[sender]
@@ -108,11 +118,17 @@ async def night(label: str, **extra: Any) -> dict[str, int]:
                     for m in relay.messages:
                         if sender in m.rcpt_tos and sender not in first_ack:
                             first_ack[sender] = m.message()
-                clock.set(start + timedelta(hours=6))
-                await _run(gw, worker)
+                await _until(gw, worker, clock, start + timedelta(hours=6))
                 customers = {PAT, JO}
                 acks = sum(1 for m in relay.messages if set(m.rcpt_tos) & customers)
                 notes = sum(1 for m in relay.messages if not set(m.rcpt_tos) & customers)
+                if show:  # what Pat and Alice read: every message, plain text part
+                    for m in relay.messages:
+                        body = m.message().get_body(preferencelist=("plain",))
+                        text = body.get_content() if body is not None else ""
+                        print(f"\n===== to {', '.join(m.rcpt_tos)}: {m.message()['Subject']}")
+                        print(text.rstrip())
+                    print()
                 result = {
                     "tickets": len(all_tickets(gw)),
                     "acks": acks,
@@ -201,7 +217,7 @@ async def main() -> None:
     for minutes, sender, subject, how in NIGHT:
         print(f"  23:00 + {minutes:>4g} min  {sender:<22} {how:<5}  {subject}")
     await night("one-by-one", tickets={"known_customer": "separate"}, outbound={"ack_window": "0s"})
-    await night("conversation")
+    await night("conversation", show="--show" in sys.argv)
     await merge_redirect()
 
 

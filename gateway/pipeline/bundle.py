@@ -194,8 +194,12 @@ class BundleWorker:
         lines = [
             "Hello,",
             "",
-            f"we have received {len(rows)} more message{'s' if len(rows) != 1 else ''} from "
-            f"you since our last confirmation. Here is where each one went:",
+            (
+                f"we have received {len(rows)} more messages from you since our last "
+                f"confirmation. Here is where each one went:"
+                if len(rows) > 1
+                else "we have received another message from you. Here is where it went:"
+            ),
             "",
         ]
         for n, (item, t, m) in enumerate(rows, 1):
@@ -230,7 +234,7 @@ class BundleWorker:
         message_id = signer.message_id(settings.smtp.hostname, last_t.id, "ack")
         refs = sorted({t.ref for _i, t, _m in rows})
         subject = (
-            f"[{refs[0]}] Received: {len(rows)} more message(s)"
+            f"[{refs[0]}] Received: {len(rows)} more message{'s' if len(rows) > 1 else ''}"
             if len(refs) == 1
             else f"Received: {len(rows)} more messages ({', '.join(refs)})"
         )
