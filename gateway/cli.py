@@ -342,8 +342,13 @@ def _process_spool(settings: Settings, spool: Any, only: int | None = None) -> i
         rules=load_rules(settings.rules_path),
         resolver=build_resolver(settings),
     )
-    worker = PipelineWorker(engine=_engine(settings), spool=spool, services=services)
+    engine = _engine(settings)
+    worker = PipelineWorker(engine=engine, spool=spool, services=services)
     n = worker.run_once_sync()
+    # Bundled acknowledgements whose window has closed (issue 12) go to the outbox too.
+    from gateway.pipeline.bundle import BundleWorker
+
+    BundleWorker(engine, services).run_once_sync()
     state = spool.get(only) if only is not None else None
     if state is not None:  # still in the spool: it failed again
         print(f"message {only} failed again: {(state.last_error or '').splitlines()[0]}")
