@@ -68,14 +68,14 @@ class BundleWorker:
 
     # -- the loop ------------------------------------------------------------------------
 
-    def _due(self, now: datetime) -> list[tuple[str, str]]:
+    def _due(self, now: datetime) -> list[tuple[str, str, int | None]]:
         with Session(self.engine) as s:
             rows = s.exec(
-                select(BundleItem.purpose, BundleItem.recipient)
+                select(BundleItem.purpose, BundleItem.recipient, BundleItem.customer_id)
                 .where(BundleItem.state == "waiting", col(BundleItem.due_at) <= now)
                 .distinct()
             ).all()
-        return [(p, r) for p, r in rows]
+        return [(p, r, c) for p, r, c in rows]
 
     def next_due(self) -> datetime | None:
         with Session(self.engine) as s:
@@ -87,10 +87,10 @@ class BundleWorker:
     def run_once_sync(self) -> int:
         """Send every bundle due now; returns how many bundles were handled."""
         done = 0
-        for purpose, recipient in self._due(self.services.clock.now()):
+        for purpose, recipient, customer in self._due(self.services.clock.now()):
             try:
                 with session_scope(self.engine) as s:
-                    self.send(s, purpose, recipient)
+                    self.send(s, purpose, recipient, customer)
             except Exception:  # one bad bundle must not stop the others
                 log.exception("bundle %s to %s failed", purpose, recipient)
             done += 1
@@ -126,7 +126,8 @@ class BundleWorker:
 
     # -- one bundle ----------------------------------------------------------------------
 
-    def send(self, s: Session, purpose: str, recipient: str) -> str:
+    def send(self, s: Session, purpose: str, recipient: str, customer: int | None) -> str:
+        """Send one bundle: ``purpose`` to ``recipient`` about ``customer``'s mails."""
         now = self.services.clock.now()
         items = list(
             s.exec(
@@ -134,6 +135,11 @@ class BundleWorker:
                 .where(
                     BundleItem.purpose == purpose,
                     BundleItem.recipient == recipient,
+                    (
+                        col(BundleItem.customer_id).is_(None)
+                        if customer is None
+                        else col(BundleItem.customer_id) == customer
+                    ),
                     BundleItem.state == "waiting",
                     col(BundleItem.due_at) <= now,
                 )

@@ -291,16 +291,31 @@ def known_customer_stage(ctx: Context) -> None:
 # ------------------------------------------------------------------------------ bundling
 
 
-def _waiting(session: Session, purpose: str, recipient: str) -> BundleItem | None:
+def _waiting(
+    session: Session, purpose: str, recipient: str, customer: int | None
+) -> BundleItem | None:
+    """The open bundle for this recipient about this customer: an owner's bundle is per
+    customer, so another customer's first mail is still notified at once."""
     return session.exec(
         select(BundleItem)
         .where(
             BundleItem.purpose == purpose,
             BundleItem.recipient == recipient,
+            (
+                col(BundleItem.customer_id).is_(None)
+                if customer is None
+                else col(BundleItem.customer_id) == customer
+            ),
             BundleItem.state == "waiting",
         )
         .order_by(col(BundleItem.id))
     ).first()
+
+
+def _customer(ctx: Context) -> int | None:
+    assert ctx.ticket is not None
+    cid = ctx.ticket.customer_id
+    return resolve_customer(ctx.session, cid) if cid is not None else None
 
 
 def _last_sent(session: Session, kind: str, rcpt: str, ticket_ids: set[int]) -> datetime | None:
@@ -322,7 +337,7 @@ def _defer(ctx: Context, purpose: str, recipient: str, anchor: datetime | None) 
     span = window(ctx.services.settings)
     if span <= timedelta(0):
         return None
-    pending = _waiting(s, purpose, recipient)
+    pending = _waiting(s, purpose, recipient, _customer(ctx))
     if pending is not None:
         due = (
             pending.due_at
@@ -337,7 +352,7 @@ def _defer(ctx: Context, purpose: str, recipient: str, anchor: datetime | None) 
         BundleItem(
             purpose=purpose,
             recipient=recipient,
-            customer_id=ctx.ticket.customer_id,
+            customer_id=_customer(ctx),
             ticket_id=ctx.ticket.id,
             message_id=ctx.message.id or 0,
             how=ctx.fresh or "new",
@@ -378,10 +393,7 @@ def bundle_notification(ctx: Context, owner: Person) -> bool:
     if not ctx.fresh:
         # A reply joins a burst already being bundled for this owner (one notification per
         # burst); on its own a reply is notified at once, as before.
-        pending = _waiting(ctx.session, "notify", owner.id)
-        if pending is None or pending.customer_id not in customer_ids(
-            ctx.session, ctx.ticket.customer_id
-        ):
+        if _waiting(ctx.session, "notify", owner.id, _customer(ctx)) is None:
             return False
         ctx.fresh = "reply"
     ids = customer_ids(ctx.session, ctx.ticket.customer_id)

@@ -44,7 +44,7 @@ from gateway.routing.model import Person
 from gateway.security.sender_auth import AuthResult
 from gateway.security.verdict import ack_decision
 from gateway.store.models import BundleItem, Event, Outbox, Ticket
-from gateway.store.queries import add_event
+from gateway.store.queries import add_event, resolve_customer
 
 #: Window for the "recent performance" line of the acknowledgement.
 STATS_DAYS = 30
@@ -256,7 +256,7 @@ def _ack_joined_mail(ctx: Context) -> None:
         return
     ctx.session.add(
         BundleItem(
-            purpose="ack", recipient=to, customer_id=ctx.ticket.customer_id,
+            purpose="ack", recipient=to, customer_id=_customer_of_ticket(ctx),
             ticket_id=ctx.ticket.id, message_id=ctx.message.id or 0, how="joined",
             created_at=ctx.now, due_at=ctx.now,
         )
@@ -264,6 +264,12 @@ def _ack_joined_mail(ctx: Context) -> None:
     add_event(ctx.session, ctx.ticket.id, "ack-queued",
               f"added to {ctx.ticket.ref}: {to} is told so in an acknowledgement at once",
               ctx.now, message_id=ctx.message.id)  # fmt: skip
+
+
+def _customer_of_ticket(ctx: Context) -> int | None:
+    assert ctx.ticket is not None
+    cid = ctx.ticket.customer_id
+    return resolve_customer(ctx.session, cid) if cid is not None else None
 
 
 def _conversation_texts(ctx: Context, to: str) -> tuple[str, str]:

@@ -297,3 +297,18 @@ async def test_customer_merge_surfaces_duplicates_and_merge_closes_the_loop(env:
     assert _events(env, a.ref, "duplicate-resolved")
     r = env.cli("customers", "show", PAT, "--json")
     assert json.loads(r.stdout)["open_tickets"] == 1
+
+
+async def test_another_customers_first_mail_is_not_held_in_a_bundle(env: Env) -> None:
+    await env.mail(sender=PAT, subject="Printer on fire", body="One.\n")
+    env.clock.advance(timedelta(seconds=30))
+    await env.mail(sender=PAT, subject="Scanner too", body="Two.\n")  # bundled for Alice
+    assert len(env.to("alice@example.com")) == 1
+    await env.mail(sender=JO, subject="Login broken", body="Jo.\n")  # Jo's first: at once
+    notes = env.to("alice@example.com")
+    assert len(notes) == 2 and "Jo." in _text(notes[1])
+    assert len(env.to(JO)) == 1
+    env.clock.advance(timedelta(minutes=2))
+    await env.process()
+    notes = env.to("alice@example.com")
+    assert len(notes) == 3 and "Two." in _text(notes[2]) and "Jo." not in _text(notes[2])
