@@ -31,6 +31,7 @@ from gateway.http import AdminHttp
 from gateway.inbound.smtp import ConnectionLimits, InboundHandler, make_tls_context, start_server
 from gateway.metrics import CountingResolver, StateCollector, build_registry, node_name
 from gateway.outbound.worker import DeliveryWorker
+from gateway.pipeline.bundle import BundleWorker
 from gateway.pipeline.context import Services
 from gateway.pipeline.process import PipelineProcess
 from gateway.pipeline.recheck import AuthRechecker
@@ -137,6 +138,10 @@ class Gateway:
         self.cluster = ClusterNotifier(
             self.engine, self.delivery.node.name, self.delivery.wakeup.set
         )
+        # Bundled acknowledgements and owner notifications (issue 12), sent when a
+        # customer's outbound.ack_window closes.
+        self.bundler = BundleWorker(self.engine, self.services)
+        self.bundler_wakeup = asyncio.Event()
 
         def after_batch() -> None:
             # New outbox rows (acknowledgements) go out as soon as their batch has committed,
@@ -144,6 +149,7 @@ class Gateway:
             self.delivery.wakeup.set()
             self.escalator_wakeup.set()
             self.rechecker_wakeup.set()
+            self.bundler_wakeup.set()
             self.cluster.notify()
 
         def after_fire() -> None:
@@ -154,6 +160,7 @@ class Gateway:
         self.pipeline.after_batch = after_batch
         self.after_fire = after_fire
         self.rechecker.after_batch = after_fire  # a released acknowledgement leaves now
+        self.bundler.after_batch = after_fire  # a bundled acknowledgement too
         self.handler: InboundHandler | None = None
         self.server: asyncio.Server | None = None
         self.stopping = asyncio.Event()
@@ -369,6 +376,9 @@ class Gateway:
                     self.rechecker.run(self.stopping, self.rechecker_wakeup), name="recheck"
                 ),
                 asyncio.create_task(self.cluster.run(self.stopping), name="cluster-notify"),
+                asyncio.create_task(
+                    self.bundler.run(self.stopping, self.bundler_wakeup), name="bundle"
+                ),
             ]
         log.info("listening on %s:%s for %s", host, self.port, ", ".join(s.domains))
 

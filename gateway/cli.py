@@ -117,6 +117,11 @@ def _parser() -> argparse.ArgumentParser:
         "--status", choices=["open", "waiting", "closed"], help="only tickets in this status"
     )
     tl.add_argument("--limit", type=int, default=0, help="at most this many tickets (default: all)")
+    tl.add_argument(
+        "--customer",
+        metavar="ADDRESS",
+        help="only the tickets of the customer of ADDRESS (any of their addresses)",
+    )
     ts = t.add_parser("show", help="one ticket: messages, events, links, deadlines")
     ts.add_argument("ref", help="the ticket reference, e.g. ACME-1042")
     ts.add_argument("--json", action="store_true", help="one JSON object instead of text")
@@ -163,6 +168,9 @@ def _parser() -> argparse.ArgumentParser:
     cb.add_argument("--json", action="store_true", help="a JSON array instead of lines")
     cu = c.add_parser("unblock", help="undo #junk sender: ADDRESS's mail opens tickets again")
     cu.add_argument("address", help="the blocked sender's address")
+    cs = c.add_parser("show", help="a customer's addresses, tickets and merges")
+    cs.add_argument("address", help="any of the customer's addresses")
+    cs.add_argument("--json", action="store_true", help="one JSON object instead of text")
 
     j = sub.add_parser("junk", help="the junk folder: kept out of the ticket queue, and why")
     js = j.add_subparsers(dest="j_command", required=True, metavar="SUBCOMMAND")
@@ -344,6 +352,14 @@ def cmd_tickets(args: argparse.Namespace) -> int:
     with Session(engine) as s:
         if args.tickets_command == "list":
             q = select(Ticket).order_by(col(Ticket.created_at).desc(), col(Ticket.id).desc())
+            if args.customer:
+                from gateway.views import customer_tickets
+
+                found = customer_tickets(s, args.customer)
+                if found is None:
+                    print(f"no customer with the address {args.customer}", file=sys.stderr)
+                    return 1
+                q = q.where(col(Ticket.id).in_([t.id for t in found]))
             if args.status:
                 q = q.where(Ticket.status == args.status)
             if args.limit:
@@ -500,6 +516,10 @@ def _process_spool(
     if worker.outage is not None:
         print(f"paused: {worker.outage.kind} unavailable ({worker.outage.reason})")
         return EX_TEMPFAIL
+    # Bundled acknowledgements whose window has closed (issue 12) go to the outbox too.
+    from gateway.pipeline.bundle import BundleWorker
+
+    BundleWorker(engine, services).run_once_sync()
     state = spool.get(only) if only is not None else None
     if state is not None:  # still in the spool: it failed again
         print(f"message {only} failed again: {(state.last_error or '').splitlines()[0]}")
@@ -637,6 +657,8 @@ def cmd_customers(args: argparse.Namespace) -> int:
         return _customers_blocks(args, engine)
     from gateway.store.queries import customer_of, merge_customers
 
+    if args.c_command == "show":
+        return _customer_show(args, settings, engine)
     with session_scope(engine) as s:
         a, b = customer_of(s, args.a), customer_of(s, args.b)
         if a is None or b is None:
@@ -651,6 +673,41 @@ def cmd_customers(args: argparse.Namespace) -> int:
             f"merged customer {rec.source_id} ({args.a}) into {rec.target_id} ({args.b}): "
             f"addresses {json.loads(rec.addresses)}, tickets {json.loads(rec.tickets)}"
         )
+        # Issue 12: their open tickets are possible duplicates; each owner is told.
+        from gateway.pipeline.conversation import announce_customer_merge
+        from gateway.security.tokens import Signer
+
+        for line in announce_customer_merge(
+            s,
+            customer_id=rec.target_id,
+            rules=_rules_or_none(settings),
+            settings=settings,
+            signer=Signer(settings.secret()),
+            now=datetime.now(UTC),
+        ):
+            print(f"possible duplicate: {line}")
+    return 0
+
+
+def _customer_show(args: argparse.Namespace, settings: Settings, engine: Any) -> int:
+    from gateway.views import customer_detail
+
+    with Session(engine) as s:
+        d = customer_detail(s, args.address, _rules_or_none(settings))
+    if d is None:
+        print(f"no customer with the address {args.address}", file=sys.stderr)
+        return 1
+    if args.json:
+        _print(d)
+        return 0
+    print(f"customer {d['id']} {d['name']}".rstrip())
+    for a in d["addresses"]:
+        bad = " (undeliverable)" if a["undeliverable"] else ""
+        print(f"  address {a['address']} since {a['since']}{bad}")
+    for t in d["tickets"]:
+        print(f"  {t['ref']:<12} {t['status']:<8} {t['owner']['name']:<20} {t['subject'][:60]}")
+    for m in d["merges"]:
+        print(f"  merged {m['addresses']} ({m['tickets']}) at {m['at']} by {m['by']}")
     return 0
 
 

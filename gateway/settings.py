@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import re
 import secrets
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
 
@@ -191,6 +192,10 @@ class OutboundSettings(_Section):
     # Owner notifications attach the customer's files up to this total; above it, they
     # list names and sizes instead.
     notify_attachment_limit: int = Field(default=10 * 1024 * 1024, ge=0)
+    # Issue 12: further new mails from one customer within this long after an
+    # acknowledgement share ONE acknowledgement (and the owner one notification), sent when
+    # the window closes. A duration (gateway.sla.durations, clock time); "0s" = no bundling.
+    ack_window: str = "2m"
     dkim: DkimSettings = Field(default_factory=DkimSettings)
 
     @field_validator("relay")
@@ -206,6 +211,23 @@ class OutboundSettings(_Section):
         if "@" not in v:
             raise ValueError("expected an email address such as support@example.com")
         return v
+
+    @field_validator("ack_window")
+    @classmethod
+    def _ack_window(cls, v: str) -> str:
+        if v.strip() in ("0", ""):
+            return "0s"
+        from gateway.sla.durations import parse as parse_duration
+
+        parse_duration(v)  # ValueError names the grammar
+        return v
+
+    @property
+    def ack_window_delta(self) -> timedelta:
+        """``ack_window`` as clock time (a day is 24 hours here: no calendar applies)."""
+        from gateway.sla.durations import parse as parse_duration
+
+        return parse_duration(self.ack_window).business()
 
 
 MIN_SECRET_LENGTH = 32
@@ -281,6 +303,12 @@ class TicketSettings(_Section):
     first_number: int = 1000
     # A customer writing to a closed ticket: "reopen" it, or open a "new" linked ticket.
     closed_followup: Literal["reopen", "new"] = "reopen"
+    # Issue 12, a known customer writing a NEW mail (not a reply) while they have open
+    # tickets (docs/threading.md "Known customer writing again"): "same-subject" joins the
+    # open ticket with the same normalised subject, or the one the mail names (ACME-1042 in
+    # the text); otherwise, and always with "separate", a new ticket whose acknowledgement
+    # lists the customer's other open requests. Routes override it (`known_customer`).
+    known_customer: Literal["same-subject", "separate"] = "same-subject"
 
     @field_validator("ref_prefix")
     @classmethod

@@ -8,14 +8,24 @@ from typing import Any
 
 from sqlmodel import Session, col, select
 
+from gateway.pipeline.conversation import merged_sources
 from gateway.routing.model import Rules
 from gateway.sla.business_time import BusinessCalendar, format_duration
 from gateway.sla.clocks import utc
 from gateway.sla.deadlines import isoz
 from gateway.sla.durations import Duration
 from gateway.sla.promises import promises_json
-from gateway.store.models import Event, Message, Participant, Ticket, TicketLink
-from gateway.store.queries import undeliverable
+from gateway.store.models import (
+    Customer,
+    CustomerAddress,
+    CustomerMerge,
+    Event,
+    Message,
+    Participant,
+    Ticket,
+    TicketLink,
+)
+from gateway.store.queries import customer_of, undeliverable
 
 
 def owner_json(rules: Rules | None, person_id: str) -> dict[str, str]:
@@ -60,8 +70,11 @@ def ticket_detail(s: Session, t: Ticket, rules: Rules | None) -> dict[str, Any]:
         ).all()
     ]
     out["undeliverable"] = undeliverable(s, out["participants"])
+    # Issue 12: a ticket merged into this one shows its messages here ("merged_from").
+    merged = dict(merged_sources(s, t.id)) if t.id is not None else {}
     out["messages"] = [
         {
+            "merged_from": merged.get(m.ticket_id or 0) if m.ticket_id != t.id else None,
             "id": m.id,
             "message_id": m.message_id,
             "direction": m.direction,
@@ -80,7 +93,7 @@ def ticket_detail(s: Session, t: Ticket, rules: Rules | None) -> dict[str, Any]:
         }
         for m in s.exec(
             select(Message)
-            .where(Message.ticket_id == t.id)
+            .where(col(Message.ticket_id).in_([t.id, *merged]))
             .order_by(col(Message.at), col(Message.id))
         ).all()
     ]
@@ -100,6 +113,73 @@ def ticket_detail(s: Session, t: Ticket, rules: Rules | None) -> dict[str, Any]:
     out["links"] = links
     out["promises"] = promises_json(s, t.id)
     return out
+
+
+def customer_tickets(s: Session, address: str) -> list[Ticket] | None:
+    """All tickets of the customer of ``address``, whatever address they wrote from (merged
+    customers included), newest first; None when the address is unknown (issue 12)."""
+    from gateway.pipeline.conversation import customer_ids
+
+    cust = customer_of(s, address)
+    if cust is None:
+        return None
+    ids = customer_ids(s, cust)
+    return list(
+        s.exec(
+            select(Ticket)
+            .where(col(Ticket.customer_id).in_(ids))
+            .order_by(col(Ticket.created_at).desc(), col(Ticket.id).desc())
+        ).all()
+    )
+
+
+def customer_detail(s: Session, address: str, rules: Rules | None) -> dict[str, Any] | None:
+    """``customers show ADDRESS --json``: addresses, tickets, merges (issue 12)."""
+    from gateway.pipeline.conversation import customer_ids
+
+    cust = customer_of(s, address)
+    if cust is None:
+        return None
+    ids = customer_ids(s, cust)
+    c = s.get(Customer, cust)
+    addresses = s.exec(
+        select(CustomerAddress)
+        .where(col(CustomerAddress.customer_id).in_(ids))
+        .order_by(col(CustomerAddress.id))
+    ).all()
+    merges = s.exec(
+        select(CustomerMerge)
+        .where(col(CustomerMerge.target_id).in_(ids) | col(CustomerMerge.source_id).in_(ids))
+        .order_by(col(CustomerMerge.id))
+    ).all()
+    tickets = customer_tickets(s, address) or []
+    return {
+        "id": cust,
+        "name": c.name if c is not None else "",
+        "created_at": isoz(c.created_at) if c is not None else None,
+        "addresses": [
+            {
+                "address": a.address,
+                "since": isoz(a.created_at),
+                "undeliverable": a.undeliverable_since is not None,
+                "undeliverable_reason": a.undeliverable_reason or None,
+            }
+            for a in addresses
+        ],
+        "open_tickets": sum(1 for t in tickets if t.status != "closed"),
+        "tickets": [ticket_summary(t, rules) for t in tickets],
+        "merges": [
+            {
+                "source": m.source_id,
+                "target": m.target_id,
+                "addresses": json.loads(m.addresses),
+                "tickets": json.loads(m.tickets),
+                "at": isoz(m.at),
+                "by": m.by,
+            }
+            for m in merges
+        ],
+    }
 
 
 def upcoming(

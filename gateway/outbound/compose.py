@@ -179,6 +179,10 @@ class AckContent:
     not_kept: Sequence[dict[str, Any]] = ()
     stats: ResponseStats | None = None
     reply_address: str = ""
+    # Issue 12: the customer's other open requests (stored owners and deadlines), and the
+    # honest notice of the acknowledgement that reaches the daily cap.
+    others: str = ""
+    notice: str = ""
 
 
 DEFAULT_ACK_TEMPLATE = """\
@@ -189,9 +193,11 @@ we have received your message and opened ticket $ref.
 $owner is looking after your request.
 
 $deadline
+$others
 $hours
 $received
 $performance
+$notice
 To add anything, simply reply to this email: your reply goes straight into ticket $ref
 and is read by people.
 
@@ -274,8 +280,16 @@ def render_ack_text(content: AckContent, template: str | None, signature: str) -
         "performance": _performance_text(content),
         "reply_address": content.reply_address,
         "signature": signature,
+        "others": content.others,
+        "notice": content.notice + "\n" if content.notice else "",
     }
-    text = string.Template(template or DEFAULT_ACK_TEMPLATE).safe_substitute(values)
+    template = template or DEFAULT_ACK_TEMPLATE
+    # A site template written before issue 12 still tells the customer what is open and when
+    # confirmations stop: the paragraphs go before the end.
+    for key in ("others", "notice"):
+        if values[key] and f"${key}" not in template and f"${{{key}}}" not in template:
+            template = template.rstrip("\n") + f"\n\n${key}\n"
+    text = string.Template(template).safe_substitute(values)
     # Blank placeholders (no performance numbers) must not leave a hole of empty lines.
     return re.sub(r"\n{3,}", "\n\n", text).strip() + "\n"
 

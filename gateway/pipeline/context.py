@@ -62,6 +62,9 @@ class Context:
     # Set when the message goes to the junk folder instead of the ticket queue (issue 18):
     # (source, rule, reason); `record` then files it there and later stages do nothing.
     junk: tuple[str, str, str] | None = None
+    # Issue 12: a human's NEW mail (not a reply): "new" opened a ticket, "joined" went into
+    # the customer's open ticket (gateway.pipeline.conversation); "" for anything else.
+    fresh: str = ""
     events: list[tuple[str, str, Any]] = field(default_factory=list)
 
     def event(self, type_: str, detail: str, data: Any = None) -> None:

@@ -48,6 +48,7 @@ from gateway.outbound.compose import (
 )
 from gateway.outbound.worker import enqueue
 from gateway.pipeline.context import Context
+from gateway.pipeline.conversation import bundle_notification
 from gateway.pipeline.parse import leaf_parts
 from gateway.routing.model import Person
 from gateway.security.tokens import Signer
@@ -314,6 +315,8 @@ def notify_owner_stage(ctx: Context) -> None:
             message_id=ctx.message.id,
         )
         return
+    if bundle_notification(ctx, owner):
+        return  # issue 12: one notification per burst, each mail's full text in it
     settings = ctx.services.settings
     calendar: BusinessCalendar | None = None
     with contextlib.suppress(KeyError):

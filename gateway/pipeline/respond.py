@@ -46,6 +46,7 @@ from gateway.outbound.compose import (
 )
 from gateway.outbound.worker import enqueue, notify_owner
 from gateway.pipeline.context import Context
+from gateway.pipeline.conversation import bundle_ack, cap_notice, others_text
 from gateway.pipeline.holds import hold
 from gateway.routing.model import Person
 from gateway.security.sender_auth import AuthResult
@@ -53,8 +54,8 @@ from gateway.security.verdict import ack_decision
 from gateway.sla import promises
 from gateway.sla.deadlines import isoz
 from gateway.sla.late import Late, collapse, send_late
-from gateway.store.models import Event, Outbox, Ticket
-from gateway.store.queries import add_event
+from gateway.store.models import BundleItem, Event, Outbox, Ticket
+from gateway.store.queries import add_event, resolve_customer
 
 #: Window for the "recent performance" line of the acknowledgement.
 STATS_DAYS = 30
@@ -177,6 +178,9 @@ def _stats(ctx: Context, queue: str) -> list[timedelta]:
 
 def respond(ctx: Context) -> None:
     """Queue the acknowledgement of a new ticket, or record why there is none."""
+    if not ctx.done and ctx.fresh == "joined":
+        _ack_joined_mail(ctx)  # issue 12: a new mail that went into the customer's ticket
+        return
     if ctx.done or ctx.thread is None or not ctx.thread.is_new:
         return
     if ctx.ticket is None or ctx.decision is None or ctx.parsed is None:
@@ -230,7 +234,67 @@ def respond(ctx: Context) -> None:
     if why is not None:
         add_event(ctx.session, ticket.id, "ack-suppressed", why, ctx.now, message_id=msg_id)
         return
+    if late is None and bundle_ack(ctx, to):
+        return  # issue 12: covered by one acknowledgement when outbound.ack_window closes
     send_ack_now(ctx, to, owner=ctx.decision.owner, template_name=template_name, late=late)
+
+
+# -- issue 12 (one customer, one conversation): helpers kept apart for easy merging -------
+
+
+def _ack_joined_mail(ctx: Context) -> None:
+    """A customer's NEW mail that the known-customer policy put into their open ticket is
+    confirmed too (they did not reply, so they cannot know where it went): through the
+    bundle (gateway.pipeline.bundle), at once when no acknowledgement went out within
+    ``outbound.ack_window``, else with the others when the window closes."""
+    assert ctx.ticket is not None and ctx.ticket.id is not None and ctx.message is not None
+    to = _recipient(ctx)
+    why: str | None = None
+    if ctx.verdict is not None and not ctx.verdict.may_acknowledge:
+        why = f"{ctx.verdict.kind}: " + "; ".join(ctx.verdict.reasons)
+    elif not to or "@" not in to or _is_ours(ctx, to):
+        why = f"no address to confirm to ({to or 'null reverse-path'})"
+    else:
+        verdict = ack_decision(
+            ctx.auth, if_unverified=ctx.services.settings.security.ack_if_unverified
+        )
+        if verdict.action != "send":
+            why = verdict.reason
+    if why is not None:
+        add_event(ctx.session, ctx.ticket.id, "ack-suppressed", why, ctx.now,
+                  message_id=ctx.message.id)  # fmt: skip
+        return
+    if bundle_ack(ctx, to):
+        return
+    ctx.session.add(
+        BundleItem(
+            purpose="ack", recipient=to, customer_id=_customer_of_ticket(ctx),
+            ticket_id=ctx.ticket.id, message_id=ctx.message.id or 0, how="joined",
+            created_at=ctx.now, due_at=ctx.now,
+        )
+    )  # fmt: skip
+    add_event(ctx.session, ctx.ticket.id, "ack-queued",
+              f"added to {ctx.ticket.ref}: {to} is told so in an acknowledgement at once",
+              ctx.now, message_id=ctx.message.id)  # fmt: skip
+
+
+def _customer_of_ticket(ctx: Context) -> int | None:
+    assert ctx.ticket is not None
+    cid = ctx.ticket.customer_id
+    return resolve_customer(ctx.session, cid) if cid is not None else None
+
+
+def _conversation_texts(ctx: Context, to: str) -> tuple[str, str]:
+    """(other open requests, cap notice) for the acknowledgement of ``ctx.ticket``: the
+    customer always sees where everything stands, and the ack that reaches the daily cap
+    says that confirmations stop (issue 12)."""
+    assert ctx.ticket is not None
+    rules = ctx.services.rules
+    others = others_text(ctx.session, rules, ctx.ticket)
+    notice = ""
+    if _acks_today(ctx, to) + 1 >= _cap(ctx):
+        notice = cap_notice(ctx.session, rules, ctx.ticket.customer_id, _cap(ctx))
+    return others, notice
 
 
 def send_ack_now(
@@ -288,6 +352,8 @@ def send_ack_now(
         not_kept=list(p.not_kept),
         stats=response_stats(_stats(ctx, ticket.queue), STATS_DAYS),
     )
+    others, notice = _conversation_texts(ctx, to)
+    content = AckContent(**{**content.__dict__, "others": others, "notice": notice})
     template = load_template(settings.rules_path, template_name) or load_template(
         settings.rules_path, "ack"
     )

@@ -73,7 +73,7 @@ from gateway.security.tokens import Signer
 from gateway.security.verdict import auth_summary, staff_decision
 from gateway.sla import promises
 from gateway.sla.clocks import on_close, on_snooze, on_staff_reply, on_waiting
-from gateway.store.models import Participant, Ticket
+from gateway.store.models import Message, Participant, Ticket, TicketLink
 from gateway.store.queries import (
     add_event,
     add_participant,
@@ -489,6 +489,7 @@ def _apply(ctx: Context, person: Person, cmd: Command) -> str:
             f"{t.ref} ({t.requester}: {t.subject}) merged into this ticket {by}",
             ctx.now,
         )
+        _merge_told(ctx, person, t, into)
         return f"#merge: {t.ref} merged into {into.ref} and closed"
     if cmd.name == "junk":
         return _junk(ctx, person, block=cmd.arg == "sender")
@@ -553,6 +554,69 @@ def _junk(ctx: Context, person: Person, *, block: bool) -> str:
         else:
             line += f"; {address or 'the sender'} was already blocked"
     return line
+
+
+def _merge_told(ctx: Context, actor: Person, merged: Ticket, into: Ticket) -> None:
+    """Issue 12: both owners are told of a merge (Zammad and OTRS fixed the silent merge as
+    a bug); the target's owner gets the merged ticket's customer messages in full. From now
+    on every reply to ``merged`` lands in ``into`` (``thread.decide``'s ``merged_into``)."""
+    assert merged.id is not None and into.id is not None
+    s = ctx.session
+    rules = ctx.services.rules
+    texts = [
+        f"----- {m.from_address or m.mail_from}, {isoz(m.at)}: {m.subject} -----\n"
+        f"{(m.text or '').strip() or '(no text)'}"
+        for m in s.exec(
+            select(Message)
+            .where(Message.ticket_id == merged.id, Message.direction == "in",
+                   Message.kind == "customer")
+            .order_by(col(Message.at), col(Message.id))
+        ).all()
+    ]  # fmt: skip
+    closed_dupes = [
+        lk
+        for lk in s.exec(
+            select(TicketLink).where(TicketLink.relation == "possible-duplicate")
+        ).all()
+        if {lk.ticket_id, lk.other_id} == {merged.id, into.id}
+    ]
+    if closed_dupes:
+        add_event(s, into.id, "duplicate-resolved",
+                  f"possible duplicate {merged.ref} merged into {into.ref} by {actor.name}",
+                  ctx.now)  # fmt: skip
+    told: set[str] = {actor.id}
+    target_owner = rules.people.get(into.owner)
+    if target_owner is not None and target_owner.id not in told:
+        told.add(target_owner.id)
+        notify_owner(
+            s, ctx.services.settings, ctx.services.signer, ticket=into,
+            email=target_owner.email, name=target_owner.name, person=target_owner.id,
+            subject=f"[{into.ref}] {merged.ref} was merged into your ticket",
+            body=(
+                f"{actor.name} merged {merged.ref} ({merged.requester}: {merged.subject}) "
+                f"into your ticket {into.ref}. {merged.ref} is closed; its participants were "
+                f"added here, its messages show in {into.ref}'s history, and every reply to "
+                f"{merged.ref} now lands in {into.ref}.\n\nIts customer messages:\n\n"
+                + "\n\n".join(texts or ["(none)"]) + "\n"
+            ),
+            now=ctx.now,
+        )  # fmt: skip
+        add_event(s, into.id, "merge-notified",
+                  f"{target_owner.name} told that {merged.ref} was merged in", ctx.now)  # fmt: skip
+    source_owner = rules.people.get(merged.owner)
+    if source_owner is not None and source_owner.id not in told:
+        notify_owner(
+            s, ctx.services.settings, ctx.services.signer, ticket=merged,
+            email=source_owner.email, name=source_owner.name, person=source_owner.id,
+            subject=f"[{merged.ref}] Merged into {into.ref}",
+            body=(
+                f"{actor.name} merged your ticket {merged.ref} into {into.ref} (owner "
+                f"{target_owner.name if target_owner else into.owner}). {merged.ref} is "
+                f"closed and will not reopen: replies to it land in {into.ref}.\n"
+            ),
+            now=ctx.now,
+        )  # fmt: skip
+        _event(ctx, "merge-notified", f"{source_owner.name} told that {merged.ref} was merged")
 
 
 def _verified(ctx: Context, person: Person) -> None:

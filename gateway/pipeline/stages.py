@@ -22,6 +22,7 @@ from typing import Any
 from gateway.pipeline.bounce import parse_bounce
 from gateway.pipeline.classify import classify
 from gateway.pipeline.context import Context
+from gateway.pipeline.conversation import known_customer_stage
 from gateway.pipeline.junk import after_route, blocked_stage, spam_stage
 from gateway.pipeline.notify import notify_owner_stage
 from gateway.pipeline.parse import parse
@@ -33,7 +34,7 @@ from gateway.pipeline.thread import decide, from_is_verified
 from gateway.security.dns import BudgetResolver, OfflineResolver
 from gateway.security.relay import effective_client_of
 from gateway.security.sender_auth import authenticate as check_sender
-from gateway.store.queries import SqlLookup, lock_message_id, ticket_of_outbound
+from gateway.store.queries import SqlLookup, add_event, lock_message_id, ticket_of_outbound
 
 log = logging.getLogger("gateway.pipeline")
 
@@ -157,7 +158,9 @@ def thread_stage(ctx: Context) -> None:
         closed_followup=settings.tickets.closed_followup,
         sender_verified=ctx.sender_verified,
         robot=robot,
+        merged_into=lookup.merged_into,
     )
+    _note_redirect(ctx)
     if ctx.thread.key == "duplicate":
         ctx.done = True
         return
@@ -193,6 +196,21 @@ def thread_stage(ctx: Context) -> None:
         ctx.thread.key = "bounce" if ctx.thread.ticket else "unmatched-bounce"
 
 
+def _note_redirect(ctx: Context) -> None:
+    """Issue 12: mail for a merged ticket went to its target; the merged ticket says so."""
+    th = ctx.thread
+    if th is None or th.redirected_from is None or th.ticket is None:
+        return
+    add_event(
+        ctx.session,
+        th.redirected_from.id,
+        "merge-redirected",
+        f"mail from {ctx.sender or 'the sender'} for {th.redirected_from.ref} went to "
+        f"{th.ticket.ref}, which it was merged into ({th.key})",
+        ctx.now,
+    )
+
+
 def route_stage(ctx: Context) -> None:
     if ctx.done or ctx.junk is not None or ctx.thread is None or not ctx.thread.is_new:
         return
@@ -210,6 +228,7 @@ STAGES: tuple[Stage, ...] = (
     thread_stage,
     blocked_stage,  # `#junk sender` sent this sender's mail to the junk folder
     route_stage,
+    known_customer_stage,  # issue 12: a known customer's new mail, by policy (conversation)
     record,
     staff_stage,  # staff-token mail: authenticate, apply commands, relay (FIELD-NOTES §5)
     respond,

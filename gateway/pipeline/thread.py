@@ -33,8 +33,8 @@ tested without I/O.
 
 from __future__ import annotations
 
-from collections.abc import Collection
-from dataclasses import dataclass, field
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from gateway.pipeline.parse import ParsedMessage
@@ -108,6 +108,8 @@ class ThreadDecision:
     links: list[tuple[int, str, str]] = field(default_factory=list)  # (ticket, relation, why)
     notes: list[str] = field(default_factory=list)  # keys seen but refused, and why
     reopen: bool = False
+    # Issue 12: the ticket the message named had been merged into `ticket`.
+    redirected_from: TicketView | None = None
 
     @property
     def is_new(self) -> bool:
@@ -126,14 +128,44 @@ def decide(
     closed_followup: str = "reopen",
     sender_verified: bool = True,
     robot: bool = False,
+    merged_into: Callable[[int], TicketView | None] | None = None,
 ) -> ThreadDecision:
     """Decide the ticket for one message. `sender` is the From (else envelope) address.
 
     `sender_verified` False: the From address is not proven (see `from_is_verified`), so it
     counts as nobody's: the sender is a participant of no ticket. `robot` True (auto-reply,
     bounce, loop): a signed reference of ours reaches its ticket without participation.
+    `merged_into` (issue 12): the ticket a merged ticket went into; every key that names a
+    merged ticket (its tokens, Message-IDs, subject reference) reaches the target instead,
+    so a merged ticket never reopens.
     """
     who = sender or "the sender"
+
+    def follow(ticket: TicketView) -> TicketView:
+        current, seen = ticket, {ticket.id}
+        while merged_into is not None:
+            nxt = merged_into(current.id)
+            if nxt is None or nxt.id in seen:
+                break
+            seen.add(nxt.id)
+            current = nxt
+        return current
+
+    def joined(
+        named: TicketView,
+        ticket: TicketView,
+        key: str,
+        detail: str,
+        claim: ReplyClaim | None = None,
+    ) -> ThreadDecision:
+        if named.id != ticket.id:
+            detail += f"; {named.ref} was merged into {ticket.ref}: redirected"
+            if claim is not None:
+                claim = replace(claim, ticket_id=ticket.id)
+        d = _join(ticket, key, detail, notes, closed_followup, claim=claim)
+        if named.id != ticket.id:
+            d.redirected_from = named
+        return d
 
     def takes_part(ticket: TicketView) -> bool:
         # Robot mail gains nothing by joining (no participant, no reopen, no page), so its
@@ -164,39 +196,28 @@ def decide(
         if claim is None:
             notes.append(f"reply token in {rcpt} is not valid (forged, altered or truncated)")
             continue
-        ticket = lookup.ticket(claim.ticket_id)
-        if ticket is None:
+        named = lookup.ticket(claim.ticket_id)
+        if named is None:
             notes.append(f"reply token in {rcpt} names no existing ticket")
             continue
+        ticket = follow(named)
         if not claim.person and not robot and not takes_part(ticket):
             # A customer token is issued to the requester's address but copied into every
             # forward: it names the ticket, it does not admit whoever holds it.
             referenced.setdefault(ticket.id, f"customer reply token of {ticket.ref} in {rcpt}")
             notes.append(refused(ticket, f"reply token in {rcpt} names {ticket.ref}"))
             continue
-        return _join(
-            ticket,
-            "reply-token",
-            f"signed reply token in {rcpt}",
-            notes,
-            closed_followup,
-            claim=claim,
-        )
+        return joined(named, ticket, "reply-token", f"signed reply token in {rcpt}", claim)
 
     # 3. and 4. In-Reply-To / References.
     for mid in parsed.referenced_ids:
         ticket_id = signer.ticket_from_message_id(mid)
         if ticket_id is not None:
-            ticket = lookup.ticket(ticket_id)
-            if ticket is not None:
+            named = lookup.ticket(ticket_id)
+            if named is not None:
+                ticket = follow(named)
                 if robot or takes_part(ticket):
-                    return _join(
-                        ticket,
-                        "our-message-id",
-                        f"reply to our message {mid}",
-                        notes,
-                        closed_followup,
-                    )
+                    return joined(named, ticket, "our-message-id", f"reply to our message {mid}")
                 referenced.setdefault(ticket.id, f"reply to our message {mid} of {ticket.ref}")
                 notes.append(refused(ticket, f"{mid} is our message in {ticket.ref}"))
                 continue
@@ -209,29 +230,25 @@ def decide(
                         tid, f"shares the earlier message {mid} with {shared.ref}"
                     )
             continue
-        ticket = lookup.ticket(known)
-        if ticket is None:
+        named = lookup.ticket(known)
+        if named is None:
             continue
+        ticket = follow(named)
         if takes_part(ticket):
-            return _join(
-                ticket, "known-message-id", f"reply to stored message {mid}", notes, closed_followup
-            )
+            return joined(named, ticket, "known-message-id", f"reply to stored message {mid}")
         referenced.setdefault(ticket.id, f"references {mid} of {ticket.ref}")
         notes.append(refused(ticket, f"{mid} belongs to {ticket.ref}"))
 
     # 5. Ticket reference in the subject.
     for ref in find_ticket_refs(parsed.subject, ref_prefix):
-        ticket = lookup.ticket_by_ref(ref)
-        if ticket is None:
+        named = lookup.ticket_by_ref(ref)
+        if named is None:
             notes.append(f"subject names {ref}, which does not exist")
             continue
+        ticket = follow(named)
         if takes_part(ticket):
-            return _join(
-                ticket,
-                "subject-ref",
-                f"subject names {ref} and {sender} takes part",
-                notes,
-                closed_followup,
+            return joined(
+                named, ticket, "subject-ref", f"subject names {ref} and {sender} takes part"
             )
         referenced.setdefault(ticket.id, f"subject names {ref}")
         notes.append(refused(ticket, f"subject names {ref}"))

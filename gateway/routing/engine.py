@@ -63,6 +63,8 @@ class Decision:
     matched_routes: tuple[str, ...] = ()
     disposition: str = "ticket"  # "ticket" | "junk" (issue 18)
     disposition_route: str | None = None  # the route that set it
+    # Issue 12: the matching route's `known_customer` policy (None: tickets.known_customer).
+    known_customer: str | None = None
 
 
 # --------------------------------------------------------------------------- matching
@@ -256,6 +258,7 @@ def evaluate(
     trace: list[TraceEntry] = []
     matched: list[str] = []
     disposition, disposition_route = "ticket", None
+    known_customer: str | None = None
 
     for route in rules.routes:
         # `business_hours` is judged in the calendar of the SLA this route would apply:
@@ -273,6 +276,8 @@ def evaluate(
             acknowledge = route.acknowledge
         if route.disposition is not None:
             disposition, disposition_route = route.disposition, route.name
+        if route.known_customer is not None:
+            known_customer = route.known_customer
         if route.owner is not None:
             owner_id, assigned_by = route.owner, "route"
         elif route.team:
@@ -296,6 +301,7 @@ def evaluate(
         matched_routes=tuple(matched),
         disposition=disposition,
         disposition_route=disposition_route,
+        known_customer=known_customer,
     )
 
 

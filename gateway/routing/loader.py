@@ -67,6 +67,8 @@ SLA_KEYS = (
     "description",
 )
 STEP_KEYS = ("after", "notify", "assign")
+#: A route's `known_customer` (issue 12, docs/threading.md), as `tickets.known_customer`.
+KNOWN_CUSTOMER = ("same-subject", "separate")
 DEFAULTS_KEYS = ("owner", "queue", "sla", "priority", "acknowledge")
 ROUTE_KEYS = (
     "name",
@@ -83,6 +85,7 @@ ROUTE_KEYS = (
     "notify",
     "continue",
     "disposition",
+    "known_customer",
 )
 MATCH_KEYS = (
     "to",
@@ -469,6 +472,22 @@ class _Loader:
             )
             return None
         return value
+
+    def known_customer(
+        self, source: _Source, path: Key, data: Mapping[str, Any], label: str
+    ) -> str | None:
+        """Issue 12: the route's own policy for a known customer writing again."""
+        if "known_customer" not in data:
+            return None
+        value = data["known_customer"]
+        if value in KNOWN_CUSTOMER:
+            return str(value)
+        self.problem(
+            source,
+            (*path, "known_customer"),
+            f"{label}: 'known_customer' must be one of {', '.join(KNOWN_CUSTOMER)}",
+        )
+        return None
 
     def acknowledge(
         self, source: _Source, path: Key, data: Mapping[str, Any], label: str
@@ -896,6 +915,7 @@ class _Loader:
             notify=notify,
             continue_=bool(continue_),
             disposition=self.disposition(source, path, table, label),
+            known_customer=self.known_customer(source, path, table, label),
             source=source.where(path),
         )
         self.routes.append(route)

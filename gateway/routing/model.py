@@ -170,6 +170,8 @@ class Route:
     continue_: bool = False
     disposition: str | None = None  # "ticket" | "junk" (None: unchanged, default ticket)
     source: str = ""
+    # Issue 12: overrides `tickets.known_customer` for mail this route matches.
+    known_customer: str | None = None
 
 
 @dataclass(frozen=True)

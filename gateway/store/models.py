@@ -291,3 +291,29 @@ class BlockedSender(SQLModel, table=True):
     by: str = ""
     ticket_ref: str = ""
     reason: str = ""
+
+
+class BundleItem(SQLModel, table=True):
+    """A customer's new mail waiting for the bundled acknowledgement or owner notification.
+
+    Issue 12: further new mails from one customer within ``outbound.ack_window`` after an
+    acknowledgement (``purpose`` ``ack``, ``recipient`` = the customer's address) or after an
+    owner notification (``notify``, ``recipient`` = the person id) are not answered one by
+    one: each waits here until ``due_at`` (the window's close), when the bundle worker
+    (``gateway.pipeline.bundle``) sends ONE message covering all of them.
+    """
+
+    __tablename__ = "bundle_item"
+    __table_args__ = (Index("bundle_item_due", "state", "due_at"),)
+    id: int | None = Field(default=None, primary_key=True)
+    purpose: str  # ack | notify
+    recipient: str = Field(index=True)
+    customer_id: int | None = Field(default=None, foreign_key="customer.id")
+    ticket_id: int = Field(foreign_key="ticket.id", index=True)
+    message_id: int = Field(foreign_key="message.id")
+    how: str = "new"  # new (opened the ticket) | joined (known customer, same ticket)
+    created_at: datetime
+    due_at: datetime
+    state: str = "waiting"  # waiting | sent | capped
+    sent_at: datetime | None = None
+    outcome: str = Field(default="", sa_column=Column(Text, nullable=False, default=""))

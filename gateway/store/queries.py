@@ -87,6 +87,15 @@ class SqlLookup:
         ).all()
         return [r for r in rows if r is not None]
 
+    def merged_into(self, ticket_id: int) -> TicketView | None:
+        """The ticket this one was merged into (`#merge`, link ``merged-into``), if any."""
+        target = self.s.exec(
+            select(TicketLink.other_id)
+            .where(TicketLink.ticket_id == ticket_id, TicketLink.relation == "merged-into")
+            .order_by(col(TicketLink.id))
+        ).first()
+        return self.ticket(target) if target is not None else None
+
     def is_participant(self, ticket_id: int, address: str) -> bool:
         address = address.lower()
         if not address:

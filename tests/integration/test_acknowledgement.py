@@ -303,6 +303,9 @@ async def test_failed_notification_is_not_notified(env: Env) -> None:
 
 async def test_daily_cap_stops_acks_and_tells_the_owner_once(env: Env) -> None:
     cap = env.gw.settings.outbound.daily_ack_cap
+    # One ack per mail, as fast as they come: no bundling window (issue 12 bundles them;
+    # tests/integration/test_conversation.py covers that).
+    env.gw.settings.outbound.ack_window = "0s"
 
     for i in range(cap + 3):
         await send(env.gw, make_mail(subject=f"question {i}"))

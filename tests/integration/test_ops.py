@@ -225,7 +225,8 @@ def ops_config(
         'domains = ["example.com"]\nmin_free_disk = 0\n'
         f'[storage]\ndatabase_url = "sqlite:///{tmp_path}/gw.db"\nspool_dir = "{tmp_path}/spool"\n'
         '[security]\nsecret_key = "ops-test-secret-0123456789abcdefghij"\nverify_senders = false\n'
-        f'[outbound]\nrelay = "127.0.0.1:{relay}"\n'
+        # ack_window 0s: each of the test's mails is acknowledged on its own (no bundling).
+        f'[outbound]\nrelay = "127.0.0.1:{relay}"\nack_window = "0s"\n'
         f'[http]\nlisten = "127.0.0.1:{http_port}"\n'
     )
     return cfg

@@ -229,7 +229,11 @@ async def test_coverage_nobody_away_is_named_or_assigned(
     rules.mkdir()
     (rules / "rules.toml").write_text(AWAY_RULES)
     settings = make_settings(
-        tmp_path, rules_dir=str(rules), outbound={"relay": f"127.0.0.1:{relay.port}"}
+        tmp_path,
+        rules_dir=str(rules),
+        # One customer writes three times at one instant: one acknowledgement each here
+        # (bundling within outbound.ack_window is tested in test_conversation.py).
+        outbound={"relay": f"127.0.0.1:{relay.port}", "ack_window": "0s"},
     )
     async with running_gateway(settings, clock) as gw:
         worker = DeliveryWorker(gw.engine, settings, clock, signer=gw.signer)

@@ -1,0 +1,385 @@
+"""The bundle worker: one acknowledgement, one owner notification per burst (issue 12).
+
+``respond`` and ``notify`` put a customer's further new mails within ``outbound.ack_window``
+into ``bundle_item`` (:mod:`gateway.pipeline.conversation`). When a bundle's window closes
+this worker sends, in one transaction:
+
+- ``ack``: ONE acknowledgement to the customer listing each mail (subject, when it came)
+  and where it went (the ticket, its owner, its STORED deadline), then the customer's
+  open requests; the new tickets it covers are marked acknowledged. When the per-sender
+  ``outbound.daily_ack_cap`` is already reached nothing is sent (``ack-suppressed``): the
+  acknowledgement that reached it told the customer so;
+- ``notify``: ONE notification to the owner with each mail's full text (the owner answers
+  from a mail client, never "log in to read"), Reply-To the owner's signed token of the
+  latest ticket.
+
+The loop is the re-check worker's (``gateway.pipeline.recheck``): sleep until the next
+bundle is due (at most ``IDLE``), woken after each pipeline batch; time from the injected
+clock, so tests move a ``FrozenClock`` and call :meth:`BundleWorker.run_once`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from email.message import EmailMessage
+from email.policy import SMTP
+
+from sqlalchemy.engine import Engine
+from sqlmodel import Session, col, func, select
+
+from gateway.outbound.compose import _base_headers, _html, _local_and_domain, isoz
+from gateway.outbound.worker import enqueue
+from gateway.pipeline.context import Services
+from gateway.pipeline.conversation import (
+    ACK_KIND,
+    cap_notice,
+    deadline_phrase,
+    open_requests,
+    request_line,
+)
+from gateway.sla import promises
+from gateway.store.db import session_scope
+from gateway.store.models import BundleItem, Message, Outbox, Ticket
+from gateway.store.queries import add_event
+
+__all__ = ["BundleWorker"]
+
+log = logging.getLogger("gateway.bundle")
+
+#: How long the loop sleeps at most between looks (new rows also wake it).
+IDLE = 30.0
+
+
+def _aware(value: datetime) -> datetime:
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+class BundleWorker:
+    """Sends the bundled acknowledgements and notifications whose window has closed."""
+
+    def __init__(self, engine: Engine, services: Services) -> None:
+        self.engine = engine
+        self.services = services
+        self.after_batch: Callable[[], None] | None = None
+        self.sent = 0
+
+    # -- the loop ------------------------------------------------------------------------
+
+    def _due(self, now: datetime) -> list[tuple[str, str, int | None]]:
+        with Session(self.engine) as s:
+            rows = s.exec(
+                select(BundleItem.purpose, BundleItem.recipient, BundleItem.customer_id)
+                .where(BundleItem.state == "waiting", col(BundleItem.due_at) <= now)
+                .distinct()
+            ).all()
+        return [(p, r, c) for p, r, c in rows]
+
+    def next_due(self) -> datetime | None:
+        with Session(self.engine) as s:
+            value = s.exec(
+                select(func.min(BundleItem.due_at)).where(BundleItem.state == "waiting")
+            ).one()
+        return _aware(value) if value is not None else None
+
+    def run_once_sync(self) -> int:
+        """Send every bundle due now; returns how many bundles were handled."""
+        done = 0
+        for purpose, recipient, customer in self._due(self.services.clock.now()):
+            try:
+                with session_scope(self.engine) as s:
+                    self.send(s, purpose, recipient, customer)
+            except Exception:  # one bad bundle must not stop the others
+                log.exception("bundle %s to %s failed", purpose, recipient)
+            done += 1
+        if done and self.after_batch is not None:
+            self.after_batch()
+        self.sent += done
+        return done
+
+    async def run_once(self) -> int:
+        return await asyncio.to_thread(self.run_once_sync)
+
+    async def run(self, stopping: asyncio.Event, wakeup: asyncio.Event) -> None:
+        while not stopping.is_set():
+            wakeup.clear()
+            try:
+                await self.run_once()
+                nxt = await asyncio.to_thread(self.next_due)
+            except Exception:
+                log.exception("bundle loop error")
+                nxt = None
+            delay = IDLE
+            if nxt is not None:
+                wait = (nxt - self.services.clock.now()).total_seconds()
+                delay = max(0.5, min(IDLE, wait))
+            with contextlib.suppress(asyncio.TimeoutError):
+                waiter = asyncio.ensure_future(wakeup.wait())
+                stopper = asyncio.ensure_future(stopping.wait())
+                await asyncio.wait(
+                    {waiter, stopper}, timeout=delay, return_when=asyncio.FIRST_COMPLETED
+                )
+                waiter.cancel()
+                stopper.cancel()
+
+    # -- one bundle ----------------------------------------------------------------------
+
+    def send(self, s: Session, purpose: str, recipient: str, customer: int | None) -> str:
+        """Send one bundle: ``purpose`` to ``recipient`` about ``customer``'s mails."""
+        now = self.services.clock.now()
+        items = list(
+            s.exec(
+                select(BundleItem)
+                .where(
+                    BundleItem.purpose == purpose,
+                    BundleItem.recipient == recipient,
+                    (
+                        col(BundleItem.customer_id).is_(None)
+                        if customer is None
+                        else col(BundleItem.customer_id) == customer
+                    ),
+                    BundleItem.state == "waiting",
+                    col(BundleItem.due_at) <= now,
+                )
+                .order_by(col(BundleItem.id))
+                .with_for_update()
+            ).all()
+        )
+        if not items:
+            return "nothing"
+        rows: list[tuple[BundleItem, Ticket, Message]] = []
+        for item in items:
+            t = s.get(Ticket, item.ticket_id)
+            m = s.get(Message, item.message_id)
+            if t is not None and m is not None:
+                rows.append((item, t, m))
+        if purpose == "ack":
+            outcome = self._ack(s, recipient, rows, now)
+        else:
+            outcome = self._notify(s, recipient, rows, now)
+        for item in items:
+            item.state = "capped" if outcome.startswith("capped") else "sent"
+            item.sent_at = now
+            item.outcome = outcome
+            s.add(item)
+        return outcome
+
+    def _acks_today(self, s: Session, to: str, now: datetime) -> int:
+        import json
+
+        n = s.exec(
+            select(func.count())
+            .select_from(Outbox)
+            .where(
+                Outbox.kind == ACK_KIND,
+                Outbox.rcpt_tos == json.dumps([to]),
+                col(Outbox.created_at) >= now - timedelta(hours=24),
+            )
+        ).one()
+        return int(n)
+
+    def _ack(
+        self, s: Session, to: str, rows: list[tuple[BundleItem, Ticket, Message]], now: datetime
+    ) -> str:
+        settings = self.services.settings
+        rules = self.services.rules
+        cap = settings.outbound.daily_ack_cap
+        if not rows:
+            return "nothing"
+        sent_today = self._acks_today(s, to, now)
+        if sent_today >= cap:
+            why = (
+                f"daily cap of {cap} acknowledgements to {to} reached; the last one told the "
+                f"customer that further mails are filed without confirmation"
+            )
+            for _item, t, m in rows:
+                add_event(s, t.id, "ack-suppressed", why, now, message_id=m.id)
+            return f"capped: {why}"
+        lines = [
+            "Hello,",
+            "",
+            (
+                f"we have received {len(rows)} more messages from you since our last "
+                f"confirmation. Here is where each one went:"
+                if len(rows) > 1
+                else "we have received another message from you. Here is where it went:"
+            ),
+            "",
+        ]
+        for n, (item, t, m) in enumerate(rows, 1):
+            owner = rules.people.get(t.owner) or rules.people.get(rules.defaults.owner)
+            who = owner.name if owner is not None else t.owner
+            where = (
+                f"opened your new request {t.ref}"
+                if item.how == "new"
+                else f'added to your open request {t.ref} ("{t.subject}")'
+            )
+            lines.append(f'{n}. "{m.subject or "(no subject)"}", received {isoz(_aware(m.at))}')
+            lines.append(f"   -> {where}; {who} is looking after it, {deadline_phrase(t, rules)}.")
+        customer = rows[-1][1].customer_id
+        reqs = open_requests(s, customer) if customer is not None else []
+        if reqs:
+            lines += ["", "All your open requests with us:"]
+            lines += [f"  - {request_line(t, rules)}" for t in reqs]
+        if sent_today + 1 >= cap:
+            lines += ["", cap_notice(s, rules, customer, cap)]
+        _item, last_t, last_m = rows[-1]
+        assert last_t.id is not None
+        lines += [
+            "",
+            f"To add anything, reply to this email: your reply goes straight into {last_t.ref} "
+            f"and is read by people.",
+            "",
+            settings.outbound.from_name or settings.outbound.from_address,
+        ]
+        text = "\n".join(lines) + "\n"
+        signer = self.services.signer
+        local, domain = _local_and_domain(settings.outbound.from_address)
+        message_id = signer.message_id(settings.smtp.hostname, last_t.id, "ack")
+        refs = sorted({t.ref for _i, t, _m in rows})
+        subject = (
+            f"[{refs[0]}] Received: {len(rows)} more message{'s' if len(rows) > 1 else ''}"
+            if len(refs) == 1
+            else f"Received: {len(rows)} more messages ({', '.join(refs)})"
+        )
+        msg = EmailMessage(policy=SMTP)
+        _base_headers(
+            msg,
+            from_address=settings.outbound.from_address,
+            from_name=settings.outbound.from_name,
+            to=to,
+            subject=subject,
+            message_id=message_id,
+            now=now,
+            hostname=settings.smtp.hostname,
+            auto_submitted="auto-replied",  # RFC 3834 §5.2: answers the customer's mails
+        )
+        msg["Reply-To"] = signer.reply_address(local, domain, last_t.id)
+        if last_m.message_id:
+            msg["In-Reply-To"] = last_m.message_id
+            msg["References"] = last_m.message_id
+        msg.set_content(text)
+        msg.add_alternative(_html(text), subtype="html")
+        enqueue(
+            s,
+            ticket_id=last_t.id,
+            kind=ACK_KIND,
+            raw=msg.as_bytes(policy=SMTP),
+            message_id=message_id,
+            rcpt_tos=[to],
+            now=now,
+            mail_from="",  # automatic mail: null reverse-path (RFC 3834 §3.3)
+            from_address=settings.outbound.from_address,
+            subject=subject,
+            text=text,
+            in_reply_to=last_m.message_id,
+            references=last_m.message_id or "",
+        )
+        for item, t, m in rows:
+            if item.how == "new":
+                t.acknowledged = True
+                s.add(t)
+                if t.first_response_due is not None and t.id is not None:
+                    # What the bundle says of this ticket's first answer is a promise like
+                    # any acknowledgement's (gateway/sla/promises.py): recorded, enforced.
+                    owner = rules.people.get(t.owner)
+                    promises.record(
+                        s,
+                        ticket_id=t.id,
+                        made_at=now,
+                        to=to,
+                        person=t.owner,
+                        message_id=message_id,
+                        what=f"first answer from {owner.name if owner else t.owner} by "
+                        f"{isoz(t.first_response_due)}",
+                        clock="first_response",
+                        due=t.first_response_due,
+                    )
+            add_event(
+                s, t.id, "ack-sent",
+                f"bundled acknowledgement {message_id} queued to {to}, covering "
+                f"{len(rows)} mail(s); {t.ref}: {deadline_phrase(t, rules)}",
+                now, message_id=m.id,
+            )  # fmt: skip
+        return f"sent {message_id} covering {len(rows)}"
+
+    def _notify(
+        self, s: Session, person_id: str, rows: list[tuple[BundleItem, Ticket, Message]],
+        now: datetime,
+    ) -> str:  # fmt: skip
+        from gateway.outbound.compose import compose_notification
+
+        settings = self.services.settings
+        rules = self.services.rules
+        person = rules.people.get(person_id)
+        if person is None or not rows:
+            for _item, t, m in rows:
+                add_event(s, t.id, "notify-skipped", f"{person_id!r} is not a person in rules/",
+                          now, message_id=m.id)  # fmt: skip
+            return "nothing"
+        sender = rows[-1][2].from_address or rows[-1][2].mail_from
+        parts = [
+            f"{sender} wrote {len(rows)} more mail{'s' if len(rows) != 1 else ''} within "
+            f"{settings.outbound.ack_window} of the last notification; here is each one in "
+            f"full, and where it went. The customer got one acknowledgement for them.",
+        ]
+        for n, (item, t, m) in enumerate(rows, 1):
+            where = {"new": f"opened new ticket {t.ref}", "reply": f"reply in {t.ref}"}.get(
+                item.how, f"new mail added to {t.ref}"
+            )
+            owner = rules.people.get(t.owner)
+            parts.append(
+                f"=== {n}. {where} (owner {owner.name if owner else t.owner}; status "
+                f"{t.status}; {deadline_phrase(t, rules)}) ===\n"
+                f"----- Message from {m.from_address or m.mail_from}, received "
+                f"{isoz(_aware(m.at))} -----\nSubject: {m.subject or '(no subject)'}\n\n"
+                f"{(m.text or '').strip() or '(the message has no text)'}\n"
+                f"----- end of message -----"
+            )
+        last_t = rows[-1][1]
+        assert last_t.id is not None
+        parts.append(
+            f"Reply to this email to answer in {last_t.ref}: your reply is sent from "
+            f"{settings.outbound.from_address} in the customer's thread. Attachments, if "
+            f"any, are stored in each ticket (tickets show REF). Commands as usual (#merge "
+            f"<REF>, #close, ...)."
+        )
+        body = "\n\n".join(parts) + "\n"
+        refs = sorted({t.ref for _i, t, _m in rows})
+        subject = f"[{last_t.ref}] {len(rows)} more mail(s) from {sender}: " + ", ".join(refs)
+        raw, mid = compose_notification(
+            to_address=person.email,
+            to_name=person.name,
+            subject=subject,
+            body=body,
+            from_address=settings.outbound.from_address,
+            from_name=settings.outbound.from_name,
+            signer=self.services.signer,
+            hostname=settings.smtp.hostname,
+            now=now,
+            ticket_id=last_t.id,
+            person=person.id,
+        )
+        enqueue(
+            s,
+            ticket_id=last_t.id,
+            kind="notification",
+            raw=raw,
+            message_id=mid,
+            rcpt_tos=[person.email],
+            now=now,
+            from_address=settings.outbound.from_address,
+            subject=subject,
+            text=body,
+        )
+        for _item, t, m in rows:
+            add_event(
+                s, t.id, "owner-notified",
+                f"notification {mid} queued to {person.name} <{person.email}> with the full "
+                f"text of {len(rows)} bundled mail(s)",
+                now, message_id=m.id,
+            )  # fmt: skip
+        return f"sent {mid} covering {len(rows)}"

@@ -1,0 +1,509 @@
+"""One customer, one conversation (issue 12): a known customer writing again, bundled
+acknowledgements and owner notifications, merges that redirect, and customer merges that
+surface duplicate tickets.
+
+Anxious customers do not reply, they write again ("Refund???"). Without this module every
+such mail opened a ticket, got its own acknowledgement and paged its owner (8 mails in one
+night: 8 tickets, 5 acks, 8 notifications), and the customer was never told what was
+already open. The decisions here, each written to the audit trail (docs/threading.md
+"Known customer writing again"):
+
+- :func:`match_known_customer` (pure): a NEW mail (threading found no ticket) from a
+  verified sender whose customer has open tickets joins the open ticket with the same
+  normalised subject, or the one the mail names (``ACME-1042`` anywhere in the subject or
+  text, only among the customer's own tickets), when the policy is ``same-subject``
+  (``tickets.known_customer``, a route's ``known_customer`` overrides it); otherwise the
+  mail opens a new ticket linked ``same-customer`` to the others, and its acknowledgement
+  lists them with their owners and deadlines;
+- bundling (:func:`bundle_ack`, :func:`bundle_notification`): the first new mail is
+  acknowledged and notified at once; further new mails within ``outbound.ack_window`` after
+  the last acknowledgement (notification) wait in ``bundle_item`` until the window closes,
+  when the bundle worker (``gateway.pipeline.bundle``) sends ONE message listing each mail
+  and where it went (peer anchor: osTicket's over-limit notice). The acknowledgement that
+  reaches ``outbound.daily_ack_cap`` says so: further mails are filed without confirmation,
+  and where they go;
+- every deadline and person stated comes from the stored ticket (never recomputed).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlmodel import Session, col, select
+
+from gateway.outbound.compose import format_local, isoz
+from gateway.pipeline.context import Context
+from gateway.pipeline.subject import format_ref, normalise_subject
+from gateway.pipeline.thread import ThreadDecision, TicketView
+from gateway.routing.model import Person, Rules
+from gateway.security.tokens import Signer
+from gateway.settings import Settings
+from gateway.store.models import BundleItem, Customer, Outbox, Ticket, TicketLink
+from gateway.store.queries import add_event, customer_of, link, resolve_customer
+
+__all__ = [
+    "Candidate",
+    "announce_customer_merge",
+    "bundle_ack",
+    "bundle_notification",
+    "cap_notice",
+    "customer_ids",
+    "deadline_phrase",
+    "known_customer_stage",
+    "match_known_customer",
+    "open_requests",
+    "request_line",
+]
+
+#: Outbox kinds that count as an acknowledgement to the customer (the bundled one too).
+ACK_KIND = "ack"
+
+
+# ------------------------------------------------------------------------- pure decision
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One open ticket of the customer, as the policy sees it."""
+
+    id: int
+    ref: str
+    normalized_subject: str
+
+
+def match_known_customer(
+    subject: str, text: str, candidates: Sequence[Candidate], ref_prefix: str
+) -> tuple[Candidate, str] | None:
+    """The customer's open ticket this new mail continues, and why (pure), or None.
+
+    An explicit reference to one of the customer's own tickets (subject first, then the
+    first lines of the text: "about ACME-1003 again") wins; then the same normalised
+    subject (prefixes, tags and refs removed, casefolded: ``normalise_subject``), the
+    newest such ticket first. An empty subject matches nothing (every "(no subject)" mail
+    is not one conversation).
+    """
+    by_ref = {c.ref.upper(): c for c in candidates}
+    head = "\n".join(text.splitlines()[:20])
+    for where, source in (("subject", subject), ("text", head)):
+        for ref in _bare_refs(source, ref_prefix):
+            hit = by_ref.get(ref.upper())
+            if hit is not None:
+                return hit, f"its {where} names {hit.ref}, an open request of this customer"
+    norm = _loose(normalise_subject(subject, ref_prefix))
+    if not norm:
+        return None
+    for c in sorted(candidates, key=lambda c: -c.id):
+        if _loose(c.normalized_subject) == norm:
+            return c, f'same subject as the open request {c.ref} ("{norm}")'
+    return None
+
+
+def _bare_refs(text: str, prefix: str) -> list[str]:
+    """``ACME-1042`` with or without brackets: customers write "about ACME-1042 again".
+    Safe without the brackets here because only the customer's OWN tickets are matched."""
+    out: list[str] = []
+    pattern = re.compile(r"(?<![\w-])" + re.escape(prefix) + r"-([0-9]{1,18})(?![\w-])", re.I)
+    for m in pattern.finditer(text or ""):
+        ref = format_ref(prefix, int(m.group(1)))
+        if ref not in out:
+            out.append(ref)
+    return out
+
+
+def _loose(normalised: str) -> str:
+    """Punctuation and spacing do not make a new subject: "My refund is still missing!!"
+    is the same request as "my refund is still missing" (anxious customers add "!" and
+    "???")."""
+    return re.sub(r"[\W_]+", " ", normalised).strip()
+
+
+# ------------------------------------------------------------------------------- queries
+
+
+def customer_ids(session: Session, customer_id: int) -> set[int]:
+    """The customer and every customer merged into it (their tickets are one person's)."""
+    root = resolve_customer(session, customer_id)
+    ids = {root}
+    for c in session.exec(select(Customer).where(col(Customer.merged_into_id).is_not(None))):
+        if c.id is not None and resolve_customer(session, c.id) == root:
+            ids.add(c.id)
+    return ids
+
+
+def open_requests(session: Session, customer_id: int, exclude: Sequence[int] = ()) -> list[Ticket]:
+    """The customer's open (not closed) tickets, oldest first."""
+    ids = customer_ids(session, customer_id)
+    rows = session.exec(
+        select(Ticket)
+        .where(col(Ticket.customer_id).in_(ids), Ticket.status != "closed")
+        .order_by(col(Ticket.id))
+    ).all()
+    return [t for t in rows if t.id not in exclude]
+
+
+def _calendar(rules: Rules, ticket: Ticket):  # type: ignore[no-untyped-def]
+    with contextlib.suppress(KeyError):
+        return rules.calendar_for_policy(ticket.sla)
+    return None
+
+
+def deadline_phrase(ticket: Ticket, rules: Rules) -> str:
+    """The next promise of a ticket, from its STORED deadlines (what the escalator enforces)."""
+    cal = _calendar(rules, ticket)
+
+    def when(dt: datetime) -> str:
+        local = format_local(dt, cal) if cal is not None else ""
+        return f"{local} ({isoz(dt)})" if local else isoz(dt)
+
+    if ticket.status == "waiting":
+        return "waiting for your reply"
+    if ticket.first_responded_at is None and ticket.first_response_due is not None:
+        return f"first answer by {when(ticket.first_response_due)}"
+    if ticket.next_response_due is not None:
+        return f"next answer by {when(ticket.next_response_due)}"
+    if ticket.resolution_due is not None:
+        return f"resolution by {when(ticket.resolution_due)}"
+    return "no deadline running"
+
+
+def _owner(rules: Rules, ticket: Ticket) -> Person | None:
+    return rules.people.get(ticket.owner) or rules.people.get(rules.defaults.owner)
+
+
+def request_line(ticket: Ticket, rules: Rules) -> str:
+    """``ACME-1003 "subject": Alice Martin, first answer by ...`` (stored values only)."""
+    owner = _owner(rules, ticket)
+    who = owner.name if owner is not None else ticket.owner
+    return f'{ticket.ref} "{ticket.subject}": {who}, {deadline_phrase(ticket, rules)}'
+
+
+def others_text(session: Session, rules: Rules, ticket: Ticket) -> str:
+    """The acknowledgement's paragraph about the customer's OTHER open requests ("" if none)."""
+    if ticket.customer_id is None or ticket.id is None:
+        return ""
+    others = open_requests(session, ticket.customer_id, exclude=[ticket.id])
+    if not others:
+        return ""
+    lines = ["Your other open requests with us:"]
+    lines.extend(f"  - {request_line(t, rules)}" for t in others)
+    return "\n".join(lines) + "\n"
+
+
+def cap_notice(session: Session, rules: Rules, customer_id: int | None, cap: int) -> str:
+    """The honest last paragraph of the acknowledgement that reaches the daily cap
+    (osTicket's over-limit notice): what happens to further mail, and where it goes."""
+    where = ""
+    if customer_id is not None:
+        reqs = open_requests(session, customer_id)
+        if reqs:
+            where = (
+                " Replies and mails about "
+                + ", ".join(f"{t.ref} ({request_line(t, rules).split(': ', 1)[1]})" for t in reqs)
+                + " go straight into that request; anything else opens a new request for our "
+                "team."
+            )
+    return (
+        f"This is our last automatic confirmation to you today ({cap} in 24 hours). Any "
+        f"further mail you send is still received and filed, but without a confirmation."
+        + where
+        + " A person will answer each request."
+    )
+
+
+def window(settings: Settings) -> timedelta:
+    return settings.outbound.ack_window_delta
+
+
+# ------------------------------------------------------------- known customer: the stage
+
+
+def _is_fresh_human(ctx: Context) -> bool:
+    if ctx.done or ctx.thread is None or ctx.parsed is None:
+        return False
+    if ctx.kind != "customer" or (ctx.verdict is not None and not ctx.verdict.is_human):
+        return False
+    if not ctx.sender_verified or not ctx.sender:
+        return False
+    staff = {p.email.lower() for p in ctx.services.rules.people.values()}
+    return ctx.sender.lower() not in staff
+
+
+def known_customer_stage(ctx: Context) -> None:
+    """After ``route``: a new mail from a customer with open tickets (module docstring)."""
+    th = ctx.thread
+    if th is None or not th.is_new or ctx.decision is None or not _is_fresh_human(ctx):
+        return
+    assert ctx.parsed is not None
+    ctx.fresh = "new"
+    s = ctx.session
+    cust = customer_of(s, ctx.sender)
+    if cust is None:
+        return
+    reqs = open_requests(s, cust)
+    if not reqs:
+        return
+    settings = ctx.services.settings
+    policy = ctx.decision.known_customer or settings.tickets.known_customer
+    source = f"route {ctx.decision.route}" if ctx.decision.known_customer else "tickets"
+    hit = None
+    if policy == "same-subject" and not th.links:
+        # A mail that named tickets it could not join (issue 10) stays a linked new ticket.
+        cands = [Candidate(t.id, t.ref, t.normalized_subject) for t in reqs if t.id is not None]
+        hit = match_known_customer(
+            ctx.parsed.subject, ctx.parsed.text, cands, settings.tickets.ref_prefix
+        )
+    if hit is not None:
+        cand, why = hit
+        target = s.get(Ticket, cand.id)
+        assert target is not None and target.id is not None
+        ctx.thread = ThreadDecision(
+            "known-customer",
+            TicketView(target.id, target.ref, target.status),
+            f"{ctx.sender} wrote a new mail (not a reply): {why} "
+            f"({source}.known_customer = {policy})",
+            notes=th.notes,
+        )
+        ctx.decision = None  # the ticket keeps its owner, queue and deadlines
+        ctx.fresh = "joined"
+        return
+    refs = ", ".join(t.ref for t in reqs)
+    reason = (
+        f"no open request of {ctx.sender} has this subject or is named by it"
+        if policy == "same-subject"
+        else f"{source}.known_customer = separate"
+    )
+    ctx.event(
+        "known-customer",
+        f"{ctx.sender} has {len(reqs)} other open request(s): {refs}; {reason}: new ticket, "
+        f"linked same-customer, its acknowledgement lists them",
+        {"others": [t.ref for t in reqs], "policy": policy},
+    )
+    for t in reqs:
+        assert t.id is not None
+        th.links.append((t.id, "same-customer", f"another open request of {ctx.sender}"))
+
+
+# ------------------------------------------------------------------------------ bundling
+
+
+def _waiting(
+    session: Session, purpose: str, recipient: str, customer: int | None
+) -> BundleItem | None:
+    """The open bundle for this recipient about this customer: an owner's bundle is per
+    customer, so another customer's first mail is still notified at once."""
+    return session.exec(
+        select(BundleItem)
+        .where(
+            BundleItem.purpose == purpose,
+            BundleItem.recipient == recipient,
+            (
+                col(BundleItem.customer_id).is_(None)
+                if customer is None
+                else col(BundleItem.customer_id) == customer
+            ),
+            BundleItem.state == "waiting",
+        )
+        .order_by(col(BundleItem.id))
+    ).first()
+
+
+def _customer(ctx: Context) -> int | None:
+    assert ctx.ticket is not None
+    cid = ctx.ticket.customer_id
+    return resolve_customer(ctx.session, cid) if cid is not None else None
+
+
+def _last_sent(session: Session, kind: str, rcpt: str, ticket_ids: set[int]) -> datetime | None:
+    q = select(Outbox.created_at).where(Outbox.kind == kind, Outbox.rcpt_tos == json.dumps([rcpt]))
+    if ticket_ids:
+        q = q.where(col(Outbox.ticket_id).in_(ticket_ids))
+    value = session.exec(q.order_by(col(Outbox.created_at).desc())).first()
+    if value is not None and value.tzinfo is None:
+        from datetime import UTC
+
+        value = value.replace(tzinfo=UTC)
+    return value
+
+
+def _defer(ctx: Context, purpose: str, recipient: str, anchor: datetime | None) -> datetime | None:
+    """Put this mail into the bundle for ``recipient``; its close, or None to send at once."""
+    assert ctx.ticket is not None and ctx.ticket.id is not None and ctx.message is not None
+    s = ctx.session
+    span = window(ctx.services.settings)
+    if span <= timedelta(0):
+        return None
+    pending = _waiting(s, purpose, recipient, _customer(ctx))
+    if pending is not None:
+        due = (
+            pending.due_at
+            if pending.due_at.tzinfo
+            else pending.due_at.replace(tzinfo=ctx.now.tzinfo)
+        )
+    elif anchor is not None and ctx.now < anchor + span:
+        due = anchor + span
+    else:
+        return None
+    s.add(
+        BundleItem(
+            purpose=purpose,
+            recipient=recipient,
+            customer_id=_customer(ctx),
+            ticket_id=ctx.ticket.id,
+            message_id=ctx.message.id or 0,
+            how=ctx.fresh or "new",
+            created_at=ctx.now,
+            due_at=due,
+        )
+    )
+    return due
+
+
+def bundle_ack(ctx: Context, to: str) -> bool:
+    """Respond's helper: is this fresh mail's acknowledgement bundled? (records why)"""
+    assert ctx.ticket is not None and ctx.ticket.id is not None
+    if not ctx.fresh or not to:
+        return False
+    anchor = _last_sent(ctx.session, ACK_KIND, to, set())
+    due = _defer(ctx, "ack", to, anchor)
+    if due is None:
+        return False
+    add_event(
+        ctx.session,
+        ctx.ticket.id,
+        "ack-bundled",
+        f"{to} was acknowledged less than {ctx.services.settings.outbound.ack_window} ago: "
+        f"this mail is confirmed together with the others in one acknowledgement at "
+        f"{isoz(due)} (outbound.ack_window)",
+        ctx.now,
+        message_id=ctx.message.id if ctx.message is not None else None,
+    )
+    return True
+
+
+def bundle_notification(ctx: Context, owner: Person) -> bool:
+    """Notify's helper: is this fresh mail's owner notification bundled? (records why)"""
+    assert ctx.ticket is not None and ctx.ticket.id is not None
+    if ctx.ticket.customer_id is None or ctx.kind != "customer":
+        return False
+    if not ctx.fresh:
+        # A reply joins a burst already being bundled for this owner (one notification per
+        # burst); on its own a reply is notified at once, as before.
+        if _waiting(ctx.session, "notify", owner.id, _customer(ctx)) is None:
+            return False
+        ctx.fresh = "reply"
+    ids = customer_ids(ctx.session, ctx.ticket.customer_id)
+    tickets = {
+        t
+        for t in ctx.session.exec(select(Ticket.id).where(col(Ticket.customer_id).in_(ids)))
+        if t is not None
+    }
+    anchor = _last_sent(ctx.session, "notification", owner.email, tickets)
+    due = _defer(ctx, "notify", owner.id, anchor)
+    if due is None:
+        return False
+    add_event(
+        ctx.session,
+        ctx.ticket.id,
+        "owner-notify-bundled",
+        f"{owner.name} was notified about {ctx.sender} less than "
+        f"{ctx.services.settings.outbound.ack_window} ago: this mail's full text goes in one "
+        f"notification at {isoz(due)}",
+        ctx.now,
+        message_id=ctx.message.id if ctx.message is not None else None,
+    )
+    return True
+
+
+# ----------------------------------------------------------------- customer merge: dupes
+
+
+def announce_customer_merge(
+    session: Session,
+    *,
+    customer_id: int,
+    rules: Rules | None,
+    settings: Settings,
+    signer: Signer,
+    now: datetime,
+) -> list[str]:
+    """After ``customers merge``: the customer's open tickets are possible duplicates.
+
+    Each pair is linked ``possible-duplicate``; each ticket's owner gets one notification
+    naming the others (owner, stored deadlines) and how to close the loop: reply with
+    ``#merge <REF>`` (the reply token is this ticket's). Returns what was said, per ticket.
+    """
+    from gateway.outbound.worker import notify_owner
+
+    reqs = open_requests(session, customer_id)
+    if len(reqs) < 2:
+        return []
+    said: list[str] = []
+    for t in reqs:
+        assert t.id is not None
+        for other in reqs:
+            assert other.id is not None
+            if other.id < t.id and link(session, t.id, other.id, "possible-duplicate", now):
+                add_event(session, t.id, "possible-duplicate",
+                          f"same customer as {other.ref} after customers merge", now)  # fmt: skip
+                add_event(session, other.id, "possible-duplicate",
+                          f"same customer as {t.ref} after customers merge", now)  # fmt: skip
+    for t in reqs:
+        others = [o for o in reqs if o.id != t.id]
+        if rules is None:
+            continue
+        owner = _owner(rules, t)
+        if owner is None:
+            continue
+        lines = "\n".join(f"  - {request_line(o, rules)}" for o in others)
+        body = (
+            f"The customer of {t.requester} was merged with another address, so {t.ref} "
+            f'("{t.subject}", yours, {deadline_phrase(t, rules)}) may duplicate:\n\n{lines}\n\n'
+            f"Each still runs its own clocks and escalation. If they are one request, reply "
+            f"to this email with\n\n  #merge {others[0].ref}\n\non the first line: {t.ref} is "
+            f"closed, its messages and participants move to {others[0].ref}, and every reply "
+            f"to {t.ref} lands there from then on.\n"
+        )
+        notify_owner(
+            session,
+            settings,
+            signer,
+            ticket=t,
+            email=owner.email,
+            name=owner.name,
+            person=owner.id,
+            subject=f"[{t.ref}] Possible duplicate of " + ", ".join(o.ref for o in others),
+            body=body,
+            now=now,
+        )
+        add_event(session, t.id, "duplicates-notified",
+                  f"{owner.name} told that {t.ref} may duplicate "
+                  + ", ".join(o.ref for o in others), now)  # fmt: skip
+        said.append(f"{t.ref}: {owner.name} told (possible duplicate of "
+                    + ", ".join(o.ref for o in others) + ")")  # fmt: skip
+    return said
+
+
+def merged_sources(session: Session, ticket_id: int) -> list[tuple[int, str]]:
+    """Tickets merged into this one (recursively): (id, ref), for its history."""
+    out: list[tuple[int, str]] = []
+    todo = [ticket_id]
+    seen = {ticket_id}
+    while todo:
+        current = todo.pop()
+        for lk in session.exec(
+            select(TicketLink).where(
+                TicketLink.other_id == current, TicketLink.relation == "merged-into"
+            )
+        ).all():
+            if lk.ticket_id in seen:
+                continue
+            seen.add(lk.ticket_id)
+            src = session.get(Ticket, lk.ticket_id)
+            out.append((lk.ticket_id, src.ref if src is not None else str(lk.ticket_id)))
+            todo.append(lk.ticket_id)
+    return out
