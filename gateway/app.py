@@ -17,11 +17,12 @@ import os
 import signal
 import socket
 
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Engine, make_url
 
 from gateway import alerts
 from gateway.clock import Clock, SystemClock
 from gateway.inbound.smtp import ConnectionLimits, InboundHandler, make_tls_context, start_server
+from gateway.node import default_node_name
 from gateway.outbound.worker import DeliveryWorker
 from gateway.pipeline.context import Services
 from gateway.pipeline.process import PipelineProcess
@@ -33,19 +34,37 @@ from gateway.security.tokens import Signer
 from gateway.settings import ConfigError, Settings
 from gateway.sla.escalator import Escalator
 from gateway.spool import Spool
-from gateway.store.db import open_database
+from gateway.store.db import make_engine, open_database
+from gateway.store.installation import check_fingerprint, require_configured_secret
 from gateway.store.notify import ClusterNotifier
 
 log = logging.getLogger("gateway")
 
 
-def build_spool(settings: Settings, clock: Clock | None = None) -> Spool:
-    spool = Spool(
-        settings.spool_path,
-        max_attempts=settings.storage.max_attempts,
-        min_free_disk=settings.smtp.min_free_disk,
-        clock=clock,
-    )
+def build_spool(
+    settings: Settings, clock: Clock | None = None, engine: Engine | None = None
+) -> Spool:
+    """The spool: in the shared PostgreSQL database when one is configured (issue 13: no
+    accepted message depends on one node's disk), else the local SQLite file."""
+    url = make_url(settings.storage.database_url)
+    if url.get_backend_name() == "postgresql" and settings.storage.shared_spool:
+        from gateway.shared_spool import SharedSpool
+
+        spool: Spool = SharedSpool(
+            settings.spool_path,
+            engine=engine or make_engine(settings.storage.database_url),
+            node=settings.node.id or default_node_name(settings),
+            max_attempts=settings.storage.max_attempts,
+            min_free_disk=settings.smtp.min_free_disk,
+            clock=clock,
+        )
+    else:
+        spool = Spool(
+            settings.spool_path,
+            max_attempts=settings.storage.max_attempts,
+            min_free_disk=settings.smtp.min_free_disk,
+            clock=clock,
+        )
     spool.open()
     return spool
 
@@ -79,8 +98,15 @@ class Gateway:
             )
         self.rules = RulesHolder(rules_path)
         self.engine = engine or open_database(settings.storage.database_url)
-        self.spool = build_spool(settings, self.clock)
+        # One installation, one key (issue 13 finding 6): checked before anything is built.
+        require_configured_secret(settings, self.engine)
         self.signer = Signer(settings.secret())
+        check_fingerprint(
+            self.engine,
+            self.signer.fingerprint(),
+            settings.node.id or default_node_name(settings),
+        )
+        self.spool = build_spool(settings, self.clock, self.engine)
         self.resolver = resolver if resolver is not None else build_resolver(settings)
         self.services = Services(
             settings=settings,

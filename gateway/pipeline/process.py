@@ -122,7 +122,7 @@ def child_main(
     settings = Settings(**config)
     clock = SystemClock()
     engine = open_database(settings.storage.database_url, migrate=False)
-    spool = build_spool(settings, clock)
+    spool = build_spool(settings, clock, engine)
     rules = RulesHolder(settings.rules_path, initial=rules_now)
     services = Services(
         settings=settings,

@@ -43,7 +43,7 @@ from gateway.routing.model import Person
 from gateway.security.sender_auth import AuthResult
 from gateway.security.verdict import ack_decision
 from gateway.store.models import Event, Outbox, Ticket
-from gateway.store.queries import add_event
+from gateway.store.queries import add_event, xact_lock
 
 #: Window for the "recent performance" line of the acknowledgement.
 STATS_DAYS = 30
@@ -92,6 +92,9 @@ def _suppression(ctx: Context, to: str) -> str | None:
 
 
 def _acks_today(ctx: Context, to: str) -> int:
+    # The cap is exact across nodes: the count and the new outbox row are one critical
+    # section per recipient until commit (issue 13 finding 5).
+    xact_lock(ctx.session, f"ack-cap:{to}")
     since = ctx.now - timedelta(hours=24)
     n = ctx.session.exec(
         select(func.count())

@@ -832,7 +832,7 @@ class Escalator:
         msg["Reply-To"] = reply_to
         msg["Auto-Submitted"] = "auto-generated"  # RFC 3834 §5
         msg["X-Auto-Response-Suppress"] = "All"
-        msg[LOOP_HEADER] = self.settings.smtp.hostname
+        msg[LOOP_HEADER] = self.signer.installation_id()  # the same on every node
         last = self._last_customer_message(session, ticket.id)
         if last is not None and last.message_id:
             msg["In-Reply-To"] = last.message_id
