@@ -131,7 +131,10 @@ class Gateway:
         # Other nodes on the same PostgreSQL hear about our new outbox rows (LISTEN/NOTIFY;
         # a no-op on SQLite), and theirs wake our delivery worker.
         self.cluster = ClusterNotifier(
-            self.engine, self.delivery.node.name, self.delivery.wakeup.set
+            self.engine,
+            self.delivery.node.name,
+            self.delivery.wakeup.set,
+            on_ticket=self.escalator_wakeup.set,
         )
 
         def after_batch() -> None:
@@ -141,6 +144,7 @@ class Gateway:
             self.escalator_wakeup.set()
             self.rechecker_wakeup.set()
             self.cluster.notify()
+            self.cluster.notify_ticket()  # and the other nodes' escalators
 
         def after_fire() -> None:
             # Fired escalation steps queued mail: it leaves now (issue 11 finding 3).
