@@ -99,13 +99,18 @@ class Gateway:
         self.rules = RulesHolder(rules_path)
         self.engine = engine or open_database(settings.storage.database_url)
         # One installation, one key (issue 13 finding 6): checked before anything is built.
-        require_configured_secret(settings, self.engine)
-        self.signer = Signer(settings.secret())
-        check_fingerprint(
-            self.engine,
-            self.signer.fingerprint(),
-            settings.node.id or default_node_name(settings),
-        )
+        try:
+            require_configured_secret(settings, self.engine)
+            self.signer = Signer(settings.secret())
+            check_fingerprint(
+                self.engine,
+                self.signer.fingerprint(),
+                settings.node.id or default_node_name(settings),
+            )
+        except ConfigError:
+            if engine is None:
+                self.engine.dispose()
+            raise
         self.spool = build_spool(settings, self.clock, self.engine)
         self.resolver = resolver if resolver is not None else build_resolver(settings)
         self.services = Services(
