@@ -17,8 +17,9 @@ shared database, so any node's pipeline can process any message:
   then delete locally) by this node when it answers again. Only those entries wait on
   this node's disk, and only while the database is unreachable.
 - **Claims**: the pipeline claims with `FOR UPDATE SKIP LOCKED`, so nodes never claim the
-  same entry at once; a claim names the node and carries a lease (`LEASE` seconds). The
-  entries of a node that died are claimed again by any node when the lease has run out;
+  same entry at once; a claim names the node and carries a lease (`LEASE` seconds,
+  renewed every third of it while the claiming process lives). The entries of a node that
+  died are claimed again by any node when the lease has run out;
   a node that restarts takes back its own at once (`recover`). An entry processed twice
   (lease ran out on a slow node) is recognised by the ticket database (dedupe key,
   Message-ID, both under an advisory lock), as with the SQLite spool.
@@ -79,8 +80,9 @@ def _entry(r: Any) -> SpoolEntry:
 class SharedSpool(Spool):
     """The spool in the shared database, with the local SQLite spool as the fallback."""
 
-    #: Seconds a claim holds an entry; after that any node may take it (a dead node's).
-    LEASE = 30.0
+    #: Seconds a claim holds an entry unless renewed; after that any node may take it (a
+    #: dead node's). A live node renews its claims every LEASE/3 seconds.
+    LEASE = 15.0
     #: At most this many entries per claim: few enough to finish well inside the lease.
     CLAIM_MAX = 10
     #: Seconds between attempts to reach the database while writing locally.
@@ -108,6 +110,8 @@ class SharedSpool(Spool):
         self._local_waiting = True  # look once at start: entries from before / a crash
         self.fallbacks = 0  # batches written locally because the database did not answer
         self.drained = 0  # local entries moved into the database
+        self._renewer: threading.Thread | None = None
+        self._closing = threading.Event()
 
     # Lifecycle ------------------------------------------------------------------------
 
@@ -122,7 +126,27 @@ class SharedSpool(Spool):
             self._items.put(None)
             self._thread.join()
             self._thread = None
+        self._closing.set()
+        if self._renewer is not None:
+            self._renewer.join()
+            self._renewer = None
         super().close()
+
+    def _renew_loop(self) -> None:
+        """Extend this node's claims while this process lives (a slow message, a DNS
+        budget spent on each of a batch, must not let another node take them)."""
+        while not self._closing.wait(self.LEASE / 3):
+            try:
+                with self._db() as conn:
+                    conn.execute(
+                        text(
+                            "UPDATE spool_entry SET lease_until=:until"
+                            " WHERE state='claimed' AND claimed_by=:node"
+                        ),
+                        {"until": self._now() + self.LEASE, "node": self.node},
+                    )
+            except Exception as exc:  # the database is away: the pipeline pauses anyway
+                log.debug("spool claims not renewed: %r", exc)
 
     # Writing --------------------------------------------------------------------------
 
@@ -363,6 +387,11 @@ class SharedSpool(Spool):
         return state
 
     def claim(self, limit: int = 50) -> list[SpoolEntry]:
+        if self._renewer is None:  # in the process that claims (the pipeline's)
+            self._renewer = threading.Thread(
+                target=self._renew_loop, name="spool-lease-renewer", daemon=True
+            )
+            self._renewer.start()
         now = self._now()
         with self._db() as conn:
             rows = conn.execute(
