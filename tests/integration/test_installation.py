@@ -3,10 +3,11 @@ node recognises; migrations that any number of nodes may start at once."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psycopg
@@ -121,3 +122,44 @@ async def test_an_ack_sent_by_one_node_is_our_loop_at_another(
             events = s.exec(select(Event).where(Event.type == "classified")).all()
     assert [e.detail.split(":")[0] for e in events] == ["loop"], [e.detail for e in events]
     assert "our loop header" in events[0].detail
+
+
+@pytest.mark.postgres
+async def test_a_new_ticket_on_one_node_wakes_the_other_nodes_escalator(pg_url: str) -> None:
+    """LISTEN/NOTIFY on `gateway_ticket`: an escalation never waits for another node's poll."""
+    from gateway.store.db import open_database
+    from gateway.store.notify import ClusterNotifier
+
+    engine = open_database(pg_url)
+    woken = {"a-outbox": 0, "a-ticket": 0, "b-outbox": 0, "b-ticket": 0}
+
+    def bump(key: str) -> Callable[[], None]:
+        return lambda: woken.__setitem__(key, woken[key] + 1)
+
+    a = ClusterNotifier(engine, "a", bump("a-outbox"), on_ticket=bump("a-ticket"))
+    b = ClusterNotifier(engine, "b", bump("b-outbox"), on_ticket=bump("b-ticket"))
+    stopping = asyncio.Event()
+    tasks = [asyncio.create_task(n.run(stopping)) for n in (a, b)]
+    try:
+        # Each listener looks once when it (re)connects: wait for that, then measure.
+        await wait_for(lambda: woken["a-ticket"] >= 1 and woken["b-ticket"] >= 1)
+        before = dict(woken)
+        a.notify_ticket()
+        await wait_for(lambda: b.received_tickets == 1)
+        await asyncio.sleep(0.2)  # anything else it would have woken is here by now
+        assert woken["b-ticket"] == before["b-ticket"] + 1
+        assert woken["b-outbox"] == before["b-outbox"]  # a ticket is not an outbox row
+        assert woken["a-ticket"] == before["a-ticket"]  # a node ignores its own notes
+    finally:
+        stopping.set()
+        for t in tasks:
+            await t
+        engine.dispose()
+
+
+async def wait_for(cond: Callable[[], bool], timeout: float = 15.0) -> None:
+    """Poll a condition (bounded): the work is another connection's."""
+    end = asyncio.get_running_loop().time() + timeout
+    while not cond():
+        assert asyncio.get_running_loop().time() < end, "timed out"
+        await asyncio.sleep(0.02)

@@ -7,7 +7,8 @@ not restarted. What must hold (the acceptance of issue 13):
 
 - every message that got `250` (from any node, the killed one included) becomes exactly one
   ticket or message within 60 s without the killed node;
-- acknowledgements at the relay = tickets (a duplicate only for mail in flight at the kill);
+- acknowledgements at the relay = tickets (a duplicate only for mail in flight at the kill),
+  and one sender's seven simultaneous new tickets get exactly the daily cap of five;
 - no unique-violation ERROR in any node's log;
 - round-robin owners spread within +-1;
 - three simultaneous first starts on an empty database all come up;
@@ -40,6 +41,7 @@ from tests.support.relay import CaptureRelay
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
 
 SECRET = "multi-node-shared-secret-0123456789"
+CAPPER = "busy@customer.example"
 
 RULES = """
 [people.alice]
@@ -221,6 +223,16 @@ async def _traffic_and_kill(
         mid = f"<plain{i}@customer.example>"
         jobs.append((mail(f"c{i}@customer.example", f"Question {i}", mid), mid, i % 3))
     pairs = []
+    # One sender, seven new requests at once across the nodes: the daily acknowledgement cap
+    # (outbound.daily_ack_cap = 5) must hold exactly across nodes.
+    capper = [
+        (
+            mail(CAPPER, f"Request {i}", f"<cap{i}@customer.example>"),
+            f"<cap{i}@customer.example>",
+            i % 3,
+        )
+        for i in range(7)
+    ]
     for i in range(8):  # the same Message-ID to two nodes at once
         mid = f"<dup{i}@customer.example>"
         s = f"d{i}@customer.example"
@@ -283,7 +295,10 @@ async def _traffic_and_kill(
             await asyncio.sleep(0.01)
         await asyncio.gather(*(one(j) for j in jobs[30:]))
 
-    work = [one(j) for j in jobs[:30]] + [pair(p) for p in pairs]
+    async def burst(group: list[tuple[bytes, str, int]]) -> None:
+        await asyncio.gather(*(deliver(r, m, _from(r), f) for r, m, f in group))
+
+    work = [one(j) for j in jobs[:30]] + [pair(p) for p in pairs] + [burst(capper)]
     await asyncio.gather(killer(), after_kill(), *work)
     assert killed_at, "the victim was never killed"
     traffic_done = time.monotonic()
@@ -320,13 +335,15 @@ async def _traffic_and_kill(
                 out[subject.split("]")[0].strip("[")] += 1
         return out
 
-    while time.monotonic() < killed_at[0] + 90 and len(acks()) < len(tickets):
+    while time.monotonic() < killed_at[0] + 90 and len(acks()) < len(tickets) - 2:
         await asyncio.sleep(0.25)
     acks_after_kill = time.monotonic() - killed_at[0]
     await asyncio.sleep(1.0)  # a duplicate sent late would be here by now
     got = acks()
-    refs = {t[1] for t in tickets}
-    assert set(got) == refs, (len(got), len(refs))
+    capped = {t[1] for t in tickets if t[3] == CAPPER}
+    refs = {t[1] for t in tickets} - capped
+    assert len(capped) == 7 and len(set(got) & capped) == 5, sorted(set(got) & capped)
+    assert set(got) - capped == refs, (len(got), len(refs))
     duplicates = sum(v - 1 for v in got.values())
     assert duplicates <= 1, got  # the victim sends one message at a time: at most one
 
@@ -370,8 +387,10 @@ async def _traffic_and_kill(
         f" {left_behind[0]} spool claims, {left_behind[2]} outbox rows in sending;"
         f" all processed {processed_after_kill:.1f}s after the kill (traffic ended"
         f" {traffic_done - killed_at[0]:.1f}s after it); acknowledgements {sum(got.values())}"
-        f" for {len(refs)} tickets ({duplicates} duplicate), the last {acks_after_kill:.1f}s"
-        f" after the kill; owners {dict(owners)}; unique-violation lines in logs {violations};"
+        f" for {len(refs) + len(capped)} tickets ({duplicates} duplicate; one sender's 7"
+        f" simultaneous tickets got {len(set(got) & capped)} under a cap of 5), the last"
+        f" {acks_after_kill:.1f}s after the kill; owners {dict(owners)};"
+        f" unique-violation lines in logs {violations};"
         f" other secret: exit {r.returncode}"
     )
 
