@@ -250,7 +250,10 @@ class SharedSpool(Spool):
                 try:
                     first = self._items.get(timeout=self.RETRY)
                 except queue.Empty:
+                    # Idle: look at the local spool (cheap when empty), whatever put mail
+                    # there (a fallback write, a crash, a path that bypassed `submit`).
                     first = _IDLE
+                    self._local_waiting = True
                 if first is None:
                     return
                 batch: list[_Item] = [] if first is _IDLE else [first]
