@@ -6,7 +6,11 @@ What is measured (messages per second, and the latency of the final ``250``):
 * ``gateway``     the real ``Gateway`` (spool in SQLite WAL, synchronous=FULL, group commit),
                   ``workers=False``: ingest only;
 * ``gateway+wk``  the same with ``workers=True``: the pipeline (parse, thread, route, store)
-                  runs while mail arrives and competes for the CPU.
+                  runs while mail arrives and competes for the CPU;
+* ``pg``, ``pg+wk`` with ``--database-url postgresql+psycopg://...``: the same on PostgreSQL,
+                  where the spool is the database's ``spool_entry`` table (``250`` after the
+                  commit there, group commit; gateway/shared_spool.py). Each run gets a
+                  fresh database on that server (created and dropped here).
 
 Every server runs on this process's event loop, set up like the daemon's (``asyncio.run``,
 default loop, ``loop.create_server`` on 127.0.0.1 port 0). The load comes from a separate
@@ -21,6 +25,8 @@ Usage::
     python bench/ingest.py                         # 50 sessions x 100 messages, 4 KiB
     python bench/ingest.py --sessions 1 --messages 500 --modes reuse
     python bench/ingest.py --profile /tmp/gw.prof  # cProfile of the gateway's loop thread
+    python bench/ingest.py --database-url postgresql+psycopg://postgres@127.0.0.1/postgres \
+        --modes reuse --servers bare,gateway,pg       # SQLite and PostgreSQL, same run
 
 At the end every gateway run is checked: the spool (plus, with workers, the messages the
 pipeline already moved to the ticket database) holds exactly the messages that got ``250``.
@@ -40,7 +46,8 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -233,7 +240,7 @@ async def bare_server() -> AsyncIterator[Served]:
             await asyncio.wait_for(server.wait_closed(), 5)
 
 
-def gateway_settings(tmp: Path, rules: Path) -> Any:
+def gateway_settings(tmp: Path, rules: Path, database_url: str = "") -> Any:
     from gateway.settings import load_settings
 
     config = tmp / "config.toml"
@@ -248,15 +255,44 @@ def gateway_settings(tmp: Path, rules: Path) -> Any:
             "min_free_disk": 0,
             "max_connections_per_ip": 0,  # the load comes from one address
         },
-        storage={"database_url": f"sqlite:///{tmp}/gateway.db", "spool_dir": str(tmp / "spool")},
+        storage={
+            "database_url": database_url or f"sqlite:///{tmp}/gateway.db",
+            "spool_dir": str(tmp / "spool"),
+        },
         outbound={"relay": "127.0.0.1:9", "from_address": "support@example.com"},
         security={"secret_key": "bench-secret-key-0123456789abcdef"},
     )
 
 
+@contextlib.contextmanager
+def fresh_database(server_url: str) -> Iterator[str]:
+    """A new, empty PostgreSQL database on the server of `server_url`; dropped afterwards."""
+    import psycopg
+
+    base = server_url.replace("postgresql+psycopg://", "postgresql://")
+    name = f"gw_bench_{time.time_ns()}"
+    with psycopg.connect(base, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield server_url.rsplit("/", 1)[0] + "/" + name
+    finally:
+        with psycopg.connect(base, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
 @contextlib.asynccontextmanager
-async def gateway_server(workers: bool, rules: Path) -> AsyncIterator[Served]:
-    from sqlalchemy import select
+async def gateway_server(
+    workers: bool, rules: Path, database_url: str = ""
+) -> AsyncIterator[Served]:
+    with contextlib.ExitStack() as stack:
+        url = stack.enter_context(fresh_database(database_url)) if database_url else ""
+        async with _gateway_server(workers, rules, url) as served:
+            yield served
+
+
+@contextlib.asynccontextmanager
+async def _gateway_server(workers: bool, rules: Path, database_url: str) -> AsyncIterator[Served]:
+    from sqlalchemy import select, text
 
     from gateway.app import Gateway
     from gateway.security.dns import StaticResolver
@@ -265,7 +301,7 @@ async def gateway_server(workers: bool, rules: Path) -> AsyncIterator[Served]:
 
     with tempfile.TemporaryDirectory(prefix="gw-bench-") as d:
         tmp = Path(d)
-        gw = Gateway(gateway_settings(tmp, rules), resolver=StaticResolver({}))
+        gw = Gateway(gateway_settings(tmp, rules, database_url), resolver=StaticResolver({}))
         await gw.start(workers=workers)
         assert gw.port is not None
 
@@ -278,6 +314,15 @@ async def gateway_server(workers: bool, rules: Path) -> AsyncIterator[Served]:
                 ids = {r[0] for r in conn.execute("SELECT id FROM spool")}
             finally:
                 conn.close()
+            local = 0
+            if database_url:  # the spool is in PostgreSQL; the local file only for fallback
+                local = len(ids)
+                engine = open_database(database_url, migrate=False)
+                with engine.connect() as c:
+                    rows = c.execute(text("SELECT id, state FROM spool_entry")).fetchall()
+                engine.dispose()
+                ids = {r[0] for r in rows}
+                counts = dict(Counter(r[1] for r in rows), local=local)
             stored: set[int] = set()
             if workers:
                 engine = open_database(gw.settings.storage.database_url)
@@ -289,7 +334,7 @@ async def gateway_server(workers: bool, rules: Path) -> AsyncIterator[Served]:
                         )
                     }
                 engine.dispose()
-            total = len(ids | stored)
+            total = len(ids | stored) + local
             ok = "OK" if total == expected else "MISMATCH"
             return (
                 f"{ok}: spool {counts}, pipeline stored {len(stored)},"
@@ -380,7 +425,11 @@ async def measure(
     cm = (
         bare_server()
         if server == "bare"
-        else gateway_server(workers=(server == "gateway+wk"), rules=rules)
+        else gateway_server(
+            workers=server.endswith("+wk"),
+            rules=rules,
+            database_url=args.database_url if server.startswith("pg") else "",
+        )
     )
     job = {"mode": mode, "size": args.size}
     tag = f"{mode}.{server}.{rep}.{time.time_ns()}"  # unique Message-IDs and bytes
@@ -499,7 +548,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--messages", type=int, default=100, help="messages per session")
     p.add_argument("--size", type=int, default=4096, help="message size in bytes")
     p.add_argument("--modes", default="reuse,new", help="reuse,new")
-    p.add_argument("--servers", default="bare,gateway,gateway+wk", help="bare,gateway,gateway+wk")
+    p.add_argument(
+        "--servers",
+        default="",
+        help="bare,gateway,gateway+wk,pg,pg+wk (default: all; pg* need --database-url)",
+    )
+    p.add_argument(
+        "--database-url",
+        default="",
+        help="a PostgreSQL server (postgresql+psycopg://user@host/db): adds the pg runs",
+    )
     p.add_argument("--repeat", type=int, default=1, help="repetitions of each measurement")
     p.add_argument("--rules", default=str(DEFAULT_RULES), help="rules folder for the gateway")
     p.add_argument("--profile", metavar="FILE", help="cProfile the server loop, save stats")
@@ -507,6 +565,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.sessions < 1 or args.messages < 1 or args.size < 512:
         p.error("need --sessions >= 1, --messages >= 1, --size >= 512")
+    if not args.servers:
+        args.servers = "bare,gateway,gateway+wk" + (",pg,pg+wk" if args.database_url else "")
+    if "pg" in args.servers and not args.database_url:
+        p.error("the pg servers need --database-url")
     return asyncio.run(amain(args))
 
 

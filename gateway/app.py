@@ -22,7 +22,7 @@ from collections import Counter
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Engine, make_url
 
 import gateway
 from gateway import alerts
@@ -30,6 +30,7 @@ from gateway.clock import Clock, SystemClock
 from gateway.http import AdminHttp
 from gateway.inbound.smtp import ConnectionLimits, InboundHandler, make_tls_context, start_server
 from gateway.metrics import CountingResolver, StateCollector, build_registry, node_name
+from gateway.node import default_node_name
 from gateway.outbound.worker import DeliveryWorker
 from gateway.pipeline.bundle import BundleWorker
 from gateway.pipeline.context import Services
@@ -42,7 +43,8 @@ from gateway.security.tokens import Signer
 from gateway.settings import ConfigError, Settings
 from gateway.sla.escalator import Escalator
 from gateway.spool import Spool
-from gateway.store.db import open_database
+from gateway.store.db import make_engine, open_database
+from gateway.store.installation import check_fingerprint, require_configured_secret
 from gateway.store.notify import ClusterNotifier
 
 log = logging.getLogger("gateway")
@@ -66,13 +68,30 @@ def _bind_error(key: str, value: str, exc: OSError) -> ListenError:
     return ListenError(f"{key} = {value!r}: cannot listen: {why}")
 
 
-def build_spool(settings: Settings, clock: Clock | None = None) -> Spool:
-    spool = Spool(
-        settings.spool_path,
-        max_attempts=settings.storage.max_attempts,
-        min_free_disk=settings.smtp.min_free_disk,
-        clock=clock,
-    )
+def build_spool(
+    settings: Settings, clock: Clock | None = None, engine: Engine | None = None
+) -> Spool:
+    """The spool: in the shared PostgreSQL database when one is configured (issue 13: no
+    accepted message depends on one node's disk), else the local SQLite file."""
+    url = make_url(settings.storage.database_url)
+    if url.get_backend_name() == "postgresql" and settings.storage.shared_spool:
+        from gateway.shared_spool import SharedSpool
+
+        spool: Spool = SharedSpool(
+            settings.spool_path,
+            engine=engine or make_engine(settings.storage.database_url),
+            node=settings.node.id or default_node_name(settings),
+            max_attempts=settings.storage.max_attempts,
+            min_free_disk=settings.smtp.min_free_disk,
+            clock=clock,
+        )
+    else:
+        spool = Spool(
+            settings.spool_path,
+            max_attempts=settings.storage.max_attempts,
+            min_free_disk=settings.smtp.min_free_disk,
+            clock=clock,
+        )
     spool.open()
     return spool
 
@@ -105,10 +124,28 @@ class Gateway:
                 " example in rules/; set rules_dir or GATEWAY_RULES_DIR)"
             )
         self.rules = RulesHolder(rules_path)
-        # The secret first: a weak one stops start-up before anything is created.
-        self.signer = Signer(settings.secret())
+        # The secret first: a weak one stops start-up before anything is created. With
+        # PostgreSQL and no key configured, none is generated either (checked below: a key
+        # of this node's own would not verify on the others).
+        sec = settings.security
+        url = engine.url if engine is not None else make_url(settings.storage.database_url)
+        if sec.secret_key or sec.secret_key_file or url.get_backend_name() != "postgresql":
+            self.signer = Signer(settings.secret())
         self.engine = engine or open_database(settings.storage.database_url)
-        self.spool = build_spool(settings, self.clock)
+        # One installation, one key (issue 13 finding 6): checked before anything is built.
+        try:
+            require_configured_secret(settings, self.engine)
+            self.signer = Signer(settings.secret())
+            check_fingerprint(
+                self.engine,
+                self.signer.fingerprint(),
+                settings.node.id or default_node_name(settings),
+            )
+        except ConfigError:
+            if engine is None:
+                self.engine.dispose()
+            raise
+        self.spool = build_spool(settings, self.clock, self.engine)
         self.resolver = resolver if resolver is not None else build_resolver(settings)
         self.services = Services(
             settings=settings,
@@ -136,7 +173,10 @@ class Gateway:
         # Other nodes on the same PostgreSQL hear about our new outbox rows (LISTEN/NOTIFY;
         # a no-op on SQLite), and theirs wake our delivery worker.
         self.cluster = ClusterNotifier(
-            self.engine, self.delivery.node.name, self.delivery.wakeup.set
+            self.engine,
+            self.delivery.node.name,
+            self.delivery.wakeup.set,
+            on_ticket=self.escalator_wakeup.set,
         )
         # Bundled acknowledgements and owner notifications (issue 12), sent when a
         # customer's outbound.ack_window closes.
@@ -151,6 +191,7 @@ class Gateway:
             self.rechecker_wakeup.set()
             self.bundler_wakeup.set()
             self.cluster.notify()
+            self.cluster.notify_ticket()  # and the other nodes' escalators
 
         def after_fire() -> None:
             # Fired escalation steps queued mail: it leaves now (issue 11 finding 3).

@@ -165,6 +165,10 @@ class StorageSettings(_Section):
     spool_dir: str = "var/spool"
     # A message whose processing fails this many times moves to the quarantine.
     max_attempts: int = 5
+    # With PostgreSQL: the spool is the database's spool_entry table (any node processes any
+    # message; spool_dir only holds mail while the database is unreachable). False: each
+    # node spools to its own disk as with SQLite (docs/scaling.md).
+    shared_spool: bool = True
 
     @field_validator("database_url")
     @classmethod

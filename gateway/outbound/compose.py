@@ -10,7 +10,8 @@ What every automatic message carries (FIELD-NOTES §3, RFC 3834):
 - ``Auto-Submitted: auto-replied`` on acknowledgements (RFC 3834 §5.1) and
   ``auto-generated`` on notices, so well-behaved responders never answer them;
 - ``X-Auto-Response-Suppress: All`` (Microsoft [MS-OXCMAIL] 2.2.3.2.20) for Exchange/Outlook;
-- our loop header ``X-Support-Gateway-Loop: <hostname>``: mail carrying it that comes back
+- our loop header ``X-Support-Gateway-Loop: <installation id>`` (``Signer.installation_id``,
+  derived from the shared key, so the same on every node): mail carrying it that comes back
   is recognised as our own (RFC 3834 §2, "a responder MUST NOT respond to itself");
 - a signed Message-ID (``Signer.message_id``), so an auto-responder answering us *without*
   any auto-reply header is still recognised when it names our id in ``In-Reply-To``;
@@ -331,6 +332,7 @@ def _base_headers(
     now: datetime,
     hostname: str,
     auto_submitted: str,
+    loop: str = "",
 ) -> None:
     msg["From"] = formataddr((from_name, from_address)) if from_name else from_address
     msg["To"] = to
@@ -339,7 +341,8 @@ def _base_headers(
     msg["Message-ID"] = message_id
     msg["Auto-Submitted"] = auto_submitted  # RFC 3834 §5
     msg["X-Auto-Response-Suppress"] = "All"  # [MS-OXCMAIL]; FIELD-NOTES §3
-    msg[LOOP_HEADER] = hostname  # FIELD-NOTES §3 rule 6
+    # FIELD-NOTES §3 rule 6; the installation id, the same on every node (issue 13).
+    msg[LOOP_HEADER] = loop or hostname
 
 
 def compose_ack(
@@ -376,6 +379,7 @@ def compose_ack(
         message_id=message_id,
         now=now,
         hostname=hostname,
+        loop=signer.installation_id(),
         auto_submitted="auto-replied",  # RFC 3834 §5.2: a reply to one message
     )
     msg["Reply-To"] = reply_to
@@ -420,6 +424,7 @@ def compose_notification(
         message_id=message_id,
         now=now,
         hostname=hostname,
+        loop=signer.installation_id(),
         auto_submitted="auto-generated",
     )
     if ticket_id is not None:

@@ -263,6 +263,7 @@ def compose_handover_letter(
         now=now,
         hostname=hostname,
         auto_submitted="auto-generated",  # RFC 3834 §5.1: a notice, not a reply
+        loop=signer.installation_id(),  # one value for every node
     )
     msg["Reply-To"] = signer.reply_address(local, domain, ticket.id, new_holder.id)
     msg.set_content(text)

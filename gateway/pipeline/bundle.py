@@ -256,6 +256,7 @@ class BundleWorker:
             now=now,
             hostname=settings.smtp.hostname,
             auto_submitted="auto-replied",  # RFC 3834 §5.2: answers the customer's mails
+            loop=signer.installation_id(),  # one value for every node
         )
         msg["Reply-To"] = signer.reply_address(local, domain, last_t.id)
         if last_m.message_id:

@@ -481,7 +481,7 @@ def _classify(
     own_addresses: Collection[str],
     own_domains: Collection[str],
     loop_header: str,
-    loop_value: str | None,
+    loop_value: str | Collection[str] | None,
     is_own_message_id: Callable[[str], bool] | None,
 ) -> RobotVerdict:
     signals: list[tuple[str, str]] = []  # (kind, reason)
@@ -501,8 +501,9 @@ def _classify(
             add("loop", f"{where} sender is our own address {address}")
         elif "@" in address and address.rsplit("@", 1)[1].rstrip(".") in domains:
             add("loop", f"{where} sender is in our own domain {address}")
+    loop_values = {loop_value} if isinstance(loop_value, str) else loop_value
     for value in header_values(msg, loop_header):
-        if loop_value is None or value.strip() == loop_value:
+        if loop_values is None or value.strip() in loop_values:
             add("loop", f"our loop header {loop_header}")
         else:
             # Another installation of this software: two gateways must not ping-pong.
@@ -598,16 +599,17 @@ def classify(
     own_addresses: Collection[str] = (),
     own_domains: Collection[str] = (),
     loop_header: str = "X-Support-Gateway-Loop",
-    loop_value: str | None = None,
+    loop_value: str | Collection[str] | None = None,
     is_own_message_id: Callable[[str], bool] | None = None,
 ) -> RobotVerdict:
     """Classify ``msg`` as human or one of the robot kinds; collect every reason. Never raises.
 
     ``own_domains`` are domains only this gateway sends from (its Message-ID host, its bounce
     domain); do not list a domain your staff send from, or their replies count as loops.
-    ``loop_value``: when given, a loop header with another value is a *foreign* gateway
-    (robot), not our own loop. ``is_own_message_id``: e.g. ``Signer.verify_message_id``
-    wrapped in ``bool``; our own signed Message-ID arriving here means our mail came back.
+    ``loop_value``: when given (one value or several: every node of one installation), a
+    loop header with another value is a *foreign* gateway (robot), not our own loop.
+    ``is_own_message_id``: e.g. ``Signer.verify_message_id`` wrapped in ``bool``; our own
+    signed Message-ID arriving here means our mail came back.
     """
     try:
         return _classify(

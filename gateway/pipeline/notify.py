@@ -226,6 +226,7 @@ def compose_owner_notification(
         now=now,
         hostname=hostname,
         auto_submitted="auto-generated",  # RFC 3834 §5.1: a notice, not a reply
+        loop=signer.installation_id(),  # one value for every node
     )
     msg["Reply-To"] = reply_to
     msg.set_content(text)

@@ -133,7 +133,7 @@ def child_main(
     settings = Settings(**{k: v for k, v in config.items() if not k.startswith("_")})
     clock = SystemClock()
     engine = open_database(settings.storage.database_url, migrate=False)
-    spool = build_spool(settings, clock)
+    spool = build_spool(settings, clock, engine)
     rules = RulesHolder(settings.rules_path, initial=rules_now)
     resolver = build_resolver(settings)
     services = Services(

@@ -82,7 +82,8 @@ def _create_ticket(ctx: Context) -> Ticket:
     s.add(ticket)
     s.flush()
     assert ticket.id is not None
-    # Human-readable, sequential, never secret (security rests on signed tokens only).
+    # Human-readable, unique and increasing, never secret (security rests on signed tokens
+    # only). Not gapless: a rolled-back transaction burns its sequence number (issue 13).
     ticket.ref = f"{settings.tickets.ref_prefix}-{settings.tickets.first_number + ticket.id - 1}"
     from gateway.pipeline.subject import normalise_subject
 

@@ -55,7 +55,7 @@ from gateway.sla import promises
 from gateway.sla.deadlines import isoz
 from gateway.sla.late import Late, collapse, send_late
 from gateway.store.models import BundleItem, Event, Outbox, Ticket
-from gateway.store.queries import add_event, resolve_customer
+from gateway.store.queries import add_event, resolve_customer, xact_lock
 
 #: Window for the "recent performance" line of the acknowledgement.
 STATS_DAYS = 30
@@ -104,6 +104,9 @@ def _suppression(ctx: Context, to: str) -> str | None:
 
 
 def _acks_today(ctx: Context, to: str) -> int:
+    # The cap is exact across nodes: the count and the new outbox row are one critical
+    # section per recipient until commit (issue 13 finding 5).
+    xact_lock(ctx.session, f"ack-cap:{to}")
     since = ctx.now - timedelta(hours=24)
     n = ctx.session.exec(
         select(func.count())

@@ -12,7 +12,7 @@ from gateway.pipeline.parse import ParsedMessage
 from gateway.routing.engine import AssignmentState, cover_window, evaluate
 from gateway.routing.facts import MessageFacts
 from gateway.security.spam import SpamVerdict
-from gateway.store.queries import assignment_cursors, open_ticket_counts
+from gateway.store.queries import assignment_cursors, open_ticket_counts, xact_lock
 
 
 def facts_from(
@@ -49,6 +49,10 @@ def facts_of(ctx: Context) -> MessageFacts:
 
 
 def route(ctx: Context) -> None:
+    # Round-robin and least-loaded read the assignment state and write it back with the
+    # ticket: several nodes must take turns, or simultaneous tickets get the same owner
+    # (issue 13 finding 5). The lock is held until this message's transaction commits.
+    xact_lock(ctx.session, "routing")
     state = AssignmentState(
         open_tickets=open_ticket_counts(ctx.session),
         last_assigned=assignment_cursors(ctx.session),

@@ -165,6 +165,7 @@ def compose_staff_reply(
         now=now,
         hostname=hostname,
         auto_submitted="no",  # RFC 3834 §5: written by a person, not automatic
+        loop=signer.installation_id(),  # one value for every node
     )
     if len(to) > 1:
         msg["Cc"] = ", ".join(to[1:])

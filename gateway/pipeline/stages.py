@@ -65,7 +65,9 @@ def classify_stage(ctx: Context) -> None:
         own_addresses=own,
         own_domains=(),
         loop_header=LOOP_HEADER,
-        loop_value=settings.smtp.hostname,
+        # Every node of the installation writes the key-derived installation id (issue 13
+        # finding 7); the host name is what this software wrote before, still ours.
+        loop_value={*ctx.services.signer.installation_ids(), settings.smtp.hostname},
         is_own_message_id=lambda mid: ctx.services.signer.verify_message_id(mid) is not None,
     )
     if not ctx.verdict.is_human:
@@ -123,7 +125,9 @@ def authenticate_stage(ctx: Context) -> None:
 def thread_stage(ctx: Context) -> None:
     assert ctx.parsed is not None and ctx.verdict is not None
     settings = ctx.services.settings
-    lock_message_id(ctx.session, ctx.parsed.message_id)
+    # Two nodes with the same message (a lease ran out, or one Message-ID sent to two MX
+    # hosts): the second waits, then finds the first one's row and records a duplicate.
+    lock_message_id(ctx.session, ctx.parsed.message_id or f"dedupe:{ctx.entry.dedupe_key}")
     lookup = SqlLookup(ctx.session)
     env = ctx.entry.envelope
     kind = ctx.verdict.kind

@@ -126,6 +126,31 @@ class Signer:
             ok |= hmac.compare_digest(expected, given.encode("ascii"))
         return ok
 
+    # -- the installation ---------------------------------------------------------------------
+
+    def fingerprint(self) -> str:
+        """A fingerprint of the signing key: an HMAC of a constant, never the key itself.
+
+        Recorded in the database so that every node of one installation can check that it
+        signs with the same key (issue 13 finding 6). Knowing it does not help to forge a
+        token (HMAC-SHA256 is a PRF: one output says nothing about others)."""
+        return hmac.new(self._keys[0], b"support-gateway key fingerprint v1", "sha256").hexdigest()[
+            :32
+        ]
+
+    def installation_id(self) -> str:
+        """The value of our loop header: the same on every node that shares the key, unlike
+        a node's host name (issue 13 finding 7), and meaningless to anyone else."""
+        return self.installation_ids()[0]
+
+    def installation_ids(self) -> list[str]:
+        """Our loop header values: the current key's and those of previous keys."""
+        out = []
+        for key in self._keys:
+            mac = hmac.new(key, b"support-gateway installation v1", "sha256").digest()
+            out.append("sgw-" + _b32(mac[:10]))
+        return out
+
     # -- reply tokens -------------------------------------------------------------------------
 
     def reply_token(self, ticket_id: int, person: str | None = None) -> str:

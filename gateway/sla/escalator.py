@@ -438,6 +438,20 @@ class Escalator:
             action=action or names.get(fire.step, "step"),
             fired_at=now,
         )
+        if session.get_bind().dialect.name == "postgresql":
+            # An upsert, not insert-and-catch: another node's fire of the same step is
+            # expected, not an error in the database log (issue 13 finding 5).
+            from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+            values = row.model_dump(exclude={"id"})
+            stmt = (
+                pg_insert(EscalationStep)
+                .values(**values)
+                .on_conflict_do_nothing(index_elements=["ticket_id", "clock", "due_at", "step"])
+                .returning(EscalationStep.id)  # type: ignore[call-overload]
+            )
+            new_id = session.execute(stmt).scalar()
+            return session.get(EscalationStep, new_id) if new_id is not None else None
         try:
             with session.begin_nested():
                 session.add(row)

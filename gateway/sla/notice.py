@@ -148,7 +148,7 @@ def queue_customer_mail(
     msg["Reply-To"] = reply_to
     msg["Auto-Submitted"] = "auto-generated"  # RFC 3834 §5
     msg["X-Auto-Response-Suppress"] = "All"
-    msg[LOOP_HEADER] = settings.smtp.hostname
+    msg[LOOP_HEADER] = signer.installation_id()  # the same on every node
     if last is not None and last.message_id:
         msg["In-Reply-To"] = last.message_id
         refs = [r for r in last.references.split() if r != last.message_id]

@@ -81,8 +81,32 @@ def alembic_config(engine: Engine) -> Config:
     return cfg
 
 
+#: pg_advisory_lock key held while migrations run ("sgw-migrate" as a 64-bit number).
+MIGRATION_LOCK = 0x7367772D6D696772
+
+
 def upgrade(engine: Engine, revision: str = "head") -> None:
-    command.upgrade(alembic_config(engine), revision)
+    """Apply the migrations; on PostgreSQL under a database-wide advisory lock.
+
+    Several nodes may start at once on one database (issue 13 finding 4: two concurrent
+    upgrades both saw an empty `alembic_version` and one died on its unique key). The lock
+    is taken on a connection of its own and held across the whole upgrade, so the second
+    node waits, then reads the version the first one committed and finds nothing to do.
+    A session-level lock (not a transaction one) so it spans Alembic's own transactions; it
+    is released explicitly, or by PostgreSQL when the connection ends (a node killed
+    mid-upgrade does not leave it held).
+    """
+    if not is_postgres(engine):
+        command.upgrade(alembic_config(engine), revision)
+        return
+    with engine.connect() as lock:
+        lock.exec_driver_sql(f"SELECT pg_advisory_lock({MIGRATION_LOCK})")
+        lock.commit()
+        try:
+            command.upgrade(alembic_config(engine), revision)
+        finally:
+            lock.exec_driver_sql(f"SELECT pg_advisory_unlock({MIGRATION_LOCK})")
+            lock.commit()
 
 
 def open_database(url: str, *, migrate: bool = True) -> Engine:

@@ -317,3 +317,38 @@ class BundleItem(SQLModel, table=True):
     state: str = "waiting"  # waiting | sent | capped
     sent_at: datetime | None = None
     outcome: str = Field(default="", sa_column=Column(Text, nullable=False, default=""))
+
+
+class SpoolRow(SQLModel, table=True):
+    """The durable spool in the database (PostgreSQL ingest, issue 13; gateway/pgspool.py).
+
+    Same life as an entry of the SQLite spool (gateway/spool.py), plus the node that
+    accepted it and the claim: ``claimed_by`` (node name) and ``lease_until`` (epoch
+    seconds), after which any node may claim the entry again.
+    """
+
+    __tablename__ = "spool_entry"
+    __table_args__ = (Index("spool_entry_state", "state", "id"),)
+    id: int | None = Field(default=None, primary_key=True)
+    dedupe_key: str = Field(unique=True)
+    received_at: str
+    envelope: str = Field(sa_column=Column(Text, nullable=False))
+    raw: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    state: str = "pending"
+    attempts: int = 0
+    last_error: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    quarantined_at: str | None = None
+    not_before: float = 0.0
+    accepted_by: str = ""
+    claimed_by: str = ""
+    lease_until: float = 0.0
+
+
+class Installation(SQLModel, table=True):
+    """Facts every node of one installation must agree on (``secret-fingerprint``)."""
+
+    __tablename__ = "installation"
+    key: str = Field(primary_key=True)
+    value: str
+    set_by: str = ""
+    set_at: str = ""

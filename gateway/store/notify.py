@@ -1,11 +1,12 @@
-"""Wakeups across nodes: PostgreSQL LISTEN/NOTIFY on one channel (issue 13, issue 11.3).
+"""Wakeups across nodes: PostgreSQL LISTEN/NOTIFY (issue 13, issue 11.3).
 
 On one node the pipeline and the escalator wake the delivery worker through an
 `asyncio.Event`. With several nodes on one PostgreSQL, mail one node queued may be sent by
 another (its own worker is busy, or it died and its claims moved on): that node must not
 wait for its next poll (up to 60 s). So after committing new outbox rows a node sends
 `NOTIFY gateway_outbox, '<node name>'`, and every node LISTENs on the channel and sets its
-events when another node spoke.
+events when another node spoke. New tickets and customer messages (they move deadlines)
+go on a second channel, `gateway_ticket`, which wakes the other nodes' escalators.
 
 PostgreSQL delivers a notification only after the sending transaction commits, and our
 `NOTIFY` runs in its own transaction after the rows were committed, so a woken node always
@@ -30,30 +31,49 @@ log = logging.getLogger("gateway.notify")
 
 #: The channel for "new outbox rows".
 OUTBOX_CHANNEL = "gateway_outbox"
+#: The channel for "new tickets or customer messages": deadlines changed, escalators look
+#: again (issue 13: an escalation never waits for another node's poll).
+TICKET_CHANNEL = "gateway_ticket"
 
 
 class ClusterNotifier:
     """Send and receive outbox wakeups between the nodes of one PostgreSQL database."""
 
-    def __init__(self, engine: Engine, node: str, on_wake: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        node: str,
+        on_wake: Callable[[], None],
+        on_ticket: Callable[[], None] | None = None,
+    ) -> None:
         self.engine = engine
         self.node = node
         self.on_wake = on_wake
+        self.on_ticket = on_ticket
         self.enabled = is_postgres(engine)
         self._wanted = asyncio.Event()
+        self._outbox = False
+        self._ticket = False
         self.received = 0
+        self.received_tickets = 0
         self.sent = 0
 
     def notify(self) -> None:
         """Tell the other nodes that outbox rows were committed (call on the event loop)."""
         if self.enabled:
+            self._outbox = True
             self._wanted.set()
 
-    def _send(self) -> None:
+    def notify_ticket(self) -> None:
+        """Tell the other nodes' escalators that tickets changed (call on the event loop)."""
+        if self.enabled and self.on_ticket is not None:
+            self._ticket = True
+            self._wanted.set()
+
+    def _send(self, channels: list[str]) -> None:
         with self.engine.connect() as conn:
-            conn.execute(
-                text("SELECT pg_notify(:ch, :node)"), {"ch": OUTBOX_CHANNEL, "node": self.node}
-            )
+            for ch in channels:
+                conn.execute(text("SELECT pg_notify(:ch, :node)"), {"ch": ch, "node": self.node})
             conn.commit()
 
     async def _sender(self, stopping: asyncio.Event) -> None:
@@ -68,8 +88,11 @@ class ClusterNotifier:
             if stopping.is_set():
                 return
             self._wanted.clear()  # requests from now on fold into the next NOTIFY
+            channels = [OUTBOX_CHANNEL] if self._outbox else []
+            channels += [TICKET_CHANNEL] if self._ticket else []
+            self._outbox = self._ticket = False
             try:
-                await asyncio.to_thread(self._send)
+                await asyncio.to_thread(self._send, channels)
                 self.sent += 1
             except Exception as exc:  # the database is away; the poll is the fallback
                 log.warning("NOTIFY %s failed: %r", OUTBOX_CHANNEL, exc)
@@ -84,10 +107,19 @@ class ClusterNotifier:
             try:
                 async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
                     await conn.execute(f"LISTEN {OUTBOX_CHANNEL}")
+                    await conn.execute(f"LISTEN {TICKET_CHANNEL}")
                     # Rows may have been queued while we were not listening: look once.
                     self.on_wake()
+                    if self.on_ticket is not None:
+                        self.on_ticket()
                     async for note in conn.notifies():
-                        if note.payload != self.node:
+                        if note.payload == self.node:
+                            continue
+                        if note.channel == TICKET_CHANNEL:
+                            self.received_tickets += 1
+                            if self.on_ticket is not None:
+                                self.on_ticket()
+                        else:
                             self.received += 1
                             self.on_wake()
             except asyncio.CancelledError:

@@ -8,6 +8,8 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import func, text
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlmodel import Session, col, select
 
 from gateway.pipeline.thread import TicketView
@@ -129,10 +131,30 @@ def last_customer_message(session: Session, ticket_id: int) -> Message | None:
     ).first()
 
 
+def _insert(session: Session, model: Any) -> Any:
+    """An INSERT that can say ON CONFLICT (both dialects spell it the same way)."""
+    if session.get_bind().dialect.name == "postgresql":
+        return pg_insert(model)
+    return sqlite_insert(model)
+
+
+def xact_lock(session: Session, name: str) -> None:
+    """Hold the PostgreSQL advisory lock `name` until this transaction ends (no-op on
+    SQLite, whose writers are serialised by BEGIN IMMEDIATE anyway).
+
+    For check-then-act sequences of several nodes that no unique key can settle alone
+    (issue 13 finding 5): the second node waits, then its next statement sees what the
+    first committed (READ COMMITTED takes a new snapshot per statement). Every transaction
+    takes these locks in pipeline stage order (message, routing, customer, acknowledgement),
+    so two of them cannot wait on each other in a cycle."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SELECT pg_advisory_xact_lock(hashtext(:m))"), {"m": name})
+
+
 def lock_message_id(session: Session, message_id: str | None) -> None:
     """Serialise two nodes processing the same Message-ID (PostgreSQL advisory lock)."""
-    if message_id and session.get_bind().dialect.name == "postgresql":
-        session.execute(text("SELECT pg_advisory_xact_lock(hashtext(:m))"), {"m": message_id})
+    if message_id:
+        xact_lock(session, message_id)
 
 
 def resolve_customer(session: Session, customer_id: int) -> int:
@@ -157,6 +179,9 @@ def customer_of(session: Session, address: str) -> int | None:
 def ensure_customer(session: Session, address: str, name: str, now: datetime) -> int | None:
     if not address:
         return None
+    # Two nodes with the first mails of one new customer (issue 13 finding 5): without the
+    # lock both create a customer and one dies on customer_address's unique key.
+    xact_lock(session, f"customer:{address.lower()}")
     found = customer_of(session, address)
     if found is not None:
         return found
@@ -223,9 +248,13 @@ def add_participant(
     ).first()
     if exists is not None:
         return False
-    session.add(Participant(ticket_id=ticket_id, address=address, role=role, added_at=now))
-    session.flush()
-    return True
+    # An upsert: another node may add the same participant to the same ticket meanwhile.
+    stmt = (
+        _insert(session, Participant)
+        .values(ticket_id=ticket_id, address=address, role=role, added_at=now)
+        .on_conflict_do_nothing(index_elements=["ticket_id", "address"])
+    )
+    return bool(session.execute(stmt).rowcount)  # type: ignore[attr-defined]
 
 
 def add_event(
@@ -278,13 +307,15 @@ def assignment_cursors(session: Session) -> dict[str, str]:
 
 
 def set_cursor(session: Session, route: str, person: str, now: datetime) -> None:
+    # An upsert: the first ticket of a route on two nodes at once must not collide.
+    stmt = _insert(session, AssignmentCursor).values(route=route, person=person, updated_at=now)
+    stmt = stmt.on_conflict_do_update(
+        index_elements=["route"], set_={"person": person, "updated_at": now}
+    )
+    session.execute(stmt)
     cur = session.get(AssignmentCursor, route)
-    if cur is None:
-        session.add(AssignmentCursor(route=route, person=person, updated_at=now))
-    else:
-        cur.person = person
-        cur.updated_at = now
-        session.add(cur)
+    if cur is not None:  # the identity map may hold the row read before: refresh it
+        session.refresh(cur)
 
 
 def find_ticket(session: Session, ref: str) -> Ticket | None:

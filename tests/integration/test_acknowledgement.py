@@ -105,7 +105,7 @@ async def test_human_mail_gets_one_signed_honest_ack(env: Env) -> None:
     m = ack.message()
     assert m["Auto-Submitted"] == "auto-replied"
     assert m["X-Auto-Response-Suppress"] == "All"
-    assert m["X-Support-Gateway-Loop"] == "mx.example.com"
+    assert m["X-Support-Gateway-Loop"] == env.gw.signer.installation_id()
     assert "Precedence" not in m
     assert m["Subject"] == f"[{t.ref}] Printer on fire"
     assert m["In-Reply-To"] == mail["Message-ID"]

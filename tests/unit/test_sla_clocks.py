@@ -310,7 +310,7 @@ def test_customer_notice_once_names_owner_and_next_time(engine, sla_settings, cl
     assert msg["From"] == "Example Support <support@example.com>"
     assert msg["Auto-Submitted"] == "auto-generated"
     assert msg["X-Auto-Response-Suppress"] == "All"
-    assert msg["X-Support-Gateway-Loop"] == "mx.example.com"
+    assert msg["X-Support-Gateway-Loop"] == Signer(sla_settings.secret()).installation_id()
     assert msg["In-Reply-To"] == f"<m{tid}.0@customer.example>"
     assert msg["Subject"] == "[ACME-1001] Printer on fire"
     claim = Signer(sla_settings.secret()).parse_reply_address(str(msg["Reply-To"]))
