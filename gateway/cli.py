@@ -287,6 +287,20 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     return EX_OK
 
 
+def _route_templates(settings: Settings) -> tuple[str, ...]:
+    """The template names routes give in `acknowledge = "name"` (valid rules only)."""
+    from gateway.routing.loader import RulesError, load_rules
+
+    try:
+        rules = load_rules(settings.rules_path)
+    except RulesError:
+        return ()
+    names = [r.acknowledge for r in rules.routes if isinstance(r.acknowledge, str)]
+    if isinstance(rules.defaults.acknowledge, str):
+        names.append(rules.defaults.acknowledge)
+    return tuple(names)
+
+
 def cmd_rules(args: argparse.Namespace) -> int:
     settings = _settings(args)
     from gateway.routing.loader import RulesError, check_rules, load_rules
@@ -294,6 +308,10 @@ def cmd_rules(args: argparse.Namespace) -> int:
     if args.rules_command == "check":
         problems = check_rules(settings.rules_path)
         warnings: list[str] = []
+        # Letter overrides (issue 17): unknown placeholders, missing facts, with file:line.
+        from gateway.letters.templates import check_templates
+
+        problems += check_templates(settings.templates_path, _route_templates(settings))
         if not problems:
             # Coverage (issue 11): hours of each policy nobody on its ladder is on duty.
             from gateway.sla.coverage import coverage_report

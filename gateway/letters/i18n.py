@@ -134,7 +134,7 @@ def describe_hours(calendar: BusinessCalendar, lang: str = DEFAULT_LANGUAGE) -> 
     if calendar.hours == ALWAYS_OPEN:
         text = f"{_ALWAYS[lang]} ({zone})"
     else:
-        groups: list[tuple[int, int, object]] = []
+        groups: list[tuple[int, int, tuple[tuple[int, int], ...]]] = []
         for index, ranges in enumerate(calendar.hours):
             if groups and groups[-1][2] == ranges and groups[-1][1] == index - 1:
                 groups[-1] = (groups[-1][0], index, ranges)
@@ -147,7 +147,7 @@ def describe_hours(calendar: BusinessCalendar, lang: str = DEFAULT_LANGUAGE) -> 
             days = _DAY_LABELS[lang][first]
             if last > first:
                 days += "–" + _DAY_LABELS[lang][last]
-            spans = ", ".join(f"{_clock(a)}–{_clock(b)}" for a, b in ranges)  # type: ignore[attr-defined]
+            spans = ", ".join(f"{_clock(a)}–{_clock(b)}" for a, b in ranges)
             parts.append(f"{days} {spans}")
         text = "; ".join(parts) + f" ({zone})"
     if calendar.country:

@@ -333,8 +333,10 @@ def compose_ack(
     hostname: str,
     now: datetime,
     template: Letter | str | None = None,
+    signature: str = "",
     business_name: str = "",
     message_id_domain: str = "",
+    reply_domain: str = "",
 ) -> tuple[bytes, str]:
     """The acknowledgement for a new ticket: (unsigned RFC 5322 bytes, Message-ID).
 
@@ -342,12 +344,12 @@ def compose_ack(
     (FIELD-NOTES §3: a forged Reply-To would turn us into a relay for unwanted mail).
     """
     local, domain = _local_and_domain(from_address)
-    reply_to = signer.reply_address(local, domain, ticket_id)
+    reply_to = signer.reply_address(local, reply_domain or domain, ticket_id)
     content = AckContent(**{**content.__dict__, "reply_address": reply_to})
     # A brand's letters carry Message-IDs of the brand's domain (issue 17); the signer
     # verifies its ids whatever the domain, so replies thread either way.
     message_id = signer.message_id(message_id_domain or hostname, ticket_id, "ack")
-    text = render_ack_text(content, template, from_name or from_address, business_name)
+    text = render_ack_text(content, template, signature or from_name or from_address, business_name)
     msg = EmailMessage(policy=SMTP)
     _base_headers(
         msg,

@@ -61,6 +61,9 @@ class Decision:
     trace: tuple[TraceEntry, ...]
     assigned_by: str  # "route" | "round-robin" | "least-open" | "default"
     matched_routes: tuple[str, ...] = ()
+    #: The letters' language the routes fixed (None: chosen per customer), and the brand.
+    language: str | None = None
+    brand: str | None = None
 
 
 # --------------------------------------------------------------------------- matching
@@ -232,6 +235,8 @@ def evaluate(
     notify: list[str] = []
     trace: list[TraceEntry] = []
     matched: list[str] = []
+    language: str | None = None
+    brand: str | None = None
 
     for route in rules.routes:
         # `business_hours` is judged in the calendar of the SLA this route would apply:
@@ -247,6 +252,8 @@ def evaluate(
         priority = route.priority or priority
         if route.acknowledge is not None:
             acknowledge = route.acknowledge
+        language = route.language or language
+        brand = route.brand or brand
         if route.owner is not None:
             owner_id, assigned_by = route.owner, "route"
         elif route.team:
@@ -268,6 +275,8 @@ def evaluate(
         trace=tuple(trace),
         assigned_by=assigned_by,
         matched_routes=tuple(matched),
+        language=language,
+        brand=brand,
     )
 
 

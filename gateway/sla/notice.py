@@ -20,16 +20,26 @@ from sqlmodel import Session
 
 from gateway.letters import i18n
 from gateway.letters import templates as letters
+from gateway.letters.brands import identity
 from gateway.letters.templates import Letter
 from gateway.outbound.compose import LOOP_HEADER, tagged_subject
 from gateway.outbound.worker import enqueue
+from gateway.routing.model import Rules
 from gateway.security.tokens import Signer
 from gateway.settings import Settings
 from gateway.sla.business_time import BusinessCalendar
 from gateway.sla.plan import Commitment
 from gateway.store.models import Message, Ticket
 
-__all__ = ["Broken", "broken_promise_text", "commitment_text", "late_text", "queue_customer_mail"]
+__all__ = [
+    "Broken",
+    "broken_promise_text",
+    "commitment_text",
+    "late_text",
+    "notice_text",
+    "queue_customer_mail",
+    "ticket_letter",
+]
 
 #: What each clock promised, in the customer's words: the phrase of common.<lang>.txt.
 WHAT = {
@@ -132,6 +142,30 @@ def late_text(
     return letters.render(letter, facts)
 
 
+def ticket_letter(settings: Settings, ticket: Ticket, name: str) -> Letter:
+    """The letter ``name`` in the ticket's language, an admin's override winning."""
+    default = settings.outbound.default_language
+    return letters.load(
+        name, ticket.language or default, settings.templates_path, default_language=default
+    )
+
+
+def notice_text(
+    settings: Settings,
+    rules: Rules,
+    ticket: Ticket,
+    broken: list[Broken],
+    commitment: Commitment,
+    calendar: BusinessCalendar,
+) -> str:
+    """The broken-promise notice of ``ticket`` in its language, signed by its brand."""
+    me = identity(settings, rules, ticket.brand)
+    letter = ticket_letter(settings, ticket, "notice")
+    return broken_promise_text(
+        broken, ticket.ref, commitment, calendar, me.signature, letter, me.business_name
+    )
+
+
 def queue_customer_mail(
     session: Session,
     settings: Settings,
@@ -144,17 +178,18 @@ def queue_customer_mail(
     kind: str = "customer_notice",
     tag: str = "notice",
     to: str | None = None,
+    rules: Rules | None = None,
 ) -> str:
-    """Queue `text` to the requester (or `to`); returns the Message-ID."""
+    """Queue `text` to the requester (or `to`) From the ticket's brand; returns the
+    Message-ID."""
     assert ticket.id is not None
-    out = settings.outbound
-    local, _, domain = out.from_address.rpartition("@")
-    reply_to = signer.reply_address(local.split("+", 1)[0], domain, ticket.id)
-    message_id = signer.message_id(settings.smtp.hostname, ticket.id, tag)
+    me = identity(settings, rules, ticket.brand)
+    reply_to = signer.reply_address(me.reply_local, me.reply_domain, ticket.id)
+    message_id = signer.message_id(me.message_id_domain, ticket.id, tag)
     subject = tagged_subject(ticket.ref, ticket.subject)
     rcpt = to or ticket.requester
     msg = EmailMessage(policy=SMTP)
-    sender = formataddr((out.from_name, out.from_address)) if out.from_name else out.from_address
+    sender = formataddr((me.from_name, me.from_address)) if me.from_name else me.from_address
     msg["From"] = sender
     msg["To"] = rcpt
     msg["Subject"] = subject
@@ -177,7 +212,7 @@ def queue_customer_mail(
         message_id=message_id,
         rcpt_tos=[rcpt],
         now=now,
-        from_address=out.from_address,
+        from_address=me.from_address,
         subject=subject,
         text=text,
         in_reply_to=last.message_id if last is not None else None,
