@@ -343,7 +343,14 @@ def cmd_rules(args: argparse.Namespace) -> int:
     facts = facts_from(parsed, [], parsed.from_address, False)
     if not parsed.to:
         facts = facts_from(parsed, recipients, parsed.from_address, False)
-    result = explain(rules, facts, _parse_at(args.at))
+    result = explain(
+        rules,
+        facts,
+        _parse_at(args.at),
+        settings=settings,
+        content_language=parsed.header("Content-Language"),
+        text=parsed.text or "",
+    )
     if args.json:
         _print(result)
     else:
