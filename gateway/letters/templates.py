@@ -115,6 +115,23 @@ LETTERS: dict[str, LetterSpec] = {
             (("ref",), ("received",), ("processed",), ("commitment",)),
             {"missed_item": _f("what", "when")},
         ),
+        LetterSpec(
+            "staff",
+            "lines of the letters to staff (English): owner notification, handover, alerts",
+            _f(),
+            (),
+            {
+                "notify_new": _f("ref", "who"),
+                "notify_again": _f("ref", "who"),
+                "reply_footer": _f("requester", "from_address"),
+                "handover_subject": _f("ref", "subject"),
+                "held_subject": _f("ref", "holder", "subject"),
+                "held_body": _f(
+                    "ref", "subject", "requester", "holder", "holder_email", "reason"
+                ),
+                "alert_subject": _f("subject"),
+            },
+        ),
         LetterSpec("common", "phrases several letters share", _f(), (), _COMMON_PHRASES),
     )
 }  # fmt: skip
@@ -347,5 +364,5 @@ def check_templates(templates_dir: Path, route_templates: tuple[str, ...] = ()) 
         except (OSError, UnicodeDecodeError) as error:
             problems.append(f"{path}:1: cannot read: {error}")
             continue
-        problems += check_text(text, str(path), spec, body_required=name != "common")
+        problems += check_text(text, str(path), spec, body_required=name not in ("common", "staff"))
     return problems
