@@ -10,9 +10,11 @@ signs with the key whose domain is the From's (gateway.outbound.worker).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from gateway.routing.model import Rules
-from gateway.settings import Settings
+if TYPE_CHECKING:  # annotations only: routing imports this module (rules explain)
+    from gateway.routing.model import Rules
+    from gateway.settings import Settings
 
 __all__ = ["Identity", "brand_domains", "identity"]
 

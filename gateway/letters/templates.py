@@ -66,6 +66,7 @@ _COMMON_PHRASES = {
     "commitment_then": _f("who", "then"),
     "and": _f(),
     "no_subject": _f(),
+    "staff_reply_footer": _f("ref"),
 }
 
 #: The registry: every template the gateway renders, what it may and must say.

@@ -13,9 +13,12 @@ from collections.abc import Callable, Sequence
 from email.parser import BytesHeaderParser
 from email.utils import parseaddr
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from gateway.outbound.dkim import DkimKey, load_key
-from gateway.routing.model import Rules
+
+if TYPE_CHECKING:
+    from gateway.routing.model import Rules
 
 __all__ = ["BrandKeys", "from_domain"]
 

@@ -71,6 +71,7 @@ from gateway.routing.model import Person, Rules
 from gateway.security.tokens import Signer
 from gateway.security.verdict import auth_summary, staff_decision
 from gateway.sla.clocks import on_close, on_snooze, on_staff_reply, on_waiting
+from gateway.sla.notice import ticket_letter
 from gateway.store.models import Participant, Ticket
 from gateway.store.queries import (
     add_event,
@@ -144,6 +145,7 @@ def compose_staff_reply(
     now: datetime,
     reply_domain: str = "",
     message_id_domain: str = "",
+    footer: str = "",
 ) -> tuple[bytes, str, str, str]:
     """The relayed staff reply: (unsigned bytes, Message-ID, subject, body text)."""
     local, domain = _local_and_domain(from_address)
@@ -151,10 +153,8 @@ def compose_staff_reply(
     message_id = signer.message_id(message_id_domain or hostname, ticket_id, "reply")
     subject = tagged_subject(ref, ticket_subject)
     display = f"{person_name} via {from_name}" if from_name else person_name
-    body = (
-        text.rstrip()
-        + f"\n\n-- \n{display}\nTicket {ref}: reply to this email to add to your request.\n"
-    )
+    footer = footer or f"Ticket {ref}: reply to this email to add to your request."
+    body = text.rstrip() + f"\n\n-- \n{display}\n{footer}\n"
     msg = EmailMessage(policy=SMTP)
     _base_headers(
         msg,
@@ -383,6 +383,8 @@ def _relay(ctx: Context, person: Person, text: str) -> str:
         now=ctx.now,
         reply_domain=me.reply_domain,
         message_id_domain=me.message_id_domain,
+        # In the ticket's language (common.<lang>.txt), like its other letters.
+        footer=ticket_letter(settings, t, "common").phrase("staff_reply_footer", ref=t.ref),
     )
     refs = [*references, *([in_reply_to] if in_reply_to else [])]
     enqueue(
