@@ -24,6 +24,7 @@ from email.policy import SMTP
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
+from gateway.letters import templates as letters
 from gateway.outbound.compose import compose_notification
 from gateway.outbound.worker import enqueue
 from gateway.routing.model import Rules
@@ -66,7 +67,9 @@ def compose_alert(
     raw, message_id = compose_notification(
         to_address=", ".join(to),
         to_name="",
-        subject=f"[support-gateway alert] {subject}",
+        subject=letters.load("staff", "en", settings.templates_path).phrase(
+            "alert_subject", subject=subject
+        ),
         body=body,
         from_address=settings.outbound.from_address,
         from_name=settings.outbound.from_name,

@@ -29,6 +29,7 @@ from gateway import alerts
 from gateway.clock import Clock, SystemClock
 from gateway.http import AdminHttp
 from gateway.inbound.smtp import ConnectionLimits, InboundHandler, make_tls_context, start_server
+from gateway.letters.brands import brand_domains
 from gateway.metrics import CountingResolver, StateCollector, build_registry, node_name
 from gateway.node import default_node_name
 from gateway.outbound.worker import DeliveryWorker
@@ -284,6 +285,8 @@ class Gateway:
     def reload_rules(self) -> bool:
         ok = self.rules.reload()
         self.services.rules = self.rules.current
+        if self.handler is not None:
+            self.handler.domains |= brand_domains(self.rules.current)  # a new brand's domain
         if self.pipeline_process is not None:
             self.pipeline_process.reload()
         self.escalator_wakeup.set()  # ladders and deadlines may have changed
@@ -355,7 +358,8 @@ class Gateway:
         s = self.settings.smtp
         self.handler = InboundHandler(
             spool=self.spool,
-            domains=s.domains,
+            # Mail to a brand's address (and replies to its tokens) is ours too (issue 17).
+            domains=[*s.domains, *sorted(brand_domains(self.rules.current))],
             hostname=s.hostname,
             clock=self.clock,
             max_recipients=s.max_recipients,

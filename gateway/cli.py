@@ -293,6 +293,20 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def _route_templates(settings: Settings) -> tuple[str, ...]:
+    """The template names routes give in `acknowledge = "name"` (valid rules only)."""
+    from gateway.routing.loader import RulesError, load_rules
+
+    try:
+        rules = load_rules(settings.rules_path)
+    except RulesError:
+        return ()
+    names = [r.acknowledge for r in rules.routes if isinstance(r.acknowledge, str)]
+    if isinstance(rules.defaults.acknowledge, str):
+        names.append(rules.defaults.acknowledge)
+    return tuple(names)
+
+
 def cmd_rules(args: argparse.Namespace) -> int:
     settings = _settings(args)
     from gateway.routing.loader import RulesError, check_rules, load_rules
@@ -300,6 +314,10 @@ def cmd_rules(args: argparse.Namespace) -> int:
     if args.rules_command == "check":
         problems = check_rules(settings.rules_path)
         warnings: list[str] = []
+        # Letter overrides (issue 17): unknown placeholders, missing facts, with file:line.
+        from gateway.letters.templates import check_templates
+
+        problems += check_templates(settings.templates_path, _route_templates(settings))
         if not problems:
             # Coverage (issue 11): hours of each policy nobody on its ladder is on duty.
             from gateway.sla.coverage import coverage_report
@@ -333,7 +351,14 @@ def cmd_rules(args: argparse.Namespace) -> int:
     facts = facts_from(parsed, [], parsed.from_address, False, spam)
     if not parsed.to:
         facts = facts_from(parsed, recipients, parsed.from_address, False, spam)
-    result = explain(rules, facts, _parse_at(args.at))
+    result = explain(
+        rules,
+        facts,
+        _parse_at(args.at),
+        settings=settings,
+        content_language=parsed.header("Content-Language"),
+        text=parsed.text or "",
+    )
     if args.json:
         _print(result)
     else:

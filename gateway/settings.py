@@ -200,6 +200,9 @@ class OutboundSettings(_Section):
     # acknowledgement share ONE acknowledgement (and the owner one notification), sent when
     # the window closes. A duration (gateway.sla.durations, clock time); "0s" = no bundling.
     ack_window: str = "2m"
+    # The language of letters when neither the route, the customer's earlier choice, the
+    # message's Content-Language nor a confident detection of its text says one (issue 17).
+    default_language: Literal["en", "de", "fr", "es", "ru"] = "en"
     dkim: DkimSettings = Field(default_factory=DkimSettings)
 
     @field_validator("relay")
@@ -429,6 +432,9 @@ class Settings(BaseSettings):
     )
 
     rules_dir: str = "rules"
+    # Admin overrides of the shipped letter templates (docs/templates.md); relative to the
+    # folder that holds rules_dir ("templates" beside "rules").
+    templates_dir: str = "templates"
     smtp: SmtpSettings = Field(default_factory=SmtpSettings)
     storage: StorageSettings = Field(default_factory=StorageSettings)
     outbound: OutboundSettings = Field(default_factory=OutboundSettings)
@@ -490,6 +496,17 @@ class Settings(BaseSettings):
     @property
     def rules_path(self) -> Path:
         return Path(self.rules_dir)
+
+    @property
+    def templates_path(self) -> Path:
+        """The override folder: absolute as given, else beside the rules folder; a
+        ``templates`` folder *inside* the rules folder (the first layout) still counts."""
+        given = Path(self.templates_dir)
+        if given.is_absolute():
+            return given
+        beside = self.rules_path.absolute().parent / given
+        inside = self.rules_path / given
+        return inside if not beside.is_dir() and inside.is_dir() else beside
 
     def secret(self) -> bytes:
         """The HMAC secret for reply tokens and Message-IDs.

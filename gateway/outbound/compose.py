@@ -31,16 +31,18 @@ from __future__ import annotations
 import html
 import re
 import statistics
-import string
 from collections.abc import Sequence
-from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta, timezone
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
 from email.policy import SMTP
 from email.utils import format_datetime, formataddr
 from pathlib import Path
 from typing import Any
 
+from gateway.letters import i18n
+from gateway.letters import templates as letters
+from gateway.letters.templates import Letter
 from gateway.security.tokens import Signer
 from gateway.sla.business_time import BusinessCalendar
 
@@ -64,12 +66,6 @@ __all__ = [
 LOOP_HEADER = "X-Support-Gateway-Loop"
 #: Below this many tickets in the window, performance numbers say nothing useful.
 MIN_HISTORY = 20
-
-_DAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
-_MONTHS = (
-    "January", "February", "March", "April", "May", "June", "July",
-    "August", "September", "October", "November", "December",
-)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -106,48 +102,25 @@ def isoz(dt: datetime) -> str:
 
 def _human(dt: datetime) -> str:
     # Spelled out without the C library's locale: "Monday 23 November 2026, 14:00".
-    return f"{_DAYS[dt.weekday()]} {dt.day} {_MONTHS[dt.month - 1]} {dt.year}, {dt:%H:%M}"
+    return i18n.human(dt)
 
 
 def format_local(dt: datetime, calendar: BusinessCalendar) -> str:
     """E.g. "Monday 23 November 2026, 14:00 CET (Europe/Berlin)"."""
-    local = dt.astimezone(calendar.timezone)
-    abbrev = local.tzname() or ""
-    zone = calendar.timezone.key
-    if not abbrev or abbrev == zone:
-        return f"{_human(local)} {zone}"
-    return f"{_human(local)} {abbrev} ({zone})"
-
-
-def _offset_text(offset: timedelta) -> str:
-    total = int(offset.total_seconds())
-    sign = "+" if total >= 0 else "-"
-    total = abs(total)
-    return f"UTC{sign}{total // 3600:02d}:{total % 3600 // 60:02d}"
+    return i18n.format_local(dt, calendar)
 
 
 def format_offset(dt: datetime, offset: timedelta) -> str:
     """E.g. "Monday 23 November 2026, 08:00 UTC-05:00"."""
-    local = dt.astimezone(timezone(offset))
-    return f"{_human(local)} {_offset_text(offset)}"
+    return i18n.format_offset(dt, offset)
 
 
 def describe_size(size: int) -> str:
-    if size < 1024:
-        return f"{size} bytes"
-    if size < 1024 * 1024:
-        return f"{size / 1024:.0f} KB"
-    return f"{size / (1024 * 1024):.1f} MB"
+    return i18n.describe_size(size)
 
 
 def _duration(value: timedelta) -> str:
-    minutes = round(value.total_seconds() / 60)
-    hours, minutes = divmod(minutes, 60)
-    if hours and minutes:
-        return f"{hours} h {minutes} min"
-    if hours:
-        return f"{hours} h"
-    return f"{minutes} min"
+    return i18n.duration(value)
 
 
 def _clean_subject(subject: str) -> str:
@@ -186,117 +159,136 @@ class AckContent:
     notice: str = ""
 
 
-DEFAULT_ACK_TEMPLATE = """\
-Hello,
-
-we have received your message and opened ticket $ref.
-
-$owner is looking after your request.
-
-$deadline
-$others
-$hours
-$received
-$performance
-$notice
-To add anything, simply reply to this email: your reply goes straight into ticket $ref
-and is read by people.
-
-$signature
-"""
-
-
-def _deadline_text(c: AckContent) -> str:
-    due = c.first_response_due
+def _deadline_text(c: AckContent, letter: Letter) -> str:
+    due, lang = c.first_response_due, letter.lang
     lines = [
-        f"You will get a first answer from a person by {format_local(due, c.calendar)} "
-        f"({isoz(due)})."
+        letter.phrase(
+            "deadline", due_local=i18n.format_local(due, c.calendar, lang), due_utc=isoz(due)
+        )
     ]
     if c.customer_date is not None and c.customer_date.utcoffset() is not None:
         theirs = c.customer_date.utcoffset()
         assert theirs is not None
         ours = due.astimezone(c.calendar.timezone).utcoffset()
         if theirs != ours:
-            lines.append(f"In the time zone of your message that is {format_offset(due, theirs)}.")
+            lines.append(
+                letter.phrase(
+                    "deadline_their_zone", due_theirs=i18n.format_offset(due, theirs, lang)
+                )
+            )
     # A deadline normally lies inside business hours or on a closing instant (business-time
     # arithmetic never ends in closed time); if the stored value is outside, say so plainly.
     if not c.calendar.is_open(due) and not c.calendar.is_open(due - timedelta(seconds=1)):
         back = c.calendar.next_open(due)
-        lines.append(f"Our team is back on {format_local(back, c.calendar)}.")
+        lines.append(letter.phrase("deadline_back", back=i18n.format_local(back, c.calendar, lang)))
     return "\n".join(lines) + "\n"
 
 
-def _hours_text(c: AckContent) -> str:
-    hours = f"Our business hours: {c.calendar.describe_hours()}."
+def _hours_text(c: AckContent, letter: Letter) -> str:
+    hours = letter.phrase("hours", hours=i18n.describe_hours(c.calendar, letter.lang))
     if c.calendar.is_open(c.received_at):
         return hours + "\n"
-    back = c.calendar.next_open(c.received_at)
-    return (
-        f"Your message arrived outside our business hours; the team is back on "
-        f"{format_local(back, c.calendar)}.\n{hours}\n"
-    )
+    back = i18n.format_local(c.calendar.next_open(c.received_at), c.calendar, letter.lang)
+    return letter.phrase("hours_closed", back=back, hours=hours) + f"\n{hours}\n"
 
 
-def _received_text(c: AckContent) -> str:
-    lines = ["What we received:", f"  Subject: {_clean_subject(c.subject) or '(no subject)'}"]
+def _received_text(c: AckContent, letter: Letter) -> str:
+    lang = letter.lang
+    subject = _clean_subject(c.subject) or letter.phrase("no_subject")
+    lines = [letter.phrase("received_head"), letter.phrase("received_subject", subject=subject)]
     if c.attachments:
         total = sum(int(a.size) for a in c.attachments)
-        noun = "attachment" if len(c.attachments) == 1 else "attachments"
-        lines.append(f"  {len(c.attachments)} {noun}, {describe_size(total)} in total:")
+        key = "attachments_one" if len(c.attachments) == 1 else "attachments_many"
+        lines.append(
+            letter.phrase(key, count=len(c.attachments), total=i18n.describe_size(total, lang))
+        )
         for a in c.attachments:
-            lines.append(f"    - {a.filename or '(unnamed)'} ({describe_size(int(a.size))})")
+            lines.append(
+                letter.phrase(
+                    "attachment_line",
+                    name=a.filename or letter.phrase("unnamed"),
+                    size=i18n.describe_size(int(a.size), lang),
+                )
+            )
     else:
-        lines.append("  No attachments.")
+        lines.append(letter.phrase("no_attachments"))
     for item in c.not_kept:
         what = str(item.get("what", "part"))
         size = item.get("size")
         why = str(item.get("why", ""))
-        size_text = f" ({describe_size(int(size))})" if isinstance(size, int) else ""
-        lines.append(f"  NOT kept: {what}{size_text}: {why}. Please send it another way.")
+        size_text = f" ({i18n.describe_size(int(size), lang)})" if isinstance(size, int) else ""
+        lines.append(letter.phrase("not_kept", what=what, size=size_text, why=why))
     return "\n".join(lines) + "\n"
 
 
-def _performance_text(c: AckContent) -> str:
+def _performance_text(c: AckContent, letter: Letter) -> str:
     s = c.stats
     if s is None or s.tickets < MIN_HISTORY:
         return ""  # too little history to say anything honest
     return (
-        f"Over the last {s.days} days this team sent a first answer in {_duration(s.median)} "
-        f"(median), and in {_duration(s.p90)} or less for 9 requests out of 10 "
-        f"({s.tickets} requests).\n"
+        letter.phrase(
+            "performance",
+            days=s.days,
+            median=i18n.duration(s.median, letter.lang),
+            p90=i18n.duration(s.p90, letter.lang),
+            tickets=s.tickets,
+        )
+        + "\n"
     )
 
 
-def render_ack_text(content: AckContent, template: str | None, signature: str) -> str:
-    """The plain-text body: ``template`` (string.Template, $placeholders) or the default."""
+def ack_letter(template: Letter | str | None, lang: str = i18n.DEFAULT_LANGUAGE) -> Letter:
+    """A Letter for the acknowledgement: as given, or a legacy template body (a string of
+    $placeholders, the form before issue 17) over the shipped phrases, or the shipped one."""
+    if isinstance(template, Letter):
+        return template
+    shipped = letters.load("ack", lang)
+    if template is None:
+        return shipped
+    return Letter(shipped.name, shipped.lang, template, shipped.phrases, "(given)")
+
+
+def render_ack_text(
+    content: AckContent,
+    template: Letter | str | None,
+    signature: str,
+    business_name: str = "",
+) -> str:
+    """The plain-text body of the acknowledgement (gateway/templates/ack.<lang>.txt)."""
+    letter = ack_letter(template)
+    lang = letter.lang
     values = {
         "ref": content.ref,
         "owner": content.owner_name,
         "subject": _clean_subject(content.subject),
-        "deadline": _deadline_text(content),
-        "deadline_local": format_local(content.first_response_due, content.calendar),
+        "deadline": _deadline_text(content, letter),
+        "deadline_local": i18n.format_local(content.first_response_due, content.calendar, lang),
         "deadline_utc": isoz(content.first_response_due),
-        "hours": _hours_text(content),
-        "received": _received_text(content),
-        "performance": _performance_text(content),
+        "hours": _hours_text(content, letter),
+        "received": _received_text(content, letter),
+        "performance": _performance_text(content, letter),
         "reply_address": content.reply_address,
         "signature": signature,
+        "business_name": business_name or signature,
         "others": content.others,
         "notice": content.notice + "\n" if content.notice else "",
     }
-    template = template or DEFAULT_ACK_TEMPLATE
-    # A site template written before issue 12 still tells the customer what is open and when
-    # confirmations stop: the paragraphs go before the end.
+    # An admin's template written before these paragraphs existed still tells the customer
+    # what else is open and when confirmations stop (issue 12): they go before the end.
+    body = letter.body
     for key in ("others", "notice"):
-        if values[key] and f"${key}" not in template and f"${{{key}}}" not in template:
-            template = template.rstrip("\n") + f"\n\n${key}\n"
-    text = string.Template(template).safe_substitute(values)
-    # Blank placeholders (no performance numbers) must not leave a hole of empty lines.
-    return re.sub(r"\n{3,}", "\n\n", text).strip() + "\n"
+        if values[key] and f"${key}" not in body and f"${{{key}}}" not in body:
+            body = body.rstrip("\n") + f"\n\n${key}\n"
+    if body != letter.body:
+        letter = replace(letter, body=body)
+    return letters.render(letter, values)
 
 
 def load_template(rules_dir: Path | None, name: str = "ack") -> str | None:
-    """``<rules_dir>/templates/<name>.txt`` when it exists, else None (built-in default)."""
+    """``<rules_dir>/templates/<name>.txt`` when it exists, else None (built-in default).
+
+    Kept for callers of the first version; new code uses ``gateway.letters.templates.load``.
+    """
     if rules_dir is None or not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", name):
         return None
     path = Path(rules_dir) / "templates" / f"{name}.txt"
@@ -357,7 +349,11 @@ def compose_ack(
     signer: Signer,
     hostname: str,
     now: datetime,
-    template: str | None = None,
+    template: Letter | str | None = None,
+    signature: str = "",
+    business_name: str = "",
+    message_id_domain: str = "",
+    reply_domain: str = "",
 ) -> tuple[bytes, str]:
     """The acknowledgement for a new ticket: (unsigned RFC 5322 bytes, Message-ID).
 
@@ -365,10 +361,12 @@ def compose_ack(
     (FIELD-NOTES §3: a forged Reply-To would turn us into a relay for unwanted mail).
     """
     local, domain = _local_and_domain(from_address)
-    reply_to = signer.reply_address(local, domain, ticket_id)
+    reply_to = signer.reply_address(local, reply_domain or domain, ticket_id)
     content = AckContent(**{**content.__dict__, "reply_address": reply_to})
-    message_id = signer.message_id(hostname, ticket_id, "ack")
-    text = render_ack_text(content, template, from_name or from_address)
+    # A brand's letters carry Message-IDs of the brand's domain (issue 17); the signer
+    # verifies its ids whatever the domain, so replies thread either way.
+    message_id = signer.message_id(message_id_domain or hostname, ticket_id, "ack")
+    text = render_ack_text(content, template, signature or from_name or from_address, business_name)
     msg = EmailMessage(policy=SMTP)
     _base_headers(
         msg,

@@ -44,6 +44,7 @@ from email.utils import formataddr, parseaddr
 
 from sqlmodel import Session, col, select
 
+from gateway.letters import templates as letters
 from gateway.outbound.compose import (
     _base_headers,
     _local_and_domain,
@@ -246,10 +247,9 @@ def compose_handover_letter(
         f"{distinct} distinct file(s), {len(attach)} attached below, each once):",
         "\n\n".join(blocks) if blocks else "(no messages)",
         "===== end of history =====",
-        f"Reply to this email to answer {ticket.requester}: your reply is sent from "
-        f"{from_address} in the customer's thread. Commands on the first lines: #note "
-        f"(internal, not sent), #close, #assign <person>, #waiting, #snooze <2d|4h>, "
-        f"#priority <low|normal|high|urgent>, #merge <REF>.",
+        letters.load("staff").phrase(
+            "reply_footer", requester=ticket.requester, from_address=from_address
+        ),
     ]
     text = "\n\n".join(text_parts) + "\n"
     msg = EmailMessage(policy=SMTP)
@@ -275,13 +275,20 @@ def compose_previous_holder_letter(
     *, ticket: Ticket, new_holder: Person, reason: str
 ) -> tuple[str, str]:
     """The "now held by X" letter to whoever lost the ticket: (subject, body)."""
-    subject = f"[{ticket.ref}] Now held by {new_holder.name}: {ticket.subject}"
+    staff = letters.load("staff")  # gateway/templates/staff.en.txt
+    holder = new_holder.name
+    subject = staff.phrase("held_subject", ref=ticket.ref, holder=holder, subject=ticket.subject)
     body = (
-        f"Ticket {ticket.ref} ({ticket.subject}, from {ticket.requester}) is now held by "
-        f"{new_holder.name} <{new_holder.email}>.\n\n{reason.strip()}\n\n"
-        f"You no longer own it; {new_holder.name} has its whole history. Nothing more is "
-        f"expected of you on it. If you reply to this email anyway, your reply goes into the "
-        f"ticket as before (and to the customer unless it starts with #note).\n"
+        staff.phrase(
+            "held_body",
+            ref=ticket.ref,
+            subject=ticket.subject,
+            requester=ticket.requester,
+            holder=holder,
+            holder_email=new_holder.email,
+            reason=reason.strip(),
+        )
+        + "\n"
     )
     return subject, body
 
@@ -330,7 +337,10 @@ def compose_handover(
             notes=notes,
             entries=entries,
             calendar=calendar,
-            subject=subject or f"[{ticket.ref}] Handed over to you: {ticket.subject}",
+            subject=subject
+            or letters.load("staff").phrase(
+                "handover_subject", ref=ticket.ref, subject=ticket.subject
+            ),
             from_address=out.from_address,
             from_name=out.from_name,
             signer=signer,

@@ -54,6 +54,7 @@ from gateway.logs import kv
 from gateway.metrics import is_database_error
 from gateway.node import NodeIdentity, node_identity
 from gateway.outbound import retry
+from gateway.outbound.brandkeys import BrandKeys
 from gateway.outbound.compose import compose_notification
 from gateway.outbound.deliver import PERMANENT, SENT, DeliveryResult, deliver
 from gateway.outbound.dkim import DkimKey, load_key, sign
@@ -232,6 +233,7 @@ class DeliveryWorker:
         self.rules = rules
         self.batch = batch
         self.keys = load_keys(settings)  # loaded once; a bad key fails at start, loudly
+        self.brand_keys = BrandKeys(self.rules)  # a brand's From is signed with its key
         self.wakeup = asyncio.Event()
         self.sent = 0
         self.node = node or node_identity(settings)
@@ -363,8 +365,9 @@ class DeliveryWorker:
 
     async def _send(self, item: _Claimed) -> tuple[DeliveryResult, bytes]:
         try:
-            signed = sign(item.raw, self.keys)  # FIELD-NOTES §6: DKIM-sign last
-        except (ValueError, RuntimeError) as exc:
+            keys = self.brand_keys.keys_for(item.raw, self.keys)
+            signed = sign(item.raw, keys)  # FIELD-NOTES §6: DKIM-sign last
+        except (ValueError, RuntimeError, OSError) as exc:
             return DeliveryResult("temporary", None, f"DKIM signing failed: {exc}"), item.raw
         result = await deliver(
             signed,

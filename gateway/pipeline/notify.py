@@ -38,6 +38,8 @@ from datetime import datetime
 from email.message import EmailMessage, Message
 from email.policy import SMTP
 
+from gateway.letters import templates as letters
+from gateway.letters.templates import Letter
 from gateway.outbound.compose import (
     _base_headers,
     _local_and_domain,
@@ -146,6 +148,7 @@ def compose_owner_notification(
     why: str = "",
     unverified: str = "",
     references: Sequence[str] = (),
+    letter: Letter | None = None,
 ) -> tuple[bytes, str, str, str]:
     """The notification to the owner: (unsigned bytes, Message-ID, subject, text body).
 
@@ -162,11 +165,8 @@ def compose_owner_notification(
     message_id = signer.message_id(hostname, ticket.id, "notify")
     subject = tagged_subject(ticket.ref, ticket.subject)
     who = f"{sender_name} <{sender}>" if sender_name else sender
-    headline = (
-        f"New ticket {ticket.ref} from {who}."
-        if new_ticket
-        else f"{who} wrote again in ticket {ticket.ref}."
-    )
+    staff = letter or letters.load("staff")  # gateway/templates/staff.en.txt
+    headline = staff.phrase("notify_new" if new_ticket else "notify_again", ref=ticket.ref, who=who)
     summary = [
         f"Ticket:     {ticket.ref} ({ticket.status})",
         f"Subject:    {ticket.subject}",
@@ -209,10 +209,7 @@ def compose_owner_notification(
     if files:
         body_parts.append("\n".join(files))
     body_parts.append(
-        f"Reply to this email to answer {ticket.requester}: your reply is sent from "
-        f"{from_address} in the customer's thread. Commands on the first lines: #note "
-        f"(internal, not sent), #close, #assign <person>, #waiting, #snooze <2d|4h>, "
-        f"#priority <low|normal|high|urgent>, #merge <REF>."
+        staff.phrase("reply_footer", requester=ticket.requester, from_address=from_address)
     )
     text = "\n\n".join(body_parts) + "\n"
     msg = EmailMessage(policy=SMTP)
@@ -373,6 +370,7 @@ def notify_owner_stage(ctx: Context) -> None:
             why=why,
             unverified="" if ctx.sender_verified else ctx.unverified_reason,
             references=_references(ctx),
+            letter=letters.load("staff", "en", settings.templates_path),
         )
         enqueue(
             s,

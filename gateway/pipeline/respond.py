@@ -37,10 +37,11 @@ from datetime import datetime, timedelta
 
 from sqlmodel import col, func, select
 
+from gateway.letters import templates as letters
+from gateway.letters.brands import brand_domains, identity
 from gateway.outbound.compose import (
     AckContent,
     compose_ack,
-    load_template,
     response_stats,
     tagged_subject,
 )
@@ -48,6 +49,7 @@ from gateway.outbound.worker import enqueue, notify_owner
 from gateway.pipeline.context import Context
 from gateway.pipeline.conversation import bundle_ack, cap_notice, others_text
 from gateway.pipeline.holds import hold
+from gateway.pipeline.lettering import choose_letters
 from gateway.routing.model import Person
 from gateway.security.sender_auth import AuthResult
 from gateway.security.verdict import ack_decision
@@ -82,7 +84,7 @@ def _is_ours(ctx: Context, address: str) -> bool:
     domain = address.rpartition("@")[2].lower()
     return address == settings.outbound.from_address.lower() or domain in {
         d.lower() for d in settings.smtp.domains
-    }
+    } | brand_domains(ctx.services.rules)
 
 
 def _suppression(ctx: Context, to: str) -> str | None:
@@ -203,6 +205,7 @@ def respond(ctx: Context) -> None:
     ticket = ctx.ticket
     assert ticket.id is not None
     msg_id = ctx.message.id if ctx.message is not None else None
+    choose_letters(ctx)  # the language and brand of every letter of this ticket (issue 17)
     late = _collapse_late(ctx)
     to = _recipient(ctx)
     why = _suppression(ctx, to)
@@ -355,10 +358,17 @@ def send_ack_now(
         not_kept=list(p.not_kept),
         stats=response_stats(_stats(ctx, ticket.queue), STATS_DAYS),
     )
+    # Issue 12: the customer's other open requests, and the honest cap notice.
     others, notice = _conversation_texts(ctx, to)
     content = AckContent(**{**content.__dict__, "others": others, "notice": notice})
-    template = load_template(settings.rules_path, template_name) or load_template(
-        settings.rules_path, "ack"
+    # The ticket's language and brand (gateway.pipeline.lettering); an admin's override in
+    # templates_dir wins over the shipped template (docs/templates.md).
+    me = identity(settings, rules, ticket.brand)
+    letter = letters.load(
+        template_name,
+        ticket.language or settings.outbound.default_language,
+        settings.templates_path,
+        default_language=settings.outbound.default_language,
     )
     raw, message_id = compose_ack(
         content=content,
@@ -366,12 +376,16 @@ def send_ack_now(
         to_address=to,
         customer_message_id=p.message_id,
         customer_references=p.references,
-        from_address=settings.outbound.from_address,
-        from_name=settings.outbound.from_name,
+        from_address=me.from_address,
+        from_name=me.from_name,
         signer=ctx.services.signer,
         hostname=settings.smtp.hostname,
         now=ctx.now,
-        template=template,
+        template=letter,
+        signature=me.signature,
+        business_name=me.business_name,
+        message_id_domain=me.message_id_domain,
+        reply_domain=me.reply_domain,
     )
     subject = tagged_subject(ticket.ref, p.subject)
     enqueue(
@@ -383,7 +397,7 @@ def send_ack_now(
         rcpt_tos=[to],
         now=ctx.now,
         mail_from="",  # null reverse-path for automatic mail (RFC 3834 §3.3)
-        from_address=settings.outbound.from_address,
+        from_address=me.from_address,
         subject=subject,
         in_reply_to=p.message_id,
         references=" ".join([*p.references, *([p.message_id] if p.message_id else [])]),
@@ -396,7 +410,9 @@ def send_ack_now(
         ticket.id,
         "ack-sent",
         f"acknowledgement {message_id} queued to {to}; first response promised "
-        f"by {content.first_response_due.isoformat()}" + (f" ({because})" if because else ""),
+        f"by {content.first_response_due.isoformat()}"
+        + f"; in {letter.lang} from {letter.source}"
+        + (f" ({because})" if because else ""),
         ctx.now,
         message_id=msg_id,
     )

@@ -60,6 +60,7 @@ from email.policy import SMTP
 from mailparser_reply import EmailReplyParser
 from sqlmodel import col, select
 
+from gateway.letters.brands import brand_domains, identity
 from gateway.outbound.compose import _base_headers, _local_and_domain, isoz, tagged_subject
 from gateway.outbound.handover import compose_handover
 from gateway.outbound.worker import enqueue, notify_owner
@@ -73,6 +74,7 @@ from gateway.security.tokens import Signer
 from gateway.security.verdict import auth_summary, staff_decision
 from gateway.sla import promises
 from gateway.sla.clocks import on_close, on_snooze, on_staff_reply, on_waiting
+from gateway.sla.notice import ticket_letter
 from gateway.store.models import Message, Participant, Ticket, TicketLink
 from gateway.store.queries import (
     add_event,
@@ -144,16 +146,18 @@ def compose_staff_reply(
     signer: Signer,
     hostname: str,
     now: datetime,
+    reply_domain: str = "",
+    message_id_domain: str = "",
+    footer: str = "",
 ) -> tuple[bytes, str, str, str]:
     """The relayed staff reply: (unsigned bytes, Message-ID, subject, body text)."""
     local, domain = _local_and_domain(from_address)
-    message_id = signer.message_id(hostname, ticket_id, "reply")
+    domain = reply_domain or domain  # a brand's reply-address domain (issue 17)
+    message_id = signer.message_id(message_id_domain or hostname, ticket_id, "reply")
     subject = tagged_subject(ref, ticket_subject)
     display = f"{person_name} via {from_name}" if from_name else person_name
-    body = (
-        text.rstrip()
-        + f"\n\n-- \n{display}\nTicket {ref}: reply to this email to add to your request.\n"
-    )
+    footer = footer or f"Ticket {ref}: reply to this email to add to your request."
+    body = text.rstrip() + f"\n\n-- \n{display}\n{footer}\n"
     msg = EmailMessage(policy=SMTP)
     _base_headers(
         msg,
@@ -330,6 +334,7 @@ def _customer_recipients(ctx: Context, ticket: Ticket) -> list[str]:
     ours = {d.lower() for d in settings.smtp.domains}
     staff = {p.email.lower() for p in ctx.services.rules.people.values()}
     own = settings.outbound.from_address.lower()
+    ours |= brand_domains(ctx.services.rules)
     rows = ctx.session.exec(
         select(Participant)
         .where(Participant.ticket_id == ticket.id, Participant.role != "staff")
@@ -364,6 +369,7 @@ def _relay(ctx: Context, person: Person, text: str) -> str:
     in_reply_to = last.message_id if last is not None else None
     references = last.references.split() if last is not None and last.references else []
     parts = attachment_parts(ctx.parsed.msg)
+    me = identity(settings, ctx.services.rules, t.brand)  # the ticket's brand (issue 17)
     raw, message_id, subject, body = compose_staff_reply(
         ticket_id=t.id,
         ref=t.ref,
@@ -374,11 +380,15 @@ def _relay(ctx: Context, person: Person, text: str) -> str:
         parts=parts,
         in_reply_to=in_reply_to,
         references=references,
-        from_address=settings.outbound.from_address,
-        from_name=settings.outbound.from_name,
+        from_address=me.from_address,
+        from_name=me.from_name,
         signer=ctx.services.signer,
         hostname=settings.smtp.hostname,
         now=ctx.now,
+        reply_domain=me.reply_domain,
+        message_id_domain=me.message_id_domain,
+        # In the ticket's language (common.<lang>.txt), like its other letters.
+        footer=ticket_letter(settings, t, "common").phrase("staff_reply_footer", ref=t.ref),
     )
     refs = [*references, *([in_reply_to] if in_reply_to else [])]
     enqueue(
@@ -390,8 +400,8 @@ def _relay(ctx: Context, person: Person, text: str) -> str:
         rcpt_tos=to,
         now=ctx.now,
         # A human reply: a real envelope sender so bounces come back to us (not <>).
-        mail_from=settings.outbound.from_address,
-        from_address=settings.outbound.from_address,
+        mail_from=me.from_address,
+        from_address=me.from_address,
         subject=subject,
         text=body,
         in_reply_to=in_reply_to,

@@ -65,6 +65,9 @@ class Decision:
     disposition_route: str | None = None  # the route that set it
     # Issue 12: the matching route's `known_customer` policy (None: tickets.known_customer).
     known_customer: str | None = None
+    #: The letters' language the routes fixed (None: chosen per customer), and the brand.
+    language: str | None = None
+    brand: str | None = None
 
 
 # --------------------------------------------------------------------------- matching
@@ -259,6 +262,8 @@ def evaluate(
     matched: list[str] = []
     disposition, disposition_route = "ticket", None
     known_customer: str | None = None
+    language: str | None = None
+    brand: str | None = None
 
     for route in rules.routes:
         # `business_hours` is judged in the calendar of the SLA this route would apply:
@@ -278,6 +283,8 @@ def evaluate(
             disposition, disposition_route = route.disposition, route.name
         if route.known_customer is not None:
             known_customer = route.known_customer
+        language = route.language or language
+        brand = route.brand or brand
         if route.owner is not None:
             owner_id, assigned_by = route.owner, "route"
         elif route.team:
@@ -302,6 +309,8 @@ def evaluate(
         disposition=disposition,
         disposition_route=disposition_route,
         known_customer=known_customer,
+        language=language,
+        brand=brand,
     )
 
 

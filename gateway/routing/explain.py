@@ -2,7 +2,8 @@
 
 `explain` builds exactly the JSON object of CONTRACT.md (`route`, `queue`, `priority`, `sla`,
 `owner`, `acknowledge`, `deadlines`, `trace`) plus a few extra keys (`at`, `tags`, `notify`,
-`assigned_by`, `matched_routes`, `calendar`, `business_hours_now`). Deadlines are computed by
+`assigned_by`, `matched_routes`, `calendar`, `business_hours_now`, and `letters`: the
+language, brand and template file each letter would use). Deadlines are computed by
 the same code the ticket store uses, as if the message arrived at `at`. `format_explain`
 renders that object for a human, with every deadline in UTC and in the calendar's own zone.
 Nothing here writes anything.
@@ -10,13 +11,18 @@ Nothing here writes anything.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 from zoneinfo import ZoneInfo
 
+from gateway.letters.brands import identity
+from gateway.letters.language import choose
+from gateway.letters.templates import load
 from gateway.routing.engine import _NO_STATE, AssignmentState, cover_window, evaluate
 from gateway.routing.facts import MessageFacts
 from gateway.routing.model import Rules
+from gateway.settings import Settings
 from gateway.sla.deadlines import initial_deadlines, isoz
 
 __all__ = ["explain", "format_explain"]
@@ -28,11 +34,59 @@ _CLOCK_LABELS = (
 )
 
 
+def letters_of(
+    rules: Rules,
+    route: str | None,
+    language: str | None,
+    brand: str | None,
+    ack_template: bool | str,
+    *,
+    settings: Settings | None = None,
+    content_language: Sequence[str] = (),
+    text: str = "",
+) -> dict[str, Any]:
+    """The language, brand and template files a new ticket's letters would use (issue 17).
+
+    The customer's earlier choice is not known here (no database): explain shows what the
+    route, the header and the text say, as for a customer writing for the first time.
+    """
+    default = settings.outbound.default_language if settings is not None else "en"
+    choice = choose(
+        route=language,
+        route_name=route,
+        earlier=None,
+        content_language=list(content_language),
+        text=text,
+        default=default,
+    )
+    templates_dir = settings.templates_path if settings is not None else None
+    ack_name = ack_template if isinstance(ack_template, str) else "ack"
+    names = {"ack": ack_name, "notice": "notice", "late": "late"}
+    result: dict[str, Any] = {
+        "language": choice.lang,
+        "language_reason": choice.reason,
+        "brand": brand,
+        "templates": {
+            letter: load(name, choice.lang, templates_dir, default_language=default).source
+            for letter, name in names.items()
+        },
+    }
+    if settings is not None:
+        me = identity(settings, rules, brand)
+        result["from"] = me.from_address
+        result["signature"] = me.signature
+    return result
+
+
 def explain(
     rules: Rules,
     facts: MessageFacts,
     at: datetime,
     state: AssignmentState = _NO_STATE,
+    *,
+    settings: Settings | None = None,
+    content_language: Sequence[str] = (),
+    text: str = "",
 ) -> dict[str, Any]:
     """The `rules explain --json` object for a message arriving at `at`."""
     decision = cover_window(rules, evaluate(rules, facts, at, state), at)
@@ -61,6 +115,16 @@ def explain(
             "hours": calendar.describe_hours(),
         },
         "business_hours_now": calendar.is_open(at),
+        "letters": letters_of(
+            rules,
+            decision.route,
+            decision.language,
+            decision.brand,
+            decision.acknowledge,
+            settings=settings,
+            content_language=content_language,
+            text=text,
+        ),
     }
 
 
@@ -125,6 +189,16 @@ def format_explain(result: dict[str, Any]) -> str:
         else:
             text = _both_zones(value, zone)
         lines.append(f"  {label:<15} {text}")
+    letters = result.get("letters")
+    if letters:
+        brand = letters.get("brand") or "(none: the installation's own address)"
+        lines.append(f"Language:     {letters['language']} ({letters['language_reason']})")
+        lines.append(
+            f"Brand:        {brand}" + (f", from {letters['from']}" if letters.get("from") else "")
+        )
+        lines.append("Templates:")
+        for letter, source in letters["templates"].items():
+            lines.append(f"  {letter:<15} {source}")
     lines.append("Trace:")
     trace = result.get("trace") or []
     if not trace:

@@ -27,6 +27,7 @@ from gateway.routing.model import (
     DISPOSITIONS,
     PRIORITIES,
     ROLES,
+    Brand,
     Defaults,
     EscalationStep,
     Match,
@@ -52,7 +53,18 @@ __all__ = ["Problem", "RulesError", "check_rules", "load_rules"]
 
 Key = tuple[str | int, ...]
 
-TOP_LEVEL_KEYS = ("people", "calendars", "sla", "defaults", "route")
+TOP_LEVEL_KEYS = ("people", "calendars", "sla", "defaults", "route", "brands")
+BRAND_KEYS = (
+    "from_address",
+    "from_name",
+    "signature",
+    "business_name",
+    "reply_domain",
+    "dkim",
+    "description",
+)
+BRAND_DKIM_KEYS = ("domain", "selector", "key_file")
+LANGUAGE_CODES = ("en", "de", "fr", "es", "ru")
 PERSON_KEYS = ("name", "email", "calendar", "backup", "manager", "away")
 CALENDAR_KEYS = ("timezone", "hours", "holidays", "country", "subdivision", "description")
 SLA_KEYS = (
@@ -86,6 +98,8 @@ ROUTE_KEYS = (
     "continue",
     "disposition",
     "known_customer",
+    "language",
+    "brand",
 )
 MATCH_KEYS = (
     "to",
@@ -351,7 +365,7 @@ class _Source:
 class _Ref:
     """A reference to a person, calendar or SLA policy, checked once everything is loaded."""
 
-    kind: str  # "person" | "calendar" | "sla"
+    kind: str  # "person" | "calendar" | "sla" | "brand"
     id: str
     source: _Source
     path: Key
@@ -373,6 +387,7 @@ class _Loader:
     defaults_seen: str | None = None
     routes: list[Route] = field(default_factory=list)
     route_names: dict[str, str] = field(default_factory=dict)
+    brands: dict[str, Brand] = field(default_factory=dict)
 
     # -- reporting
     def problem(self, source: _Source, path: Key, message: str) -> None:
@@ -901,6 +916,17 @@ class _Loader:
         sla = self.string(source, path, table, "sla", label)
         self.ref("sla", sla, source, (*path, "sla"), label)
         continue_ = self.boolean(source, path, table, "continue", label)
+        language = self.string(source, path, table, "language", label)
+        if language is not None and language not in LANGUAGE_CODES:
+            self.problem(
+                source,
+                (*path, "language"),
+                f"{label}: no letters in language '{language}'; use one of "
+                f"{', '.join(LANGUAGE_CODES)}",
+            )
+            language = None
+        brand = self.string(source, path, table, "brand", label)
+        self.ref("brand", brand, source, (*path, "brand"), label)
         route = Route(
             name=name or f"#{index + 1}",
             match=match,
@@ -917,8 +943,45 @@ class _Loader:
             disposition=self.disposition(source, path, table, label),
             known_customer=self.known_customer(source, path, table, label),
             source=source.where(path),
+            language=language,
+            brand=brand,
         )
         self.routes.append(route)
+
+    def load_brand(self, source: _Source, id: str, data: Any) -> None:
+        path: Key = ("brands", id)
+        label = f"brand '{id}'"
+        table = self.table(source, path, data, label)
+        if table is None:
+            return
+        self.unknown_keys(source, path, table, BRAND_KEYS, label)
+        address = self.string(source, path, table, "from_address", label, required=True)
+        if address is not None and not _EMAIL_RE.fullmatch(address):
+            self.problem(
+                source, (*path, "from_address"), f"{label}: 'from_address' must be an address"
+            )
+            address = None
+        dkim: dict[str, str] = {}
+        if "dkim" in table:
+            dkim_table = self.table(source, (*path, "dkim"), table["dkim"], f"{label}: 'dkim'")
+            if dkim_table is not None:
+                self.unknown_keys(source, (*path, "dkim"), dkim_table, BRAND_DKIM_KEYS, label)
+                for key in BRAND_DKIM_KEYS:
+                    value = self.string(source, (*path, "dkim"), dkim_table, key, label, True)
+                    dkim[key] = value or ""
+        if address is None:
+            return
+        self.brands[id] = Brand(
+            id=id,
+            from_address=address.lower(),
+            from_name=self.string(source, path, table, "from_name", label) or "",
+            signature=self.string(source, path, table, "signature", label) or "",
+            business_name=self.string(source, path, table, "business_name", label) or "",
+            reply_domain=self.string(source, path, table, "reply_domain", label) or "",
+            dkim_domain=dkim.get("domain", ""),
+            dkim_selector=dkim.get("selector", ""),
+            dkim_key_file=dkim.get("key_file", ""),
+        )
 
     # -- whole-set checks
     def check_refs(self) -> None:
@@ -926,8 +989,9 @@ class _Loader:
             "person": set(self.people),
             "calendar": set(self.calendar_ids),
             "sla": set(self.policy_ids),
+            "brand": set(self.brands),
         }
-        names = {"person": "person", "calendar": "calendar", "sla": "SLA policy"}
+        names = {"person": "person", "calendar": "calendar", "sla": "SLA policy", "brand": "brand"}
         for ref in self.refs:
             if ref.id in known[ref.kind]:
                 continue
@@ -987,6 +1051,7 @@ def _collect(rules_dir: Path) -> tuple[_Loader, list[Path]]:
         ("calendars", loader.load_calendar),
         ("people", loader.load_person),
         ("sla", loader.load_policy),
+        ("brands", loader.load_brand),
     ):
         for source, table in sections(name):
             if loader.table(source, (name,), table, f"[{name}]") is None:
@@ -1033,6 +1098,7 @@ def load_rules(rules_dir: Path) -> Rules:
         defaults=loader.defaults[0],
         routes=tuple(loader.routes),
         files=tuple(files),
+        brands=dict(loader.brands),
         where={
             **{f"sla.{id}": where for id, (_, where) in loader.policies.items()},
             **{f"people.{id}": where for id, (_, where) in loader.people.items()},

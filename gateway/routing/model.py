@@ -172,6 +172,38 @@ class Route:
     source: str = ""
     # Issue 12: overrides `tickets.known_customer` for mail this route matches.
     known_customer: str | None = None
+    #: The letters' language ("de"), else chosen per customer (gateway.letters.language).
+    language: str | None = None
+    #: The identity the ticket's letters carry (a `[brands.X]` id), kept for its life.
+    brand: str | None = None
+
+
+@dataclass(frozen=True)
+class Brand:
+    """A support identity (`[brands.X]`): the From, signature and DKIM key of its letters.
+
+    Like RT's per-queue CorrespondAddress: a ticket opened under a brand answers from the
+    brand's address, its reply tokens and Message-IDs carry the brand's domain.
+    """
+
+    id: str
+    from_address: str
+    from_name: str = ""
+    signature: str = ""
+    business_name: str = ""
+    #: The domain of signed reply addresses; default: the from_address's domain.
+    reply_domain: str = ""
+    dkim_domain: str = ""
+    dkim_selector: str = ""
+    dkim_key_file: str = ""
+
+    @property
+    def domain(self) -> str:
+        return self.from_address.rpartition("@")[2].lower()
+
+    @property
+    def reply_to_domain(self) -> str:
+        return (self.reply_domain or self.domain).lower()
 
 
 @dataclass(frozen=True)
@@ -184,6 +216,7 @@ class Rules:
     defaults: Defaults
     routes: tuple[Route, ...]
     files: tuple[Path, ...] = ()
+    brands: dict[str, Brand] = field(default_factory=dict)
     #: Where each policy and person is defined ("sla.vip" -> "rules/sla.toml:27"), for
     #: `rules check` warnings that point at a line.
     where: dict[str, str] = field(default_factory=dict, compare=False)

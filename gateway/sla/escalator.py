@@ -63,7 +63,7 @@ from gateway.sla.business_time import BusinessCalendar
 from gateway.sla.clocks import active_deadlines, utc
 from gateway.sla.deadlines import isoz
 from gateway.sla.duty import resolve
-from gateway.sla.notice import Broken, broken_promise_text, queue_customer_mail
+from gateway.sla.notice import Broken, notice_text, queue_customer_mail
 from gateway.sla.plan import (
     BREACH_STEP,
     MERGE_WINDOW,
@@ -829,11 +829,11 @@ class Escalator:
             acting = plan.acting.person
         breach_due = running.get(main.clock, main.due_at)
         commitment = plan.commitment(main.clock, breach_due, acting)
-        signature = self.settings.outbound.from_name or self.settings.outbound.from_address
-        text = broken_promise_text(broken, ticket.ref, commitment, calendar, signature)
+        # In the ticket's language, From its brand (issue 17; gateway.letters).
+        text = notice_text(self.settings, rules, ticket, broken, commitment, calendar)
         last = self._last_customer_message(session, ticket.id)
         message_id = queue_customer_mail(
-            session, self.settings, self.signer, ticket, text, now, last
+            session, self.settings, self.signer, ticket, text, now, last, rules=rules
         )
         for p in covered:
             p.told = message_id

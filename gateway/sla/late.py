@@ -16,12 +16,13 @@ from datetime import datetime
 
 from sqlmodel import Session
 
+from gateway.letters.brands import identity
 from gateway.routing.model import Rules
 from gateway.security.tokens import Signer
 from gateway.settings import Settings
 from gateway.sla import promises
 from gateway.sla.deadlines import isoz
-from gateway.sla.notice import Broken, late_text, queue_customer_mail
+from gateway.sla.notice import Broken, late_text, queue_customer_mail, ticket_letter
 from gateway.sla.plan import BREACH_STEP, Commitment, Fire, fires, plan_ticket
 from gateway.store.models import EscalationStep, Message, Ticket
 from gateway.store.queries import add_event
@@ -109,11 +110,19 @@ def send_late(
     """Queue the one late-processing message and record the promise it makes."""
     assert ticket.id is not None
     calendar = rules.calendar_for_policy(ticket.sla)
-    signature = settings.outbound.from_name or settings.outbound.from_address
+    me = identity(settings, rules, ticket.brand)
     commitment = late.commitment
     missed = late.missed or [Broken(late.clock, late.processed_at)]
     text = late_text(
-        ticket.ref, late.received_at, late.processed_at, missed, commitment, calendar, signature
+        ticket.ref,
+        late.received_at,
+        late.processed_at,
+        missed,
+        commitment,
+        calendar,
+        me.signature,
+        ticket_letter(settings, ticket, "late"),
+        me.business_name,
     )
     message_id = queue_customer_mail(
         session,
@@ -126,6 +135,7 @@ def send_late(
         kind="ack",
         tag="late",
         to=to,
+        rules=rules,
     )
     ticket.acknowledged = True
     session.add(ticket)

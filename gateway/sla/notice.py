@@ -18,21 +18,34 @@ from email.utils import format_datetime, formataddr
 
 from sqlmodel import Session
 
-from gateway.outbound.compose import LOOP_HEADER, format_local, tagged_subject
+from gateway.letters import i18n
+from gateway.letters import templates as letters
+from gateway.letters.brands import identity
+from gateway.letters.templates import Letter
+from gateway.outbound.compose import LOOP_HEADER, tagged_subject
 from gateway.outbound.worker import enqueue
+from gateway.routing.model import Rules
 from gateway.security.tokens import Signer
 from gateway.settings import Settings
 from gateway.sla.business_time import BusinessCalendar
 from gateway.sla.plan import Commitment
 from gateway.store.models import Message, Ticket
 
-__all__ = ["Broken", "broken_promise_text", "commitment_text", "late_text", "queue_customer_mail"]
+__all__ = [
+    "Broken",
+    "broken_promise_text",
+    "commitment_text",
+    "late_text",
+    "notice_text",
+    "queue_customer_mail",
+    "ticket_letter",
+]
 
-#: What each clock promised, in the customer's words.
+#: What each clock promised, in the customer's words: the phrase of common.<lang>.txt.
 WHAT = {
-    "first_response": "a first answer from a person",
-    "next_response": "an answer to your last message",
-    "resolution": "your request resolved",
+    "first_response": "what_first_response",
+    "next_response": "what_next_response",
+    "resolution": "what_resolution",
 }
 
 
@@ -46,22 +59,19 @@ class Broken:
     person_name: str | None = None
 
 
-def commitment_text(ref: str, commitment: Commitment, calendar: BusinessCalendar) -> str:
+def commitment_text(
+    ref: str, commitment: Commitment, calendar: BusinessCalendar, letter: Letter | None = None
+) -> str:
     """The next real commitment, in words: only what the plan will do."""
+    letter = letter or letters.load("notice")
     who = commitment.person.name
     if commitment.by is None:
         # Ladder exhausted: name who stays accountable, invent no time.
-        return (
-            f"{who} is responsible for your request {ref} and stays responsible until it is "
-            "answered. We will not promise you another time we cannot guarantee; you will "
-            f"hear from {who} as soon as possible."
-        )
-    text = (
-        f"{who} is now responsible for your request {ref} and will answer you by "
-        f"{format_local(commitment.by, calendar)}."
-    )
+        return letter.phrase("commitment_none", who=who, ref=ref)
+    by = i18n.format_local(commitment.by, calendar, letter.lang)
+    text = letter.phrase("commitment_by", who=who, ref=ref, by=by)
     if commitment.then is not None:
-        text += f" If {who} has not answered by then, {commitment.then.name} takes over."
+        text += " " + letter.phrase("commitment_then", who=who, then=commitment.then.name)
     return text
 
 
@@ -71,25 +81,29 @@ def broken_promise_text(
     commitment: Commitment,
     calendar: BusinessCalendar,
     signature: str,
+    letter: Letter | None = None,
+    business_name: str = "",
 ) -> str:
-    """One notice for every promise broken at (about) this moment."""
+    """One notice for every promise broken at (about) this moment (notice.<lang>.txt)."""
+    letter = letter or letters.load("notice")
     owned: list[str] = []
     for b in broken:
-        when = format_local(b.due, calendar)
+        when = i18n.format_local(b.due, calendar, letter.lang)
         if b.person_name:
-            owned.append(f"we told you {b.person_name} would answer you by {when}")
+            owned.append(letter.phrase("owned_person", person=b.person_name, when=when))
         else:
-            owned.append(f"we promised you {WHAT[b.clock]} by {when}")
-    said = "; and ".join(owned)
-    return (
-        "Hello,\n\n"
-        f"{said[0].upper() + said[1:]}, and we did not keep that promise. We are sorry.\n\n"
-        f"{commitment_text(ref, commitment, calendar)}\n\n"
-        f"Our support hours are {calendar.describe_hours()}.\n\n"
-        "You do not need to do anything. To add something, simply reply to this email: "
-        f"your reply goes straight into ticket {ref} and is read by people.\n\n"
-        f"{signature}\n"
-    )
+            what = letter.phrase(WHAT[b.clock])
+            owned.append(letter.phrase("owned_clock", what=what, when=when))
+    said = f"; {letter.phrase('and')} ".join(owned)
+    facts = {
+        "said": said[:1].upper() + said[1:],
+        "commitment": commitment_text(ref, commitment, calendar, letter),
+        "hours": i18n.describe_hours(calendar, letter.lang),
+        "ref": ref,
+        "signature": signature,
+        "business_name": business_name or signature,
+    }
+    return letters.render(letter, facts)
 
 
 def late_text(
@@ -100,20 +114,55 @@ def late_text(
     commitment: Commitment,
     calendar: BusinessCalendar,
     signature: str,
+    letter: Letter | None = None,
+    business_name: str = "",
 ) -> str:
     """The one message of a ticket processed after its own deadlines (issue 11 finding 8):
     when it arrived, that it was processed late, who owns it now and the real next time."""
-    missed_text = "; ".join(f"{WHAT[b.clock]} by {format_local(b.due, calendar)}" for b in missed)
-    return (
-        "Hello,\n\n"
-        f"we received your message at {format_local(received_at, calendar)}, but because of a"
-        f" delay on our side it was only processed at {format_local(processed_at, calendar)},"
-        f" after the time we aim for ({missed_text}). We are sorry.\n\n"
-        f"{commitment_text(ref, commitment, calendar)}\n\n"
-        f"Our support hours are {calendar.describe_hours()}.\n\n"
-        "To add something, simply reply to this email: your reply goes straight into ticket "
-        f"{ref} and is read by people.\n\n"
-        f"{signature}\n"
+    letter = letter or letters.load("late")
+    lang = letter.lang
+    missed_text = "; ".join(
+        letter.phrase(
+            "missed_item",
+            what=letter.phrase(WHAT[b.clock]),
+            when=i18n.format_local(b.due, calendar, lang),
+        )
+        for b in missed
+    )
+    facts = {
+        "received": i18n.format_local(received_at, calendar, lang),
+        "processed": i18n.format_local(processed_at, calendar, lang),
+        "missed": missed_text,
+        "commitment": commitment_text(ref, commitment, calendar, letter),
+        "hours": i18n.describe_hours(calendar, lang),
+        "ref": ref,
+        "signature": signature,
+        "business_name": business_name or signature,
+    }
+    return letters.render(letter, facts)
+
+
+def ticket_letter(settings: Settings, ticket: Ticket, name: str) -> Letter:
+    """The letter ``name`` in the ticket's language, an admin's override winning."""
+    default = settings.outbound.default_language
+    return letters.load(
+        name, ticket.language or default, settings.templates_path, default_language=default
+    )
+
+
+def notice_text(
+    settings: Settings,
+    rules: Rules,
+    ticket: Ticket,
+    broken: list[Broken],
+    commitment: Commitment,
+    calendar: BusinessCalendar,
+) -> str:
+    """The broken-promise notice of ``ticket`` in its language, signed by its brand."""
+    me = identity(settings, rules, ticket.brand)
+    letter = ticket_letter(settings, ticket, "notice")
+    return broken_promise_text(
+        broken, ticket.ref, commitment, calendar, me.signature, letter, me.business_name
     )
 
 
@@ -129,17 +178,18 @@ def queue_customer_mail(
     kind: str = "customer_notice",
     tag: str = "notice",
     to: str | None = None,
+    rules: Rules | None = None,
 ) -> str:
-    """Queue `text` to the requester (or `to`); returns the Message-ID."""
+    """Queue `text` to the requester (or `to`) From the ticket's brand; returns the
+    Message-ID."""
     assert ticket.id is not None
-    out = settings.outbound
-    local, _, domain = out.from_address.rpartition("@")
-    reply_to = signer.reply_address(local.split("+", 1)[0], domain, ticket.id)
-    message_id = signer.message_id(settings.smtp.hostname, ticket.id, tag)
+    me = identity(settings, rules, ticket.brand)
+    reply_to = signer.reply_address(me.reply_local, me.reply_domain, ticket.id)
+    message_id = signer.message_id(me.message_id_domain, ticket.id, tag)
     subject = tagged_subject(ticket.ref, ticket.subject)
     rcpt = to or ticket.requester
     msg = EmailMessage(policy=SMTP)
-    sender = formataddr((out.from_name, out.from_address)) if out.from_name else out.from_address
+    sender = formataddr((me.from_name, me.from_address)) if me.from_name else me.from_address
     msg["From"] = sender
     msg["To"] = rcpt
     msg["Subject"] = subject
@@ -162,7 +212,7 @@ def queue_customer_mail(
         message_id=message_id,
         rcpt_tos=[rcpt],
         now=now,
-        from_address=out.from_address,
+        from_address=me.from_address,
         subject=subject,
         text=text,
         in_reply_to=last.message_id if last is not None else None,

@@ -71,6 +71,10 @@ class Ticket(SQLModel, table=True):
     waiting_since: datetime | None = None
     snoozed_until: datetime | None = None
     acknowledged: bool = False
+    # The language of the ticket's letters ("" = not chosen yet) and its brand ("" = the
+    # installation's own identity); both chosen once, kept for the ticket's life (issue 17).
+    language: str = ""
+    brand: str = ""
 
 
 class Participant(SQLModel, table=True):

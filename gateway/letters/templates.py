@@ -1,0 +1,369 @@
+"""Letter templates: shipped files, an admin's overrides, rendering and `rules check`.
+
+One file per letter and language in ``gateway/templates/`` (package data), named
+``<letter>.<lang>.txt``. The file's text up to the first section line is the letter's body;
+each ``=== name ===`` line starts a *phrase*, a sentence the code puts together with facts
+(a deadline line, one attachment line, ...). Placeholders are ``$name`` or ``${name}``
+(:class:`string.Template`), nothing else: a template cannot compute, only say.
+
+Templates receive persons and times as *facts* taken from the ticket and the plan the
+escalator enforces (the stored deadline, the named owner; gateway.sla.plan): they never
+compute them, so a letter cannot promise something the escalator will not do.
+
+Overrides: a file with the same name in ``templates_dir`` (default ``templates`` beside the
+rules folder) wins; a phrase it does not contain comes from the shipped file. A language-less
+``<letter>.txt`` there is the override for the installation's default language (the form the
+gateway read before issue 17). ``common.<lang>.txt`` holds phrases several letters share.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+from gateway.letters.i18n import DEFAULT_LANGUAGE, LANGUAGES
+
+__all__ = [
+    "LETTERS",
+    "Letter",
+    "LetterSpec",
+    "Template",
+    "check_templates",
+    "load",
+    "render",
+    "shipped_names",
+]
+
+_SECTION_RE = re.compile(r"^=== ([a-z0-9_]+) ===[ \t]*$")
+_NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+@dataclass(frozen=True)
+class LetterSpec:
+    """What a letter may say: the body's facts, the facts it must use, its phrases."""
+
+    name: str
+    description: str
+    facts: frozenset[str]
+    #: Each inner tuple is "at least one of these" (a deadline may be written three ways).
+    required: tuple[tuple[str, ...], ...] = ()
+    phrases: dict[str, frozenset[str]] = field(default_factory=dict)
+
+
+def _f(*names: str) -> frozenset[str]:
+    return frozenset(names)
+
+
+_COMMON_PHRASES = {
+    "what_first_response": _f(),
+    "what_next_response": _f(),
+    "what_resolution": _f(),
+    "commitment_none": _f("who", "ref"),
+    "commitment_by": _f("who", "ref", "by"),
+    "commitment_then": _f("who", "then"),
+    "and": _f(),
+    "no_subject": _f(),
+    "staff_reply_footer": _f("ref"),
+}
+
+#: The registry: every template the gateway renders, what it may and must say.
+LETTERS: dict[str, LetterSpec] = {
+    spec.name: spec
+    for spec in (
+        LetterSpec(
+            "ack",
+            "acknowledgement of a new ticket (to the customer)",
+            _f(
+                "ref", "owner", "subject", "deadline", "deadline_local", "deadline_utc",
+                "hours", "received", "performance", "reply_address", "signature",
+                "business_name", "others", "notice",
+            ),
+            (("ref",), ("owner",), ("deadline", "deadline_local", "deadline_utc")),
+            {
+                "deadline": _f("due_local", "due_utc"),
+                "deadline_their_zone": _f("due_theirs"),
+                "deadline_back": _f("back"),
+                "hours": _f("hours"),
+                "hours_closed": _f("hours", "back"),
+                "received_head": _f(),
+                "received_subject": _f("subject"),
+                "attachments_one": _f("count", "total"),
+                "attachments_many": _f("count", "total"),
+                "attachment_line": _f("name", "size"),
+                "unnamed": _f(),
+                "no_attachments": _f(),
+                "not_kept": _f("what", "size", "why"),
+                "performance": _f("days", "median", "p90", "tickets"),
+            },
+        ),
+        LetterSpec(
+            "notice",
+            "customer notice: a promise was broken, and what the plan does now",
+            _f("said", "commitment", "hours", "ref", "signature", "business_name"),
+            (("ref",), ("said",), ("commitment",)),
+            {"owned_person": _f("person", "when"), "owned_clock": _f("what", "when")},
+        ),
+        LetterSpec(
+            "late",
+            "late-processing message (instead of an acknowledgement)",
+            _f(
+                "received", "processed", "missed", "commitment", "hours", "ref", "signature",
+                "business_name",
+            ),
+            (("ref",), ("received",), ("processed",), ("commitment",)),
+            {"missed_item": _f("what", "when")},
+        ),
+        LetterSpec(
+            "staff",
+            "lines of the letters to staff (English): owner notification, handover, alerts",
+            _f(),
+            (),
+            {
+                "notify_new": _f("ref", "who"),
+                "notify_again": _f("ref", "who"),
+                "reply_footer": _f("requester", "from_address"),
+                "handover_subject": _f("ref", "subject"),
+                "held_subject": _f("ref", "holder", "subject"),
+                "held_body": _f(
+                    "ref", "subject", "requester", "holder", "holder_email", "reason"
+                ),
+                "alert_subject": _f("subject"),
+            },
+        ),
+        LetterSpec("common", "phrases several letters share", _f(), (), _COMMON_PHRASES),
+    )
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Template:
+    """One parsed file: its body, its phrases, and where each came from (for errors)."""
+
+    path: str
+    body: str
+    phrases: dict[str, str]
+    #: section ("" = body) -> first line number in the file
+    lines: dict[str, int]
+
+
+def parse(text: str, path: str) -> Template:
+    """Split a template file into its body and ``=== name ===`` phrases."""
+    body: list[str] = []
+    phrases: dict[str, list[str]] = {}
+    lines = {"": 1}
+    current = body
+    for number, line in enumerate(text.splitlines(), start=1):
+        m = _SECTION_RE.match(line)
+        if m:
+            current = phrases.setdefault(m.group(1), [])
+            lines[m.group(1)] = number + 1
+            continue
+        current.append(line)
+    joined = {k: "\n".join(v).strip("\n") for k, v in phrases.items()}
+    return Template(path, "\n".join(body).strip("\n"), joined, lines)
+
+
+def _shipped_text(filename: str) -> str | None:
+    try:
+        return resources.files("gateway").joinpath("templates", filename).read_text("utf-8")
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+
+
+def shipped_names() -> list[str]:
+    """Every shipped template file name, sorted."""
+    folder = resources.files("gateway").joinpath("templates")
+    return sorted(p.name for p in folder.iterdir() if p.name.endswith(".txt"))
+
+
+def _override_text(templates_dir: Path | None, filename: str) -> tuple[str, str] | None:
+    if templates_dir is None:
+        return None
+    path = Path(templates_dir) / filename
+    try:
+        return path.read_text(encoding="utf-8"), str(path)
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+        return None
+
+
+@dataclass(frozen=True)
+class Letter:
+    """A letter ready to render in one language: body and phrases resolved, with sources."""
+
+    name: str
+    lang: str
+    body: str
+    phrases: dict[str, str]
+    #: the file the body came from ("gateway/templates/ack.de.txt" or the override's path)
+    source: str
+
+    def phrase(self, key: str, **facts: object) -> str:
+        text = self.phrases.get(key, "")
+        return string.Template(text).safe_substitute({k: str(v) for k, v in facts.items()})
+
+
+def _layers(
+    name: str, lang: str, templates_dir: Path | None, default_language: str, shipped: bool
+) -> list[Template]:
+    """Most specific first: the override for ``lang``, the language-less override (it speaks
+    the installation's default language), then the shipped file for ``lang`` and English."""
+    found: list[Template] = []
+    candidates = [f"{name}.{lang}.txt"]
+    if lang == default_language:
+        candidates.append(f"{name}.txt")
+    for filename in candidates:
+        override = _override_text(templates_dir, filename)
+        if override is not None:
+            found.append(parse(*override))
+    if shipped:
+        for code in dict.fromkeys((lang, DEFAULT_LANGUAGE)):
+            text = _shipped_text(f"{name}.{code}.txt")
+            if text is not None:
+                found.append(parse(text, f"gateway/templates/{name}.{code}.txt"))
+    return found
+
+
+def load(
+    name: str,
+    lang: str = DEFAULT_LANGUAGE,
+    templates_dir: Path | None = None,
+    *,
+    default_language: str = DEFAULT_LANGUAGE,
+) -> Letter:
+    """The letter ``name`` in ``lang`` (English for a phrase nobody wrote in ``lang``).
+
+    ``name`` may be a route's own acknowledgement (``acknowledge = "vip"``): its body comes
+    from ``vip.<lang>.txt``/``vip.txt`` in ``templates_dir``, else from ``ack``; its phrases
+    from ``ack``.
+    """
+    if lang not in LANGUAGES:
+        lang = DEFAULT_LANGUAGE
+    if not _NAME_RE.fullmatch(name):
+        name = "ack"
+    base = name if name in LETTERS else "ack"
+    layers: list[Template] = []
+    if base != name:
+        layers += _layers(name, lang, templates_dir, default_language, shipped=False)
+    layers += _layers(base, lang, templates_dir, default_language, shipped=True)
+    body, source = "", ""
+    for t in layers:
+        if t.body.strip():
+            body, source = t.body, t.path
+            break
+    layers += _layers("common", lang, templates_dir, default_language, shipped=True)
+    phrases: dict[str, str] = {}
+    for t in reversed(layers):
+        phrases.update(t.phrases)
+    return Letter(name, lang, body, phrases, source)
+
+
+def render(letter: Letter, facts: dict[str, str]) -> str:
+    """The body with its facts; blank facts leave no hole of empty lines."""
+    text = string.Template(letter.body).safe_substitute(facts)
+    return re.sub(r"\n{3,}", "\n\n", text).strip() + "\n"
+
+
+# --------------------------------------------------------------------------- checking
+
+
+def _placeholders(text: str) -> list[tuple[int, str]]:
+    """(line offset, name) of every placeholder; ``$$`` is a literal dollar."""
+    found = []
+    for m in string.Template.pattern.finditer(text):
+        name = m.group("named") or m.group("braced")
+        if name:
+            found.append((text.count("\n", 0, m.start()), name))
+        elif m.group("invalid") is not None:
+            found.append((text.count("\n", 0, m.start()), "$"))
+    return found
+
+
+def check_text(text: str, path: str, spec: LetterSpec, *, body_required: bool) -> list[str]:
+    """Problems of one template file as ``file:line: message``."""
+    problems: list[str] = []
+    t = parse(text, path)
+    sections = {"": t.body, **t.phrases}
+    for section, content in sections.items():
+        if section and section not in spec.phrases and section not in _COMMON_PHRASES:
+            problems.append(
+                f"{path}:{t.lines[section] - 1}: unknown phrase '{section}' in the "
+                f"'{spec.name}' template; known: {', '.join(sorted(spec.phrases))}"
+            )
+            continue
+        if section:
+            allowed = spec.phrases.get(section, _COMMON_PHRASES.get(section, _f()))
+        else:
+            allowed = spec.facts
+        # The body starts at line 1; a phrase's content on the line after its header.
+        first = t.lines[section] + (_leading_blank(text) if not section else 0)
+        for offset, name in _placeholders(content):
+            if name == "$":
+                problems.append(
+                    f"{path}:{first + offset}: a lone '$' (write '$$' for a dollar sign)"
+                )
+            elif name not in allowed:
+                known = ", ".join(f"${n}" for n in sorted(allowed)) or "none"
+                problems.append(
+                    f"{path}:{first + offset}: unknown placeholder ${name} in "
+                    f"{'the body' if not section else f'phrase {section!r}'}; allowed: {known}"
+                )
+    if t.body.strip():
+        used = {name for _, name in _placeholders(t.body)}
+        for group in spec.required:
+            if not used.intersection(group):
+                need = " or ".join(f"${n}" for n in group)
+                problems.append(
+                    f"{path}:1: the '{spec.name}' letter must state {need} "
+                    "(a fact from the ticket and its plan)"
+                )
+    elif body_required:
+        problems.append(f"{path}:1: the template has no text")
+    return problems
+
+
+def _leading_blank(text: str) -> int:
+    # parse() strips leading blank lines of the body; count them back for line numbers.
+    n = 0
+    for line in text.splitlines():
+        if line.strip():
+            break
+        n += 1
+    return n
+
+
+def check_templates(templates_dir: Path, route_templates: tuple[str, ...] = ()) -> list[str]:
+    """Every override in ``templates_dir``: unknown letters, placeholders and phrases, and
+    missing required facts, each ``file:line: message``. A missing folder is no problem."""
+    folder = Path(templates_dir)
+    if not folder.is_dir():
+        return []
+    problems: list[str] = []
+    for path in sorted(folder.glob("*.txt")):
+        parts = path.name[: -len(".txt")].split(".")
+        name = parts[0]
+        lang = parts[1] if len(parts) > 1 else None
+        if len(parts) > 2 or (lang is not None and lang not in LANGUAGES):
+            problems.append(
+                f"{path}:1: name templates <letter>.<language>.txt with a language of "
+                f"{', '.join(LANGUAGES)}"
+            )
+            continue
+        spec = LETTERS.get(name)
+        if spec is None and name in route_templates:
+            spec = LETTERS["ack"]  # a route's own acknowledgement
+        if spec is None:
+            problems.append(
+                f"{path}:1: unknown template '{name}'; known: "
+                f'{", ".join(sorted(LETTERS))} or a route\'s acknowledge = "{name}"'
+            )
+            continue
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as error:
+            problems.append(f"{path}:1: cannot read: {error}")
+            continue
+        problems += check_text(text, str(path), spec, body_required=name not in ("common", "staff"))
+    return problems

@@ -1,0 +1,59 @@
+"""The DKIM key for a letter's From domain: a brand's own key, else the configured ones.
+
+A brand (`[brands.X] dkim = {domain, selector, key_file}`, issue 17) signs its letters with
+its own key so the signature aligns with its From domain (DMARC, RFC 7489 §3.1.1: the d=
+domain must align with the From domain). Keys are read on first use and kept; a key file
+that cannot be read makes signing fail for that letter only (the delivery worker retries it
+as a temporary failure and the other letters still go out).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from email.parser import BytesHeaderParser
+from email.utils import parseaddr
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from gateway.outbound.dkim import DkimKey, load_key
+
+if TYPE_CHECKING:
+    from gateway.routing.model import Rules
+
+__all__ = ["BrandKeys", "from_domain"]
+
+
+def from_domain(raw: bytes) -> str:
+    """The domain of the message's From address, lowercased ("" when there is none)."""
+    head = raw.split(b"\r\n\r\n", 1)[0]
+    msg = BytesHeaderParser().parsebytes(head + b"\r\n\r\n")
+    return parseaddr(str(msg.get("From", "")))[1].rpartition("@")[2].lower()
+
+
+class BrandKeys:
+    """Chooses the signing keys of one outgoing message by its From domain."""
+
+    def __init__(self, rules: Callable[[], Rules] | None) -> None:
+        self.rules = rules
+        self._cache: dict[tuple[str, str, str], DkimKey] = {}
+
+    def keys_for(self, raw: bytes, default: Sequence[DkimKey]) -> Sequence[DkimKey]:
+        if self.rules is None:
+            return default
+        try:
+            rules = self.rules()
+        except Exception:  # no rules loaded: the configured keys, as before brands
+            return default
+        if not rules.brands:
+            return default
+        domain = from_domain(raw)
+        for brand in rules.brands.values():
+            if brand.domain != domain or not brand.dkim_key_file:
+                continue
+            ident = (brand.dkim_key_file, brand.dkim_domain, brand.dkim_selector)
+            if ident not in self._cache:
+                self._cache[ident] = load_key(
+                    Path(brand.dkim_key_file), brand.dkim_domain, brand.dkim_selector
+                )
+            return [self._cache[ident]]
+        return default

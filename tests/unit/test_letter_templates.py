@@ -1,0 +1,122 @@
+"""Letter templates, languages and formats (gateway.letters; issue 17)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from gateway.letters import i18n
+from gateway.letters.language import choose, detect, from_header
+from gateway.letters.templates import LETTERS, check_templates, load, render, shipped_names
+from gateway.sla.business_time import BusinessCalendar
+
+BERLIN = BusinessCalendar.build(
+    "berlin", "Europe/Berlin", {d: "09:00-17:00" for d in ("mon", "tue", "wed", "thu", "fri")}
+)
+DUE = datetime(2026, 11, 23, 13, 0, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(
+    ("lang", "expected"),
+    [
+        ("en", "Monday 23 November 2026, 14:00 CET (Europe/Berlin)"),
+        ("de", "Montag, 23. November 2026, 14:00 Uhr CET (Europe/Berlin)"),
+        ("fr", "lundi 23 novembre 2026 à 14:00 CET (Europe/Berlin)"),
+        ("es", "lunes, 23 de noviembre de 2026, 14:00 CET (Europe/Berlin)"),
+        ("ru", "понедельник, 23 ноября 2026 г., 14:00 CET (Europe/Berlin)"),
+    ],
+)
+def test_dates_are_written_for_the_language(lang: str, expected: str) -> None:
+    assert i18n.format_local(DUE, BERLIN, lang) == expected
+
+
+def test_hours_sizes_and_durations_per_language() -> None:
+    assert i18n.describe_hours(BERLIN, "en") == BERLIN.describe_hours()
+    assert i18n.describe_hours(BERLIN, "de") == "Mo–Fr 09:00–17:00 (Europe/Berlin)"
+    assert i18n.describe_hours(BERLIN, "ru") == "пн–пт 09:00–17:00 (Europe/Berlin)"
+    assert i18n.describe_size(3 * 1024 * 1024 // 2, "de") == "1,5 MB"
+    assert i18n.describe_size(3 * 1024 * 1024 // 2, "en") == "1.5 MB"
+    assert i18n.duration(timedelta(minutes=125), "de") == "2 Std. 5 Min."
+
+
+def test_every_shipped_template_passes_its_own_check(tmp_path: Path) -> None:
+    names = shipped_names()
+    for letter in ("ack", "notice", "late", "common"):
+        for lang in i18n.LANGUAGES:
+            assert f"{letter}.{lang}.txt" in names
+    # The shipped files are valid overrides of themselves (same placeholders, same facts).
+    for name in names:
+        text = (Path(__file__).parents[2] / "gateway" / "templates" / name).read_text()
+        (tmp_path / name).write_text(text)
+    assert check_templates(tmp_path) == []
+
+
+def test_every_language_has_every_english_phrase() -> None:
+    for name in ("ack", "notice", "late", "common"):
+        english = set(load(name, "en").phrases)
+        for lang in i18n.LANGUAGES:
+            text = Path(__file__).parents[2] / "gateway" / "templates" / f"{name}.{lang}.txt"
+            own = set(load(name, lang).phrases)
+            assert own >= english, (lang, name, english - own)
+            assert text.exists()
+
+
+def test_override_wins_and_missing_phrases_come_from_the_shipped_file(tmp_path: Path) -> None:
+    (tmp_path / "ack.de.txt").write_text("Hallo! $ref bei $owner, bis $deadline_utc.\n")
+    letter = load("ack", "de", tmp_path)
+    assert letter.source == str(tmp_path / "ack.de.txt")
+    assert letter.phrase("no_attachments") == "  Keine Anhänge."
+    text = render(letter, {"ref": "A-1", "owner": "Alice", "deadline_utc": "2026-11-23T13:00Z"})
+    assert text == "Hallo! A-1 bei Alice, bis 2026-11-23T13:00Z.\n"
+    # The language-less override is the default language's; German ignores it.
+    (tmp_path / "notice.txt").write_text("Sorry: $said $commitment $ref\n")
+    assert load("notice", "en", tmp_path).source == str(tmp_path / "notice.txt")
+    assert load("notice", "de", tmp_path).source == "gateway/templates/notice.de.txt"
+
+
+def test_check_reports_unknown_placeholders_phrases_and_missing_facts(tmp_path: Path) -> None:
+    (tmp_path / "ack.txt").write_text("Hello\n\n$ref $owner $deadline\n$colour\n")
+    (tmp_path / "notice.fr.txt").write_text(
+        "Bonjour $said $commitment $ref\n=== owned_person ===\n$person le $when $who\n"
+    )
+    (tmp_path / "late.xx.txt").write_text("x\n")
+    (tmp_path / "thanks.txt").write_text("x\n")
+    (tmp_path / "vip.txt").write_text("Dear $owner, $ref by $deadline_local\n")
+    (tmp_path / "ack.es.txt").write_text("Hola $ref\n=== bogus ===\nx\n")
+    problems = check_templates(tmp_path, route_templates=("vip",))
+    text = "\n".join(problems)
+    assert f"{tmp_path}/ack.txt:4: unknown placeholder $colour in the body" in text
+    assert f"{tmp_path}/notice.fr.txt:3: unknown placeholder $who in phrase 'owned_person'" in text
+    assert f"{tmp_path}/late.xx.txt:1: name templates" in text
+    assert f"{tmp_path}/thanks.txt:1: unknown template 'thanks'" in text
+    assert f"{tmp_path}/ack.es.txt:2: unknown phrase 'bogus'" in text
+    assert f"{tmp_path}/ack.es.txt:1: the 'ack' letter must state $owner" in text
+    assert "vip.txt" not in text  # a route's own acknowledgement, valid
+    assert set(LETTERS) >= {"ack", "notice", "late", "staff", "common"}
+
+
+def test_language_choice_order_and_reasons() -> None:
+    german = "Guten Tag, mein Drucker funktioniert seit gestern nicht mehr. Können Sie helfen?"
+    base = {"route_name": "r", "earlier": None, "content_language": [], "default": "en"}
+    assert choose(route="fr", text=german, **base).lang == "fr"  # type: ignore[arg-type]
+    assert choose(route=None, text=german, **{**base, "earlier": ("es", "A-1")}).source == (  # type: ignore[arg-type]
+        "customer"
+    )
+    c = choose(route=None, text="hi", **{**base, "content_language": ["ru-RU, en"]})  # type: ignore[arg-type]
+    assert (c.lang, c.source) == ("ru", "header")
+    c = choose(route=None, text=german, **base)  # type: ignore[arg-type]
+    assert (c.lang, c.source) == ("de", "detected")
+    c = choose(route=None, text="ok thanks", **base)  # type: ignore[arg-type]
+    assert (c.lang, c.source, c.reason) == (
+        "en",
+        "default",
+        "installation default; text too short to detect",
+    )
+    # Detection is deterministic and ignores quoted history.
+    assert detect(german) == detect(german)
+    quoted = "Thanks!\n" + "\n".join("> " + german for _ in range(5))
+    assert detect(quoted) is None
+    assert from_header(["it", "de-AT"]) == "de"
+    assert from_header(["it"]) is None
