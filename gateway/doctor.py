@@ -341,10 +341,11 @@ def _sending_addresses(settings: Settings, resolver: Resolver) -> tuple[list[str
     return _addresses(resolver, hostname), f"this host {hostname} (the relay is local)"
 
 
-def check_spf(settings: Settings, resolver: Resolver) -> Check:
+def check_spf(settings: Settings, resolver: Resolver, sender: str = "") -> Check:
+    """SPF of the domain our mail leaves from (`sender`; default `outbound.from_address`)."""
     from gateway.security.sender_auth import authenticate
 
-    sender = settings.outbound.from_address
+    sender = sender or settings.outbound.from_address
     domain = sender.rsplit("@", 1)[-1].lower()
     name = f"spf:{domain}"
     try:
@@ -397,30 +398,39 @@ def check_spf(settings: Settings, resolver: Resolver) -> Check:
     return _ok(name, f"{records[0]!r} allows {source} ({', '.join(ips)})")
 
 
-def check_dkim(settings: Settings, resolver: Resolver) -> list[Check]:
+def check_dkim(
+    settings: Settings,
+    resolver: Resolver,
+    signing: tuple[str, str, list[str]] | None = None,
+    key_setting: str = "outbound.dkim.key_file",
+) -> list[Check]:
+    """The published DKIM record matches each signing key. `signing` is (domain, selector,
+    key files); default: `[outbound.dkim]`."""
     from gateway.outbound.dkim import dns_record, load_key, public_txt_record
 
     d = settings.outbound.dkim
-    name = f"dkim:{d.selector}._domainkey.{d.domain}"
-    if not d.key_file:
+    domain, selector, files = signing or (d.domain, d.selector, [d.key_file, *d.extra_key_files])
+    files = [f for f in files if f]
+    name = f"dkim:{selector}._domainkey.{domain}"
+    if not files:
         return [
             Check(
                 name,
                 "warn",
-                "outbound.dkim.key_file is empty: outgoing mail is not signed",
+                f"{key_setting} is empty: outgoing mail from {domain} is not signed",
                 "support-gateway dkim keygen --out /etc/support-gateway/dkim.key, set "
-                "outbound.dkim.key_file to it and publish the record it prints",
+                f"{key_setting} to it and publish the record it prints",
             )
         ]
     try:
-        published = _q(resolver, f"{d.selector}._domainkey.{d.domain}", "TXT")
+        published = _q(resolver, f"{selector}._domainkey.{domain}", "TXT")
     except DnsTempError as exc:
         return [Check(name, "warn", f"could not check: {exc}", "")]
     have = {_tag(t, "p") for t in published}
     out = []
-    for f in [d.key_file, *d.extra_key_files]:
+    for f in files:
         try:
-            key = load_key(Path(f), d.domain, d.selector)
+            key = load_key(Path(f), domain, selector)
         except (OSError, ValueError) as exc:
             out.append(Check(name, "fail", f"cannot read the key {f}: {exc}", "check the path"))
             continue
@@ -470,6 +480,32 @@ def check_dmarc(resolver: Resolver, domain: str) -> Check:
     )
 
 
+def check_brands(settings: Settings, resolver: Resolver) -> list[Check]:
+    """Each `[brands.X]` of the rules is a support identity of its own: replies to its
+    reply-address domain must reach us (MX), its From domain must allow our relay (SPF),
+    publish its DKIM key and a DMARC record. Invalid rules are reported by `check_rules`."""
+    from gateway.routing.loader import load_rules
+
+    try:
+        rules = load_rules(settings.rules_path)
+    except Exception:
+        return []
+    out: list[Check] = []
+    for brand in rules.brands.values():
+        setting = f"[brands.{brand.id}] dkim.key_file"
+        out.append(check_mx(settings, resolver, brand.reply_to_domain))
+        out.append(check_spf(settings, resolver, sender=brand.from_address))
+        signing = (
+            brand.dkim_domain or brand.domain,
+            brand.dkim_selector or settings.outbound.dkim.selector,
+            [brand.dkim_key_file],
+        )
+        out += check_dkim(settings, resolver, signing, setting)
+        out.append(check_dmarc(resolver, brand.domain))
+    # One domain is checked once, whoever uses it (the main identity and a brand may share).
+    return list({c.name: c for c in out}.values())
+
+
 # All of it ------------------------------------------------------------------------------
 
 
@@ -510,6 +546,7 @@ def run_checks(
         (lambda d=d: check_dmarc(resolver, d))  # type: ignore[misc]
         for d in _public_domains([*settings.smtp.domains, outbound])
     ]
+    steps += [lambda: check_brands(settings, resolver)]
     steps += [lambda: check_tls(settings, now), lambda: check_rules(settings)]
     for step in steps:
         try:

@@ -219,3 +219,43 @@ def test_doctor_reports_a_bad_config(tmp_path: Path, bad: str) -> None:
     )
     assert r.returncode == 1
     assert b"FAIL  config" in r.stdout and b"smtp.listen" in r.stdout
+
+
+async def test_each_brand_is_checked_like_the_main_identity(tmp_path: Path) -> None:
+    """Issue 17: `doctor` checks every `[brands.X]`: MX of its reply domain, SPF of its From
+    domain, its own DKIM record, DMARC; a brand whose key is not published fails by name."""
+    import shutil
+
+    from tests.conftest import RULES
+
+    async with CaptureRelay() as relay:
+        settings = installation(tmp_path, relay.port)
+        b2_key = tmp_path / "b2.key"
+        keygen(b2_key, domain="b2.example", selector="gw1", bits=1024)
+        rules = tmp_path / "rules"
+        rules.mkdir()
+        shutil.copy(RULES / "rules.toml", rules / "rules.toml")
+        (rules / "00-brands.toml").write_text(
+            '[brands.b2]\nfrom_address = "help@b2.example"\nfrom_name = "B2 Support"\n'
+            f'dkim = {{ domain = "b2.example", selector = "gw1", key_file = "{b2_key}" }}\n'
+        )
+        settings.rules_dir = str(rules)
+        dns = zone(settings)
+        dns.add("b2.example", "MX", f"10 {HOST}")
+        dns.add("b2.example", "TXT", f"v=spf1 ip4:{HOST_IP} -all")
+        dns.add("_dmarc.b2.example", "TXT", "v=DMARC1; p=reject")
+        b2_record = public_txt_record(load_key(b2_key, "b2.example", "gw1"))
+        dns.add("gw1._domainkey.b2.example", "TXT", b2_record)
+        good = by_name(
+            await asyncio.to_thread(run_checks, None, settings=settings, resolver=dns, now=NOW)
+        )
+        dns.remove("gw1._domainkey.b2.example", "TXT")
+        bad = by_name(
+            await asyncio.to_thread(run_checks, None, settings=settings, resolver=dns, now=NOW)
+        )
+    for name in ("mx:b2.example", "spf:b2.example", "dkim:gw1._domainkey.b2.example"):
+        assert good[name].status == "ok", good[name]
+    assert good["dmarc:b2.example"].status == "ok"
+    broken = bad["dkim:gw1._domainkey.b2.example"]
+    assert broken.status == "fail" and "v=DKIM1" in broken.fix
+    assert bad["dkim:gw1._domainkey.example.com"].status == "ok"  # the main key is untouched
