@@ -1,6 +1,6 @@
 """Composition root: builds settings, clock, database, spool, rules and workers, and runs them.
 
-One place wires everything (ARCHITECTURE.md): no module-level singletons, no "am I under
+One place wires everything (docs/architecture.md): no module-level singletons, no "am I under
 test?" branches. Tests build a `Gateway` with a `FrozenClock` and a static DNS resolver and
 run it on their own event loop; `serve` runs the same object until SIGTERM.
 
@@ -162,7 +162,7 @@ class Gateway:
         self.delivery = DeliveryWorker(
             self.engine, settings, self.clock, signer=self.signer, rules=lambda: self.rules.current
         )
-        # SLA escalation (FIELD-NOTES §7): sleeps until the next step is due, at most 60 s.
+        # SLA escalation (docs/design.md §7): sleeps until the next step is due, at most 60 s.
         self.escalator = Escalator(
             self.engine, settings, self.clock, lambda: self.rules.current, self.signer
         )

@@ -26,7 +26,7 @@ from gateway.settings import ConfigError, Settings, load_settings
 EX_OK = 0
 EX_FAIL = 1
 EX_USAGE = 64
-EX_ARGS = 2  # argparse's usage status, and ours for a bad option value (CONTRACT.md)
+EX_ARGS = 2  # argparse's usage status, and ours for a bad option value (docs/interface.md)
 EX_TEMPFAIL = 75  # sysexits.h: the MTA keeps the message and retries
 EX_CONFIG = 78  # sysexits.h EX_CONFIG
 
@@ -209,7 +209,7 @@ def _parser() -> argparse.ArgumentParser:
         help="check the installation end to end (config, database, spool, relay, DNS, TLS, "
         "rules); each check ok/warn/fail with the fix; exit 1 when any fails",
     )
-    doc.add_argument("--json", action="store_true", help='{"checks": [...]} (CONTRACT.md)')
+    doc.add_argument("--json", action="store_true", help='{"checks": [...]} (docs/interface.md)')
 
     dk = sub.add_parser("dkim", help="DKIM keys").add_subparsers(
         dest="dkim_command", required=True, metavar="SUBCOMMAND"

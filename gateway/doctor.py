@@ -1,7 +1,7 @@
 """`support-gateway doctor`: check an installation end to end and say what to fix.
 
 Each check gives ``ok``, ``warn`` or ``fail``, a ``detail`` (what was found) and, unless ok,
-a ``fix``: the exact DNS record or setting to add. The JSON shape is CONTRACT.md's
+a ``fix``: the exact DNS record or setting to add. The JSON shape is docs/interface.md's
 ``{"checks": [{"name", "status", "detail", "fix"}]}``; the command exits 1 when any check
 fails.
 

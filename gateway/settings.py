@@ -1,6 +1,6 @@
 """Infrastructure settings: `config.toml` plus `GATEWAY_<SECTION>__<KEY>` environment overrides.
 
-The key names are the public contract (../shared/docs/CONTRACT.md); more keys may be added,
+The key names are the public contract (docs/interface.md); more keys may be added,
 none renamed. Business rules (people, routes, SLAs) live in `rules/`, never here.
 
 Precedence, highest first: environment variables, the TOML file, the embedded defaults.
@@ -398,7 +398,7 @@ class NodeSettings(_Section):
 class HttpSettings(_Section):
     # /metrics (Prometheus text format), /healthz, /readyz. "" = off. Off in the embedded
     # defaults so that tests and a second instance on one host never fight over a port;
-    # config.example.toml turns it on at 127.0.0.1:9025 (CONTRACT.md). Port 0 = any free
+    # config.example.toml turns it on at 127.0.0.1:9025 (docs/interface.md). Port 0 = any free
     # port (tests read the bound one from Gateway.http_port).
     listen: str = ""
 

@@ -4,7 +4,7 @@ A message is acknowledged only after its raw bytes and envelope are committed to
 file in WAL mode with `synchronous=FULL` (every commit is fsynced; the spool directory is
 fsynced once after the database files are created, so their directory entries are durable).
 
-Group commit (FIELD-NOTES §2): SMTP sessions hand their message to one writer thread, which
+Group commit (docs/design.md §2): SMTP sessions hand their message to one writer thread, which
 takes *everything* queued, inserts it in one transaction and commits once. It never waits a
 fixed window: when idle it flushes at once, and whatever arrives during a flush forms the
 next batch. One fsync thus serves every session of a burst.
@@ -131,7 +131,7 @@ def _envelope_hash(envelope: Envelope) -> Any:
 
 
 def dedupe_key(envelope: Envelope, raw: bytes) -> str:
-    """Hash of the envelope (sender, recipients) and the raw bytes (FIELD-NOTES §2)."""
+    """Hash of the envelope (sender, recipients) and the raw bytes (docs/design.md §2)."""
     h = _envelope_hash(envelope)
     h.update(raw)
     return str(h.hexdigest())

@@ -132,7 +132,7 @@ def _rules(settings: Settings) -> dict[str, Any]:
 
 
 def collect(settings: Settings, engine: Engine, *, ask_daemon: bool = True) -> dict[str, Any]:
-    """Every fact of `status --json` (CONTRACT.md: spool, quarantine, outbox, tickets)."""
+    """Every fact of `status --json` (docs/interface.md: spool, quarantine, outbox, tickets)."""
     now = datetime.now(UTC)
     spool_file = settings.spool_path / "spool.sqlite3"
     if spool_file.exists():

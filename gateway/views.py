@@ -1,4 +1,5 @@
-"""Read models: the JSON shapes of CONTRACT.md (`tickets list/show --json`, `sla upcoming`)."""
+"""Read models: the JSON shapes of docs/interface.md (`tickets list/show --json`, `sla
+upcoming`)."""
 
 from __future__ import annotations
 

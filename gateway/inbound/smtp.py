@@ -1,6 +1,6 @@
 """The SMTP edge: accept every message for a support domain, make it durable, answer.
 
-Nothing else happens here (FIELD-NOTES §1): parsing, threading and replies run later, off
+Nothing else happens here (docs/design.md §1): parsing, threading and replies run later, off
 the SMTP path, so DATA plus the handler always fit in one timeout.
 
 Answers, and why:
@@ -640,7 +640,7 @@ class InboundHandler:
         return f"250 2.0.0 OK queued as {entry_id}"
 
     async def handle_exception(self, error: Exception) -> str:
-        # Must be async: aiosmtpd 1.4.6 awaits it (FIELD-NOTES §1). Our trouble is
+        # Must be async: aiosmtpd 1.4.6 awaits it (docs/design.md §1). Our trouble is
         # never the sender's fault, so the answer is temporary and the sender retries.
         log.error("SMTP session error: %r", error, exc_info=error)
         self.tally[("smtp_messages_deferred", "451")] += 1

@@ -3,9 +3,9 @@
 Pure functions: everything they need is passed in (no database, no clock, no settings
 lookup), and they return the RFC 5322 bytes (``email.policy.SMTP``: CRLF line endings)
 plus the Message-ID. Nothing here signs: DKIM is applied last, by the delivery worker,
-after every header is final (FIELD-NOTES §6).
+after every header is final (docs/design.md §6).
 
-What every automatic message carries (FIELD-NOTES §3, RFC 3834):
+What every automatic message carries (docs/design.md §3, RFC 3834):
 
 - ``Auto-Submitted: auto-replied`` on acknowledgements (RFC 3834 §5.1) and
   ``auto-generated`` on notices, so well-behaved responders never answer them;
@@ -20,10 +20,10 @@ What every automatic message carries (FIELD-NOTES §3, RFC 3834):
 
 No ``Precedence`` header: RFC 3834 §3.1.8 discourages it on auto-replies.
 
-The acknowledgement is honest (BRIEF): the real reference, the named owner, the deadline as
-*stored* on the ticket (the value the escalator enforces, never recomputed here) written in
-the SLA calendar's time zone with the zone spelled out, what we actually received (and what
-we did not keep), and no "as soon as possible".
+The acknowledgement is honest (docs/design.md §0): the real reference, the named owner, the
+deadline as *stored* on the ticket (the value the escalator enforces, never recomputed here)
+written in the SLA calendar's time zone with the zone spelled out, what we actually received
+(and what we did not keep), and no "as soon as possible".
 """
 
 from __future__ import annotations
@@ -332,8 +332,8 @@ def _base_headers(
     msg["Date"] = format_datetime(now.astimezone(UTC))
     msg["Message-ID"] = message_id
     msg["Auto-Submitted"] = auto_submitted  # RFC 3834 §5
-    msg["X-Auto-Response-Suppress"] = "All"  # [MS-OXCMAIL]; FIELD-NOTES §3
-    # FIELD-NOTES §3 rule 6; the installation id, the same on every node (issue 13).
+    msg["X-Auto-Response-Suppress"] = "All"  # [MS-OXCMAIL]; docs/design.md §3
+    # docs/design.md §3 rule 6; the installation id, the same on every node (issue 13).
     msg[LOOP_HEADER] = loop or hostname
 
 
@@ -358,7 +358,7 @@ def compose_ack(
     """The acknowledgement for a new ticket: (unsigned RFC 5322 bytes, Message-ID).
 
     ``to_address`` is the envelope sender or the authenticated From, never a Reply-To
-    (FIELD-NOTES §3: a forged Reply-To would turn us into a relay for unwanted mail).
+    (docs/design.md §3: a forged Reply-To would turn us into a relay for unwanted mail).
     """
     local, domain = _local_and_domain(from_address)
     reply_to = signer.reply_address(local, reply_domain or domain, ticket_id)

@@ -1,7 +1,7 @@
 """Hand one outbound message to SMTP: to the configured smarthost, or straight to the MX.
 
 `deliver()` never raises (except on cancellation): every outcome is a `DeliveryResult`
-whose `outcome` tells the outbox worker what to do next (FIELD-NOTES §6):
+whose `outcome` tells the outbox worker what to do next (docs/design.md §6):
 
 - "sent": the server took responsibility (250 after DATA). If it refused only some
   recipients, they are in `refused` with their reply; classify each with
@@ -13,7 +13,7 @@ whose `outcome` tells the outbox worker what to do next (FIELD-NOTES §6):
 
 The envelope sender may be "" (the null reverse-path `<>`, RFC 5321 §4.5.5), which
 automatic replies must use (RFC 3834 §3.3). aiosmtplib's `send(sender="")` raises, so this
-module drives `SMTP.sendmail()` directly (FIELD-NOTES §6).
+module drives `SMTP.sendmail()` directly (docs/design.md §6).
 
 TLS, `starttls=`:
 - "opportunistic" (default): STARTTLS when the server offers it, *without* certificate

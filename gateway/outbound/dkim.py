@@ -1,6 +1,6 @@
 """DKIM keys and signatures for outbound mail (RFC 6376, ed25519 per RFC 8463).
 
-Signing is the last step before delivery (FIELD-NOTES §6): every header change made after
+Signing is the last step before delivery (docs/design.md §6): every header change made after
 `sign()` breaks the signature. One `DKIM-Signature` is prepended per key, so a domain can
 publish an RSA and an ed25519 key and sign with both (RFC 8463 §6: verifiers that do not
 know ed25519 ignore that signature and check the RSA one).

@@ -3,7 +3,7 @@
 A reassignment or escalation mail used to carry only the customer's last message: the new
 holder had no original request, no attachments, no earlier staff answers, and the person who
 lost the ticket was not told. That is the "log in to read it" failure of the seeds in another
-form (BRIEF): a person is made accountable without what they need to act. So whoever
+form (docs/design.md §0): a person is made accountable without what they need to act. So whoever
 receives a ticket, by ``#assign`` (``gateway.pipeline.staff``) or by an escalation ladder
 ``assign`` step (``gateway.sla.escalator``), gets one letter built here:
 

@@ -1,4 +1,4 @@
-"""When to try a deferred outbound message again, and when to give up (FIELD-NOTES §6).
+"""When to try a deferred outbound message again, and when to give up (docs/design.md §6).
 
 The schedule follows Postfix's queue manager: the delay before the next attempt equals the
 message's age, clamped between `minimal_backoff_time` (300 s) and `maximal_backoff_time`

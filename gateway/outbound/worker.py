@@ -1,4 +1,4 @@
-"""The delivery worker: sends what the transactional outbox holds (FIELD-NOTES §6).
+"""The delivery worker: sends what the transactional outbox holds (docs/design.md §6).
 
 Stages never send mail. They write an ``Outbox`` row (unsigned bytes) in the same
 transaction as the ticket change (``enqueue``); this worker claims due rows, DKIM-signs them
@@ -366,7 +366,7 @@ class DeliveryWorker:
     async def _send(self, item: _Claimed) -> tuple[DeliveryResult, bytes]:
         try:
             keys = self.brand_keys.keys_for(item.raw, self.keys)
-            signed = sign(item.raw, keys)  # FIELD-NOTES §6: DKIM-sign last
+            signed = sign(item.raw, keys)  # docs/design.md §6: DKIM-sign last
         except (ValueError, RuntimeError, OSError) as exc:
             return DeliveryResult("temporary", None, f"DKIM signing failed: {exc}"), item.raw
         result = await deliver(

@@ -1,6 +1,6 @@
 """What a bounce or report is about: which message of ours, which recipient, how final.
 
-A bounce never opens a ticket (FIELD-NOTES §3.7); it is attached to the ticket whose outbound
+A bounce never opens a ticket (docs/design.md §3.7); it is attached to the ticket whose outbound
 message bounced, found through the original Message-ID (ours are signed, see
 ``gateway.security.tokens``), and a permanent failure is told to the owner.
 

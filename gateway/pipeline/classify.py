@@ -1,11 +1,11 @@
-"""Robot detection: may this message get an automatic acknowledgement? (FIELD-NOTES §3)
+"""Robot detection: may this message get an automatic acknowledgement? (docs/design.md §3)
 
 ``classify`` is a pure function of the parsed message and its envelope sender. It returns a
 ``RobotVerdict``: one ``kind`` chosen by precedence, and **every** reason found, so the audit
 trail shows why no acknowledgement went out. It never raises: header values may be malformed,
 non-ASCII or missing, and a classifier bug must fail safe (no ack), not crash the pipeline.
 
-Rules (numbers are FIELD-NOTES §3):
+Rules (numbers are docs/design.md §3):
 
 1. null envelope sender or ``Return-Path: <>`` — RFC 3834 §2 / RFC 5321 §4.5.5: bounces and
    auto-replies are sent with a null reverse-path, and nothing may answer a null sender.

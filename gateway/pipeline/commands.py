@@ -4,7 +4,7 @@ Pure: text in, ``(commands, remaining_text, errors)`` out; no database, no rules
 stage (``gateway.pipeline.staff``) validates what needs the rules (``#assign`` to a known
 person, ``#merge`` to an existing ticket) and applies them.
 
-Grammar (BRIEF: "a few email commands"; issue 7):
+Grammar (docs/design.md §0: "a few email commands"; issue 7):
 
 - commands are read only from the **first lines** of the reply, one per line, case-insensitive;
   blank lines before and between them are skipped; the first line that is not a command ends

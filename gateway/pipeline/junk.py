@@ -134,7 +134,7 @@ def file_junk(ctx: Context) -> Junk | None:
         select(Junk).where(Junk.dedupe_key == ctx.entry.dedupe_key, Junk.state == "junk")
     ).first()
     if existing is None and ctx.parsed.message_id:
-        # The same message sent to two of our addresses is one item (FIELD-NOTES §4).
+        # The same message sent to two of our addresses is one item (docs/design.md §4).
         existing = s.exec(
             select(Junk).where(Junk.message_id == ctx.parsed.message_id, Junk.state == "junk")
         ).first()
@@ -389,7 +389,7 @@ def release_junk(
 
 
 def junk_summary(row: Junk) -> dict[str, Any]:
-    """One item of ``junk list --json`` (CONTRACT.md: at least id, from, subject,
+    """One item of ``junk list --json`` (docs/interface.md: at least id, from, subject,
     received_at, reason)."""
     spam = json.loads(row.spam or "{}")
     return {

@@ -1,6 +1,6 @@
 """Owner notifications: the owner gets the customer's whole message by email (issue 7).
 
-"The ticket was updated: log in to read it", and nothing was there (BRIEF). So the
+"The ticket was updated: log in to read it", and nothing was there (docs/design.md §0). So the
 notification carries everything the owner needs to answer from a mail client:
 
 - the customer's **full text** (never "log in to read"), and their attachments, attached
@@ -12,10 +12,10 @@ notification carries everything the owner needs to answer from a mail client:
 - ``Reply-To`` = the signed per-person, per-ticket address
   (``Signer.reply_address(..., person=owner)``): the owner answers by replying, and the staff
   stage (``gateway.pipeline.staff``) checks that the reply really comes from that person
-  (FIELD-NOTES §5: staff identity is never proven by ``From:`` alone);
+  (docs/design.md §5: staff identity is never proven by ``From:`` alone);
 - ``Auto-Submitted: auto-generated`` (RFC 3834 §5.1), a signed Message-ID (kind ``notify``),
   our loop header; written to the transactional outbox with the null sender
-  (FIELD-NOTES §6), never sent from here.
+  (docs/design.md §6), never sent from here.
 
 Runs after ``respond`` in the same transaction, for a new ticket and for every further
 message from a human customer. For a new ticket, every person a matching route lists in
@@ -25,7 +25,7 @@ notifications are never held for a person's working hours (docs/rules.md "People
 Never for robots (auto-replies, bounces, lists: their mail is recorded, the owner is not
 paged for it) and never for staff mail (``kind`` note or
 staff_reply, set by ``record`` and the staff stage). A mail whose From is one of our staff but
-that came without a staff token (a possible forgery, FIELD-NOTES §5) is still notified, with
+that came without a staff token (a possible forgery, docs/design.md §5) is still notified, with
 a warning line, so the impersonated person sees it.
 """
 
@@ -236,7 +236,7 @@ def _owner(ctx: Context, ticket: Ticket) -> Person | None:
     rules = ctx.services.rules
     person = rules.people.get(ticket.owner)
     if person is None:
-        # Always a named human (FIELD-NOTES §7): fall back to the default owner.
+        # Always a named human (docs/design.md §7): fall back to the default owner.
         person = rules.people.get(rules.defaults.owner)
     return person
 
@@ -249,7 +249,7 @@ def _warnings(ctx: Context) -> list[str]:
         out.append(
             f"the From address {ctx.sender} is {staff[ctx.sender.lower()].name}'s, but this "
             f"mail did not come through a staff reply address; it was treated as a customer "
-            f"message and NOT relayed (FIELD-NOTES §5: From alone proves nothing)"
+            f"message and NOT relayed (docs/design.md §5: From alone proves nothing)"
         )
     if ctx.auth is not None and ctx.auth.likely_forged:
         out.append(

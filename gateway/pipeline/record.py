@@ -182,7 +182,7 @@ def record(ctx: Context) -> None:
                 was_waiting = ticket.status == "waiting"
                 armed = ticket.next_response_due
                 if policy is not None and calendar is not None:
-                    # FIELD-NOTES §7: resumes a waiting ticket (deadlines moved by the business
+                    # docs/design.md §7: resumes a waiting ticket (deadlines moved by the business
                     # time spent waiting) and re-arms next response after a human reply,
                     # counted from the oldest unanswered message. Only human customer mail
                     # gets here: out-of-office replies have kind auto_reply.

@@ -1,11 +1,11 @@
-"""Respond stage: decide whether a new ticket is acknowledged, and say why (FIELD-NOTES §3).
+"""Respond stage: decide whether a new ticket is acknowledged, and say why (docs/design.md §3).
 
 Runs after ``record`` in the same transaction: the acknowledgement is written to the outbox
-(transactional outbox, FIELD-NOTES §6) together with the ticket, never sent from here. Every
+(transactional outbox, docs/design.md §6) together with the ticket, never sent from here. Every
 decision leaves one event on the ticket, ``ack-sent`` or ``ack-suppressed`` with the reason,
 so ``tickets show`` explains why a customer did or did not get a reply.
 
-No acknowledgement (each a rule of FIELD-NOTES §3, RFC 3834 §2):
+No acknowledgement (each a rule of docs/design.md §3, RFC 3834 §2):
 - the route says ``acknowledge = false``;
 - the classifier found a robot (rules 1-7: null sender, Auto-Submitted, Precedence, List-*,
   X-Auto-Response-Suppress, system local parts, our loop header, reports);
@@ -19,9 +19,9 @@ No acknowledgement (each a rule of FIELD-NOTES §3, RFC 3834 §2):
 - the recipient would be empty or one of our own addresses (rule 6).
 
 The deadline in the ack is ``ticket.first_response_due``, the stored value the escalator
-enforces, never recomputed (BRIEF: one computation for the promise and the escalation). The
-owner it names is the route's owner checked against the plan (gateway.pipeline.route
-``cover_window``: on duty before the deadline), and the promise is recorded
+enforces, never recomputed (docs/design.md §0: one computation for the promise and the
+escalation). The owner it names is the route's owner checked against the plan
+(gateway.pipeline.route ``cover_window``: on duty before the deadline), and the promise is recorded
 (``_record_promise``) so it is enforced and shown (issue 11).
 
 A ticket processed after its own deadlines passed (it waited in a stopped node's spool) gets

@@ -4,7 +4,7 @@ Runs after ``record`` (which stores mail to a *staff* reply token, one carrying 
 as an internal ``note`` and never lets it touch the customer clocks) and before ``respond``,
 in the same transaction. It decides what that mail may do.
 
-**Who is it?** (FIELD-NOTES §5: "staff identity is never proven by From: alone".) RT and
+**Who is it?** (docs/design.md §5: "staff identity is never proven by From: alone".) RT and
 FreeScout accept an agent's reply on the strength of the ``From:`` header, so anyone can write
 to the customer as an agent. Here a reply acts as staff only when all of these hold:
 
@@ -44,7 +44,7 @@ gets one short confirmation; a command-only mail sends nothing to the customer.
 support address as ``"<Person> via <from_name>"``, threaded to the customer's last message,
 ``[REF] subject``, Reply-To the signed customer address, signed Message-ID, attachments kept;
 an Outbox row (kind ``staff_reply``, envelope sender = the support address: a human reply,
-not automatic mail) that the delivery worker DKIM-signs last (FIELD-NOTES §6). It is the
+not automatic mail) that the delivery worker DKIM-signs last (docs/design.md §6). It is the
 human response for the SLA clocks (``on_staff_reply``: first response stops, next response
 is cleared, ``last_staff_at`` set).
 """

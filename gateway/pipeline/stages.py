@@ -1,15 +1,15 @@
 """The stages of the pipeline, in order, each a small function `stage(ctx) -> None`.
 
-The order is the flow of a message (ARCHITECTURE.md) and matters:
+The order is the flow of a message (docs/architecture.md) and matters:
 - parse first: every later stage reads the parsed message;
 - classify before thread: a bounce is matched by the message it reports on, never by its
-  sender, and never opens a ticket (FIELD-NOTES §3 rule 7);
+  sender, and never opens a ticket (docs/design.md §3 rule 7);
 - authenticate before route: rules may match on `authenticated`;
 - thread before route: only a new ticket is routed, a reply keeps its ticket's owner;
 - staff replies are judged after record (the message is stored whatever the verdict) and
   before respond, so a relayed answer and its clock changes commit together;
 - record, then respond: the ticket, the message, the audit trail and any acknowledgement
-  (a transactional outbox row, FIELD-NOTES §6) are written in the same transaction as
+  (a transactional outbox row, docs/design.md §6) are written in the same transaction as
   everything decided above; the spool entry is released after the commit.
 """
 
@@ -170,7 +170,7 @@ def thread_stage(ctx: Context) -> None:
         return
     if kind in ("auto_reply", "loop"):
         # Out-of-office replies (often sent with the null reverse-path, RFC 3834 §3.1.3) and
-        # our own mail coming back join their ticket without reopening it (FIELD-NOTES §3);
+        # our own mail coming back join their ticket without reopening it (docs/design.md §3);
         # unmatched, they are recorded without a ticket.
         ctx.kind = "auto_reply"
         ctx.thread.reopen = False
@@ -180,7 +180,7 @@ def thread_stage(ctx: Context) -> None:
         return
     if kind in ("bounce", "report") or not ctx.entry.envelope.mail_from:
         # A bounce belongs to the ticket whose outbound message it reports on; it never
-        # opens a ticket and is never answered (FIELD-NOTES §3 rule 7). The null reverse-path
+        # opens a ticket and is never answered (docs/design.md §3 rule 7). The null reverse-path
         # is reserved for such notifications (RFC 5321 §4.5.5), so other mail sent with it
         # never opens a ticket either, even when its content is not a recognisable report.
         ctx.kind = "bounce"
@@ -234,7 +234,7 @@ STAGES: tuple[Stage, ...] = (
     route_stage,
     known_customer_stage,  # issue 12: a known customer's new mail, by policy (conversation)
     record,
-    staff_stage,  # staff-token mail: authenticate, apply commands, relay (FIELD-NOTES §5)
+    staff_stage,  # staff-token mail: authenticate, apply commands, relay (docs/design.md §5)
     respond,
     notify_owner_stage,  # the owner gets the customer's full text, never "log in to read"
 )

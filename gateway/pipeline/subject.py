@@ -1,4 +1,4 @@
-"""Subject lines: normalisation for thread matching, and our ticket references (FIELD-NOTES §4).
+"""Subject lines: normalisation for thread matching, and our ticket references (docs/design.md §4).
 
 ``normalise_subject`` gives the form two subjects of one conversation share, for the optional
 "same normalised subject and same participants" threading rule (§4.6). ``find_ticket_refs``

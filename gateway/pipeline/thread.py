@@ -1,4 +1,4 @@
-"""Thread stage: which ticket does this message belong to, and why (FIELD-NOTES §4).
+"""Thread stage: which ticket does this message belong to, and why (docs/design.md §4).
 
 Threading proves the ticket, participation proves the person (issue 10). Order of
 precedence, first hit wins:

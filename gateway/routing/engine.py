@@ -81,7 +81,7 @@ def _shorten(text: str, limit: int = _SUBJECT_SHOWN) -> str:
 
 
 def _first_glob(value: str, globs: tuple[str, ...]) -> str | None:
-    # Addresses compare case-insensitively (FIELD-NOTES §4); the loader lowercased the globs.
+    # Addresses compare case-insensitively (docs/design.md §4); the loader lowercased the globs.
     lowered = value.lower()
     return next((g for g in globs if fnmatchcase(lowered, g)), None)
 

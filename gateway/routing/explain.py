@@ -1,6 +1,6 @@
 """`rules explain`: where a message would go, who owns it, when it is due, and why.
 
-`explain` builds exactly the JSON object of CONTRACT.md (`route`, `queue`, `priority`, `sla`,
+`explain` builds exactly the JSON object of docs/interface.md (`route`, `queue`, `priority`, `sla`,
 `owner`, `acknowledge`, `deadlines`, `trace`) plus a few extra keys (`at`, `tags`, `notify`,
 `assigned_by`, `matched_routes`, `calendar`, `business_hours_now`, and `letters`: the
 language, brand and template file each letter would use). Deadlines are computed by

@@ -1,7 +1,7 @@
 """The validated rules: people, calendars, SLA policies, defaults and routes.
 
 These are the typed, immutable values `loader.load_rules` builds from `rules/*.toml`
-(CONTRACT.md "Rules files"). Nothing here reads files or clocks; the engine and the SLA code
+(docs/interface.md "Rules files"). Nothing here reads files or clocks; the engine and the SLA code
 take a `Rules` and work on it.
 """
 
@@ -41,7 +41,7 @@ ROLES: tuple[str, ...] = ("owner", "backup", "manager")
 
 @dataclass(frozen=True)
 class Person:
-    """A named human who can own tickets (BRIEF: every owner is a named human)."""
+    """A named human who can own tickets (docs/design.md §0: every owner is a named human)."""
 
     id: str
     name: str
@@ -239,7 +239,7 @@ class Rules:
         return self.calendars[self.policy(sla_id).calendar]
 
     def calendar_for_person(self, person_id: str) -> BusinessCalendar | None:
-        """A person's working hours (to notify them while they work, FIELD-NOTES §7)."""
+        """A person's working hours (to notify them while they work, docs/design.md §7)."""
         calendar = self.person(person_id).calendar
         return self.calendars[calendar] if calendar else None
 

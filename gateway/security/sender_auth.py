@@ -2,8 +2,8 @@
 
 :func:`authenticate` turns a raw inbound message plus its SMTP envelope into an
 :class:`AuthResult`, which the pipeline stores on the message and consults before sending an
-acknowledgement (FIELD-NOTES §3 rule 8: never ack a likely-forged sender, that is backscatter)
-and before trusting a ``From:`` address (FIELD-NOTES §5).
+acknowledgement (docs/design.md §3 rule 8: never ack a likely-forged sender, that is backscatter)
+and before trusting a ``From:`` address (docs/design.md §5).
 
 What is checked, and where the standards come in:
 
@@ -212,7 +212,7 @@ class AuthResult:
 
     @property
     def likely_forged(self) -> bool:
-        """True when an automatic reply would probably be backscatter (FIELD-NOTES §3 rule 8).
+        """True when an automatic reply would probably be backscatter (docs/design.md §3 rule 8).
 
         DMARC ``fail`` under ``p=reject``/``quarantine`` (RFC 7489 §6.3), or an SPF hard
         ``fail`` (RFC 7208 §2.6.4) — unless the From domain is nevertheless authenticated

@@ -1,4 +1,4 @@
-"""Signed reply tokens and signed Message-IDs: how a reply finds its ticket (FIELD-NOTES §4).
+"""Signed reply tokens and signed Message-IDs: how a reply finds its ticket (docs/design.md §4).
 
 Two things we put into mail must come back to us intact and must not be forgeable:
 

@@ -18,7 +18,7 @@ RFC 8601 §2.7 and RFC 7489 §6.6.2 imply: a check that could not complete (``te
   the explicit opt-in ``security.staff_token_only_domains`` for staff domains that publish
   neither DKIM nor SPF, and even then only when the checks completed and nothing failed.
 * :func:`ack_decision`: an acknowledgement is sent unless the sender is ``failed`` (an ack
-  would be backscatter, FIELD-NOTES §3 rule 8); ``inconclusive`` defers it (ticket and owner
+  would be backscatter, docs/design.md §3 rule 8); ``inconclusive`` defers it (ticket and owner
   notification never wait); once the re-check window is over, a still-unknown sender gets
   what ``security.ack_if_unverified`` says (default ``suppress``).  A sender whose checks
   *failed* is never acknowledged, whatever that setting says.

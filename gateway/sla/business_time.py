@@ -1,6 +1,6 @@
 """Business-time arithmetic: calendars with an IANA time zone, weekly hours and holidays.
 
-SLA clocks run only while the support team is open (FIELD-NOTES §7). A `BusinessCalendar`
+SLA clocks run only while the support team is open (docs/design.md §7). A `BusinessCalendar`
 answers four questions about instants: is it open, when does it next open, what instant lies a
 given amount of business time after another, and how much business time lies between two.
 
@@ -10,7 +10,7 @@ and converted through `zoneinfo`, so DST changes are honoured: on the night Euro
 springs forward a 24x7 day lasts 23 real hours, and business time is always *real* elapsed time
 while open (a deadline two open hours away is two hours of wall time away, never one or three).
 
-Reference vectors from Request Tracker's `t/sla/timezone.t` (see FIELD-NOTES §7): created
+Reference vectors from Request Tracker's `t/sla/timezone.t` (see docs/design.md §7): created
 2007-01-01T22:00Z, 2 business hours, Mon-Fri 09:00-17:00 America/New_York -> 2007-01-02T15:00Z;
 the same in Europe/Moscow -> opens 06:00Z, due 08:00Z. Both are unit tests.
 """
@@ -66,7 +66,7 @@ def parse_duration(text: str, *, day: timedelta = timedelta(days=1)) -> timedelt
     """Parse "4h", "30m", "2d", "90s" or a combination in that order ("1d4h", "1h30m").
 
     `day` is what one "d" is worth. Rules files speak of *business* days ("resolution = 5d"
-    means five working days, CONTRACT.md's example lands exactly one week later), so the
+    means five working days, docs/interface.md's example lands exactly one week later), so the
     loader passes the length of the policy calendar's working day (`BusinessCalendar.day`);
     the plain default is 24 hours. The grammar lives in `gateway.sla.durations` (one grammar
     for rules, commands and the CLI).

@@ -6,7 +6,7 @@ same attributes) and the instant the event happened, mutates only the clock fiel
 object and returns nothing that needs a database or a clock. The pipeline and the staff
 commands call these, the escalator reads the result through `active_deadlines`.
 
-The rules (FIELD-NOTES §7, docs/rules.md "SLA policies"):
+The rules (docs/design.md §7, docs/rules.md "SLA policies"):
 
 - **first response** runs from creation and is stopped by the first human reply
   (`first_responded_at`); it is never re-armed.
@@ -16,7 +16,7 @@ The rules (FIELD-NOTES §7, docs/rules.md "SLA policies"):
   deadline away by writing more). Before the first reply the first-response clock covers
   the customer, so next response is not armed.
 - **resolution** runs from creation until the ticket is closed.
-- **waiting on the customer pauses the clocks that depend on us** (FIELD-NOTES §7). All three
+- **waiting on the customer pauses the clocks that depend on us** (docs/design.md §7). All three
   clocks measure *our* work (answering, resolving), and while the ball is in the customer's
   court none of it can be late, so all three pause. On resume each deadline that had not yet
   been missed when the pause began is moved by the business time spent waiting (its
@@ -179,7 +179,7 @@ def on_staff_reply(ticket: ClockState, at: datetime) -> None:
 
 
 def on_waiting(ticket: ClockState, at: datetime) -> None:
-    """Open -> waiting on the customer: the clocks that depend on us pause (FIELD-NOTES §7)."""
+    """Open -> waiting on the customer: the clocks that depend on us pause (docs/design.md §7)."""
     if ticket.status != "open":
         return
     ticket.status = "waiting"

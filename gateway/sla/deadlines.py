@@ -1,9 +1,10 @@
 """SLA deadlines computed from a policy, its calendar and an instant.
 
 This is the one computation behind both the promise in an acknowledgement and the deadline the
-escalator enforces (BRIEF: "come from one computation"). Pure: time comes in as arguments.
+escalator enforces (docs/design.md §0: "come from one computation"). Pure: time comes in as
+arguments.
 
-Clock semantics (FIELD-NOTES §7): first response and resolution start when the ticket is
+Clock semantics (docs/design.md §7): first response and resolution start when the ticket is
 created; next response re-arms when the customer writes again after a human reply, so it is
 None at creation. Escalation steps count business time after a missed deadline.
 """

@@ -10,7 +10,7 @@ A person is **on duty** at an instant when it lies in their calendar's opening h
 calendar: always) and its local date in that calendar's zone is not one of their `away`
 days. The **walk** from a role tries owner -> backup -> manager (relative to the current
 owner, as before), then the policy's `on_call` people, then `[defaults] owner`; the first
-on duty wins. When nobody is on duty, the candidate on duty *soonest* is named (FIELD-NOTES
+on duty wins. When nobody is on duty, the candidate on duty *soonest* is named (docs/design.md
 §7: always a named human, never "nobody"), and the reason is kept for the event log.
 """
 

@@ -1,5 +1,5 @@
 """The escalator: when an SLA clock runs out, a named human is told and, step by step, takes
-over; the customer is told honestly that the promise slipped (BRIEF point 5, FIELD-NOTES §7).
+over; the customer is told honestly that the promise slipped (docs/design.md §0, docs/design.md §7).
 
 What fires, for each open, non-snoozed ticket and each running clock (`clocks.active_deadlines`):
 
@@ -26,7 +26,7 @@ ticket row is claimed with `SELECT ... FOR UPDATE SKIP LOCKED`, so two nodes nev
 ticket at once; on SQLite `BEGIN IMMEDIATE` serialises writers anyway. After downtime every
 step whose moment has passed fires once, in order (catch-up).
 
-Notify people in their own working hours, and always a named human (FIELD-NOTES §7; Zammad
+Notify people in their own working hours, and always a named human (docs/design.md §7; Zammad
 notifies nobody when a ticket has no owner): a target off duty (outside their calendar or
 away) is skipped for the next on-duty person in owner -> backup -> manager -> the policy's
 on-call people -> `rules.defaults.owner`; with nobody on duty, the one on duty soonest stays
@@ -687,7 +687,7 @@ class Escalator:
     # -------------------------------------------------------------------------- people
 
     def _owner(self, ticket: Ticket, rules: Rules) -> tuple[Person, list[str]]:
-        """The ticket's owner, or the default owner when it has none (FIELD-NOTES §7:
+        """The ticket's owner, or the default owner when it has none (docs/design.md §7:
         always a named human, where Zammad would notify nobody)."""
         person = rules.people.get(ticket.owner) if ticket.owner else None
         if person is not None:

@@ -29,7 +29,7 @@ from gateway.store.models import Promise, Ticket
 
 __all__ = ["STATES", "promises_json", "record", "settle", "settle_state"]
 
-#: The states of a promise (CONTRACT.md, `tickets show --json` "promises").
+#: The states of a promise (docs/interface.md, `tickets show --json` "promises").
 STATES: tuple[str, ...] = ("pending", "kept", "broken", "withdrawn")
 
 

@@ -42,7 +42,7 @@ def make_engine(url: str) -> Engine:
             dbapi_conn.isolation_level = None
             cur = dbapi_conn.cursor()
             cur.execute("PRAGMA journal_mode=WAL")
-            # FULL: a commit survives power loss in WAL mode (FIELD-NOTES §2).
+            # FULL: a commit survives power loss in WAL mode (docs/design.md §2).
             cur.execute("PRAGMA synchronous=FULL")
             cur.execute("PRAGMA foreign_keys=ON")
             cur.execute("PRAGMA busy_timeout=30000")

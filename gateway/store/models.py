@@ -91,9 +91,9 @@ class Message(SQLModel, table=True):
     # Robot mail that matches no ticket (an unknown bounce) is still recorded, ticketless.
     ticket_id: int | None = Field(default=None, foreign_key="ticket.id", index=True)
     direction: str = "in"  # in | out
-    kind: str = "customer"  # see CONTRACT.md message kinds
+    kind: str = "customer"  # see docs/interface.md message kinds
     message_id: str | None = Field(default=None, index=True)  # the header, with <>
-    dedupe_key: str = Field(unique=True)  # sha256 of envelope + raw (FIELD-NOTES §2)
+    dedupe_key: str = Field(unique=True)  # sha256 of envelope + raw (docs/design.md §2)
     raw_sha256: str = Field(index=True)
     mail_from: str = ""  # envelope sender
     from_address: str = ""

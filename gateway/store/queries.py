@@ -195,7 +195,7 @@ def ensure_customer(session: Session, address: str, name: str, now: datetime) ->
 
 
 def mark_undeliverable(session: Session, address: str, reason: str, now: datetime) -> None:
-    """A permanent bounce about our mail to `address` (FIELD-NOTES §3 rule 7)."""
+    """A permanent bounce about our mail to `address` (docs/design.md §3 rule 7)."""
     row = session.exec(
         select(CustomerAddress).where(CustomerAddress.address == address.lower())
     ).first()

@@ -117,7 +117,7 @@ async def test_human_mail_gets_one_signed_honest_ack(env: Env) -> None:
     text = _text(ack)
     assert t.ref in text
     assert "Alice Martin is looking after your request." in text
-    # The promise is the stored deadline, exactly (BRIEF: one computation).
+    # The promise is the stored deadline, exactly (docs/design.md §0: one computation).
     stated = re.search(r"\((\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ)\)", text)
     assert stated is not None, text
     assert stated.group(1) == d["deadlines"]["first_response"] == "2026-11-23T13:00:00Z"

@@ -100,7 +100,7 @@ async def test_bounce_corpus_gets_no_ack_and_no_ticket(
         assert acks == 1  # only the human's
         assert len(all_tickets(gw)) == 1  # no ticket from any bounce
         # Nothing lost: every distinct message is stored or recorded as a duplicate (copies
-        # identical in envelope and bytes collapse in the spool, FIELD-NOTES §2).
+        # identical in envelope and bytes collapse in the spool, docs/design.md §2).
         distinct = len({crlf(r) for r in raws})
         assert recorded + duplicates == 1 + distinct
         assert len(attached) == 3 and len(bounce_events) == 3

@@ -1,4 +1,4 @@
-"""The commands an admin runs, as subprocesses against real files (CONTRACT.md names)."""
+"""The commands an admin runs, as subprocesses against real files (docs/interface.md names)."""
 
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ worker driven by hand on a frozen clock, mail read at the capture relay:
   business time, as the rules do.
 
 Staff mail comes from example.com, which publishes neither DKIM nor SPF here: the signed
-per-person token is the proof (FIELD-NOTES §5), see tests/integration/test_staff_email.py.
+per-person token is the proof (docs/design.md §5), see tests/integration/test_staff_email.py.
 """
 
 from __future__ import annotations

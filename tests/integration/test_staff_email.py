@@ -8,7 +8,7 @@ notes, forged staff mail and tokens used from the wrong address are covered too.
 The pipeline's own stages run (``staff_stage`` right after ``record``,
 ``notify_owner_stage`` after ``respond``) with a ``DeliveryWorker`` driven by hand. Staff mail
 is DKIM-signed for example.com with the test key, whose record is in the gateway's static
-resolver, so the "aligned DKIM/SPF when available" rule (FIELD-NOTES §5) is exercised for
+resolver, so the "aligned DKIM/SPF when available" rule (docs/design.md §5) is exercised for
 real; example.com also publishes SPF `-all`, so an unsigned reply fails SPF and is refused
 by that same rule; a domain that publishes nothing is refused too, unless it is listed in the
 opt-in `security.staff_token_only_domains` (issue 10).

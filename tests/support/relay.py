@@ -1,7 +1,7 @@
 """A capture SMTP relay on loopback: where every outbound message lands in integration tests.
 
 `CaptureRelay` is an aiosmtpd server on 127.0.0.1 with a free port, served on the running
-event loop (FIELD-NOTES §1: `loop.create_server`, not the threaded `Controller`), so tests
+event loop (docs/design.md §1: `loop.create_server`, not the threaded `Controller`), so tests
 stay single-threaded and deterministic. It records each accepted message as a `Captured`,
 and can be told to fail:
 
@@ -102,7 +102,7 @@ def _default_text(code: int) -> str:
 class _CaptureSMTP(SMTP):
     """aiosmtpd's protocol with a generous line limit, tracked by its relay."""
 
-    # FIELD-NOTES §1: stock aiosmtpd answers "500 Line too long" past 1001 octets; read
+    # docs/design.md §1: stock aiosmtpd answers "500 Line too long" past 1001 octets; read
     # before __init__ builds its StreamReader, so a class attribute is the way to set it.
     line_length_limit = 1024 * 1024
 
@@ -141,7 +141,7 @@ class _Handler:
         )
 
     async def handle_exception(self, error: Exception) -> str:
-        # FIELD-NOTES §1: without this hook aiosmtpd answers 500 (permanent).
+        # docs/design.md §1: without this hook aiosmtpd answers 500 (permanent).
         return f"451 4.3.0 CaptureRelay internal error: {error!r}"
 
     async def handle_MAIL(

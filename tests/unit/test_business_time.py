@@ -111,7 +111,7 @@ def test_rt_vector_with_a_five_oclock_close_starts_next_morning() -> None:
 
 
 def test_contract_example_deadlines() -> None:
-    # CONTRACT.md: created 09:12Z Monday, 4h and 5d in Mon-Fri 09-17 Berlin.
+    # docs/interface.md: created 09:12Z Monday, 4h and 5d in Mon-Fri 09-17 Berlin.
     created = utc(2026, 11, 23, 9, 12)
     assert BERLIN.add(created, 4 * H) == utc(2026, 11, 23, 13, 12)
     assert BERLIN.add(created, parse_duration("5d", day=BERLIN.day)) == utc(2026, 11, 30, 9, 12)

@@ -1,4 +1,4 @@
-"""Robot detection (FIELD-NOTES §3, RFC 3834): who must never get an acknowledgement."""
+"""Robot detection (docs/design.md §3, RFC 3834): who must never get an acknowledgement."""
 
 from __future__ import annotations
 

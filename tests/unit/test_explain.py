@@ -1,4 +1,4 @@
-"""`rules explain`: the CONTRACT.md JSON object and its human rendering."""
+"""`rules explain`: the docs/interface.md JSON object and its human rendering."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from gateway.routing.model import Rules
 
 REPO = Path(__file__).resolve().parents[2]
 
-# The rules of CONTRACT.md's example, plus a VIP route in front of billing.
+# The rules of docs/interface.md's example, plus a VIP route in front of billing.
 RULES = """\
 [people.alice]
 name = "Alice Martin"
@@ -87,7 +87,7 @@ team = ["alice", "bob"]
 assign = "round-robin"
 """
 
-# Written exactly as in CONTRACT.md (one line, too long for this file's line limit).
+# Written exactly as in docs/interface.md (one line, too long for this file's line limit).
 RULES = RULES.replace(
     "@HOURS@",
     'hours = { mon = "09:00-17:00", tue = "09:00-17:00", wed = "09:00-17:00", '

@@ -1,4 +1,4 @@
-"""SLA clocks and the escalator under a frozen clock (FIELD-NOTES §7, docs/rules.md).
+"""SLA clocks and the escalator under a frozen clock (docs/design.md §7, docs/rules.md).
 
 Times: the `clock` fixture starts Monday 2026-11-23 09:00Z (10:00 in Berlin). The "berlin"
 calendar is Mon-Fri 09:00-17:00 Europe/Berlin = 08:00-16:00Z in November, so the "standard"

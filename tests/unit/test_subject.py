@@ -1,4 +1,4 @@
-"""Subject normalisation and ticket references (FIELD-NOTES §4)."""
+"""Subject normalisation and ticket references (docs/design.md §4)."""
 
 from __future__ import annotations
 

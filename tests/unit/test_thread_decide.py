@@ -111,7 +111,7 @@ def test_no_key_admits_a_stranger_each_links_instead(how: dict[str, str], note: 
 
 
 def test_staff_token_reaches_its_ticket_whoever_sends_it() -> None:
-    # The staff stage judges the person (FIELD-NOTES §5); threading only finds the ticket.
+    # The staff stage judges the person (docs/design.md §5); threading only finds the ticket.
     d = run(EVE, rcpt=STAFF_TOKEN)
     assert d.key == "reply-token" and d.ticket is not None and d.claim is not None
     assert d.claim.person == "alice"
