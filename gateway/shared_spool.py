@@ -116,10 +116,21 @@ class SharedSpool(Spool):
     # Lifecycle ------------------------------------------------------------------------
 
     def start_writer(self) -> None:
+        # The local spool's own writer too: a large message that the SMTP edge streamed to a
+        # file (`submit_file`) is committed there in pieces, never held whole in memory, and
+        # moved into the database by this writer's drain within RETRY seconds.
+        Spool.start_writer(self)
         if self._thread is None:
             self._thread = threading.Thread(target=self._write_loop, name="shared-spool-writer")
             self._thread.daemon = True
             self._thread.start()
+
+    async def submit_file(self, envelope: Envelope, path: Path) -> int:
+        """A large message: durable in the local spool first (`250` after its fsync, as on
+        SQLite), then moved into the shared database by the drain (see `start_writer`)."""
+        entry_id = await Spool.submit_file(self, envelope, path)
+        self._local_waiting = True
+        return entry_id
 
     def close(self) -> None:
         if self._thread is not None:

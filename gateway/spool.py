@@ -240,7 +240,10 @@ class Spool:
             # was promised for them (no `250`), the senders send them again.
             for leftover in self.tmp_dir.glob("data-*"):
                 leftover.unlink(missing_ok=True)
-            self._writer = threading.Thread(target=self._write_loop, name="spool-writer")
+            # Spool's own loop, also in a subclass with a writer of its own (SharedSpool).
+            self._writer = threading.Thread(
+                target=Spool._write_loop, args=(self,), name="spool-writer"
+            )
             self._writer.daemon = True
             self._writer.start()
 

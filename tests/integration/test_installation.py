@@ -174,3 +174,33 @@ def _head() -> str:
     heads = ScriptDirectory(str(MIGRATIONS)).get_heads()
     assert len(heads) == 1, heads
     return str(heads[0])
+
+
+@pytest.mark.postgres
+async def test_a_large_message_on_the_shared_spool_is_accepted_and_processed(
+    tmp_path: Path, pg_url: str
+) -> None:
+    """A message the SMTP edge streams to disk (over 1 MiB) is committed to the node's spool
+    in pieces, then moved into the shared database and processed by the pipeline: `250`,
+    never a hang (the shared spool once left such a message to a writer that never ran)."""
+    from gateway.store.models import Ticket
+
+    settings = make_settings(tmp_path, storage={"database_url": pg_url})
+    big = make_mail(subject="Large attachment", body="x" * 50 + "\n")
+    big.add_attachment(os.urandom(3 * 1024 * 1024), maintype="application", subtype="zip")
+    async with running_gateway(settings, FrozenClock()) as gw:
+        code, _ = await asyncio.wait_for(send(gw, big), timeout=30)
+        assert code == 250
+        processed = 0
+
+        async def ticketed() -> bool:
+            nonlocal processed
+            processed += await gw.pipeline.run_once()
+            with Session(gw.engine) as s:
+                return s.exec(select(Ticket)).first() is not None
+
+        end = asyncio.get_running_loop().time() + 30
+        while not await ticketed():  # bounded: the drain moves it within seconds
+            assert asyncio.get_running_loop().time() < end, "never reached the database"
+            await asyncio.sleep(0.2)
+    assert processed == 1
