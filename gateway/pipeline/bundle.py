@@ -21,7 +21,6 @@ clock, so tests move a ``FrozenClock`` and call :meth:`BundleWorker.run_once`.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -41,6 +40,7 @@ from gateway.pipeline.conversation import (
     open_requests,
     request_line,
 )
+from gateway.pipeline.timed import run_timed
 from gateway.sla import promises
 from gateway.store.db import session_scope
 from gateway.store.models import BundleItem, Message, Outbox, Ticket
@@ -104,26 +104,9 @@ class BundleWorker:
         return await asyncio.to_thread(self.run_once_sync)
 
     async def run(self, stopping: asyncio.Event, wakeup: asyncio.Event) -> None:
-        while not stopping.is_set():
-            wakeup.clear()
-            try:
-                await self.run_once()
-                nxt = await asyncio.to_thread(self.next_due)
-            except Exception:
-                log.exception("bundle loop error")
-                nxt = None
-            delay = IDLE
-            if nxt is not None:
-                wait = (nxt - self.services.clock.now()).total_seconds()
-                delay = max(0.5, min(IDLE, wait))
-            with contextlib.suppress(asyncio.TimeoutError):
-                waiter = asyncio.ensure_future(wakeup.wait())
-                stopper = asyncio.ensure_future(stopping.wait())
-                await asyncio.wait(
-                    {waiter, stopper}, timeout=delay, return_when=asyncio.FIRST_COMPLETED
-                )
-                waiter.cancel()
-                stopper.cancel()
+        await run_timed(
+            "bundle", self.run_once, self.next_due, self.services.clock, stopping, wakeup, IDLE
+        )
 
     # -- one bundle ----------------------------------------------------------------------
 

@@ -23,7 +23,6 @@ call :meth:`AuthRechecker.run_once`.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 from collections.abc import Callable
@@ -38,6 +37,7 @@ from gateway.pipeline.holds import next_check
 from gateway.pipeline.parse import parse
 from gateway.pipeline.respond import _is_ours, ack_recipient, send_ack_now
 from gateway.pipeline.staff import judge
+from gateway.pipeline.timed import run_timed
 from gateway.security.dns import BudgetResolver, OfflineResolver, Resolver
 from gateway.security.sender_auth import AuthResult, authenticate
 from gateway.security.verdict import ack_decision
@@ -101,26 +101,9 @@ class AuthRechecker:
         return await asyncio.to_thread(self.run_once_sync)
 
     async def run(self, stopping: asyncio.Event, wakeup: asyncio.Event) -> None:
-        while not stopping.is_set():
-            wakeup.clear()
-            try:
-                await self.run_once()
-                nxt = await asyncio.to_thread(self.next_due)
-            except Exception:
-                log.exception("re-check loop error")
-                nxt = None
-            delay = IDLE
-            if nxt is not None:
-                wait = (nxt - self.services.clock.now()).total_seconds()
-                delay = max(0.5, min(IDLE, wait))
-            with contextlib.suppress(asyncio.TimeoutError):
-                waiter = asyncio.ensure_future(wakeup.wait())
-                stopper = asyncio.ensure_future(stopping.wait())
-                await asyncio.wait(
-                    {waiter, stopper}, timeout=delay, return_when=asyncio.FIRST_COMPLETED
-                )
-                waiter.cancel()
-                stopper.cancel()
+        await run_timed(
+            "re-check", self.run_once, self.next_due, self.services.clock, stopping, wakeup, IDLE
+        )
 
     # -- one row -------------------------------------------------------------------------
 
