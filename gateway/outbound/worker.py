@@ -61,7 +61,7 @@ from gateway.routing.holder import RulesHolder
 from gateway.routing.model import Rules
 from gateway.security.tokens import Signer
 from gateway.settings import Settings
-from gateway.store.db import session_scope
+from gateway.store.db import read_scope, session_scope
 from gateway.store.models import Message, Outbox, Ticket
 from gateway.store.queries import add_event
 
@@ -554,7 +554,7 @@ class DeliveryWorker:
 
     def next_due(self) -> datetime | None:
         """When the earliest queued row is due, or a stuck lease expires; None if idle."""
-        with Session(self.engine) as s:
+        with read_scope(self.engine) as s:
             queued = s.exec(
                 select(func.min(Outbox.next_attempt_at)).where(col(Outbox.state) == "queued")
             ).first()
