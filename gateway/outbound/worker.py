@@ -363,7 +363,9 @@ class DeliveryWorker:
 
     async def _send(self, item: _Claimed) -> tuple[DeliveryResult, bytes]:
         try:
-            signed = sign(item.raw, self.keys)  # FIELD-NOTES §6: DKIM-sign last
+            # FIELD-NOTES §6: DKIM-sign last. In a worker thread: canonicalisation and
+            # hashing are pure Python and must not stall the SMTP loop (issue 16 finding 5).
+            signed = await asyncio.to_thread(sign, item.raw, self.keys)
         except (ValueError, RuntimeError) as exc:
             return DeliveryResult("temporary", None, f"DKIM signing failed: {exc}"), item.raw
         result = await deliver(

@@ -282,7 +282,7 @@ class Escalator:
 
     def _store_moments(self, session: Session, moments: dict[int, datetime]) -> None:
         if moments:
-            table: Any = Ticket.__table__
+            table: Any = Ticket.metadata.tables["ticket"]
             session.connection().execute(
                 update(table)
                 .where(table.c.id == bindparam("tid"))
