@@ -197,6 +197,7 @@ class Escalator:
         self._rules: Rules | None = None
         self.generation = 0
         self._replan_after: int | None = None
+        self._dirty_left = False
         #: Tickets the last pass read as due (tests: a ticket not due is not read).
         self.last_scanned = 0
         self._last_message: dict[int | None, Message | None] = {}
@@ -299,7 +300,8 @@ class Escalator:
         if after_id is None:
             query = query.where(col(Ticket.escalate_at).is_(None))
         else:
-            query = query.where(col(Ticket.id) > after_id)
+            # NULL ones are the dirty planning's (no double work after a start).
+            query = query.where(col(Ticket.id) > after_id, col(Ticket.escalate_at).is_not(None))
         query = query.order_by(col(Ticket.id)).limit(PLAN_CHUNK)
         if is_postgres(self.engine):
             query = query.with_for_update(skip_locked=True)
@@ -375,10 +377,17 @@ class Escalator:
         return fired
 
     def _plan_changed(self, rules: Rules) -> None:
-        """Plan the tickets whose plan changed (new tickets, replies, snoozes, promises)."""
+        """Plan the tickets whose plan changed (new tickets, replies, snoozes, promises),
+        at most REPLAN_BUDGET seconds per pass (`_dirty_left` then says to come back now):
+        after an upgrade every open ticket is to be planned, and due steps go first."""
+        started = time.monotonic()
+        self._dirty_left = False
         while self._has_dirty():
+            if time.monotonic() - started >= REPLAN_BUDGET:
+                self._dirty_left = True
+                return
             if not self._plan_dirty(rules):
-                break  # the rest is locked by another node, which plans it
+                return  # the rest is locked by another node, which plans it
 
     def _replan(self, rules: Rules) -> None:
         """After a start or a rules change every open ticket is planned again, at most
@@ -998,8 +1007,8 @@ class Escalator:
         self._rules_generation(rules)
         self._plan_changed(rules)
         self._replan(rules)
-        if self._replan_after is not None:
-            return self.clock.now()  # a replan is under way: the next pass continues it
+        if self._replan_after is not None or self._dirty_left:
+            return self.clock.now()  # planning is under way: the next pass continues it
         now = self.clock.now()
         with read_scope(self.engine) as session:
             best = session.execute(
