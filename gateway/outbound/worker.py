@@ -191,8 +191,17 @@ def load_keys(settings: Settings) -> list[DkimKey]:
     d = settings.outbound.dkim
     if not d.key_file:
         return []
-    files = [d.key_file, *d.extra_key_files]
-    return [load_key(Path(f), d.domain, d.selector) for f in files if f]
+    keys = [load_key(Path(d.key_file), d.domain, d.selector)]
+    for entry in d.extra_key_files:
+        # "selector=path" signs with that key under its own selector: dual rsa + ed25519
+        # signing (RFC 8463 §6) needs two DNS records, so two selectors. A bare path
+        # keeps the main selector (the original meaning).
+        selector, sep, path = entry.partition("=")
+        if not sep:
+            selector, path = d.selector, entry
+        if path:
+            keys.append(load_key(Path(path), d.domain, selector.strip()))
+    return keys
 
 
 @dataclass
