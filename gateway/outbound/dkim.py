@@ -192,9 +192,7 @@ def _rsa_sign(hash: Any, private_key: dict[str, int]) -> bytes:
         except ImportError:  # not installed: dkimpy's own arithmetic
             return bytes(_pure_rsa_sign(hash, private_key))
         key = _cryptography_key(private_key)
-        return bytes(
-            key.sign(hash.digest(), padding.PKCS1v15(), utils.Prehashed(hashes.SHA256()))
-        )
+        return bytes(key.sign(hash.digest(), padding.PKCS1v15(), utils.Prehashed(hashes.SHA256())))
     return bytes(_pure_rsa_sign(hash, private_key))
 
 
