@@ -56,6 +56,9 @@ from sqlalchemy import create_engine, text  # noqa: E402
 from sqlalchemy.engine import make_url  # noqa: E402
 
 RULES = REPO / "tests" / "support" / "rules"
+#: One pre-loaded ticket whose first response falls due during the first rate: the time
+#: from its moment to the escalation mail at the relay is the escalator's lag (goal < 5 s).
+DUE_REF = "PRE-DUE"
 MiB = 1024 * 1024
 
 
@@ -124,10 +127,13 @@ class Sink:
         self.arrived: dict[str, float] = {}
         self.signed: dict[str, bool] = {}
         self.samples: list[bytes] = []
+        self.due_arrived: float | None = None  # wall time the due ticket's first mail came
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
         now = time.monotonic()
         data = bytes(envelope.content)
+        if self.due_arrived is None and DUE_REF.encode() in data:
+            self.due_arrived = time.time()
         for rcpt in envelope.rcpt_tos:
             rcpt = rcpt.lower()
             if rcpt.startswith("c") and rcpt.endswith("@customer.example"):
@@ -213,8 +219,9 @@ def pct(values: list[float], q: float) -> float:
 # ------------------------------------------------------------------------------ database
 
 
-def preload(url: str, count: int) -> float:
-    """Bulk-insert `count` open tickets, nothing due for days; returns seconds taken."""
+def preload(url: str, count: int, due_at: datetime) -> float:
+    """Bulk-insert `count` open tickets, nothing due for days, plus one (DUE_REF) whose
+    first response falls due at `due_at`; returns seconds taken."""
     from gateway.store.models import Ticket
 
     if count <= 0:
@@ -247,6 +254,9 @@ def preload(url: str, count: int) -> float:
             escalate_at=None,
         )
         rows.append(row)
+    due = dict(rows[0])
+    due.update(ref=DUE_REF, subject="due soon", first_response_due=due_at, owner="alice")
+    rows.append(due)
     with engine.begin() as conn:
         for i in range(0, count, 10_000):
             conn.execute(table.insert(), rows[i : i + 10_000])
@@ -290,7 +300,8 @@ def run(args: argparse.Namespace, open_tickets: int, db_url: str, tmp: Path) -> 
     env["PYTHONPATH"] = str(REPO)
     cli = [sys.executable, "-m", "gateway", "--config", str(cfg)]
     subprocess.run([*cli, "db", "upgrade"], check=True, env=env, capture_output=True)
-    took = preload(db_url, open_tickets)
+    due_at = datetime.now(UTC) + timedelta(seconds=args.due_in)
+    took = preload(db_url, open_tickets, due_at)
     logf = open(tmp / "daemon.log", "wb")  # noqa: SIM115
     proc = subprocess.Popen([*cli, "serve"], stdout=logf, stderr=subprocess.STDOUT, env=env)
     lines: list[str] = []
@@ -341,6 +352,16 @@ def run(args: argparse.Namespace, open_tickets: int, db_url: str, tmp: Path) -> 
             print(lines[-1], flush=True)
             time.sleep(1.0)
         sampler.stop.set()
+        if open_tickets:
+            lag = (
+                f"{sink.due_arrived - due_at.timestamp():.1f} s"
+                if sink.due_arrived is not None
+                else "never arrived"
+            )
+            lines.append(
+                f"escalation: {DUE_REF}'s breach mail at the relay {lag} after its moment"
+                f" (with {open_tickets:,} open tickets, during the {args.rates[0]}/s rate)"
+            )
         if sink.samples:
             import dkim
 
@@ -366,6 +387,9 @@ def main() -> int:
     p.add_argument("--duration", type=float, default=60.0, help="seconds per rate")
     p.add_argument("--preload", default="0,100000", help="open tickets, comma-separated")
     p.add_argument("--drain", type=float, default=20.0, help="seconds to wait after a rate")
+    p.add_argument(
+        "--due-in", type=float, default=45.0, help="seconds from pre-load to the due moment"
+    )
     p.add_argument("--database-url", default="", help="PostgreSQL server (default SQLite)")
     args = p.parse_args()
     args.rates = [int(r) for r in args.rates.split(",") if r]
