@@ -258,8 +258,11 @@ def preload(url: str, count: int, due_at: datetime) -> float:
     due.update(ref=DUE_REF, subject="due soon", first_response_due=due_at, owner="alice")
     rows.append(due)
     with engine.begin() as conn:
-        for i in range(0, count, 10_000):
+        for i in range(0, len(rows), 10_000):
             conn.execute(table.insert(), rows[i : i + 10_000])
+    with engine.begin() as conn:
+        # Statistics for the planner, as autovacuum would gather after such a load.
+        conn.execute(text("ANALYZE"))
     engine.dispose()
     return time.monotonic() - t
 
@@ -378,6 +381,8 @@ def run(args: argparse.Namespace, open_tickets: int, db_url: str, tmp: Path) -> 
             proc.kill()
         logf.close()
         relay.stop()
+        if args.keep_log:
+            Path(args.keep_log).write_bytes((tmp / "daemon.log").read_bytes())
     return lines
 
 
@@ -390,6 +395,7 @@ def main() -> int:
     p.add_argument(
         "--due-in", type=float, default=45.0, help="seconds from pre-load to the due moment"
     )
+    p.add_argument("--keep-log", default="", help="copy the daemon's log here at the end")
     p.add_argument("--database-url", default="", help="PostgreSQL server (default SQLite)")
     args = p.parse_args()
     args.rates = [int(r) for r in args.rates.split(",") if r]

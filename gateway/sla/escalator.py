@@ -298,11 +298,17 @@ class Escalator:
         overwritten by a stale moment. Returns the last id planned (0: none)."""
         query = sa_select(*_SCAN_COLUMNS).where(col(Ticket.status) == "open")
         if after_id is None:
-            query = query.where(col(Ticket.escalate_at).is_(None))
+            # No ORDER BY: walking the primary key in order to find the few NULL rows (the
+            # newest tickets, at the end) is what PostgreSQL would pick for a LIMIT; the
+            # (status, escalate_at) index finds them directly.
+            query = query.where(col(Ticket.escalate_at).is_(None)).limit(PLAN_CHUNK)
         else:
             # NULL ones are the dirty planning's (no double work after a start).
-            query = query.where(col(Ticket.id) > after_id, col(Ticket.escalate_at).is_not(None))
-        query = query.order_by(col(Ticket.id)).limit(PLAN_CHUNK)
+            query = (
+                query.where(col(Ticket.id) > after_id, col(Ticket.escalate_at).is_not(None))
+                .order_by(col(Ticket.id))
+                .limit(PLAN_CHUNK)
+            )
         if is_postgres(self.engine):
             query = query.with_for_update(skip_locked=True)
         with session_scope(self.engine) as session:
@@ -310,8 +316,7 @@ class Escalator:
             if not rows:
                 return 0
             self._store_moments(session, self._plan_moments(session, rows, rules))
-        last = rows[-1].id
-        return last or 0
+        return max(row.id or 0 for row in rows)
 
     def _has_dirty(self) -> bool:
         with read_scope(self.engine) as session:

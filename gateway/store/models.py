@@ -47,6 +47,7 @@ class CustomerMerge(SQLModel, table=True):
 class Ticket(SQLModel, table=True):
     __table_args__ = (
         Index("ticket_escalate", "status", "escalate_at"),
+        Index("ticket_snoozed", "snoozed_until"),
         Index("ticket_owner_status", "owner", "status"),
         Index("ticket_queue_created", "queue", "created_at", "first_responded_at"),
     )
