@@ -80,18 +80,26 @@ def signing(n: int) -> list[str]:
 
 
 async def probe(port: int, stop: asyncio.Event, rtts: list[float]) -> None:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    await e2e._reply(reader)
-    writer.write(b"EHLO probe.example\r\n")
-    await e2e._reply(reader)
+    """NOOP every 5 ms; a new connection whenever the daemon closes one (it limits the
+    commands a session may send without a transaction)."""
     while not stop.is_set():
-        t = time.monotonic()
-        writer.write(b"NOOP\r\n")
-        await e2e._reply(reader)
-        rtts.append(time.monotonic() - t)
-        await asyncio.sleep(0.005)
-    writer.write(b"QUIT\r\n")
-    writer.close()
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            await e2e._reply(reader)
+            writer.write(b"EHLO probe.example\r\n")
+            await e2e._reply(reader)
+            while not stop.is_set():
+                t = time.monotonic()
+                writer.write(b"NOOP\r\n")
+                answer = await e2e._reply(reader)
+                if not answer.startswith("250"):
+                    break
+                rtts.append(time.monotonic() - t)
+                await asyncio.sleep(0.005)
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
 
 
 async def measure(port: int, rate: int, duration: float) -> tuple[list[float], list[float]]:
