@@ -37,6 +37,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
 import gateway
+from gateway.store.db import READ_ONLY
 
 log = logging.getLogger("gateway.metrics")
 
@@ -375,7 +376,8 @@ class StateCollector(Collector):
         if self.engine is None:
             return
         try:
-            with self.engine.connect() as conn:
+            # Read-only: a scrape never takes SQLite's write lock (issue 16 finding 3).
+            with self.engine.execution_options(**{READ_ONLY: True}).connect() as conn:
                 f = db_facts(conn, now)
                 self.events.update(conn)
         except Exception as exc:

@@ -40,12 +40,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import or_
+from sqlalchemy import bindparam, func, or_, update
 from sqlalchemy import select as sa_select
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
@@ -75,7 +76,7 @@ from gateway.sla.plan import (
     fires,
     plan_ticket,
 )
-from gateway.store.db import is_postgres, session_scope
+from gateway.store.db import is_postgres, read_scope, session_scope
 from gateway.store.models import EscalationStep, Message, Promise, Ticket
 from gateway.store.queries import add_event, last_customer_message
 
@@ -93,6 +94,17 @@ log = logging.getLogger("gateway.sla")
 
 #: `run()` wakes at least this often, so rules edits and new tickets are seen.
 MAX_SLEEP = 60.0
+
+#: `Ticket.escalate_at` of a ticket with nothing left to fire (NULL means "to be planned").
+FAR = datetime(9000, 1, 1, tzinfo=UTC)
+#: Tickets planned per transaction, and seconds of re-planning per pass after a rules change.
+PLAN_CHUNK = 500
+REPLAN_BUDGET = 0.5
+
+
+def _chunks(items: list[int], size: int) -> list[list[int]]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
 
 _CLOCK_NAMES = {
     "first_response": "first response",
@@ -180,10 +192,14 @@ class Escalator:
         self.signer = signer
         # Keys known to be fired (rows are never deleted, so this only saves queries).
         self._fired: set[Key] = set()
-        # Per ticket: (clock state, earliest moment not fired yet), see _earliest_unfired.
-        self._pending: dict[int, tuple[object, datetime | None]] = {}
-        # Per ticket: (clock, due) of customer promises not yet owned up to (see _scan).
-        self._promised: dict[int, tuple[tuple[str, datetime], ...]] = {}
+        # The rules object in force and its generation (see _rules_generation); the id of
+        # the last ticket re-planned after a rules change (None: no replan under way).
+        self._rules: Rules | None = None
+        self.generation = 0
+        self._replan_after: int | None = None
+        self._dirty_left = False
+        #: Tickets the last pass read as due (tests: a ticket not due is not read).
+        self.last_scanned = 0
         self._last_message: dict[int | None, Message | None] = {}
         self._human: dict[int, bool] = {}
         self.fired_total = 0
@@ -191,18 +207,6 @@ class Escalator:
         self.last_delay: float | None = None
 
     # -------------------------------------------------------------------------- planning
-
-    def _plan(
-        self, ticket: Ticket | _Scan, rules: Rules, promised: tuple[tuple[str, datetime], ...]
-    ) -> list[Fire]:
-        """Every fire this ticket has, fired or not, in order (`gateway.sla.plan.fires`).
-
-        The customer notice is planned whenever the policy asks for one; whether the requester
-        is a human is checked when it fires (a robot's notice is recorded as skipped).
-        """
-        if ticket.id is None:
-            return []
-        return fires(ticket, ticket.sla, rules, promised)
 
     def _fired_state(
         self, session: Session, ticket_id: int
@@ -237,54 +241,115 @@ class Escalator:
         self._human[ticket_id] = robot == ""
         return robot == ""
 
-    def _scan(self, now: datetime, *, include_snoozed: bool = False) -> list[_Scan]:
-        """Open tickets with a running clock (awake ones unless `include_snoozed`), as plain
-        column values: the cheap SQL part of the filter, run every time. Also refreshes the
-        customer promises still to be owned up to if broken (`_promised`)."""
-        query = sa_select(*_SCAN_COLUMNS).where(
-            col(Ticket.status) == "open",
-            or_(
-                col(Ticket.first_response_due).is_not(None)
-                & col(Ticket.first_responded_at).is_(None),
-                col(Ticket.next_response_due).is_not(None),
-                col(Ticket.resolution_due).is_not(None),
-            ),
-        )
-        if not include_snoozed:
-            query = query.where(
-                or_(col(Ticket.snoozed_until).is_(None), col(Ticket.snoozed_until) <= now)
-            )
-        with Session(self.engine) as session:
-            rows = [_Scan(*row) for row in session.execute(query).all()]
-            promised: dict[int, list[tuple[str, datetime]]] = {}
-            for ticket_id, clock, due in session.execute(
+    # The scan (issue 16 finding 4): a pass reads only tickets whose stored next moment
+    # (`Ticket.escalate_at`, indexed with status) is due, plus those marked "to be planned"
+    # (NULL, set by `gateway.store.plan_marks` whenever a column the plan reads changes). A
+    # pass at 100,000 open tickets with nothing due is two index lookups.
+
+    def _plan_moments(
+        self, session: Session, rows: list[_Scan], rules: Rules
+    ) -> dict[int, datetime]:
+        """Each ticket's earliest moment not fired yet (FAR: nothing left to fire)."""
+        ids = [row.id for row in rows if row.id is not None]
+        fired: set[Key] = set()
+        promised: dict[int, list[tuple[str, datetime]]] = {}
+        for chunk in _chunks(ids, 500):
+            for tid, clock, due_at, step in session.execute(
+                sa_select(
+                    col(EscalationStep.ticket_id),
+                    col(EscalationStep.clock),
+                    col(EscalationStep.due_at),
+                    col(EscalationStep.step),
+                ).where(col(EscalationStep.ticket_id).in_(chunk))
+            ).all():
+                fired.add((tid, clock, utc(due_at) or due_at, step))
+            for tid, clock, due in session.execute(
                 sa_select(col(Promise.ticket_id), col(Promise.clock), col(Promise.due)).where(
+                    col(Promise.ticket_id).in_(chunk),
                     col(Promise.audience) == "customer",
                     col(Promise.told) == "",
                     col(Promise.due).is_not(None),
                     col(Promise.state).in_(("pending", "broken")),
                 )
             ).all():
-                promised.setdefault(ticket_id, []).append((clock, utc(due) or due))
-        self._promised = {k: tuple(sorted(v)) for k, v in promised.items()}
-        return rows
+                promised.setdefault(tid, []).append((clock, utc(due) or due))
+        out: dict[int, datetime] = {}
+        for row in rows:
+            assert row.id is not None
+            plan = self._plan(row, rules, tuple(sorted(promised.get(row.id, ()))))
+            nxt = next((f.moment for f in plan if self._key(row.id, f) not in fired), None)
+            out[row.id] = nxt if nxt is not None else FAR
+        return out
 
-    def _earliest_unfired(self, row: _Scan, rules: Rules) -> datetime | None:
-        """The earliest moment of this ticket's plan not fired yet, memoised per clock state
-        (fired keys only ever grow, so the answer stays right until the state changes)."""
-        assert row.id is not None
-        deadlines = tuple(active_deadlines(row))
-        promised = self._promised.get(row.id, ())
-        state = (id(rules), row.sla, deadlines, promised)
-        cached = self._pending.get(row.id)
-        if cached is not None and cached[0] == state:
-            nxt = cached[1]
-            if nxt is None or nxt > self.clock.now():
-                return nxt
-        plan = self._plan(row, rules, promised)
-        nxt = next((f.moment for f in plan if self._key(row.id, f) not in self._fired), None)
-        self._pending[row.id] = (state, nxt)
-        return nxt
+    def _store_moments(self, session: Session, moments: dict[int, datetime]) -> None:
+        if moments:
+            table: Any = Ticket.metadata.tables["ticket"]
+            session.connection().execute(
+                update(table)
+                .where(table.c.id == bindparam("tid"))
+                .values(escalate_at=bindparam("at")),
+                [{"tid": tid, "at": at} for tid, at in moments.items()],
+            )
+
+    def _plan_dirty(self, rules: Rules, *, after_id: int | None = None) -> int:
+        """Plan up to PLAN_CHUNK open tickets: those marked to be planned (NULL), or, with
+        `after_id` (a rules change), every open ticket after that id. Read and write in one
+        write transaction (rows locked on PostgreSQL), so a concurrent change is never
+        overwritten by a stale moment. Returns the last id planned (0: none)."""
+        query = sa_select(*_SCAN_COLUMNS).where(col(Ticket.status) == "open")
+        if after_id is None:
+            # No ORDER BY: walking the primary key in order to find the few NULL rows (the
+            # newest tickets, at the end) is what PostgreSQL would pick for a LIMIT; the
+            # (status, escalate_at) index finds them directly.
+            query = query.where(col(Ticket.escalate_at).is_(None)).limit(PLAN_CHUNK)
+        else:
+            # NULL ones are the dirty planning's (no double work after a start).
+            query = (
+                query.where(col(Ticket.id) > after_id, col(Ticket.escalate_at).is_not(None))
+                .order_by(col(Ticket.id))
+                .limit(PLAN_CHUNK)
+            )
+        if is_postgres(self.engine):
+            query = query.with_for_update(skip_locked=True)
+        with session_scope(self.engine) as session:
+            rows = [_Scan(*row) for row in session.execute(query).all()]
+            if not rows:
+                return 0
+            self._store_moments(session, self._plan_moments(session, rows, rules))
+        return max(row.id or 0 for row in rows)
+
+    def _has_dirty(self) -> bool:
+        with read_scope(self.engine) as session:
+            return (
+                session.execute(
+                    sa_select(col(Ticket.id))
+                    .where(col(Ticket.status) == "open", col(Ticket.escalate_at).is_(None))
+                    .limit(1)
+                ).first()
+                is not None
+            )
+
+    def _plan(
+        self, ticket: Ticket | _Scan, rules: Rules, promised: tuple[tuple[str, datetime], ...]
+    ) -> list[Fire]:
+        """Every fire this ticket has, fired or not, in order (`gateway.sla.plan.fires`).
+
+        The customer notice is planned whenever the policy asks for one; whether the requester
+        is a human is checked when it fires (a robot's notice is recorded as skipped).
+        """
+        if ticket.id is None:
+            return []
+        return fires(ticket, ticket.sla, rules, promised)
+
+    def _rules_generation(self, rules: Rules) -> int:
+        """A counter bumped whenever the rules object in force changes. Not `id(rules)`: a
+        new rules object can reuse a freed one's id; the strong reference kept here makes
+        the identity check exact."""
+        if rules is not self._rules:
+            self._rules = rules
+            self.generation += 1
+            self._replan_after = 0  # every open ticket is planned again, chunk by chunk
+        return self.generation
 
     # -------------------------------------------------------------------------- run_once
 
@@ -293,20 +358,21 @@ class Escalator:
         steps fired."""
         now = self.clock.now()
         rules = self.rules_provider()
-        due_ids: list[int] = []
-        rows = self._scan(now)
-        self._forget_all_but({row.id for row in rows if row.id is not None})
-        for row in rows:
-            assert row.id is not None
-            nxt = self._earliest_unfired(row, rules)
-            if nxt is not None and nxt <= now:
-                due_ids.append(row.id)
+        self._rules_generation(rules)
+        self._fired = set()  # only saves queries within a pass; memory stays flat
+        if len(self._human) > 10_000:
+            self._human = {}
+        self.last_scanned = 0
+        self._plan_changed(rules)
+        due_rows = self._due(now)
         fired = 0
-        for ticket_id in due_ids:
+        for row in due_rows:
+            assert row.id is not None
             try:
-                fired += self._process(ticket_id, now, rules)
+                fired += self._process(row.id, now, rules)
             except Exception:  # one broken ticket must not stop the others
-                log.exception("escalation of ticket %s failed; will retry", ticket_id)
+                log.exception("escalation of ticket %s failed; will retry", row.id)
+        self._replan(rules)
         try:
             with session_scope(self.engine) as session:
                 promises.settle(session, now)
@@ -315,12 +381,43 @@ class Escalator:
         self.fired_total += fired
         return fired
 
-    def _forget_all_but(self, ticket_ids: set[int]) -> None:
-        """Drop the memos of tickets no longer running a clock (closed, answered), so a
-        long-running daemon's memory stays proportional to the open tickets."""
-        self._fired = {k for k in self._fired if k[0] in ticket_ids}
-        self._pending = {k: v for k, v in self._pending.items() if k in ticket_ids}
-        self._human = {k: v for k, v in self._human.items() if k in ticket_ids}
+    def _plan_changed(self, rules: Rules) -> None:
+        """Plan the tickets whose plan changed (new tickets, replies, snoozes, promises),
+        at most REPLAN_BUDGET seconds per pass (`_dirty_left` then says to come back now):
+        after an upgrade every open ticket is to be planned, and due steps go first."""
+        started = time.monotonic()
+        self._dirty_left = False
+        while self._has_dirty():
+            if time.monotonic() - started >= REPLAN_BUDGET:
+                self._dirty_left = True
+                return
+            if not self._plan_dirty(rules):
+                return  # the rest is locked by another node, which plans it
+
+    def _replan(self, rules: Rules) -> None:
+        """After a start or a rules change every open ticket is planned again, at most
+        REPLAN_BUDGET seconds per pass, so due steps never wait behind the whole replan."""
+        if self._replan_after is None:
+            return
+        started = time.monotonic()
+        while time.monotonic() - started < REPLAN_BUDGET:
+            last = self._plan_dirty(rules, after_id=self._replan_after)
+            if not last:
+                self._replan_after = None
+                return
+            self._replan_after = last
+
+    def _due(self, now: datetime) -> list[_Scan]:
+        """Open, awake tickets whose next moment has come (the indexed part of the scan)."""
+        query = sa_select(*_SCAN_COLUMNS).where(
+            col(Ticket.status) == "open",
+            col(Ticket.escalate_at) <= now,
+            or_(col(Ticket.snoozed_until).is_(None), col(Ticket.snoozed_until) <= now),
+        )
+        with read_scope(self.engine) as session:
+            rows = [_Scan(*row) for row in session.execute(query).all()]
+        self.last_scanned = len(rows)
+        return rows
 
     @staticmethod
     def _key(ticket_id: int, fire: Fire) -> Key:
@@ -405,6 +502,12 @@ class Escalator:
             if batch.notices:
                 self._customer_notice(session, ticket, now, rules, known, batch)
             ticket.updated_at = now
+            # Its next moment, from the columns and promises as they are now (a notice may
+            # have made a new promise; a step may have moved a deadline).
+            session.flush()
+            after = self._plan(ticket, rules, self._customer_promises(session, ticket_id))
+            nxt = next((f.moment for f in after if self._key(ticket_id, f) not in known), None)
+            ticket.escalate_at = nxt if nxt is not None else FAR
             session.add(ticket)
         self._fired |= claimed
         return fired
@@ -917,19 +1020,35 @@ class Escalator:
     # -------------------------------------------------------------------------- timing
 
     def next_due(self) -> datetime | None:
-        """The earliest future moment anything fires (None: nothing is scheduled)."""
-        now = self.clock.now()
+        """The earliest future moment anything fires (None: nothing is scheduled); two
+        index lookups, plus the snoozed tickets (few) whose moment is their wake-up."""
         rules = self.rules_provider()
-        best: datetime | None = None
-        for row in self._scan(now, include_snoozed=True):
-            moment = self._earliest_unfired(row, rules)
-            if moment is None:
-                continue
-            snoozed = utc(row.snoozed_until)
-            if snoozed is not None and snoozed > now:
-                moment = max(moment, snoozed)
-            if moment > now and (best is None or moment < best):
-                best = moment
+        self._rules_generation(rules)
+        self._plan_changed(rules)
+        self._replan(rules)
+        if self._replan_after is not None or self._dirty_left:
+            return self.clock.now()  # planning is under way: the next pass continues it
+        now = self.clock.now()
+        with read_scope(self.engine) as session:
+            best = session.execute(
+                sa_select(func.min(col(Ticket.escalate_at))).where(
+                    col(Ticket.status) == "open",
+                    col(Ticket.escalate_at) > now,
+                    col(Ticket.escalate_at) < FAR,
+                    or_(col(Ticket.snoozed_until).is_(None), col(Ticket.snoozed_until) <= now),
+                )
+            ).scalar()
+            best = utc(best)
+            for at, snoozed in session.execute(
+                sa_select(col(Ticket.escalate_at), col(Ticket.snoozed_until)).where(
+                    col(Ticket.status) == "open",
+                    col(Ticket.snoozed_until) > now,
+                    col(Ticket.escalate_at) < FAR,
+                )
+            ).all():
+                moment = max(utc(at) or at, utc(snoozed) or snoozed)
+                if best is None or moment < best:
+                    best = moment
         return best
 
     async def run(

@@ -19,7 +19,12 @@ from sqlalchemy import event
 from sqlalchemy.engine import Engine, make_url
 from sqlmodel import Session, create_engine
 
+from gateway.store import plan_marks  # noqa: F401  (registers the escalate_at hooks)
+
 MIGRATIONS = Path(__file__).parent / "migrations"
+
+#: Execution option marking a connection whose transactions only read (see read_scope).
+READ_ONLY = "gateway_read_only"
 
 
 def make_engine(url: str) -> Engine:
@@ -50,6 +55,13 @@ def make_engine(url: str) -> Engine:
 
         @event.listens_for(engine, "begin")
         def _begin(conn: Any) -> None:
+            if conn.get_execution_options().get(READ_ONLY):
+                # A read (read_scope): a plain deferred transaction, a WAL snapshot that
+                # never takes the write lock, so the escalator's scans and the delivery
+                # worker's reads no longer queue behind (and block) the pipeline's commits
+                # (issue 16 finding 3).
+                conn.exec_driver_sql("BEGIN")
+                return
             # IMMEDIATE: take the write lock at BEGIN, so two writers never deadlock on
             # lock upgrade; the loser waits (busy_timeout) instead of failing.
             conn.exec_driver_sql("BEGIN IMMEDIATE")
@@ -126,3 +138,16 @@ def session_scope(engine: Engine) -> Iterator[Session]:
         except BaseException:
             session.rollback()
             raise
+
+
+@contextmanager
+def read_scope(engine: Engine) -> Iterator[Session]:
+    """One read-only transaction: on SQLite a deferred `BEGIN` (a snapshot, no write lock),
+    never committed. Anything written through it is rolled back, and on SQLite a write
+    would fail with "database is locked" semantics of a deferred upgrade: use
+    `session_scope` for writes."""
+    with Session(engine.execution_options(**{READ_ONLY: True}), expire_on_commit=False) as s:
+        try:
+            yield s
+        finally:
+            s.rollback()

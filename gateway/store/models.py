@@ -45,6 +45,12 @@ class CustomerMerge(SQLModel, table=True):
 
 
 class Ticket(SQLModel, table=True):
+    __table_args__ = (
+        Index("ticket_escalate", "status", "escalate_at"),
+        Index("ticket_snoozed", "snoozed_until"),
+        Index("ticket_owner_status", "owner", "status"),
+        Index("ticket_queue_created", "queue", "created_at", "first_responded_at"),
+    )
     id: int | None = Field(default=None, primary_key=True)
     ref: str = Field(unique=True)
     status: str = "open"  # open | waiting | closed
@@ -75,6 +81,11 @@ class Ticket(SQLModel, table=True):
     # installation's own identity); both chosen once, kept for the ticket's life (issue 17).
     language: str = ""
     brand: str = ""
+    # The earliest moment of the ticket's escalation plan not fired yet (issue 16): the
+    # escalator reads only tickets with escalate_at <= now (indexed), so a pass costs the
+    # same at 100 or 100,000 open tickets. NULL = to be planned: set whenever a column the
+    # plan depends on changes (`gateway.store.plan_marks`), computed by the escalator.
+    escalate_at: datetime | None = None
 
 
 class Participant(SQLModel, table=True):

@@ -384,6 +384,13 @@ class CaptureRelay:
             ) from None
         return list(self.messages)
 
+    async def idle(self, timeout: float = 10.0) -> None:
+        """Wait until every client connection has closed: what a killed sender had already
+        written into its socket is captured by then (it may have several in flight)."""
+        async with asyncio.timeout(timeout):
+            for conn in list(self._connections):
+                await conn.lost.wait()
+
     def to(self, address: str) -> list[Captured]:
         """Messages whose envelope recipients include `address` (case-insensitive)."""
         wanted = address.lower()

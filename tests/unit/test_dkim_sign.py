@@ -275,3 +275,47 @@ def test_key_repr_hides_material(rsa_key: DkimKey) -> None:
 def test_key_validates_algorithm() -> None:
     with pytest.raises(ValueError, match="algorithm"):
         DkimKey("example.com", "gw1", b"x", "rsa-sha1")
+
+
+def test_extra_key_with_its_own_selector_dual_signs(keydir: Path, tmp_path: Path) -> None:
+    """RFC 8463 §6 dual signing: `extra_key_files = ["gw2=<ed25519 key>"]` signs with the
+    ed25519 key under its own selector (two keys cannot share one DNS name)."""
+    from gateway.outbound.worker import load_keys
+    from tests.conftest import make_settings
+
+    keygen(keydir / "dual-rsa.key", domain="example.com", selector="gw1")
+    keygen(keydir / "dual-ed.key", domain="example.com", selector="gw2", algorithm=ED25519_SHA256)
+    settings = make_settings(tmp_path)
+    settings.outbound.dkim.selector = "gw1"
+    settings.outbound.dkim.key_file = str(keydir / "dual-rsa.key")
+    settings.outbound.dkim.extra_key_files = [f"gw2={keydir / 'dual-ed.key'}"]
+    keys = load_keys(settings)
+    assert [(k.selector, k.algorithm) for k in keys] == [
+        ("gw1", RSA_SHA256),
+        ("gw2", ED25519_SHA256),
+    ]
+    assert verify_all(sign(MESSAGE, keys), dns_for(*keys)) == [True, True]
+
+
+def test_rsa_signature_is_dkimpys_own(rsa_key: DkimKey) -> None:
+    """The OpenSSL RSA path computes exactly dkimpy's pure-Python signature (PKCS#1 v1.5
+    is deterministic), so nothing but the speed changes (issue 16)."""
+    import gateway.outbound.dkim as gd
+
+    message = MESSAGE
+    try:
+        gd.FAST_RSA = False
+        slow = dkim.DKIM(message).sign(
+            b"gw1", b"example.com", rsa_key.private_key, canonicalize=(b"relaxed", b"relaxed")
+        )
+        gd.FAST_RSA = True
+        fast = dkim.DKIM(message).sign(
+            b"gw1", b"example.com", rsa_key.private_key, canonicalize=(b"relaxed", b"relaxed")
+        )
+    finally:
+        gd.FAST_RSA = True
+    # t= (signing time, seconds) may differ by one between the two calls; b= must match
+    # whenever t= does.
+    if slow.split(b"t=")[1][:10] == fast.split(b"t=")[1][:10]:
+        assert slow == fast
+    assert verify_all(fast + message, dns_for(rsa_key)) == [True]
