@@ -44,11 +44,14 @@ from gateway.security.tokens import Signer
 from gateway.settings import ConfigError, Settings
 from gateway.sla.escalator import Escalator
 from gateway.spool import Spool
-from gateway.store.db import make_engine, open_database
+from gateway.store.db import make_engine, open_database, session_scope
 from gateway.store.installation import check_fingerprint, require_configured_secret
 from gateway.store.notify import ClusterNotifier
 
 log = logging.getLogger("gateway")
+
+#: Seconds between junk-expiry passes (the daemon's own; `junk expire` runs one now).
+JUNK_EXPIRY_INTERVAL = 3600.0
 
 
 class ListenError(Exception):
@@ -292,6 +295,25 @@ class Gateway:
         self.escalator_wakeup.set()  # ladders and deadlines may have changed
         return ok
 
+    async def _expire_junk(self) -> None:
+        """Junk older than `junk.expire_days` loses its raw message, hourly (and whenever new
+        junk arrives, gateway/pipeline/junk.py), so expiry does not wait for more spam."""
+        from gateway.pipeline.junk import expire_junk
+
+        def once() -> int:
+            with session_scope(self.engine) as s:
+                return expire_junk(s, self.clock.now(), self.settings.junk.expire_days)
+
+        while not self.stopping.is_set():
+            try:
+                n = await asyncio.to_thread(once)
+                if n:
+                    log.info("expired %d junk item(s)", n)
+            except Exception:  # the database may be away: the next hour tries again
+                log.warning("junk expiry failed", exc_info=True)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), timeout=JUNK_EXPIRY_INTERVAL)
+
     async def _watch_rules(self) -> None:
         while not self.stopping.is_set():
             with contextlib.suppress(asyncio.TimeoutError):
@@ -406,6 +428,7 @@ class Gateway:
             self._tasks = [
                 asyncio.create_task(pipeline, name="pipeline"),
                 asyncio.create_task(self._watch_rules(), name="rules-watch"),
+                asyncio.create_task(self._expire_junk(), name="junk-expiry"),
                 asyncio.create_task(
                     self.delivery.run(self.stopping, self.delivery.wakeup), name="delivery"
                 ),

@@ -260,7 +260,12 @@ def db_facts(conn: Any, now: datetime) -> dict[str, Any]:
     ).scalar()
     if isinstance(oldest_queued, str):
         oldest_queued = datetime.fromisoformat(oldest_queued)
+    junk = [
+        {"state": st, "count": int(n)}
+        for st, n in conn.execute(text("SELECT state, count(*) FROM junk GROUP BY state")).all()
+    ]
     return {
+        "junk": junk,
         "outbox": outbox,
         "outbox_oldest_queued_age_seconds": (
             _age_seconds(oldest_queued.isoformat(), now) if oldest_queued else 0.0
@@ -411,6 +416,14 @@ class StateCollector(Collector):
         )
         od.add_metric([], f["overdue"])
         yield od
+        jk = GaugeMetricFamily(
+            PREFIX + "junk_messages",
+            "Messages in the junk folder, by state (junk, released, expired); docs/spam.md.",
+            labels=["state"],
+        )
+        for row in f.get("junk", []):
+            jk.add_metric([row["state"]], row["count"])
+        yield jk
         fams: dict[str, CounterMetricFamily] = {}
         for metric, label in dict(EVENT_COUNTERS.values()).items():
             fams[metric] = CounterMetricFamily(

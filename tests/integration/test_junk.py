@@ -16,6 +16,7 @@ loopback accepts any 127/8 source address, so one gateway with ``trusted_relays 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import io
 import json
@@ -179,6 +180,11 @@ async def test_trusted_spam_verdict_goes_to_junk_untrusted_opens_a_ticket(env: E
     assert item["spam"]["trusted"] is True and item["spam"]["score"] == 9.1
     shown = env.cli("junk", "show", str(item["id"]))
     assert shown.returncode == 0 and "junked" in shown.stdout and "X-Spam-Flag" in shown.stdout
+    # ... and the metrics count it (what a dashboard watches).
+    from prometheus_client import generate_latest
+
+    scraped = (await asyncio.to_thread(generate_latest, env.gw.registry)).decode()
+    assert 'support_gateway_junk_messages{state="junk"} 1.0' in scraped
 
     # The same headers from a client that is not our front host: anyone can write them.
     forged = make_mail(
