@@ -14,7 +14,7 @@ Arguments (both Postfix forms work, see docs/postfix.md)::
 * ``--recipient=${recipient}``: pipe(8) repeats an argument that contains ``${recipient}``
   once per recipient; ``--recipient ${recipient}`` (several words after one flag) works too.
 * A positional word containing ``@`` is a recipient, never the message file; ``-`` is stdin;
-  any other single word is FILE (CONTRACT: ``ingest [FILE]``).
+  any other single word is FILE (docs/interface.md: ``ingest [FILE]``).
 * ``MAILER-DAEMON`` as sender is Postfix's spelling of the null sender unless
   ``null_sender=`` is set on the transport; both mean ``<>``.
 

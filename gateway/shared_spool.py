@@ -48,7 +48,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import Connection, Engine
 
 from gateway.clock import Clock
-from gateway.spool import Envelope, Spool, SpoolEntry, dedupe_key
+from gateway.spool import Envelope, Spool, SpoolEntry, dedupe_key, quarantine_row, resolver
 
 log = logging.getLogger("gateway.spool")
 
@@ -167,17 +167,7 @@ class SharedSpool(Spool):
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[int] = loop.create_future()
 
-        def done(entry_id: int | None, error: BaseException | None) -> None:
-            def resolve() -> None:
-                if fut.done():
-                    return
-                if error is not None:
-                    fut.set_exception(error)
-                else:
-                    assert entry_id is not None
-                    fut.set_result(entry_id)
-
-            loop.call_soon_threadsafe(resolve)
+        done = resolver(loop, fut)
 
         if not envelope.received_at:
             envelope.received_at = self.clock.now().isoformat()
@@ -500,22 +490,7 @@ class SharedSpool(Spool):
                     " quarantined_at FROM spool_entry WHERE state='quarantined' ORDER BY id"
                 )
             ).fetchall()
-        out = []
-        for r in rows:
-            env = Envelope.from_json(r[2])
-            out.append(
-                {
-                    "id": r[0],
-                    "received_at": r[1],
-                    "mail_from": env.mail_from,
-                    "rcpt_tos": env.rcpt_tos,
-                    "size": r[3],
-                    "attempts": r[4],
-                    "reason": r[5],
-                    "quarantined_at": r[6],
-                }
-            )
-        return out
+        return [quarantine_row(r) for r in rows]
 
     def get(self, entry_id: int) -> SpoolEntry | None:
         with self._db() as conn:

@@ -146,6 +146,41 @@ def file_dedupe_key(envelope: Envelope, path: Path) -> str:
     return str(h.hexdigest())
 
 
+def resolver(loop: Any, fut: Any) -> Callable[[int | None, BaseException | None], None]:
+    """The writer thread's "done" callback for one waiting session: it settles `fut` (an
+    asyncio future on `loop`) with the spool id or the error, from any thread."""
+
+    def done(entry_id: int | None, error: BaseException | None) -> None:
+        def resolve() -> None:
+            if fut.done():
+                return
+            if error is not None:
+                fut.set_exception(error)
+            else:
+                assert entry_id is not None
+                fut.set_result(entry_id)
+
+        loop.call_soon_threadsafe(resolve)
+
+    return done
+
+
+def quarantine_row(r: Any) -> dict[str, Any]:
+    """One quarantined entry for `quarantine list`: (id, received_at, envelope JSON, size,
+    attempts, last_error, quarantined_at) as a dict (the SQLite and the shared spool)."""
+    env = Envelope.from_json(r[2])
+    return {
+        "id": r[0],
+        "received_at": r[1],
+        "mail_from": env.mail_from,
+        "rcpt_tos": env.rcpt_tos,
+        "size": r[3],
+        "attempts": r[4],
+        "reason": r[5],
+        "quarantined_at": r[6],
+    }
+
+
 def _private(path: Path, mode: int) -> None:
     """chmod what we own; an admin's CLI run as another user leaves it as it is."""
     with contextlib.suppress(PermissionError):
@@ -278,17 +313,7 @@ class Spool:
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[int] = loop.create_future()
 
-        def done(entry_id: int | None, error: BaseException | None) -> None:
-            def resolve() -> None:
-                if fut.done():
-                    return
-                if error is not None:
-                    fut.set_exception(error)
-                else:
-                    assert entry_id is not None
-                    fut.set_result(entry_id)
-
-            loop.call_soon_threadsafe(resolve)
+        done = resolver(loop, fut)
 
         self._queue.put(_Pending(dedupe_key(envelope, raw), envelope, raw, done))
         # Shielded: a client that disconnects mid-wait cancels its session, not the write.
@@ -316,17 +341,7 @@ class Spool:
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[int] = loop.create_future()
 
-        def done(entry_id: int | None, error: BaseException | None) -> None:
-            def resolve() -> None:
-                if fut.done():
-                    return
-                if error is not None:
-                    fut.set_exception(error)
-                else:
-                    assert entry_id is not None
-                    fut.set_result(entry_id)
-
-            loop.call_soon_threadsafe(resolve)
+        done = resolver(loop, fut)
 
         self._queue.put(_Pending(key, envelope, b"", done, path=path))
         return await fut
@@ -562,22 +577,7 @@ class Spool:
             f"SELECT id, received_at, envelope, {_SIZE_SQL}, attempts, last_error, quarantined_at"
             " FROM spool WHERE state='quarantined' ORDER BY id"
         ).fetchall()
-        out = []
-        for r in rows:
-            env = Envelope.from_json(r[2])
-            out.append(
-                {
-                    "id": r[0],
-                    "received_at": r[1],
-                    "mail_from": env.mail_from,
-                    "rcpt_tos": env.rcpt_tos,
-                    "size": r[3],
-                    "attempts": r[4],
-                    "reason": r[5],
-                    "quarantined_at": r[6],
-                }
-            )
-        return out
+        return [quarantine_row(r) for r in rows]
 
     def get(self, entry_id: int) -> SpoolEntry | None:
         r = self.conn.execute(

@@ -42,7 +42,7 @@ def test_a_file_path_is_still_the_message_and_an_address_never_is(tmp_path: Path
     cfg = write_config(tmp_path, free_port())
     eml = tmp_path / "m.eml"
     eml.write_bytes(make_mail(subject="from a file", to="sales@example.com").as_bytes())
-    assert run_cli(cfg, "ingest", str(eml)).returncode == 0  # CONTRACT: ingest [FILE]
+    assert run_cli(cfg, "ingest", str(eml)).returncode == 0  # docs/interface.md: ingest [FILE]
     r = run_cli(cfg, "ingest", "--file", str(eml), "support@example.com")
     assert r.returncode == 0, r.stderr
     assert spooled_recipients(tmp_path) == [["sales@example.com"], ["support@example.com"]]
