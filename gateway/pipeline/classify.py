@@ -585,6 +585,6 @@ def classify(
             loop_value,
             is_own_message_id,
         )
-        return verdict_of(clues)
+        return verdict_of(clues, RULES)
     except Exception as exc:  # fail safe: a classifier bug must never cause an ack
         return RobotVerdict("robot", (f"classifier error: {type(exc).__name__}",))
