@@ -417,7 +417,7 @@ def time_decisions(engine: Engine, samples: list[Sample]) -> list[tuple[str, str
                 ref_prefix=PREFIX,
                 closed_followup="reopen",
             )
-            out.append((s.case, d.key, time.perf_counter() - t0))
+            out.append((s.case, d.disposition, time.perf_counter() - t0))
             session.rollback()
     return out
 

@@ -27,10 +27,15 @@ from dataclasses import dataclass
 from email.message import Message
 from email.parser import HeaderParser
 
-from gateway.pipeline.classify import (
-    bounce_reasons,
+from gateway.pipeline.classify import bounce_reasons
+from gateway.pipeline.mailparts import (
+    attached_message,
+    content_type,
+    decoded_payload,
     header_values,
     iter_parts,
+    payload,
+    raw_headers,
     text_parts,
 )
 
@@ -109,13 +114,8 @@ def _unfold(value: str) -> str:
 
 def _block_fields(block: Message) -> Fields:
     fields: Fields = {}
-    raw = getattr(block, "_headers", None) or []
-    for item in raw:
-        try:
-            name, value = str(item[0]).strip().lower(), _unfold(str(item[1]))
-        except Exception:
-            continue
-        fields.setdefault(name, []).append(value)
+    for name, value in raw_headers(block):
+        fields.setdefault(name.strip().lower(), []).append(_unfold(value))
     return fields
 
 
@@ -146,22 +146,13 @@ def _text_blocks(text: str) -> list[Fields]:
 
 def _report_blocks(part: Message) -> list[Fields]:
     """The field blocks of a message/delivery-status (or feedback/MDN) part."""
-    try:
-        payload = part.get_payload()
-    except Exception:
-        return []
-    if isinstance(payload, list):
-        blocks = [_block_fields(b) for b in payload if isinstance(b, Message)]
+    body = payload(part)
+    if isinstance(body, list):
+        blocks = [_block_fields(b) for b in body if isinstance(b, Message)]
         return [b for b in blocks if b]
-    if isinstance(payload, str):
-        text = payload
-        try:
-            data = part.get_payload(decode=True)
-            if isinstance(data, bytes):
-                text = data.decode("utf-8", errors="replace")
-        except Exception:
-            pass
-        return _text_blocks(text)
+    if isinstance(body, str):
+        data = decoded_payload(part)
+        return _text_blocks(data.decode("utf-8", errors="replace") if data is not None else body)
     return []
 
 
@@ -197,30 +188,20 @@ def _original_ids(msg: Message) -> list[str]:
     """Message-IDs of returned originals in message/rfc822 or text/rfc822-headers parts."""
     ids: list[str] = []
     for part in iter_parts(msg):
-        try:
-            ctype = part.get_content_type().lower()
-        except Exception:
-            continue
+        ctype = content_type(part)
         if ctype in ("message/rfc822", "message/global") and part is not msg:
-            try:
-                payload = part.get_payload()
-            except Exception:
-                continue
-            inner = payload[0] if isinstance(payload, list) and payload else None
-            if isinstance(inner, Message):
+            inner = attached_message(part)
+            if inner is not None:
                 for value in header_values(inner, "Message-ID"):
                     _add(ids, _msgids(value))
         elif ctype in ("text/rfc822-headers", "message/rfc822-headers", "message/global-headers"):
-            try:
-                data = part.get_payload(decode=True)
-                text = (
-                    data.decode("utf-8", errors="replace")
-                    if isinstance(data, bytes)
-                    else str(part.get_payload())
-                )
-                headers = HeaderParser().parsestr(text.lstrip("\r\n"), headersonly=True)
-            except Exception:
-                continue
+            data = decoded_payload(part)
+            text = data.decode("utf-8", errors="replace") if data is not None else ""
+            if data is None:
+                body = payload(part)
+                text = body if isinstance(body, str) else ""
+            # The feed parser records defects instead of raising (email.parser docs).
+            headers = HeaderParser().parsestr(text.lstrip("\r\n"), headersonly=True)
             for value in header_values(headers, "Message-ID"):
                 _add(ids, _msgids(value))
         elif part is not msg and header_values(part, "Message-ID"):
@@ -289,14 +270,10 @@ def _returned_to(msg: Message, text: str) -> list[str]:
     """The single To address of the returned original, if there is exactly one."""
     addrs: list[str] = []
     for part in iter_parts(msg):
-        try:
-            ctype = part.get_content_type().lower()
-            payload = part.get_payload() if ctype == "message/rfc822" else None
-        except Exception:
-            continue
-        if isinstance(payload, list) and payload and isinstance(payload[0], Message):
+        inner = attached_message(part) if content_type(part) == "message/rfc822" else None
+        if inner is not None:
             for header in ("To", "Cc"):
-                for value in header_values(payload[0], header):
+                for value in header_values(inner, header):
                     _add(addrs, [a.lower() for a in _ADDR_RE.findall(value)])
             break
     else:
@@ -372,10 +349,7 @@ def _parse(msg: Message, envelope_sender: str | None) -> BounceInfo | None:
     feedback_blocks: list[Fields] = []
     mdn_blocks: list[Fields] = []
     for part in iter_parts(msg):
-        try:
-            ctype = part.get_content_type().lower()
-        except Exception:
-            continue
+        ctype = content_type(part)
         if ctype in ("message/delivery-status", "message/global-delivery-status"):
             dsn_blocks.extend(_report_blocks(part))
         elif ctype == "message/feedback-report":

@@ -35,20 +35,31 @@ they live in their own stages.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass
 from email.message import Message
-from email.utils import getaddresses
+from functools import cached_property
 
-from gateway.pipeline.subject import decode_rfc2047
+from gateway.pipeline.mailparts import (
+    address_pairs,
+    content_type,
+    first_header,
+    header_names,
+    header_values,
+    iter_parts,
+    param,
+    text_parts,
+)
 
 __all__ = [
     "KINDS",
+    "RULES",
+    "Clues",
     "RobotVerdict",
+    "Rule",
     "bounce_reasons",
     "classify",
-    "header_values",
-    "text_parts",
+    "verdict_of",
 ]
 
 KINDS = ("human", "auto_reply", "bounce", "report", "list", "bulk", "robot", "loop")
@@ -82,51 +93,6 @@ class RobotVerdict:
         return self.kind == "human"
 
 
-# --------------------------------------------------------------------------------------------
-# Safe accessors: nothing below may raise on hostile input.
-
-
-def _raw_headers(msg: Message) -> list[tuple[str, str]]:
-    raw = getattr(msg, "_headers", None) or []
-    out: list[tuple[str, str]] = []
-    for item in raw:
-        try:
-            name, value = item[0], item[1]
-            out.append((str(name), str(value)))
-        except Exception:
-            continue
-    return out
-
-
-def header_names(msg: Message) -> list[str]:
-    """Header field names, as written (never raises)."""
-    try:
-        return [str(k) for k in msg]
-    except Exception:
-        return [name for name, _ in _raw_headers(msg)]
-
-
-def header_values(msg: Message, name: str) -> list[str]:
-    """Every instance of a header, RFC 2047-decoded, as str; [] if absent (never raises)."""
-    try:
-        values: list[object] = list(msg.get_all(name) or [])
-    except Exception:  # the default policy parses on access, and parsers have bugs
-        values = [v for k, v in _raw_headers(msg) if k.lower() == name.lower()]
-    out: list[str] = []
-    for value in values:
-        try:
-            text = str(value)
-        except Exception:
-            continue
-        out.append(decode_rfc2047(text).strip())
-    return out
-
-
-def _first(msg: Message, name: str) -> str:
-    values = header_values(msg, name)
-    return values[0] if values else ""
-
-
 _COMMENT_RE = re.compile(r"\([^()]*\)")
 
 
@@ -150,10 +116,7 @@ def _addresses(value: str) -> list[str]:
     value = value.strip()
     if not value:
         return []
-    try:
-        pairs = getaddresses([value])
-    except Exception:
-        pairs = []
+    pairs = address_pairs([value])
     addrs = [addr.strip().lower() for _, addr in pairs if addr and addr.strip()]
     if not addrs:
         # Envelope forms like "<MAILER-DAEMON>" or a bare local part.
@@ -175,95 +138,6 @@ def _base_address(address: str) -> str:
         return address
     local, domain = address.rsplit("@", 1)
     return f"{local.split('+', 1)[0]}@{domain}"
-
-
-def _content_type(part: Message) -> str:
-    try:
-        return str(part.get_content_type()).lower()
-    except Exception:
-        return "text/plain"
-
-
-def _param(part: Message, name: str) -> str:
-    try:
-        value = part.get_param(name)
-    except Exception:
-        return ""
-    if isinstance(value, tuple):  # RFC 2231 (charset, language, value)
-        value = value[2]
-    return str(value or "").strip().lower()
-
-
-def iter_parts(msg: Message, *, into_messages: bool = False, limit: int = 200) -> Iterator[Message]:
-    """Walk MIME parts depth-first without raising; by default do not descend into attached
-    messages (message/rfc822), whose content is the *original* mail, not the report."""
-    stack: list[Message] = [msg]
-    seen = 0
-    while stack and seen < limit:
-        part = stack.pop()
-        seen += 1
-        yield part
-        ctype = _content_type(part)
-        if ctype.startswith("message/") and not into_messages and part is not msg:
-            continue
-        try:
-            payload = part.get_payload()
-        except Exception:
-            continue
-        if isinstance(payload, list):
-            stack.extend(reversed([p for p in payload if isinstance(p, Message)]))
-
-
-def _decode_part(part: Message) -> str:
-    try:
-        data = part.get_payload(decode=True)
-    except Exception:
-        data = None
-    if not isinstance(data, bytes):
-        try:
-            payload = part.get_payload()
-        except Exception:
-            return ""
-        return payload if isinstance(payload, str) else ""
-    try:
-        charset = part.get_content_charset() or "utf-8"
-    except Exception:
-        charset = "utf-8"
-    data = data[:262144]  # enough for any bounce notice; never decode a huge attachment
-    try:
-        return data.decode(charset, errors="replace")
-    except (LookupError, ValueError):
-        return data.decode("utf-8", errors="replace")
-
-
-def text_parts(msg: Message, max_chars: int = 65536) -> str:
-    """The message's own text (text/plain, else text/html with tags dropped), not attachments'
-    inner messages; at most ``max_chars`` characters. Never raises."""
-    chunks: list[str] = []
-    total = 0
-    for part in iter_parts(msg):
-        ctype = _content_type(part)
-        if ctype.startswith("multipart/"):
-            # A multipart whose boundary was never found keeps its body as one string
-            # (StartBoundaryNotFoundDefect); bounces from hand-rolled MTAs do this.
-            try:
-                payload = part.get_payload()
-            except Exception:
-                continue
-            if not isinstance(payload, str):
-                continue
-            text = payload
-        elif ctype in ("text/plain", "text/html"):
-            text = _decode_part(part)
-        else:
-            continue
-        if ctype == "text/html":
-            text = re.sub(r"<[^>]*>", " ", text)
-        chunks.append(text)
-        total += len(text)
-        if total >= max_chars:
-            break
-    return "\n".join(chunks)[:max_chars]
 
 
 # --------------------------------------------------------------------------------------------
@@ -398,12 +272,12 @@ _REPORT_TYPES = {
 def _report_signals(msg: Message) -> list[tuple[str, str]]:
     """(kind, reason) for multipart/report and report parts (RFC 6522, 3464, 8098, 5965)."""
     found: list[tuple[str, str]] = []
-    if _content_type(msg) == "multipart/report":
-        rtype = _param(msg, "report-type")
+    if content_type(msg) == "multipart/report":
+        rtype = param(msg, "report-type")
         kind, what = _REPORT_TYPES.get(rtype, ("bounce" if not rtype else "report", "report"))
         found.append((kind, f"multipart/report; report-type={rtype or '?'} ({what})"))
     for part in iter_parts(msg):
-        ctype = _content_type(part)
+        ctype = content_type(part)
         if ctype.startswith("message/") and part is not msg:
             sub = ctype.split("/", 1)[1]
             if sub in _REPORT_TYPES:
@@ -461,7 +335,7 @@ def bounce_reasons(msg: Message, envelope_sender: str | None = None) -> list[str
             robot_sender = True
     if any(_keyword(v) != "no" for v in header_values(msg, "Auto-Submitted")):
         robot_sender = True
-    subject = _first(msg, "Subject")
+    subject = first_header(msg, "Subject")
     subject_hit = bool(_BOUNCE_SUBJECT_RE.search(subject)) and not _FORWARD_RE.match(subject)
     body = text_parts(msg, 32768)
     strong_body = bool(_BOUNCE_BODY_STRONG_RE.search(body))
@@ -475,117 +349,207 @@ def bounce_reasons(msg: Message, envelope_sender: str | None = None) -> list[str
     return reasons
 
 
-def _classify(
-    msg: Message,
-    envelope_sender: str,
-    own_addresses: Collection[str],
-    own_domains: Collection[str],
-    loop_header: str,
-    loop_value: str | Collection[str] | None,
-    is_own_message_id: Callable[[str], bool] | None,
-) -> RobotVerdict:
-    signals: list[tuple[str, str]] = []  # (kind, reason)
+# --------------------------------------------------------------------------------------------
+# The rules. Each is a small function of the `Clues` that yields a (kind, reason) for every
+# robot sign it finds (none for a human message); `RULES` lists them, and their order is the
+# order of the reasons on the audit trail. Adding a rule: docs/architecture.md.
 
-    def add(kind: str, reason: str) -> None:
-        if (kind, reason) not in signals:
-            signals.append((kind, reason))
+Signal = tuple[str, str]  # (kind, reason)
 
-    # 6. Loops: our own address, our loop header, our own Message-ID (RFC 3834 §2).
-    own = {a for v in own_addresses for a in _addresses(str(v))}
+
+@dataclass(frozen=True)
+class Clues:
+    """What a rule may look at: the message, its envelope sender and what is ours."""
+
+    msg: Message
+    envelope_sender: str
+    own_addresses: Collection[str] = ()
+    own_domains: Collection[str] = ()
+    loop_header: str = "X-Support-Gateway-Loop"
+    loop_value: str | Collection[str] | None = None
+    is_own_message_id: Callable[[str], bool] | None = None
+
+    @cached_property
+    def senders(self) -> list[tuple[str, str]]:
+        """(where, address) for the envelope sender, Return-Path, From and Sender."""
+        return _sender_addresses(self.msg, self.envelope_sender)
+
+    @cached_property
+    def subject(self) -> str:
+        return first_header(self.msg, "Subject")
+
+    def values(self, name: str) -> list[str]:
+        return header_values(self.msg, name)
+
+
+Rule = Callable[[Clues], Iterable[Signal]]
+
+
+def own_sender(c: Clues) -> Iterator[Signal]:
+    """6. Our own address or domain as envelope or From sender (RFC 3834 §2)."""
+    own = {a for v in c.own_addresses for a in _addresses(str(v))}
     own_base = {_base_address(a) for a in own}
-    domains = {str(d).strip().lower().rstrip(".") for d in own_domains if str(d).strip()}
-    for where, address in _sender_addresses(msg, envelope_sender):
+    domains = {str(d).strip().lower().rstrip(".") for d in c.own_domains if str(d).strip()}
+    for where, address in c.senders:
         if where not in ("envelope", "From"):
             continue
         if address in own or _base_address(address) in own_base:
-            add("loop", f"{where} sender is our own address {address}")
+            yield "loop", f"{where} sender is our own address {address}"
         elif "@" in address and address.rsplit("@", 1)[1].rstrip(".") in domains:
-            add("loop", f"{where} sender is in our own domain {address}")
-    loop_values = {loop_value} if isinstance(loop_value, str) else loop_value
-    for value in header_values(msg, loop_header):
+            yield "loop", f"{where} sender is in our own domain {address}"
+
+
+def loop_header(c: Clues) -> Iterator[Signal]:
+    """6. Our loop header; another installation's is a foreign robot."""
+    loop_values = {c.loop_value} if isinstance(c.loop_value, str) else c.loop_value
+    for value in c.values(c.loop_header):
         if loop_values is None or value.strip() in loop_values:
-            add("loop", f"our loop header {loop_header}")
+            yield "loop", f"our loop header {c.loop_header}"
         else:
             # Another installation of this software: two gateways must not ping-pong.
-            add("robot", f"foreign {loop_header} header")
-    if is_own_message_id is not None:
-        for value in header_values(msg, "Message-ID"):
-            try:
-                ours = bool(is_own_message_id(value))
-            except Exception:
-                ours = False
-            if ours:
-                add("loop", "Message-ID is one we generated")
+            yield "robot", f"foreign {c.loop_header} header"
 
-    # 7. Reports (RFC 6522) and non-standard bounces.
-    reports = _report_signals(msg)
-    for kind, reason in reports:
-        add(kind, reason)
+
+def own_message_id(c: Clues) -> Iterator[Signal]:
+    """6. A Message-ID we generated: our own mail came back."""
+    if c.is_own_message_id is None:
+        return
+    for value in c.values("Message-ID"):
+        try:
+            ours = bool(c.is_own_message_id(value))
+        except Exception:  # a caller's check; whatever it raises, the mail is not ours
+            ours = False
+        if ours:
+            yield "loop", "Message-ID is one we generated"
+
+
+def reports_and_bounces(c: Clues) -> Iterator[Signal]:
+    """7. Reports (RFC 6522) and, only without one, non-standard bounces."""
+    reports = _report_signals(c.msg)
+    yield from reports
     if not reports:  # a standard report says what it is; wording cannot override it
-        for reason in bounce_reasons(msg, envelope_sender):
-            add("bounce", reason)
-    subject = _first(msg, "Subject")
-    if re.match(r"\s*complaint about message from", subject, re.IGNORECASE) and any(
-        _content_type(p) == "message/rfc822" for p in iter_parts(msg)
+        for reason in bounce_reasons(c.msg, c.envelope_sender):
+            yield "bounce", reason
+
+
+def abuse_complaint(c: Clues) -> Iterator[Signal]:
+    """Hotmail JMRP: a complaint subject with the original attached."""
+    if re.match(r"\s*complaint about message from", c.subject, re.IGNORECASE) and any(
+        content_type(p) == "message/rfc822" for p in iter_parts(c.msg)
     ):
-        add("report", "abuse complaint with the original attached (Hotmail JMRP)")
+        yield "report", "abuse complaint with the original attached (Hotmail JMRP)"
 
-    # 1. Null sender (RFC 3834 §2, RFC 5321 §4.5.5).
-    if _is_null(envelope_sender):
-        add("robot", "null envelope sender")
-    for value in header_values(msg, "Return-Path"):
+
+def null_sender(c: Clues) -> Iterator[Signal]:
+    """1. Null envelope sender or Return-Path (RFC 3834 §2, RFC 5321 §4.5.5)."""
+    if _is_null(c.envelope_sender):
+        yield "robot", "null envelope sender"
+    for value in c.values("Return-Path"):
         if _is_null(value):
-            add("robot", "Return-Path: <>")
+            yield "robot", "Return-Path: <>"
 
-    # 2. Auto-Submitted (RFC 3834 §5): anything but "no" is a robot.
-    for value in header_values(msg, "Auto-Submitted"):
+
+def auto_submitted(c: Clues) -> Iterator[Signal]:
+    """2. Auto-Submitted (RFC 3834 §5): anything but "no" is a robot."""
+    for value in c.values("Auto-Submitted"):
         keyword = _keyword(value)
         if keyword == "no":
             continue
-        label = keyword or "(empty)"
         kind = "auto_reply" if keyword == "auto-replied" else "robot"
-        add(kind, f"Auto-Submitted: {label}")
+        yield kind, f"Auto-Submitted: {keyword or '(empty)'}"
 
-    # 3. Precedence (every instance), List-* (RFC 2369, RFC 2919), X-Mailing-List.
-    for value in header_values(msg, "Precedence"):
+
+def precedence(c: Clues) -> Iterator[Signal]:
+    """3. Precedence, every instance (RFC 3834 §3.1.8)."""
+    for value in c.values("Precedence"):
         keyword = _keyword(value)
         if keyword in _PRECEDENCE_KIND:
-            add(_PRECEDENCE_KIND[keyword], f"Precedence: {keyword}")
-    for name in header_names(msg):
+            yield _PRECEDENCE_KIND[keyword], f"Precedence: {keyword}"
+
+
+def list_headers(c: Clues) -> Iterator[Signal]:
+    """3. List-* (RFC 2369, RFC 2919), X-Mailing-List and other list managers' headers."""
+    for name in header_names(c.msg):
         lower = name.lower()
         if lower.startswith("list-") or lower in _LIST_HEADERS:
-            add("list", f"{name} header")
+            yield "list", f"{name} header"
 
-    # 4. X-Auto-Response-Suppress ([MS-OXCMAIL]).
-    for value in header_values(msg, "X-Auto-Response-Suppress"):
+
+def auto_response_suppress(c: Clues) -> Iterator[Signal]:
+    """4. X-Auto-Response-Suppress: All/OOF/AutoReply ([MS-OXCMAIL] 2.2.3.2.20)."""
+    for value in c.values("X-Auto-Response-Suppress"):
         tokens = {t.lower() for t in re.split(r"[\s,;]+", _strip_comments(value)) if t}
-        hit = sorted(tokens & {"all", "oof", "autoreply"})
-        if hit:
-            add("robot", f"X-Auto-Response-Suppress: {value[:40]}")
+        if tokens & {"all", "oof", "autoreply"}:
+            yield "robot", f"X-Auto-Response-Suppress: {value[:40]}"
 
-    # Out-of-office responders without Auto-Submitted.
+
+def autoreply_headers(c: Clues) -> Iterator[Signal]:
+    """Out-of-office responders without Auto-Submitted."""
     for name in _AUTOREPLY_HEADERS:
-        for value in header_values(msg, name):
+        for value in c.values(name):
             if name.lower().startswith("x-ms-exchange") or _keyword(value) not in ("no", "false"):
-                add("auto_reply", f"{name} header")
-    if any(_keyword(v) == "vacation" for v in header_values(msg, "X-Apple-Action")):
-        add("auto_reply", "X-Apple-Action: VACATION")
-    for value in header_values(msg, "X-Autogenerated"):
-        add("auto_reply" if _keyword(value) == "reply" else "robot", "X-Autogenerated header")
-    for name in _ROBOT_HEADERS:
-        if header_values(msg, name):
-            add("robot", f"{name} header")
-    if _AUTOREPLY_SUBJECT_RE.match(subject):
-        add("auto_reply", f"auto-reply subject {subject[:60]!r}")
+                yield "auto_reply", f"{name} header"
 
-    # 5. System local parts.
-    for where, address in _sender_addresses(msg, envelope_sender):
+
+def apple_vacation(c: Clues) -> Iterator[Signal]:
+    if any(_keyword(v) == "vacation" for v in c.values("X-Apple-Action")):
+        yield "auto_reply", "X-Apple-Action: VACATION"
+
+
+def autogenerated(c: Clues) -> Iterator[Signal]:
+    for value in c.values("X-Autogenerated"):
+        yield ("auto_reply" if _keyword(value) == "reply" else "robot"), "X-Autogenerated header"
+
+
+def robot_headers(c: Clues) -> Iterator[Signal]:
+    for name in _ROBOT_HEADERS:
+        if c.values(name):
+            yield "robot", f"{name} header"
+
+
+def autoreply_subject(c: Clues) -> Iterator[Signal]:
+    if _AUTOREPLY_SUBJECT_RE.match(c.subject):
+        yield "auto_reply", f"auto-reply subject {c.subject[:60]!r}"
+
+
+def system_local_part(c: Clues) -> Iterator[Signal]:
+    """5. System local parts of the envelope sender, Return-Path and From (not Sender)."""
+    for where, address in c.senders:
         if where == "Sender":
             continue
         local = _robot_local_reason(_local_part(address))
         if local:
-            add("robot", f"local part {local!r}")
+            yield "robot", f"local part {local!r}"
 
+
+#: Every robot rule, in the order their reasons are listed.
+RULES: tuple[Rule, ...] = (
+    own_sender,
+    loop_header,
+    own_message_id,
+    reports_and_bounces,
+    abuse_complaint,
+    null_sender,
+    auto_submitted,
+    precedence,
+    list_headers,
+    auto_response_suppress,
+    autoreply_headers,
+    apple_vacation,
+    autogenerated,
+    robot_headers,
+    autoreply_subject,
+    system_local_part,
+)
+
+
+def verdict_of(clues: Clues, rules: Iterable[Rule] = RULES) -> RobotVerdict:
+    """Run the rules; the highest-ranked kind found wins and every reason is kept."""
+    signals: list[Signal] = []
+    for rule in rules:
+        for signal in rule(clues):
+            if signal not in signals:
+                signals.append(signal)
     if not signals:
         return RobotVerdict("human", ())
     kind = max((k for k, _ in signals), key=lambda k: _RANK[k])
@@ -612,7 +576,7 @@ def classify(
     signed Message-ID arriving here means our mail came back.
     """
     try:
-        return _classify(
+        clues = Clues(
             msg,
             envelope_sender if isinstance(envelope_sender, str) else "",
             own_addresses,
@@ -621,5 +585,6 @@ def classify(
             loop_value,
             is_own_message_id,
         )
+        return verdict_of(clues, RULES)
     except Exception as exc:  # fail safe: a classifier bug must never cause an ack
         return RobotVerdict("robot", (f"classifier error: {type(exc).__name__}",))

@@ -56,11 +56,11 @@ class Context:
     sender_verified: bool = True
     unverified_reason: str = ""
     kind: str = "customer"
-    done: bool = False  # a stage decided nothing further applies (e.g. a duplicate)
     staff_hold_reason: str = ""  # why a staff reply waits for its sender check (staff.judge)
     spam: SpamVerdict | None = None  # the front filter's verdict (issue 18)
     # Set when the message goes to the junk folder instead of the ticket queue (issue 18):
-    # (source, rule, reason); `record` then files it there and later stages do nothing.
+    # (source, rule, reason); the driver then ends the chain and files it there
+    # (stages.run_stages).
     junk: tuple[str, str, str] | None = None
     # Issue 12: a human's NEW mail (not a reply): "new" opened a ticket, "joined" went into
     # the customer's open ticket (gateway.pipeline.conversation); "" for anything else.

@@ -39,7 +39,7 @@ from sqlmodel import Session, col, select
 from gateway.outbound.compose import format_local, isoz
 from gateway.pipeline.context import Context
 from gateway.pipeline.subject import format_ref, normalise_subject
-from gateway.pipeline.thread import ThreadDecision, TicketView
+from gateway.pipeline.thread import Disposition, ThreadDecision, TicketView
 from gateway.routing.model import Person, Rules
 from gateway.security.tokens import Signer
 from gateway.settings import Settings
@@ -223,8 +223,6 @@ def window(settings: Settings) -> timedelta:
 
 
 def _is_fresh_human(ctx: Context) -> bool:
-    if ctx.done or ctx.thread is None or ctx.parsed is None:
-        return False
     if ctx.kind != "customer" or (ctx.verdict is not None and not ctx.verdict.is_human):
         return False
     if not ctx.sender_verified or not ctx.sender:
@@ -236,9 +234,9 @@ def _is_fresh_human(ctx: Context) -> bool:
 def known_customer_stage(ctx: Context) -> None:
     """After ``route``: a new mail from a customer with open tickets (module docstring)."""
     th = ctx.thread
-    if th is None or not th.is_new or ctx.decision is None or not _is_fresh_human(ctx):
+    assert th is not None and ctx.parsed is not None and ctx.decision is not None
+    if not _is_fresh_human(ctx):
         return
-    assert ctx.parsed is not None
     ctx.fresh = "new"
     s = ctx.session
     cust = customer_of(s, ctx.sender)
@@ -262,7 +260,7 @@ def known_customer_stage(ctx: Context) -> None:
         target = s.get(Ticket, cand.id)
         assert target is not None and target.id is not None
         ctx.thread = ThreadDecision(
-            "known-customer",
+            Disposition.KNOWN_CUSTOMER,
             TicketView(target.id, target.ref, target.status),
             f"{ctx.sender} wrote a new mail (not a reply): {why} "
             f"({source}.known_customer = {policy})",

@@ -16,8 +16,9 @@ raw bytes are dropped, the record stays. A folder that grows fast (``junk.alert_
 items within ``junk.alert_window``) raises one alert to ``[alerts] admins``.
 
 Stages here: :func:`spam_stage` (after authenticate: read the verdict, trusted or not),
-:func:`blocked_stage` (after thread), and :func:`file_junk`, which ``record`` calls when
-``ctx.junk`` is set; it sets ``ctx.done`` so respond, staff and notify do nothing.
+:func:`released_stage` (after thread), :func:`blocked_stage` and :func:`after_route` (which
+may set ``ctx.junk``), and :func:`file_junk_stage`: once ``ctx.junk`` is set, the driver ends
+the message's chain and runs this instead (``stages.JUNK``), so nothing else happens.
 """
 
 from __future__ import annotations
@@ -42,9 +43,11 @@ __all__ = [
     "blocked_stage",
     "expire_junk",
     "file_junk",
+    "file_junk_stage",
     "is_blocked",
     "junk_summary",
     "release_junk",
+    "released_stage",
     "spam_stage",
     "unblock_sender",
     "withdraw_customer_mail",
@@ -65,14 +68,18 @@ def spam_stage(ctx: Context) -> None:
         ctx.event("spam-verdict", ctx.spam.describe(), ctx.spam.to_json())
 
 
-def blocked_stage(ctx: Context) -> None:
-    """A blocked sender's human mail goes to junk, new or reply (staff mail never)."""
-    if ctx.done or ctx.thread is None:
-        return
+def released_stage(ctx: Context) -> None:
+    """Mail an admin released from the junk folder says so on its audit trail."""
     released = ctx.entry.envelope.released_from
     if released:
         ctx.event("released-from-junk", _release_detail(ctx.session, released))
-        return
+
+
+def blocked_stage(ctx: Context) -> None:
+    """A blocked sender's human mail goes to junk, new or reply (staff mail never)."""
+    assert ctx.thread is not None
+    if ctx.entry.envelope.released_from:
+        return  # an admin took it out of the junk folder: it stays out
     if ctx.kind != "customer" or (ctx.verdict is not None and not ctx.verdict.is_human):
         return
     if ctx.thread.claim is not None and ctx.thread.claim.person:
@@ -124,11 +131,15 @@ def _events_json(ctx: Context, extra: list[dict[str, Any]]) -> str:
     return json.dumps([*items, *extra], default=str)
 
 
+def file_junk_stage(ctx: Context) -> None:
+    """The junk chain: the message goes to the junk folder instead of the ticket queue."""
+    file_junk(ctx)
+
+
 def file_junk(ctx: Context) -> Junk | None:
     """Store the message in the junk folder (idempotent for a re-processed spool entry)."""
     assert ctx.parsed is not None and ctx.junk is not None
     s = ctx.session
-    ctx.done = True
     source, rule, reason = ctx.junk
     existing = s.exec(
         select(Junk).where(Junk.dedupe_key == ctx.entry.dedupe_key, Junk.state == "junk")

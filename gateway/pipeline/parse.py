@@ -31,6 +31,17 @@ from email.policy import Policy
 from html.parser import HTMLParser
 from typing import Any
 
+from gateway.pipeline.mailparts import (
+    address_pairs,
+    charset,
+    decode_words,
+    decoded_payload,
+    header_text,
+    header_texts,
+    payload,
+    raw_headers,
+)
+
 _MSGID_RE = re.compile(r"<[^<>\s]+>")
 _POLICY: Policy = email.policy.default.clone(linesep="\r\n")
 #: Deepest MIME nesting read part by part; deeper mail is kept whole as an attachment.
@@ -101,47 +112,9 @@ def message_ids(value: str) -> list[str]:
     return _MSGID_RE.findall(value or "")
 
 
-def _safe_header(msg: Message, name: str) -> str:
-    """Decoded header value, or the raw value when the structured parser chokes."""
-    try:
-        value = msg.get(name)
-    except Exception:
-        value = None
-    if value is None:
-        # Fall back to the raw header text (compat32 semantics).
-        for k, v in msg.raw_items() if hasattr(msg, "raw_items") else []:
-            if k.lower() == name.lower():
-                return _decode_words(str(v))
-        return ""
-    try:
-        return str(value)
-    except Exception:
-        return ""
-
-
-def _safe_all(msg: Message, name: str) -> list[str]:
-    """Every value of a header as text; the raw values when the structured parser chokes
-    (e.g. a malformed group such as `To: :;0`, found by hypothesis)."""
-    try:
-        return [str(v) for v in msg.get_all(name, []) or []]
-    except Exception:
-        return [_decode_words(str(v)) for k, v in msg.raw_items() if k.lower() == name.lower()]
-
-
-def _decode_words(text: str) -> str:
-    try:
-        return str(email.header.make_header(email.header.decode_header(text)))
-    except Exception:
-        return text
-
-
 def _addresses(values: list[str]) -> list[tuple[str, str]]:
-    try:
-        pairs = email.utils.getaddresses(values)
-    except Exception:
-        return []
     out = []
-    for name, addr in pairs:
+    for name, addr in address_pairs(values):
         addr = addr.strip().strip("<>").strip()
         if "@" in addr:
             out.append((name, addr.lower()))
@@ -188,20 +161,16 @@ def _part_text(part: Message, defects: list[str]) -> str:
                 return content
     except Exception as exc:  # unknown charset, broken transfer encoding
         defects.append(f"body part decoding: {exc.__class__.__name__}")
-    try:
-        payload = part.get_payload(decode=True)
-    except Exception:
-        payload = None
-    if not isinstance(payload, bytes):
-        raw_payload = part.get_payload()
-        return raw_payload if isinstance(raw_payload, str) else ""
-    charset = part.get_content_charset() or "utf-8"
-    for cs in (charset, "utf-8", "cp1252", "latin-1"):
+    data = decoded_payload(part)
+    if data is None:
+        body = payload(part)
+        return body if isinstance(body, str) else ""
+    for cs in (charset(part), "utf-8", "cp1252", "latin-1"):
         try:
-            return payload.decode(cs)
+            return data.decode(cs)
         except (LookupError, UnicodeDecodeError):
             continue
-    return payload.decode("utf-8", "replace")
+    return data.decode("utf-8", "replace")
 
 
 def walk_parts(msg: Message) -> list[Message]:
@@ -248,7 +217,7 @@ def leaf_parts(msg: Message, defects: list[str] | None = None) -> list[Leaf]:
     """Every leaf part of `msg` in order; never raises (a broken structure is one leaf)."""
     try:
         parts = walk_parts(msg)
-    except Exception as exc:
+    except TooDeep as exc:  # walking reads no header: the bounds are its only failure
         if defects is not None:
             defects.append(f"MIME structure: {exc.__class__.__name__}")
         parts = [msg]
@@ -279,11 +248,7 @@ def _walk(msg: Message, defects: list[str]) -> tuple[str, str, list[Attachment]]
         elif leaf.body_kind == "text/html":
             htmls.append(_part_text(part, defects))
         else:
-            try:
-                payload = part.get_payload(decode=True)
-                size = len(payload) if isinstance(payload, bytes) else 0
-            except Exception:
-                size = 0
+            size = len(decoded_payload(part) or b"")
             attachments.append(Attachment(filename or f"(unnamed {ctype})", ctype, size))
     return "\n".join(texts), "\n".join(htmls), attachments
 
@@ -362,39 +327,36 @@ def _build(
     attachments: list[Attachment],
 ) -> ParsedMessage:
 
-    headers: list[tuple[str, str]] = []
-    try:
-        for k, v in msg.raw_items():
-            headers.append((k, _decode_words(str(v)).replace("\r\n", "").replace("\n", "")))
-    except Exception:
-        defects.append("unreadable header block")
+    headers = [
+        (k, decode_words(v).replace("\r\n", "").replace("\n", "")) for k, v in raw_headers(msg)
+    ]
 
-    from_pairs = _addresses([_safe_header(msg, "From")])
+    from_pairs = _addresses([header_text(msg, "From")])
     from_name, from_address = from_pairs[0] if from_pairs else ("", "")
-    reply_pairs = _addresses([_safe_header(msg, "Reply-To")])
+    reply_pairs = _addresses([header_text(msg, "Reply-To")])
     date = None
-    date_text = _safe_header(msg, "Date")
+    date_text = header_text(msg, "Date")
     if date_text:
         try:
             date = email.utils.parsedate_to_datetime(date_text)
             if date.tzinfo is None:
                 date = None
-        except Exception:
+        except (ValueError, TypeError, IndexError, OverflowError):  # no date, or none real
             defects.append("unparseable Date")
     if not text.strip() and html:
         text = html_to_text(html)
-    subject = " ".join(_safe_header(msg, "Subject").split())
+    subject = " ".join(header_text(msg, "Subject").split())
     return ParsedMessage(
         raw=raw,
         msg=msg,
-        message_id=normalise_message_id(_safe_header(msg, "Message-ID")),
-        in_reply_to=message_ids(_safe_header(msg, "In-Reply-To")),
-        references=message_ids(_safe_header(msg, "References")),
+        message_id=normalise_message_id(header_text(msg, "Message-ID")),
+        in_reply_to=message_ids(header_text(msg, "In-Reply-To")),
+        references=message_ids(header_text(msg, "References")),
         from_address=from_address,
         from_name=from_name,
         reply_to=reply_pairs[0][1] if reply_pairs else "",
-        to=[a for _, a in _addresses(_safe_all(msg, "To"))],
-        cc=[a for _, a in _addresses(_safe_all(msg, "Cc"))],
+        to=[a for _, a in _addresses(header_texts(msg, "To"))],
+        cc=[a for _, a in _addresses(header_texts(msg, "Cc"))],
         subject=subject,
         date=date,
         text=text,
@@ -424,10 +386,8 @@ def trim_oversize(raw: bytes, max_size: int) -> tuple[bytes, list[dict[str, Any]
             break
         payload = str(part.get_payload())
         name = part.get_filename() or part.get_content_type()
-        try:
-            real = len(part.get_payload(decode=True) or b"")
-        except Exception:
-            real = len(payload)
+        data = decoded_payload(part)
+        real = len(data) if data is not None else len(payload)
         note = (
             f"[The attachment {name!r} ({real} bytes) was not kept: the message was larger"
             f" than this support address accepts ({max_size} bytes).]\r\n"

@@ -9,7 +9,6 @@ import json
 import uuid
 
 from gateway.pipeline.context import Context
-from gateway.pipeline.junk import file_junk
 from gateway.sla.clocks import on_customer_message, on_reopen, utc
 from gateway.sla.deadlines import initial_deadlines, isoz
 from gateway.store.models import Message, MessageRef, Ticket
@@ -126,19 +125,21 @@ def _create_ticket(ctx: Context) -> Ticket:
     return ticket
 
 
+def record_duplicate(ctx: Context) -> None:
+    """A message stored before: one event on its ticket, nothing else (docs/design.md §4)."""
+    assert ctx.thread is not None
+    th = ctx.thread
+    tid = th.ticket.id if th.ticket else None
+    add_event(
+        ctx.session, tid, "duplicate", f"{th.detail}; spool entry {ctx.entry.id} ignored", ctx.now
+    )
+
+
 def record(ctx: Context) -> None:
     assert ctx.parsed is not None and ctx.thread is not None
     s = ctx.session
     p = ctx.parsed
     th = ctx.thread
-    if th.key == "duplicate":
-        tid = th.ticket.id if th.ticket else None
-        add_event(s, tid, "duplicate", f"{th.detail}; spool entry {ctx.entry.id} ignored", ctx.now)
-        return
-    if ctx.junk is not None:
-        # Issue 18: the junk folder instead of the ticket queue; later stages do nothing.
-        file_junk(ctx)
-        return
 
     ticket: Ticket | None = None
     if th.ticket is not None:
@@ -149,7 +150,7 @@ def record(ctx: Context) -> None:
 
     if ticket is not None and ctx.decision is None:
         assert ticket.id is not None
-        ctx.event("threaded", f"{th.key}: {th.detail}")
+        ctx.event("threaded", f"{th.disposition}: {th.detail}")
         staff_token = th.claim is not None and bool(th.claim.person)
         rules = ctx.services.rules
         policy = rules.sla.get(ticket.sla)
@@ -209,7 +210,7 @@ def record(ctx: Context) -> None:
         ticket.updated_at = ctx.now
         s.add(ticket)
     elif ticket is None:
-        ctx.event("unthreaded", f"{th.key}: {th.detail}")
+        ctx.event("unthreaded", f"{th.disposition}: {th.detail}")
 
     robot = ""
     if ctx.verdict is not None and not ctx.verdict.is_human:

@@ -198,27 +198,29 @@ def _stats_query(ctx: Context, queue: str) -> list[timedelta]:
     return [answered - created for created, answered in rows if answered is not None]
 
 
+def note_unanswered(ctx: Context) -> None:
+    """A robot's mail that opened no ticket (an unmatched auto-reply or bounce) is recorded
+    ticketless; say on its message why nobody answered it."""
+    assert ctx.message is not None and ctx.verdict is not None
+    if ctx.verdict.is_human:
+        return  # human wording with the null reverse-path: the disposition says enough
+    reason = f"{ctx.verdict.kind}: " + "; ".join(ctx.verdict.reasons)
+    add_event(
+        ctx.session,
+        None,
+        "ack-suppressed",
+        f"no ticket opened; {reason}",
+        ctx.now,
+        message_id=ctx.message.id,
+    )
+
+
 def respond(ctx: Context) -> None:
     """Queue the acknowledgement of a new ticket, or record why there is none."""
-    if not ctx.done and ctx.fresh == "joined":
+    if ctx.fresh == "joined":
         _ack_joined_mail(ctx)  # issue 12: a new mail that went into the customer's ticket
         return
-    if ctx.done or ctx.thread is None or not ctx.thread.is_new:
-        return
-    if ctx.ticket is None or ctx.decision is None or ctx.parsed is None:
-        if ctx.message is not None and ctx.verdict is not None and not ctx.verdict.is_human:
-            # A robot's mail that opened no ticket (an unmatched auto-reply or bounce) is
-            # recorded ticketless; say on its message why nobody answered it.
-            reason = f"{ctx.verdict.kind}: " + "; ".join(ctx.verdict.reasons)
-            add_event(
-                ctx.session,
-                None,
-                "ack-suppressed",
-                f"no ticket opened; {reason}",
-                ctx.now,
-                message_id=ctx.message.id,
-            )
-        return
+    assert ctx.ticket is not None and ctx.decision is not None and ctx.parsed is not None
     ticket = ctx.ticket
     assert ticket.id is not None
     msg_id = ctx.message.id if ctx.message is not None else None

@@ -695,8 +695,9 @@ def _verified(ctx: Context, person: Person) -> None:
 def staff_stage(ctx: Context) -> None:
     """Authenticate a staff-token reply, apply its commands and relay it (module docstring)."""
     th = ctx.thread
-    if ctx.done or th is None or th.claim is None or not th.claim.person:
-        return
+    assert th is not None
+    if th.claim is None or not th.claim.person:
+        return  # a customer's reply token: customer mail
     if ctx.ticket is None or ctx.ticket.id is None or ctx.message is None or ctx.parsed is None:
         return
     if ctx.ticket.id != th.claim.ticket_id:

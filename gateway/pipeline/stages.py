@@ -1,4 +1,12 @@
-"""The stages of the pipeline, in order, each a small function `stage(ctx) -> None`.
+"""The stages of the pipeline, each a small function `stage(ctx) -> None`, and their order.
+
+Every message goes through `PREFIX`: parse, classify, authenticate, spam, thread. Threading
+ends in one `Disposition` (gateway/pipeline/thread.py), and `CHAINS` gives each disposition
+its list of stages, the way GNU Mailman 3's chains select a pipeline: a duplicate is only
+recorded as one, a new ticket is routed, recorded, acknowledged and notified, a bounce is
+recorded on its ticket and nothing else. So no stage asks whether the message is for it; a
+stage that files the message as junk ends its chain (`JUNK` follows). `run_stages` is the
+driver. How to add a disposition: docs/architecture.md.
 
 The order is the flow of a message (docs/architecture.md) and matters:
 - parse first: every later stage reads the parsed message;
@@ -6,8 +14,7 @@ The order is the flow of a message (docs/architecture.md) and matters:
   sender, and never opens a ticket (docs/design.md §3 rule 7);
 - authenticate before route: rules may match on `authenticated`;
 - thread before route: only a new ticket is routed, a reply keeps its ticket's owner;
-- staff replies are judged after record (the message is stored whatever the verdict) and
-  before respond, so a relayed answer and its clock changes commit together;
+- staff replies are judged after record: the message is stored whatever the verdict;
 - record, then respond: the ticket, the message, the audit trail and any acknowledgement
   (a transactional outbox row, docs/design.md §6) are written in the same transaction as
   everything decided above; the spool entry is released after the commit.
@@ -16,25 +23,32 @@ The order is the flow of a message (docs/architecture.md) and matters:
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
 from typing import Any
 
 from gateway.pipeline.bounce import parse_bounce
 from gateway.pipeline.classify import classify
 from gateway.pipeline.context import Context
 from gateway.pipeline.conversation import known_customer_stage
-from gateway.pipeline.junk import after_route, blocked_stage, spam_stage
+from gateway.pipeline.junk import (
+    after_route,
+    blocked_stage,
+    file_junk_stage,
+    released_stage,
+    spam_stage,
+)
 from gateway.pipeline.notify import notify_owner_stage
 from gateway.pipeline.parse import parse
-from gateway.pipeline.record import record
-from gateway.pipeline.respond import respond
+from gateway.pipeline.record import record, record_duplicate
+from gateway.pipeline.respond import note_unanswered, respond
 from gateway.pipeline.route import route
 from gateway.pipeline.staff import staff_stage
-from gateway.pipeline.thread import decide, from_is_verified
+from gateway.pipeline.thread import Disposition, decide, from_is_verified, robot_mail
 from gateway.security.dns import BudgetResolver, OfflineResolver
 from gateway.security.relay import effective_client_of
 from gateway.security.sender_auth import authenticate as check_sender
-from gateway.store.queries import SqlLookup, add_event, lock_message_id, ticket_of_outbound
+from gateway.store.queries import SqlLookup, add_event, lock_message_id
 
 log = logging.getLogger("gateway.pipeline")
 
@@ -130,14 +144,10 @@ def thread_stage(ctx: Context) -> None:
     lock_message_id(ctx.session, ctx.parsed.message_id or f"dedupe:{ctx.entry.dedupe_key}")
     lookup = SqlLookup(ctx.session)
     env = ctx.entry.envelope
-    kind = ctx.verdict.kind
-    # Robots that join a ticket without ever becoming participants (the branches below set
-    # their kind): a signed reference of ours is enough for them. List, bulk and other robot
-    # mail keeps kind "customer" and so must take part like a human.
-    robot = kind in ("auto_reply", "loop", "bounce", "report") or not env.mail_from
+    robot = robot_mail(ctx.verdict.kind, env.mail_from)
     # Participation proves the person (issue 10): a From that is neither authenticated nor
-    # the envelope sender counts as nobody's.
-    if not robot:
+    # the envelope sender counts as nobody's. Robot mail never becomes a participant.
+    if robot is None:
         verified, why = from_is_verified(
             ctx.parsed.from_address,
             env.mail_from,
@@ -162,42 +172,12 @@ def thread_stage(ctx: Context) -> None:
         closed_followup=settings.tickets.closed_followup,
         sender_verified=ctx.sender_verified,
         robot=robot,
+        bounced=ctx.bounce.original_message_ids if ctx.bounce is not None else (),
         merged_into=lookup.merged_into,
     )
+    if robot is not None and ctx.thread.disposition is not Disposition.DUPLICATE:
+        ctx.kind = robot.message_kind
     _note_redirect(ctx)
-    if ctx.thread.key == "duplicate":
-        ctx.done = True
-        return
-    if kind in ("auto_reply", "loop"):
-        # Out-of-office replies (often sent with the null reverse-path, RFC 3834 §3.1.3) and
-        # our own mail coming back join their ticket without reopening it (docs/design.md §3);
-        # unmatched, they are recorded without a ticket.
-        ctx.kind = "auto_reply"
-        ctx.thread.reopen = False
-        if ctx.thread.ticket is None:
-            ctx.thread.key = "unmatched-auto-reply" if kind == "auto_reply" else "loop"
-            ctx.thread.links.clear()
-        return
-    if kind in ("bounce", "report") or not ctx.entry.envelope.mail_from:
-        # A bounce belongs to the ticket whose outbound message it reports on; it never
-        # opens a ticket and is never answered (docs/design.md §3 rule 7). The null reverse-path
-        # is reserved for such notifications (RFC 5321 §4.5.5), so other mail sent with it
-        # never opens a ticket either, even when its content is not a recognisable report.
-        ctx.kind = "bounce"
-        target = None
-        if ctx.bounce is not None:
-            target = ticket_of_outbound(ctx.session, ctx.bounce.original_message_ids)
-            if target is None:
-                for mid in ctx.bounce.original_message_ids:
-                    target = ctx.services.signer.ticket_from_message_id(mid)
-                    if target is not None:
-                        break
-        if target is None and ctx.thread.ticket is not None:
-            target = ctx.thread.ticket.id
-        ctx.thread.links.clear()
-        ctx.thread.ticket = lookup.ticket(target) if target is not None else None
-        ctx.thread.reopen = False
-        ctx.thread.key = "bounce" if ctx.thread.ticket else "unmatched-bounce"
 
 
 def _note_redirect(ctx: Context) -> None:
@@ -210,47 +190,83 @@ def _note_redirect(ctx: Context) -> None:
         th.redirected_from.id,
         "merge-redirected",
         f"mail from {ctx.sender or 'the sender'} for {th.redirected_from.ref} went to "
-        f"{th.ticket.ref}, which it was merged into ({th.key})",
+        f"{th.ticket.ref}, which it was merged into ({th.disposition})",
         ctx.now,
     )
 
 
-def route_stage(ctx: Context) -> None:
-    if ctx.done or ctx.junk is not None or ctx.thread is None or not ctx.thread.is_new:
-        return
-    if ctx.thread.key in ("unmatched-bounce", "unmatched-auto-reply", "loop"):
-        return
-    route(ctx)
-    after_route(ctx)  # disposition = "junk": the junk folder, not the ticket queue (issue 18)
-
-
-STAGES: tuple[Stage, ...] = (
+#: Every message goes through these, in this order; `thread_stage` sets its disposition.
+PREFIX: tuple[Stage, ...] = (
     parse_stage,
     classify_stage,
     authenticate_stage,
     spam_stage,  # the front filter's verdict, trusted only from security.trusted_relays
     thread_stage,
-    blocked_stage,  # `#junk sender` sent this sender's mail to the junk folder
-    route_stage,
-    known_customer_stage,  # issue 12: a known customer's new mail, by policy (conversation)
-    record,
-    staff_stage,  # staff-token mail: authenticate, apply commands, relay (docs/design.md §5)
-    respond,
-    notify_owner_stage,  # the owner gets the customer's full text, never "log in to read"
+    released_stage,  # mail released from the junk folder says so on its audit trail
 )
+
+# A joined ticket's mail: a blocked sender's goes to junk; then record; the owner is
+# notified of a customer's message (not of a robot's, a staff member's or a list's).
+_REPLY: tuple[Stage, ...] = (blocked_stage, record, notify_owner_stage)
+# Robot mail that reached no ticket: recorded ticketless, with why nobody answered it.
+_UNMATCHED_ROBOT: tuple[Stage, ...] = (record, note_unanswered)
+
+#: Then the stages of the message's disposition (like the chains of GNU Mailman 3 that
+#: select a pipeline), in order; a stage is never asked whether the message is for it.
+CHAINS: Mapping[Disposition, tuple[Stage, ...]] = MappingProxyType(
+    {
+        Disposition.DUPLICATE: (record_duplicate,),
+        Disposition.NEW: (
+            blocked_stage,  # `#junk sender` sent this sender's mail to the junk folder
+            route,
+            after_route,  # disposition = "junk": the junk folder, not the ticket queue
+            known_customer_stage,  # issue 12: a known customer's new mail, by policy
+            record,
+            respond,
+            notify_owner_stage,  # the owner gets the customer's full text
+        ),
+        # Staff-token mail: authenticate, apply commands, relay (docs/design.md §5), after
+        # record (the message is stored whatever the verdict).
+        Disposition.REPLY_TOKEN: (blocked_stage, record, staff_stage, notify_owner_stage),
+        Disposition.OUR_MESSAGE_ID: _REPLY,
+        Disposition.KNOWN_MESSAGE_ID: _REPLY,
+        Disposition.SUBJECT_REF: _REPLY,
+        # Bounces join their ticket silently: never answered, nobody paged (§3 rule 7).
+        Disposition.BOUNCE: (record,),
+        Disposition.UNMATCHED_BOUNCE: _UNMATCHED_ROBOT,
+        Disposition.UNMATCHED_AUTO_REPLY: _UNMATCHED_ROBOT,
+        Disposition.LOOP: _UNMATCHED_ROBOT,
+    }
+)
+
+#: A stage that sent the message to the junk folder (`ctx.junk` set: a blocked sender, a
+#: route's `disposition = "junk"`) ends its chain; this one follows instead (issue 18).
+JUNK: tuple[Stage, ...] = (file_junk_stage,)
 
 LOOP_HEADER = "X-Support-Gateway-Loop"
 
 
-def run_stages(ctx: Context, stages: tuple[Stage, ...] = STAGES) -> None:
-    for stage in stages:
+def run_stages(
+    ctx: Context,
+    prefix: tuple[Stage, ...] = PREFIX,
+    chains: Mapping[Disposition, tuple[Stage, ...]] = CHAINS,
+) -> None:
+    """Run the prefix, then the chain of the message's disposition (or the junk chain)."""
+    for stage in prefix:
         stage(ctx)
+    assert ctx.thread is not None, "the prefix must end with the threading decision"
+    for stage in chains[ctx.thread.disposition]:
+        stage(ctx)
+        if ctx.junk is not None:
+            for junk_stage in JUNK:
+                junk_stage(ctx)
+            return
 
 
 def summary(ctx: Context) -> dict[str, Any]:
     """The facts of one processed message for its log line (gateway/logs.py)."""
     t = ctx.ticket.ref if ctx.ticket is not None else "-"
-    key = ctx.thread.key if ctx.thread else "?"
+    key = ctx.thread.disposition if ctx.thread else "?"
     # The stored message's kind is the final word: the staff stage turns a "note" into a
     # "staff_reply" once it is relayed (issue 14: relayed replies were logged as notes).
     kind = ctx.message.kind if ctx.message is not None else ctx.kind

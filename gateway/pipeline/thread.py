@@ -25,50 +25,91 @@ participant" needs two things: the sender's From address is on the ticket (`is_p
 and that From address is verified (`sender_verified`: authenticated, or equal to the envelope
 sender; see `from_is_verified`). Robot mail (auto-replies, bounces, our own mail coming back)
 still reaches its ticket by a signed reference without being a participant: it never becomes
-one, never reopens and never pages anybody (`stages.thread_stage`, `record`).
+one, never reopens and never pages anybody.
 
-The decision is pure: storage is reached only through the `ThreadLookup` protocol, so it is
-tested without I/O.
+Robot mail then has its own outcomes (docs/design.md §3): an auto-reply or our own mail that
+reached no ticket is `unmatched-auto-reply` or `loop`; a bounce belongs to the ticket whose
+outbound message it reports on (`bounce`), whatever it quoted, or to none
+(`unmatched-bounce`), and never opens one (§3 rule 7).
+
+The outcome is one `Disposition`; each selects its list of stages (`stages.CHAINS`). The
+decision is pure: storage is reached only through the `ThreadLookup` protocol
+(gateway/store/lookup.py), so it is tested without I/O.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Protocol
+from enum import StrEnum
 
 from gateway.pipeline.parse import ParsedMessage
 from gateway.pipeline.subject import find_ticket_refs
 from gateway.security.tokens import ReplyClaim, Signer
+from gateway.store.lookup import ThreadLookup, TicketView
+
+__all__ = [
+    "Disposition",
+    "RobotMail",
+    "ThreadDecision",
+    "ThreadLookup",
+    "TicketView",
+    "decide",
+    "from_is_verified",
+    "robot_mail",
+]
 
 
-@dataclass(frozen=True)
-class TicketView:
-    id: int
-    ref: str
-    status: str
+class Disposition(StrEnum):
+    """What becomes of a message: the outcome of threading, which selects its stages.
+
+    The values are the words the audit trail, the log line's ``thread`` field and JSON have
+    always shown (docs/interface.md), so they must not change.
+    """
+
+    DUPLICATE = "duplicate"  # stored before: record that, nothing else
+    REPLY_TOKEN = "reply-token"  # a signed reply address (customer or staff token)
+    OUR_MESSAGE_ID = "our-message-id"  # a reply to a Message-ID we signed
+    KNOWN_MESSAGE_ID = "known-message-id"  # a reply to a stored message of a ticket
+    SUBJECT_REF = "subject-ref"  # the subject names a ticket the sender takes part in
+    NEW = "new"  # a new ticket (routed, acknowledged, its owner notified)
+    # A known customer's new mail joined their open request (conversation.py). Never the
+    # outcome of `decide`: the known-customer stage sets it inside the NEW chain, because the
+    # policy comes from the route.
+    KNOWN_CUSTOMER = "known-customer"
+    BOUNCE = "bounce"  # a bounce of one of our messages: joins that ticket
+    UNMATCHED_BOUNCE = "unmatched-bounce"  # a bounce of nothing we know: no ticket
+    UNMATCHED_AUTO_REPLY = "unmatched-auto-reply"  # an out-of-office for no ticket
+    LOOP = "loop"  # our own mail came back and names no ticket
 
 
-class ThreadLookup(Protocol):
-    def duplicate_of(
-        self, dedupe_key: str, message_id: str | None
-    ) -> tuple[int, int | None] | None:
-        """(message row id, ticket id) of an identical stored message, if any."""
-        ...
+class RobotMail(StrEnum):
+    """Robot mail that joins a ticket without its sender becoming a participant."""
 
-    def ticket_of_message_id(self, message_id: str) -> int | None:
-        """Ticket of a stored message (inbound or outbound) with this Message-ID header."""
-        ...
+    AUTO_REPLY = "auto_reply"
+    LOOP = "loop"
+    BOUNCE = "bounce"
 
-    def ticket(self, ticket_id: int) -> TicketView | None: ...
+    @property
+    def message_kind(self) -> str:
+        """The stored message's kind: our own mail coming back is filed as an auto-reply."""
+        return "bounce" if self is RobotMail.BOUNCE else "auto_reply"
 
-    def ticket_by_ref(self, ref: str) -> TicketView | None: ...
 
-    def is_participant(self, ticket_id: int, address: str) -> bool: ...
+def robot_mail(verdict_kind: str, envelope_sender: str) -> RobotMail | None:
+    """Which robot mail this is, from the classifier's kind and the envelope — pure.
 
-    def tickets_referencing(self, message_id: str) -> list[int]:
-        """Tickets of stored messages that also name this (unknown to us) Message-ID."""
-        ...
+    Out-of-office replies (often sent with the null reverse-path, RFC 3834 §3.1.3) stay
+    auto-replies. Reports and bounces are bounces; so is any other mail with the null
+    reverse-path, which is reserved for such notifications (RFC 5321 §4.5.5), even when its
+    content is not a recognisable report. List, bulk and other robot kinds are None: such
+    mail must take part like a human's.
+    """
+    if verdict_kind in ("auto_reply", "loop"):
+        return RobotMail(verdict_kind)
+    if verdict_kind in ("bounce", "report") or not envelope_sender:
+        return RobotMail.BOUNCE
+    return None
 
 
 def from_is_verified(
@@ -100,7 +141,7 @@ def from_is_verified(
 
 @dataclass
 class ThreadDecision:
-    key: str  # duplicate | reply-token | our-message-id | known-message-id | subject-ref | new
+    disposition: Disposition
     ticket: TicketView | None
     detail: str
     duplicate_of: int | None = None
@@ -113,7 +154,8 @@ class ThreadDecision:
 
     @property
     def is_new(self) -> bool:
-        return self.ticket is None and self.key != "duplicate"
+        """A new ticket is to be opened (robot mail that reached no ticket opens none)."""
+        return self.disposition is Disposition.NEW
 
 
 def decide(
@@ -127,18 +169,88 @@ def decide(
     ref_prefix: str,
     closed_followup: str = "reopen",
     sender_verified: bool = True,
-    robot: bool = False,
+    robot: RobotMail | None = None,
+    bounced: Sequence[str] = (),
     merged_into: Callable[[int], TicketView | None] | None = None,
 ) -> ThreadDecision:
-    """Decide the ticket for one message. `sender` is the From (else envelope) address.
+    """Decide the ticket and the disposition of one message. `sender` is the From (else
+    envelope) address.
 
     `sender_verified` False: the From address is not proven (see `from_is_verified`), so it
-    counts as nobody's: the sender is a participant of no ticket. `robot` True (auto-reply,
-    bounce, loop): a signed reference of ours reaches its ticket without participation.
-    `merged_into` (issue 12): the ticket a merged ticket went into; every key that names a
-    merged ticket (its tokens, Message-IDs, subject reference) reaches the target instead,
-    so a merged ticket never reopens.
+    counts as nobody's: the sender is a participant of no ticket. `robot` (see `robot_mail`):
+    a signed reference of ours reaches its ticket without participation, and the outcome is
+    a robot's (module docstring). `bounced`: the Message-IDs a bounce reports on
+    (`bounce.BounceInfo.original_message_ids`). `merged_into` (issue 12): the ticket a merged
+    ticket went into; every key that names a merged ticket (its tokens, Message-IDs, subject
+    reference) reaches the target instead, so a merged ticket never reopens.
     """
+    d = _match(
+        parsed,
+        sender=sender,
+        recipients=recipients,
+        dedupe_key=dedupe_key,
+        signer=signer,
+        lookup=lookup,
+        ref_prefix=ref_prefix,
+        closed_followup=closed_followup,
+        sender_verified=sender_verified,
+        robot=robot is not None,
+        merged_into=merged_into,
+    )
+    if robot is None or d.disposition is Disposition.DUPLICATE:
+        return d
+    return _robot_outcome(d, robot, bounced, signer, lookup)
+
+
+def _robot_outcome(
+    d: ThreadDecision,
+    robot: RobotMail,
+    bounced: Sequence[str],
+    signer: Signer,
+    lookup: ThreadLookup,
+) -> ThreadDecision:
+    """Robot mail joins its ticket without reopening it (docs/design.md §3); unmatched, it
+    is recorded without a ticket and links to none."""
+    d.reopen = False
+    if robot is not RobotMail.BOUNCE:
+        if d.ticket is None:
+            auto = robot is RobotMail.AUTO_REPLY
+            d.disposition = Disposition.UNMATCHED_AUTO_REPLY if auto else Disposition.LOOP
+            d.links.clear()
+        return d
+    # A bounce belongs to the ticket whose outbound message it reports on, stored or signed;
+    # only failing both, to the ticket its references reached (§3 rule 7).
+    target = lookup.ticket_of_outbound(bounced)
+    if target is None:
+        target = next(
+            (t for t in map(signer.ticket_from_message_id, bounced) if t is not None), None
+        )
+    if target is None and d.ticket is not None:
+        target = d.ticket.id
+    ticket = lookup.ticket(target) if target is not None else None
+    if ticket is None or d.ticket is None or ticket.id != d.ticket.id:
+        d.redirected_from = None  # the redirect was of a ticket the bounce does not join
+    d.links.clear()
+    d.ticket = ticket
+    d.disposition = Disposition.BOUNCE if ticket else Disposition.UNMATCHED_BOUNCE
+    return d
+
+
+def _match(
+    parsed: ParsedMessage,
+    *,
+    sender: str,
+    recipients: Collection[str],
+    dedupe_key: str,
+    signer: Signer,
+    lookup: ThreadLookup,
+    ref_prefix: str,
+    closed_followup: str,
+    sender_verified: bool,
+    robot: bool,
+    merged_into: Callable[[int], TicketView | None] | None,
+) -> ThreadDecision:
+    """The threading keys in order of precedence (module docstring), first hit wins."""
     who = sender or "the sender"
 
     def follow(ticket: TicketView) -> TicketView:
@@ -154,7 +266,7 @@ def decide(
     def joined(
         named: TicketView,
         ticket: TicketView,
-        key: str,
+        key: Disposition,
         detail: str,
         claim: ReplyClaim | None = None,
     ) -> ThreadDecision:
@@ -182,7 +294,7 @@ def decide(
         msg_row, ticket_id = dup
         ticket = lookup.ticket(ticket_id) if ticket_id is not None else None
         why = f"same message already stored (message {msg_row})"
-        return ThreadDecision("duplicate", ticket, why, duplicate_of=msg_row)
+        return ThreadDecision(Disposition.DUPLICATE, ticket, why, duplicate_of=msg_row)
 
     notes: list[str] = []
     referenced: dict[int, str] = {}  # tickets named by this message but not joined, and how
@@ -207,7 +319,9 @@ def decide(
             referenced.setdefault(ticket.id, f"customer reply token of {ticket.ref} in {rcpt}")
             notes.append(refused(ticket, f"reply token in {rcpt} names {ticket.ref}"))
             continue
-        return joined(named, ticket, "reply-token", f"signed reply token in {rcpt}", claim)
+        return joined(
+            named, ticket, Disposition.REPLY_TOKEN, f"signed reply token in {rcpt}", claim
+        )
 
     # 3. and 4. In-Reply-To / References.
     for mid in parsed.referenced_ids:
@@ -217,7 +331,9 @@ def decide(
             if named is not None:
                 ticket = follow(named)
                 if robot or takes_part(ticket):
-                    return joined(named, ticket, "our-message-id", f"reply to our message {mid}")
+                    return joined(
+                        named, ticket, Disposition.OUR_MESSAGE_ID, f"reply to our message {mid}"
+                    )
                 referenced.setdefault(ticket.id, f"reply to our message {mid} of {ticket.ref}")
                 notes.append(refused(ticket, f"{mid} is our message in {ticket.ref}"))
                 continue
@@ -235,7 +351,9 @@ def decide(
             continue
         ticket = follow(named)
         if takes_part(ticket):
-            return joined(named, ticket, "known-message-id", f"reply to stored message {mid}")
+            return joined(
+                named, ticket, Disposition.KNOWN_MESSAGE_ID, f"reply to stored message {mid}"
+            )
         referenced.setdefault(ticket.id, f"references {mid} of {ticket.ref}")
         notes.append(refused(ticket, f"{mid} belongs to {ticket.ref}"))
 
@@ -248,12 +366,15 @@ def decide(
         ticket = follow(named)
         if takes_part(ticket):
             return joined(
-                named, ticket, "subject-ref", f"subject names {ref} and {sender} takes part"
+                named,
+                ticket,
+                Disposition.SUBJECT_REF,
+                f"subject names {ref} and {sender} takes part",
             )
         referenced.setdefault(ticket.id, f"subject names {ref}")
         notes.append(refused(ticket, f"subject names {ref}"))
 
-    decision = ThreadDecision("new", None, "no threading key matched", notes=notes)
+    decision = ThreadDecision(Disposition.NEW, None, "no threading key matched", notes=notes)
     for tid, why in referenced.items():
         decision.links.append((tid, "possible-follow-up", why))
     if notes:
@@ -263,7 +384,7 @@ def decide(
 
 def _join(
     ticket: TicketView,
-    key: str,
+    key: Disposition,
     detail: str,
     notes: list[str],
     closed_followup: str,
@@ -273,7 +394,10 @@ def _join(
         return ThreadDecision(key, ticket, detail, claim=claim, notes=notes)
     if closed_followup == "new":
         d = ThreadDecision(
-            "new", None, f"{detail}, but {ticket.ref} is closed: new linked ticket", notes=notes
+            Disposition.NEW,
+            None,
+            f"{detail}, but {ticket.ref} is closed: new linked ticket",
+            notes=notes,
         )
         d.links.append((ticket.id, "follow-up-of-closed", detail))
         return d

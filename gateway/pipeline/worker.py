@@ -27,7 +27,7 @@ import logging
 import time
 import traceback
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -50,7 +50,8 @@ from gateway.pipeline.faults import (
     probe,
 )
 from gateway.pipeline.parse import degraded
-from gateway.pipeline.stages import STAGES, Stage, parse_stage, run_stages, summary
+from gateway.pipeline.stages import CHAINS, PREFIX, Stage, parse_stage, run_stages, summary
+from gateway.pipeline.thread import Disposition
 from gateway.spool import Spool, SpoolEntry
 from gateway.store.db import session_scope
 
@@ -91,7 +92,8 @@ class PipelineWorker:
         engine: Engine,
         spool: Spool,
         services: Services,
-        stages: tuple[Stage, ...] = STAGES,
+        prefix: tuple[Stage, ...] = PREFIX,
+        chains: Mapping[Disposition, tuple[Stage, ...]] = CHAINS,
         batch: int = 50,
         pause_initial: float = 0.5,
         pause_max: float = 4.0,
@@ -99,7 +101,9 @@ class PipelineWorker:
         self.engine = engine
         self.spool = spool
         self.services = services
-        self.stages = stages
+        # The stages every message goes through, then those of its disposition (stages.py).
+        self.prefix = prefix
+        self.chains = chains
         self.batch = batch
         self.wakeup = asyncio.Event()
         self.processed = 0
@@ -131,7 +135,7 @@ class PipelineWorker:
     # Processing ----------------------------------------------------------------------------
 
     def process(self, entry: SpoolEntry, *, degrade: str | None = None) -> Context:
-        """Run every stage for one entry in one transaction (blocking; call in a thread).
+        """Run the stages of one entry in one transaction (blocking; call in a thread).
 
         With `degrade` (a reason) the parse stage is replaced by the degraded form: the
         top-level headers and the original bytes as an attachment.
@@ -141,9 +145,9 @@ class PipelineWorker:
             if entry.envelope.received_at
             else None
         )
-        stages = self.stages
+        prefix = self.prefix
         if degrade is not None:
-            stages = tuple(_degraded_stage(degrade) if s is parse_stage else s for s in stages)
+            prefix = tuple(_degraded_stage(degrade) if s is parse_stage else s for s in prefix)
         now = self.services.clock.now()
         with session_scope(self.engine) as session:
             ctx = Context(
@@ -153,7 +157,7 @@ class PipelineWorker:
                 now=now,
                 received_at=received or now,
             )
-            run_stages(ctx, stages)
+            run_stages(ctx, prefix, self.chains)
         return ctx
 
     def process_one(self, entry: SpoolEntry) -> bool:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -12,7 +12,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlmodel import Session, col, select
 
-from gateway.pipeline.thread import TicketView
+from gateway.store.lookup import TicketView
 from gateway.store.models import (
     AssignmentCursor,
     Customer,
@@ -97,6 +97,9 @@ class SqlLookup:
             .order_by(col(TicketLink.id))
         ).first()
         return self.ticket(target) if target is not None else None
+
+    def ticket_of_outbound(self, message_ids: Sequence[str]) -> int | None:
+        return ticket_of_outbound(self.s, message_ids)
 
     def is_participant(self, ticket_id: int, address: str) -> bool:
         address = address.lower()

@@ -25,8 +25,7 @@ from gateway.outbound.dkim import keygen as dkim_keygen
 from gateway.outbound.dkim import load_key, public_txt_record
 from gateway.outbound.worker import DeliveryWorker
 from gateway.pipeline.notify import notify_owner_stage
-from gateway.pipeline.respond import respond
-from gateway.pipeline.stages import STAGES
+from gateway.pipeline.stages import CHAINS
 from gateway.store.models import Event, Message, Outbox
 from tests.conftest import make_settings
 from tests.support.dkim import KeyTable
@@ -68,9 +67,9 @@ async def env(tmp_path: Path, clock: FrozenClock, relay: CaptureRelay) -> AsyncI
         },
     )
     async with running_gateway(settings, clock) as gw:
-        # Once gateway/pipeline/stages.py lists respond itself, do not add it twice.
-        base = tuple(s for s in STAGES if s is not notify_owner_stage)  # acks only
-        gw.pipeline.stages = base if respond in base else (*base, respond)
+        gw.pipeline.chains = {  # acks only
+            d: tuple(s for s in chain if s is not notify_owner_stage) for d, chain in CHAINS.items()
+        }
         worker = DeliveryWorker(gw.engine, settings, clock, signer=gw.signer)
         dns = {f"{SELECTOR}._domainkey.{DOMAIN}": public_txt_record(key)}
         yield Env(gw, worker, relay, clock, dns)

@@ -277,14 +277,14 @@ async def test_message_failing_on_its_own_is_quarantined_and_alerted_then_replay
         alerts={"admins": [ADMIN]},
     )
     async with running_gateway(settings, clock) as gw:
-        stages = gw.pipeline.stages
+        stages = gw.pipeline.prefix
 
         def explodes_on_poison(ctx: Context) -> None:
             # A bug that one message's content triggers (in every form of it).
             if b"POISON" in ctx.entry.raw:
                 raise ValueError("stage exploded on this message")
 
-        gw.pipeline.stages = (explodes_on_poison, *stages)
+        gw.pipeline.prefix = (explodes_on_poison, *stages)
         await send(gw, make_mail(subject="POISON pill", body="POISON\n"))
         await send(gw, make_mail(subject="ordinary", sender="kim@customer.example"))
         assert await gw.pipeline.run_once() == 2
@@ -346,14 +346,14 @@ async def test_last_attempt_in_degraded_form_still_makes_a_ticket(
         tmp_path, storage={"max_attempts": 1}, outbound={"relay": f"127.0.0.1:{relay.port}"}
     )
     async with running_gateway(settings, clock) as gw:
-        stages = gw.pipeline.stages
+        stages = gw.pipeline.prefix
 
         def chokes_on_structure(ctx: Context) -> None:
             assert ctx.parsed is not None
             if any(a.filename == "weird.bin" for a in ctx.parsed.attachments):
                 raise RecursionError("maximum recursion depth exceeded")
 
-        gw.pipeline.stages = (stages[0], chokes_on_structure, *stages[1:])
+        gw.pipeline.prefix = (stages[0], chokes_on_structure, *stages[1:])
         mail = make_mail(subject="with a weird file")
         mail.add_attachment(b"\0" * 10, maintype="application", subtype="x", filename="weird.bin")
         await send(gw, mail)
@@ -485,7 +485,7 @@ async def test_transient_database_error_is_retried_at_once_and_a_disguised_one_i
             raise dropped
 
     async with running_gateway(settings, clock) as gw:
-        gw.pipeline.stages = (flaky, *gw.pipeline.stages)
+        gw.pipeline.prefix = (flaky, *gw.pipeline.prefix)
         await send(gw, make_mail(subject="FLAKY once"))
         await send(gw, make_mail(subject="DISGUISED poison", sender="kim@customer.example"))
         await send(gw, make_mail(subject="ordinary", sender="lee@customer.example"))

@@ -202,6 +202,31 @@ async def test_trusted_spam_verdict_goes_to_junk_untrusted_opens_a_ticket(env: E
     assert len(env.junk_list()) == 1  # still only the trusted spam
 
 
+async def test_spam_from_a_known_customer_goes_to_junk_not_into_their_ticket(env: Env) -> None:
+    """The route said junk: the message's chain ends there (stages.JUNK); the known-customer
+    policy never sees it, so it neither joins the customer's open request nor loses its
+    route trace (docs/architecture.md "Adding a disposition")."""
+    first = make_mail(sender="pat@customer.example", subject="Printer on fire")
+    await env.send(first, source="127.0.0.2")
+    await env.process()
+    [ticket] = all_tickets(env.gw)
+    again = make_mail(
+        sender="pat@customer.example", subject="Printer on fire", headers=SPAM_HEADERS
+    )
+    await env.send(again, source="127.0.0.1")  # the trusted front host says spam
+    await env.process()
+
+    assert [t.ref for t in all_tickets(env.gw)] == [ticket.ref]
+    inbound = [m for m in ticket_json(env.gw, ticket.ref)["messages"] if m["direction"] == "in"]
+    assert len(inbound) == 1, "the spam joined the customer's open request"
+    [item] = env.junk_list()
+    shown = env.cli("junk", "show", str(item["id"]), "--json")
+    assert shown.returncode == 0, shown.stderr
+    types = [e["type"] for e in json.loads(shown.stdout)["events"]]
+    assert "routed" in types and "junked" in types
+    assert "known-customer" not in types
+
+
 async def test_junk_release_opens_a_ticket_with_its_acknowledgement(env: Env) -> None:
     mail = make_mail(
         sender="pat@customer.example", subject="Invoice question", headers=SPAM_HEADERS

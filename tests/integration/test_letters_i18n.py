@@ -28,8 +28,7 @@ from gateway.outbound.dkim import keygen as dkim_keygen
 from gateway.outbound.dkim import load_key, public_txt_record
 from gateway.outbound.worker import DeliveryWorker
 from gateway.pipeline.notify import notify_owner_stage
-from gateway.pipeline.respond import respond
-from gateway.pipeline.stages import STAGES
+from gateway.pipeline.stages import CHAINS
 from tests.conftest import RULES, make_settings
 from tests.support.dkim import KeyTable
 from tests.support.gateway import (
@@ -100,8 +99,9 @@ async def env(tmp_path: Path, clock: FrozenClock, relay: CaptureRelay) -> AsyncI
         },
     )
     async with running_gateway(settings, clock) as gw:
-        base = tuple(s for s in STAGES if s is not notify_owner_stage)  # customer mail only
-        gw.pipeline.stages = base if respond in base else (*base, respond)
+        gw.pipeline.chains = {  # customer mail only
+            d: tuple(s for s in chain if s is not notify_owner_stage) for d, chain in CHAINS.items()
+        }
         worker = DeliveryWorker(gw.engine, settings, clock, signer=gw.signer)
         dns = {
             f"{SELECTOR}._domainkey.{d}": public_txt_record(load_key(k, d, SELECTOR))

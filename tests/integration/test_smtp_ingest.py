@@ -298,12 +298,12 @@ async def test_quarantine_after_repeated_failures_and_replay(
     settings = make_settings(tmp_path, storage={"max_attempts": 2})
     async with running_gateway(settings, clock) as gw:
         await send(gw, make_mail(subject="breaks the pipeline"))
-        real_stages = gw.pipeline.stages
+        real_stages = gw.pipeline.prefix
 
         def broken(ctx: object) -> None:
             raise RuntimeError("stage exploded")
 
-        gw.pipeline.stages = (broken,)
+        gw.pipeline.prefix = (broken,)
         await gw.pipeline.run_once()  # attempt 1 -> back to pending
         assert gw.spool.counts() == {"pending": 1}
         assert await gw.pipeline.run_once() == 0  # backing off: not retried at once
@@ -313,7 +313,7 @@ async def test_quarantine_after_repeated_failures_and_replay(
         [q] = gw.spool.quarantined()
         assert "stage exploded" in q["reason"] and q["attempts"] == 2
         assert all_tickets(gw) == []
-        gw.pipeline.stages = real_stages
+        gw.pipeline.prefix = real_stages
         assert gw.spool.replay(q["id"])
         await gw.pipeline.run_once()
         assert gw.spool.counts() == {}

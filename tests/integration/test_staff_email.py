@@ -34,6 +34,7 @@ from gateway.outbound.dkim import keygen as dkim_keygen
 from gateway.outbound.worker import DeliveryWorker
 from gateway.pipeline.notify import notify_owner_stage
 from gateway.pipeline.staff import staff_stage
+from gateway.pipeline.thread import Disposition
 from gateway.security.dns import StaticResolver
 from gateway.sla.clocks import active_deadlines
 from gateway.store.models import Outbox, Ticket
@@ -91,7 +92,7 @@ async def env(tmp_path: Path, clock: FrozenClock, relay: CaptureRelay) -> AsyncI
         },
     )
     async with running_gateway(settings, clock) as gw:
-        assert staff_stage in gw.pipeline.stages and notify_owner_stage in gw.pipeline.stages
+        assert {staff_stage, notify_owner_stage} <= set(gw.pipeline.chains[Disposition.REPLY_TOKEN])
         record_name = f"{SELECTOR}._domainkey.{DOMAIN}"
         assert isinstance(gw.resolver, StaticResolver)
         gw.resolver.add(record_name, "TXT", public_txt_record(key))

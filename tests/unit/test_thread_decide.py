@@ -4,12 +4,19 @@ participation proves the person)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import pytest
 
 from gateway.pipeline.parse import parse
-from gateway.pipeline.thread import ThreadDecision, TicketView, decide, from_is_verified
+from gateway.pipeline.thread import (
+    RobotMail,
+    ThreadDecision,
+    TicketView,
+    decide,
+    from_is_verified,
+)
 from gateway.security.tokens import Signer
 
 SIGNER = Signer(b"unit-test-secret-key-0123456789abcdef")
@@ -46,6 +53,9 @@ class Store:
     def tickets_referencing(self, message_id: str) -> list[int]:
         return []
 
+    def ticket_of_outbound(self, message_ids: Sequence[str]) -> int | None:
+        return None
+
 
 def run(
     sender: str,
@@ -54,7 +64,7 @@ def run(
     in_reply_to: str | None = None,
     rcpt: str = "support@example.com",
     verified: bool = True,
-    robot: bool = False,
+    robot: RobotMail | None = None,
 ) -> ThreadDecision:
     head = f"From: {sender}\r\nTo: {rcpt}\r\nSubject: {subject}\r\nMessage-ID: <m@x>\r\n"
     if in_reply_to:
@@ -105,7 +115,7 @@ def test_each_key_admits_the_participant(how: dict[str, str]) -> None:
 )
 def test_no_key_admits_a_stranger_each_links_instead(how: dict[str, str], note: str) -> None:
     d = run(EVE, **how)
-    assert d.is_new and d.key == "new"
+    assert d.is_new and d.disposition == "new"
     assert [(t, rel) for t, rel, _ in d.links] == [(7, "possible-follow-up")]
     assert note in d.detail and "is not a participant" in d.detail
 
@@ -113,7 +123,7 @@ def test_no_key_admits_a_stranger_each_links_instead(how: dict[str, str], note: 
 def test_staff_token_reaches_its_ticket_whoever_sends_it() -> None:
     # The staff stage judges the person (docs/design.md §5); threading only finds the ticket.
     d = run(EVE, rcpt=STAFF_TOKEN)
-    assert d.key == "reply-token" and d.ticket is not None and d.claim is not None
+    assert d.disposition == "reply-token" and d.ticket is not None and d.claim is not None
     assert d.claim.person == "alice"
 
 
@@ -125,7 +135,7 @@ def test_staff_token_reaches_its_ticket_whoever_sends_it() -> None:
 def test_robots_reach_the_ticket_by_a_signed_reference(how: dict[str, str]) -> None:
     # An out-of-office or bounce from an address that is not a participant still belongs
     # to the ticket (it never becomes a participant: record only adds customer mail).
-    d = run("autoresponder@customer.example", robot=True, **how)
+    d = run("autoresponder@customer.example", robot=RobotMail.AUTO_REPLY, **how)
     assert d.ticket is not None and d.ticket.id == 7
 
 
@@ -137,8 +147,8 @@ def test_unverified_from_of_a_participant_counts_as_nobody() -> None:
 
 def test_unverified_from_of_a_robot_still_joins_by_stored_message_id() -> None:
     # Auto-replies gain nothing by joining: their From is not held against them.
-    d = run(PAT, in_reply_to="<orig@customer.example>", verified=False, robot=True)
-    assert d.key == "known-message-id" and d.ticket is not None
+    d = run(PAT, in_reply_to="<orig@customer.example>", verified=False, robot=RobotMail.AUTO_REPLY)
+    assert d.disposition == "known-message-id" and d.ticket is not None
 
 
 @pytest.mark.parametrize(
