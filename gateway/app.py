@@ -27,6 +27,7 @@ from sqlalchemy.engine import Engine, make_url
 import gateway
 from gateway import alerts
 from gateway.clock import Clock, SystemClock
+from gateway.escalation.escalator import Escalator
 from gateway.http import AdminHttp
 from gateway.inbound.smtp import ConnectionLimits, InboundHandler, make_tls_context, start_server
 from gateway.letters.brands import brand_domains
@@ -42,7 +43,6 @@ from gateway.routing.holder import RulesHolder
 from gateway.security.dns import Resolver, SystemResolver
 from gateway.security.tokens import Signer
 from gateway.settings import ConfigError, Settings
-from gateway.sla.escalator import Escalator
 from gateway.spool import Spool
 from gateway.store.db import make_engine, open_database, session_scope
 from gateway.store.installation import check_fingerprint, require_configured_secret

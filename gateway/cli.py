@@ -320,7 +320,7 @@ def cmd_rules(args: argparse.Namespace) -> int:
         problems += check_templates(settings.templates_path, _route_templates(settings))
         if not problems:
             # Coverage (issue 11): hours of each policy nobody on its ladder is on duty.
-            from gateway.sla.coverage import coverage_report
+            from gateway.routing.coverage import coverage_report
 
             warnings, problems = coverage_report(
                 load_rules(settings.rules_path), _parse_at(args.at)

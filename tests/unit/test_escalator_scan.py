@@ -17,10 +17,10 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
 from gateway.clock import FrozenClock
+from gateway.escalation.escalator import FAR, Escalator
 from gateway.routing.loader import load_rules
 from gateway.routing.model import Rules
 from gateway.security.tokens import Signer
-from gateway.sla.escalator import FAR, Escalator
 from gateway.store.db import open_database, read_scope, session_scope
 from gateway.store.models import Ticket
 from tests.conftest import make_settings
@@ -202,7 +202,7 @@ def test_the_read_session_never_commits(tmp_path: Path) -> None:
 
 
 def test_plan_columns_cover_what_the_planner_reads() -> None:
-    from gateway.sla.escalator import _SCAN_COLUMNS
+    from gateway.escalation.moments import SCAN_COLUMNS as _SCAN_COLUMNS
     from gateway.store.plan_marks import PLAN_COLUMNS
 
     read = {c.key for c in _SCAN_COLUMNS} - {"id"}

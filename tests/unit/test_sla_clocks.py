@@ -18,9 +18,9 @@ import pytest
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
 
+from gateway.escalation.escalator import BREACH_STEP, NOTICE_STEP, WARNING_STEP
 from gateway.security.tokens import Signer
 from gateway.sla import clocks
-from gateway.sla.escalator import BREACH_STEP, NOTICE_STEP, WARNING_STEP
 from gateway.store.db import open_database
 from gateway.store.models import EscalationStep, Promise, Ticket
 from tests.conftest import make_settings
@@ -570,7 +570,9 @@ def test_failed_fire_rolls_back_and_is_retried(engine, sla_settings, clock, monk
     esc = make_escalator(engine, sla_settings, clock)
     clock.set(at(23, 13))
     with monkeypatch.context() as m:
-        m.setattr(esc, "_notify", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
+        m.setattr(
+            esc.actions, "notify", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full"))
+        )
         assert esc.run_once() == 0  # the whole ticket transaction rolled back
     assert steps(engine, tid) == []
     assert esc.run_once() == 3  # nothing was remembered as fired: retried in full
