@@ -120,8 +120,8 @@ def child_main(
         tag="pipeline",
     )
 
-    from gateway.app import build_resolver, build_spool
     from gateway.clock import SystemClock
+    from gateway.factories import build_resolver, build_spool
     from gateway.metrics import CountingResolver, tally_to_wire
     from gateway.pipeline.context import Services
     from gateway.pipeline.worker import PipelineWorker
