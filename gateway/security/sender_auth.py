@@ -561,7 +561,7 @@ def _verify_arc(raw: bytes, resolver: Resolver) -> str | None:
 # SPF (RFC 7208)
 
 
-class _ResolverSpfQuery(spf.query):
+class _ResolverSpfQuery(spf.query):  # type: ignore[misc]  # pyspf ships no type hints
     """A pyspf query whose DNS goes through a :class:`Resolver`.
 
     pyspf 2.0.14 funnels every lookup (TXT, A, AAAA, MX, PTR, for mechanisms, macros and
