@@ -16,7 +16,7 @@ import string
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from gateway.letters import templates
 from gateway.letters.i18n import format_local
@@ -24,8 +24,7 @@ from gateway.sla.clocks import utc
 from gateway.sla.deadlines import isoz
 
 if TYPE_CHECKING:
-    # Types only: the rules, the plan and the rows are the letter's facts, read elsewhere.
-    from gateway.routing.model import Person
+    # Types only: the plan and the rows are the letter's facts, read elsewhere.
     from gateway.sla.business_time import BusinessCalendar
     from gateway.sla.plan import Commitment, Fire
     from gateway.store.models import Message, Ticket
@@ -42,6 +41,18 @@ __all__ = [
     "load",
     "warning",
 ]
+
+
+class Person(Protocol):
+    """A person as a letter names them (`gateway.routing.model.Person` is one); a protocol,
+    so the letters need not import the rules model (docs/architecture.md, "Layers")."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def email(self) -> str: ...
+
 
 #: The clock names of the event log (English, like the log itself).
 _CLOCK_NAMES = {
