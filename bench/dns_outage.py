@@ -97,8 +97,8 @@ def throughput(n: int, mode: str) -> tuple[float, dict[str, int]]:
     """Process n spooled messages; return (messages per second, counts)."""
     from sqlmodel import Session, func, select
 
-    from gateway.app import build_resolver, build_spool
     from gateway.clock import SystemClock
+    from gateway.factories import build_resolver, build_spool
     from gateway.pipeline.context import Services
     from gateway.pipeline.worker import PipelineWorker
     from gateway.routing.holder import RulesHolder

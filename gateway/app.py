@@ -27,6 +27,8 @@ from sqlalchemy.engine import Engine, make_url
 import gateway
 from gateway import alerts
 from gateway.clock import Clock, SystemClock
+from gateway.escalation.escalator import Escalator
+from gateway.factories import build_resolver, build_spool
 from gateway.http import AdminHttp
 from gateway.inbound.smtp import ConnectionLimits, InboundHandler, make_tls_context, start_server
 from gateway.letters.brands import brand_domains
@@ -39,12 +41,10 @@ from gateway.pipeline.process import PipelineProcess
 from gateway.pipeline.recheck import AuthRechecker
 from gateway.pipeline.worker import PipelineWorker
 from gateway.routing.holder import RulesHolder
-from gateway.security.dns import Resolver, SystemResolver
+from gateway.security.dns import Resolver
 from gateway.security.tokens import Signer
 from gateway.settings import ConfigError, Settings
-from gateway.sla.escalator import Escalator
-from gateway.spool import Spool
-from gateway.store.db import make_engine, open_database, session_scope
+from gateway.store.db import open_database, session_scope
 from gateway.store.installation import check_fingerprint, require_configured_secret
 from gateway.store.notify import ClusterNotifier
 
@@ -70,42 +70,6 @@ def _bind_error(key: str, value: str, exc: OSError) -> ListenError:
     else:
         why = exc.strerror or str(exc)
     return ListenError(f"{key} = {value!r}: cannot listen: {why}")
-
-
-def build_spool(
-    settings: Settings, clock: Clock | None = None, engine: Engine | None = None
-) -> Spool:
-    """The spool: in the shared PostgreSQL database when one is configured (issue 13: no
-    accepted message depends on one node's disk), else the local SQLite file."""
-    url = make_url(settings.storage.database_url)
-    if url.get_backend_name() == "postgresql" and settings.storage.shared_spool:
-        from gateway.shared_spool import SharedSpool
-
-        spool: Spool = SharedSpool(
-            settings.spool_path,
-            engine=engine or make_engine(settings.storage.database_url),
-            node=settings.node.id or default_node_name(settings),
-            max_attempts=settings.storage.max_attempts,
-            min_free_disk=settings.smtp.min_free_disk,
-            clock=clock,
-        )
-    else:
-        spool = Spool(
-            settings.spool_path,
-            max_attempts=settings.storage.max_attempts,
-            min_free_disk=settings.smtp.min_free_disk,
-            clock=clock,
-        )
-    spool.open()
-    return spool
-
-
-def build_resolver(settings: Settings) -> Resolver | None:
-    """The DNS resolver for sender checks, or None when `security.verify_senders` is off."""
-    sec = settings.security
-    if not sec.verify_senders:
-        return None
-    return SystemResolver(timeout=sec.dns_timeout, nameservers=sec.nameservers or None)
 
 
 class Gateway:

@@ -320,7 +320,7 @@ def cmd_rules(args: argparse.Namespace) -> int:
         problems += check_templates(settings.templates_path, _route_templates(settings))
         if not problems:
             # Coverage (issue 11): hours of each policy nobody on its ladder is on duty.
-            from gateway.sla.coverage import coverage_report
+            from gateway.routing.coverage import coverage_report
 
             warnings, problems = coverage_report(
                 load_rules(settings.rules_path), _parse_at(args.at)
@@ -470,7 +470,7 @@ def _require_spool(settings: Settings) -> None:
 
 def cmd_quarantine(args: argparse.Namespace) -> int:
     settings = _settings(args)
-    from gateway.app import build_spool
+    from gateway.factories import build_spool
 
     _require_spool(settings)
     spool = build_spool(settings)
@@ -520,8 +520,8 @@ def _process_spool(
     replayed: list[int] | None = None,
     deliver: bool = False,
 ) -> int:
-    from gateway.app import build_resolver
     from gateway.clock import SystemClock
+    from gateway.factories import build_resolver
     from gateway.pipeline.context import Services
     from gateway.pipeline.worker import PipelineWorker
     from gateway.routing.loader import load_rules
@@ -576,7 +576,7 @@ def _process_spool(
 
 def cmd_process(args: argparse.Namespace) -> int:
     settings = _settings(args)
-    from gateway.app import build_spool
+    from gateway.factories import build_spool
 
     spool = build_spool(settings)
     try:
@@ -824,7 +824,7 @@ def cmd_junk(args: argparse.Namespace) -> int:
             for e in d["events"]:
                 print(f"  {e['at']} {e['type']}: {e['detail']}")
             return 0
-        from gateway.app import build_spool
+        from gateway.factories import build_spool
 
         spool = build_spool(settings)
         try:

@@ -247,8 +247,6 @@ class Spool:
         self._conn: sqlite3.Connection | None = None  # for claim/release (one caller thread)
         self._lock = threading.Lock()
         self.on_commit: Callable[[], None] | None = None
-        # Test hook: an exception raised by the writer for the next batch (forced failure).
-        self.fail_next: BaseException | None = None
         self.batches = 0
 
     # Lifecycle ------------------------------------------------------------------------
@@ -396,9 +394,6 @@ class Spool:
             conn.close()
 
     def _commit_batch(self, conn: sqlite3.Connection, batch: list[_Pending]) -> None:
-        if self.fail_next is not None:
-            exc, self.fail_next = self.fail_next, None
-            raise exc
         self.batches += 1
         conn.execute("BEGIN IMMEDIATE")
         try:

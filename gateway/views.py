@@ -15,7 +15,6 @@ from gateway.sla.business_time import BusinessCalendar, format_duration
 from gateway.sla.clocks import utc
 from gateway.sla.deadlines import isoz
 from gateway.sla.durations import Duration
-from gateway.sla.promises import promises_json
 from gateway.store.models import (
     Customer,
     CustomerAddress,
@@ -26,6 +25,7 @@ from gateway.store.models import (
     Ticket,
     TicketLink,
 )
+from gateway.store.promises import promises_json
 from gateway.store.queries import customer_of, undeliverable
 
 

@@ -489,7 +489,7 @@ class GatewaySMTP(SMTP):
             message = sink.finish()
             if sink.error is not None:
                 # Neither memory nor disk could hold it: temporary, the sender retries.
-                self._set_post_data_state()
+                self._set_post_data_state()  # type: ignore[no-untyped-call]  # aiosmtpd's, untyped
                 status = "452 4.3.1 Insufficient system storage, try again later"
             else:
                 data = message if isinstance(message, bytes) else b""
@@ -498,7 +498,7 @@ class GatewaySMTP(SMTP):
                 try:
                     status = await self._call_handler_hook("DATA")
                 finally:
-                    self._set_post_data_state()
+                    self._set_post_data_state()  # type: ignore[no-untyped-call]  # aiosmtpd's, untyped
         finally:
             self.sink = None
             sink.release()

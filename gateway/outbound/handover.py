@@ -5,7 +5,7 @@ holder had no original request, no attachments, no earlier staff answers, and th
 lost the ticket was not told. That is the "log in to read it" failure of the seeds in another
 form (docs/design.md §0): a person is made accountable without what they need to act. So whoever
 receives a ticket, by ``#assign`` (``gateway.pipeline.staff``) or by an escalation ladder
-``assign`` step (``gateway.sla.escalator``), gets one letter built here:
+``assign`` step (``gateway.escalation.escalator``), gets one letter built here:
 
 - why they have it (who assigned it, or which deadline was missed), the ticket summary and
   the running deadlines as stored (what the escalator enforces);

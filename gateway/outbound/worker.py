@@ -242,7 +242,7 @@ class DeliveryWorker:
         if rules is None:
             holder = RulesHolder(settings.rules_path)
             rules = lambda: holder.current  # noqa: E731
-        self.rules = rules
+        self.rules: Callable[[], Rules] = rules
         self.batch = batch
         #: Deliveries in flight at once (each its own relay connection).
         self.parallel = DELIVERY_PARALLEL

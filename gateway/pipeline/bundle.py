@@ -41,7 +41,7 @@ from gateway.pipeline.conversation import (
     request_line,
 )
 from gateway.pipeline.timed import run_timed
-from gateway.sla import promises
+from gateway.store import promises
 from gateway.store.db import session_scope
 from gateway.store.models import BundleItem, Message, Outbox, Ticket
 from gateway.store.queries import add_event
@@ -268,7 +268,7 @@ class BundleWorker:
                 s.add(t)
                 if t.first_response_due is not None and t.id is not None:
                     # What the bundle says of this ticket's first answer is a promise like
-                    # any acknowledgement's (gateway/sla/promises.py): recorded, enforced.
+                    # any acknowledgement's (gateway/store/promises.py): recorded, enforced.
                     owner = rules.people.get(t.owner)
                     promises.record(
                         s,

@@ -28,7 +28,7 @@ MAX_RECHECK_INTERVAL = timedelta(minutes=10)
 def next_check(now: datetime, attempts: int, deadline: datetime) -> datetime:
     """When to look again after ``attempts`` re-checks: 1, 2, 4, 8, 10, 10 … minutes,
     never after the deadline (the deadline itself is the last look)."""
-    step = min(FIRST_RECHECK * (2 ** max(0, attempts)), MAX_RECHECK_INTERVAL)
+    step = min(FIRST_RECHECK * (1 << max(0, attempts)), MAX_RECHECK_INTERVAL)
     return min(now + step, deadline)
 
 

@@ -68,7 +68,7 @@ def restart_delay(
     live = [t for t in recent if now - t < window]
     if len(live) >= cap:
         return None
-    return min(backoff * 2 ** len(live), MAX_RESTART_DELAY)
+    return min(backoff * 2.0 ** len(live), MAX_RESTART_DELAY)
 
 
 def hung(state: str, last_word: float, now: float, timeout: float) -> bool:
@@ -120,8 +120,8 @@ def child_main(
         tag="pipeline",
     )
 
-    from gateway.app import build_resolver, build_spool
     from gateway.clock import SystemClock
+    from gateway.factories import build_resolver, build_spool
     from gateway.metrics import CountingResolver, tally_to_wire
     from gateway.pipeline.context import Services
     from gateway.pipeline.worker import PipelineWorker

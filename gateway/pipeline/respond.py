@@ -37,6 +37,7 @@ from datetime import datetime, timedelta
 
 from sqlmodel import col, func, select
 
+from gateway.escalation.late import Late, collapse, send_late
 from gateway.letters import templates as letters
 from gateway.letters.brands import brand_domains, identity
 from gateway.outbound.compose import (
@@ -53,9 +54,8 @@ from gateway.pipeline.lettering import choose_letters
 from gateway.routing.model import Person
 from gateway.security.sender_auth import AuthResult
 from gateway.security.verdict import ack_decision
-from gateway.sla import promises
 from gateway.sla.deadlines import isoz
-from gateway.sla.late import Late, collapse, send_late
+from gateway.store import promises
 from gateway.store.models import BundleItem, Event, Outbox, Ticket
 from gateway.store.queries import add_event, resolve_customer, xact_lock
 
@@ -459,7 +459,7 @@ def _record_promise(
 
 
 def _collapse_late(ctx: Context) -> Late | None:
-    """A ticket processed after moments of its own plan: collapse them (gateway.sla.late)."""
+    """A ticket processed after moments of its own plan: collapse them (gateway.escalation.late)."""
     assert ctx.ticket is not None
     return collapse(ctx.session, ctx.ticket, ctx.services.rules, ctx.received_at, ctx.now)
 

@@ -60,6 +60,7 @@ from email.policy import SMTP
 from mailparser_reply import EmailReplyParser
 from sqlmodel import col, select
 
+from gateway.escalation.notice import ticket_letter
 from gateway.letters.brands import brand_domains, identity
 from gateway.outbound.compose import _base_headers, _local_and_domain, isoz, tagged_subject
 from gateway.outbound.handover import compose_handover
@@ -72,9 +73,8 @@ from gateway.pipeline.notify import Part, add_parts, attachment_parts
 from gateway.routing.model import Person, Rules
 from gateway.security.tokens import Signer
 from gateway.security.verdict import auth_summary, staff_decision
-from gateway.sla import promises
 from gateway.sla.clocks import on_close, on_snooze, on_staff_reply, on_waiting
-from gateway.sla.notice import ticket_letter
+from gateway.store import promises
 from gateway.store.models import Message, Participant, Ticket, TicketLink
 from gateway.store.queries import (
     add_event,

@@ -29,11 +29,12 @@ What is checked, and where the standards come in:
   strip look-alike headers arriving from outside (RFC 8601 §5 requires it), as we cannot tell
   a forged copy of its authserv-id from the real one.
 
-Organizational domains use a deliberately small heuristic instead of the Public Suffix List
-(RFC 7489 §3.2): the last two labels, or the last three when the last two are a known
-second-level registry suffix such as ``co.uk`` or ``com.au``.  Limitation: private suffixes
-(``github.io``, ``herokuapp.com`` …) and unlisted ccTLD second levels are treated as
-registrable domains, so two tenants of one such platform look "aligned" under relaxed mode.
+Organizational domains come from the Public Suffix List (RFC 7489 §3.2) as shipped inside the
+``publicsuffixlist`` package: read from its bundled file, never fetched, so the daemon needs no
+network for it.  Both the ICANN and the private section count, so two tenants of a shared
+hosting suffix (``a.github.io`` and ``b.github.io``) are *not* aligned under relaxed mode.  A
+name that is itself a public suffix (``co.uk``) is its own organizational domain, so it only
+aligns with itself.
 
 Nothing here raises on malformed input: parse failures become ``permerror``/``none`` results,
 DNS timeouts become ``temperror`` (RFC 8601 §2.7), and any unexpected error yields a
@@ -46,6 +47,7 @@ import binascii
 import email.parser
 import email.policy
 import email.utils
+import functools
 import ipaddress
 import logging
 import re
@@ -61,6 +63,7 @@ import authres.dmarc
 import dkim
 import dkim.util
 import spf
+from publicsuffixlist import PublicSuffixList
 
 from gateway.security.dns import DnsTempError, Resolver, normalize_name
 
@@ -86,42 +89,6 @@ _ARC_RESULTS = frozenset({"pass", "fail", "none"})
 _MIN_RSA_BITS = 1024
 #: Seconds dkimpy passes to the DNS function; our Resolver applies its own timeout.
 _DKIM_DNS_TIMEOUT = 5
-
-#: Second-level labels under which registrations happen one level deeper (see module docstring).
-_SECOND_LEVEL_SUFFIXES = frozenset(
-    {
-        # United Kingdom
-        "co.uk", "org.uk", "me.uk", "ltd.uk", "plc.uk", "net.uk", "ac.uk", "gov.uk", "sch.uk",
-        "nhs.uk", "police.uk",
-        # Australia, New Zealand
-        "com.au", "net.au", "org.au", "edu.au", "gov.au", "asn.au", "id.au",
-        "co.nz", "net.nz", "org.nz", "ac.nz", "govt.nz", "school.nz",
-        # Asia
-        "co.jp", "ne.jp", "or.jp", "ac.jp", "go.jp", "ad.jp", "ed.jp", "gr.jp", "lg.jp",
-        "co.kr", "or.kr", "ne.kr", "ac.kr", "go.kr",
-        "com.cn", "net.cn", "org.cn", "gov.cn", "edu.cn",
-        "com.hk", "org.hk", "net.hk", "edu.hk", "gov.hk",
-        "com.tw", "org.tw", "net.tw", "edu.tw",
-        "com.sg", "org.sg", "net.sg", "edu.sg", "gov.sg",
-        "com.my", "org.my", "net.my", "edu.my",
-        "co.id", "or.id", "ac.id", "go.id",
-        "co.in", "net.in", "org.in", "firm.in", "gen.in", "ind.in", "ac.in", "gov.in",
-        "com.ph", "org.ph", "net.ph", "com.vn", "net.vn", "org.vn", "co.th", "or.th", "ac.th",
-        "com.pk", "org.pk", "com.bd",
-        "co.il", "org.il", "ac.il", "gov.il", "com.tr", "org.tr", "net.tr", "gov.tr",
-        "com.sa", "com.eg", "com.qa", "co.ae",
-        # Africa
-        "co.za", "org.za", "net.za", "gov.za", "ac.za", "co.ke", "or.ke", "com.ng", "co.tz",
-        # Americas
-        "com.br", "net.br", "org.br", "gov.br", "edu.br",
-        "com.mx", "org.mx", "gob.mx", "edu.mx", "com.ar", "org.ar", "gob.ar",
-        "com.co", "org.co", "com.pe", "com.ve", "com.uy", "com.ec", "co.cr", "cl.cl",
-        # Europe (rest)
-        "com.pl", "org.pl", "net.pl", "com.ua", "org.ua", "com.gr", "com.cy", "com.mt",
-        "co.at", "or.at", "com.pt", "com.es", "org.es", "co.hu", "com.ro", "com.ru", "org.ru",
-    }
-)  # fmt: skip
-
 
 # --------------------------------------------------------------------------------------------
 # Result types
@@ -403,14 +370,20 @@ def _executor() -> ThreadPoolExecutor:
 # Domains
 
 
+@functools.cache
+def _suffix_list() -> PublicSuffixList:
+    """The Public Suffix List bundled with ``publicsuffixlist`` (parsed once per process)."""
+    return PublicSuffixList()
+
+
+@functools.lru_cache(maxsize=4096)
 def organizational_domain(domain: str) -> str:
-    """The organizational domain (RFC 7489 §3.2) by the heuristic in the module docstring."""
-    labels = [label for label in normalize_name(domain).split(".") if label]
-    if len(labels) <= 2:
-        return ".".join(labels)
-    if ".".join(labels[-2:]) in _SECOND_LEVEL_SUFFIXES:
-        return ".".join(labels[-3:])
-    return ".".join(labels[-2:])
+    """The organizational domain (RFC 7489 §3.2): the public suffix plus one label, by the
+    Public Suffix List; a public suffix itself (or an empty name) is returned as it is."""
+    name = ".".join(label for label in normalize_name(domain).split(".") if label)
+    if not name:
+        return ""
+    return _suffix_list().privatesuffix(name) or name
 
 
 def _aligned(identifier: str, from_domain: str, *, strict: bool) -> bool:
@@ -588,7 +561,7 @@ def _verify_arc(raw: bytes, resolver: Resolver) -> str | None:
 # SPF (RFC 7208)
 
 
-class _ResolverSpfQuery(spf.query):
+class _ResolverSpfQuery(spf.query):  # type: ignore[misc]  # pyspf ships no type hints
     """A pyspf query whose DNS goes through a :class:`Resolver`.
 
     pyspf 2.0.14 funnels every lookup (TXT, A, AAAA, MX, PTR, for mechanisms, macros and

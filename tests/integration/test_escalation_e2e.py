@@ -18,9 +18,9 @@ import pytest
 
 from gateway.app import Gateway
 from gateway.clock import FrozenClock
+from gateway.escalation.escalator import Escalator
 from gateway.outbound.worker import DeliveryWorker
 from gateway.pipeline import record as record_stage
-from gateway.sla.escalator import Escalator
 from tests.conftest import make_settings
 from tests.support.gateway import all_tickets, make_mail, running_gateway, send, ticket_json
 from tests.support.relay import CaptureRelay

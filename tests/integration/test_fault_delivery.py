@@ -21,8 +21,9 @@ from sqlalchemy import text
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
 
-from gateway.app import Gateway, build_spool
+from gateway.app import Gateway
 from gateway.clock import FrozenClock, SystemClock
+from gateway.factories import build_spool
 from gateway.node import NodeIdentity
 from gateway.outbound.worker import DeliveryWorker
 from gateway.spool import Envelope

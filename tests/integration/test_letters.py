@@ -35,8 +35,8 @@ from sqlmodel import Session, select
 
 from gateway.app import Gateway
 from gateway.clock import FrozenClock
+from gateway.escalation.escalator import Escalator
 from gateway.outbound.worker import DeliveryWorker
-from gateway.sla.escalator import Escalator
 from gateway.store.models import Outbox, Ticket
 from tests.conftest import RULES, make_settings
 from tests.support.gateway import all_tickets, make_mail, running_gateway, send, ticket_json

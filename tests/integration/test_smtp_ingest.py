@@ -11,6 +11,7 @@ import pytest
 from gateway.clock import FrozenClock
 from gateway.settings import Settings
 from tests.conftest import make_settings
+from tests.support.faults import fail_next_batch
 from tests.support.gateway import (
     all_tickets,
     inbound,
@@ -158,7 +159,7 @@ async def test_forced_internal_failure_answers_451_and_the_retry_lands(
     settings: Settings, clock: FrozenClock
 ) -> None:
     async with running_gateway(settings, clock) as gw:
-        gw.spool.fail_next = OSError("disk controller on fire")
+        fail_next_batch(gw.spool, OSError("disk controller on fire"))
         with pytest.raises(aiosmtplib.SMTPDataError) as exc:
             await send(gw, make_mail())
         assert exc.value.code == 451 and exc.value.message.startswith("4.3.0")

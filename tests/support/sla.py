@@ -12,12 +12,12 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
 
 from gateway.clock import FrozenClock
+from gateway.escalation.escalator import Escalator
 from gateway.routing.loader import load_rules
 from gateway.routing.model import Rules
 from gateway.security.tokens import Signer
 from gateway.settings import Settings
 from gateway.sla.deadlines import initial_deadlines
-from gateway.sla.escalator import Escalator
 from gateway.store.models import Event, Message, Outbox, Ticket
 
 SLA_RULES = Path(__file__).parent / "rules_sla"

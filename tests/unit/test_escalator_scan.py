@@ -5,6 +5,7 @@ SQLite's write lock."""
 
 from __future__ import annotations
 
+import copy
 import shutil
 import sqlite3
 from datetime import UTC, datetime
@@ -16,9 +17,10 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
 from gateway.clock import FrozenClock
+from gateway.escalation.escalator import FAR, Escalator
 from gateway.routing.loader import load_rules
+from gateway.routing.model import Rules
 from gateway.security.tokens import Signer
-from gateway.sla.escalator import FAR, Escalator
 from gateway.store.db import open_database, read_scope, session_scope
 from gateway.store.models import Ticket
 from tests.conftest import make_settings
@@ -95,10 +97,8 @@ def test_a_change_to_a_ticket_replans_it(
     assert moment is not None and moment > at(23, 13)  # next response / resolution
 
 
-def test_a_new_rules_object_replans_every_open_ticket(
-    engine: Engine, tmp_path: Path, clock: FrozenClock
-) -> None:
-    (tid,) = create(engine, MON_09)
+def edited_rules(tmp_path: Path) -> Path:
+    """The SLA rules with `warn_at = 0.5` on the standard policy (a warning at 11:00)."""
     edited = tmp_path / "rules_edited"
     shutil.copytree(SLA_RULES, edited)
     toml = edited / "rules.toml"
@@ -106,6 +106,14 @@ def test_a_new_rules_object_replans_every_open_ticket(
     policy = '[sla.standard]\ncalendar = "berlin"\n'
     assert policy in text_
     toml.write_text(text_.replace(policy, policy + "warn_at = 0.5\n", 1))
+    return edited
+
+
+def test_a_new_rules_object_replans_every_open_ticket(
+    engine: Engine, tmp_path: Path, clock: FrozenClock
+) -> None:
+    (tid,) = create(engine, MON_09)
+    edited = edited_rules(tmp_path)
     current = [sla_rules()]
     settings = make_settings(tmp_path, rules_dir=str(SLA_RULES))
     esc = Escalator(engine, settings, clock, lambda: current[0], Signer(settings.secret()))
@@ -120,6 +128,34 @@ def test_a_new_rules_object_replans_every_open_ticket(
     assert esc.generation == generation + 1
     # Re-planned with the edited policy: warned at half of the 4 business hours.
     assert escalate_at(engine, tid) == at(23, 11)
+
+
+def test_a_rules_object_at_a_freed_ones_address_still_replans(
+    engine: Engine, tmp_path: Path, clock: FrozenClock
+) -> None:
+    """A reload whose new rules object could land where the previous one lived (CPython reuses
+    freed memory, so `id()` repeats) is still a change: a cache keyed on `id(rules)` would
+    keep the old plan here."""
+    (tid,) = create(engine, MON_09)
+    template = load_rules(edited_rules(tmp_path))
+    current: list[Rules] = [sla_rules()]
+    settings = make_settings(tmp_path, rules_dir=str(SLA_RULES))
+    esc = Escalator(engine, settings, clock, lambda: current[0], Signer(settings.secret()))
+    clock.set(at(23, 9, 30))
+    esc.run_once()
+    assert escalate_at(engine, tid) == at(23, 13)
+    generation, old_id = esc.generation, id(current[0])
+    current[0] = template  # the test's last reference to the first rules object goes
+    # Copies of the same type and size, each kept so the next takes a new block: the
+    # allocator soon hands out the freed object's memory again, unless something (the
+    # escalator) still holds that object.
+    copies = [copy.copy(template)]
+    while id(copies[-1]) != old_id and len(copies) < 100_000:
+        copies.append(copy.copy(template))
+    current[0] = copies[-1]
+    esc.run_once()
+    assert esc.generation == generation + 1
+    assert escalate_at(engine, tid) == at(23, 11)  # planned with warn_at = 0.5
 
 
 def test_nothing_left_to_fire_is_far_away(
@@ -166,7 +202,7 @@ def test_the_read_session_never_commits(tmp_path: Path) -> None:
 
 
 def test_plan_columns_cover_what_the_planner_reads() -> None:
-    from gateway.sla.escalator import _SCAN_COLUMNS
+    from gateway.escalation.moments import SCAN_COLUMNS as _SCAN_COLUMNS
     from gateway.store.plan_marks import PLAN_COLUMNS
 
     read = {c.key for c in _SCAN_COLUMNS} - {"id"}

@@ -25,6 +25,7 @@ from gateway.security.dns import DnsTempError, Resolver, StaticResolver, SystemR
 from gateway.security.sender_auth import (
     AuthResult,
     DkimCheck,
+    _aligned,
     authenticate,
     organizational_domain,
 )
@@ -728,10 +729,38 @@ def test_fuzz_never_raises(headers: list[tuple[bytes, bytes]], body: bytes, send
         ("a.b.example.com.au", "example.com.au"),
         ("com", "com"),
         ("", ""),
+        # The Public Suffix List, not a two-label guess: deeper registries and private
+        # (shared hosting) suffixes, each tenant its own organization.
+        ("mail.example.co.uk", "example.co.uk"),
+        ("co.uk", "co.uk"),
+        ("a.github.io", "a.github.io"),
+        ("www.b.github.io", "b.github.io"),
+        ("x.app.herokuapp.com", "app.herokuapp.com"),
+        # A wildcard rule (*.kawasaki.jp) and its exception (!city.kawasaki.jp).
+        ("www.city.kawasaki.jp", "city.kawasaki.jp"),
+        ("shop.example.kawasaki.jp", "shop.example.kawasaki.jp"),
     ],
 )
 def test_organizational_domain(domain: str, org: str) -> None:
     assert organizational_domain(domain) == org
+
+
+@pytest.mark.parametrize(
+    ("identifier", "from_domain", "aligned"),
+    [
+        ("a.github.io", "b.github.io", False),  # two tenants of one shared-hosting suffix
+        ("mail.a.github.io", "a.github.io", True),
+        ("bounce.example.co.uk", "mail.example.co.uk", True),
+        ("example.co.uk", "other.co.uk", False),
+        ("co.uk", "example.co.uk", False),
+    ],
+)
+def test_relaxed_alignment_uses_the_public_suffix_list(
+    identifier: str, from_domain: str, aligned: bool
+) -> None:
+    assert _aligned(identifier, from_domain, strict=False) is aligned
+    # Strict alignment is an exact match, whatever the suffix list says.
+    assert _aligned(identifier, from_domain, strict=True) is (identifier == from_domain)
 
 
 def test_static_resolver() -> None:

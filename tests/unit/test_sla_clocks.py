@@ -18,9 +18,9 @@ import pytest
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
 
+from gateway.escalation.escalator import BREACH_STEP, NOTICE_STEP, WARNING_STEP
 from gateway.security.tokens import Signer
 from gateway.sla import clocks
-from gateway.sla.escalator import BREACH_STEP, NOTICE_STEP, WARNING_STEP
 from gateway.store.db import open_database
 from gateway.store.models import EscalationStep, Promise, Ticket
 from tests.conftest import make_settings
@@ -570,7 +570,9 @@ def test_failed_fire_rolls_back_and_is_retried(engine, sla_settings, clock, monk
     esc = make_escalator(engine, sla_settings, clock)
     clock.set(at(23, 13))
     with monkeypatch.context() as m:
-        m.setattr(esc, "_notify", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
+        m.setattr(
+            esc.actions, "notify", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full"))
+        )
         assert esc.run_once() == 0  # the whole ticket transaction rolled back
     assert steps(engine, tid) == []
     assert esc.run_once() == 3  # nothing was remembered as fired: retried in full
@@ -610,3 +612,27 @@ def test_notices_due_within_a_minute_go_as_one_mail(engine, sla_settings, clock)
     assert '"covers": [["first_response"' in (event.data or "") and "resolution" in (
         event.data or ""
     )
+
+
+def test_escalation_letters_take_an_admins_wording(engine, tmp_path, clock) -> None:  # type: ignore[no-untyped-def]
+    # An override with two phrases and no body: those phrases change, the rest is shipped.
+    folder = tmp_path / "letters"
+    folder.mkdir()
+    (folder / "escalation.en.txt").write_text(
+        "=== escalation_subject ===\n[$ref] ESCALATED: $clock\n"
+        "=== escalation_headline ===\n$ref is late ($clock, $step).\n"
+    )
+    settings = make_settings(tmp_path, rules_dir=str(SLA_RULES), templates_dir=str(folder))
+    tid = create(engine, at=MON_09)
+    esc = make_escalator(engine, settings, clock)
+    clock.set(at(23, 13))
+    assert esc.run_once() == 3
+    with Session(engine) as s:
+        t = s.get(Ticket, tid)
+        assert t is not None
+        (row,) = outbox(s, "escalation")
+        mail = email.message_from_bytes(row.raw, policy=email.policy.default)
+        assert mail["Subject"] == f"[{t.ref}] ESCALATED: first response"
+        text = mail.get_content().replace("\r\n", "\n")  # type: ignore[attr-defined]
+        assert text.startswith(f"{t.ref} is late (first response, escalation step 1 of 3).")
+        assert f"Ticket:     {t.ref}\n" in text  # the shipped body around it

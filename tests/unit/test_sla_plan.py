@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from gateway.routing.coverage import coverage, coverage_report
 from gateway.routing.loader import RulesError, load_rules
 from gateway.routing.model import Rules
-from gateway.sla.coverage import coverage, coverage_report
 from gateway.sla.deadlines import initial_deadlines
 from gateway.sla.duty import (
     is_away,
@@ -288,8 +288,8 @@ def test_shipped_rules_check_clean(tmp_path: Path) -> None:
 
 
 def test_promise_states() -> None:
-    from gateway.sla.promises import settle_state
     from gateway.store.models import Promise
+    from gateway.store.promises import settle_state
 
     made = MON_10Z
     due = MON_10Z + timedelta(hours=1)

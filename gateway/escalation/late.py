@@ -16,14 +16,14 @@ from datetime import datetime
 
 from sqlmodel import Session
 
+from gateway.escalation.notice import Broken, late_text, queue_customer_mail, ticket_letter
 from gateway.letters.brands import identity
 from gateway.routing.model import Rules
 from gateway.security.tokens import Signer
 from gateway.settings import Settings
-from gateway.sla import promises
 from gateway.sla.deadlines import isoz
-from gateway.sla.notice import Broken, late_text, queue_customer_mail, ticket_letter
 from gateway.sla.plan import BREACH_STEP, Commitment, Fire, fires, plan_ticket
+from gateway.store import promises
 from gateway.store.models import EscalationStep, Message, Ticket
 from gateway.store.queries import add_event
 
