@@ -25,7 +25,7 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
 from gateway.letters import templates as letters
-from gateway.outbound.compose import compose_notification
+from gateway.letters.notification import compose_notification
 from gateway.outbound.worker import enqueue
 from gateway.routing.model import Rules
 from gateway.security.tokens import Signer
