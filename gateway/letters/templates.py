@@ -36,6 +36,7 @@ __all__ = [
     "load",
     "render",
     "shipped_names",
+    "sources",
 ]
 
 _SECTION_RE = re.compile(r"^=== ([a-z0-9_]+) ===[ \t]*$")
@@ -52,6 +53,8 @@ class LetterSpec:
     #: Each inner tuple is "at least one of these" (a deadline may be written three ways).
     required: tuple[tuple[str, ...], ...] = ()
     phrases: dict[str, frozenset[str]] = field(default_factory=dict)
+    #: "customer" letters are written in the ticket's language; "staff" ones in English.
+    audience: str = "customer"
 
 
 def _f(*names: str) -> frozenset[str]:
@@ -172,6 +175,7 @@ LETTERS: dict[str, LetterSpec] = {
                 "file_line": _f("name", "size"),
                 "why_route": _f("routes"),
             },
+            audience="staff",
         ),
         LetterSpec(
             "staff",
@@ -201,6 +205,7 @@ LETTERS: dict[str, LetterSpec] = {
                 "bundled_footer": _f("ref", "from_address"),
                 "bundled_subject": _f("ref", "count", "sender", "refs"),
             },
+            audience="staff",
         ),
         LetterSpec("common", "phrases several letters share", _f(), (), _COMMON_PHRASES),
     )
@@ -327,6 +332,33 @@ def load(
     for t in reversed(layers):
         phrases.update(t.phrases)
     return Letter(name, lang, body, phrases, source)
+
+
+def sources(
+    lang: str,
+    templates_dir: Path | None,
+    *,
+    default_language: str = DEFAULT_LANGUAGE,
+    ack: str = "ack",
+) -> dict[str, tuple[str, str]]:
+    """Every letter of the registry: (language, file its body comes from) as it would be
+    used for a ticket in ``lang`` (``rules explain``); ``ack`` is a route's own template.
+    Staff letters are English."""
+    out: dict[str, tuple[str, str]] = {}
+    for name, spec in LETTERS.items():
+        code = lang if spec.audience == "customer" else DEFAULT_LANGUAGE
+        letter = load(
+            ack if name == "ack" else name, code, templates_dir, default_language=default_language
+        )
+        # A letter of phrases only (common, staff): the file its phrases come from.
+        source = letter.source or _phrase_source(name, code, templates_dir, default_language)
+        out[name] = (code, source)
+    return out
+
+
+def _phrase_source(name: str, lang: str, templates_dir: Path | None, default_language: str) -> str:
+    layers = _layers(name, lang, templates_dir, default_language, shipped=True)
+    return layers[0].path if layers else ""
 
 
 def render(letter: Letter, facts: Mapping[str, str], verbatim: Sequence[str] = ()) -> str:
