@@ -21,7 +21,8 @@ from gateway.letters import headers
 from gateway.letters import templates as letters
 from gateway.letters.facts import isoz
 from gateway.letters.i18n import describe_size
-from gateway.letters.notification import Part, add_parts, summary_lines
+from gateway.letters.notification import Part, add_parts, deadline_lines
+from gateway.letters.templates import Letter
 from gateway.security.tokens import Signer
 
 if TYPE_CHECKING:
@@ -84,15 +85,17 @@ def compose_handover_letter(
     hostname: str,
     now: datetime,
     attachment_limit: int,
+    letter: Letter | None = None,
+    staff: Letter | None = None,
 ) -> tuple[bytes, str, str, str, int]:
-    """The handover pack: (unsigned bytes, Message-ID, subject, text body, files attached)."""
+    """The handover pack: (unsigned bytes, Message-ID, subject, text body, files attached).
+    ``letter`` is ``handover.en.txt`` (or its override), ``staff`` is ``staff.en.txt``."""
     assert ticket.id is not None
     local, domain = headers.split_address(from_address)
     message_id = signer.message_id(hostname, ticket.id, "handover")
     was = f" (was {previous_holder.name})" if previous_holder else ""
     if previous_holder is not None and previous_holder.id == new_holder.id:
         was = ""
-    summary = summary_lines(ticket, f"{new_holder.name} <{new_holder.email}>{was}", calendar)
     attach, file_lines = _files(entries, attachment_limit)
     blocks: list[str] = []
     for i, e in enumerate(entries):
@@ -105,20 +108,30 @@ def compose_handover_letter(
             body += "\n\nFiles:\n" + "\n".join(file_lines[i])
         blocks.append(body)
     distinct = len({hashlib.sha256(p.data).digest() for e in entries for p in e.parts})
-    text_parts = [
-        reason.strip(),
-        *(["\n".join(f"Note: {n}" for n in notes)] if notes else []),
-        "\n".join(summary),
-        f"The whole history of {ticket.ref}, oldest first ({len(entries)} message"
-        f"{'' if len(entries) == 1 else 's'}; staff answers and internal notes are marked; "
-        f"{distinct} distinct file(s), {len(attach)} attached below, each once):",
-        "\n\n".join(blocks) if blocks else "(no messages)",
-        "===== end of history =====",
-        letters.load("staff").phrase(
+    letter = letter or letters.load("handover")
+    staff = staff or letters.load("staff")
+    n = len(entries)
+    facts = {
+        "reason": reason.strip(),
+        "notes": "\n".join(letter.phrase("note", note=note) for note in notes),
+        "ref": ticket.ref,
+        "status": ticket.status,
+        "subject": ticket.subject,
+        "requester": ticket.requester,
+        "owner": f"{new_holder.name} <{new_holder.email}>{was}",
+        "queue": ticket.queue,
+        "priority": ticket.priority,
+        "deadlines": "\n".join(deadline_lines(ticket, calendar)),
+        "messages": letter.phrase("one_message") if n == 1 else letter.phrase("messages", count=n),
+        "distinct": str(distinct),
+        "attached": str(len(attach)),
+        "history": "\n\n".join(blocks) if blocks else letter.phrase("no_messages"),
+        "footer": staff.phrase(
             "reply_footer", requester=ticket.requester, from_address=from_address
         ),
-    ]
-    text = "\n\n".join(text_parts) + "\n"
+    }
+    # The messages are placed as they were written: no collapsing of their blank lines.
+    text = letters.render(letter, facts, verbatim=("history",))
     msg = headers.new_message()
     headers.set_base(
         msg,
@@ -137,10 +150,10 @@ def compose_handover_letter(
 
 
 def compose_previous_holder_letter(
-    *, ticket: Ticket, new_holder: Person, reason: str
+    *, ticket: Ticket, new_holder: Person, reason: str, staff: Letter | None = None
 ) -> tuple[str, str]:
     """The "now held by X" letter to whoever lost the ticket: (subject, body)."""
-    staff = letters.load("staff")  # gateway/templates/staff.en.txt
+    staff = staff or letters.load("staff")  # gateway/templates/staff.en.txt
     holder = new_holder.name
     subject = staff.phrase("held_subject", ref=ticket.ref, holder=holder, subject=ticket.subject)
     body = (

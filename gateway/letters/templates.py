@@ -178,6 +178,30 @@ LETTERS: dict[str, LetterSpec] = {
             audience="staff",
         ),
         LetterSpec(
+            "handover",
+            "handover pack: a ticket's whole history to whoever receives it (to staff, English)",
+            _f(
+                "reason", "notes", "ref", "status", "subject", "requester", "owner", "queue",
+                "priority", "deadlines", "messages", "distinct", "attached", "history",
+                "footer",
+            ),
+            (("ref",), ("owner",), ("history",)),
+            {
+                "note": _f("note"),
+                "one_message": _f(),
+                "messages": _f("count"),
+                "no_messages": _f(),
+            },
+            audience="staff",
+        ),
+        LetterSpec(
+            "alert",
+            "alert to the admins ([alerts] admins; English)",
+            _f("details", "subject"),
+            (("details",),),
+            audience="staff",
+        ),
+        LetterSpec(
             "staff",
             "lines of the letters to staff (English): owner notification, handover, alerts",
             _f(),
@@ -204,6 +228,10 @@ LETTERS: dict[str, LetterSpec] = {
                 "bundled_added": _f("ref"),
                 "bundled_footer": _f("ref", "from_address"),
                 "bundled_subject": _f("ref", "count", "sender", "refs"),
+                "duplicate_subject": _f("ref", "others"),
+                "duplicate_body": _f(
+                    "requester", "ref", "subject", "deadline", "lines", "first"
+                ),
             },
             audience="staff",
         ),

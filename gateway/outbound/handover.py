@@ -32,6 +32,7 @@ the caller's transaction; nothing is sent from here.
 from __future__ import annotations
 
 import email
+import email.policy
 import json
 from collections.abc import Sequence
 from datetime import datetime
@@ -49,7 +50,6 @@ from gateway.letters.handover import (
 from gateway.outbound.worker import enqueue, notify_owner
 from gateway.pipeline.commands import parse_commands
 from gateway.pipeline.notify import attachment_parts
-from gateway.pipeline.parse import _POLICY
 from gateway.routing.model import Person, Rules
 from gateway.security.tokens import Signer
 from gateway.settings import Settings
@@ -65,6 +65,9 @@ __all__ = [
     "compose_previous_holder_letter",
     "history",
 ]
+
+#: How stored messages are read back (the pipeline's own parse policy: CRLF, modern API).
+_PARSE_POLICY = email.policy.default.clone(linesep="\r\n")
 
 #: Message kinds shown with their full text, and how each is marked.
 _FULL = {
@@ -85,7 +88,7 @@ _ONE_LINE = {
 
 def _parse(raw: bytes) -> MimeMessage | None:
     try:
-        return email.message_from_bytes(raw, policy=_POLICY)
+        return email.message_from_bytes(raw, policy=_PARSE_POLICY)
     except Exception:  # a stored message we cannot parse still appears, without files
         return None
 
@@ -186,6 +189,7 @@ def compose_handover(
     except KeyError:
         calendar = None
     did: list[str] = []
+    staff = letters.load("staff", "en", settings.templates_path)
     if actor is None or actor.id != new_holder.id:
         entries = history(session, ticket.id, rules)
         raw, mid, subj, text, attached = compose_handover_letter(
@@ -197,15 +201,15 @@ def compose_handover(
             entries=entries,
             calendar=calendar,
             subject=subject
-            or letters.load("staff").phrase(
-                "handover_subject", ref=ticket.ref, subject=ticket.subject
-            ),
+            or staff.phrase("handover_subject", ref=ticket.ref, subject=ticket.subject),
             from_address=out.from_address,
             from_name=out.from_name,
             signer=signer,
             hostname=settings.smtp.hostname,
             now=now,
             attachment_limit=out.notify_attachment_limit,
+            letter=letters.load("handover", "en", settings.templates_path),
+            staff=staff,
         )
         rows.append(
             enqueue(
@@ -232,7 +236,7 @@ def compose_handover(
         and (actor is None or actor.id != previous_holder.id)
     ):
         subj, body = compose_previous_holder_letter(
-            ticket=ticket, new_holder=new_holder, reason=told or reason
+            ticket=ticket, new_holder=new_holder, reason=told or reason, staff=staff
         )
         rows.append(
             notify_owner(

@@ -421,14 +421,18 @@ def announce_customer_merge(
         owner = owner_or_default(rules, t.owner)
         if owner is None:
             continue
-        lines = "\n".join(f"  - {request_line(o, rules)}" for o in others)
+        staff = letters.load("staff", "en", settings.templates_path)
         body = (
-            f"The customer of {t.requester} was merged with another address, so {t.ref} "
-            f'("{t.subject}", yours, {deadline_phrase(t, rules)}) may duplicate:\n\n{lines}\n\n'
-            f"Each still runs its own clocks and escalation. If they are one request, reply "
-            f"to this email with\n\n  #merge {others[0].ref}\n\non the first line: {t.ref} is "
-            f"closed, its messages and participants move to {others[0].ref}, and every reply "
-            f"to {t.ref} lands there from then on.\n"
+            staff.phrase(
+                "duplicate_body",
+                requester=t.requester,
+                ref=t.ref,
+                subject=t.subject,
+                deadline=deadline_phrase(t, rules),
+                lines="\n".join(f"  - {request_line(o, rules)}" for o in others),
+                first=others[0].ref,
+            )
+            + "\n"
         )
         notify_owner(
             session,
@@ -438,7 +442,9 @@ def announce_customer_merge(
             email=owner.email,
             name=owner.name,
             person=owner.id,
-            subject=f"[{t.ref}] Possible duplicate of " + ", ".join(o.ref for o in others),
+            subject=staff.phrase(
+                "duplicate_subject", ref=t.ref, others=", ".join(o.ref for o in others)
+            ),
             body=body,
             now=now,
         )
