@@ -17,7 +17,8 @@ notification carries everything the owner needs to answer from a mail client:
   our loop header; written to the transactional outbox with the null sender
   (docs/design.md §6), never sent from here.
 
-Runs after ``respond`` in the same transaction, for a new ticket and for every further
+The letter is composed by :mod:`gateway.letters.notification` (``notify.en.txt``); this
+stage decides who gets it and queues it. Runs after ``respond`` in the same transaction, for a new ticket and for every further
 message from a human customer. For a new ticket, every person a matching route lists in
 ``notify`` gets the same notification with a reply token of their own (issue 11: the list
 used to be stored in the ``routed`` event and nobody was told). All of them go at once:
