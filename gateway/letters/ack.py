@@ -173,7 +173,8 @@ def _performance_text(c: AckContent, letter: Letter) -> str:
 
 def ack_letter(template: Letter | str | None, lang: str = i18n.DEFAULT_LANGUAGE) -> Letter:
     """A Letter for the acknowledgement: as given, or a legacy template body (a string of
-    $placeholders, the form before issue 17) over the shipped phrases, or the shipped one."""
+    $placeholders, the form before languages and brands) over the shipped phrases, or the
+    shipped one."""
     if isinstance(template, Letter):
         return template
     shipped = letters.load("ack", lang)
@@ -208,7 +209,7 @@ def render_ack_text(
         "notice": content.notice + "\n" if content.notice else "",
     }
     # An admin's template written before these paragraphs existed still tells the customer
-    # what else is open and when confirmations stop (issue 12): they go before the end.
+    # what else is open and when confirmations stop (docs/threading.md): they go before the end.
     body = letter.body
     for key in ("others", "notice"):
         if values[key] and f"${key}" not in body and f"${{{key}}}" not in body:
@@ -255,7 +256,7 @@ def compose_ack(
     local, domain = headers.split_address(from_address)
     reply_to = signer.reply_address(local, reply_domain or domain, ticket_id)
     content = AckContent(**{**content.__dict__, "reply_address": reply_to})
-    # A brand's letters carry Message-IDs of the brand's domain (issue 17); the signer
+    # A brand's letters carry Message-IDs of the brand's domain (docs/templates.md); the signer
     # verifies its ids whatever the domain, so replies thread either way.
     message_id = signer.message_id(message_id_domain or hostname, ticket_id, "ack")
     text = render_ack_text(content, template, signature or from_name or from_address, business_name)

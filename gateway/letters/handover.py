@@ -1,6 +1,6 @@
-"""The handover letters (issue 11, item 6): the pack to whoever receives a ticket, with its
-whole history and every attachment once, and the short "now held by X" letter to whoever
-lost it.
+"""The handover letters (docs/staff-email.md "Handover"): the pack to whoever receives a
+ticket, with its whole history and every attachment once, and the short "now held by X"
+letter to whoever lost it.
 
 Pure: the history comes in as :class:`Entry` rows (read by ``gateway.outbound.handover``,
 which also writes the outbox rows), the bytes come out. English (staff letters,

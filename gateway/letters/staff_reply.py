@@ -41,7 +41,7 @@ def compose_staff_reply(
 ) -> tuple[bytes, str, str, str]:
     """The relayed staff reply: (unsigned bytes, Message-ID, subject, body text)."""
     local, domain = headers.split_address(from_address)
-    domain = reply_domain or domain  # a brand's reply-address domain (issue 17)
+    domain = reply_domain or domain  # a brand's reply-address domain (docs/templates.md)
     message_id = signer.message_id(message_id_domain or hostname, ticket_id, "reply")
     subject = headers.tagged_subject(ref, ticket_subject)
     display = f"{person_name} via {from_name}" if from_name else person_name

@@ -18,16 +18,16 @@ notification carries everything the owner needs to answer from a mail client:
   (docs/design.md §6), never sent from here.
 
 The letter is composed by :mod:`gateway.letters.notification` (``notify.en.txt``); this
-stage decides who gets it and queues it. Runs after ``respond`` in the same transaction, for a new ticket and for every further
-message from a human customer. For a new ticket, every person a matching route lists in
-``notify`` gets the same notification with a reply token of their own (issue 11: the list
-used to be stored in the ``routed`` event and nobody was told). All of them go at once:
-notifications are never held for a person's working hours (docs/rules.md "People").
-Never for robots (auto-replies, bounces, lists: their mail is recorded, the owner is not
-paged for it) and never for staff mail (``kind`` note or
-staff_reply, set by ``record`` and the staff stage). A mail whose From is one of our staff but
-that came without a staff token (a possible forgery, docs/design.md §5) is still notified, with
-a warning line, so the impersonated person sees it.
+stage decides who gets it and queues it. Runs after ``respond`` in the same transaction, for
+a new ticket and for every further message from a human customer. For a new ticket, every
+person a matching route lists in ``notify`` gets the same notification with a reply token of
+their own (issue 11: the list used to be stored in the ``routed`` event and nobody was
+told). All of them go at once: notifications are never held for a person's working hours
+(docs/rules.md "People"). Never for robots (auto-replies, bounces, lists: their mail is
+recorded, the owner is not paged for it) and never for staff mail (``kind`` note or
+staff_reply, set by ``record`` and the staff stage). A mail whose From is one of our staff
+but that came without a staff token (a possible forgery, docs/design.md §5) is still
+notified, with a warning line, so the impersonated person sees it.
 """
 
 from __future__ import annotations

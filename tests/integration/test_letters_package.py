@@ -1,4 +1,4 @@
-"""Letters composed in one package (issues 15 and 17), end to end: real SMTP into the daemon,
+"""Letters composed in one package (docs/templates.md), end to end: real SMTP into the daemon,
 the pipeline, the bundle worker, the delivery worker (DKIM-signed, verified with dkimpy), a
 capture relay, a FrozenClock.
 
