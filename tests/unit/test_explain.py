@@ -225,6 +225,8 @@ def test_format_explain_shows_utc_and_local_times(rules: Rules) -> None:
         "  bundled         en  gateway/templates/bundled.en.txt\n"
         "  cap             en  gateway/templates/cap.en.txt\n"
         "  notify          en  gateway/templates/notify.en.txt\n"
+        "  handover        en  gateway/templates/handover.en.txt\n"
+        "  alert           en  gateway/templates/alert.en.txt\n"
         "  staff           en  gateway/templates/staff.en.txt\n"
         "  common          en  gateway/templates/common.en.txt\n"
         "Trace:\n"
