@@ -25,7 +25,7 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
 from gateway.letters import templates as letters
-from gateway.outbound.compose import compose_notification
+from gateway.letters.notification import compose_notification
 from gateway.outbound.worker import enqueue
 from gateway.routing.model import Rules
 from gateway.security.tokens import Signer
@@ -64,13 +64,17 @@ def compose_alert(
     attachment: tuple[str, bytes] | None = None,
 ) -> tuple[bytes, str]:
     """The alert's bytes (unsigned) and Message-ID; `attachment` is (filename, bytes)."""
+    # The words: alert.en.txt (the details in a frame an admin may change) and the
+    # subject phrase of staff.en.txt (docs/templates.md).
+    letter = letters.load("alert", "en", settings.templates_path)
+    text = letters.render(letter, {"details": body, "subject": subject}, verbatim=("details",))
     raw, message_id = compose_notification(
         to_address=", ".join(to),
         to_name="",
         subject=letters.load("staff", "en", settings.templates_path).phrase(
             "alert_subject", subject=subject
         ),
-        body=body,
+        body=text,
         from_address=settings.outbound.from_address,
         from_name=settings.outbound.from_name,
         signer=signer,

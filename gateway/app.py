@@ -34,6 +34,7 @@ from gateway.inbound.smtp import ConnectionLimits, InboundHandler, make_tls_cont
 from gateway.letters.brands import brand_domains
 from gateway.metrics import CountingResolver, StateCollector, build_registry, node_name
 from gateway.node import default_node_name
+from gateway.outbound.brandkeys import check_brand_keys
 from gateway.outbound.worker import DeliveryWorker
 from gateway.pipeline.bundle import BundleWorker
 from gateway.pipeline.context import Services
@@ -92,6 +93,10 @@ class Gateway:
                 " example in rules/; set rules_dir or GATEWAY_RULES_DIR)"
             )
         self.rules = RulesHolder(rules_path)
+        # A brand whose DKIM key cannot be read stops start-up, like `rules check`.
+        brand_keys = check_brand_keys(self.rules.current)
+        if brand_keys:
+            raise ConfigError("\n".join(brand_keys))
         # The secret first: a weak one stops start-up before anything is created. With
         # PostgreSQL and no key configured, none is generated either (checked below: a key
         # of this node's own would not verify on the others).

@@ -318,6 +318,11 @@ def cmd_rules(args: argparse.Namespace) -> int:
         from gateway.letters.templates import check_templates
 
         problems += check_templates(settings.templates_path, _route_templates(settings))
+        # A brand whose DKIM key cannot be read (issue 17), with the brand's file:line.
+        if not problems:
+            from gateway.outbound.brandkeys import check_brand_keys
+
+            problems += check_brand_keys(load_rules(settings.rules_path))
         if not problems:
             # Coverage (issue 11): hours of each policy nobody on its ladder is on duty.
             from gateway.routing.coverage import coverage_report

@@ -19,7 +19,8 @@ from gateway.escalation.moments import Key, key
 from gateway.escalation.notice import Broken, notice_text, queue_customer_mail
 from gateway.letters import escalation as letters
 from gateway.letters.escalation import Facts, StaffLetter, clock_name
-from gateway.outbound.compose import compose_notification, format_local
+from gateway.letters.i18n import format_local
+from gateway.letters.notification import compose_notification
 from gateway.outbound.handover import compose_handover
 from gateway.outbound.worker import enqueue
 from gateway.routing.model import Person, Rules

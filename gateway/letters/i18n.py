@@ -2,7 +2,7 @@
 
 Small hand-written tables instead of the C library's locales: a server's installed locales
 vary (a container often has only C.UTF-8), and a letter must read the same everywhere. The
-English forms are exactly the ones the gateway always wrote (gateway.outbound.compose), so
+English forms are exactly the ones the gateway always wrote before issue 17, so
 English letters do not change.
 """
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import re
 import string
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -35,6 +36,7 @@ __all__ = [
     "load",
     "render",
     "shipped_names",
+    "sources",
 ]
 
 _SECTION_RE = re.compile(r"^=== ([a-z0-9_]+) ===[ \t]*$")
@@ -51,6 +53,8 @@ class LetterSpec:
     #: Each inner tuple is "at least one of these" (a deadline may be written three ways).
     required: tuple[tuple[str, ...], ...] = ()
     phrases: dict[str, frozenset[str]] = field(default_factory=dict)
+    #: "customer" letters are written in the ticket's language; "staff" ones in English.
+    audience: str = "customer"
 
 
 def _f(*names: str) -> frozenset[str]:
@@ -67,6 +71,14 @@ _COMMON_PHRASES = {
     "and": _f(),
     "no_subject": _f(),
     "staff_reply_footer": _f("ref"),
+    "others_head": _f(),
+    "open_head": _f(),
+    "request_line": _f("ref", "subject", "who", "deadline"),
+    "deadline_first": _f("when"),
+    "deadline_next": _f("when"),
+    "deadline_resolution": _f("when"),
+    "deadline_waiting": _f(),
+    "deadline_none": _f(),
 }
 
 #: The registry: every template the gateway renders, what it may and must say.
@@ -117,6 +129,79 @@ LETTERS: dict[str, LetterSpec] = {
             {"missed_item": _f("what", "when")},
         ),
         LetterSpec(
+            "bundled",
+            "bundled acknowledgement: further mails of one customer within the ack window",
+            _f(
+                "intro", "items", "open_requests", "notice", "ref", "count", "signature",
+                "business_name", "reply_address",
+            ),
+            (("ref",), ("items",)),
+            {
+                "intro_one": _f(),
+                "intro_many": _f("count"),
+                "item": _f(
+                    "n", "subject", "received", "received_local", "where", "who", "deadline",
+                    "ref",
+                ),
+                "where_new": _f("ref"),
+                "where_added": _f("ref", "ticket_subject"),
+                "subject_one": _f("ref"),
+                "subject_many": _f("ref", "count"),
+                "subject_refs": _f("count", "refs"),
+            },
+        ),
+        LetterSpec(
+            "cap",
+            "the daily-cap paragraph of the acknowledgement that reaches outbound.daily_ack_cap",
+            _f("cap", "where"),
+            (("cap",),),
+            {"where": _f("requests"), "request": _f("ref", "who", "deadline")},
+        ),
+        LetterSpec(
+            "notify",
+            "owner notification: a new ticket or a customer writing again (to staff, English)",
+            _f(
+                "unverified", "headline", "why", "references", "warnings", "ref", "status",
+                "subject", "requester", "owner", "queue", "priority", "deadlines", "sender",
+                "received", "message_subject", "message", "files", "footer",
+            ),
+            (("ref",), ("owner",), ("deadlines",), ("message",)),
+            {
+                "unverified": _f("why", "sender"),
+                "warning": _f("warning"),
+                "no_text": _f(),
+                "files_attached": _f("count", "noun", "total"),
+                "files_not_attached": _f("count", "noun", "total", "limit"),
+                "file_line": _f("name", "size"),
+                "why_route": _f("routes"),
+            },
+            audience="staff",
+        ),
+        LetterSpec(
+            "handover",
+            "handover pack: a ticket's whole history to whoever receives it (to staff, English)",
+            _f(
+                "reason", "notes", "ref", "status", "subject", "requester", "owner", "queue",
+                "priority", "deadlines", "messages", "distinct", "attached", "history",
+                "footer",
+            ),
+            (("ref",), ("owner",), ("history",)),
+            {
+                "note": _f("note"),
+                "one_message": _f(),
+                "messages": _f("count"),
+                "no_messages": _f(),
+            },
+            audience="staff",
+        ),
+        LetterSpec(
+            "alert",
+            "alert to the admins ([alerts] admins; English)",
+            _f("details", "subject"),
+            (("details",),),
+            audience="staff",
+        ),
+        LetterSpec(
             "staff",
             "lines of the letters to staff (English): owner notification, handover, alerts",
             _f(),
@@ -131,7 +216,24 @@ LETTERS: dict[str, LetterSpec] = {
                     "ref", "subject", "requester", "holder", "holder_email", "reason"
                 ),
                 "alert_subject": _f("subject"),
+                "ack_limit_subject": _f("ref", "sender"),
+                "ack_limit_body": _f("ref", "sender", "cap", "subject"),
+                "bundled_intro": _f("sender", "count", "mails", "window"),
+                "bundled_item": _f(
+                    "n", "where", "owner", "status", "deadline", "sender", "received",
+                    "subject", "text",
+                ),
+                "bundled_new": _f("ref"),
+                "bundled_reply": _f("ref"),
+                "bundled_added": _f("ref"),
+                "bundled_footer": _f("ref", "from_address"),
+                "bundled_subject": _f("ref", "count", "sender", "refs"),
+                "duplicate_subject": _f("ref", "others"),
+                "duplicate_body": _f(
+                    "requester", "ref", "subject", "deadline", "lines", "first"
+                ),
             },
+            audience="staff",
         ),
         LetterSpec(
             "escalation",
@@ -291,10 +393,43 @@ def load(
     return Letter(name, lang, body, phrases, source)
 
 
-def render(letter: Letter, facts: dict[str, str]) -> str:
-    """The body with its facts; blank facts leave no hole of empty lines."""
-    text = string.Template(letter.body).safe_substitute(facts)
-    return re.sub(r"\n{3,}", "\n\n", text).strip() + "\n"
+def sources(
+    lang: str,
+    templates_dir: Path | None,
+    *,
+    default_language: str = DEFAULT_LANGUAGE,
+    ack: str = "ack",
+) -> dict[str, tuple[str, str]]:
+    """Every letter of the registry: (language, file its body comes from) as it would be
+    used for a ticket in ``lang`` (``rules explain``); ``ack`` is a route's own template.
+    Staff letters are English."""
+    out: dict[str, tuple[str, str]] = {}
+    for name, spec in LETTERS.items():
+        code = lang if spec.audience == "customer" else DEFAULT_LANGUAGE
+        letter = load(
+            ack if name == "ack" else name, code, templates_dir, default_language=default_language
+        )
+        # A letter of phrases only (common, staff): the file its phrases come from.
+        source = letter.source or _phrase_source(name, code, templates_dir, default_language)
+        out[name] = (code, source)
+    return out
+
+
+def _phrase_source(name: str, lang: str, templates_dir: Path | None, default_language: str) -> str:
+    layers = _layers(name, lang, templates_dir, default_language, shipped=True)
+    return layers[0].path if layers else ""
+
+
+def render(letter: Letter, facts: Mapping[str, str], verbatim: Sequence[str] = ()) -> str:
+    """The body with its facts; blank facts leave no hole of empty lines. The facts named
+    in ``verbatim`` (a customer's own text) are placed after that tidying, as they are."""
+    marks = {name: f"\x00{i}\x00" for i, name in enumerate(verbatim)}
+    values = {k: marks.get(k, v) for k, v in facts.items()}
+    text = string.Template(letter.body).safe_substitute(values)
+    text = re.sub(r"\n{3,}", "\n\n", text).strip() + "\n"
+    for name, mark in marks.items():
+        text = text.replace(mark, facts.get(name, ""))
+    return text
 
 
 # --------------------------------------------------------------------------- checking

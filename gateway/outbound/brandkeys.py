@@ -9,6 +9,7 @@ as a temporary failure and the other letters still go out).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from email.parser import BytesHeaderParser
 from email.utils import parseaddr
@@ -20,7 +21,7 @@ from gateway.outbound.dkim import DkimKey, load_key
 if TYPE_CHECKING:
     from gateway.routing.model import Rules
 
-__all__ = ["BrandKeys", "from_domain"]
+__all__ = ["BrandKeys", "check_brand_keys", "from_domain"]
 
 
 def from_domain(raw: bytes) -> str:
@@ -57,3 +58,44 @@ class BrandKeys:
                 )
             return [self._cache[ident]]
         return default
+
+
+def _brand_line(rules: Rules, brand_id: str) -> str:
+    """``file:line`` of ``[brands.<id>]`` (or an inline ``<id> = {...}`` under ``[brands]``)
+    in the rules files; the first rules file when it cannot be found."""
+    header = re.compile(rf'^\s*\[\s*brands\s*\.\s*"?{re.escape(brand_id)}"?\s*\]')
+    dotted = re.compile(rf'^\s*(brands\s*\.\s*)?"?{re.escape(brand_id)}"?\s*[.=]')
+    for path in rules.files:
+        try:
+            lines = Path(path).read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError):
+            continue
+        in_brands = False
+        for number, line in enumerate(lines, 1):
+            if header.match(line):
+                return f"{path}:{number}"
+            if line.lstrip().startswith("["):
+                in_brands = line.strip() == "[brands]"
+            elif (in_brands or "brands" in line) and dotted.match(line):
+                return f"{path}:{number}"
+    return f"{rules.files[0]}:1" if rules.files else "rules:1"
+
+
+def check_brand_keys(rules: Rules) -> list[str]:
+    """Each brand whose DKIM key file is missing, unreadable or not a key, as
+    ``file:line: message`` (the brand in the rules). ``rules check`` and start-up refuse
+    them: the brand's letters would otherwise wait in the outbox unsigned, retried
+    until they expire (docs/templates.md "Brands")."""
+    problems: list[str] = []
+    for brand in rules.brands.values():
+        if not brand.dkim_key_file:
+            continue
+        try:
+            load_key(Path(brand.dkim_key_file), brand.dkim_domain, brand.dkim_selector)
+        except (OSError, ValueError) as error:
+            why = error.strerror if isinstance(error, OSError) and error.strerror else error
+            problems.append(
+                f"{_brand_line(rules, brand.id)}: brand '{brand.id}': DKIM key_file "
+                f"{brand.dkim_key_file} cannot be used: {why}"
+            )
+    return problems

@@ -32,29 +32,24 @@ the caller's transaction; nothing is sent from here.
 from __future__ import annotations
 
 import email
-import hashlib
+import email.policy
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from datetime import datetime
-from email.message import EmailMessage
 from email.message import Message as MimeMessage
-from email.policy import SMTP
-from email.utils import formataddr, parseaddr
+from email.utils import parseaddr
 
 from sqlmodel import Session, col, select
 
 from gateway.letters import templates as letters
-from gateway.outbound.compose import (
-    _base_headers,
-    _local_and_domain,
-    describe_size,
-    isoz,
+from gateway.letters.handover import (
+    Entry,
+    compose_handover_letter,
+    compose_previous_holder_letter,
 )
 from gateway.outbound.worker import enqueue, notify_owner
 from gateway.pipeline.commands import parse_commands
-from gateway.pipeline.notify import Part, _deadline_lines, add_parts, attachment_parts
-from gateway.pipeline.parse import _POLICY
+from gateway.pipeline.notify import attachment_parts
 from gateway.routing.model import Person, Rules
 from gateway.security.tokens import Signer
 from gateway.settings import Settings
@@ -70,6 +65,9 @@ __all__ = [
     "compose_previous_holder_letter",
     "history",
 ]
+
+#: How stored messages are read back (the pipeline's own parse policy: CRLF, modern API).
+_PARSE_POLICY = email.policy.default.clone(linesep="\r\n")
 
 #: Message kinds shown with their full text, and how each is marked.
 _FULL = {
@@ -88,20 +86,9 @@ _ONE_LINE = {
 # is shown; notifications, escalations and confirmations are mail between staff.
 
 
-@dataclass(frozen=True)
-class Entry:
-    """One message of the history, ready to print."""
-
-    at: datetime
-    label: str  # e.g. "STAFF ANSWER by Alice Martin (sent to the customer)"
-    subject: str
-    text: str | None  # None: shown as one line
-    parts: tuple[Part, ...] = field(default=())
-
-
 def _parse(raw: bytes) -> MimeMessage | None:
     try:
-        return email.message_from_bytes(raw, policy=_POLICY)
+        return email.message_from_bytes(raw, policy=_PARSE_POLICY)
     except Exception:  # a stored message we cannot parse still appears, without files
         return None
 
@@ -168,131 +155,6 @@ def history(session: Session, ticket_id: int, rules: Rules) -> list[Entry]:
     return out
 
 
-def _files(entries: Sequence[Entry], limit: int) -> tuple[list[Part], dict[int, list[str]]]:
-    """Each distinct file once (by content), attached while the total stays within `limit`;
-    returns what to attach and, per entry index, the lines describing its files."""
-    first_seen: dict[str, int] = {}
-    attach: list[Part] = []
-    total = 0
-    lines: dict[int, list[str]] = {}
-    for i, entry in enumerate(entries):
-        for part in entry.parts:
-            digest = hashlib.sha256(part.data).hexdigest()
-            size = describe_size(len(part.data))
-            if digest in first_seen:
-                how = f"same file as in message {first_seen[digest] + 1}, attached once"
-            elif total + len(part.data) <= limit:
-                first_seen[digest] = i
-                attach.append(part)
-                total += len(part.data)
-                how = "attached below"
-            else:
-                first_seen[digest] = i
-                how = f"NOT attached (over {describe_size(limit)} in all; stored in the ticket)"
-            lines.setdefault(i, []).append(f"  - {part.filename} ({size}), {how}")
-    return attach, lines
-
-
-def compose_handover_letter(
-    *,
-    ticket: Ticket,
-    new_holder: Person,
-    previous_holder: Person | None,
-    reason: str,
-    notes: Sequence[str],
-    entries: Sequence[Entry],
-    calendar: BusinessCalendar | None,
-    subject: str,
-    from_address: str,
-    from_name: str,
-    signer: Signer,
-    hostname: str,
-    now: datetime,
-    attachment_limit: int,
-) -> tuple[bytes, str, str, str, int]:
-    """The handover pack: (unsigned bytes, Message-ID, subject, text body, files attached)."""
-    assert ticket.id is not None
-    local, domain = _local_and_domain(from_address)
-    message_id = signer.message_id(hostname, ticket.id, "handover")
-    was = f" (was {previous_holder.name})" if previous_holder else ""
-    if previous_holder is not None and previous_holder.id == new_holder.id:
-        was = ""
-    summary = [
-        f"Ticket:     {ticket.ref} ({ticket.status})",
-        f"Subject:    {ticket.subject}",
-        f"Requester:  {ticket.requester}",
-        f"Owner:      {new_holder.name} <{new_holder.email}>{was}",
-        f"Queue:      {ticket.queue}",
-        f"Priority:   {ticket.priority}",
-        *_deadline_lines(ticket, calendar),
-    ]
-    attach, file_lines = _files(entries, attachment_limit)
-    blocks: list[str] = []
-    for i, e in enumerate(entries):
-        head = f"===== {i + 1} of {len(entries)} · {isoz(e.at)} · {e.label} ====="
-        if e.text is None:
-            blocks.append(f"{head}\nSubject: {e.subject or '(no subject)'}")
-            continue
-        body = f"{head}\nSubject: {e.subject or '(no subject)'}\n\n{e.text or '(no text)'}"
-        if i in file_lines:
-            body += "\n\nFiles:\n" + "\n".join(file_lines[i])
-        blocks.append(body)
-    distinct = len({hashlib.sha256(p.data).digest() for e in entries for p in e.parts})
-    text_parts = [
-        reason.strip(),
-        *(["\n".join(f"Note: {n}" for n in notes)] if notes else []),
-        "\n".join(summary),
-        f"The whole history of {ticket.ref}, oldest first ({len(entries)} message"
-        f"{'' if len(entries) == 1 else 's'}; staff answers and internal notes are marked; "
-        f"{distinct} distinct file(s), {len(attach)} attached below, each once):",
-        "\n\n".join(blocks) if blocks else "(no messages)",
-        "===== end of history =====",
-        letters.load("staff").phrase(
-            "reply_footer", requester=ticket.requester, from_address=from_address
-        ),
-    ]
-    text = "\n\n".join(text_parts) + "\n"
-    msg = EmailMessage(policy=SMTP)
-    _base_headers(
-        msg,
-        from_address=from_address,
-        from_name=from_name,
-        to=formataddr((new_holder.name, new_holder.email)) if new_holder.name else new_holder.email,
-        subject=subject,
-        message_id=message_id,
-        now=now,
-        hostname=hostname,
-        auto_submitted="auto-generated",  # RFC 3834 §5.1: a notice, not a reply
-        loop=signer.installation_id(),  # one value for every node
-    )
-    msg["Reply-To"] = signer.reply_address(local, domain, ticket.id, new_holder.id)
-    msg.set_content(text)
-    add_parts(msg, attach)
-    return msg.as_bytes(policy=SMTP), message_id, subject, text, len(attach)
-
-
-def compose_previous_holder_letter(
-    *, ticket: Ticket, new_holder: Person, reason: str
-) -> tuple[str, str]:
-    """The "now held by X" letter to whoever lost the ticket: (subject, body)."""
-    staff = letters.load("staff")  # gateway/templates/staff.en.txt
-    holder = new_holder.name
-    subject = staff.phrase("held_subject", ref=ticket.ref, holder=holder, subject=ticket.subject)
-    body = (
-        staff.phrase(
-            "held_body",
-            ref=ticket.ref,
-            subject=ticket.subject,
-            requester=ticket.requester,
-            holder=holder,
-            holder_email=new_holder.email,
-            reason=reason.strip(),
-        )
-        + "\n"
-    )
-    return subject, body
-
-
 def compose_handover(
     session: Session,
     ticket: Ticket,
@@ -327,6 +189,7 @@ def compose_handover(
     except KeyError:
         calendar = None
     did: list[str] = []
+    staff = letters.load("staff", "en", settings.templates_path)
     if actor is None or actor.id != new_holder.id:
         entries = history(session, ticket.id, rules)
         raw, mid, subj, text, attached = compose_handover_letter(
@@ -338,15 +201,15 @@ def compose_handover(
             entries=entries,
             calendar=calendar,
             subject=subject
-            or letters.load("staff").phrase(
-                "handover_subject", ref=ticket.ref, subject=ticket.subject
-            ),
+            or staff.phrase("handover_subject", ref=ticket.ref, subject=ticket.subject),
             from_address=out.from_address,
             from_name=out.from_name,
             signer=signer,
             hostname=settings.smtp.hostname,
             now=now,
             attachment_limit=out.notify_attachment_limit,
+            letter=letters.load("handover", "en", settings.templates_path),
+            staff=staff,
         )
         rows.append(
             enqueue(
@@ -373,7 +236,7 @@ def compose_handover(
         and (actor is None or actor.id != previous_holder.id)
     ):
         subj, body = compose_previous_holder_letter(
-            ticket=ticket, new_holder=new_holder, reason=told or reason
+            ticket=ticket, new_holder=new_holder, reason=told or reason, staff=staff
         )
         rows.append(
             notify_owner(

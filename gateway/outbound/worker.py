@@ -50,12 +50,12 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
 from gateway.clock import Clock
+from gateway.letters.notification import compose_notification
 from gateway.logs import kv
 from gateway.metrics import is_database_error
 from gateway.node import NodeIdentity, node_identity
 from gateway.outbound import retry
 from gateway.outbound.brandkeys import BrandKeys
-from gateway.outbound.compose import compose_notification
 from gateway.outbound.deliver import PERMANENT, SENT, DeliveryResult, deliver
 from gateway.outbound.dkim import DkimKey, load_key, sign
 from gateway.routing.holder import RulesHolder

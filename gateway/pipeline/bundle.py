@@ -24,13 +24,20 @@ import asyncio
 import logging
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from email.message import EmailMessage
-from email.policy import SMTP
 
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, func, select
 
-from gateway.outbound.compose import _base_headers, _html, _local_and_domain, isoz
+from gateway.letters import templates as letters
+from gateway.letters.brands import identity
+from gateway.letters.bundled import (
+    BundledMail,
+    compose_bundled_ack,
+    compose_bundled_notification,
+)
+from gateway.letters.facts import isoz
+from gateway.letters.notification import compose_notification
+from gateway.letters.requests import open_paragraph
 from gateway.outbound.worker import enqueue
 from gateway.pipeline.context import Services
 from gateway.pipeline.conversation import (
@@ -38,7 +45,6 @@ from gateway.pipeline.conversation import (
     cap_notice,
     deadline_phrase,
     open_requests,
-    request_line,
 )
 from gateway.pipeline.timed import run_timed
 from gateway.store import promises
@@ -181,82 +187,41 @@ class BundleWorker:
             for _item, t, m in rows:
                 add_event(s, t.id, "ack-suppressed", why, now, message_id=m.id)
             return f"capped: {why}"
-        lines = [
-            "Hello,",
-            "",
-            (
-                f"we have received {len(rows)} more messages from you since our last "
-                f"confirmation. Here is where each one went:"
-                if len(rows) > 1
-                else "we have received another message from you. Here is where it went:"
-            ),
-            "",
-        ]
-        for n, (item, t, m) in enumerate(rows, 1):
-            owner = rules.people.get(t.owner) or rules.people.get(rules.defaults.owner)
-            who = owner.name if owner is not None else t.owner
-            where = (
-                f"opened your new request {t.ref}"
-                if item.how == "new"
-                else f'added to your open request {t.ref} ("{t.subject}")'
-            )
-            lines.append(f'{n}. "{m.subject or "(no subject)"}", received {isoz(_aware(m.at))}')
-            lines.append(f"   -> {where}; {who} is looking after it, {deadline_phrase(t, rules)}.")
         customer = rows[-1][1].customer_id
         reqs = open_requests(s, customer) if customer is not None else []
-        if reqs:
-            lines += ["", "All your open requests with us:"]
-            lines += [f"  - {request_line(t, rules)}" for t in reqs]
-        if sent_today + 1 >= cap:
-            lines += ["", cap_notice(s, rules, customer, cap)]
         _item, last_t, last_m = rows[-1]
         assert last_t.id is not None
-        lines += [
-            "",
-            f"To add anything, reply to this email: your reply goes straight into {last_t.ref} "
-            f"and is read by people.",
-            "",
-            settings.outbound.from_name or settings.outbound.from_address,
-        ]
-        text = "\n".join(lines) + "\n"
-        signer = self.services.signer
-        local, domain = _local_and_domain(settings.outbound.from_address)
-        message_id = signer.message_id(settings.smtp.hostname, last_t.id, "ack")
-        refs = sorted({t.ref for _i, t, _m in rows})
-        subject = (
-            f"[{refs[0]}] Received: {len(rows)} more message{'s' if len(rows) > 1 else ''}"
-            if len(refs) == 1
-            else f"Received: {len(rows)} more messages ({', '.join(refs)})"
-        )
-        msg = EmailMessage(policy=SMTP)
-        _base_headers(
-            msg,
-            from_address=settings.outbound.from_address,
-            from_name=settings.outbound.from_name,
+        # The customer's language and brand: those of the latest ticket (gateway.letters).
+        default = settings.outbound.default_language
+        lang = last_t.language or default
+        letter = letters.load("bundled", lang, settings.templates_path, default_language=default)
+        notice = ""
+        if sent_today + 1 >= cap:
+            capl = letters.load("cap", lang, settings.templates_path, default_language=default)
+            notice = cap_notice(s, rules, customer, cap, capl)
+        mails = [BundledMail(item.how, t, m.subject, _aware(m.at)) for item, t, m in rows]
+        raw, message_id, subject, text = compose_bundled_ack(
+            mails=mails,
+            open_requests=open_paragraph(reqs, rules, letter, "open_head"),
+            notice=notice,
+            rules=rules,
+            me=identity(settings, rules, last_t.brand),
             to=to,
-            subject=subject,
-            message_id=message_id,
+            signer=self.services.signer,
             now=now,
-            hostname=settings.smtp.hostname,
-            auto_submitted="auto-replied",  # RFC 3834 §5.2: answers the customer's mails
-            loop=signer.installation_id(),  # one value for every node
+            letter=letter,
+            parent=last_m.message_id,
         )
-        msg["Reply-To"] = signer.reply_address(local, domain, last_t.id)
-        if last_m.message_id:
-            msg["In-Reply-To"] = last_m.message_id
-            msg["References"] = last_m.message_id
-        msg.set_content(text)
-        msg.add_alternative(_html(text), subtype="html")
         enqueue(
             s,
             ticket_id=last_t.id,
             kind=ACK_KIND,
-            raw=msg.as_bytes(policy=SMTP),
+            raw=raw,
             message_id=message_id,
             rcpt_tos=[to],
             now=now,
             mail_from="",  # automatic mail: null reverse-path (RFC 3834 §3.3)
-            from_address=settings.outbound.from_address,
+            from_address=identity(settings, rules, last_t.brand).from_address,
             subject=subject,
             text=text,
             in_reply_to=last_m.message_id,
@@ -294,8 +259,6 @@ class BundleWorker:
         self, s: Session, person_id: str, rows: list[tuple[BundleItem, Ticket, Message]],
         now: datetime,
     ) -> str:  # fmt: skip
-        from gateway.outbound.compose import compose_notification
-
         settings = self.services.settings
         rules = self.services.rules
         person = rules.people.get(person_id)
@@ -304,36 +267,21 @@ class BundleWorker:
                 add_event(s, t.id, "notify-skipped", f"{person_id!r} is not a person in rules/",
                           now, message_id=m.id)  # fmt: skip
             return "nothing"
-        sender = rows[-1][2].from_address or rows[-1][2].mail_from
-        parts = [
-            f"{sender} wrote {len(rows)} more mail{'s' if len(rows) != 1 else ''} within "
-            f"{settings.outbound.ack_window} of the last notification; here is each one in "
-            f"full, and where it went. The customer got one acknowledgement for them.",
+        mails = [
+            BundledMail(
+                item.how, t, m.subject, _aware(m.at), m.from_address or m.mail_from, m.text or ""
+            )
+            for item, t, m in rows
         ]
-        for n, (item, t, m) in enumerate(rows, 1):
-            where = {"new": f"opened new ticket {t.ref}", "reply": f"reply in {t.ref}"}.get(
-                item.how, f"new mail added to {t.ref}"
-            )
-            owner = rules.people.get(t.owner)
-            parts.append(
-                f"=== {n}. {where} (owner {owner.name if owner else t.owner}; status "
-                f"{t.status}; {deadline_phrase(t, rules)}) ===\n"
-                f"----- Message from {m.from_address or m.mail_from}, received "
-                f"{isoz(_aware(m.at))} -----\nSubject: {m.subject or '(no subject)'}\n\n"
-                f"{(m.text or '').strip() or '(the message has no text)'}\n"
-                f"----- end of message -----"
-            )
+        subject, body = compose_bundled_notification(
+            mails=mails,
+            rules=rules,
+            window=settings.outbound.ack_window,
+            from_address=settings.outbound.from_address,
+            letter=letters.load("staff", "en", settings.templates_path),
+        )
         last_t = rows[-1][1]
         assert last_t.id is not None
-        parts.append(
-            f"Reply to this email to answer in {last_t.ref}: your reply is sent from "
-            f"{settings.outbound.from_address} in the customer's thread. Attachments, if "
-            f"any, are stored in each ticket (tickets show REF). Commands as usual (#merge "
-            f"<REF>, #close, ...)."
-        )
-        body = "\n\n".join(parts) + "\n"
-        refs = sorted({t.ref for _i, t, _m in rows})
-        subject = f"[{last_t.ref}] {len(rows)} more mail(s) from {sender}: " + ", ".join(refs)
         raw, mid = compose_notification(
             to_address=person.email,
             to_name=person.name,

@@ -27,7 +27,6 @@ already open. The decisions here, each written to the audit trail (docs/threadin
 
 from __future__ import annotations
 
-import contextlib
 import json
 import re
 from collections.abc import Sequence
@@ -36,7 +35,10 @@ from datetime import datetime, timedelta
 
 from sqlmodel import Session, col, select
 
-from gateway.outbound.compose import format_local, isoz
+from gateway.letters import facts, requests
+from gateway.letters import templates as letters
+from gateway.letters.facts import isoz, owner_or_default
+from gateway.letters.templates import Letter
 from gateway.pipeline.context import Context
 from gateway.pipeline.subject import format_ref, normalise_subject
 from gateway.pipeline.thread import Disposition, ThreadDecision, TicketView
@@ -146,73 +148,33 @@ def open_requests(session: Session, customer_id: int, exclude: Sequence[int] = (
     return [t for t in rows if t.id not in exclude]
 
 
-def _calendar(rules: Rules, ticket: Ticket):  # type: ignore[no-untyped-def]
-    with contextlib.suppress(KeyError):
-        return rules.calendar_for_policy(ticket.sla)
-    return None
-
-
 def deadline_phrase(ticket: Ticket, rules: Rules) -> str:
-    """The next promise of a ticket, from its STORED deadlines (what the escalator enforces)."""
-    cal = _calendar(rules, ticket)
-
-    def when(dt: datetime) -> str:
-        local = format_local(dt, cal) if cal is not None else ""
-        return f"{local} ({isoz(dt)})" if local else isoz(dt)
-
-    if ticket.status == "waiting":
-        return "waiting for your reply"
-    if ticket.first_responded_at is None and ticket.first_response_due is not None:
-        return f"first answer by {when(ticket.first_response_due)}"
-    if ticket.next_response_due is not None:
-        return f"next answer by {when(ticket.next_response_due)}"
-    if ticket.resolution_due is not None:
-        return f"resolution by {when(ticket.resolution_due)}"
-    return "no deadline running"
-
-
-def _owner(rules: Rules, ticket: Ticket) -> Person | None:
-    return rules.people.get(ticket.owner) or rules.people.get(rules.defaults.owner)
+    """The next promise of a ticket, from its STORED deadlines, in English (events and
+    staff letters; customers get it in their language, gateway.letters.facts)."""
+    return facts.deadline_phrase(ticket, rules, letters.load("common"))
 
 
 def request_line(ticket: Ticket, rules: Rules) -> str:
     """``ACME-1003 "subject": Alice Martin, first answer by ...`` (stored values only)."""
-    owner = _owner(rules, ticket)
-    who = owner.name if owner is not None else ticket.owner
-    return f'{ticket.ref} "{ticket.subject}": {who}, {deadline_phrase(ticket, rules)}'
+    return requests.request_line(ticket, rules, letters.load("common"))
 
 
-def others_text(session: Session, rules: Rules, ticket: Ticket) -> str:
-    """The acknowledgement's paragraph about the customer's OTHER open requests ("" if none)."""
+def others_text(session: Session, rules: Rules, ticket: Ticket, letter: Letter) -> str:
+    """The acknowledgement's paragraph about the customer's OTHER open requests ("" if
+    none), in ``letter``'s language."""
     if ticket.customer_id is None or ticket.id is None:
         return ""
     others = open_requests(session, ticket.customer_id, exclude=[ticket.id])
-    if not others:
-        return ""
-    lines = ["Your other open requests with us:"]
-    lines.extend(f"  - {request_line(t, rules)}" for t in others)
-    return "\n".join(lines) + "\n"
+    return requests.open_paragraph(others, rules, letter)
 
 
-def cap_notice(session: Session, rules: Rules, customer_id: int | None, cap: int) -> str:
-    """The honest last paragraph of the acknowledgement that reaches the daily cap
-    (osTicket's over-limit notice): what happens to further mail, and where it goes."""
-    where = ""
-    if customer_id is not None:
-        reqs = open_requests(session, customer_id)
-        if reqs:
-            where = (
-                " Replies and mails about "
-                + ", ".join(f"{t.ref} ({request_line(t, rules).split(': ', 1)[1]})" for t in reqs)
-                + " go straight into that request; anything else opens a new request for our "
-                "team."
-            )
-    return (
-        f"This is our last automatic confirmation to you today ({cap} in 24 hours). Any "
-        f"further mail you send is still received and filed, but without a confirmation."
-        + where
-        + " A person will answer each request."
-    )
+def cap_notice(
+    session: Session, rules: Rules, customer_id: int | None, cap: int, letter: Letter
+) -> str:
+    """The honest last paragraph of the acknowledgement that reaches the daily cap, in the
+    language of ``letter`` (the ``cap`` template)."""
+    reqs = open_requests(session, customer_id) if customer_id is not None else []
+    return requests.cap_paragraph(reqs, rules, cap, letter)
 
 
 def window(settings: Settings) -> timedelta:
@@ -454,17 +416,21 @@ def announce_customer_merge(
         others = [o for o in reqs if o.id != t.id]
         if rules is None:
             continue
-        owner = _owner(rules, t)
+        owner = owner_or_default(rules, t.owner)
         if owner is None:
             continue
-        lines = "\n".join(f"  - {request_line(o, rules)}" for o in others)
+        staff = letters.load("staff", "en", settings.templates_path)
         body = (
-            f"The customer of {t.requester} was merged with another address, so {t.ref} "
-            f'("{t.subject}", yours, {deadline_phrase(t, rules)}) may duplicate:\n\n{lines}\n\n'
-            f"Each still runs its own clocks and escalation. If they are one request, reply "
-            f"to this email with\n\n  #merge {others[0].ref}\n\non the first line: {t.ref} is "
-            f"closed, its messages and participants move to {others[0].ref}, and every reply "
-            f"to {t.ref} lands there from then on.\n"
+            staff.phrase(
+                "duplicate_body",
+                requester=t.requester,
+                ref=t.ref,
+                subject=t.subject,
+                deadline=deadline_phrase(t, rules),
+                lines="\n".join(f"  - {request_line(o, rules)}" for o in others),
+                first=others[0].ref,
+            )
+            + "\n"
         )
         notify_owner(
             session,
@@ -474,7 +440,9 @@ def announce_customer_merge(
             email=owner.email,
             name=owner.name,
             person=owner.id,
-            subject=f"[{t.ref}] Possible duplicate of " + ", ".join(o.ref for o in others),
+            subject=staff.phrase(
+                "duplicate_subject", ref=t.ref, others=", ".join(o.ref for o in others)
+            ),
             body=body,
             now=now,
         )

@@ -17,62 +17,38 @@ notification carries everything the owner needs to answer from a mail client:
   our loop header; written to the transactional outbox with the null sender
   (docs/design.md §6), never sent from here.
 
-Runs after ``respond`` in the same transaction, for a new ticket and for every further
-message from a human customer. For a new ticket, every person a matching route lists in
-``notify`` gets the same notification with a reply token of their own (issue 11: the list
-used to be stored in the ``routed`` event and nobody was told). All of them go at once:
-notifications are never held for a person's working hours (docs/rules.md "People").
-Never for robots (auto-replies, bounces, lists: their mail is recorded, the owner is not
-paged for it) and never for staff mail (``kind`` note or
-staff_reply, set by ``record`` and the staff stage). A mail whose From is one of our staff but
-that came without a staff token (a possible forgery, docs/design.md §5) is still notified, with
-a warning line, so the impersonated person sees it.
+The letter is composed by :mod:`gateway.letters.notification` (``notify.en.txt``); this
+stage decides who gets it and queues it. Runs after ``respond`` in the same transaction, for
+a new ticket and for every further message from a human customer. For a new ticket, every
+person a matching route lists in ``notify`` gets the same notification with a reply token of
+their own (issue 11: the list used to be stored in the ``routed`` event and nobody was
+told). All of them go at once: notifications are never held for a person's working hours
+(docs/rules.md "People"). Never for robots (auto-replies, bounces, lists: their mail is
+recorded, the owner is not paged for it) and never for staff mail (``kind`` note or
+staff_reply, set by ``record`` and the staff stage). A mail whose From is one of our staff
+but that came without a staff token (a possible forgery, docs/design.md §5) is still
+notified, with a warning line, so the impersonated person sees it.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
-from dataclasses import dataclass
-from datetime import datetime
-from email.message import EmailMessage, Message
-from email.policy import SMTP
+from email.message import Message
 
 from gateway.letters import templates as letters
-from gateway.letters.templates import Letter
-from gateway.outbound.compose import (
-    _base_headers,
-    _local_and_domain,
-    describe_size,
-    format_local,
-    isoz,
-    tagged_subject,
-)
+from gateway.letters.facts import owner_or_default
+from gateway.letters.i18n import describe_size
+from gateway.letters.notification import Part, compose_owner_notification
 from gateway.outbound.worker import enqueue
 from gateway.pipeline.context import Context
 from gateway.pipeline.conversation import bundle_notification
 from gateway.pipeline.parse import leaf_parts
 from gateway.routing.model import Person
-from gateway.security.tokens import Signer
 from gateway.sla.business_time import BusinessCalendar
 from gateway.store.models import Ticket
 from gateway.store.queries import add_event
 
-__all__ = [
-    "Part",
-    "attachment_parts",
-    "compose_owner_notification",
-    "notify_owner_stage",
-]
-
-
-@dataclass(frozen=True)
-class Part:
-    """One attachment of an inbound message, decoded."""
-
-    filename: str
-    content_type: str
-    data: bytes
+__all__ = ["attachment_parts", "notify_owner_stage"]
 
 
 def attachment_parts(msg: Message) -> list[Part]:
@@ -93,152 +69,9 @@ def attachment_parts(msg: Message) -> list[Part]:
     return out
 
 
-def add_parts(msg: EmailMessage, parts: Sequence[Part]) -> None:
-    """Attach ``parts`` to ``msg`` (which already has its text body)."""
-    for part in parts:
-        maintype, _, subtype = part.content_type.partition("/")
-        if maintype == "text":
-            # Keep the bytes as they came (charset unknown here): attach as octets.
-            maintype, subtype = "application", "octet-stream"
-        msg.add_attachment(
-            part.data,
-            maintype=maintype or "application",
-            subtype=subtype or "octet-stream",
-            filename=part.filename,
-        )
-
-
-def _deadline_lines(ticket: Ticket, calendar: BusinessCalendar | None) -> list[str]:
-    def when(dt: datetime) -> str:
-        local = format_local(dt, calendar) if calendar is not None else ""
-        return f"{local} ({isoz(dt)})" if local else isoz(dt)
-
-    lines: list[str] = []
-    if ticket.status == "waiting":
-        lines.append("Deadlines:  paused, waiting on the customer")
-    if ticket.first_response_due is not None and ticket.first_responded_at is None:
-        lines.append(f"First response due: {when(ticket.first_response_due)}")
-    if ticket.next_response_due is not None:
-        lines.append(f"Next response due:  {when(ticket.next_response_due)}")
-    if ticket.resolution_due is not None and ticket.status != "closed":
-        lines.append(f"Resolution due:     {when(ticket.resolution_due)}")
-    return lines or ["Deadlines:  none running"]
-
-
-def compose_owner_notification(
-    *,
-    ticket: Ticket,
-    owner: Person,
-    new_ticket: bool,
-    sender: str,
-    sender_name: str,
-    customer_subject: str,
-    customer_text: str,
-    received_at: datetime,
-    parts: Sequence[Part],
-    calendar: BusinessCalendar | None,
-    warnings: Sequence[str],
-    from_address: str,
-    from_name: str,
-    signer: Signer,
-    hostname: str,
-    now: datetime,
-    attachment_limit: int,
-    recipient: Person | None = None,
-    why: str = "",
-    unverified: str = "",
-    references: Sequence[str] = (),
-    letter: Letter | None = None,
-) -> tuple[bytes, str, str, str]:
-    """The notification to the owner: (unsigned bytes, Message-ID, subject, text body).
-
-    `recipient` (default: the owner) is who gets it, with a reply token of their own; a
-    route's ``notify`` list sends the very same notification to each person it names, with
-    `why` saying so. ``unverified`` (why the From address is not proven) becomes the first
-    line of the text, above everything else, so no owner answers a forged sender unawares.
-    ``references`` are lines about tickets this mail named but could not join.
-    """
-    assert ticket.id is not None
-    to = recipient or owner
-    local, domain = _local_and_domain(from_address)
-    reply_to = signer.reply_address(local, domain, ticket.id, to.id)
-    message_id = signer.message_id(hostname, ticket.id, "notify")
-    subject = tagged_subject(ticket.ref, ticket.subject)
-    who = f"{sender_name} <{sender}>" if sender_name else sender
-    staff = letter or letters.load("staff")  # gateway/templates/staff.en.txt
-    headline = staff.phrase("notify_new" if new_ticket else "notify_again", ref=ticket.ref, who=who)
-    summary = [
-        f"Ticket:     {ticket.ref} ({ticket.status})",
-        f"Subject:    {ticket.subject}",
-        f"Requester:  {ticket.requester}",
-        f"Owner:      {owner.name} <{owner.email}>",
-        f"Queue:      {ticket.queue}",
-        f"Priority:   {ticket.priority}",
-        *_deadline_lines(ticket, calendar),
-    ]
-    total = sum(len(p.data) for p in parts)
-    attach = bool(parts) and total <= attachment_limit
-    files: list[str] = []
-    if parts:
-        noun = "attachment" if len(parts) == 1 else "attachments"
-        how = (
-            "attached below"
-            if attach
-            else f"NOT attached (over {describe_size(attachment_limit)}; stored in the ticket)"
-        )
-        files.append(f"{len(parts)} {noun}, {describe_size(total)} in total, {how}:")
-        files.extend(f"  - {p.filename} ({describe_size(len(p.data))})" for p in parts)
-    first = []
-    if unverified:
-        first.append(
-            f"UNVERIFIED SENDER: {unverified}. This mail does not count as {sender}'s: "
-            f"it joined no ticket of theirs and made nobody a participant. Check before you "
-            f"answer: a reply goes to {sender}, who may not have written it."
-        )
-    body_parts = [
-        *first,
-        headline + (f"\n{why}" if why else ""),
-        *references,
-        *[f"WARNING: {w}" for w in warnings],
-        "\n".join(summary),
-        f"----- Message from {who}, received {isoz(received_at)} -----\n"
-        f"Subject: {customer_subject or '(no subject)'}\n\n"
-        f"{customer_text.strip() or '(the message has no text)'}\n"
-        f"----- end of message -----",
-    ]
-    if files:
-        body_parts.append("\n".join(files))
-    body_parts.append(
-        staff.phrase("reply_footer", requester=ticket.requester, from_address=from_address)
-    )
-    text = "\n\n".join(body_parts) + "\n"
-    msg = EmailMessage(policy=SMTP)
-    _base_headers(
-        msg,
-        from_address=from_address,
-        from_name=from_name,
-        to=f"{to.name} <{to.email}>" if to.name else to.email,
-        subject=subject,
-        message_id=message_id,
-        now=now,
-        hostname=hostname,
-        auto_submitted="auto-generated",  # RFC 3834 §5.1: a notice, not a reply
-        loop=signer.installation_id(),  # one value for every node
-    )
-    msg["Reply-To"] = reply_to
-    msg.set_content(text)
-    if attach:
-        add_parts(msg, parts)
-    return msg.as_bytes(policy=SMTP), message_id, subject, text
-
-
 def _owner(ctx: Context, ticket: Ticket) -> Person | None:
-    rules = ctx.services.rules
-    person = rules.people.get(ticket.owner)
-    if person is None:
-        # Always a named human (docs/design.md §7): fall back to the default owner.
-        person = rules.people.get(rules.defaults.owner)
-    return person
+    # Always a named human (docs/design.md §7): fall back to the default owner.
+    return owner_or_default(ctx.services.rules, ticket.owner)
 
 
 def _warnings(ctx: Context) -> list[str]:
@@ -332,6 +165,7 @@ def notify_owner_stage(ctx: Context) -> None:
     # at once, whatever the person's calendar says (docs/rules.md "People"): holding them
     # for working hours would need a delayed outbox, and an outage route that "wakes up the
     # lead" must wake her (issue 11, items 4 and 5).
+    notify_letter = letters.load("notify", "en", settings.templates_path)
     recipients: list[tuple[Person, str]] = [(owner, "")]
     if ctx.thread.is_new and ctx.decision is not None:
         routes = ", ".join(ctx.decision.matched_routes) or "the rules"
@@ -342,9 +176,7 @@ def notify_owner_stage(ctx: Context) -> None:
                 continue
             if any(person.id == r.id for r, _ in recipients):
                 continue  # the owner (or a repeat) gets one notification, not two
-            recipients.append(
-                (person, f"You get this because route {routes} lists you in `notify`.")
-            )
+            recipients.append((person, notify_letter.phrase("why_route", routes=routes)))
     for person, why in recipients:
         raw, message_id, subject, text = compose_owner_notification(
             ticket=ticket,
@@ -368,7 +200,8 @@ def notify_owner_stage(ctx: Context) -> None:
             why=why,
             unverified="" if ctx.sender_verified else ctx.unverified_reason,
             references=_references(ctx),
-            letter=letters.load("staff", "en", settings.templates_path),
+            letter=notify_letter,
+            staff=letters.load("staff", "en", settings.templates_path),
         )
         enqueue(
             s,

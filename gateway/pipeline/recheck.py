@@ -32,6 +32,7 @@ from typing import Any
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, func, select
 
+from gateway.letters.facts import owner_or_default
 from gateway.pipeline.context import Context, Services
 from gateway.pipeline.holds import next_check
 from gateway.pipeline.parse import parse
@@ -260,7 +261,8 @@ class AuthRechecker:
                       message_id=msg_id)  # fmt: skip
             return f"suppressed: {why}"
         rules = self.services.rules
-        owner = rules.people.get(ctx.ticket.owner) or rules.people[rules.defaults.owner]
+        owner = owner_or_default(rules, ctx.ticket.owner)
+        assert owner is not None  # the rules loader refuses an unknown default owner
         template = str(json.loads(row.data or "{}").get("template") or "ack")
         sent = send_ack_now(ctx, to, owner=owner, template_name=template, because=decision.reason)
         return ("sent: " if sent else "suppressed: ") + decision.reason

@@ -39,13 +39,9 @@ from sqlmodel import col, func, select
 
 from gateway.escalation.late import Late, collapse, send_late
 from gateway.letters import templates as letters
+from gateway.letters.ack import AckContent, compose_ack, response_stats
 from gateway.letters.brands import brand_domains, identity
-from gateway.outbound.compose import (
-    AckContent,
-    compose_ack,
-    response_stats,
-    tagged_subject,
-)
+from gateway.letters.headers import tagged_subject
 from gateway.outbound.worker import enqueue, notify_owner
 from gateway.pipeline.context import Context
 from gateway.pipeline.conversation import bundle_ack, cap_notice, others_text
@@ -148,13 +144,9 @@ def _cap_tripped(ctx: Context, to: str, owner: Person) -> None:
         ctx.now,
         data={"sender": to, "cap": _cap(ctx)},
     )
-    body = (
-        f"{to} has written {_cap(ctx)} or more new requests within 24 hours; the latest is "
-        f"{ctx.ticket.ref} ({ctx.ticket.subject}).\n\n"
-        f"Every message is recorded in its ticket, but no further automatic "
-        f"acknowledgements go to {to} today, so the customer has not been told about "
-        f"{ctx.ticket.ref}. Please look at it, and reply if a loop or a flood is going on.\n"
-    )
+    staff = letters.load("staff", "en", ctx.services.settings.templates_path)
+    facts = {"ref": ctx.ticket.ref, "sender": to, "cap": _cap(ctx), "subject": ctx.ticket.subject}
+    body = staff.phrase("ack_limit_body", **facts) + "\n"
     notify_owner(
         ctx.session,
         ctx.services.settings,
@@ -163,7 +155,7 @@ def _cap_tripped(ctx: Context, to: str, owner: Person) -> None:
         email=owner.email,
         name=owner.name,
         person=owner.id,
-        subject=f"[{ctx.ticket.ref}] Acknowledgement limit reached for {to}",
+        subject=staff.phrase("ack_limit_subject", **facts),
         body=body,
         now=ctx.now,
     )
@@ -309,16 +301,21 @@ def _customer_of_ticket(ctx: Context) -> int | None:
     return resolve_customer(ctx.session, cid) if cid is not None else None
 
 
-def _conversation_texts(ctx: Context, to: str) -> tuple[str, str]:
+def _conversation_texts(ctx: Context, to: str, lang: str) -> tuple[str, str]:
     """(other open requests, cap notice) for the acknowledgement of ``ctx.ticket``: the
     customer always sees where everything stands, and the ack that reaches the daily cap
     says that confirmations stop (issue 12)."""
     assert ctx.ticket is not None
     rules = ctx.services.rules
-    others = others_text(ctx.session, rules, ctx.ticket)
+    settings = ctx.services.settings
+    default = settings.outbound.default_language
+    # In the letter's language (common.<lang>.txt and cap.<lang>.txt, docs/templates.md).
+    common = letters.load("common", lang, settings.templates_path, default_language=default)
+    others = others_text(ctx.session, rules, ctx.ticket, common)
     notice = ""
     if _acks_today(ctx, to) + 1 >= _cap(ctx):
-        notice = cap_notice(ctx.session, rules, ctx.ticket.customer_id, _cap(ctx))
+        capl = letters.load("cap", lang, settings.templates_path, default_language=default)
+        notice = cap_notice(ctx.session, rules, ctx.ticket.customer_id, _cap(ctx), capl)
     return others, notice
 
 
@@ -378,7 +375,9 @@ def send_ack_now(
         stats=response_stats(_stats(ctx, ticket.queue), STATS_DAYS),
     )
     # Issue 12: the customer's other open requests, and the honest cap notice.
-    others, notice = _conversation_texts(ctx, to)
+    others, notice = _conversation_texts(
+        ctx, to, ticket.language or ctx.services.settings.outbound.default_language
+    )
     content = AckContent(**{**content.__dict__, "others": others, "notice": notice})
     # The ticket's language and brand (gateway.pipeline.lettering); an admin's override in
     # templates_dir wins over the shipped template (docs/templates.md).

@@ -53,25 +53,22 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from datetime import datetime
-from email.message import EmailMessage
-from email.policy import SMTP
 
 from mailparser_reply import EmailReplyParser
 from sqlmodel import col, select
 
 from gateway.escalation.notice import ticket_letter
 from gateway.letters.brands import brand_domains, identity
-from gateway.outbound.compose import _base_headers, _local_and_domain, isoz, tagged_subject
+from gateway.letters.facts import isoz, owner_or_default
+from gateway.letters.staff_reply import compose_staff_reply
 from gateway.outbound.handover import compose_handover
 from gateway.outbound.worker import enqueue, notify_owner
 from gateway.pipeline.commands import Command, parse_commands
 from gateway.pipeline.context import Context
 from gateway.pipeline.holds import hold
 from gateway.pipeline.junk import block_sender, junk_ticket, withdraw_customer_mail
-from gateway.pipeline.notify import Part, add_parts, attachment_parts
+from gateway.pipeline.notify import attachment_parts
 from gateway.routing.model import Person, Rules
-from gateway.security.tokens import Signer
 from gateway.security.verdict import auth_summary, staff_decision
 from gateway.sla.clocks import on_close, on_snooze, on_staff_reply, on_waiting
 from gateway.store import promises
@@ -85,7 +82,7 @@ from gateway.store.queries import (
     undeliverable,
 )
 
-__all__ = ["compose_staff_reply", "judge", "staff_stage", "strip_quoted"]
+__all__ = ["judge", "staff_stage", "strip_quoted"]
 
 #: Languages whose "On ... wrote:" headers mail-parser-reply recognises for us.
 QUOTE_LANGUAGES = ["en", "de", "fr", "es", "it", "nl", "sv", "da", "pl", "cs"]
@@ -127,62 +124,6 @@ def strip_quoted(text: str) -> str:
     return "\n".join(line.rstrip() for line in keep).strip("\n")
 
 
-# ---------------------------------------------------------------------------- composition
-
-
-def compose_staff_reply(
-    *,
-    ticket_id: int,
-    ref: str,
-    ticket_subject: str,
-    person_name: str,
-    to: Sequence[str],
-    text: str,
-    parts: Sequence[Part],
-    in_reply_to: str | None,
-    references: Sequence[str],
-    from_address: str,
-    from_name: str,
-    signer: Signer,
-    hostname: str,
-    now: datetime,
-    reply_domain: str = "",
-    message_id_domain: str = "",
-    footer: str = "",
-) -> tuple[bytes, str, str, str]:
-    """The relayed staff reply: (unsigned bytes, Message-ID, subject, body text)."""
-    local, domain = _local_and_domain(from_address)
-    domain = reply_domain or domain  # a brand's reply-address domain (issue 17)
-    message_id = signer.message_id(message_id_domain or hostname, ticket_id, "reply")
-    subject = tagged_subject(ref, ticket_subject)
-    display = f"{person_name} via {from_name}" if from_name else person_name
-    footer = footer or f"Ticket {ref}: reply to this email to add to your request."
-    body = text.rstrip() + f"\n\n-- \n{display}\n{footer}\n"
-    msg = EmailMessage(policy=SMTP)
-    _base_headers(
-        msg,
-        from_address=from_address,
-        from_name=display,
-        to=to[0],
-        subject=subject,
-        message_id=message_id,
-        now=now,
-        hostname=hostname,
-        auto_submitted="no",  # RFC 3834 §5: written by a person, not automatic
-        loop=signer.installation_id(),  # one value for every node
-    )
-    if len(to) > 1:
-        msg["Cc"] = ", ".join(to[1:])
-    msg["Reply-To"] = signer.reply_address(local, domain, ticket_id)
-    if in_reply_to:
-        msg["In-Reply-To"] = in_reply_to
-        refs = [r for r in references if r != in_reply_to]
-        msg["References"] = " ".join([*refs[-10:], in_reply_to])
-    msg.set_content(body)
-    add_parts(msg, parts)
-    return msg.as_bytes(policy=SMTP), message_id, subject, body
-
-
 # -------------------------------------------------------------------------------- helpers
 
 
@@ -211,7 +152,7 @@ def _person_by_email(rules: Rules, address: str) -> Person | None:
 def _owner(ctx: Context) -> Person | None:
     assert ctx.ticket is not None
     rules = ctx.services.rules
-    return rules.people.get(ctx.ticket.owner) or rules.people.get(rules.defaults.owner)
+    return owner_or_default(rules, ctx.ticket.owner)
 
 
 def _tell(ctx: Context, person: Person, subject: str, body: str) -> None:

@@ -18,7 +18,7 @@ from zoneinfo import ZoneInfo
 
 from gateway.letters.brands import identity
 from gateway.letters.language import choose
-from gateway.letters.templates import load
+from gateway.letters.templates import sources
 from gateway.routing.engine import _NO_STATE, AssignmentState, cover_window, evaluate
 from gateway.routing.facts import MessageFacts
 from gateway.routing.model import Rules
@@ -61,15 +61,15 @@ def letters_of(
     )
     templates_dir = settings.templates_path if settings is not None else None
     ack_name = ack_template if isinstance(ack_template, str) else "ack"
-    names = {"ack": ack_name, "notice": "notice", "late": "late"}
+    every = sources(choice.lang, templates_dir, default_language=default, ack=ack_name)
     result: dict[str, Any] = {
         "language": choice.lang,
         "language_reason": choice.reason,
         "brand": brand,
-        "templates": {
-            letter: load(name, choice.lang, templates_dir, default_language=default).source
-            for letter, name in names.items()
-        },
+        # Every letter of the registry (gateway.letters.templates.LETTERS): its file, and
+        # its language in "template_languages" (staff letters are English).
+        "templates": {letter: source for letter, (_lang, source) in every.items()},
+        "template_languages": {letter: code for letter, (code, _src) in every.items()},
     }
     if settings is not None:
         me = identity(settings, rules, brand)
@@ -197,8 +197,9 @@ def format_explain(result: dict[str, Any]) -> str:
             f"Brand:        {brand}" + (f", from {letters['from']}" if letters.get("from") else "")
         )
         lines.append("Templates:")
+        codes = letters.get("template_languages", {})
         for letter, source in letters["templates"].items():
-            lines.append(f"  {letter:<15} {source}")
+            lines.append(f"  {letter:<15} {codes.get(letter, letters['language'])}  {source}")
     lines.append("Trace:")
     trace = result.get("trace") or []
     if not trace:
