@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from gateway.pipeline.context import Context
 from gateway.pipeline.parse import ParsedMessage
+from gateway.routing.conditions import extra_facts
 from gateway.routing.engine import AssignmentState, cover_window, evaluate
 from gateway.routing.facts import MessageFacts
 from gateway.security.spam import SpamVerdict
@@ -39,6 +40,7 @@ def facts_from(
         # Only a trusted front filter's verdict is routable (gateway.security.spam).
         spam=spam.spam_for_routes if spam is not None else False,
         spam_score=spam.score_for_routes if spam is not None else None,
+        extra=extra_facts(p),
     )
 
 

@@ -22,6 +22,7 @@ from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
 
+from gateway.routing.conditions import load_match
 from gateway.routing.model import (
     ASSIGN_MODES,
     DISPOSITIONS,
@@ -31,11 +32,9 @@ from gateway.routing.model import (
     Defaults,
     EscalationStep,
     Match,
-    Pattern,
     Person,
     Route,
     Rules,
-    ScoreTest,
     SlaPolicy,
 )
 from gateway.sla import durations
@@ -101,23 +100,9 @@ ROUTE_KEYS = (
     "language",
     "brand",
 )
-MATCH_KEYS = (
-    "to",
-    "from",
-    "subject",
-    "body",
-    "header",
-    "authenticated",
-    "has_attachment",
-    "business_hours",
-    "spam",
-    "spam_score",
-    "not",
-)
 
 _EMAIL_RE = re.compile(r"[^@\s]+@[^@\s]+")
 _TEMPLATE_RE = re.compile(r"[A-Za-z0-9_.-]+")
-_SCORE_RE = re.compile(r"(>=|>|<=|<)?\s*(-?\d+(?:\.\d+)?)")
 
 
 # --------------------------------------------------------------------------- problems
@@ -521,25 +506,6 @@ class _Loader:
         )
         return None
 
-    def score_test(
-        self, source: _Source, path: Key, data: Mapping[str, Any], label: str
-    ) -> ScoreTest | None:
-        """``spam_score = ">= 5"`` (also >, <=, <), or a bare number meaning ">=" it."""
-        if "spam_score" not in data:
-            return None
-        value = data["spam_score"]
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return ScoreTest(">=", float(value))
-        if isinstance(value, str) and (m := _SCORE_RE.fullmatch(value.strip())) is not None:
-            return ScoreTest(m.group(1) or ">=", float(m.group(2)))
-        self.problem(
-            source,
-            (*path, "spam_score"),
-            f"{label}: 'spam_score' must be a number or a comparison such as \">= 5\" "
-            "(>=, >, <=, <)",
-        )
-        return None
-
     def disposition(
         self, source: _Source, path: Key, data: Mapping[str, Any], label: str
     ) -> str | None:
@@ -795,81 +761,6 @@ class _Loader:
             )
             self.defaults = (defaults, source)
 
-    def load_match(
-        self, source: _Source, path: Key, data: Any, label: str, nested: bool = False
-    ) -> Match:
-        table = self.table(source, path, data, f"{label}: 'match'")
-        if table is None:
-            return Match()
-        allowed = MATCH_KEYS[:-1] if nested else MATCH_KEYS
-        self.unknown_keys(source, path, table, allowed, label)
-
-        def addresses(key: str) -> tuple[str, ...]:
-            values = self.strings(source, path, table, key, label)
-            for value in values:
-                if "@" not in value and not any(c in value for c in "*?["):
-                    self.problem(
-                        source,
-                        (*path, key),
-                        f"{label}: '{key}' value '{value}' is not an address or a glob like "
-                        "*@example.com",
-                    )
-            return tuple(v.lower() for v in values)
-
-        def patterns(key: str, at: Key, value: Any) -> tuple[Pattern, ...]:
-            if isinstance(value, str):
-                items: list[tuple[Key, str]] = [(at, value)]
-            elif isinstance(value, list) and value and all(isinstance(v, str) for v in value):
-                items = [((*at, i), v) for i, v in enumerate(value)]
-            else:
-                self.problem(
-                    source, at, f"{label}: '{key}' must be a regular expression or a list of them"
-                )
-                return ()
-            compiled: list[Pattern] = []
-            for where, text in items:
-                try:
-                    compiled.append(Pattern.compile(text))
-                except re.error as error:
-                    self.problem(
-                        source, where, f"{label}: bad regular expression in {key} '{text}': {error}"
-                    )
-            return tuple(compiled)
-
-        headers: list[tuple[str, tuple[Pattern, ...]]] = []
-        if "header" in table:
-            raw_headers = table["header"]
-            if isinstance(raw_headers, dict):
-                for name, value in raw_headers.items():
-                    at: Key = (*path, "header", name)
-                    headers.append((name, patterns(f"header {name}", at, value)))
-            else:
-                self.problem(
-                    source,
-                    (*path, "header"),
-                    f"{label}: 'header' must be a table of header name to regular expression",
-                )
-        none_of: Match | None = None
-        if "not" in table:
-            none_of = self.load_match(
-                source, (*path, "not"), table["not"], f"{label} (in 'not')", nested=True
-            )
-        return Match(
-            to=addresses("to"),
-            from_=addresses("from"),
-            subject=patterns("subject", (*path, "subject"), table["subject"])
-            if "subject" in table
-            else (),
-            body=patterns("body", (*path, "body"), table["body"]) if "body" in table else (),
-            header=tuple(headers),
-            authenticated=self.boolean(source, path, table, "authenticated", label),
-            has_attachment=self.boolean(source, path, table, "has_attachment", label),
-            business_hours=self.boolean(source, path, table, "business_hours", label),
-            spam=self.boolean(source, path, table, "spam", label),
-            spam_score=self.score_test(source, path, table, label),
-            none_of=none_of,
-        )
-
     def load_route(self, source: _Source, index: int, data: Any) -> None:
         path: Key = ("route", index)
         table = self.table(source, path, data, f"route #{index + 1}")
@@ -881,7 +772,7 @@ class _Loader:
             self.define("route", name, source.where(path), self.route_names, source, path)
         self.unknown_keys(source, path, table, ROUTE_KEYS, label)
         match = (
-            self.load_match(source, (*path, "match"), table["match"], label)
+            load_match(table["match"], _MatchReport(self, source, (*path, "match"), label))
             if "match" in table
             else Match()
         )
@@ -1002,6 +893,24 @@ class _Loader:
                 ref.path,
                 f"{ref.label}: unknown {names[ref.kind]} '{ref.id}'{suggestion}",
             )
+
+
+@dataclass
+class _MatchReport:
+    """Where the match conditions (gateway.routing.conditions) report their mistakes."""
+
+    loader: _Loader
+    source: _Source
+    path: Key
+    label: str
+
+    def problem(self, at: Key, message: str) -> None:
+        self.loader.problem(self.source, (*self.path, *at), f"{self.label}: {message}")
+
+    def nested(self, key: str) -> _MatchReport:
+        return _MatchReport(
+            self.loader, self.source, (*self.path, key), f"{self.label} (in '{key}')"
+        )
 
 
 def _read_sources(rules_dir: Path, loader: _Loader) -> tuple[list[_Source], list[Path], bool]:

@@ -147,8 +147,8 @@ def test_valid_rules_are_loaded_and_merged() -> None:
     assert [r.name for r in rules.routes] == ["vip", "billing"]
     assert [r.source for r in rules.routes] == ["rules/routes.toml:6", "rules/routes.toml:12"]
     billing = rules.routes[1]
-    assert billing.match.to == ("billing@example.com",)
-    assert [p.text for p in billing.match.subject] == ["(?i)invoice|refund"]
+    assert billing.match.get("to") == ("billing@example.com",)
+    assert [p.text for p in billing.match.get("subject")] == ["(?i)invoice|refund"]
     assert (billing.queue, billing.owner, billing.priority, billing.tags) == (
         "billing",
         "bob",
