@@ -52,7 +52,7 @@ from gateway.outbound.compose import (
     isoz,
 )
 from gateway.outbound.worker import enqueue, notify_owner
-from gateway.pipeline.commands import parse_commands
+from gateway.pipeline.commands import help_text, parse_commands
 from gateway.pipeline.notify import Part, _deadline_lines, add_parts, attachment_parts
 from gateway.pipeline.parse import _POLICY
 from gateway.routing.model import Person, Rules
@@ -248,7 +248,10 @@ def compose_handover_letter(
         "\n\n".join(blocks) if blocks else "(no messages)",
         "===== end of history =====",
         letters.load("staff").phrase(
-            "reply_footer", requester=ticket.requester, from_address=from_address
+            "reply_footer",
+            requester=ticket.requester,
+            from_address=from_address,
+            commands=help_text(),  # generated from the command registry
         ),
     ]
     text = "\n\n".join(text_parts) + "\n"

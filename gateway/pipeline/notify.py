@@ -49,6 +49,7 @@ from gateway.outbound.compose import (
     tagged_subject,
 )
 from gateway.outbound.worker import enqueue
+from gateway.pipeline.commands import help_text
 from gateway.pipeline.context import Context
 from gateway.pipeline.conversation import bundle_notification
 from gateway.pipeline.parse import leaf_parts
@@ -209,7 +210,12 @@ def compose_owner_notification(
     if files:
         body_parts.append("\n".join(files))
     body_parts.append(
-        staff.phrase("reply_footer", requester=ticket.requester, from_address=from_address)
+        staff.phrase(
+            "reply_footer",
+            requester=ticket.requester,
+            from_address=from_address,
+            commands=help_text(),  # generated from the command registry
+        )
     )
     text = "\n\n".join(body_parts) + "\n"
     msg = EmailMessage(policy=SMTP)
