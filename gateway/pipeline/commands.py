@@ -9,7 +9,7 @@ existing ticket), its effect on the ticket, and its one-line help. `parse_comman
 generated from the registry (`help_text`, `help_lines`), so adding a command is one spec here
 plus docs/staff-email.md (recipe in docs/architecture.md).
 
-Grammar (docs/design.md §0: "a few email commands"; issue 7):
+Grammar (docs/design.md §0: "a few email commands"; docs/staff-email.md):
 
 - commands are read only from the **first lines** of the reply, one per line, case-insensitive;
   blank lines before and between them are skipped; the first line that is not a command ends
@@ -17,7 +17,7 @@ Grammar (docs/design.md §0: "a few email commands"; issue 7):
   or in the quoted notification, is never a command);
 - ``#note`` (internal, not sent), ``#close``, ``#waiting`` take no argument;
   ``#junk`` (the ticket is junk: to the junk folder, clocks stopped, nothing sent to the
-  sender; issue 18) takes none or ``sender`` (``#junk sender`` also blocks the requester);
+  sender; docs/spam.md) takes none or ``sender`` (``#junk sender`` also blocks the requester);
   ``#assign <person-id>``, ``#snooze <duration>`` (``2d``, ``4h``, ``1d12h``: the grammar of
   the rules, ``gateway.sla.durations``; ``d`` is a working day of the ticket's SLA calendar,
   so ``#snooze 2d`` on a Friday wakes on Tuesday, not on Sunday),
@@ -103,7 +103,8 @@ class Desk(Protocol):
         """An event on the ticket's audit trail, for this message."""
 
     def hand_over(self, target: Person, previous: Person | None, reason: str) -> None:
-        """The new holder gets the whole history, the previous one is told (issue 11)."""
+        """The new holder gets the whole history, the previous one is told
+        (docs/staff-email.md "Handover")."""
 
     def tell_merged(self, into: Ticket) -> None:
         """Both owners are told of a merge of this ticket into ``into``."""
@@ -323,9 +324,10 @@ def _merge(desk: Desk, cmd: Command) -> str:
 
 
 def _junk(desk: Desk, cmd: Command) -> str:
-    """``#junk [sender]`` (issue 18): the ticket's messages to the junk folder, every clock
-    stopped, what was still to go out to the customer withdrawn, and with ``sender`` the
-    requester's future mail to the junk folder too. Nothing is sent to the sender."""
+    """``#junk [sender]`` (docs/spam.md "The junk folder"): the ticket's messages to the junk
+    folder, every clock stopped, what was still to go out to the customer withdrawn, and with
+    ``sender`` the requester's future mail to the junk folder too. Nothing is sent to the
+    sender."""
     t = _ticket(desk)
     assert t.id is not None
     s, now, person = desk.ctx.session, desk.ctx.now, desk.person
@@ -410,7 +412,7 @@ COMMANDS: dict[str, CommandSpec] = {
             _one_arg("a ticket reference, e.g. #merge ACME-1042", _ref_arg),
             validate=_other_ticket, apply=_merge, status=True,
         ),
-        # Issue 18: the ticket is junk (no clock, no promise, nothing sent to the sender);
+        # docs/spam.md: the ticket is junk (no clock, no promise, nothing sent to the sender);
         # optional argument "sender": that sender's future mail goes to the junk folder too.
         CommandSpec(
             "junk", "#junk [sender]",
