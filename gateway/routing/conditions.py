@@ -29,6 +29,7 @@ from fnmatch import fnmatchcase
 from typing import Any, Generic, Protocol, TypeVar
 
 from gateway.routing.facts import MessageFacts
+from gateway.routing.locator import Key
 from gateway.routing.model import Match, Pattern, ScoreTest
 from gateway.sla.business_time import BusinessCalendar
 
@@ -44,7 +45,6 @@ __all__ = [
     "unknown_key",
 ]
 
-Key = tuple[str | int, ...]
 T = TypeVar("T")
 #: Does the condition hold, and the words that say why (or why not).
 Verdict = tuple[bool, str]

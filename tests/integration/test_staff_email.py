@@ -341,6 +341,8 @@ async def test_each_command_works(env: Env, command: str, check: object) -> None
         [bob] = env.sent_to("bob@example.com")
         assert "Printer on fire" in bob.message()["Subject"]
         assert "the printer is on fire." in _text(bob)
+        # The handover's footer lists the commands from the registry too.
+        assert f"Commands on the first lines: {help_text()}." in " ".join(_text(bob).split())
     assert ticket_json(env.gw, ref)["events"]
 
 
