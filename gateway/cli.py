@@ -341,21 +341,19 @@ def cmd_rules(args: argparse.Namespace) -> int:
         for p in exc.problems:
             print(p, file=sys.stderr)
         return 1
-    from gateway.pipeline.parse import parse
-    from gateway.pipeline.route import facts_from
+    from gateway.factories import build_resolver
+    from gateway.pipeline.route import explain_facts
     from gateway.routing.explain import explain, format_explain
-    from gateway.security.spam import read_spam_verdict
 
     try:
         raw = Path(args.file).read_bytes()
     except OSError as exc:
         raise Failure(f"explain: cannot read {args.file}: {exc.strerror or exc}") from None
-    parsed = parse(raw)
-    recipients = parsed.to or [f"support@{settings.smtp.domains[0]}"]
-    spam = read_spam_verdict(parsed.headers, trusted=args.trusted_relay)
-    facts = facts_from(parsed, [], parsed.from_address, False, spam)
-    if not parsed.to:
-        facts = facts_from(parsed, recipients, parsed.from_address, False, spam)
+    # The facts the pipeline would route by, sender authentication included (a route on
+    # `authenticated` must explain as it routes).
+    parsed, facts = explain_facts(
+        raw, settings, build_resolver(settings), trusted_relay=args.trusted_relay
+    )
     result = explain(
         rules,
         facts,

@@ -87,6 +87,7 @@ def compose_handover_letter(
     attachment_limit: int,
     letter: Letter | None = None,
     staff: Letter | None = None,
+    commands: str = "",
 ) -> tuple[bytes, str, str, str, int]:
     """The handover pack: (unsigned bytes, Message-ID, subject, text body, files attached).
     ``letter`` is ``handover.en.txt`` (or its override), ``staff`` is ``staff.en.txt``."""
@@ -127,7 +128,10 @@ def compose_handover_letter(
         "attached": str(len(attach)),
         "history": "\n\n".join(blocks) if blocks else letter.phrase("no_messages"),
         "footer": staff.phrase(
-            "reply_footer", requester=ticket.requester, from_address=from_address
+            "reply_footer",
+            requester=ticket.requester,
+            from_address=from_address,
+            commands=commands,
         ),
     }
     # The messages are placed as they were written: no collapsing of their blank lines.

@@ -155,6 +155,7 @@ def compose_owner_notification(
     references: Sequence[str] = (),
     letter: Letter | None = None,
     staff: Letter | None = None,
+    commands: str = "",
 ) -> tuple[bytes, str, str, str]:
     """The notification to the owner: (unsigned bytes, Message-ID, subject, text body).
 
@@ -215,7 +216,10 @@ def compose_owner_notification(
         "message": customer_text.strip() or letter.phrase("no_text"),
         "files": "\n".join(files),
         "footer": staff.phrase(
-            "reply_footer", requester=ticket.requester, from_address=from_address
+            "reply_footer",
+            requester=ticket.requester,
+            from_address=from_address,
+            commands=commands,
         ),
     }
     # The customer's text is placed as it came: no collapsing of its blank lines.

@@ -209,7 +209,7 @@ LETTERS: dict[str, LetterSpec] = {
             {
                 "notify_new": _f("ref", "who"),
                 "notify_again": _f("ref", "who"),
-                "reply_footer": _f("requester", "from_address"),
+                "reply_footer": _f("requester", "from_address", "commands"),
                 "handover_subject": _f("ref", "subject"),
                 "held_subject": _f("ref", "holder", "subject"),
                 "held_body": _f(

@@ -48,7 +48,7 @@ from gateway.letters.handover import (
     compose_previous_holder_letter,
 )
 from gateway.outbound.worker import enqueue, notify_owner
-from gateway.pipeline.commands import parse_commands
+from gateway.pipeline.commands import help_text, parse_commands
 from gateway.pipeline.notify import attachment_parts
 from gateway.routing.model import Person, Rules
 from gateway.security.tokens import Signer
@@ -210,6 +210,7 @@ def compose_handover(
             attachment_limit=out.notify_attachment_limit,
             letter=letters.load("handover", "en", settings.templates_path),
             staff=staff,
+            commands=help_text(),  # generated from the command registry
         )
         rows.append(
             enqueue(

@@ -40,6 +40,7 @@ from gateway.letters.facts import owner_or_default
 from gateway.letters.i18n import describe_size
 from gateway.letters.notification import Part, compose_owner_notification
 from gateway.outbound.worker import enqueue
+from gateway.pipeline.commands import help_text
 from gateway.pipeline.context import Context
 from gateway.pipeline.conversation import bundle_notification
 from gateway.pipeline.parse import leaf_parts
@@ -197,6 +198,7 @@ def notify_owner_stage(ctx: Context) -> None:
             now=ctx.now,
             attachment_limit=limit,
             recipient=person,
+            commands=help_text(),  # generated from the command registry
             why=why,
             unverified="" if ctx.sender_verified else ctx.unverified_reason,
             references=_references(ctx),

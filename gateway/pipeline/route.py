@@ -7,11 +7,20 @@ and stores the trace on the audit trail so an admin can see why.
 
 from __future__ import annotations
 
+from email.utils import parseaddr
+
 from gateway.pipeline.context import Context
-from gateway.pipeline.parse import ParsedMessage
+from gateway.pipeline.parse import ParsedMessage, parse
+from gateway.routing.conditions import extra_facts
 from gateway.routing.engine import AssignmentState, cover_window, evaluate
 from gateway.routing.facts import MessageFacts
-from gateway.security.spam import SpamVerdict
+from gateway.security.dns import BudgetResolver, OfflineResolver, Resolver
+from gateway.security.relay import effective_client_of
+from gateway.security.sender_auth import AuthResult
+from gateway.security.sender_auth import authenticate as check_sender
+from gateway.security.spam import SpamVerdict, read_spam_verdict
+from gateway.settings import Settings
+from gateway.spool import Envelope
 from gateway.store.queries import assignment_cursors, open_ticket_counts, xact_lock
 
 
@@ -39,7 +48,53 @@ def facts_from(
         # Only a trusted front filter's verdict is routable (gateway.security.spam).
         spam=spam.spam_for_routes if spam is not None else False,
         spam_score=spam.score_for_routes if spam is not None else None,
+        extra=extra_facts(p),
     )
+
+
+def authenticate_envelope(
+    raw: bytes, envelope: Envelope, settings: Settings, resolver: Resolver | None
+) -> AuthResult | None:
+    """Sender authentication as the pipeline's authenticate stage runs it (docs/security.md):
+    None without a resolver unless a trusted front MTA's Authentication-Results can be read
+    (then offline: anything needing DNS is temperror), one DNS budget per message, and the
+    client a trusted relay saw (gateway.security.relay)."""
+    security = settings.security
+    if resolver is None:
+        if not security.trusted_authserv_ids:
+            return None
+        resolver = OfflineResolver()
+    client = effective_client_of(raw, envelope, settings)
+    return check_sender(
+        raw,
+        envelope_sender=envelope.mail_from,
+        client_ip=client.client_ip,
+        helo=client.helo,
+        resolver=BudgetResolver(resolver, security.dns_budget),
+        trusted_authserv_ids=client.trusted_authserv_ids,
+    )
+
+
+def explain_facts(
+    raw: bytes, settings: Settings, resolver: Resolver | None, *, trusted_relay: bool = False
+) -> tuple[ParsedMessage, MessageFacts]:
+    """The facts `rules explain` routes a message file by, built the way the pipeline builds
+    them (`facts_of`), sender authentication included: a route on `authenticated` explains
+    as it routes. A file has no SMTP envelope: the envelope sender is its Return-Path (else
+    its From), the client unknown (so SPF is `none`), and with `trusted_relay` the message is
+    read as handed over by a trusted front host (its Received header and
+    Authentication-Results count, as for `ingest`)."""
+    parsed = parse(raw)
+    # No To header: the message reached our support address (as an envelope RCPT TO would).
+    rcpt_tos = [] if parsed.to else [f"support@{settings.smtp.domains[0]}"]
+    return_path = next(iter(parsed.header("Return-Path")), "")
+    mail_from = parseaddr(return_path)[1] or parsed.from_address
+    envelope = Envelope(mail_from, rcpt_tos, source="pipe" if trusted_relay else "smtp")
+    auth = authenticate_envelope(raw, envelope, settings, resolver)
+    spam = read_spam_verdict(parsed.headers, trusted=trusted_relay)
+    sender = parsed.from_address or mail_from.lower()  # as the parse stage's ctx.sender
+    authenticated = bool(auth and auth.authenticated)
+    return parsed, facts_from(parsed, rcpt_tos, sender, authenticated, spam)
 
 
 def facts_of(ctx: Context) -> MessageFacts:

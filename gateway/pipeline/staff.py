@@ -33,8 +33,9 @@ told and Q gets a confirmation; it is **not** relayed to the customer and its co
 not applied (a token is a capability for the person it names, not for whoever holds it).
 Q answers the customer from Q's own notification once Q owns or is told about the ticket.
 
-**Commands** (``gateway.pipeline.commands``) on the first lines: ``#note``, ``#close``,
-``#assign``, ``#waiting``, ``#snooze``, ``#priority``, ``#merge``. All or nothing: with any
+**Commands** (the registry ``gateway.pipeline.commands.COMMANDS``) on the first lines:
+``#note``, ``#close``, ``#assign``, ``#waiting``, ``#snooze``, ``#priority``, ``#merge``,
+``#junk``. All or nothing: with any
 error (unknown command, unknown person, unknown ticket) nothing is applied and nothing is
 relayed; the sender gets the error. Otherwise each command leaves an event and the sender
 gets one short confirmation; a command-only mail sends nothing to the customer.
@@ -51,8 +52,7 @@ is cleared, ``last_staff_at`` set).
 
 from __future__ import annotations
 
-import json
-from collections.abc import Sequence
+from dataclasses import dataclass
 
 from mailparser_reply import EmailReplyParser
 from sqlmodel import col, select
@@ -63,22 +63,18 @@ from gateway.letters.facts import isoz, owner_or_default
 from gateway.letters.staff_reply import compose_staff_reply
 from gateway.outbound.handover import compose_handover
 from gateway.outbound.worker import enqueue, notify_owner
-from gateway.pipeline.commands import Command, parse_commands
+from gateway.pipeline.commands import COMMANDS, help_lines, parse_commands
 from gateway.pipeline.context import Context
 from gateway.pipeline.holds import hold
-from gateway.pipeline.junk import block_sender, junk_ticket, withdraw_customer_mail
 from gateway.pipeline.notify import attachment_parts
 from gateway.routing.model import Person, Rules
 from gateway.security.verdict import auth_summary, staff_decision
-from gateway.sla.clocks import on_close, on_snooze, on_staff_reply, on_waiting
-from gateway.store import promises
+from gateway.sla.clocks import on_staff_reply
 from gateway.store.models import Message, Participant, Ticket, TicketLink
 from gateway.store.queries import (
     add_event,
     add_participant,
-    find_ticket,
     last_customer_message,
-    link,
     undeliverable,
 )
 
@@ -251,24 +247,6 @@ def _colleague(ctx: Context, issued_to: Person, colleague: Person) -> None:
     )
 
 
-def _validate(ctx: Context, commands: Sequence[Command]) -> list[str]:
-    """Errors that need the rules or the database (all checked before anything is applied)."""
-    assert ctx.ticket is not None
-    errors: list[str] = []
-    rules = ctx.services.rules
-    for cmd in commands:
-        if cmd.name == "assign" and cmd.arg not in rules.people:
-            known = ", ".join(sorted(rules.people))
-            errors.append(f"#assign: nobody called {cmd.arg!r} in rules/ (people: {known})")
-        if cmd.name == "merge":
-            target = find_ticket(ctx.session, cmd.arg)
-            if target is None:
-                errors.append(f"#merge: there is no ticket {cmd.arg}")
-            elif target.id == ctx.ticket.id:
-                errors.append(f"#merge: {cmd.arg} is this ticket")
-    return errors
-
-
 def _customer_recipients(ctx: Context, ticket: Ticket) -> list[str]:
     """The requester first, then the other customer participants; never staff, never us."""
     settings = ctx.services.settings
@@ -369,143 +347,37 @@ def _relay(ctx: Context, person: Person, text: str) -> str:
     return f"sent to {', '.join(to)}"
 
 
-def _apply(ctx: Context, person: Person, cmd: Command) -> str:
-    """Apply one validated command; returns the confirmation line."""
-    assert ctx.ticket is not None and ctx.ticket.id is not None
-    t = ctx.ticket
-    assert t.id is not None
-    s = ctx.session
-    rules = ctx.services.rules
-    by = f"by {person.name} (#{cmd.name})"
-    if cmd.name == "close":
-        on_close(t, ctx.now)
-        _event(ctx, "closed", f"{t.ref} closed {by}")
-        return f"#close: {t.ref} is closed"
-    if cmd.name == "waiting":
-        before = t.status
-        on_waiting(t, ctx.now)
-        if t.status != "waiting":
-            _event(ctx, "waiting", f"not set to waiting {by}: the ticket is {before}")
-            return f"#waiting: nothing to do, {t.ref} is {before}"
-        _event(ctx, "waiting", f"waiting on the customer {by}: our clocks pause")
-        return f"#waiting: {t.ref} waits on the customer; our clocks pause until they write"
-    if cmd.name == "snooze":
-        assert cmd.duration is not None
-        # One grammar (gateway.sla.durations): "2d" is two working days of the ticket's
-        # SLA calendar, as in the rules; clock time only when the policy is unknown.
-        calendar = None
-        if t.sla in rules.sla:
-            calendar = rules.calendar_for_policy(t.sla)
-        until = cmd.duration.after(ctx.now, calendar)
-        on_snooze(t, until)
-        _event(ctx, "snoozed", f"snoozed until {isoz(until)} {by}; deadlines unchanged")
-        return f"#snooze: no escalation before {isoz(until)} (the deadlines stand)"
-    if cmd.name == "priority":
-        old = t.priority
-        t.priority = cmd.arg
-        _event(ctx, "priority", f"priority {old} -> {cmd.arg} {by}")
-        return f"#priority: {old} -> {cmd.arg}"
-    if cmd.name == "assign":
-        target = rules.people[cmd.arg]
-        old = t.owner
-        t.owner = target.id
-        _event(ctx, "assigned", f"owner {old} -> {target.id} ({target.name}) {by}")
-        # Issue 11: the new holder gets the whole history, the previous one is told.
+@dataclass
+class _Desk:
+    """What an email command may use (`gateway.pipeline.commands.Desk`): the context, the
+    verified sender, the audit trail, and the letters commands send."""
+
+    ctx: Context
+    person: Person
+
+    def event(self, type_: str, detail: str, data: object = None) -> None:
+        _event(self.ctx, type_, detail, data)
+
+    def hand_over(self, target: Person, previous: Person | None, reason: str) -> None:
+        ctx, t = self.ctx, self.ctx.ticket
+        assert t is not None
         compose_handover(
             ctx.session,
             t,
             target,
-            rules.people.get(old),
-            f"{person.name} assigned {t.ref} to {target.name} (#assign).",
-            rules=rules,
+            previous,
+            reason,
+            rules=ctx.services.rules,
             settings=ctx.services.settings,
             signer=ctx.services.signer,
             now=ctx.now,
             subject=f"[{t.ref}] Assigned to you: {t.subject}",
-            actor=person,
+            actor=self.person,
         )
-        return f"#assign: {t.ref} now belongs to {target.name}"
-    if cmd.name == "merge":
-        into = find_ticket(s, cmd.arg)
-        assert into is not None and into.id is not None
-        link(s, t.id, into.id, "merged-into", ctx.now)
-        for p in s.exec(select(Participant).where(Participant.ticket_id == t.id)).all():
-            role = "cc" if p.role == "requester" else p.role
-            add_participant(s, into.id, p.address, role, ctx.now)
-        on_close(t, ctx.now)
-        _event(ctx, "merged", f"{t.ref} merged into {into.ref} and closed {by}")
-        add_event(
-            s,
-            into.id,
-            "merged",
-            f"{t.ref} ({t.requester}: {t.subject}) merged into this ticket {by}",
-            ctx.now,
-        )
-        _merge_told(ctx, person, t, into)
-        return f"#merge: {t.ref} merged into {into.ref} and closed"
-    if cmd.name == "junk":
-        return _junk(ctx, person, block=cmd.arg == "sender")
-    return f"#{cmd.name}: done"  # note: handled by the caller
 
-
-def _junk(ctx: Context, person: Person, *, block: bool) -> str:
-    """``#junk [sender]`` (issue 18): the ticket's messages to the junk folder, every clock
-    stopped, what was still to go out to the customer withdrawn, and with ``sender`` the
-    requester's future mail to the junk folder too. Nothing is sent to the sender."""
-    assert ctx.ticket is not None and ctx.ticket.id is not None
-    t = ctx.ticket
-    assert t.id is not None
-    s = ctx.session
-    by = f"by {person.name} (#junk{' sender' if block else ''})"
-    trail = [
-        {
-            "at": isoz(ctx.now),
-            "type": "junked",
-            "detail": f"{t.ref} ({t.requester}: {t.subject}) declared junk {by}",
-            "data": {"ticket": t.ref, "person": person.id},
-        }
-    ]
-    moved = junk_ticket(s, t, by=person.name, now=ctx.now, events=trail)
-    on_close(t, ctx.now)
-    # No clock runs for junk: nothing is owed, nothing escalates.
-    t.first_response_due = None
-    t.next_response_due = None
-    t.resolution_due = None
-    t.snoozed_until = None
-    tags = json.loads(t.tags or "[]")
-    if "junk" not in tags:
-        t.tags = json.dumps([*tags, "junk"])
-    withdrawn = withdraw_customer_mail(s, t.id, ctx.now)
-    # The ticket is closed now: its pending promises are withdrawn (closed before their time).
-    s.add(t)
-    s.flush()
-    settled = promises.settle(s, ctx.now, {t.id})
-    n_promises = sum(1 for p in settled if p.state == "withdrawn")
-    _event(
-        ctx,
-        "junked",
-        f"{t.ref} declared junk {by}: {moved} message(s) moved to the junk folder, clocks "
-        f"stopped, {withdrawn} pending mail to the customer withdrawn, {n_promises} "
-        "promise(s) withdrawn",
-        {"moved": moved, "withdrawn": withdrawn, "block": block, "promises": n_promises},
-    )
-    line = f"#junk: {t.ref} is junk ({moved} message(s) in the junk folder, clocks stopped)"
-    if block:
-        address = (t.requester or "").lower()
-        if address and block_sender(
-            s,
-            address,
-            by=person.name,
-            ticket_ref=t.ref,
-            reason=f"#junk sender on {t.ref}",
-            now=ctx.now,
-        ):
-            _event(ctx, "sender-blocked", f"{address} blocked {by}: future mail goes to junk")
-            line += f"; future mail from {address} goes to the junk folder"
-            line += f" (undo: customers unblock {address})"
-        else:
-            line += f"; {address or 'the sender'} was already blocked"
-    return line
+    def tell_merged(self, into: Ticket) -> None:
+        assert self.ctx.ticket is not None
+        _merge_told(self.ctx, self.person, self.ctx.ticket, into)
 
 
 def _merge_told(ctx: Context, actor: Person, merged: Ticket, into: Ticket) -> None:
@@ -574,9 +446,11 @@ def _merge_told(ctx: Context, actor: Person, merged: Ticket, into: Ticket) -> No
 def _verified(ctx: Context, person: Person) -> None:
     assert ctx.ticket is not None and ctx.parsed is not None and ctx.message is not None
     t = ctx.ticket
+    desk = _Desk(ctx, person)
     commands, rest, errors = parse_commands(ctx.parsed.text)
     if not errors:
-        errors = _validate(ctx, commands)
+        # Every check before any effect: all or nothing (module docstring).
+        errors = [e for c in commands for e in COMMANDS[c.name].validate(desk, c)]
     if errors:
         _event(ctx, "staff-command-error", "; ".join(errors) + " (nothing applied, not relayed)")
         _tell(
@@ -586,12 +460,12 @@ def _verified(ctx: Context, person: Person) -> None:
             "Your reply was NOT sent to the customer and nothing was changed:\n\n"
             + "\n".join(f"  - {e}" for e in errors)
             + "\n\nIt is kept in the ticket as an internal note. Fix the command and reply "
-            "again.\n",
+            "again. The commands:\n\n" + "\n".join(f"  {line}" for line in help_lines()) + "\n",
         )
         return
     reply = strip_quoted(rest)
     # Nothing junk-related is ever sent to the sender (issue 18): text with #junk is a note.
-    is_note = any(c.name in ("note", "junk") for c in commands)
+    is_note = any(COMMANDS[c.name].internal for c in commands)
     done: list[str] = []
     if is_note:
         _event(ctx, "staff-note", f"internal note from {person.name}; not sent to the customer")
@@ -610,8 +484,9 @@ def _verified(ctx: Context, person: Person) -> None:
         )
         return
     for cmd in commands:
-        if cmd.name != "note":
-            done.append(_apply(ctx, person, cmd))
+        apply = COMMANDS[cmd.name].apply
+        if apply is not None:
+            done.append(apply(desk, cmd))
     t.updated_at = ctx.now
     ctx.session.add(t)
     if commands:

@@ -9,13 +9,13 @@ trace is what `rules explain` prints and what the pipeline stores as the audit t
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime
-from fnmatch import fnmatchcase
 
+from gateway.routing.conditions import Moment, match_reasons
 from gateway.routing.facts import MessageFacts
-from gateway.routing.model import Match, Pattern, Person, Route, Rules
+from gateway.routing.model import Person, Route, Rules
 from gateway.sla.business_time import BusinessCalendar
 from gateway.sla.deadlines import initial_deadlines
 from gateway.sla.duty import owner_for_window, pick_on_duty
@@ -72,129 +72,6 @@ class Decision:
 
 # --------------------------------------------------------------------------- matching
 
-_SUBJECT_SHOWN = 60
-
-
-def _shorten(text: str, limit: int = _SUBJECT_SHOWN) -> str:
-    flat = " ".join(text.split())
-    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
-
-
-def _first_glob(value: str, globs: tuple[str, ...]) -> str | None:
-    # Addresses compare case-insensitively (docs/design.md §4); the loader lowercased the globs.
-    lowered = value.lower()
-    return next((g for g in globs if fnmatchcase(lowered, g)), None)
-
-
-def _first_search(text: str, patterns: tuple[Pattern, ...]) -> Pattern | None:
-    return next((p for p in patterns if p.regex.search(text)), None)
-
-
-def _yes(value: bool) -> str:
-    return "yes" if value else "no"
-
-
-def _conditions(
-    match: Match, facts: MessageFacts, at: datetime, calendar: BusinessCalendar
-) -> Iterator[tuple[bool, str]]:
-    """Each condition the match gives, as (holds, explanation), in a fixed order.
-
-    Cheap checks come first; callers stop at the first that fails.
-    """
-    if match.to:
-        hits = [(r, g) for r in facts.recipients if (g := _first_glob(r, match.to))]
-        if hits:
-            address, glob = hits[0]
-            yield True, f"to: {address}" + (f" matches {glob}" if glob != address else "")
-        else:
-            shown = ", ".join(facts.recipients) or "(no recipients)"
-            yield False, f"to: {shown} not in {', '.join(match.to)}"
-    if match.from_:
-        sender_glob = _first_glob(facts.sender, match.from_) if facts.sender else None
-        sender = facts.sender or "(no sender)"
-        if sender_glob:
-            yield (
-                True,
-                f"from: {sender}" + (f" matches {sender_glob}" if sender_glob != sender else ""),
-            )
-        else:
-            yield False, f"from: {sender} not in {', '.join(match.from_)}"
-    if match.authenticated is not None:
-        actual = facts.authenticated
-        yield (
-            actual == match.authenticated,
-            f"authenticated: {_yes(actual)}"
-            + ("" if actual == match.authenticated else f" (route wants {_yes(not actual)})"),
-        )
-    if match.has_attachment is not None:
-        actual = facts.has_attachment
-        yield (
-            actual == match.has_attachment,
-            f"has attachment: {_yes(actual)}"
-            + ("" if actual == match.has_attachment else f" (route wants {_yes(not actual)})"),
-        )
-    if match.spam is not None:
-        actual = facts.spam
-        yield (
-            actual == match.spam,
-            f"spam (trusted front filter): {_yes(actual)}"
-            + ("" if actual == match.spam else f" (route wants {_yes(match.spam)})"),
-        )
-    if match.spam_score is not None:
-        score = facts.spam_score
-        if score is None:
-            yield (
-                False,
-                (
-                    f"spam score: none from a trusted front filter (route wants "
-                    f"{match.spam_score.text})"
-                ),
-            )
-        elif match.spam_score.holds(score):
-            yield True, f"spam score {score:g} {match.spam_score.text}"
-        else:
-            yield False, f"spam score {score:g} is not {match.spam_score.text}"
-    for name, patterns in match.header:
-        values = facts.header_values(name)
-        hit = next((p for v in values if (p := _first_search(v, patterns))), None)
-        wanted = " or ".join(p.text for p in patterns)
-        if hit is not None:
-            yield True, f"header {name} matched {hit.text}"
-        elif not values:
-            yield False, f"header {name}: absent (route wants {wanted})"
-        else:
-            shown = ", ".join(_shorten(v, 40) for v in values)
-            yield False, f"header {name}: {shown} did not match {wanted}"
-    if match.subject:
-        hit = _first_search(facts.subject, match.subject)
-        if hit is not None:
-            yield True, f"subject matched {hit.text}"
-        else:
-            wanted = " or ".join(p.text for p in match.subject)
-            yield False, f'subject "{_shorten(facts.subject)}" did not match {wanted}'
-    if match.body:
-        hit = _first_search(facts.body, match.body)
-        if hit is not None:
-            yield True, f"body matched {hit.text}"
-        else:
-            yield False, f"body did not match {' or '.join(p.text for p in match.body)}"
-    if match.business_hours is not None:
-        is_open = calendar.is_open(at)
-        state = "inside" if is_open else "outside"
-        text = f"{state} business hours of calendar '{calendar.id}'"
-        if is_open == match.business_hours:
-            yield True, text
-        else:
-            yield False, f"{text} (route wants {'inside' if match.business_hours else 'outside'})"
-    if match.none_of is not None:
-        reasons: list[str] = []
-        for holds, why in _conditions(match.none_of, facts, at, calendar):
-            if holds:
-                yield False, f"not: {why}"
-                return
-            reasons.append(why)
-        yield True, "not: " + "; ".join(reasons)
-
 
 def _match(
     route: Route, facts: MessageFacts, at: datetime, calendar: BusinessCalendar
@@ -202,7 +79,8 @@ def _match(
     if route.match.is_empty:
         return True, "no conditions (matches every message)"
     reasons: list[str] = []
-    for holds, why in _conditions(route.match, facts, at, calendar):
+    # Each condition is a spec of gateway.routing.conditions (key, load, check, explain).
+    for holds, why in match_reasons(route.match, facts, Moment(at, calendar)):
         if not holds:
             return False, why
         reasons.append(why)

@@ -31,6 +31,13 @@ class MessageFacts:
     # untrusted X-Spam-Flag leaves spam False and spam_score None.
     spam: bool = False
     spam_score: float | None = None
+    #: Facts read by match conditions that bring their own reader (`Condition.fact` in
+    #: gateway.routing.conditions): (match key, value) pairs.
+    extra: tuple[tuple[str, object], ...] = ()
+
+    def fact(self, key: str) -> object:
+        """The fact the condition `key` read from the message (None when it has none)."""
+        return next((value for k, value in self.extra if k == key), None)
 
     def header_values(self, name: str) -> tuple[str, ...]:
         """Every value of header `name` (case-insensitive name), in message order."""

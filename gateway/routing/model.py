@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass, field
 from datetime import date, timedelta
 from pathlib import Path
+from typing import Any
 
 from gateway.sla.business_time import BusinessCalendar
 
@@ -127,29 +128,21 @@ class ScoreTest:
 
 @dataclass(frozen=True)
 class Match:
-    """The conditions of a route. Every given condition must hold; lists are any-of.
-
-    `none_of` is the TOML `not` table: a route fails when *any* condition in it holds.
-    An empty `Match` matches every message.
+    """The conditions of a route: (match key, loaded value) pairs. Every given condition must
+    hold; lists are any-of. Keys and their meaning are the registry in
+    `gateway.routing.conditions`; the `not` key holds a nested `Match` that fails the route
+    when *any* of its conditions holds. An empty `Match` matches every message.
     """
 
-    to: tuple[str, ...] = ()
-    from_: tuple[str, ...] = ()
-    subject: tuple[Pattern, ...] = ()
-    body: tuple[Pattern, ...] = ()
-    header: tuple[tuple[str, tuple[Pattern, ...]], ...] = ()
-    authenticated: bool | None = None
-    has_attachment: bool | None = None
-    business_hours: bool | None = None
-    # The trusted front filter's verdict (gateway.security.spam): untrusted headers never
-    # make these hold.
-    spam: bool | None = None
-    spam_score: ScoreTest | None = None
-    none_of: Match | None = None
+    conditions: tuple[tuple[str, Any], ...] = ()
+
+    def get(self, key: str) -> Any:
+        """The loaded value of match key `key` (None when the route does not give it)."""
+        return next((value for k, value in self.conditions if k == key), None)
 
     @property
     def is_empty(self) -> bool:
-        return self == Match()
+        return not self.conditions
 
 
 @dataclass(frozen=True)

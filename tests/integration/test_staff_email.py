@@ -32,6 +32,7 @@ from gateway.clock import FrozenClock
 from gateway.outbound.dkim import DkimKey, load_key, public_txt_record, sign
 from gateway.outbound.dkim import keygen as dkim_keygen
 from gateway.outbound.worker import DeliveryWorker
+from gateway.pipeline.commands import help_lines, help_text
 from gateway.pipeline.notify import notify_owner_stage
 from gateway.pipeline.staff import staff_stage
 from gateway.pipeline.thread import Disposition
@@ -194,6 +195,10 @@ async def test_customer_notification_reply_relayed_and_clock_stops(env: Env) -> 
         "(2026-11-23T13:00:00Z)",
     ):
         assert line in text, text
+    # The footer's command list is generated from the command registry: every command.
+    flat = " ".join(text.split())
+    assert f"Commands on the first lines: {help_text()}." in flat, text
+    assert "#junk [sender]" in flat
     assert len(_events(env, ref, "owner-notified")) == 1
 
     # The owner replies to the notification's Reply-To, quoting it.
@@ -337,6 +342,8 @@ async def test_each_command_works(env: Env, command: str, check: object) -> None
         [bob] = env.sent_to("bob@example.com")
         assert "Printer on fire" in bob.message()["Subject"]
         assert "the printer is on fire." in _text(bob)
+        # The handover's footer lists the commands from the registry too.
+        assert f"Commands on the first lines: {help_text()}." in " ".join(_text(bob).split())
     assert ticket_json(env.gw, ref)["events"]
 
 
@@ -378,6 +385,8 @@ async def test_command_errors_change_nothing(env: Env, body: str, error: str) ->
     [reply] = env.relay.messages[sent:]
     assert reply.rcpt_tos == ["alice@example.com"]
     assert "NOT done" in reply.message()["Subject"] and error in _text(reply)
+    # The error letter lists every command, from the registry, so the fix is at hand.
+    assert all(line in _text(reply) for line in help_lines())
     t = env.ticket(ref)
     assert t.status == "open" and t.owner == "alice" and t.first_responded_at is None
     assert env.outbox("staff_reply") == []

@@ -7,7 +7,15 @@ from datetime import timedelta
 
 import pytest
 
-from gateway.pipeline.commands import Command, parse_commands, parse_duration
+from gateway.pipeline.commands import (
+    COMMANDS,
+    Command,
+    CommandSpec,
+    help_lines,
+    help_text,
+    parse_commands,
+    parse_duration,
+)
 from gateway.pipeline.staff import strip_quoted
 from gateway.sla.durations import Duration
 
@@ -156,3 +164,38 @@ def test_strip_quoted_keeps_indentation_and_drops_the_notification() -> None:
 )
 def test_strip_quoted_variants(text: str, expected: str) -> None:
     assert strip_quoted(text) == expected
+
+
+# ------------------------------------------------------------------------------ the registry
+
+
+def _tag(name: str, arg: str, line: str) -> Command | str:
+    return Command(name, arg.lower(), line) if arg else f"#{name} needs a tag"
+
+
+def test_a_registered_command_is_parsed_and_listed_in_the_help(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    spec = CommandSpec("tag", "#tag <word>", "add a tag to the ticket", _tag)
+    monkeypatch.setitem(COMMANDS, "tag", spec)
+    commands, rest, errors = parse_commands("#tag VIP\n#close\nThanks")
+    assert errors == [] and rest == "Thanks"
+    assert [c.describe() for c in commands] == ["#tag vip", "#close"]
+    assert "#tag needs a tag" in parse_commands("#tag\n")[2]
+    assert any(line.startswith("#tag <word>") and "add a tag" in line for line in help_lines())
+    assert help_text().endswith("#tag <word>")
+
+
+def test_the_help_names_every_command_once() -> None:
+    text = help_text()
+    assert text.startswith("#note (internal, not sent), #close, ")
+    for name, spec in COMMANDS.items():
+        assert text.count(f"#{name}") == 1 and spec.syntax in text
+    assert len(help_lines()) == len(COMMANDS)
+
+
+def test_status_commands_come_from_the_registry() -> None:
+    statuses = [name for name, spec in COMMANDS.items() if spec.status]
+    assert statuses == ["close", "waiting", "merge", "junk"]
+    _, _, errors = parse_commands("#junk\n#waiting\n")
+    assert errors == ["contradictory commands: #waiting and #junk (pick one)"]

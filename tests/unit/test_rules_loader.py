@@ -147,8 +147,8 @@ def test_valid_rules_are_loaded_and_merged() -> None:
     assert [r.name for r in rules.routes] == ["vip", "billing"]
     assert [r.source for r in rules.routes] == ["rules/routes.toml:6", "rules/routes.toml:12"]
     billing = rules.routes[1]
-    assert billing.match.to == ("billing@example.com",)
-    assert [p.text for p in billing.match.subject] == ["(?i)invoice|refund"]
+    assert billing.match.get("to") == ("billing@example.com",)
+    assert [p.text for p in billing.match.get("subject")] == ["(?i)invoice|refund"]
     assert (billing.queue, billing.owner, billing.priority, billing.tags) == (
         "billing",
         "bob",
@@ -510,3 +510,56 @@ sat = "10:00-9:00"
 def test_escalation_steps_must_be_in_order() -> None:
     found = problems({"sla.toml": edit(SLA, 'after = "4h"', 'after = "30m"')})
     assert found == ["rules/sla.toml:6: sla 'standard': escalation steps must be in 'after' order"]
+
+
+# --------------------------------------------------------------------------- the schema
+
+
+def test_values_are_never_coerced_and_python_names_are_not_keys() -> None:
+    found = problems(
+        {
+            "sla.toml": edit(SLA, "customer_notice = false", 'customer_notice = "no"'),
+            "routes.toml": edit(ROUTES, "continue = true", "continue_ = true"),
+        }
+    )
+    assert found == [
+        "rules/routes.toml:10: route 'vip': unknown key 'continue_' (did you mean 'continue'?); "
+        "allowed: name, description, match, queue, owner, team, assign, sla, priority, tags, "
+        "acknowledge, notify, continue, disposition, known_customer, language, brand",
+        "rules/sla.toml:16: sla 'vip': 'customer_notice' must be true or false",
+    ]
+
+
+def test_nested_tables_name_their_unknown_keys() -> None:
+    brands = (
+        '[brands.acme]\nfrom_address = "help@acme.example"\n\n'
+        '[brands.acme.dkim]\ndomain = "acme.example"\nselectr = "s1"\nkey_file = "/k"\n'
+    )
+    found = problems(
+        {
+            "sla.toml": edit(SLA, '{ after = "1h", assign', '{ after = "1h", asign'),
+            "zz-brands.toml": brands,
+        }
+    )
+    assert [f.split("; allowed")[0] for f in found] == [
+        "rules/sla.toml:8: sla 'standard' escalation step 2: unknown key 'asign' "
+        "(did you mean 'assign'?)",
+        "rules/sla.toml:8: sla 'standard' escalation step 2: give 'notify' or 'assign' (or both)",
+        "rules/zz-brands.toml:4: brand 'acme': missing required key 'selector'",
+        "rules/zz-brands.toml:6: brand 'acme': unknown key 'selectr' (did you mean 'selector'?)",
+    ]
+
+
+def test_every_mistake_of_one_table_is_reported_in_one_run() -> None:
+    found = problems(
+        {
+            "routes.toml": edit(ROUTES, 'priority = "high"', 'priority = "asap"').replace(
+                'owner = "bob"', 'owner = "ghost"'
+            )
+        }
+    )
+    assert found == [
+        "rules/routes.toml:16: route 'billing': unknown person 'ghost'",
+        "rules/routes.toml:17: route 'billing': bad priority 'asap'; use one of low, normal, "
+        "high, urgent",
+    ]
