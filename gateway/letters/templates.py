@@ -265,6 +265,7 @@ LETTERS: dict[str, LetterSpec] = {
                 "broken_headline": _f("ref"),
                 "broken_headline_by": _f("ref", "by"),
             },
+            audience="staff",
         ),
         LetterSpec("common", "phrases several letters share", _f(), (), _COMMON_PHRASES),
     )

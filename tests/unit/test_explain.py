@@ -228,6 +228,7 @@ def test_format_explain_shows_utc_and_local_times(rules: Rules) -> None:
         "  handover        en  gateway/templates/handover.en.txt\n"
         "  alert           en  gateway/templates/alert.en.txt\n"
         "  staff           en  gateway/templates/staff.en.txt\n"
+        "  escalation      en  gateway/templates/escalation.en.txt\n"
         "  common          en  gateway/templates/common.en.txt\n"
         "Trace:\n"
         "  no    vip: from: pat@customer.example not in *@bigcustomer.com\n"
