@@ -307,7 +307,7 @@ def _customer_of_ticket(ctx: Context) -> int | None:
     return resolve_customer(ctx.session, cid) if cid is not None else None
 
 
-def _conversation_texts(ctx: Context, to: str) -> tuple[str, str]:
+def _conversation_texts(ctx: Context, to: str, sent_today: int) -> tuple[str, str]:
     """(other open requests, cap notice) for the acknowledgement of ``ctx.ticket``: the
     customer always sees where everything stands, and the ack that reaches the daily cap
     says that confirmations stop (issue 12)."""
@@ -315,7 +315,7 @@ def _conversation_texts(ctx: Context, to: str) -> tuple[str, str]:
     rules = ctx.services.rules
     others = others_text(ctx.session, rules, ctx.ticket)
     notice = ""
-    if _acks_today(ctx, to) + 1 >= _cap(ctx):
+    if sent_today + 1 >= _cap(ctx):
         notice = cap_notice(ctx.session, rules, ctx.ticket.customer_id, _cap(ctx))
     return others, notice
 
@@ -345,7 +345,8 @@ def send_ack_now(
     why: str | None = None
     if ticket.acknowledged:
         why = "the ticket was already acknowledged"
-    if why is None and _acks_today(ctx, to) >= _cap(ctx):
+    sent_today = _acks_today(ctx, to) if why is None else 0
+    if why is None and sent_today >= _cap(ctx):
         why = f"daily cap of {_cap(ctx)} acknowledgements to {to} reached"
         _cap_tripped(ctx, to, owner)
     if why is None and ticket.first_response_due is None:
@@ -376,7 +377,7 @@ def send_ack_now(
         stats=response_stats(_stats(ctx, ticket.queue), STATS_DAYS),
     )
     # Issue 12: the customer's other open requests, and the honest cap notice.
-    others, notice = _conversation_texts(ctx, to)
+    others, notice = _conversation_texts(ctx, to, sent_today)
     content = AckContent(**{**content.__dict__, "others": others, "notice": notice})
     # The ticket's language and brand (gateway.pipeline.lettering); an admin's override in
     # templates_dir wins over the shipped template (docs/templates.md).
