@@ -123,7 +123,8 @@ def run(args: argparse.Namespace, db_url: str, tmp: Path) -> None:
             prof.dump_stats(args.profile)
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
         print(
-            f"round {rnd + 1} (tx_batch {worker.tx_batch}): {done} messages in {wall:.2f} s: {done / wall:.1f} msg/s,"
+            f"round {rnd + 1} (tx_batch {worker.tx_batch}): {done} messages in {wall:.2f} s:"
+            f" {done / wall:.1f} msg/s,"
             f" {wall / done * 1000:.2f} ms wall and {cpu / done * 1000:.2f} ms CPU per message"
             f" (failures {worker.failures})",
             flush=True,

@@ -20,11 +20,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from aiosmtpd.smtp import SMTP  # noqa: E402
+from aiosmtpd.smtp import SMTP
 
-from gateway.clock import SystemClock  # noqa: E402
-from gateway.inbound.smtp import ConnectionLimits, GatewaySMTP, InboundHandler  # noqa: E402
-from gateway.spool import Spool  # noqa: E402
+from gateway.clock import SystemClock
+from gateway.inbound.smtp import ConnectionLimits, GatewaySMTP, InboundHandler
+from gateway.spool import Spool
 
 
 async def main() -> None:
