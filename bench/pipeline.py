@@ -38,6 +38,11 @@ from sqlalchemy.engine import make_url  # noqa: E402
 
 from bench.e2e import RULES, preload  # noqa: E402
 
+# `--code DIR` (before anything imports gateway; bench.e2e puts this checkout first): time
+# another checkout's pipeline, e.g. /work/main, for a before/after pair with the same bench.
+if "--code" in sys.argv:
+    sys.path.insert(0, str(Path(sys.argv[sys.argv.index("--code") + 1]).resolve()))
+
 
 def message(n: int, addr: str) -> bytes:
     """The same message bench/e2e.py sends."""
@@ -153,11 +158,15 @@ def main() -> int:
         help="entries per transaction; a list alternates between rounds (A/B in one run)",
     )
     p.add_argument("--profile", default="", help="write a cProfile of the last round here")
+    p.add_argument("--code", default="", help="import gateway from this checkout instead")
     p.add_argument("--sql", action="store_true", help="time each SQL statement; print the top")
     p.add_argument("--database-url", default="", help="PostgreSQL server (default SQLite)")
     args = p.parse_args()
     load = os.getloadavg()
     print(f"load average: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+    import gateway
+
+    print(f"gateway from {Path(gateway.__file__).parent.parent}")
     with tempfile.TemporaryDirectory(prefix="gw-pipe-") as tmpdir:
         tmp = Path(tmpdir)
         if not args.database_url:

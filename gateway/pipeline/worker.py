@@ -57,8 +57,12 @@ from gateway.store.db import session_scope
 #: Spool entries processed in one database transaction when several are waiting: one
 #: commit (one fsync) and one spool release for all of them instead of one each (issue 16;
 #: docs/performance.md). Small, because an acknowledgement leaves only after its group
-#: commits: at ~10 ms a message eight add well under 0.1 s to the first one's wait.
+#: commits.
 TX_BATCH = 8
+#: ...and no further entry joins a group once it has taken this many seconds: on SQLite the
+#: group holds the write lock, and the delivery worker and the escalator write too (their
+#: claims and outcomes must not wait behind a slow group on a loaded machine).
+TX_BUDGET = 0.05
 
 #: An outage still going after this many (real) seconds is reported at once, directly.
 WARN_AFTER = 600.0
@@ -100,6 +104,7 @@ class PipelineWorker:
         stages: tuple[Stage, ...] = STAGES,
         batch: int = 50,
         tx_batch: int = TX_BATCH,
+        tx_budget: float = TX_BUDGET,
         pause_initial: float = 0.5,
         pause_max: float = 4.0,
     ) -> None:
@@ -109,6 +114,7 @@ class PipelineWorker:
         self.stages = stages
         self.batch = batch
         self.tx_batch = max(1, tx_batch)
+        self.tx_budget = tx_budget
         self.wakeup = asyncio.Event()
         self.processed = 0
         self.failures = 0
@@ -164,12 +170,24 @@ class PipelineWorker:
             run_stages(ctx, stages)
         return ctx
 
-    def process_many(self, entries: list[SpoolEntry]) -> list[Context]:
-        """Run every stage for several entries in ONE transaction (blocking): all of them
-        commit together or none does. Raises what the first failing entry raised."""
+    def process_many(
+        self, entries: list[SpoolEntry], stopping: Stopping | None = None
+    ) -> list[Context]:
+        """Run every stage for the first of `entries` in ONE transaction (blocking): all of
+        them commit together or none does. Raises what the first failing entry raised.
+
+        Takes the entries in order until `tx_budget` seconds have passed or `stopping` is
+        set (at least one); returns the contexts of those it took.
+        """
         out: list[Context] = []
+        start = time.monotonic()
         with session_scope(self.engine) as session:
             for entry in entries:
+                if out and (
+                    time.monotonic() - start >= self.tx_budget
+                    or (stopping is not None and stopping.is_set())
+                ):
+                    break
                 if self.heartbeat is not None:
                     self.heartbeat("busy", entry.id)
                 received = (
@@ -189,9 +207,12 @@ class PipelineWorker:
                 out.append(ctx)
         return out
 
-    def process_group(self, entries: list[SpoolEntry], stopping: Stopping | None = None) -> int:
-        """Process claimed entries, several per transaction; return how many were handled
-        (an entry put back in line because the infrastructure went away does not count).
+    def process_group(
+        self, entries: list[SpoolEntry], stopping: Stopping | None = None
+    ) -> tuple[int, int]:
+        """Process the first of the claimed `entries` in one transaction (see
+        `process_many`); return how many were handled (an entry put back in line because
+        the infrastructure went away does not count) and how many were taken.
 
         Each message's outcome stays its own: if any entry of the group fails, the whole
         transaction is rolled back and the entries are processed again one by one, so the
@@ -202,7 +223,7 @@ class PipelineWorker:
         """
         if len(entries) > 1:
             try:
-                ctxs = self.process_many(entries)
+                ctxs = self.process_many(entries, stopping)
             except Exception as exc:
                 log.info(
                     "a group of %d spool entries failed (%s); processing them one by one",
@@ -210,21 +231,22 @@ class PipelineWorker:
                     exc.__class__.__name__,
                 )
             else:
-                self.spool.release_many([e.id for e in entries])
-                for entry, ctx in zip(entries, ctxs, strict=True):
+                taken = entries[: len(ctxs)]
+                self.spool.release_many([e.id for e in taken])
+                for entry, ctx in zip(taken, ctxs, strict=True):
                     self._processed(entry, ctx)
-                return len(entries)
+                return len(taken), len(taken)
         done = 0
         for i, entry in enumerate(entries):
             if (stopping is not None and stopping.is_set()) or self.outage is not None:
                 self.spool.unclaim([e.id for e in entries[i:]])
-                return done
+                return done, len(entries)
             if self.heartbeat is not None:
                 self.heartbeat("busy", entry.id)
             self.process_one(entry)
             if self.outage is None:
                 done += 1
-        return done
+        return done, len(entries)
 
     def _processed(self, entry: SpoolEntry, ctx: Context) -> None:
         self._suspects.pop(entry.id, None)
@@ -476,12 +498,13 @@ class PipelineWorker:
                     if self.heartbeat is not None:
                         self.heartbeat("idle", None)
                     return done
-                for i in range(0, len(entries), self.tx_batch):
+                i = 0
+                while i < len(entries):
                     if (stopping is not None and stopping.is_set()) or self.outage is not None:
                         self.spool.unclaim([e.id for e in entries[i:]])
                         return done
-                    group = entries[i : i + self.tx_batch]
-                    handled = self.process_group(group, stopping)
+                    handled, taken = self.process_group(entries[i : i + self.tx_batch], stopping)
+                    i += taken
                     done += handled
                     # Under sustained load the spool is never empty, so "batch done" must
                     # not wait for it: wake delivery and the escalator after every commit.
