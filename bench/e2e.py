@@ -60,6 +60,8 @@ RULES = REPO / "tests" / "support" / "rules"
 #: from its moment to the escalation mail at the relay is the escalator's lag (goal < 5 s).
 DUE_REF = "PRE-DUE"
 MiB = 1024 * 1024
+#: Seconds one client session may take (connect to the reply after QUIT).
+SEND_TIMEOUT = 120.0
 
 
 # ------------------------------------------------------------------------------ processes
@@ -198,7 +200,10 @@ async def load(port: int, rate: int, duration: float, tag: str) -> list[tuple[st
         if delay > 0:
             await asyncio.sleep(delay)
         addr = f"c{tag}-{i}@customer.example"
-        tasks.append((addr, asyncio.create_task(send_one(port, addr, i))))
+        # Bounded: on an overloaded machine a connection can sit in the listen backlog for
+        # ever; it then counts as not acknowledged instead of hanging the bench.
+        one = asyncio.wait_for(send_one(port, addr, i), timeout=SEND_TIMEOUT)
+        tasks.append((addr, asyncio.create_task(one)))
     out: list[tuple[str, Any]] = []
     for addr, task in tasks:
         try:
