@@ -432,6 +432,10 @@ class SharedSpool(Spool):
         with self._db() as conn:
             conn.execute(text("DELETE FROM spool_entry WHERE id=:id"), {"id": entry_id})
 
+    def release_many(self, ids: list[int]) -> None:
+        with self._db() as conn:
+            conn.execute(text("DELETE FROM spool_entry WHERE id = ANY(:ids)"), {"ids": list(ids)})
+
     def fail(self, entry_id: int, reason: str) -> str:
         with self._db() as conn:
             row = conn.execute(

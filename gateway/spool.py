@@ -533,6 +533,11 @@ class Spool:
         with self._tx() as conn:
             conn.execute("DELETE FROM spool WHERE id=?", (entry_id,))
 
+    def release_many(self, ids: list[int]) -> None:
+        """`release` for a group committed in one database transaction: one spool commit."""
+        with self._tx() as conn:
+            conn.executemany("DELETE FROM spool WHERE id=?", [(i,) for i in ids])
+
     def fail(self, entry_id: int, reason: str) -> str:
         """Record a processing failure; quarantine after `max_attempts`. Returns the new state."""
         with self._tx() as conn:

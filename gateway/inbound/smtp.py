@@ -647,6 +647,78 @@ class InboundHandler:
         return "451 4.3.0 Temporary local problem, please try again later"
 
 
+#: The only names aiosmtpd.smtp looks for with `dir()`/`getmembers` (it filters by prefix).
+_HOOK_PREFIXES = ("auth_", "smtp_", "handle_")
+
+
+class _PerTypeIntrospection:
+    """Stands in for `inspect` (and `dir`) inside `aiosmtpd.smtp` so that a new connection
+    no longer pays for introspection whose answer is the same for every connection.
+
+    aiosmtpd 1.4.6 `SMTP.__init__` scans the protocol and the handler with
+    `inspect.getmembers` (for `auth_*` methods) and `dir()` (for `smtp_*` and `handle_*`),
+    and reads the EHLO hook's signature: about 0.2 ms per connection, the largest
+    per-connection cost with a new connection per message (docs/performance.md, problem
+    2). For our own types (`GatewaySMTP`, `InboundHandler`, whose methods are all defined
+    on the class) the member *names* are computed once per class and the bound members
+    fetched from the instance; anything else, such as stock `SMTP` in bench/ingest.py's
+    `bare` server, gets the real functions.
+    """
+
+    def __init__(self, real: Any) -> None:
+        self._real = real
+        self._names: dict[tuple[type, tuple[str, ...]], list[str]] = {}
+        self._signatures: dict[Any, Any] = {}
+
+    def _ours(self, obj: Any) -> bool:
+        return isinstance(obj, GatewaySMTP | InboundHandler)
+
+    def _class_names(self, obj: Any, prefixes: tuple[str, ...] = _HOOK_PREFIXES) -> list[str]:
+        key = (type(obj), prefixes)
+        names = self._names.get(key)
+        if names is None:
+            names = self._names[key] = sorted(n for n in dir(type(obj)) if n.startswith(prefixes))
+        return names
+
+    def getmembers(self, obj: Any, predicate: Any = None) -> list[tuple[str, Any]]:
+        if not self._ours(obj) or predicate is not None:
+            return list(self._real.getmembers(obj, predicate))
+        # Only `auth_*` members are ever asked for (the one use in aiosmtpd.smtp).
+        return [(n, getattr(obj, n)) for n in self._class_names(obj, ("auth_",))]
+
+    def dir(self, obj: Any = None) -> list[str]:
+        if obj is None or not self._ours(obj):
+            return dir(obj)
+        return self._class_names(obj)
+
+    def signature(self, obj: Any, *args: Any, **kwargs: Any) -> Any:
+        key = getattr(obj, "__func__", None)
+        if key is None or args or kwargs:
+            return self._real.signature(obj, *args, **kwargs)
+        sig = self._signatures.get(key)
+        if sig is None:
+            sig = self._signatures[key] = self._real.signature(obj)
+        return sig
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+
+def _install_introspection_cache() -> None:
+    import inspect
+
+    import aiosmtpd.smtp as aiosmtpd_smtp
+
+    if isinstance(getattr(aiosmtpd_smtp, "inspect", None), _PerTypeIntrospection):
+        return
+    shim = _PerTypeIntrospection(inspect)
+    aiosmtpd_smtp.inspect = shim  # type: ignore[assignment,attr-defined]
+    aiosmtpd_smtp.dir = shim.dir  # type: ignore[attr-defined]  # shadows the builtin there
+
+
+_install_introspection_cache()
+
+
 def make_tls_context(cert: str, key: str) -> ssl.SSLContext:
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.load_cert_chain(cert, key)

@@ -279,10 +279,21 @@ def _customer(ctx: Context) -> int | None:
 
 
 def _last_sent(session: Session, kind: str, rcpt: str, ticket_ids: set[int]) -> datetime | None:
-    q = select(Outbox.created_at).where(Outbox.kind == kind, Outbox.rcpt_tos == json.dumps([rcpt]))
+    rcpt_tos = json.dumps([rcpt])
+    value: datetime | None
     if ticket_ids:
-        q = q.where(col(Outbox.ticket_id).in_(ticket_ids))
-    value = session.exec(q.order_by(col(Outbox.created_at).desc())).first()
+        # A customer has few tickets and little mail, an owner thousands of notifications:
+        # read the tickets' mail by ticket and filter here, so that no planner walks all of
+        # the owner's notifications by `outbox_rcpt_kind` instead.
+        rows = session.exec(
+            select(Outbox.created_at, Outbox.kind, Outbox.rcpt_tos).where(
+                col(Outbox.ticket_id).in_(ticket_ids)
+            )
+        ).all()
+        value = max((r[0] for r in rows if r[1] == kind and r[2] == rcpt_tos), default=None)
+    else:
+        q = select(Outbox.created_at).where(Outbox.kind == kind, Outbox.rcpt_tos == rcpt_tos)
+        value = session.exec(q.order_by(col(Outbox.created_at).desc())).first()
     if value is not None and value.tzinfo is None:
         from datetime import UTC
 

@@ -163,17 +163,11 @@ def child_main(
         with contextlib.suppress(OSError):
             notify.send_bytes(data)
 
-    # After every message, not only when the spool is empty, which under sustained load is
-    # never; the delivery worker and the escalator would then wake only on their 60 s
-    # timeouts (issue 16 finding 1). The parent drains the pipe and wakes them once per read.
-    process_one = worker.process_one
-
-    def process_and_signal(entry: Any) -> bool:
-        ok = process_one(entry)
-        ship()
-        return ok
-
-    worker.process_one = process_and_signal  # type: ignore[method-assign]
+    # After every commit (a group of at most `TX_BATCH` messages), not only when the spool
+    # is empty, which under sustained load is never; the delivery worker and the escalator
+    # would then wake only on their 60 s timeouts (issue 16 finding 1). The parent drains
+    # the pipe and wakes them once per read.
+    worker.on_batch_committed = ship
     wake, reload, stop = Event(), Event(), Event()
     Thread(target=_listen, args=(control, wake, reload, stop), daemon=True).start()
     try:

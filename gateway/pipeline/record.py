@@ -8,10 +8,12 @@ import hashlib
 import json
 import uuid
 
+from sqlalchemy import insert
+
 from gateway.pipeline.context import Context
 from gateway.sla.clocks import on_customer_message, on_reopen, utc
 from gateway.sla.deadlines import initial_deadlines, isoz
-from gateway.store.models import Message, MessageRef, Ticket
+from gateway.store.models import Event, Message, MessageRef, Ticket
 from gateway.store.queries import (
     add_event,
     add_participant,
@@ -260,6 +262,21 @@ def record(ctx: Context) -> None:
         s.add(MessageRef(message_id=msg.id, ref=ref[:900]))
     ctx.message = msg
     tid = ticket.id if ticket else None
-    for type_, detail, data in ctx.events:
-        add_event(s, tid, type_, detail, ctx.now, message_id=msg.id, data=data)
+    if ctx.events:
+        # One executemany for the message's audit trail (a new ticket writes four or more
+        # events), without building an ORM object per row (issue 16; docs/performance.md).
+        s.execute(
+            insert(Event),
+            [
+                {
+                    "ticket_id": tid,
+                    "message_id": msg.id,
+                    "at": ctx.now,
+                    "type": type_,
+                    "detail": detail,
+                    "data": json.dumps(data if data is not None else {}, default=str),
+                }
+                for type_, detail, data in ctx.events
+            ],
+        )
     ctx.events.clear()

@@ -301,7 +301,7 @@ def _customer_of_ticket(ctx: Context) -> int | None:
     return resolve_customer(ctx.session, cid) if cid is not None else None
 
 
-def _conversation_texts(ctx: Context, to: str, lang: str) -> tuple[str, str]:
+def _conversation_texts(ctx: Context, to: str, lang: str, sent_today: int) -> tuple[str, str]:
     """(other open requests, cap notice) for the acknowledgement of ``ctx.ticket``: the
     customer always sees where everything stands, and the ack that reaches the daily cap
     says that confirmations stop (issue 12)."""
@@ -313,7 +313,7 @@ def _conversation_texts(ctx: Context, to: str, lang: str) -> tuple[str, str]:
     common = letters.load("common", lang, settings.templates_path, default_language=default)
     others = others_text(ctx.session, rules, ctx.ticket, common)
     notice = ""
-    if _acks_today(ctx, to) + 1 >= _cap(ctx):
+    if sent_today + 1 >= _cap(ctx):
         capl = letters.load("cap", lang, settings.templates_path, default_language=default)
         notice = cap_notice(ctx.session, rules, ctx.ticket.customer_id, _cap(ctx), capl)
     return others, notice
@@ -344,7 +344,8 @@ def send_ack_now(
     why: str | None = None
     if ticket.acknowledged:
         why = "the ticket was already acknowledged"
-    if why is None and _acks_today(ctx, to) >= _cap(ctx):
+    sent_today = _acks_today(ctx, to) if why is None else 0
+    if why is None and sent_today >= _cap(ctx):
         why = f"daily cap of {_cap(ctx)} acknowledgements to {to} reached"
         _cap_tripped(ctx, to, owner)
     if why is None and ticket.first_response_due is None:
@@ -376,7 +377,7 @@ def send_ack_now(
     )
     # Issue 12: the customer's other open requests, and the honest cap notice.
     others, notice = _conversation_texts(
-        ctx, to, ticket.language or ctx.services.settings.outbound.default_language
+        ctx, to, ticket.language or ctx.services.settings.outbound.default_language, sent_today
     )
     content = AckContent(**{**content.__dict__, "others": others, "notice": notice})
     # The ticket's language and brand (gateway.pipeline.lettering); an admin's override in

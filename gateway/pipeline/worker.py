@@ -55,6 +55,16 @@ from gateway.pipeline.thread import Disposition
 from gateway.spool import Spool, SpoolEntry
 from gateway.store.db import session_scope
 
+#: Spool entries processed in one database transaction when several are waiting: one
+#: commit (one fsync) and one spool release for all of them instead of one each (issue 16;
+#: docs/performance.md). Small, because an acknowledgement leaves only after its group
+#: commits.
+TX_BATCH = 8
+#: ...and no further entry joins a group once it has taken this many seconds: on SQLite the
+#: group holds the write lock, and the delivery worker and the escalator write too (their
+#: claims and outcomes must not wait behind a slow group on a loaded machine).
+TX_BUDGET = 0.05
+
 #: An outage still going after this many (real) seconds is reported at once, directly.
 WARN_AFTER = 600.0
 #: Infrastructure faults of one entry that the probe right after found healthy, after which
@@ -95,6 +105,8 @@ class PipelineWorker:
         prefix: tuple[Stage, ...] = PREFIX,
         chains: Mapping[Disposition, tuple[Stage, ...]] = CHAINS,
         batch: int = 50,
+        tx_batch: int = TX_BATCH,
+        tx_budget: float = TX_BUDGET,
         pause_initial: float = 0.5,
         pause_max: float = 4.0,
     ) -> None:
@@ -105,6 +117,8 @@ class PipelineWorker:
         self.prefix = prefix
         self.chains = chains
         self.batch = batch
+        self.tx_batch = max(1, tx_batch)
+        self.tx_budget = tx_budget
         self.wakeup = asyncio.Event()
         self.processed = 0
         self.failures = 0
@@ -160,6 +174,91 @@ class PipelineWorker:
             run_stages(ctx, prefix, self.chains)
         return ctx
 
+    def process_many(
+        self, entries: list[SpoolEntry], stopping: Stopping | None = None
+    ) -> list[Context]:
+        """Run every stage for the first of `entries` in ONE transaction (blocking): all of
+        them commit together or none does. Raises what the first failing entry raised.
+
+        Takes the entries in order until `tx_budget` seconds have passed or `stopping` is
+        set (at least one); returns the contexts of those it took.
+        """
+        out: list[Context] = []
+        start = time.monotonic()
+        with session_scope(self.engine) as session:
+            for entry in entries:
+                if out and (
+                    time.monotonic() - start >= self.tx_budget
+                    or (stopping is not None and stopping.is_set())
+                ):
+                    break
+                if self.heartbeat is not None:
+                    self.heartbeat("busy", entry.id)
+                received = (
+                    datetime.fromisoformat(entry.envelope.received_at)
+                    if entry.envelope.received_at
+                    else None
+                )
+                now = self.services.clock.now()
+                ctx = Context(
+                    entry=entry,
+                    session=session,
+                    services=self.services,
+                    now=now,
+                    received_at=received or now,
+                )
+                run_stages(ctx, self.prefix, self.chains)
+                out.append(ctx)
+        return out
+
+    def process_group(
+        self, entries: list[SpoolEntry], stopping: Stopping | None = None
+    ) -> tuple[int, int]:
+        """Process the first of the claimed `entries` in one transaction (see
+        `process_many`); return how many were handled (an entry put back in line because
+        the infrastructure went away does not count) and how many were taken.
+
+        Each message's outcome stays its own: if any entry of the group fails, the whole
+        transaction is rolled back and the entries are processed again one by one, so the
+        failure costs an attempt to the failing message only (a poison message must not
+        take its neighbours with it), and an infrastructure fault pauses the worker as
+        before. Entries not reached when `stopping` is set or an outage begins go back in
+        line untouched.
+        """
+        if len(entries) > 1:
+            try:
+                ctxs = self.process_many(entries, stopping)
+            except Exception as exc:
+                log.info(
+                    "a group of %d spool entries failed (%s); processing them one by one",
+                    len(entries),
+                    exc.__class__.__name__,
+                )
+            else:
+                taken = entries[: len(ctxs)]
+                self.spool.release_many([e.id for e in taken])
+                for entry, ctx in zip(taken, ctxs, strict=True):
+                    self._processed(entry, ctx)
+                return len(taken), len(taken)
+        done = 0
+        for i, entry in enumerate(entries):
+            if (stopping is not None and stopping.is_set()) or self.outage is not None:
+                self.spool.unclaim([e.id for e in entries[i:]])
+                return done, len(entries)
+            if self.heartbeat is not None:
+                self.heartbeat("busy", entry.id)
+            self.process_one(entry)
+            if self.outage is None:
+                done += 1
+        return done, len(entries)
+
+    def _processed(self, entry: SpoolEntry, ctx: Context) -> None:
+        self._suspects.pop(entry.id, None)
+        self.processed += 1
+        self.tally[("pipeline_processed",)] += 1
+        fields = summary(ctx)
+        log.info("processed %s", kv(fields), extra={"fields": {"event": "processed", **fields}})
+
     def process_one(self, entry: SpoolEntry) -> bool:
         """Process one claimed entry. False: it failed, or it went back in line because the
         infrastructure is away (then `self.outage` is set and the caller stops the batch)."""
@@ -172,12 +271,8 @@ class PipelineWorker:
                 return False
             self.tally[("pipeline_failed",)] += 1
             return self._message_fault(entry, exc)
-        self._suspects.pop(entry.id, None)
         self.spool.release(entry.id)
-        self.processed += 1
-        self.tally[("pipeline_processed",)] += 1
-        fields = summary(ctx)
-        log.info("processed %s", kv(fields), extra={"fields": {"event": "processed", **fields}})
+        self._processed(entry, ctx)
         return True
 
     def _infrastructure(self, exc: BaseException, entry: SpoolEntry) -> bool:
@@ -407,19 +502,18 @@ class PipelineWorker:
                     if self.heartbeat is not None:
                         self.heartbeat("idle", None)
                     return done
-                for i, entry in enumerate(entries):
+                i = 0
+                while i < len(entries):
                     if (stopping is not None and stopping.is_set()) or self.outage is not None:
                         self.spool.unclaim([e.id for e in entries[i:]])
                         return done
-                    if self.heartbeat is not None:
-                        self.heartbeat("busy", entry.id)
-                    self.process_one(entry)
-                    if self.outage is None:
-                        done += 1
-                # Under sustained load the spool is never empty, so "batch done" must not
-                # wait for it: wake delivery and the escalator after every claimed batch.
-                if done and self.on_batch_committed is not None:
-                    self.on_batch_committed()
+                    handled, taken = self.process_group(entries[i : i + self.tx_batch], stopping)
+                    i += taken
+                    done += handled
+                    # Under sustained load the spool is never empty, so "batch done" must
+                    # not wait for it: wake delivery and the escalator after every commit.
+                    if handled and self.on_batch_committed is not None:
+                        self.on_batch_committed()
         except Exception as exc:  # the spool itself (its disk) or a probe's own failure
             fault = classify_fault(exc)
             if fault is None:

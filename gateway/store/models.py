@@ -13,6 +13,7 @@ from sqlmodel import Field, SQLModel
 
 
 class Customer(SQLModel, table=True):
+    __table_args__ = (Index("customer_merged", "merged_into_id"),)
     id: int | None = Field(default=None, primary_key=True)
     name: str = ""
     created_at: datetime
@@ -166,6 +167,7 @@ class Outbox(SQLModel, table=True):
     __table_args__ = (
         Index("outbox_due", "state", "next_attempt_at"),
         Index("outbox_claims", "state", "claimed_by"),
+        Index("outbox_rcpt_kind", "rcpt_tos", "kind", "created_at"),
     )
     id: int | None = Field(default=None, primary_key=True)
     ticket_id: int | None = Field(default=None, foreign_key="ticket.id", index=True)

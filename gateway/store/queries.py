@@ -160,15 +160,32 @@ def lock_message_id(session: Session, message_id: str | None) -> None:
         xact_lock(session, message_id)
 
 
+#: `session.info` key: customer id -> surviving customer, for the session's transaction.
+_ROOTS = "gateway_customer_roots"
+
+
 def resolve_customer(session: Session, customer_id: int) -> int:
-    """Follow merges to the surviving customer."""
+    """Follow merges to the surviving customer.
+
+    Memoised in the session (the pipeline asks four times per new ticket, and the
+    identity map, holding objects weakly, had already forgotten the customer each time:
+    a SELECT per question); `merge_customers` forgets the memo.
+    """
+    roots: dict[int, int] = session.info.setdefault(_ROOTS, {})
+    known = roots.get(customer_id)
+    if known is not None:
+        return known
+    start = customer_id
     seen = set()
     while customer_id not in seen:
         seen.add(customer_id)
         c = session.get(Customer, customer_id)
-        if c is None or c.merged_into_id is None:
+        if c is None:
             return customer_id
+        if c.merged_into_id is None:
+            break
         customer_id = c.merged_into_id
+    roots[start] = customer_id
     return customer_id
 
 
@@ -194,6 +211,7 @@ def ensure_customer(session: Session, address: str, name: str, now: datetime) ->
     assert c.id is not None
     session.add(CustomerAddress(customer_id=c.id, address=address.lower(), created_at=now))
     session.flush()
+    session.info.setdefault(_ROOTS, {})[c.id] = c.id
     return c.id
 
 
@@ -392,8 +410,10 @@ def merge_customers(
     session: Session, source: int, target: int, now: datetime, by: str = ""
 ) -> CustomerMerge:
     """Join customer `source` into `target`: addresses and tickets move, history is kept."""
+    session.info.pop(_ROOTS, None)
     source = resolve_customer(session, source)
     target = resolve_customer(session, target)
+    session.info.pop(_ROOTS, None)  # the roots change below
     if source == target:
         raise ValueError("both addresses already belong to one customer")
     addrs = session.exec(select(CustomerAddress).where(CustomerAddress.customer_id == source)).all()
