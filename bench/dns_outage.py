@@ -1,4 +1,4 @@
-"""DNS outage benchmark and abuse check (issue 10 findings 1 and 2).
+"""DNS outage benchmark and abuse check (docs/decisions.md D10.1 and 2).
 
 Part 1, throughput: the real ``PipelineWorker`` (every stage: parse, classify, authenticate,
 thread, route, record, staff, respond, notify, in one transaction per message) runs over N

@@ -1,4 +1,4 @@
-"""End to end: SMTP in -> DKIM-signed acknowledgement at a relay (issue 16).
+"""End to end: SMTP in -> DKIM-signed acknowledgement at a relay (docs/decisions.md D16).
 
 What a customer feels is the time from sending a message to the signed acknowledgement in
 their inbox. This bench runs `support-gateway serve` as an admin would (its own process,

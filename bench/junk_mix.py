@@ -1,4 +1,5 @@
-"""Junk never costs a human (issue 18): a mixed stream of mail through the real gateway.
+"""Junk never costs a human (docs/decisions.md D18): a mixed stream of mail through the real
+gateway.
 
 The real gateway (SMTP on loopback, every pipeline stage, the delivery worker to a capture
 relay) gets N messages over SMTP, in this mix (shares adjustable):

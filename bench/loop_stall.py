@@ -1,5 +1,5 @@
 """How long the SMTP event loop stalls while acknowledgements are signed and delivered
-(issue 16 finding 5), and what one DKIM signature costs.
+(docs/decisions.md D16.5), and what one DKIM signature costs.
 
 Part 1, in this process: rsa-sha256 2048 signatures per second with dkimpy's pure-Python
 RSA against the `cryptography` (OpenSSL) RSA the gateway uses (dkimpy canonicalises and

@@ -1,4 +1,5 @@
-"""Memory of the SMTP edge under large concurrent DATA (issue 10 #7): idle RSS vs peak RSS.
+"""Memory of the SMTP edge under large concurrent DATA (docs/decisions.md D10.7): idle RSS vs peak
+RSS.
 
 Runs `support-gateway serve` as an admin would (its own process, a temporary spool and
 database), waits until it is idle, then N clients send one large message each at the same
@@ -13,7 +14,8 @@ Usage::
     python bench/memory.py --budget ""                  # no budget key (older daemons)
     python bench/memory.py --clients 200 --size 5000000 --per-ip 200   # many sessions
 
-The target (issue 10): peak RSS of the daemon below 2 x the budget, whatever clients send.
+The target (docs/decisions.md D10): peak RSS of the daemon below 2 x the budget, whatever clients
+send.
 """
 
 from __future__ import annotations

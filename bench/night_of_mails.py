@@ -1,4 +1,4 @@
-"""One customer, one conversation: figures for issue 12.
+"""One customer, one conversation: figures for docs/decisions.md D12.
 
 Part 1, the night of 8 mails: two customers, mixed replies and fresh mails, 2 subjects,
 sent over SMTP to the real gateway (in-process, FrozenClock; the bundle and delivery
@@ -7,7 +7,7 @@ configurations:
 
 * ``one-by-one``    ``tickets.known_customer = "separate"`` and ``outbound.ack_window =
                     "0s"``: every fresh mail is a ticket with its own ack and owner page
-                    (what the code before issue 12 did);
+                    (what the code did before docs/decisions.md D12);
 * ``conversation``  the defaults: same subject joins the open ticket, one acknowledgement
                     and one owner notification per ``ack_window`` burst.
 

@@ -1,4 +1,5 @@
-"""Pipeline throughput alone: spooled new-customer messages -> committed tickets (issue 16).
+"""Pipeline throughput alone: spooled new-customer messages -> committed tickets (docs/decisions.md
+D16).
 
 bench/e2e.py measures what a customer feels, but on a shared 2-core machine its figures
 swing with whatever else runs. This bench isolates the part that limits it: the pipeline

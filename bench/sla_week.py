@@ -1,5 +1,5 @@
 """The simulated SLA week (tests/support/simweek.py) with many tickets: prints the promise
-figures of issue 11.
+figures of docs/decisions.md D11.
 
 Off-duty hours, absences, a 24x7 policy served by office-hours people plus an on-call
 person, reassignments, merges and late mail, on a frozen clock in 10-minute ticks against

@@ -1,4 +1,4 @@
-"""Per-connection cost of the SMTP edge: constructing the protocol object (issue 16).
+"""Per-connection cost of the SMTP edge: constructing the protocol object (docs/decisions.md D16).
 
 aiosmtpd 1.4.6 builds, for every connection, its AUTH mechanism table with
 `inspect.getmembers` over the protocol and the handler, its hook tables with `dir()` and

@@ -356,7 +356,8 @@ def _sample(
         headers["References"] = (row[1] + " " + row[0]).strip()
         if case == "stranger-ref":
             # Quotes the customer's id and the ref (our signed ids from a stranger are
-            # refused the same way since issue 10: they prove the ticket, not the person).
+            # refused the same way (docs/decisions.md D10.3): they prove the ticket, not the
+            # person).
             headers["From"] = stranger
             headers["Subject"] = f"Re: [{ref}] Printer"
             headers["References"] = row[0]

@@ -105,7 +105,7 @@ class Gateway:
         if sec.secret_key or sec.secret_key_file or url.get_backend_name() != "postgresql":
             self.signer = Signer(settings.secret())
         self.engine = engine or open_database(settings.storage.database_url)
-        # One installation, one key (issue 13 finding 6): checked before anything is built.
+        # One installation, one key (docs/decisions.md D13.6): checked before anything is built.
         try:
             require_configured_secret(settings, self.engine)
             self.signer = Signer(settings.secret())
@@ -140,7 +140,7 @@ class Gateway:
         )
         self.escalator_wakeup = asyncio.Event()
         # Deferred acknowledgements and held staff replies whose sender check could not
-        # complete (issue 10, docs/security.md).
+        # complete (docs/decisions.md D10, docs/security.md).
         self.rechecker = AuthRechecker(self.engine, self.services)
         self.rechecker_wakeup = asyncio.Event()
         # Other nodes on the same PostgreSQL hear about our new outbox rows (LISTEN/NOTIFY;
@@ -151,7 +151,7 @@ class Gateway:
             self.delivery.wakeup.set,
             on_ticket=self.escalator_wakeup.set,
         )
-        # Bundled acknowledgements and owner notifications (issue 12), sent when a
+        # Bundled acknowledgements and owner notifications (docs/decisions.md D12), sent when a
         # customer's outbound.ack_window closes.
         self.bundler = BundleWorker(self.engine, self.services)
         self.bundler_wakeup = asyncio.Event()
@@ -167,7 +167,7 @@ class Gateway:
             self.cluster.notify_ticket()  # and the other nodes' escalators
 
         def after_fire() -> None:
-            # Fired escalation steps queued mail: it leaves now (issue 11 finding 3).
+            # Fired escalation steps queued mail: it leaves now (docs/decisions.md D11.3).
             self.delivery.wakeup.set()
             self.cluster.notify()
 
@@ -181,7 +181,8 @@ class Gateway:
         self._tasks: list[asyncio.Task[None]] = []
         self.port: int | None = None
         self.pipeline_process: PipelineProcess | None = None
-        # Metrics and health (issue 14): the pipeline child's tallies arrive over its pipe.
+        # Metrics and health (docs/decisions.md D14): the pipeline child's tallies arrive over its
+        # pipe.
         self.started_at = time.time()
         self.child_tally: Counter[tuple[str, ...]] = Counter()
         self.node = settings.smtp.hostname or node_name()
@@ -349,7 +350,8 @@ class Gateway:
         s = self.settings.smtp
         self.handler = InboundHandler(
             spool=self.spool,
-            # Mail to a brand's address (and replies to its tokens) is ours too (issue 17).
+            # Mail to a brand's address (and replies to its tokens) is ours too (docs/decisions.md
+            # D17).
             domains=[*s.domains, *sorted(brand_domains(self.rules.current))],
             hostname=s.hostname,
             clock=self.clock,
@@ -403,7 +405,7 @@ class Gateway:
                 ),
                 asyncio.create_task(
                     # Fired steps wake the delivery worker: their mail leaves now, not at its
-                    # next poll up to 60 s later (issue 11 finding 3).
+                    # next poll up to 60 s later (docs/decisions.md D11.3).
                     self.escalator.run(
                         self.stopping, self.escalator_wakeup, on_fired=self.after_fire
                     ),

@@ -2,8 +2,8 @@
 
 The commands, their options, JSON shapes and exit statuses are the public interface
 (docs/interface.md); names are extended, never renamed. Every failure ends with one line
-naming the problem and an exit status (issue 14): 0 ok, 1 failure, 2 usage, 75 temporary
-(ingest), 78 configuration. Never a traceback, unless -v asks for one.
+naming the problem and an exit status (docs/decisions.md D14): 0 ok, 1 failure, 2 usage, 75
+temporary (ingest), 78 configuration. Never a traceback, unless -v asks for one.
 """
 
 from __future__ import annotations
@@ -241,8 +241,8 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def _engine(settings: Settings, *, create: bool = False) -> Any:
-    """The database; only `serve`, `process` and `db upgrade` may create it (issue 14: a
-    command run from the wrong folder silently made an empty database there)."""
+    """The database; only `serve`, `process` and `db upgrade` may create it (docs/decisions.md D14:
+    a command run from the wrong folder silently made an empty database there)."""
     from gateway.status import missing_database
     from gateway.store.db import open_database
 
@@ -314,17 +314,19 @@ def cmd_rules(args: argparse.Namespace) -> int:
     if args.rules_command == "check":
         problems = check_rules(settings.rules_path)
         warnings: list[str] = []
-        # Letter overrides (issue 17): unknown placeholders, missing facts, with file:line.
+        # Letter overrides (docs/decisions.md D17): unknown placeholders, missing facts, with
+        # file:line.
         from gateway.letters.templates import check_templates
 
         problems += check_templates(settings.templates_path, _route_templates(settings))
-        # A brand whose DKIM key cannot be read (issue 17), with the brand's file:line.
+        # A brand whose DKIM key cannot be read (docs/decisions.md D17), with the brand's file:line.
         if not problems:
             from gateway.outbound.brandkeys import check_brand_keys
 
             problems += check_brand_keys(load_rules(settings.rules_path))
         if not problems:
-            # Coverage (issue 11): hours of each policy nobody on its ladder is on duty.
+            # Coverage (docs/decisions.md D11): hours of each policy nobody on its ladder is on
+            # duty.
             from gateway.routing.coverage import coverage_report
 
             warnings, problems = coverage_report(
@@ -435,7 +437,7 @@ def cmd_tickets(args: argparse.Namespace) -> int:
 
 
 def _deadline_lines(deadlines: Any) -> list[str]:
-    """`tickets show` text: one line per clock, not a Python dict (issue 14)."""
+    """`tickets show` text: one line per clock, not a Python dict (docs/decisions.md D14)."""
     if not isinstance(deadlines, dict) or not deadlines:
         return ["none"]
     out = []
@@ -544,7 +546,7 @@ def _process_spool(
     if worker.outage is not None:
         print(f"paused: {worker.outage.kind} unavailable ({worker.outage.reason})")
         return EX_TEMPFAIL
-    # Bundled acknowledgements whose window has closed (issue 12) go to the outbox too.
+    # Bundled acknowledgements whose window has closed (docs/decisions.md D12) go to the outbox too.
     from gateway.pipeline.bundle import BundleWorker
 
     BundleWorker(engine, services).run_once_sync()
@@ -559,8 +561,8 @@ def _process_spool(
         return 1
     print(f"processed {n} message(s)")
     if deliver:
-        # Pipe mode without a running daemon (issue 14): `process` also makes one delivery
-        # pass, so acknowledgements leave now; what the relay refuses stays queued for the
+        # Pipe mode without a running daemon (docs/decisions.md D14): `process` also makes one
+        # delivery pass, so acknowledgements leave now; what the relay refuses stays queued for the
         # next pass or for `serve` (retry schedule unchanged).
         from gateway.outbound.worker import DeliveryWorker
 
@@ -658,7 +660,7 @@ def cmd_sla(args: argparse.Namespace) -> int:
             owner = r["owner"]["id"]
             print(f"{r['owner']['name']} <{r['owner']['email']}>")
         if r["paused"]:
-            # Issue 11: a paused clock is not "due"; say why and what is left.
+            # docs/decisions.md D11: a paused clock is not "due"; say why and what is left.
             why = r["paused_reason"]
             more = (
                 f"{r['remaining']} left when the customer writes"
@@ -701,7 +703,7 @@ def cmd_customers(args: argparse.Namespace) -> int:
             f"merged customer {rec.source_id} ({args.a}) into {rec.target_id} ({args.b}): "
             f"addresses {json.loads(rec.addresses)}, tickets {json.loads(rec.tickets)}"
         )
-        # Issue 12: their open tickets are possible duplicates; each owner is told.
+        # docs/decisions.md D12: their open tickets are possible duplicates; each owner is told.
         from gateway.pipeline.conversation import announce_customer_merge
         from gateway.security.tokens import Signer
 

@@ -6,7 +6,7 @@ journal) and as fields in the `extra={"fields": ...}` dict, which the JSON forma
 at the top level of the object (for Loki, Elasticsearch, `jq`). `--log-format json` or
 config `log_format = "json"` / `[logging] format = "json"` selects JSON lines.
 
-Library noise (issue 14 finding 6) is off unless `-v`: alembic's INFO lines at every
+Library noise (docs/decisions.md D14.6) is off unless `-v`: alembic's INFO lines at every
 migration check, aiosmtpd's "Connection lost during _handle_client()" on every clean QUIT
 (logger `mail.log`), dkimpy's per-signature errors (the result is stored on the message).
 """

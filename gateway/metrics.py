@@ -1,6 +1,6 @@
 """Prometheus metrics: event tallies kept in memory, state read from the stores at scrape time.
 
-Two kinds of figures, two sources (issue 14):
+Two kinds of figures, two sources (docs/decisions.md D14):
 
 - Things that happen inside this process and leave no row behind (an SMTP `250`, a `452`,
   a rules reload, a DNS timeout) are tallied in a `Tally` (a `collections.Counter` keyed by
@@ -381,7 +381,7 @@ class StateCollector(Collector):
         if self.engine is None:
             return
         try:
-            # Read-only: a scrape never takes SQLite's write lock (issue 16 finding 3).
+            # Read-only: a scrape never takes SQLite's write lock (docs/decisions.md D16.3).
             with self.engine.execution_options(**{READ_ONLY: True}).connect() as conn:
                 f = db_facts(conn, now)
                 self.events.update(conn)

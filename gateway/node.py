@@ -4,7 +4,7 @@ Several nodes may share one PostgreSQL (docs/scaling.md). Work a node claims (ou
 carries its name and boot id, so that
 
 - a node that restarts recognises rows its previous run claimed (same name, other boot id)
-  and takes them back at once instead of waiting for a lease (issue 10 finding 12);
+  and takes them back at once instead of waiting for a lease (docs/decisions.md D10.12);
 - an operator sees which node holds what (`outbox list`, logs).
 
 The name is `node.id` from the configuration, or, when that is empty, the host name plus a

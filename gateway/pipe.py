@@ -2,7 +2,7 @@
 
 Postfix's pipe(8) starts one process per message (or per batch of recipients), so start-up
 time is delivery latency: the full command line imports SQLAlchemy, pydantic and the whole
-pipeline (~0.9 s, issue 14 finding 2). This module imports only the standard library and the
+pipeline (~0.9 s, docs/decisions.md D14.2). This module imports only the standard library and the
 spool, reads the few settings it needs straight from the TOML file and the environment, and
 makes the message durable. Processing happens later, in the running daemon (it polls the spool
 every 2 s) or in `support-gateway process`, which also delivers the outbox once.

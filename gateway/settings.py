@@ -28,7 +28,8 @@ from pydantic_settings import (
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B|[KMGT])?\s*$", re.IGNORECASE)
 # A host name, an IPv4 address or (inside brackets) an IPv6 address: letters, digits, dots,
 # hyphens, colons, "*" never. `garbage` is a valid host name, which is why `smtp.listen`
-# additionally requires an explicit port (issue 14: "garbage" was read as ("garbage", 25)).
+# additionally requires an explicit port (docs/decisions.md D14: "garbage" was read as ("garbage",
+# 25)).
 _HOST_RE = re.compile(r"[A-Za-z0-9_.\-:%]+")
 _SIZE_UNITS = {
     None: 1,
@@ -127,7 +128,7 @@ class SmtpSettings(_Section):
     min_free_disk: int = parse_size("200MiB")
     # Bytes of message data all sessions together may hold in memory. A message that does
     # not fit (or is larger than 1 MiB) is streamed to a file in <spool_dir>/tmp and from
-    # there into the spool, so memory stays bounded whatever clients send (issue 10 #7).
+    # there into the spool, so memory stays bounded whatever clients send (docs/decisions.md D10.7).
     inflight_budget: int = parse_size("256MiB")
     # A session ends with "421 4.4.2" after this many seconds, however busy it keeps
     # itself (NOOP/RSET reset the idle timer, RFC 5321 §4.5.3.2 only bounds idleness).
@@ -196,12 +197,13 @@ class OutboundSettings(_Section):
     # Owner notifications attach the customer's files up to this total; above it, they
     # list names and sizes instead.
     notify_attachment_limit: int = Field(default=10 * 1024 * 1024, ge=0)
-    # Issue 12: further new mails from one customer within this long after an
+    # docs/decisions.md D12: further new mails from one customer within this long after an
     # acknowledgement share ONE acknowledgement (and the owner one notification), sent when
     # the window closes. A duration (gateway.sla.durations, clock time); "0s" = no bundling.
     ack_window: str = "2m"
     # The language of letters when neither the route, the customer's earlier choice, the
-    # message's Content-Language nor a confident detection of its text says one (issue 17).
+    # message's Content-Language nor a confident detection of its text says one (docs/decisions.md
+    # D17).
     default_language: Literal["en", "de", "fr", "es", "ru"] = "en"
     dkim: DkimSettings = Field(default_factory=DkimSettings)
 
@@ -274,8 +276,8 @@ class SecuritySettings(_Section):
     # DNS servers for those checks; empty = the system's /etc/resolv.conf.
     nameservers: list[str] = Field(default_factory=list)
     dns_timeout: float = 5.0
-    # All DNS questions of one message share this many seconds (issue 10: DNS trouble must
-    # not stall the pipeline); what does not answer in time is "temperror", decided later.
+    # All DNS questions of one message share this many seconds (docs/decisions.md D10: DNS trouble
+    # must not stall the pipeline); what does not answer in time is "temperror", decided later.
     dns_budget: float = Field(default=2.0, gt=0)
     # How long an inconclusive sender check (DNS timeout, SERVFAIL) is re-tried, with
     # backoff, before the policy below decides. Staff replies wait as long, then are refused.
@@ -310,7 +312,7 @@ class TicketSettings(_Section):
     first_number: int = 1000
     # A customer writing to a closed ticket: "reopen" it, or open a "new" linked ticket.
     closed_followup: Literal["reopen", "new"] = "reopen"
-    # Issue 12, a known customer writing a NEW mail (not a reply) while they have open
+    # docs/decisions.md D12, a known customer writing a NEW mail (not a reply) while they have open
     # tickets (docs/threading.md "Known customer writing again"): "same-subject" joins the
     # open ticket with the same normalised subject, or the one the mail names (ACME-1042 in
     # the text); otherwise, and always with "separate", a new ticket whose acknowledgement
@@ -326,8 +328,8 @@ class TicketSettings(_Section):
 
 
 class JunkSettings(_Section):
-    """The junk folder (issue 18): what a route with ``disposition = "junk"``, a blocked
-    sender or a staff ``#junk`` keeps out of the ticket queue."""
+    """The junk folder (docs/decisions.md D18): what a route with ``disposition = "junk"``, a
+    blocked sender or a staff ``#junk`` keeps out of the ticket queue."""
 
     # Junk older than this many days is expired: its raw message is dropped, the record of
     # what it was and why it was junk stays.
@@ -582,6 +584,7 @@ def _format_errors(exc: ValidationError, path: Path | None) -> str:
             lines.append(f"  {key} = <hidden>: {msg}")
         else:
             lines.append(f"  {key} = {err.get('input')!r}: {msg}")
-    if len(errors) == 1:  # one problem, one line (issue 14: an admin greps the journal)
+    # one problem, one line (docs/decisions.md D14: an admin greps the journal)
+    if len(errors) == 1:
         return f"{lines[0]} {lines[1].strip()}"
     return "\n".join(lines)

@@ -1,4 +1,4 @@
-"""The spool in PostgreSQL: a `250` that does not depend on one node's disk (issue 13).
+"""The spool in PostgreSQL: a `250` that does not depend on one node's disk (docs/decisions.md D13).
 
 With several nodes on one PostgreSQL, a message accepted into one node's local spool was
 stranded there when that node died (and lost with its disk). `SharedSpool` keeps the same

@@ -95,8 +95,8 @@ class Envelope:
     # Bytes that arrived beyond smtp.max_receive_size and were not kept (0: complete).
     truncated_bytes: int = 0
     source: str = "smtp"  # smtp | pipe | junk-release
-    # The junk folder entry `junk release` put back in line (issue 18): processed as if it
-    # had just arrived, never sent back to the junk folder by a route or the block list.
+    # The junk folder entry `junk release` put back in line (docs/decisions.md D18): processed as if
+    # it had just arrived, never sent back to the junk folder by a route or the block list.
     released_from: int = 0
 
     def to_json(self) -> str:
@@ -485,7 +485,7 @@ class Spool:
                 (self.clock.now().timestamp(), limit),
             ).fetchall()
             # At most CLAIM_BYTES of mail per batch (at least one entry): fifty 100 MiB
-            # messages must not all be held at once by the pipeline (issue 10 #7).
+            # messages must not all be held at once by the pipeline (docs/decisions.md D10.7).
             total = 0
             for n, r in enumerate(rows):
                 total += r[2]

@@ -71,7 +71,7 @@ def ticket_detail(s: Session, t: Ticket, rules: Rules | None) -> dict[str, Any]:
         ).all()
     ]
     out["undeliverable"] = undeliverable(s, out["participants"])
-    # Issue 12: a ticket merged into this one shows its messages here ("merged_from").
+    # docs/decisions.md D12: a ticket merged into this one shows its messages here ("merged_from").
     merged = dict(merged_sources(s, t.id)) if t.id is not None else {}
     out["messages"] = [
         {
@@ -89,7 +89,8 @@ def ticket_detail(s: Session, t: Ticket, rules: Rules | None) -> dict[str, Any]:
             "not_kept": json.loads(m.not_kept),
             "auth": json.loads(m.auth),
             "sender_unverified": m.sender_unverified,
-            # The front filter's verdict and whether it was trusted (issue 18); {} = none.
+            # The front filter's verdict and whether it was trusted (docs/decisions.md D18); {} =
+            # none.
             "spam": json.loads(m.spam or "{}"),
         }
         for m in s.exec(
@@ -118,7 +119,7 @@ def ticket_detail(s: Session, t: Ticket, rules: Rules | None) -> dict[str, Any]:
 
 def customer_tickets(s: Session, address: str) -> list[Ticket] | None:
     """All tickets of the customer of ``address``, whatever address they wrote from (merged
-    customers included), newest first; None when the address is unknown (issue 12)."""
+    customers included), newest first; None when the address is unknown (docs/decisions.md D12)."""
     from gateway.pipeline.conversation import customer_ids
 
     cust = customer_of(s, address)
@@ -135,7 +136,7 @@ def customer_tickets(s: Session, address: str) -> list[Ticket] | None:
 
 
 def customer_detail(s: Session, address: str, rules: Rules | None) -> dict[str, Any] | None:
-    """``customers show ADDRESS --json``: addresses, tickets, merges (issue 12)."""
+    """``customers show ADDRESS --json``: addresses, tickets, merges (docs/decisions.md D12)."""
     from gateway.pipeline.conversation import customer_ids
 
     cust = customer_of(s, address)
@@ -192,8 +193,8 @@ def upcoming(
     time in each ticket's SLA calendar, so ``--within 1d`` is "by the end of one working day"
     for every ticket. A plain timedelta is clock time.
 
-    A paused clock is marked, not listed as due (issue 11, item 9): ``paused`` true, ``state``
-    "paused", ``paused_reason`` "waiting on customer" (the deadline moves by the business
+    A paused clock is marked, not listed as due (docs/decisions.md D11, item 9): ``paused`` true,
+    ``state`` "paused", ``paused_reason`` "waiting on customer" (the deadline moves by the business
     time spent waiting; ``remaining`` is the budget left at the pause) or "snoozed until ..."
     (no escalation before then; the deadline itself stands). ``state`` is otherwise "due" or
     "missed" (``overdue``); a clock missed before the ticket went waiting stays missed.

@@ -1,6 +1,6 @@
 """Late processing: a ticket whose own deadlines passed before it was processed.
 
-Issue 11 finding 8: a message that waited in a stopped node's spool got its acknowledgement
+docs/decisions.md D11.8: a message that waited in a stopped node's spool got its acknowledgement
 ("Alice will answer by …", already past) and the whole ladder within half a second, all
 steps with one `fired_at`. Here the steps whose moments are already past at processing are
 *collapsed* into the current state of the plan (`gateway.sla.plan`): each is recorded done

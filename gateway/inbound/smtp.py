@@ -14,7 +14,7 @@ Answers, and why:
   `smtp.max_receive_size` bytes and record how much we did not keep, so the acknowledgement
   can say so honestly (docs/oversize.md).
 
-Limits that keep one client from holding the edge's resources (issue 10, docs/smtp.md):
+Limits that keep one client from holding the edge's resources (docs/decisions.md D10, docs/smtp.md):
 - message bytes in memory across all sessions are bounded by `smtp.inflight_budget`; a
   message over 1 MiB, or one that does not fit the budget, is streamed to a file in
   `<spool_dir>/tmp` and from there into the spool in pieces. If even that fails (disk),
@@ -79,7 +79,8 @@ BUDGET_WAIT = 60.0
 # Commands that do not move a message forward; a session may send only so many of them
 # between two accepted messages (`smtp.max_idle_commands`).
 _IDLE_COMMANDS = ("NOOP", "RSET", "HELP", "VRFY", "EXPN", "HELO", "EHLO")
-# What the greeting says after our host name: no software name, no version (issue 10 #11).
+# What the greeting says after our host name: no software name, no version (docs/decisions.md
+# D10.11).
 IDENT = "ESMTP"
 
 
@@ -498,7 +499,8 @@ class GatewaySMTP(SMTP):
                 try:
                     status = await self._call_handler_hook("DATA")
                 finally:
-                    self._set_post_data_state()  # type: ignore[no-untyped-call]  # aiosmtpd's, untyped
+                    # type: ignore[no-untyped-call]  # aiosmtpd's, untyped
+                    self._set_post_data_state()
         finally:
             self.sink = None
             sink.release()
@@ -562,7 +564,7 @@ class InboundHandler:
         if control_character(address) is not None:
             # Permanent and correct: the address is malformed, not the customer refused
             # (RFC 3463 5.1.7 "bad sender's mailbox address syntax"). Accepting it would
-            # only fail later, when we answer it (issue 10 #9).
+            # only fail later, when we answer it (docs/decisions.md D10.9).
             return "501 5.1.7 Bad sender address syntax: control character"
         try:
             self.spool.check_disk()

@@ -87,8 +87,8 @@ class AckContent:
     not_kept: Sequence[dict[str, Any]] = ()
     stats: ResponseStats | None = None
     reply_address: str = ""
-    # Issue 12: the customer's other open requests (stored owners and deadlines), and the
-    # honest notice of the acknowledgement that reaches the daily cap.
+    # docs/decisions.md D12: the customer's other open requests (stored owners and deadlines), and
+    # the honest notice of the acknowledgement that reaches the daily cap.
     others: str = ""
     notice: str = ""
 

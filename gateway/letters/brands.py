@@ -1,4 +1,5 @@
-"""Who a letter is from: the installation's own identity or a brand of the rules (issue 17).
+"""Who a letter is from: the installation's own identity or a brand of the rules (docs/decisions.md
+D17).
 
 A ticket keeps its brand for life (``Ticket.brand``, set once when it is opened), so every
 letter about it (acknowledgement, customer notices, the late message, staff replies relayed

@@ -2,8 +2,8 @@
 
 Small hand-written tables instead of the C library's locales: a server's installed locales
 vary (a container often has only C.UTF-8), and a letter must read the same everywhere. The
-English forms are exactly the ones the gateway always wrote before issue 17, so
-English letters do not change.
+English forms are exactly the ones the gateway always wrote before it had languages
+(docs/decisions.md D17), so English letters do not change.
 """
 
 from __future__ import annotations

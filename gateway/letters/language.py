@@ -1,4 +1,4 @@
-"""Which language a ticket's letters speak, and why (issue 17).
+"""Which language a ticket's letters speak, and why (docs/decisions.md D17).
 
 In this order, the first that answers wins (the reason goes to the audit trail as the
 ticket's ``language`` event):

@@ -3,8 +3,8 @@ customer mail that carries them (``notice.<lang>.txt``, ``late.<lang>.txt``).
 
 Pure text builders (`broken_promise_text`, `late_text`) take what the plan says
 (`gateway.sla.plan.Commitment`) and never add a person or a time of their own: with no next
-ladder step the text names who stays responsible and promises no time (issue 11, "No silence
-after a broken promise"). `compose_customer_mail` gives the bytes: From the ticket's brand,
+ladder step the text names who stays responsible and promises no time (docs/decisions.md D11, "No
+silence after a broken promise"). `compose_customer_mail` gives the bytes: From the ticket's brand,
 threaded under the customer's last message, marked automatic (RFC 3834 §5:
 Auto-Submitted: auto-generated) so well-behaved responders stay quiet.
 """
@@ -116,7 +116,7 @@ def late_text(
     letter: Letter | None = None,
     business_name: str = "",
 ) -> str:
-    """The one message of a ticket processed after its own deadlines (issue 11 finding 8):
+    """The one message of a ticket processed after its own deadlines (docs/decisions.md D11.8):
     when it arrived, that it was processed late, who owns it now and the real next time."""
     letter = letter or letters.load("late")
     lang = letter.lang

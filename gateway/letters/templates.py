@@ -13,7 +13,8 @@ compute them, so a letter cannot promise something the escalator will not do.
 Overrides: a file with the same name in ``templates_dir`` (default ``templates`` beside the
 rules folder) wins; a phrase it does not contain comes from the shipped file. A language-less
 ``<letter>.txt`` there is the override for the installation's default language (the form the
-gateway read before issue 17). ``common.<lang>.txt`` holds phrases several letters share.
+gateway read before templates had languages). ``common.<lang>.txt`` holds phrases several letters
+share.
 """
 
 from __future__ import annotations

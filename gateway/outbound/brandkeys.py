@@ -1,7 +1,7 @@
 """The DKIM key for a letter's From domain: a brand's own key, else the configured ones.
 
-A brand (`[brands.X] dkim = {domain, selector, key_file}`, issue 17) signs its letters with
-its own key so the signature aligns with its From domain (DMARC, RFC 7489 §3.1.1: the d=
+A brand (`[brands.X] dkim = {domain, selector, key_file}`, docs/decisions.md D17) signs its letters
+with its own key so the signature aligns with its From domain (DMARC, RFC 7489 §3.1.1: the d=
 domain must align with the From domain). Keys are read on first use and kept; a key file
 that cannot be read makes signing fail for that letter only (the delivery worker retries it
 as a temporary failure and the other letters still go out).

@@ -189,7 +189,8 @@ async def deliver(
         bad = next((a for a in (mail_from, *recipients) if _CONTROL.search(a)), None)
         if bad is not None:
             # No SMTP server can take it and no retry changes it (aiosmtplib refuses the
-            # command with ValueError): permanent, not five days of retries (issue 10 #9).
+            # command with ValueError): permanent, not five days of retries (docs/decisions.md
+            # D10.9).
             return DeliveryResult(
                 PERMANENT, 553, f"5.1.3 {bad!r}: control character in an envelope address"
             )

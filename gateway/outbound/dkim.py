@@ -149,7 +149,7 @@ def _parse_private_key(data: bytes) -> tuple[bytes, str]:
     raise ValueError("expected a PEM RSA key or a base64/raw 32-byte ed25519 seed")
 
 
-# -- the RSA operation (issue 16 finding 5) ---------------------------------------------
+# -- the RSA operation (docs/decisions.md D16.5) ---------------------------------------------
 #
 # dkimpy canonicalises and hashes (pure Python, cheap), then computes the RSA signature
 # with Python big integers: 6.8-32 ms per 2048-bit signature, the larger part of signing.

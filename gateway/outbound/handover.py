@@ -1,4 +1,5 @@
-"""The handover pack: whoever receives a ticket gets its whole history (issue 11, item 6).
+"""The handover pack: whoever receives a ticket gets its whole history (docs/decisions.md D11, item
+6).
 
 A reassignment or escalation mail used to carry only the customer's last message: the new
 holder had no original request, no attachments, no earlier staff answers, and the person who

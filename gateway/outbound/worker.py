@@ -27,7 +27,7 @@ transaction as the ticket change (``enqueue``); this worker claims due rows, DKI
 
 A crash after the relay said 250 but before the commit means the row is sent again (at the
 restart, or by another node within the lease): at-least-once, as with every MTA queue, and
-the only duplicates are the messages in flight at the crash (issue 10 finding 12).
+the only duplicates are the messages in flight at the crash (docs/decisions.md D10.12).
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ from gateway.store.db import read_scope, session_scope
 from gateway.store.models import Message, Outbox, Ticket
 from gateway.store.queries import add_event
 
-#: Deliveries in flight at once per worker (issue 16).
+#: Deliveries in flight at once per worker (docs/decisions.md D16).
 DELIVERY_PARALLEL = 8
 
 log = logging.getLogger("gateway.outbound")
@@ -316,7 +316,7 @@ class DeliveryWorker:
         """Rows this node's previous run left in ``sending`` go back in line at once.
 
         Same node name, another boot id: that run is over (this process replaced it), so
-        nothing is still sending them and no lease needs to run out (issue 10 finding 12).
+        nothing is still sending them and no lease needs to run out (docs/decisions.md D10.12).
         Their attempt is not counted: whether it reached the relay is unknown.
         """
         with session_scope(self.engine) as s:
@@ -381,7 +381,7 @@ class DeliveryWorker:
         try:
             keys = self.brand_keys.keys_for(item.raw, self.keys)
             # docs/design.md §6: DKIM-sign last. In a worker thread: canonicalisation and
-            # hashing are pure Python and must not stall the SMTP loop (issue 16 finding 5).
+            # hashing are pure Python and must not stall the SMTP loop (docs/decisions.md D16.5).
             signed = await asyncio.to_thread(sign, item.raw, keys)
         except (ValueError, RuntimeError, OSError) as exc:
             return DeliveryResult("temporary", None, f"DKIM signing failed: {exc}"), item.raw
@@ -398,8 +398,8 @@ class DeliveryWorker:
         self._log_outcome(item, result, self._record_row(item, result, signed))
 
     def _record_many(self, finished: list[tuple[_Claimed, DeliveryResult, bytes]]) -> None:
-        """The outcomes of a batch in ONE transaction (issue 16: one write transaction per
-        mail queued behind the pipeline's for SQLite's write lock, and delivery fell to
+        """The outcomes of a batch in ONE transaction (docs/decisions.md D16: one write transaction
+        per mail queued behind the pipeline's for SQLite's write lock, and delivery fell to
         ~14 mails/s under ingest); logged after the commit."""
         with session_scope(self.engine) as s:
             states = [
@@ -412,8 +412,8 @@ class DeliveryWorker:
         if state is None:
             return
         self.tally[("deliveries", result.outcome)] += 1
-        # One line per attempt, after the commit (issue 14: failures were not logged at all):
-        # INFO delivered, WARNING temporary failure (retried), ERROR permanent / given up.
+        # One line per attempt, after the commit (docs/decisions.md D14: failures were not logged at
+        # all): INFO delivered, WARNING temporary failure (retried), ERROR permanent / given up.
         fields = {
             "outbox": item.id,
             "kind": item.kind,
@@ -564,10 +564,10 @@ class DeliveryWorker:
                 claimed = await asyncio.to_thread(self._claim)
                 if not claimed:
                     return done
-                # Up to `parallel` sends at once (issue 16: one at a time, each on its own
-                # relay connection, delivery managed ~40 mails/s and the outbox grew at
-                # 20 new tickets/s). A send whose lease ran out records nothing (the row
-                # is anyone's now); the others carry on.
+                # Up to `parallel` sends at once (docs/decisions.md D16: one at a time, each on its
+                # own relay connection, delivery managed ~40 mails/s and the outbox grew at 20 new
+                # tickets/s). A send whose lease ran out records nothing (the row is anyone's now);
+                # the others carry on.
                 results = await asyncio.gather(*(one(item) for item in claimed))
                 finished = [r for r in results if r is not None]
                 if finished:

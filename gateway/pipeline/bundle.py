@@ -1,4 +1,4 @@
-"""The bundle worker: one acknowledgement, one owner notification per burst (issue 12).
+"""The bundle worker: one acknowledgement, one owner notification per burst (docs/decisions.md D12).
 
 ``respond`` and ``notify`` put a customer's further new mails within ``outbound.ack_window``
 into ``bundle_item`` (:mod:`gateway.pipeline.conversation`). When a bundle's window closes

@@ -57,13 +57,13 @@ class Context:
     unverified_reason: str = ""
     kind: str = "customer"
     staff_hold_reason: str = ""  # why a staff reply waits for its sender check (staff.judge)
-    spam: SpamVerdict | None = None  # the front filter's verdict (issue 18)
-    # Set when the message goes to the junk folder instead of the ticket queue (issue 18):
-    # (source, rule, reason); the driver then ends the chain and files it there
+    spam: SpamVerdict | None = None  # the front filter's verdict (docs/decisions.md D18)
+    # Set when the message goes to the junk folder instead of the ticket queue (docs/decisions.md
+    # D18): (source, rule, reason); the driver then ends the chain and files it there
     # (stages.run_stages).
     junk: tuple[str, str, str] | None = None
-    # Issue 12: a human's NEW mail (not a reply): "new" opened a ticket, "joined" went into
-    # the customer's open ticket (gateway.pipeline.conversation); "" for anything else.
+    # docs/decisions.md D12: a human's NEW mail (not a reply): "new" opened a ticket, "joined" went
+    # into the customer's open ticket (gateway.pipeline.conversation); "" for anything else.
     fresh: str = ""
     events: list[tuple[str, str, Any]] = field(default_factory=list)
 

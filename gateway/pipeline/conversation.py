@@ -1,4 +1,4 @@
-"""One customer, one conversation (issue 12): a known customer writing again, bundled
+"""One customer, one conversation (docs/decisions.md D12): a known customer writing again, bundled
 acknowledgements and owner notifications, merges that redirect, and customer merges that
 surface duplicate tickets.
 
@@ -212,7 +212,8 @@ def known_customer_stage(ctx: Context) -> None:
     source = f"route {ctx.decision.route}" if ctx.decision.known_customer else "tickets"
     hit = None
     if policy == "same-subject" and not th.links:
-        # A mail that named tickets it could not join (issue 10) stays a linked new ticket.
+        # A mail that named tickets it could not join (docs/decisions.md D10) stays a linked new
+        # ticket.
         cands = [Candidate(t.id, t.ref, t.normalized_subject) for t in reqs if t.id is not None]
         hit = match_known_customer(
             ctx.parsed.subject, ctx.parsed.text, cands, settings.tickets.ref_prefix

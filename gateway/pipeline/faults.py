@@ -1,4 +1,4 @@
-"""Infrastructure faults are not message faults (issue 10, findings 5 and 6).
+"""Infrastructure faults are not message faults (docs/decisions.md D10.5 and 6).
 
 A message that fails on its own (a bug its content triggers) should cost attempts and end
 in the quarantine; a database that refuses connections, a full disk or a broken filesystem
@@ -159,8 +159,8 @@ def probe(engine: Engine, folders: Iterable[Path], minimum: int, reserve: int = 
 class Backoff:
     """Bounded doubling delay between probes: 0.5 s, 1 s, 2 s, then `maximum` (4 s).
 
-    The maximum bounds how late the pipeline notices a recovery (issue 10: resume within
-    seconds); a `SELECT 1` every few seconds costs nothing.
+    The maximum bounds how late the pipeline notices a recovery (docs/decisions.md D10: resume
+    within seconds); a `SELECT 1` every few seconds costs nothing.
     """
 
     initial: float = 0.5

@@ -1,4 +1,4 @@
-"""Scheduling a re-check of a sender whose check could not complete (issue 10).
+"""Scheduling a re-check of a sender whose check could not complete (docs/decisions.md D10).
 
 ``respond`` (a deferred acknowledgement) and ``staff`` (a held staff reply) call
 :func:`hold` in the pipeline's transaction; :mod:`gateway.pipeline.recheck` picks the rows

@@ -1,4 +1,4 @@
-"""The junk folder: junk never costs a human (issue 18).
+"""The junk folder: junk never costs a human (docs/decisions.md D18).
 
 A message goes to the junk folder instead of the ticket queue when
 
@@ -284,7 +284,7 @@ def junk_ticket(
             )
         )
         m.kind = "junk"
-        # The dedupe key is unique: the released copy will need it (issue 18).
+        # The dedupe key is unique: the released copy will need it (docs/decisions.md D18).
         m.dedupe_key = f"junked:{m.dedupe_key}"
         session.add(m)
     return len(rows)

@@ -1,4 +1,5 @@
-"""The language and brand of a new ticket's letters, chosen once and recorded (issue 17).
+"""The language and brand of a new ticket's letters, chosen once and recorded (docs/decisions.md
+D17).
 
 Called by ``respond`` for every new ticket (acknowledged or not: later notices need them too),
 in the pipeline's transaction. The choice is pure (gateway.letters.language.choose); this

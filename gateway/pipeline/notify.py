@@ -1,4 +1,4 @@
-"""Owner notifications: the owner gets the customer's whole message by email (issue 7).
+"""Owner notifications: the owner gets the customer's whole message by email (docs/decisions.md D7).
 
 "The ticket was updated: log in to read it", and nothing was there (docs/design.md §0). So the
 notification carries everything the owner needs to answer from a mail client:
@@ -21,7 +21,7 @@ The letter is composed by :mod:`gateway.letters.notification` (``notify.en.txt``
 stage decides who gets it and queues it. Runs after ``respond`` in the same transaction, for
 a new ticket and for every further message from a human customer. For a new ticket, every
 person a matching route lists in ``notify`` gets the same notification with a reply token of
-their own (issue 11: the list used to be stored in the ``routed`` event and nobody was
+their own (docs/decisions.md D11: the list used to be stored in the ``routed`` event and nobody was
 told). All of them go at once: notifications are never held for a person's working hours
 (docs/rules.md "People"). Never for robots (auto-replies, bounces, lists: their mail is
 recorded, the owner is not paged for it) and never for staff mail (``kind`` note or
@@ -146,7 +146,7 @@ def notify_owner_stage(ctx: Context) -> None:
         )
         return
     if bundle_notification(ctx, owner):
-        return  # issue 12: one notification per burst, each mail's full text in it
+        return  # docs/decisions.md D12: one notification per burst, each mail's full text in it
     settings = ctx.services.settings
     calendar: BusinessCalendar | None = None
     with contextlib.suppress(KeyError):
@@ -165,7 +165,7 @@ def notify_owner_stage(ctx: Context) -> None:
     # `notify`: the same full notification, each with a reply token of their own. They go
     # at once, whatever the person's calendar says (docs/rules.md "People"): holding them
     # for working hours would need a delayed outbox, and an outage route that "wakes up the
-    # lead" must wake her (issue 11, items 4 and 5).
+    # lead" must wake her (docs/decisions.md D11, items 4 and 5).
     notify_letter = letters.load("notify", "en", settings.templates_path)
     recipients: list[tuple[Person, str]] = [(owner, "")]
     if ctx.thread.is_new and ctx.decision is not None:

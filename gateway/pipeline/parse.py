@@ -8,7 +8,7 @@ Oversize policy (docs/oversize.md): a message larger than `smtp.max_message_size
 headers and text parts; the largest attachments are replaced by a short placeholder until it
 fits, and each is listed in `not_kept` so the acknowledgement can say what we did not keep.
 
-Depth bound (issue 10 finding 8): the standard library's MIME parser, `walk()` and the
+Depth bound (docs/decisions.md D10.8): the standard library's MIME parser, `walk()` and the
 generator recurse once per nesting level, so a message nested ~1,000 levels deep raises
 `RecursionError` (a poison message that used to end in the quarantine, silently). Real mail
 nests a handful of levels (forwarded digests perhaps ten); past `MAX_MIME_DEPTH` the message

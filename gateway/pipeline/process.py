@@ -19,7 +19,7 @@ with its parent (Linux `PR_SET_PDEATHSIG`), so after a crash of the daemon no or
 entries claimed while the restarted daemon recovers them; if the child dies on its own, the
 parent recovers its claimed entries and starts a new one (`PipelineProcess.supervise`).
 
-Supervision with limits (Mailman's master and its `max_restarts`; issue 10 finding 6, where
+Supervision with limits (Mailman's master and its `max_restarts`; docs/decisions.md D10.6, where
 a child crashing on a full disk was restarted every 2 s for ever): restarts back off
 (`pipeline.restart_backoff` seconds, doubling, at most 60 s); more than
 `pipeline.max_restarts` within `pipeline.restart_window` seconds and the child stays down,
@@ -165,7 +165,7 @@ def child_main(
 
     # After every commit (a group of at most `TX_BATCH` messages), not only when the spool
     # is empty, which under sustained load is never; the delivery worker and the escalator
-    # would then wake only on their 60 s timeouts (issue 16 finding 1). The parent drains
+    # would then wake only on their 60 s timeouts (docs/decisions.md D16.1). The parent drains
     # the pipe and wakes them once per read.
     worker.on_batch_committed = ship
     wake, reload, stop = Event(), Event(), Event()

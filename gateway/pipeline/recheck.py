@@ -1,6 +1,6 @@
 """The re-check worker: decisions that waited for a sender check that could not complete.
 
-Issue 10: a DKIM/SPF/DMARC check that hit a DNS timeout or SERVFAIL proves nothing, so
+docs/decisions.md D10: a DKIM/SPF/DMARC check that hit a DNS timeout or SERVFAIL proves nothing, so
 ``respond`` defers the acknowledgement and ``staff`` holds a staff reply (each an
 ``auth_recheck`` row, :mod:`gateway.pipeline.holds`) instead of guessing.  This worker picks
 the due rows, re-runs :func:`gateway.security.sender_auth.authenticate` on the stored raw

@@ -84,7 +84,8 @@ def _create_ticket(ctx: Context) -> Ticket:
     s.flush()
     assert ticket.id is not None
     # Human-readable, unique and increasing, never secret (security rests on signed tokens
-    # only). Not gapless: a rolled-back transaction burns its sequence number (issue 13).
+    # only). Not gapless: a rolled-back transaction burns its sequence number (docs/decisions.md
+    # D13).
     ticket.ref = f"{settings.tickets.ref_prefix}-{settings.tickets.first_number + ticket.id - 1}"
     from gateway.pipeline.subject import normalise_subject
 
@@ -92,7 +93,8 @@ def _create_ticket(ctx: Context) -> Ticket:
     s.add(ticket)
     add_participant(s, ticket.id, ctx.sender, "requester", ctx.now)
     # The requester's own To/Cc become participants: how a customer brings a colleague in.
-    # Not on the strength of an unverified From (issue 10): anyone can write those headers.
+    # Not on the strength of an unverified From (docs/decisions.md D10): anyone can write those
+    # headers.
     for a in _audience(ctx) if ctx.sender_verified else []:
         if a != ctx.sender:
             add_participant(s, ticket.id, a, "cc", ctx.now)
@@ -173,7 +175,7 @@ def record(ctx: Context) -> None:
             else:
                 # thread.decide let customer mail in only from a verified participant (or the
                 # same customer under another address, who is added here); the guard keeps
-                # an unverified From from adding anybody whatever the key (issue 10).
+                # an unverified From from adding anybody whatever the key (docs/decisions.md D10).
                 if ctx.sender_verified:
                     add_participant(s, ticket.id, ctx.sender, "cc", ctx.now)
                     if mark_deliverable(s, ctx.sender):
@@ -264,7 +266,8 @@ def record(ctx: Context) -> None:
     tid = ticket.id if ticket else None
     if ctx.events:
         # One executemany for the message's audit trail (a new ticket writes four or more
-        # events), without building an ORM object per row (issue 16; docs/performance.md).
+        # events), without building an ORM object per row (docs/decisions.md D16;
+        # docs/performance.md).
         s.execute(
             insert(Event),
             [

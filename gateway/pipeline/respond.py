@@ -13,7 +13,7 @@ No acknowledgement (each a rule of docs/design.md §3, RFC 3834 §2):
   when the sender check could not complete (DNS trouble) the ack is DEFERRED, not sent and
   not dropped: ``ack-deferred``, then the re-check worker (``gateway.pipeline.recheck``)
   calls :func:`send_ack_now` or suppresses it (``gateway.security.verdict.ack_decision``,
-  issue 10). The ticket and the owner's notification never wait for that;
+  docs/decisions.md D10). The ticket and the owner's notification never wait for that;
 - the ticket already has one, or the per-sender daily cap is reached (rule 9); when the cap
   trips, the owner is told once per sender per day and the mail is still recorded;
 - the recipient would be empty or one of our own addresses (rule 6).
@@ -22,12 +22,12 @@ The deadline in the ack is ``ticket.first_response_due``, the stored value the e
 enforces, never recomputed (docs/design.md §0: one computation for the promise and the
 escalation). The owner it names is the route's owner checked against the plan
 (gateway.pipeline.route ``cover_window``: on duty before the deadline), and the promise is recorded
-(``_record_promise``) so it is enforced and shown (issue 11).
+(``_record_promise``) so it is enforced and shown (docs/decisions.md D11).
 
 A ticket processed after its own deadlines passed (it waited in a stopped node's spool) gets
 ONE message instead (``_late``): when it arrived, that it was processed late, who holds it now
 and the plan's real next commitment; the steps whose moments had already passed are
-collapsed into the plan's current state, never fired in one burst (issue 11 finding 8).
+collapsed into the plan's current state, never fired in one burst (docs/decisions.md D11.8).
 """
 
 from __future__ import annotations
@@ -103,7 +103,7 @@ def _suppression(ctx: Context, to: str) -> str | None:
 
 def _acks_today(ctx: Context, to: str) -> int:
     # The cap is exact across nodes: the count and the new outbox row are one critical
-    # section per recipient until commit (issue 13 finding 5).
+    # section per recipient until commit (docs/decisions.md D13.5).
     xact_lock(ctx.session, f"ack-cap:{to}")
     since = ctx.now - timedelta(hours=24)
     n = ctx.session.exec(
@@ -163,7 +163,7 @@ def _cap_tripped(ctx: Context, to: str, owner: Person) -> None:
 
 #: (database, queue) -> (when computed, durations): the statistics are over 30 days, so a
 #: minute-old figure is as good; one query per queue per minute instead of one per new
-#: ticket (issue 16 finding 2), cached in the pipeline process.
+#: ticket (docs/decisions.md D16.2), cached in the pipeline process.
 _STATS_CACHE: dict[tuple[str, str], tuple[datetime, list[timedelta]]] = {}
 STATS_TTL = timedelta(minutes=1)
 
@@ -210,20 +210,22 @@ def note_unanswered(ctx: Context) -> None:
 def respond(ctx: Context) -> None:
     """Queue the acknowledgement of a new ticket, or record why there is none."""
     if ctx.fresh == "joined":
-        _ack_joined_mail(ctx)  # issue 12: a new mail that went into the customer's ticket
+        # docs/decisions.md D12: a new mail that went into the customer's ticket
+        _ack_joined_mail(ctx)
         return
     assert ctx.ticket is not None and ctx.decision is not None and ctx.parsed is not None
     ticket = ctx.ticket
     assert ticket.id is not None
     msg_id = ctx.message.id if ctx.message is not None else None
-    choose_letters(ctx)  # the language and brand of every letter of this ticket (issue 17)
+    # the language and brand of every letter of this ticket (docs/decisions.md D17)
+    choose_letters(ctx)
     late = _collapse_late(ctx)
     to = _recipient(ctx)
     why = _suppression(ctx, to)
     template_name = ctx.decision.acknowledge if isinstance(ctx.decision.acknowledge, str) else "ack"
     if why is None:
-        # Unknown is not verified (issue 10): a sender check that could not complete defers
-        # the ack; only the ack waits, the ticket and the owner's notification do not.
+        # Unknown is not verified (docs/decisions.md D10): a sender check that could not complete
+        # defers the ack; only the ack waits, the ticket and the owner's notification do not.
         verdict = ack_decision(
             ctx.auth, if_unverified=ctx.services.settings.security.ack_if_unverified
         )
@@ -252,11 +254,13 @@ def respond(ctx: Context) -> None:
         add_event(ctx.session, ticket.id, "ack-suppressed", why, ctx.now, message_id=msg_id)
         return
     if late is None and bundle_ack(ctx, to):
-        return  # issue 12: covered by one acknowledgement when outbound.ack_window closes
+        # docs/decisions.md D12: covered by one acknowledgement when outbound.ack_window closes
+        return
     send_ack_now(ctx, to, owner=ctx.decision.owner, template_name=template_name, late=late)
 
 
-# -- issue 12 (one customer, one conversation): helpers kept apart for easy merging -------
+# -- docs/decisions.md D12 (one customer, one conversation): helpers kept apart for easy merging
+# -------
 
 
 def _ack_joined_mail(ctx: Context) -> None:
@@ -304,7 +308,7 @@ def _customer_of_ticket(ctx: Context) -> int | None:
 def _conversation_texts(ctx: Context, to: str, lang: str, sent_today: int) -> tuple[str, str]:
     """(other open requests, cap notice) for the acknowledgement of ``ctx.ticket``: the
     customer always sees where everything stands, and the ack that reaches the daily cap
-    says that confirmations stop (issue 12)."""
+    says that confirmations stop (docs/decisions.md D12)."""
     assert ctx.ticket is not None
     rules = ctx.services.rules
     settings = ctx.services.settings
@@ -375,7 +379,7 @@ def send_ack_now(
         not_kept=list(p.not_kept),
         stats=response_stats(_stats(ctx, ticket.queue), STATS_DAYS),
     )
-    # Issue 12: the customer's other open requests, and the honest cap notice.
+    # docs/decisions.md D12: the customer's other open requests, and the honest cap notice.
     others, notice = _conversation_texts(
         ctx, to, ticket.language or ctx.services.settings.outbound.default_language, sent_today
     )
@@ -443,7 +447,7 @@ def _record_promise(
 ) -> None:
     """The acknowledgement (or the late message) promised the customer a first answer from
     the named owner by `due`: record it so the escalator enforces it and `tickets show`
-    lists it (issue 11, "One plan, said and done")."""
+    lists it (docs/decisions.md D11, "One plan, said and done")."""
     assert ctx.ticket is not None and ctx.ticket.id is not None
     promises.record(
         ctx.session,

@@ -106,7 +106,7 @@ def facts_of(ctx: Context) -> MessageFacts:
 def route(ctx: Context) -> None:
     # Round-robin and least-loaded read the assignment state and write it back with the
     # ticket: several nodes must take turns, or simultaneous tickets get the same owner
-    # (issue 13 finding 5). The lock is held until this message's transaction commits.
+    # (docs/decisions.md D13.5). The lock is held until this message's transaction commits.
     xact_lock(ctx.session, "routing")
     state = AssignmentState(
         open_tickets=open_ticket_counts(ctx.session),

@@ -1,4 +1,5 @@
-"""Staff stage: staff answer by replying to email; verified replies are relayed (issue 7).
+"""Staff stage: staff answer by replying to email; verified replies are relayed (docs/decisions.md
+D7).
 
 Runs after ``record`` (which stores mail to a *staff* reply token, one carrying a person id,
 as an internal ``note`` and never lets it touch the customer clocks) and before ``respond``,
@@ -12,8 +13,8 @@ to the customer as an agent. Here a reply acts as staff only when all of these h
    the HMAC, or the message would not have matched by token);
 2. ``ctx.sender`` is, case-insensitively, the email of ``rules.people[claim.person]``: the
    person the token was issued to;
-3. the From domain is POSITIVELY proven (issue 10, ``gateway.security.verdict``): DKIM pass
-   aligned with it, DMARC pass, aligned SPF pass, or the same from a trusted front MTA's
+3. the From domain is POSITIVELY proven (docs/decisions.md D10, ``gateway.security.verdict``): DKIM
+   pass aligned with it, DMARC pass, aligned SPF pass, or the same from a trusted front MTA's
    Authentication-Results. The token is not proof on its own: it travels in every forward
    and reply-all (the only exception is the opt-in ``security.staff_token_only_domains``).
    When a check could not complete (DNS timeout, SERVFAIL: ``temperror``) the reply is
@@ -26,9 +27,9 @@ Anything else is never relayed and changes nothing: the mail stays an internal n
 event ``unverified-staff-reply`` says why, and the ticket's owner gets one notification. The
 sender is not answered (it may be forged: an answer would be backscatter).
 
-**Colleagues** (issue 7, item 5). A reply on P's token from *another* known staff member Q
-(P forwarded or CC'd the notification) passes checks 1 and 3 but not 2. It is kept simple and
-safe: stored as an internal note *from Q*, Q becomes a ``staff`` participant, the owner is
+**Colleagues** (docs/decisions.md D7, item 5). A reply on P's token from *another* known staff
+member Q (P forwarded or CC'd the notification) passes checks 1 and 3 but not 2. It is kept simple
+and safe: stored as an internal note *from Q*, Q becomes a ``staff`` participant, the owner is
 told and Q gets a confirmation; it is **not** relayed to the customer and its commands are
 not applied (a token is a capability for the person it names, not for whoever holds it).
 Q answers the customer from Q's own notification once Q owns or is told about the ticket.
@@ -288,7 +289,8 @@ def _relay(ctx: Context, person: Person, text: str) -> str:
     in_reply_to = last.message_id if last is not None else None
     references = last.references.split() if last is not None and last.references else []
     parts = attachment_parts(ctx.parsed.msg)
-    me = identity(settings, ctx.services.rules, t.brand)  # the ticket's brand (issue 17)
+    # the ticket's brand (docs/decisions.md D17)
+    me = identity(settings, ctx.services.rules, t.brand)
     raw, message_id, subject, body = compose_staff_reply(
         ticket_id=t.id,
         ref=t.ref,
@@ -381,8 +383,8 @@ class _Desk:
 
 
 def _merge_told(ctx: Context, actor: Person, merged: Ticket, into: Ticket) -> None:
-    """Issue 12: both owners are told of a merge (Zammad and OTRS fixed the silent merge as
-    a bug); the target's owner gets the merged ticket's customer messages in full. From now
+    """docs/decisions.md D12: both owners are told of a merge (Zammad and OTRS fixed the silent
+    merge as a bug); the target's owner gets the merged ticket's customer messages in full. From now
     on every reply to ``merged`` lands in ``into`` (``thread.decide``'s ``merged_into``)."""
     assert merged.id is not None and into.id is not None
     s = ctx.session
@@ -464,7 +466,8 @@ def _verified(ctx: Context, person: Person) -> None:
         )
         return
     reply = strip_quoted(rest)
-    # Nothing junk-related is ever sent to the sender (issue 18): text with #junk is a note.
+    # Nothing junk-related is ever sent to the sender (docs/decisions.md D18): text with #junk is a
+    # note.
     is_note = any(COMMANDS[c.name].internal for c in commands)
     done: list[str] = []
     if is_note:

@@ -79,8 +79,8 @@ def classify_stage(ctx: Context) -> None:
         own_addresses=own,
         own_domains=(),
         loop_header=LOOP_HEADER,
-        # Every node of the installation writes the key-derived installation id (issue 13
-        # finding 7); the host name is what this software wrote before, still ours.
+        # Every node of the installation writes the key-derived installation id (docs/decisions.md
+        # D13.7); the host name is what this software wrote before, still ours.
         loop_value={*ctx.services.signer.installation_ids(), settings.smtp.hostname},
         is_own_message_id=lambda mid: ctx.services.signer.verify_message_id(mid) is not None,
     )
@@ -99,12 +99,13 @@ def authenticate_stage(ctx: Context) -> None:
         # No DNS of our own, but a trusted front MTA's verdicts can still be read; anything
         # needing DNS is then temperror, never a guess (docs/security.md).
         resolver = OfflineResolver()
-    # One shared time budget for all the questions of this message (issue 10): DNS trouble
-    # makes the verdict "unknown" (decided later by the re-check worker), never the queue
+    # One shared time budget for all the questions of this message (docs/decisions.md D10): DNS
+    # trouble makes the verdict "unknown" (decided later by the re-check worker), never the queue
     # wait.
     budget = BudgetResolver(resolver, security.dns_budget)
     env = ctx.entry.envelope
-    # Behind a trusted front MTA, judge the client it saw (issue 14; security/relay.py).
+    # Behind a trusted front MTA, judge the client it saw (docs/decisions.md D14;
+    # security/relay.py).
     client = effective_client_of(ctx.entry.raw, env, ctx.services.settings)
     try:
         ctx.auth = check_sender(
@@ -145,8 +146,8 @@ def thread_stage(ctx: Context) -> None:
     lookup = SqlLookup(ctx.session)
     env = ctx.entry.envelope
     robot = robot_mail(ctx.verdict.kind, env.mail_from)
-    # Participation proves the person (issue 10): a From that is neither authenticated nor
-    # the envelope sender counts as nobody's. Robot mail never becomes a participant.
+    # Participation proves the person (docs/decisions.md D10): a From that is neither authenticated
+    # nor the envelope sender counts as nobody's. Robot mail never becomes a participant.
     if robot is None:
         verified, why = from_is_verified(
             ctx.parsed.from_address,
@@ -181,7 +182,8 @@ def thread_stage(ctx: Context) -> None:
 
 
 def _note_redirect(ctx: Context) -> None:
-    """Issue 12: mail for a merged ticket went to its target; the merged ticket says so."""
+    """docs/decisions.md D12: mail for a merged ticket went to its target; the merged ticket says
+    so."""
     th = ctx.thread
     if th is None or th.redirected_from is None or th.ticket is None:
         return
@@ -220,7 +222,7 @@ CHAINS: Mapping[Disposition, tuple[Stage, ...]] = MappingProxyType(
             blocked_stage,  # `#junk sender` sent this sender's mail to the junk folder
             route,
             after_route,  # disposition = "junk": the junk folder, not the ticket queue
-            known_customer_stage,  # issue 12: a known customer's new mail, by policy
+            known_customer_stage,  # docs/decisions.md D12: a known customer's new mail, by policy
             record,
             respond,
             notify_owner_stage,  # the owner gets the customer's full text
@@ -240,7 +242,7 @@ CHAINS: Mapping[Disposition, tuple[Stage, ...]] = MappingProxyType(
 )
 
 #: A stage that sent the message to the junk folder (`ctx.junk` set: a blocked sender, a
-#: route's `disposition = "junk"`) ends its chain; this one follows instead (issue 18).
+#: route's `disposition = "junk"`) ends its chain; this one follows instead (docs/decisions.md D18).
 JUNK: tuple[Stage, ...] = (file_junk_stage,)
 
 LOOP_HEADER = "X-Support-Gateway-Loop"
@@ -268,7 +270,8 @@ def summary(ctx: Context) -> dict[str, Any]:
     t = ctx.ticket.ref if ctx.ticket is not None else "-"
     key = ctx.thread.disposition if ctx.thread else "?"
     # The stored message's kind is the final word: the staff stage turns a "note" into a
-    # "staff_reply" once it is relayed (issue 14: relayed replies were logged as notes).
+    # "staff_reply" once it is relayed (docs/decisions.md D14: relayed replies were logged as
+    # notes).
     kind = ctx.message.kind if ctx.message is not None else ctx.kind
     return {
         "spool": ctx.entry.id,

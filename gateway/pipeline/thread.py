@@ -1,6 +1,6 @@
 """Thread stage: which ticket does this message belong to, and why (docs/design.md §4).
 
-Threading proves the ticket, participation proves the person (issue 10). Order of
+Threading proves the ticket, participation proves the person (docs/decisions.md D10). Order of
 precedence, first hit wins:
 1. exact duplicate (same envelope+bytes hash, or a Message-ID we already stored): record,
    do nothing else;
@@ -149,7 +149,7 @@ class ThreadDecision:
     links: list[tuple[int, str, str]] = field(default_factory=list)  # (ticket, relation, why)
     notes: list[str] = field(default_factory=list)  # keys seen but refused, and why
     reopen: bool = False
-    # Issue 12: the ticket the message named had been merged into `ticket`.
+    # docs/decisions.md D12: the ticket the message named had been merged into `ticket`.
     redirected_from: TicketView | None = None
 
     @property
@@ -180,8 +180,8 @@ def decide(
     counts as nobody's: the sender is a participant of no ticket. `robot` (see `robot_mail`):
     a signed reference of ours reaches its ticket without participation, and the outcome is
     a robot's (module docstring). `bounced`: the Message-IDs a bounce reports on
-    (`bounce.BounceInfo.original_message_ids`). `merged_into` (issue 12): the ticket a merged
-    ticket went into; every key that names a merged ticket (its tokens, Message-IDs, subject
+    (`bounce.BounceInfo.original_message_ids`). `merged_into` (docs/decisions.md D12): the ticket a
+    merged ticket went into; every key that names a merged ticket (its tokens, Message-IDs, subject
     reference) reaches the target instead, so a merged ticket never reopens.
     """
     d = _match(

@@ -5,7 +5,7 @@ loops it, woken by an `asyncio.Event` that the spool sets after each group commi
 The spool entry is released only after the database commit; a crash in between means
 the entry is processed again and the database dedupes it (same envelope+bytes hash).
 
-Two kinds of failure (issue 10; docs/operations.md "Infrastructure faults"):
+Two kinds of failure (docs/decisions.md D10; docs/operations.md "Infrastructure faults"):
 - an *infrastructure fault* (database unreachable, disk full or below the free-space floor;
   `gateway.pipeline.faults`) says nothing about the message: the entry goes back in line
   without costing an attempt and the worker *pauses*, probing (`SELECT 1` and free space)
@@ -56,7 +56,8 @@ from gateway.spool import Spool, SpoolEntry
 from gateway.store.db import session_scope
 
 #: Spool entries processed in one database transaction when several are waiting: one
-#: commit (one fsync) and one spool release for all of them instead of one each (issue 16;
+#: commit (one fsync) and one spool release for all of them instead of one each (docs/decisions.md
+# D16;
 #: docs/performance.md). Small, because an acknowledgement leaves only after its group
 #: commits.
 TX_BATCH = 8

@@ -1,6 +1,6 @@
 """Coverage: can an SLA policy be kept by the people who would act on it?
 
-Issue 11 finding 7: a 24x7 policy whose every ladder member works Berlin office hours passed
+docs/decisions.md D11.7: a 24x7 policy whose every ladder member works Berlin office hours passed
 `rules check` without a word, and at night its promises went to people asleep. For each
 policy this computes, over a window (the coming 4 weeks for `rules check`), the hours the
 policy's calendar runs when **nobody** who could act on one of its tickets is on duty

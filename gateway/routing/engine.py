@@ -61,9 +61,10 @@ class Decision:
     trace: tuple[TraceEntry, ...]
     assigned_by: str  # "route" | "round-robin" | "least-open" | "default"
     matched_routes: tuple[str, ...] = ()
-    disposition: str = "ticket"  # "ticket" | "junk" (issue 18)
+    disposition: str = "ticket"  # "ticket" | "junk" (docs/decisions.md D18)
     disposition_route: str | None = None  # the route that set it
-    # Issue 12: the matching route's `known_customer` policy (None: tickets.known_customer).
+    # docs/decisions.md D12: the matching route's `known_customer` policy (None:
+    # tickets.known_customer).
     known_customer: str | None = None
     #: The letters' language the routes fixed (None: chosen per customer), and the brand.
     language: str | None = None
@@ -94,7 +95,7 @@ def _pick_from_team(
     route: Route, state: AssignmentState, rules: Rules, at: datetime
 ) -> tuple[str, str]:
     # Only people on duty now (or, if nobody is, on duty soonest) are candidates: a ticket
-    # handed to someone on holiday is a promise nobody keeps (issue 11 finding 7).
+    # handed to someone on holiday is a promise nobody keeps (docs/decisions.md D11.7).
     on_duty = pick_on_duty(rules, route.team, at)
     team = on_duty or route.team
     if route.assign == "least-open":
@@ -194,8 +195,8 @@ def evaluate(
 
 def cover_window(rules: Rules, decision: Decision, received_at: datetime) -> Decision:
     """The owner the acknowledgement names must be on duty at some time before the first
-    response is due (issue 11: never name someone away for the whole window). Otherwise the
-    plan's walk (backup, manager, on call, default owner) picks who is, and the trace says
+    response is due (docs/decisions.md D11: never name someone away for the whole window). Otherwise
+    the plan's walk (backup, manager, on call, default owner) picks who is, and the trace says
     why."""
     policy = rules.sla.get(decision.sla)
     if policy is None:

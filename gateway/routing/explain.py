@@ -45,7 +45,8 @@ def letters_of(
     content_language: Sequence[str] = (),
     text: str = "",
 ) -> dict[str, Any]:
-    """The language, brand and template files a new ticket's letters would use (issue 17).
+    """The language, brand and template files a new ticket's letters would use (docs/decisions.md
+    D17).
 
     The customer's earlier choice is not known here (no database): explain shows what the
     route, the header and the text say, as for a customer writing for the first time.
@@ -108,7 +109,7 @@ def explain(
         "notify": list(decision.notify),
         "assigned_by": decision.assigned_by,
         "matched_routes": list(decision.matched_routes),
-        "disposition": decision.disposition,  # "ticket" | "junk" (issue 18)
+        "disposition": decision.disposition,  # "ticket" | "junk" (docs/decisions.md D18)
         "calendar": {
             "id": calendar.id,
             "timezone": calendar.timezone.key,
@@ -161,7 +162,7 @@ def format_explain(result: dict[str, Any]) -> str:
         f"Acknowledge:  {ack_text}",
     ]
     if result.get("disposition") == "junk":
-        # Issue 18: no ticket, no acknowledgement, no notification, no clock.
+        # docs/decisions.md D18: no ticket, no acknowledgement, no notification, no clock.
         lines.insert(0, "Disposition:  JUNK (kept in the junk folder: no ticket, no ack, no clock)")
     if result.get("tags"):
         lines.append(f"Tags:         {', '.join(result['tags'])}")

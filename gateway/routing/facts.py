@@ -27,7 +27,7 @@ class MessageFacts:
     headers: tuple[tuple[str, str], ...] = ()
     authenticated: bool = False
     has_attachment: bool = False
-    # The front filter's verdict, only when it came from a trusted relay (issue 18): an
+    # The front filter's verdict, only when it came from a trusted relay (docs/decisions.md D18): an
     # untrusted X-Spam-Flag leaves spam False and spam_score None.
     spam: bool = False
     spam_score: float | None = None

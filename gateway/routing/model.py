@@ -163,7 +163,7 @@ class Route:
     continue_: bool = False
     disposition: str | None = None  # "ticket" | "junk" (None: unchanged, default ticket)
     source: str = ""
-    # Issue 12: overrides `tickets.known_customer` for mail this route matches.
+    # docs/decisions.md D12: overrides `tickets.known_customer` for mail this route matches.
     known_customer: str | None = None
     #: The letters' language ("de"), else chosen per customer (gateway.letters.language).
     language: str | None = None

@@ -15,7 +15,7 @@ Answer shapes (``Resolver.query(name, rtype)``):
 NXDOMAIN and NODATA give ``[]``; timeouts and SERVFAIL raise :class:`DnsTempError`, which
 callers turn into ``temperror`` results (RFC 8601 §2.7).
 
-DNS trouble must not stall the pipeline (issue 10 finding 2: with the nameservers unreachable
+DNS trouble must not stall the pipeline (docs/decisions.md D10.2: with the nameservers unreachable
 every message waited for two 5.4 s timeouts, one message at a time, about 5 messages a
 minute).  Three bounds, each in the manner of a caching stub resolver (RFC 1035 §7.4,
 RFC 2308 for negative caching, RFC 9520 for caching resolution failures):

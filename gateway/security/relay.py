@@ -4,7 +4,7 @@ Behind Postfix (relay mode: Postfix owns port 25 and passes the support domains 
 daemon on a loopback port; pipe mode: Postfix runs `support-gateway ingest`) the SMTP
 client the daemon sees is Postfix itself. SPF (RFC 7208 §4) evaluated against 127.0.0.1
 then says `fail` for every domain whose SPF lists its real servers, and the message looks
-forged (issue 14, finding 3). The facts that matter are what the *front MTA* saw.
+forged (docs/decisions.md D14.3). The facts that matter are what the *front MTA* saw.
 
 `security.trusted_relays` lists the addresses or networks of such front hosts. When the
 client is one of them (or the message came in through pipe mode, where the local MTA is the

@@ -169,8 +169,8 @@ class AuthResult:
     def inconclusive(self) -> bool:
         """True when some check could not complete (DNS timeout, SERVFAIL, spent budget):
         RFC 8601 §2.7 ``temperror`` anywhere.  Such a result is evidence of nothing, neither
-        authenticity nor forgery (issue 10); :mod:`gateway.security.verdict` decides what
-        waits for a re-check."""
+        authenticity nor forgery (docs/decisions.md D10); :mod:`gateway.security.verdict` decides
+        what waits for a re-check."""
         return (
             any(c.result == "temperror" for c in self.dkim)
             or self.spf == "temperror"
@@ -325,7 +325,7 @@ def _authenticate(
                 resolver=resolver,
             )
 
-    # The independent checks run concurrently (issue 10: DNS trouble must not stall the
+    # The independent checks run concurrently (docs/decisions.md D10: DNS trouble must not stall the
     # pipeline): with a slow or dead resolver the message waits for the slowest question,
     # not for the sum of all of them.  DMARC discovery (RFC 7489 §6.6.3) needs no other
     # result; only its evaluation (§6.6.2) waits for DKIM and SPF.

@@ -1,7 +1,7 @@
 """The front filter's spam verdict, and whether we may believe it: pure functions.
 
-A support address is public, so most of what reaches it at scale is spam (issue 18). The
-gateway does not score mail itself: a front MTA (Postfix with rspamd or SpamAssassin as a
+A support address is public, so most of what reaches it at scale is spam (docs/decisions.md D18).
+The gateway does not score mail itself: a front MTA (Postfix with rspamd or SpamAssassin as a
 milter, docs/spam.md) does, and writes its verdict into headers. Those headers are plain
 text that any sender can write too (a spammer writes ``X-Spam-Flag: NO`` as easily as the
 filter writes ``YES``), so they count only when the SMTP client that handed us the message
@@ -51,7 +51,8 @@ _SPAMD_RE = re.compile(
     r"^\s*\w+\s*:\s*(true|false)\s*\[\s*(-?\d+(?:\.\d+)?)\s*/\s*(-?\d+(?:\.\d+)?)", re.IGNORECASE
 )
 _NUMBER_RE = re.compile(r"^\s*(-?\d+(?:\.\d+)?)")
-#: rspamd actions that mean "this is spam" (https://rspamd.com/doc/faq.html#what-are-rspamd-actions).
+#: rspamd actions that mean "this is spam"
+# (https://rspamd.com/doc/faq.html#what-are-rspamd-actions).
 _RSPAMD_SPAM = {"reject", "rewrite subject", "add header", "soft reject"}
 _RSPAMD_HAM = {"no action", "greylist"}
 

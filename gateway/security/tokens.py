@@ -132,7 +132,7 @@ class Signer:
         """A fingerprint of the signing key: an HMAC of a constant, never the key itself.
 
         Recorded in the database so that every node of one installation can check that it
-        signs with the same key (issue 13 finding 6). Knowing it does not help to forge a
+        signs with the same key (docs/decisions.md D13.6). Knowing it does not help to forge a
         token (HMAC-SHA256 is a PRF: one output says nothing about others)."""
         return hmac.new(self._keys[0], b"support-gateway key fingerprint v1", "sha256").hexdigest()[
             :32
@@ -140,7 +140,7 @@ class Signer:
 
     def installation_id(self) -> str:
         """The value of our loop header: the same on every node that shares the key, unlike
-        a node's host name (issue 13 finding 7), and meaningless to anyone else."""
+        a node's host name (docs/decisions.md D13.7), and meaningless to anyone else."""
         return self.installation_ids()[0]
 
     def installation_ids(self) -> list[str]:

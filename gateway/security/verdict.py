@@ -1,6 +1,6 @@
 """What a sender check proves, and what may be done on its strength: pure decisions.
 
-Issue 10 finding 1: with the nameservers unreachable, ``spf temperror; dmarc temperror`` was
+docs/decisions.md D10.1: with the nameservers unreachable, ``spf temperror; dmarc temperror`` was
 read as "no evidence", so a forged staff reply was relayed to the customer with its commands
 applied, and a forged sender got an acknowledgement (backscatter).  The rule here is the one
 RFC 8601 §2.7 and RFC 7489 §6.6.2 imply: a check that could not complete (``temperror``) is

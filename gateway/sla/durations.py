@@ -1,4 +1,4 @@
-"""One duration grammar for rules, email commands and the CLI (issue 11, item 9).
+"""One duration grammar for rules, email commands and the CLI (docs/decisions.md D11, item 9).
 
 ``#snooze 2d`` used to mean 48 clock hours while ``resolution = "2d"`` in the rules meant
 two *working* days: the same two characters, two meanings, depending on where they were

@@ -3,7 +3,7 @@
 Pure: every function takes the rules and an instant. The escalator, the planner
 (`gateway.sla.plan`), the router's assignment strategies and `rules check`'s coverage report
 all ask these questions, so a person named in a mail is one these functions found on duty
-(issue 11 finding 1: the customer notice used `rules.resolve()` while the ladder used an
+(docs/decisions.md D11.1: the customer notice used `rules.resolve()` while the ladder used an
 on-duty walk, and named a person the ladder then skipped).
 
 A person is **on duty** at an instant when it lies in their calendar's opening hours (no
@@ -222,7 +222,8 @@ def owner_for_window(
     """Who to name as owner for a response window [start, end): `person` when on duty at some
     instant of it, else the first of their backup, manager, the on-call people and the
     default owner who is; else whoever is on duty soonest. The acknowledgement never names
-    someone away (or off duty) for the whole window (issue 11, "Coverage and absence")."""
+    someone away (or off duty) for the whole window (docs/decisions.md D11, "Coverage and
+    absence")."""
     if end is None or end <= start:
         end = start + timedelta(minutes=1)
     chain: list[tuple[str, Person | None]] = [("owner", person)]

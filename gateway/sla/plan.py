@@ -1,6 +1,6 @@
 """The plan of a ticket: what fires when, who holds it and who acts at every step.
 
-One pure computation (issue 11, "One plan, said and done"): for a ticket at a moment it
+One pure computation (docs/decisions.md D11, "One plan, said and done"): for a ticket at a moment it
 lists every warning, breach, ladder step and customer notice (`fires`), and walks the ladder
 forward from the current owner through calendars, absences and on-call (`plan_ticket`), so
 that for every future step it is known who will be assigned or told. The acknowledgement,

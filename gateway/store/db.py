@@ -59,7 +59,7 @@ def make_engine(url: str) -> Engine:
                 # A read (read_scope): a plain deferred transaction, a WAL snapshot that
                 # never takes the write lock, so the escalator's scans and the delivery
                 # worker's reads no longer queue behind (and block) the pipeline's commits
-                # (issue 16 finding 3).
+                # (docs/decisions.md D16.3).
                 conn.exec_driver_sql("BEGIN")
                 return
             # IMMEDIATE: take the write lock at BEGIN, so two writers never deadlock on
@@ -70,7 +70,7 @@ def make_engine(url: str) -> Engine:
     if u.drivername == "postgresql":
         url = u.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
     # A database host that stops answering (network cut) must fail the pipeline in seconds,
-    # not hang it (issue 10; the worker pauses and probes): connect_timeout for new
+    # not hang it (docs/decisions.md D10; the worker pauses and probes): connect_timeout for new
     # connections, TCP keepalives (libpq) for established ones (dead within about a minute).
     args = {
         "connect_timeout": 10,
@@ -100,7 +100,7 @@ MIGRATION_LOCK = 0x7367772D6D696772
 def upgrade(engine: Engine, revision: str = "head") -> None:
     """Apply the migrations; on PostgreSQL under a database-wide advisory lock.
 
-    Several nodes may start at once on one database (issue 13 finding 4: two concurrent
+    Several nodes may start at once on one database (docs/decisions.md D13.4: two concurrent
     upgrades both saw an empty `alembic_version` and one died on its unique key). The lock
     is taken on a connection of its own and held across the whole upgrade, so the second
     node waits, then reads the version the first one committed and finds nothing to do.

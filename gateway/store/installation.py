@@ -1,11 +1,10 @@
 """One installation, one secret: what every node on a shared PostgreSQL must agree on.
 
 Reply tokens and Message-IDs are HMACs (gateway/security/tokens.py). A reply to mail one
-node sent may arrive at any other node, so all nodes must sign with one key (issue 13
-finding 6: with the default, each node generated its own, and replies silently failed to
-verify on the other node). The database records a fingerprint of the key, written by the
-first node that starts; every later start compares and refuses on a mismatch (exit 78 in
-`serve`), saying what to do.
+node sent may arrive at any other node, so all nodes must sign with one key (docs/decisions.md
+D13.6: with the default, each node generated its own, and replies silently failed to verify on the
+other node). The database records a fingerprint of the key, written by the first node that starts;
+every later start compares and refuses on a mismatch (exit 78 in `serve`), saying what to do.
 
 With PostgreSQL and no key configured, a node refuses to start: a key generated beside one
 node's spool cannot work for several nodes, and keeping the key itself in the database

@@ -79,10 +79,11 @@ class Ticket(SQLModel, table=True):
     snoozed_until: datetime | None = None
     acknowledged: bool = False
     # The language of the ticket's letters ("" = not chosen yet) and its brand ("" = the
-    # installation's own identity); both chosen once, kept for the ticket's life (issue 17).
+    # installation's own identity); both chosen once, kept for the ticket's life (docs/decisions.md
+    # D17).
     language: str = ""
     brand: str = ""
-    # The earliest moment of the ticket's escalation plan not fired yet (issue 16): the
+    # The earliest moment of the ticket's escalation plan not fired yet (docs/decisions.md D16): the
     # escalator reads only tickets with escalate_at <= now (indexed), so a pass costs the
     # same at 100 or 100,000 open tickets. NULL = to be planned: set whenever a column the
     # plan depends on changes (`gateway.store.plan_marks`), computed by the escalator.
@@ -119,8 +120,8 @@ class Message(SQLModel, table=True):
     references: str = Field(default="", sa_column=Column(Text, nullable=False, default=""))
     robot: str = ""  # classification reasons, "" for a human
     auth: str = "{}"  # JSON sender-authentication result
-    # The From address was neither authenticated nor the envelope sender (issue 10): the
-    # mail counted as nobody's and made nobody a participant.
+    # The From address was neither authenticated nor the envelope sender (docs/decisions.md D10):
+    # the mail counted as nobody's and made nobody a participant.
     sender_unverified: bool = False
     not_kept: str = "[]"  # JSON list of what was not kept (oversize parts, truncation)
     spool_id: int | None = None
@@ -216,7 +217,7 @@ class EscalationStep(SQLModel, table=True):
 
 
 class AuthRecheck(SQLModel, table=True):
-    """A decision waiting for a sender check that could not complete (issue 10).
+    """A decision waiting for a sender check that could not complete (docs/decisions.md D10).
 
     ``purpose`` ``ack``: the acknowledgement of the message's new ticket is deferred until the
     sender's DKIM/SPF/DMARC verdict is known; ``staff``: a reply on a staff token is held, not
@@ -243,7 +244,7 @@ class AuthRecheck(SQLModel, table=True):
 
 
 class Promise(SQLModel, table=True):
-    """A statement of a person or a time made to someone (issue 11, "One plan, said and
+    """A statement of a person or a time made to someone (docs/decisions.md D11, "One plan, said and
     done"): the acknowledgement's first-response promise, each customer notice's next
     commitment, a staff mail's "answer by". `state` is pending, kept, broken or withdrawn."""
 
@@ -263,7 +264,7 @@ class Promise(SQLModel, table=True):
 
 
 class Junk(SQLModel, table=True):
-    """One message kept out of the ticket queue (issue 18): a route's ``disposition =
+    """One message kept out of the ticket queue (docs/decisions.md D18): a route's ``disposition =
     "junk"``, a blocked sender, or a staff ``#junk`` on a ticket. The raw message and the
     envelope are kept so ``junk release`` can process it as if it had just arrived; ``events``
     is its audit trail (the route trace, the spam verdict, who released it and why)."""
@@ -313,8 +314,8 @@ class BlockedSender(SQLModel, table=True):
 class BundleItem(SQLModel, table=True):
     """A customer's new mail waiting for the bundled acknowledgement or owner notification.
 
-    Issue 12: further new mails from one customer within ``outbound.ack_window`` after an
-    acknowledgement (``purpose`` ``ack``, ``recipient`` = the customer's address) or after an
+    docs/decisions.md D12: further new mails from one customer within ``outbound.ack_window`` after
+    an acknowledgement (``purpose`` ``ack``, ``recipient`` = the customer's address) or after an
     owner notification (``notify``, ``recipient`` = the person id) are not answered one by
     one: each waits here until ``due_at`` (the window's close), when the bundle worker
     (``gateway.pipeline.bundle``) sends ONE message covering all of them.
@@ -337,7 +338,8 @@ class BundleItem(SQLModel, table=True):
 
 
 class SpoolRow(SQLModel, table=True):
-    """The durable spool in the database (PostgreSQL ingest, issue 13; gateway/pgspool.py).
+    """The durable spool in the database (PostgreSQL ingest, docs/decisions.md D13;
+    gateway/pgspool.py).
 
     Same life as an entry of the SQLite spool (gateway/spool.py), plus the node that
     accepted it and the claim: ``claimed_by`` (node name) and ``lease_until`` (epoch

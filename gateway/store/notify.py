@@ -1,4 +1,4 @@
-"""Wakeups across nodes: PostgreSQL LISTEN/NOTIFY (issue 13, issue 11.3).
+"""Wakeups across nodes: PostgreSQL LISTEN/NOTIFY (docs/decisions.md D13, docs/decisions.md D11.3).
 
 On one node the pipeline and the escalator wake the delivery worker through an
 `asyncio.Event`. With several nodes on one PostgreSQL, mail one node queued may be sent by
@@ -32,7 +32,7 @@ log = logging.getLogger("gateway.notify")
 #: The channel for "new outbox rows".
 OUTBOX_CHANNEL = "gateway_outbox"
 #: The channel for "new tickets or customer messages": deadlines changed, escalators look
-#: again (issue 13: an escalation never waits for another node's poll).
+#: again (docs/decisions.md D13: an escalation never waits for another node's poll).
 TICKET_CHANNEL = "gateway_ticket"
 
 

@@ -2,7 +2,7 @@
 marks the ticket "to be planned" (NULL) in the same transaction.
 
 The escalator reads only tickets whose next moment is due (an indexed column) instead of
-every open ticket on every pass (issue 16 finding 4). That is only right if every write
+every open ticket on every pass (docs/decisions.md D16.4). That is only right if every write
 that can move a ticket's next moment also clears the stored one; doing it in one ORM hook
 covers every writer (pipeline stages, staff commands, CLI, HTTP) without each having to
 remember, and it commits or rolls back with the change itself.

@@ -1,7 +1,7 @@
 """Promises: every statement of a person or a time the gateway makes, recorded and settled.
 
-Issue 11 ("One plan, said and done"): the acknowledgement promises a first answer by the
-first-response deadline from the named owner; each customer notice promises the next real
+docs/decisions.md D11 ("One plan, said and done"): the acknowledgement promises a first answer by
+the first-response deadline from the named owner; each customer notice promises the next real
 commitment from the plan (`gateway.sla.plan.TicketPlan.commitment`); a staff mail that states
 a time ("the customer has been told you will answer by ...") promises it to a colleague.
 Each is a `Promise` row so `tickets show` can list what was said and whether it held:

@@ -44,7 +44,8 @@ class SqlLookup:
         self, dedupe_key: str, message_id: str | None
     ) -> tuple[int, int | None] | None:
         # A message a staff `#junk` moved to the junk folder (kind "junk") is no duplicate
-        # of its release (issue 18: released mail is processed as if it had just arrived).
+        # of its release (docs/decisions.md D18: released mail is processed as if it had just
+        # arrived).
         row = self.s.exec(
             select(Message.id, Message.ticket_id).where(
                 Message.dedupe_key == dedupe_key, Message.kind != "junk"
@@ -146,7 +147,7 @@ def xact_lock(session: Session, name: str) -> None:
     SQLite, whose writers are serialised by BEGIN IMMEDIATE anyway).
 
     For check-then-act sequences of several nodes that no unique key can settle alone
-    (issue 13 finding 5): the second node waits, then its next statement sees what the
+    (docs/decisions.md D13.5): the second node waits, then its next statement sees what the
     first committed (READ COMMITTED takes a new snapshot per statement). Every transaction
     takes these locks in pipeline stage order (message, routing, customer, acknowledgement),
     so two of them cannot wait on each other in a cycle."""
@@ -199,7 +200,7 @@ def customer_of(session: Session, address: str) -> int | None:
 def ensure_customer(session: Session, address: str, name: str, now: datetime) -> int | None:
     if not address:
         return None
-    # Two nodes with the first mails of one new customer (issue 13 finding 5): without the
+    # Two nodes with the first mails of one new customer (docs/decisions.md D13.5): without the
     # lock both create a customer and one dies on customer_address's unique key.
     xact_lock(session, f"customer:{address.lower()}")
     found = customer_of(session, address)
@@ -319,7 +320,7 @@ def link(session: Session, ticket_id: int, other_id: int, relation: str, now: da
 def open_ticket_counts(session: Session) -> Mapping[str, int]:
     """Open tickets per owner, counted lazily: only the people least-open routing asks
     about, each with one index range count (ticket_owner_status), instead of reading every
-    ticket for every new one (issue 16 finding 2)."""
+    ticket for every new one (docs/decisions.md D16.2)."""
     return OpenTicketCounts(session)
 
 

@@ -1,4 +1,4 @@
-"""message.sender_unverified: the From address was not proven (issue 10)
+"""message.sender_unverified: the From address was not proven (docs/decisions.md D10)
 
 Revision ID: 0002_participants
 Revises: 0001

@@ -1,4 +1,5 @@
-"""auth_recheck: decisions waiting for a sender check that could not complete (issue 10)
+"""auth_recheck: decisions waiting for a sender check that could not complete (docs/decisions.md
+D10)
 
 Revision ID: 0003_dns
 Revises: 0002_participants

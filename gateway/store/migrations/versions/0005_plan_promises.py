@@ -1,4 +1,4 @@
-"""promises made to customers and colleagues (issue 11)
+"""promises made to customers and colleagues (docs/decisions.md D11)
 
 Revision ID: 0005_plan
 Revises: 0004_delivery

@@ -1,4 +1,4 @@
-"""junk folder, blocked senders and the spam verdict on messages (issue 18)
+"""junk folder, blocked senders and the spam verdict on messages (docs/decisions.md D18)
 
 Revision ID: 0006_junk
 Revises: 0005_plan

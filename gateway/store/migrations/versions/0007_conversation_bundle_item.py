@@ -1,4 +1,5 @@
-"""bundle_item: new mails of one customer waiting for one bundled ack/notification (issue 12)
+"""bundle_item: new mails of one customer waiting for one bundled ack/notification
+(docs/decisions.md D12)
 
 Revision ID: 0007_conversation
 Revises: 0006_junk

@@ -4,8 +4,8 @@ Revision ID: 0008_nodes
 Revises: 0007_conversation
 Create Date: 2026-12-03 09:00:00
 
-`spool_entry` is the durable spool in the database (issue 13): with PostgreSQL an SMTP `250`
-is answered after the message is committed here, so no accepted message depends on one
+`spool_entry` is the durable spool in the database (docs/decisions.md D13): with PostgreSQL an SMTP
+`250` is answered after the message is committed here, so no accepted message depends on one
 node's disk, and every node's pipeline claims from it. It mirrors the SQLite spool's
 columns plus the claim (`claimed_by`, `lease_until`) so that a dead node's claims run out.
 `installation` holds named facts every node must agree on; today the fingerprint of the

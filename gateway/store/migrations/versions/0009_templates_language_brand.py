@@ -1,4 +1,4 @@
-"""the ticket's letter language and brand (issue 17)
+"""the ticket's letter language and brand (docs/decisions.md D17)
 
 Revision ID: 0009_templates
 Revises: 0008_nodes

@@ -1,4 +1,5 @@
-"""escalator's next due moment per ticket; indexes for the per-ticket queries (issue 16)
+"""escalator's next due moment per ticket; indexes for the per-ticket queries (docs/decisions.md
+D16)
 
 Revision ID: 0010_perf
 Revises: 0009_templates

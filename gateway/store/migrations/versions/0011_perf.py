@@ -1,4 +1,5 @@
-"""indexes for the acknowledgement's per-recipient outbox lookups and merged customers (issue 16)
+"""indexes for the acknowledgement's per-recipient outbox lookups and merged customers
+(docs/decisions.md D16)
 
 Revision ID: 0011_perf
 Revises: 0010_perf
