@@ -136,8 +136,8 @@ class Sink:
         data = bytes(envelope.content)
         if self.due_arrived is None and DUE_REF.encode() in data:
             self.due_arrived = time.time()
-        for rcpt in envelope.rcpt_tos:
-            rcpt = rcpt.lower()
+        for address in envelope.rcpt_tos:
+            rcpt = address.lower()
             if rcpt.startswith("c") and rcpt.endswith("@customer.example"):
                 self.arrived.setdefault(rcpt, now)
                 self.signed[rcpt] = data.startswith(b"DKIM-Signature:")

@@ -36,7 +36,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 _spec = importlib.util.spec_from_file_location("e2e", Path(__file__).parent / "e2e.py")
-assert _spec is not None and _spec.loader is not None
+assert _spec is not None
+assert _spec.loader is not None
 e2e = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(e2e)
 

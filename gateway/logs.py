@@ -26,9 +26,8 @@ QUIET = ("alembic", "mail.log", "aiosmtplib", "sqlalchemy", "asyncio")
 def kv(fields: dict[str, Any]) -> str:
     """`key=value` words; values with spaces or quotes are JSON-quoted."""
     out = []
-    for k, v in fields.items():
-        if isinstance(v, list | tuple):
-            v = ",".join(str(x) for x in v)
+    for k, raw in fields.items():
+        v = ",".join(str(x) for x in raw) if isinstance(raw, list | tuple) else raw
         s = "-" if v is None or v == "" else str(v)
         if any(c.isspace() for c in s) or '"' in s or "=" in s:
             s = json.dumps(s, ensure_ascii=False)

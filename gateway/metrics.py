@@ -177,7 +177,7 @@ class EventCounts:
         # small even though details carry addresses.
         rows = conn.execute(
             text(
-                "SELECT type, substr(detail, 1, 40), count(*), max(id) FROM event"
+                "SELECT type, substr(detail, 1, 40), count(*), max(id) FROM event"  # noqa: S608 (placeholders are ':tN' names, the values are bound)
                 f" WHERE id > :last AND type IN ({placeholders})"
                 " GROUP BY type, substr(detail, 1, 40)"
             ),

@@ -400,7 +400,7 @@ class SharedSpool(Spool):
         with self._db() as conn:
             rows = conn.execute(
                 text(
-                    "UPDATE spool_entry SET state='claimed', attempts=attempts+1,"
+                    "UPDATE spool_entry SET state='claimed', attempts=attempts+1,"  # noqa: S608 (only constant SQL is formatted in; values are bound)
                     " claimed_by=:node, lease_until=:until WHERE id IN ("
                     " SELECT id FROM spool_entry WHERE (state='pending' AND not_before <= :now)"
                     " OR (state='claimed' AND lease_until < :now)"
@@ -499,7 +499,8 @@ class SharedSpool(Spool):
     def get(self, entry_id: int) -> SpoolEntry | None:
         with self._db() as conn:
             r = conn.execute(
-                text(f"SELECT {_COLUMNS} FROM spool_entry WHERE id=:id"), {"id": entry_id}
+                text(f"SELECT {_COLUMNS} FROM spool_entry WHERE id=:id"),  # noqa: S608 (a constant)
+                {"id": entry_id},
             ).first()
         return _entry(r) if r is not None else None
 

@@ -94,7 +94,7 @@ def _daemon(settings: Settings, timeout: float = 2.0) -> dict[str, Any]:
     if addr[1] == 0:
         return {"running": None, "detail": "http.listen has port 0: cannot find the daemon"}
     host = addr[0]
-    if host in ("0.0.0.0", "", "*"):
+    if host in ("0.0.0.0", "", "*"):  # noqa: S104 (compares a configured address; binds nothing)
         host = "127.0.0.1"
     elif host == "::":
         host = "::1"

@@ -499,8 +499,7 @@ class GatewaySMTP(SMTP):
                 try:
                     status = await self._call_handler_hook("DATA")
                 finally:
-                    # type: ignore[no-untyped-call]  # aiosmtpd's, untyped
-                    self._set_post_data_state()
+                    self._set_post_data_state()  # type: ignore[no-untyped-call]  # untyped
         finally:
             self.sink = None
             sink.release()

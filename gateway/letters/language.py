@@ -58,7 +58,7 @@ _lock = threading.Lock()
 
 
 def _model() -> Any:
-    global _identifier
+    global _identifier  # noqa: PLW0603 (one lazily loaded model per process, under _lock)
     with _lock:
         if _identifier is None:
             from py3langid.langid import MODEL_FILE, LanguageIdentifier

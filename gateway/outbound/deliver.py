@@ -257,8 +257,8 @@ def _order_hosts(records: Sequence[tuple[int, str]]) -> list[str]:
     random.shuffle(shuffled)
     ordered = sorted(shuffled, key=lambda r: r[0])  # stable: keeps the shuffle within ties
     hosts: list[str] = []
-    for _, host in ordered:
-        host = host.rstrip(".")
+    for _, name in ordered:
+        host = name.rstrip(".")
         if host not in hosts:
             hosts.append(host)
     return hosts

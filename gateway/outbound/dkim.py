@@ -17,7 +17,6 @@ import base64
 import binascii
 import os
 import re
-import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -306,23 +305,10 @@ def dns_record(key: DkimKey) -> str:
 
 
 def _generate_rsa_pem(bits: int) -> bytes:
-    """An unencrypted RSA private key in PEM, from `cryptography` or else the openssl CLI."""
-    try:
-        from cryptography.hazmat.primitives import serialization
-        from cryptography.hazmat.primitives.asymmetric import rsa
-    except ImportError:
-        # dkimpy's dknewkey shells out to openssl too; PKCS#8 output is fine for dkimpy.
-        try:
-            done = subprocess.run(
-                ["openssl", "genpkey", "-algorithm", "RSA", "-pkeyopt", f"rsa_keygen_bits:{bits}"],
-                check=True,
-                capture_output=True,
-            )
-        except (OSError, subprocess.CalledProcessError) as exc:
-            raise RuntimeError(
-                f"cannot generate an RSA key: install 'cryptography' or the openssl CLI ({exc})"
-            ) from exc
-        return done.stdout
+    """An unencrypted RSA private key in PEM (`cryptography` is a dependency: no openssl CLI)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
     private = rsa.generate_private_key(public_exponent=65537, key_size=bits)
     return private.private_bytes(
         serialization.Encoding.PEM,

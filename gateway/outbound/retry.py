@@ -20,7 +20,7 @@ MAX_BACKOFF = timedelta(seconds=4000)  # Postfix maximal_backoff_time (~67 min)
 GIVE_UP_AFTER = timedelta(days=5)  # Postfix maximal_queue_lifetime
 JITTER = 0.10  # ± fraction applied to the clamped delay
 
-_rng = random.Random()
+_rng = random.Random()  # noqa: S311 (retry jitter, not a secret)
 
 
 def next_attempt(

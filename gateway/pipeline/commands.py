@@ -238,7 +238,8 @@ def _other_ticket(desk: Desk, cmd: Command) -> list[str]:
 
 def _ticket(desk: Desk) -> Ticket:
     ticket = desk.ctx.ticket
-    assert ticket is not None and ticket.id is not None
+    assert ticket is not None
+    assert ticket.id is not None
     return ticket
 
 
@@ -304,7 +305,9 @@ def _merge(desk: Desk, cmd: Command) -> str:
     t = _ticket(desk)
     s, now = desk.ctx.session, desk.ctx.now
     into = find_ticket(s, cmd.arg)
-    assert t.id is not None and into is not None and into.id is not None
+    assert t.id is not None
+    assert into is not None
+    assert into.id is not None
     link(s, t.id, into.id, "merged-into", now)
     for p in s.exec(select(Participant).where(Participant.ticket_id == t.id)).all():
         role = "cc" if p.role == "requester" else p.role

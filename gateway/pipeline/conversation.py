@@ -196,7 +196,9 @@ def _is_fresh_human(ctx: Context) -> bool:
 def known_customer_stage(ctx: Context) -> None:
     """After ``route``: a new mail from a customer with open tickets (module docstring)."""
     th = ctx.thread
-    assert th is not None and ctx.parsed is not None and ctx.decision is not None
+    assert th is not None
+    assert ctx.parsed is not None
+    assert ctx.decision is not None
     if not _is_fresh_human(ctx):
         return
     ctx.fresh = "new"
@@ -221,7 +223,8 @@ def known_customer_stage(ctx: Context) -> None:
     if hit is not None:
         cand, why = hit
         target = s.get(Ticket, cand.id)
-        assert target is not None and target.id is not None
+        assert target is not None
+        assert target.id is not None
         ctx.thread = ThreadDecision(
             Disposition.KNOWN_CUSTOMER,
             TicketView(target.id, target.ref, target.status),
@@ -304,7 +307,9 @@ def _last_sent(session: Session, kind: str, rcpt: str, ticket_ids: set[int]) -> 
 
 def _defer(ctx: Context, purpose: str, recipient: str, anchor: datetime | None) -> datetime | None:
     """Put this mail into the bundle for ``recipient``; its close, or None to send at once."""
-    assert ctx.ticket is not None and ctx.ticket.id is not None and ctx.message is not None
+    assert ctx.ticket is not None
+    assert ctx.ticket.id is not None
+    assert ctx.message is not None
     s = ctx.session
     span = window(ctx.services.settings)
     if span <= timedelta(0):
@@ -337,7 +342,8 @@ def _defer(ctx: Context, purpose: str, recipient: str, anchor: datetime | None) 
 
 def bundle_ack(ctx: Context, to: str) -> bool:
     """Respond's helper: is this fresh mail's acknowledgement bundled? (records why)"""
-    assert ctx.ticket is not None and ctx.ticket.id is not None
+    assert ctx.ticket is not None
+    assert ctx.ticket.id is not None
     if not ctx.fresh or not to:
         return False
     anchor = _last_sent(ctx.session, ACK_KIND, to, set())
@@ -359,7 +365,8 @@ def bundle_ack(ctx: Context, to: str) -> bool:
 
 def bundle_notification(ctx: Context, owner: Person) -> bool:
     """Notify's helper: is this fresh mail's owner notification bundled? (records why)"""
-    assert ctx.ticket is not None and ctx.ticket.id is not None
+    assert ctx.ticket is not None
+    assert ctx.ticket.id is not None
     if ctx.ticket.customer_id is None or ctx.kind != "customer":
         return False
     if not ctx.fresh:

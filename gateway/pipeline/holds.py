@@ -34,7 +34,8 @@ def next_check(now: datetime, attempts: int, deadline: datetime) -> datetime:
 
 def hold(ctx: Context, purpose: str, data: dict[str, Any] | None = None) -> AuthRecheck:
     """Record that ``purpose`` (``ack`` or ``staff``) waits for this message's sender check."""
-    assert ctx.message is not None and ctx.message.id is not None
+    assert ctx.message is not None
+    assert ctx.message.id is not None
     window = timedelta(seconds=ctx.services.settings.security.recheck_window)
     # The client the sender is judged by: behind a trusted front MTA, the one it saw, and
     # only then its Authentication-Results (security/relay.py), exactly as the first check.

@@ -138,7 +138,8 @@ def file_junk_stage(ctx: Context) -> None:
 
 def file_junk(ctx: Context) -> Junk | None:
     """Store the message in the junk folder (idempotent for a re-processed spool entry)."""
-    assert ctx.parsed is not None and ctx.junk is not None
+    assert ctx.parsed is not None
+    assert ctx.junk is not None
     s = ctx.session
     source, rule, reason = ctx.junk
     existing = s.exec(

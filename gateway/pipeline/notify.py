@@ -124,8 +124,11 @@ def _references(ctx: Context) -> list[str]:
 def notify_owner_stage(ctx: Context) -> None:
     """Queue the owner's notification for a new ticket or a new customer message, and for a
     new ticket the same notification to each person in the route's ``notify`` list."""
-    assert ctx.thread is not None and ctx.parsed is not None and ctx.message is not None
-    assert ctx.ticket is not None and ctx.ticket.id is not None
+    assert ctx.thread is not None
+    assert ctx.parsed is not None
+    assert ctx.message is not None
+    assert ctx.ticket is not None
+    assert ctx.ticket.id is not None
     if ctx.kind != "customer":
         return  # staff mail, notes, robots, bounces: recorded, nobody paged
     if ctx.verdict is not None and not ctx.verdict.is_human:

@@ -114,8 +114,8 @@ def message_ids(value: str) -> list[str]:
 
 def _addresses(values: list[str]) -> list[tuple[str, str]]:
     out = []
-    for name, addr in address_pairs(values):
-        addr = addr.strip().strip("<>").strip()
+    for name, raw in address_pairs(values):
+        addr = raw.strip().strip("<>").strip()
         if "@" in addr:
             out.append((name, addr.lower()))
     return out

@@ -233,7 +233,9 @@ class AuthRechecker:
         return ctx
 
     def _ack(self, ctx: Context, row: AuthRecheck, waited_out: bool) -> str:
-        assert ctx.ticket is not None and ctx.ticket.id is not None and ctx.parsed is not None
+        assert ctx.ticket is not None
+        assert ctx.ticket.id is not None
+        assert ctx.parsed is not None
         security = self.services.settings.security
         decision = ack_decision(
             ctx.auth, waited_out=waited_out, if_unverified=security.ack_if_unverified

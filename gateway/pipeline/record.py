@@ -28,8 +28,8 @@ from gateway.store.queries import (
 def _recipients(ctx: Context) -> list[str]:
     assert ctx.parsed is not None
     out: list[str] = []
-    for a in [*ctx.parsed.to, *ctx.parsed.cc, *ctx.entry.envelope.rcpt_tos]:
-        a = a.lower()
+    for raw in [*ctx.parsed.to, *ctx.parsed.cc, *ctx.entry.envelope.rcpt_tos]:
+        a = raw.lower()
         if a and a not in out:
             out.append(a)
     return out
@@ -51,7 +51,8 @@ def _audience(ctx: Context) -> list[str]:
 
 
 def _create_ticket(ctx: Context) -> Ticket:
-    assert ctx.parsed is not None and ctx.decision is not None
+    assert ctx.parsed is not None
+    assert ctx.decision is not None
     s = ctx.session
     d = ctx.decision
     settings = ctx.services.settings
@@ -140,7 +141,8 @@ def record_duplicate(ctx: Context) -> None:
 
 
 def record(ctx: Context) -> None:
-    assert ctx.parsed is not None and ctx.thread is not None
+    assert ctx.parsed is not None
+    assert ctx.thread is not None
     s = ctx.session
     p = ctx.parsed
     th = ctx.thread

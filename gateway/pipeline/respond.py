@@ -85,7 +85,8 @@ def _is_ours(ctx: Context, address: str) -> bool:
 
 def _suppression(ctx: Context, to: str) -> str | None:
     """Why no acknowledgement goes out, or None when one should."""
-    assert ctx.decision is not None and ctx.ticket is not None
+    assert ctx.decision is not None
+    assert ctx.ticket is not None
     if ctx.decision.acknowledge is False:
         route = ctx.decision.route or "(defaults)"
         return f"route {route} says acknowledge = false"
@@ -120,7 +121,8 @@ def _acks_today(ctx: Context, to: str) -> int:
 
 def _cap_tripped(ctx: Context, to: str, owner: Person) -> None:
     """Tell the owner ONCE per sender per day; the mail itself is recorded regardless."""
-    assert ctx.ticket is not None and ctx.ticket.id is not None
+    assert ctx.ticket is not None
+    assert ctx.ticket.id is not None
     since = ctx.now - timedelta(hours=24)
     marker = f"<{to}>"
     already = ctx.session.exec(
@@ -193,7 +195,8 @@ def _stats_query(ctx: Context, queue: str) -> list[timedelta]:
 def note_unanswered(ctx: Context) -> None:
     """A robot's mail that opened no ticket (an unmatched auto-reply or bounce) is recorded
     ticketless; say on its message why nobody answered it."""
-    assert ctx.message is not None and ctx.verdict is not None
+    assert ctx.message is not None
+    assert ctx.verdict is not None
     if ctx.verdict.is_human:
         return  # human wording with the null reverse-path: the disposition says enough
     reason = f"{ctx.verdict.kind}: " + "; ".join(ctx.verdict.reasons)
@@ -213,7 +216,9 @@ def respond(ctx: Context) -> None:
         # docs/decisions.md D12: a new mail that went into the customer's ticket
         _ack_joined_mail(ctx)
         return
-    assert ctx.ticket is not None and ctx.decision is not None and ctx.parsed is not None
+    assert ctx.ticket is not None
+    assert ctx.decision is not None
+    assert ctx.parsed is not None
     ticket = ctx.ticket
     assert ticket.id is not None
     msg_id = ctx.message.id if ctx.message is not None else None
@@ -268,7 +273,9 @@ def _ack_joined_mail(ctx: Context) -> None:
     confirmed too (they did not reply, so they cannot know where it went): through the
     bundle (gateway.pipeline.bundle), at once when no acknowledgement went out within
     ``outbound.ack_window``, else with the others when the window closes."""
-    assert ctx.ticket is not None and ctx.ticket.id is not None and ctx.message is not None
+    assert ctx.ticket is not None
+    assert ctx.ticket.id is not None
+    assert ctx.message is not None
     to = _recipient(ctx)
     why: str | None = None
     if ctx.verdict is not None and not ctx.verdict.may_acknowledge:
@@ -340,7 +347,9 @@ def send_ack_now(
     deadlines (``late``) gets the one honest late message instead. Returns whether a letter
     was queued.
     """
-    assert ctx.ticket is not None and ctx.ticket.id is not None and ctx.parsed is not None
+    assert ctx.ticket is not None
+    assert ctx.ticket.id is not None
+    assert ctx.parsed is not None
     ticket = ctx.ticket
     assert ticket.id is not None
     s = ctx.session
@@ -448,7 +457,8 @@ def _record_promise(
     """The acknowledgement (or the late message) promised the customer a first answer from
     the named owner by `due`: record it so the escalator enforces it and `tickets show`
     lists it (docs/decisions.md D11, "One plan, said and done")."""
-    assert ctx.ticket is not None and ctx.ticket.id is not None
+    assert ctx.ticket is not None
+    assert ctx.ticket.id is not None
     promises.record(
         ctx.session,
         ticket_id=ctx.ticket.id,

@@ -33,8 +33,8 @@ def facts_from(
 ) -> MessageFacts:
     """What the rules may look at, from a parsed message and its envelope."""
     recipients: list[str] = []
-    for a in [*rcpt_tos, *p.to, *p.cc]:
-        a = a.lower()
+    for raw in [*rcpt_tos, *p.to, *p.cc]:
+        a = raw.lower()
         if a not in recipients:
             recipients.append(a)
     return MessageFacts(

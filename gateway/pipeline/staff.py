@@ -126,7 +126,8 @@ def strip_quoted(text: str) -> str:
 
 def _event(ctx: Context, type_: str, detail: str, data: object = None) -> None:
     # `record` has already written and cleared ctx.events: add ours directly.
-    assert ctx.ticket is not None and ctx.message is not None
+    assert ctx.ticket is not None
+    assert ctx.message is not None
     add_event(
         ctx.session,
         ctx.ticket.id,
@@ -154,7 +155,8 @@ def _owner(ctx: Context) -> Person | None:
 
 def _tell(ctx: Context, person: Person, subject: str, body: str) -> None:
     """One notification (Outbox kind ``notification``, null sender) to a staff person."""
-    assert ctx.ticket is not None and ctx.parsed is not None
+    assert ctx.ticket is not None
+    assert ctx.parsed is not None
     notify_owner(
         ctx.session,
         ctx.services.settings,
@@ -196,7 +198,9 @@ def _unverified_reason(ctx: Context, issued_to: Person | None, person_id: str) -
 
 
 def _unverified(ctx: Context, why: str) -> None:
-    assert ctx.ticket is not None and ctx.message is not None and ctx.parsed is not None
+    assert ctx.ticket is not None
+    assert ctx.message is not None
+    assert ctx.parsed is not None
     ctx.message.kind = "note"
     ctx.session.add(ctx.message)
     _event(ctx, "unverified-staff-reply", f"not relayed, nothing applied: {why}")
@@ -217,7 +221,9 @@ def _unverified(ctx: Context, why: str) -> None:
 
 
 def _colleague(ctx: Context, issued_to: Person, colleague: Person) -> None:
-    assert ctx.ticket is not None and ctx.ticket.id is not None and ctx.parsed is not None
+    assert ctx.ticket is not None
+    assert ctx.ticket.id is not None
+    assert ctx.parsed is not None
     t = ctx.ticket
     assert t.id is not None
     add_participant(ctx.session, t.id, colleague.email, "staff", ctx.now)
@@ -276,7 +282,9 @@ def _customer_recipients(ctx: Context, ticket: Ticket) -> list[str]:
 
 def _relay(ctx: Context, person: Person, text: str) -> str:
     """Queue the reply to the customer; returns what the confirmation says about it."""
-    assert ctx.ticket is not None and ctx.ticket.id is not None and ctx.parsed is not None
+    assert ctx.ticket is not None
+    assert ctx.ticket.id is not None
+    assert ctx.parsed is not None
     assert ctx.message is not None
     t = ctx.ticket
     assert t.id is not None
@@ -386,7 +394,8 @@ def _merge_told(ctx: Context, actor: Person, merged: Ticket, into: Ticket) -> No
     """docs/decisions.md D12: both owners are told of a merge (Zammad and OTRS fixed the silent
     merge as a bug); the target's owner gets the merged ticket's customer messages in full. From now
     on every reply to ``merged`` lands in ``into`` (``thread.decide``'s ``merged_into``)."""
-    assert merged.id is not None and into.id is not None
+    assert merged.id is not None
+    assert into.id is not None
     s = ctx.session
     rules = ctx.services.rules
     texts = [
@@ -446,7 +455,9 @@ def _merge_told(ctx: Context, actor: Person, merged: Ticket, into: Ticket) -> No
 
 
 def _verified(ctx: Context, person: Person) -> None:
-    assert ctx.ticket is not None and ctx.parsed is not None and ctx.message is not None
+    assert ctx.ticket is not None
+    assert ctx.parsed is not None
+    assert ctx.message is not None
     t = ctx.ticket
     desk = _Desk(ctx, person)
     commands, rest, errors = parse_commands(ctx.parsed.text)

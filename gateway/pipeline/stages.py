@@ -138,7 +138,8 @@ def authenticate_stage(ctx: Context) -> None:
 
 
 def thread_stage(ctx: Context) -> None:
-    assert ctx.parsed is not None and ctx.verdict is not None
+    assert ctx.parsed is not None
+    assert ctx.verdict is not None
     settings = ctx.services.settings
     # Two nodes with the same message (a lease ran out, or one Message-ID sent to two MX
     # hosts): the second waits, then finds the first one's row and records a duplicate.

@@ -68,7 +68,7 @@ class Disposition(StrEnum):
     """
 
     DUPLICATE = "duplicate"  # stored before: record that, nothing else
-    REPLY_TOKEN = "reply-token"  # a signed reply address (customer or staff token)
+    REPLY_TOKEN = "reply-token"  # a signed reply address (customer or staff token)  # noqa: S105 (a disposition name, not a password)
     OUR_MESSAGE_ID = "our-message-id"  # a reply to a Message-ID we signed
     KNOWN_MESSAGE_ID = "known-message-id"  # a reply to a stored message of a ticket
     SUBJECT_REF = "subject-ref"  # the subject names a ticket the sender takes part in

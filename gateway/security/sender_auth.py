@@ -359,7 +359,7 @@ _POOL_LOCK = threading.Lock()
 def _executor() -> ThreadPoolExecutor:
     """One small pool per process for the concurrent checks (created on first use, so a
     spawned pipeline process builds its own)."""
-    global _POOL
+    global _POOL  # noqa: PLW0603 (one lazily created pool per process, under _POOL_LOCK)
     with _POOL_LOCK:
         if _POOL is None:
             _POOL = ThreadPoolExecutor(max_workers=8, thread_name_prefix="sender-auth")

@@ -47,7 +47,7 @@ __all__ = [
     "Signer",
 ]
 
-TOKEN_VERSION = "1"
+TOKEN_VERSION = "1"  # noqa: S105 (a format version, not a password)
 MESSAGE_ID_VERSION = "g1"
 #: ``support+`` (8) + token must fit the 64-octet local part (RFC 5321 §4.5.3.1.1).
 MAX_TOKEN_LENGTH = 56

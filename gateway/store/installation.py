@@ -68,7 +68,7 @@ def check_fingerprint(engine: Engine, fingerprint: str, node: str) -> None:
         ).one()
     if row[0] != fingerprint:
         raise ConfigError(
-            f"this node's secret key differs from the installation's (key fingerprint"
+            f"this node's secret key differs from the installation's (key fingerprint"  # noqa: S608 (an error message, not SQL)
             f" {fingerprint[:12]}…, the database has {row[0][:12]}… recorded by node"
             f" {row[1] or '?'} at {row[2] or '?'}): replies and Message-IDs signed by one node"
             f" would not verify on another; {SHARE_HOWTO}. To change the key of the whole"
