@@ -27,6 +27,7 @@ from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any
 
+from gateway.letters.headers import LOOP_HEADER
 from gateway.pipeline.bounce import parse_bounce
 from gateway.pipeline.classify import classify
 from gateway.pipeline.context import Context
@@ -245,8 +246,6 @@ CHAINS: Mapping[Disposition, tuple[Stage, ...]] = MappingProxyType(
 #: A stage that sent the message to the junk folder (`ctx.junk` set: a blocked sender, a
 #: route's `disposition = "junk"`) ends its chain; this one follows instead (docs/decisions.md D18).
 JUNK: tuple[Stage, ...] = (file_junk_stage,)
-
-LOOP_HEADER = "X-Support-Gateway-Loop"
 
 
 def run_stages(
