@@ -27,7 +27,6 @@ if TYPE_CHECKING:
     # Types only: the plan and the rows are the letter's facts, read elsewhere.
     from gateway.sla.business_time import BusinessCalendar
     from gateway.sla.plan import Commitment, Fire
-    from gateway.store.models import Message, Ticket
 
 __all__ = [
     "Facts",
@@ -44,14 +43,44 @@ __all__ = [
 
 
 class Person(Protocol):
-    """A person as a letter names them (`gateway.routing.model.Person` is one); a protocol,
-    so the letters need not import the rules model (docs/architecture.md, "Layers")."""
+    """A person as a letter names them (`gateway.routing.model.Person` is one). These are
+    protocols, so the letters import neither the rules model nor the tables
+    (docs/architecture.md, "Layers")."""
 
     @property
     def name(self) -> str: ...
 
     @property
     def email(self) -> str: ...
+
+
+class Ticket(Protocol):
+    """What a letter states about a ticket (`gateway.store.models.Ticket` is one)."""
+
+    @property
+    def ref(self) -> str: ...
+
+    @property
+    def subject(self) -> str: ...
+
+    @property
+    def requester(self) -> str: ...
+
+    @property
+    def owner(self) -> str: ...
+
+
+class Message(Protocol):
+    """The customer's message a letter quotes (`gateway.store.models.Message` is one)."""
+
+    @property
+    def at(self) -> datetime: ...
+
+    @property
+    def from_address(self) -> str: ...
+
+    @property
+    def text(self) -> str: ...
 
 
 #: The clock names of the event log (English, like the log itself).
