@@ -32,7 +32,8 @@ import pytest
 from gateway.pipeline.bounce import BounceInfo, parse_bounce
 from gateway.pipeline.classify import RobotVerdict, classify
 
-pytestmark = pytest.mark.slow
+# One worker parses the corpus once for all the tests below (the module-scoped `results`).
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("bounce_corpus")]
 
 CORPUS = (
     Path(os.environ.get("GATEWAY_CORPORA", Path(__file__).resolve().parents[1] / "data"))
