@@ -76,8 +76,14 @@ class Daemon:
         self.proc.send_signal(sig)
 
     def wait(self, timeout: float = 30) -> int:
-        code = self.proc.wait(timeout=timeout)
-        self.close()
+        try:
+            code = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()  # fail this test, and leave no child to a later one's warnings
+            self.proc.wait()
+            raise
+        finally:
+            self.close()
         return code
 
     def close(self) -> None:
