@@ -8,7 +8,9 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
+import psycopg
 import pytest
 from sqlalchemy.engine import Engine
 
@@ -20,6 +22,20 @@ from tests.support.relay import CaptureRelay
 RULES = Path(__file__).parent / "support" / "rules"
 PG_URL = os.environ.get("GATEWAY_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Temporary folders (tmp_path: the SQLite databases and spools) on a RAM file system
+    when the machine has one: SQLite runs with synchronous=FULL (docs/design.md §2), so
+    every commit waits for an fsync, which on a shared disk costs the suite minutes and
+    proves nothing that a process kill (the crash the tests make) does not. Only where no
+    folder was chosen (`--basetemp`, PYTEST_DEBUG_TEMPROOT, TMPDIR); with pytest-xdist the
+    controller picks it and the workers get their folders inside it."""
+    if config.option.basetemp or os.environ.get("PYTEST_DEBUG_TEMPROOT") or "TMPDIR" in os.environ:
+        return
+    shm = Path("/dev/shm")
+    if shm.is_dir() and os.access(shm, os.W_OK | os.X_OK):
+        os.environ["PYTEST_DEBUG_TEMPROOT"] = str(shm)
 
 
 @pytest.fixture
@@ -70,32 +86,57 @@ def settings(tmp_path: Path) -> Settings:
     return make_settings(tmp_path)
 
 
-def _pg_database() -> Iterator[str]:
-    import psycopg
-
+def _pg_admin() -> psycopg.Connection[Any]:
     base = PG_URL.replace("postgresql+psycopg://", "postgresql://")
     try:
-        admin = psycopg.connect(base, autocommit=True, connect_timeout=3)
+        return psycopg.connect(base, autocommit=True, connect_timeout=3)
     except Exception as exc:
         if IN_CI:
             pytest.fail(f"PostgreSQL is required in CI but not reachable at {PG_URL}: {exc}")
         pytest.skip(f"PostgreSQL not reachable at {PG_URL}: {exc}")
+
+
+def _pg_url(name: str) -> str:
+    return PG_URL.rsplit("/", 1)[0] + "/" + name
+
+
+def _pg_database(template: str | None = None) -> Iterator[str]:
+    """A database of its own for one test (a fresh name, so parallel workers never meet),
+    dropped afterwards; empty unless copied from `template`."""
+    admin = _pg_admin()
     name = f"gw_test_{uuid.uuid4().hex[:12]}"
-    admin.execute(f'CREATE DATABASE "{name}"')
+    clause = f' TEMPLATE "{template}"' if template else ""
+    admin.execute(f'CREATE DATABASE "{name}"{clause}')
     try:
-        yield PG_URL.rsplit("/", 1)[0] + "/" + name
+        yield _pg_url(name)
     finally:
         admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         admin.close()
 
 
+@pytest.fixture(scope="session")
+def pg_migrated_template() -> Iterator[str]:
+    """One database per test process migrated to the head revision, which the tests that
+    want a migrated database copy (CREATE DATABASE ... TEMPLATE) instead of running every
+    migration again: about a second less per test. Tests of the migrations themselves
+    (first starts, concurrent upgrades) keep using `_pg_database()`, which is empty."""
+    database = _pg_database()
+    url = next(database)
+    try:
+        open_database(url).dispose()  # no session may stay connected to a template
+        yield url.rsplit("/", 1)[1]
+    finally:
+        database.close()  # dropped
+
+
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """Run the test once against SQLite and once against PostgreSQL."""
+    """Run the test once against SQLite and once against PostgreSQL (a copy of the
+    migrated template: what `open_database()` would have made of an empty one)."""
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path}/gateway.db"
     else:
-        yield from _pg_database()
+        yield from _pg_database(request.getfixturevalue("pg_migrated_template"))
 
 
 @pytest.fixture

@@ -55,14 +55,17 @@ class Daemon:
             stderr=subprocess.STDOUT,
             env=env,
         )
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:  # bounded wait for start-up
+        # Bounded wait for start-up (work, not a deadline), as long as test_multinode's: with
+        # four test workers on two cores, several children import the gateway at once.
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
             if b"listening on" in self.log_path.read_bytes():
                 return
             if self.proc.poll() is not None:
                 break
             time.sleep(0.05)
         self.proc.kill()
+        self.proc.wait()  # reaped here, not later as a warning inside another test
         self.close()
         raise AssertionError(f"daemon did not start: {self.output()}")
 
@@ -73,8 +76,14 @@ class Daemon:
         self.proc.send_signal(sig)
 
     def wait(self, timeout: float = 30) -> int:
-        code = self.proc.wait(timeout=timeout)
-        self.close()
+        try:
+            code = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()  # fail this test, and leave no child to a later one's warnings
+            self.proc.wait()
+            raise
+        finally:
+            self.close()
         return code
 
     def close(self) -> None:

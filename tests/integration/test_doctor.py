@@ -110,7 +110,7 @@ async def test_a_correct_installation_is_all_ok(tmp_path: Path) -> None:
         checks = await asyncio.to_thread(
             run_checks, None, settings=settings, resolver=zone(settings), now=NOW
         )
-    print(format_text(checks))  # the figure for the closing note: pytest -s -k correct
+    print(format_text(checks))  # the figure for the closing note: pytest -n 0 -s -k correct
     got = by_name(checks)
     assert [c for c in checks if c.status != "ok"] == []
     assert set(got) == {

@@ -14,7 +14,7 @@ not restarted. What must hold (the acceptance of issue 13):
 - three simultaneous first starts on an empty database all come up;
 - a node with another secret refuses to start (exit 78) and says what to do.
 
-The figures are printed (`pytest -s tests/integration/test_multinode.py`).
+The figures are printed (`pytest -n 0 -s tests/integration/test_multinode.py`).
 """
 
 from __future__ import annotations

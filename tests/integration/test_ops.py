@@ -312,7 +312,7 @@ async def test_real_daemon_metrics_status_and_log_lines(tmp_path: Path) -> None:
             # Pipeline counts cross the process boundary over the notify pipe.
             await wait_for(processed, "10 processed and delivered")
             _, text = await aget(http_port, "/metrics")
-            # The figure for the closing note (pytest -s prints it).
+            # The figure for the closing note (pytest -n 0 -s prints it).
             print(*[x for x in text.splitlines() if x.startswith("support_gateway_")], sep="\n")
             assert sample(text, "support_gateway_smtp_messages_accepted_total") == 10
             assert sample(text, "support_gateway_tickets_open") == 10

@@ -89,7 +89,7 @@ class ServeProcess:
         )
 
     async def started(self) -> None:
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 60  # as test_multinode's: workers start children at once
         while time.monotonic() < deadline:  # bounded wait for start-up
             if b"listening on" in self.log_path.read_bytes():
                 return

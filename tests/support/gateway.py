@@ -2,21 +2,59 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import shutil
+import sqlite3
+import tempfile
 from collections.abc import AsyncIterator, Sequence
 from email.message import EmailMessage
 from email.utils import make_msgid
+from pathlib import Path
 
 import aiosmtplib
+from sqlalchemy.engine import make_url
 from sqlmodel import Session, select
 
 from gateway.app import Gateway
 from gateway.clock import Clock
 from gateway.security.dns import StaticResolver
 from gateway.settings import Settings
+from gateway.store.db import open_database
 from gateway.store.models import Ticket
 from gateway.store.queries import find_ticket
 from gateway.views import ticket_detail
+
+_template: list[Path] = []  # this process's migrated SQLite database (made once)
+
+
+def _migrated_template() -> Path:
+    if not _template:
+        folder = Path(tempfile.mkdtemp(prefix="gw-migrated-"))
+        atexit.register(shutil.rmtree, folder, True)
+        path = folder / "gateway.db"
+        open_database(f"sqlite:///{path}").dispose()
+        with contextlib.closing(sqlite3.connect(path)) as c:
+            c.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # everything in the main file
+        _template.append(path)
+    return _template[0]
+
+
+def seed_migrated_database(settings: Settings) -> None:
+    """Start a new SQLite database as a copy of one migrated to the head revision, which is
+    what `open_database()` makes of a missing file (it then finds nothing to migrate): the
+    migrations cost about 0.15 s of CPU per gateway started, hundreds of times a run. The
+    migrations themselves still run from an empty file wherever a test opens a database
+    otherwise (the `db` fixture, every `serve` and CLI child process, PostgreSQL)."""
+    url = make_url(settings.storage.database_url)
+    if url.get_backend_name() != "sqlite" or not url.database or url.database == ":memory:":
+        return
+    target = Path(url.database)
+    if target.exists():
+        return
+    target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    shutil.copyfile(_migrated_template(), target)
+    target.chmod(0o600)  # as make_engine creates it (customers' mail)
 
 
 @contextlib.asynccontextmanager
@@ -24,6 +62,7 @@ async def running_gateway(
     settings: Settings, clock: Clock, *, workers: bool = False
 ) -> AsyncIterator[Gateway]:
     """The gateway, listening. With workers=False the test drives `pipeline.run_once()`."""
+    seed_migrated_database(settings)
     gw = Gateway(settings, clock=clock, resolver=StaticResolver({}))
     await gw.start(workers=workers)
     try:

@@ -11,7 +11,9 @@ hours in a stopped node's spool: `gateway.escalation.late.collapse` + `send_late
 stage does). The rules (tests/support/rules_sla/) have off-duty hours, absences and a 24x7
 policy served by office-hours people plus an on-call person. A frozen clock advances in
 10-minute ticks; each tick runs the escalator first (it wakes exactly at a moment in
-production), then the tick's actions.
+production), then the tick's actions. Ticks at which nothing can happen are skipped, as the
+daemon sleeps until `Escalator.next_due()` (`next_tick`): the same passes that do anything,
+about a third fewer in all.
 
 Figures (`Report`): promises made, kept, broken, withdrawn; broken customer promises with
 no notice (goal 0); statements naming a person who did not act on that step (goal 0);
@@ -20,6 +22,7 @@ notices within 60 s of each other to one customer (goal 0).
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import json
 import random
@@ -30,10 +33,12 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import func
 from sqlalchemy.engine import Engine
-from sqlmodel import Session, select
+from sqlmodel import Session, col, select
 
 from gateway.clock import FrozenClock
+from gateway.escalation.escalator import Escalator
 from gateway.escalation.late import collapse, send_late
 from gateway.security.tokens import Signer
 from gateway.sla import clocks
@@ -122,12 +127,15 @@ def run_week(db: Engine, tmp_path: Path, count: int, seed: int = SEED) -> Report
     acks: list[tuple[str, datetime]] = []  # (customer, when) of acknowledgements
     reassigned: dict[int, list[datetime]] = {}
     clocks_seen = Clocks()
+    action_ticks = sorted(by_tick)
     started = time.monotonic()
     fired = 0
+    passes = 0
     now = START
     while now <= END:
         clock.set(now)
         fired += escalator.run_once()
+        passes += 1
         todo = by_tick.get(now, [])
         if todo:
             with Session(db) as s:
@@ -148,9 +156,10 @@ def run_week(db: Engine, tmp_path: Path, count: int, seed: int = SEED) -> Report
                         clocks_seen,
                     )
                 s.commit()
-        now += TICK
+        now = next_tick(now, bool(todo), escalator, db, action_ticks)
     elapsed = time.monotonic() - started
     report = _report(db, rules, stories, ids, acks, reassigned, fired, elapsed, count)
+    report.figures["escalator passes"] = passes
     _check_clocks(db, rules, clocks_seen, report)
     return report
 
@@ -175,6 +184,37 @@ class Clocks:
             # in time (both land on a closing instant): track the latest.
             self.armed[(t.id, c, due)] = None
             self.stopped.pop((t.id, c, due), None)
+
+
+def next_tick(
+    now: datetime, acted: bool, escalator: Escalator, db: Engine, action_ticks: list[datetime]
+) -> datetime:
+    """The next tick at which anything can happen, as the daemon's escalator loop sleeps
+    until `Escalator.next_due()` unless a new ticket or reply wakes it: the tick after one
+    with actions (their promises settle on the next pass, as before), the next tick with
+    actions, the first tick at or after the escalator's next moment, and the first tick at
+    or after a pending promise's due time. The ticks in between would run passes that find
+    nothing due, so skipping them changes no figure; it also makes the week depend on
+    `next_due` being right (a moment it missed would fire late and fail the ladder check).
+    """
+    step = now + TICK
+    if acted:
+        return step
+    candidates = [END + TICK]
+    later = bisect.bisect_right(action_ticks, now)
+    if later < len(action_ticks):
+        candidates.append(action_ticks[later])
+    due = escalator.next_due()
+    if due is not None:
+        candidates.append(ceil_tick(due))
+    with Session(db) as s:
+        promised = s.exec(
+            select(func.min(col(Promise.due))).where(col(Promise.state) == "pending")
+        ).one()
+    promised_at = clocks.utc(promised)
+    if promised_at is not None:
+        candidates.append(ceil_tick(promised_at))
+    return max(step, min(candidates))
 
 
 def ceil_tick(moment: datetime) -> datetime:

@@ -4,7 +4,7 @@ Corpus: sisimai "set-of-emails" (BSD 2-clause), ``tests/data/bounces-sisimai/mai
 ``bsd/`` holds 629 bounces, auto-replies and feedback reports from dozens of MTAs; ``not/``
 holds messages that are not bounces. No per-file answers are encoded here: every file must
 pass the same rules, and the shares below are thresholds under what was measured
-(see the printed summary, ``pytest -s``).
+(see the printed summary, ``pytest -n 0 -s``).
 
 Measured when written (Python 3.11, email.policy.default):
 * null envelope sender: 629/629 not acknowledged;
@@ -32,7 +32,8 @@ import pytest
 from gateway.pipeline.bounce import BounceInfo, parse_bounce
 from gateway.pipeline.classify import RobotVerdict, classify
 
-pytestmark = pytest.mark.slow
+# One worker parses the corpus once for all the tests below (the module-scoped `results`).
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("bounce_corpus")]
 
 CORPUS = (
     Path(os.environ.get("GATEWAY_CORPORA", Path(__file__).resolve().parents[1] / "data"))
