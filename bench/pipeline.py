@@ -72,8 +72,8 @@ def watch_sql(engine: Any, stats: dict[str, list[float]]) -> None:
 
 
 def run(args: argparse.Namespace, db_url: str, tmp: Path) -> None:
-    from gateway.factories import build_spool
     from gateway.clock import SystemClock
+    from gateway.factories import build_spool
     from gateway.pipeline.context import Services
     from gateway.pipeline.worker import PipelineWorker
     from gateway.routing.holder import RulesHolder

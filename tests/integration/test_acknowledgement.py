@@ -132,11 +132,10 @@ async def test_human_mail_gets_one_signed_honest_ack(env: Env) -> None:
     assert kinds == [("in", "customer"), ("out", "ack")]
     assert len(_events(env.gw, t.ref, "ack-sent")) == 1
     [row] = _outbox(env.gw)
-    assert row.state == "sent" and row.sent_at == env.clock.now()
-    assert (
-        row.raw.startswith(b"DKIM-Signature")
-        and row.raw.split(b"\r\n\r\n")[1:] == (ack.data.split(b"\r\n\r\n")[1:])
-    )
+    assert row.state == "sent"
+    assert row.sent_at == env.clock.now()
+    assert row.raw.startswith(b"DKIM-Signature")
+    assert row.raw.split(b"\r\n\r\n")[1:] == (ack.data.split(b"\r\n\r\n")[1:])
 
     # Nothing more goes out later.
     env.clock.advance(timedelta(hours=2))
@@ -180,7 +179,8 @@ async def test_attachments_and_not_kept_are_reported(env: Env) -> None:
     [ack] = env.relay.messages
     text = _text(ack)
     assert "2 attachments" in text
-    assert "a.pdf" in text and "b.png" in text
+    assert "a.pdf" in text
+    assert "b.png" in text
 
 
 def _robot(kind: str) -> tuple[EmailMessage, str | None]:
@@ -254,7 +254,9 @@ async def test_relay_down_then_up_delivers_exactly_once(env: Env) -> None:
     await send(env.gw, make_mail())
     assert await env.process() == 1  # one attempt, deferred
     [row] = _outbox(env.gw)
-    assert row.state == "queued" and row.attempts == 1 and row.last_error
+    assert row.state == "queued"
+    assert row.attempts == 1
+    assert row.last_error
     assert row.next_attempt_at > env.clock.now()
     # Not due yet: nothing is tried.
     assert await env.worker.run_once() == 0
@@ -268,7 +270,8 @@ async def test_relay_down_then_up_delivers_exactly_once(env: Env) -> None:
     assert await env.worker.run_once() == 0
     assert len(env.relay.messages) == 1
     [row] = _outbox(env.gw)
-    assert row.state == "sent" and row.attempts == 2
+    assert row.state == "sent"
+    assert row.attempts == 2
 
 
 async def test_permanent_failure_tells_the_owner_not_the_customer(env: Env) -> None:
@@ -302,8 +305,8 @@ async def test_failed_notification_is_not_notified(env: Env) -> None:
 
 async def test_daily_cap_stops_acks_and_tells_the_owner_once(env: Env) -> None:
     cap = env.gw.settings.outbound.daily_ack_cap
-    # One ack per mail, as fast as they come: no bundling window (issue 12 bundles them;
-    # tests/integration/test_conversation.py covers that).
+    # One ack per mail, as fast as they come: no bundling window (docs/decisions.md D12 bundles
+    # them; tests/integration/test_conversation.py covers that).
     env.gw.settings.outbound.ack_window = "0s"
 
     for i in range(cap + 3):

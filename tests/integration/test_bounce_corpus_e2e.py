@@ -1,4 +1,4 @@
-"""Issue 5: the whole sisimai `bsd` bounce corpus, sent with a null sender over SMTP.
+"""docs/decisions.md D5: the whole sisimai `bsd` bounce corpus, sent with a null sender over SMTP.
 
 Zero acknowledgements, zero new tickets, every message recorded; and DSNs that report on one
 of OUR outbound messages (its Message-ID rewritten into real DSNs) attach to that ticket.
@@ -103,7 +103,8 @@ async def test_bounce_corpus_gets_no_ack_and_no_ticket(
         # identical in envelope and bytes collapse in the spool, docs/design.md §2).
         distinct = len({crlf(r) for r in raws})
         assert recorded + duplicates == 1 + distinct
-        assert len(attached) == 3 and len(bounce_events) == 3
+        assert len(attached) == 3
+        assert len(bounce_events) == 3
         # The rewritten DSNs report failures for other addresses; pat stays deliverable
         # unless named, and every named failed recipient is now marked.
         marked = [e for e in ticket_json(gw, ticket.ref)["events"] if e["type"] == "undeliverable"]

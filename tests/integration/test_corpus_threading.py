@@ -37,7 +37,8 @@ def test_ground_truth_maps_every_message() -> None:
     messages, mapping = load_corpus()
     assert len(messages) == 292
     assert mapping.mapped == mapping.verified == 292, mapping.mismatches
-    assert not mapping.unmapped_index and not mapping.unmapped_mbox
+    assert not mapping.unmapped_index
+    assert not mapping.unmapped_mbox
     assert len(mapping.truth.threads()) == 60
     assert all(m.raw.count(b"\n") == m.raw.count(b"\r\n") for m in messages)
 

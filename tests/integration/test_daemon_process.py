@@ -189,7 +189,8 @@ async def test_sigterm_stops_gracefully_and_sighup_reloads_rules(tmp_path: Path)
         code = proc.wait(timeout=30)
         out = proc.output()
     assert code == 0
-    assert "rules reload FAILED" in out and "unknown person 'ghost'" in out
+    assert "rules reload FAILED" in out
+    assert "unknown person 'ghost'" in out
     assert "stopping" in out
 
 
@@ -225,7 +226,8 @@ def test_pipe_mode_ingest_is_durable_and_processed_later(tmp_path: Path) -> None
     assert r.returncode == 0, r.stderr
     r = run_cli(cfg, "tickets", "list", "--json")
     [t] = json.loads(r.stdout)
-    assert t["subject"] == "via postfix pipe" and t["requester"] == "pat@customer.example"
+    assert t["subject"] == "via postfix pipe"
+    assert t["requester"] == "pat@customer.example"
     assert t["owner"]["name"] == "Alice Martin"
 
 
@@ -257,7 +259,8 @@ def test_environment_overrides_config(tmp_path: Path, value: str) -> None:
         s = load_settings(str(cfg))
     finally:
         del os.environ["GATEWAY_SMTP__LISTEN"]
-    assert s.smtp.listen == value and s.smtp.hostname == "mx.example.com"
+    assert s.smtp.listen == value
+    assert s.smtp.hostname == "mx.example.com"
 
 
 def children_of(pid: int) -> list[int]:

@@ -1,5 +1,5 @@
-"""Issue 3: broken mail is stored and threaded, never dropped (CPython's MIME edge cases,
-plus hand-made horrors), and property-based junk never reaches the quarantine."""
+"""docs/decisions.md D3: broken mail is stored and threaded, never dropped (CPython's MIME edge
+cases, plus hand-made horrors), and property-based junk never reaches the quarantine."""
 
 from __future__ import annotations
 
@@ -71,7 +71,8 @@ async def test_cpython_mime_edge_cases_are_all_stored(
 @given(st.binary(max_size=2000))
 def test_parse_never_raises_on_arbitrary_bytes(raw: bytes) -> None:
     p = parse(raw)
-    assert isinstance(p.subject, str) and isinstance(p.text, str)
+    assert isinstance(p.subject, str)
+    assert isinstance(p.text, str)
 
 
 @hsettings(max_examples=150, deadline=None)

@@ -102,7 +102,8 @@ async def test_sent_with_null_sender(relay: CaptureRelay) -> None:
     result = await send(relay, mail_from="")
     assert (result.outcome, result.code, dict(result.refused)) == (SENT, 250, {})
     [got] = await relay.wait_for(1)
-    assert got.mail_from == "" and got.null_sender
+    assert got.mail_from == ""
+    assert got.null_sender
     assert got.rcpt_tos == ["customer@example.org"]
     assert got.helo == HELO
     assert got.message()["Subject"] == "Re: [#42] printer"
@@ -123,7 +124,8 @@ async def test_550_is_permanent(relay: CaptureRelay) -> None:
     result = await send(relay)
     assert (result.outcome, result.code) == (PERMANENT, 550)
     assert "rejected as spam" in result.detail
-    assert relay.messages == [] and relay.rejected[0].code == 550
+    assert relay.messages == []
+    assert relay.rejected[0].code == 550
     # fail_next is one-shot: the next transaction goes through.
     assert (await send(relay)).ok
     await relay.wait_for(1)
@@ -243,7 +245,8 @@ async def test_long_lines_utf8_and_8bit_body(relay: CaptureRelay) -> None:
     assert result.ok, result
     [got] = await relay.wait_for(1)
     assert got.rcpt_tos == ["kundé@exämple.org"]
-    assert "SMTPUTF8" in got.mail_options and "BODY=8BITMIME" in got.mail_options
+    assert "SMTPUTF8" in got.mail_options
+    assert "BODY=8BITMIME" in got.mail_options
     assert long_line.encode() in got.data
     assert got.message().get_content().replace("\r\n", "\n") == body.replace("\r\n", "\n")
 
@@ -274,7 +277,8 @@ async def send_bytes(relay: CaptureRelay, message: bytes) -> DeliveryResult:
 
 async def test_bad_arguments_never_raise(relay: CaptureRelay) -> None:
     r = await send(relay, starttls="sometimes")
-    assert r.outcome == TEMPORARY and "starttls" in r.detail
+    assert r.outcome == TEMPORARY
+    assert "starttls" in r.detail
     r = await deliver(make_message(), "", [], relay=relay.address, helo=HELO)
     assert r.outcome == PERMANENT
     r = await deliver(make_message(), "", ["x@example.org"], relay=("127.0.0.1", 70000), helo=HELO)
@@ -288,7 +292,9 @@ async def test_wait_for_reports_what_arrived(relay: CaptureRelay) -> None:
     with pytest.raises(AssertionError) as info:
         await relay.wait_for(2, timeout=0.05)
     text = str(info.value)
-    assert "expected 2" in text and "got 1" in text and "customer@example.org" in text
+    assert "expected 2" in text
+    assert "got 1" in text
+    assert "customer@example.org" in text
     assert "550" in text
 
 
@@ -317,13 +323,15 @@ async def test_opportunistic_tls_is_used_when_offered(server_tls: ssl.SSLContext
 async def test_required_tls_verifies_the_certificate(server_tls: ssl.SSLContext) -> None:
     async with CaptureRelay(tls_context=server_tls) as relay:
         result = await send(relay, starttls="required")
-        assert result.outcome == TEMPORARY and "STARTTLS failed" in result.detail
+        assert result.outcome == TEMPORARY
+        assert "STARTTLS failed" in result.detail
         assert relay.messages == []
 
 
 async def test_required_tls_not_offered_is_temporary(relay: CaptureRelay) -> None:
     result = await send(relay, starttls="required")
-    assert result.outcome == TEMPORARY and "4.7.10" in result.detail
+    assert result.outcome == TEMPORARY
+    assert "4.7.10" in result.detail
     # Opportunistic mode never fails for lack of TLS.
     assert (await send(relay)).ok
     [got] = await relay.wait_for(1)
@@ -367,7 +375,8 @@ async def test_mx_hosts_tried_in_preference_order(relay: CaptureRelay) -> None:
     result = await mx_send(relay, resolver, "c@Example.ORG")
     assert result.ok, result
     [got] = await relay.wait_for(1)
-    assert got.rcpt_tos == ["c@Example.ORG"] and got.null_sender
+    assert got.rcpt_tos == ["c@Example.ORG"]
+    assert got.null_sender
     assert resolver.asked == ["example.org"]
 
 
@@ -375,7 +384,8 @@ async def test_mx_all_hosts_down_is_temporary(relay: CaptureRelay) -> None:
     resolver = FakeMx({"example.org": [(10, "127.0.0.2"), (20, "127.0.0.3")]})
     result = await mx_send(relay, resolver, "c@example.org")
     assert (result.outcome, result.code) == (TEMPORARY, None)
-    assert "127.0.0.2" in result.detail and "127.0.0.3" in result.detail
+    assert "127.0.0.2" in result.detail
+    assert "127.0.0.3" in result.detail
 
 
 async def test_mx_permanent_answer_stops_at_first_host(relay: CaptureRelay) -> None:
@@ -390,7 +400,8 @@ async def test_mx_temporary_answer_tries_next_host(relay: CaptureRelay) -> None:
     relay.fail_next(451)
     resolver = FakeMx({"example.org": [(10, "127.0.0.1"), (20, "localhost")]})
     assert (await mx_send(relay, resolver, "c@example.org")).ok
-    assert len(relay.rejected) == 1 and len(await relay.wait_for(1)) == 1
+    assert len(relay.rejected) == 1
+    assert len(await relay.wait_for(1)) == 1
 
 
 async def test_null_mx_and_lookup_failures(relay: CaptureRelay) -> None:
@@ -409,7 +420,8 @@ async def test_null_mx_and_lookup_failures(relay: CaptureRelay) -> None:
     r = await mx_send(relay, resolver, "a@flaky.test")
     assert r.outcome == TEMPORARY
     r = await mx_send(relay, resolver, "a@broken.test")
-    assert r.outcome == TEMPORARY and "resolver bug" in r.detail
+    assert r.outcome == TEMPORARY
+    assert "resolver bug" in r.detail
     r = await mx_send(relay, resolver, "no-domain")
     assert (r.outcome, r.code) == (PERMANENT, 553)
 
@@ -434,7 +446,8 @@ async def test_mx_groups_recipients_by_domain(relay: CaptureRelay) -> None:
     relay.fail_always(451)
     result = await mx_send(relay, resolver, "x@a.test", "n@null.test")
     assert (result.outcome, result.code) == (TEMPORARY, 451)
-    assert result.refused["x@a.test"][0] == 451 and result.refused["n@null.test"][0] == 556
+    assert result.refused["x@a.test"][0] == 451
+    assert result.refused["n@null.test"][0] == 556
 
 
 # -- DnsMxResolver against a DNS server on loopback ------------------------------------
@@ -559,7 +572,8 @@ async def test_relay_stop_drops_open_sessions(relay: CaptureRelay) -> None:
         writer.write(b"EHLO client.test\r\n")
         await writer.drain()
         ehlo = await reader.readuntil(b"250 HELP\r\n")
-        assert b"SMTPUTF8" in ehlo and b"8BITMIME" in ehlo
+        assert b"SMTPUTF8" in ehlo
+        assert b"8BITMIME" in ehlo
         await relay.stop()  # must not hang on the idle session
         assert await reader.read() == b""  # the client sees the connection drop
     finally:

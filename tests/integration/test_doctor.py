@@ -1,4 +1,4 @@
-"""`support-gateway doctor` on a correct installation and on a broken one (issue 14).
+"""`support-gateway doctor` on a correct installation and on a broken one (docs/decisions.md D14).
 
 DNS answers come from a StaticResolver (the zone an admin would publish); the database,
 spool, relay (a CaptureRelay answering EHLO) and TLS files are real.
@@ -149,7 +149,8 @@ async def test_a_broken_installation_names_each_fix(tmp_path: Path) -> None:
     checks = await asyncio.to_thread(run_checks, None, settings=settings, resolver=dns, now=NOW)
     got = by_name(checks)
 
-    assert got["database"].status == "fail" and "db upgrade" in got["database"].fix
+    assert got["database"].status == "fail"
+    assert "db upgrade" in got["database"].fix
     assert got["relay"].status == "fail"
     assert got["mx:example.com"].status == "fail"
     assert got["mx:example.com"].fix == f"example.com. IN MX 10 {HOST}."
@@ -157,12 +158,14 @@ async def test_a_broken_installation_names_each_fix(tmp_path: Path) -> None:
     assert spf.status == "fail"
     assert spf.fix.endswith(f'"v=spf1 ip4:198.51.100.1 ip4:{HOST_IP} -all"')
     dkim = got["dkim:gw1._domainkey.example.com"]
-    assert dkim.status == "fail" and "does not match" in dkim.detail
+    assert dkim.status == "fail"
+    assert "does not match" in dkim.detail
     mine = public_txt_record(load_key(Path(settings.outbound.dkim.key_file), "example.com", "gw1"))
     assert mine[-40:] in dkim.fix.replace('" "', "")
     assert got["dmarc:example.com"].status == "warn"
     assert got["dmarc:example.com"].fix.startswith('_dmarc.example.com. IN TXT "v=DMARC1;')
-    assert got["tls"].status == "warn" and "expires in 5 days" in got["tls"].detail
+    assert got["tls"].status == "warn"
+    assert "expires in 5 days" in got["tls"].detail
     assert got["rules"].status == "ok"  # the rules are fine: only what is broken is reported
 
 
@@ -171,9 +174,8 @@ def test_dns_trouble_is_never_ok(tmp_path: Path) -> None:
     dead = StaticResolver({}, temp_errors=[("example.com", "MX"), ("example.com", "TXT")])
     dead.add(HOST, "A", HOST_IP)
     got = by_name(run_checks(None, settings=settings, resolver=dead, now=NOW, relay_timeout=1))
-    assert (
-        got["mx:example.com"].status == "warn" and "could not check" in got["mx:example.com"].detail
-    )
+    assert got["mx:example.com"].status == "warn"
+    assert "could not check" in got["mx:example.com"].detail
     assert got["spf:example.com"].status == "warn"
 
 
@@ -200,8 +202,10 @@ def test_doctor_cli_json_and_exit_status(tmp_path: Path) -> None:
     checks = json.loads(r.stdout)["checks"]
     assert all(set(c) == {"name", "status", "detail", "fix"} for c in checks)
     status = {c["name"]: c["status"] for c in checks}
-    assert status["config"] == "ok" and status["database"] == "fail"
-    assert status["relay"] == "fail" and status["rules"] == "ok"
+    assert status["config"] == "ok"
+    assert status["database"] == "fail"
+    assert status["relay"] == "fail"
+    assert status["rules"] == "ok"
     assert status["mx:example.com"] == "warn"  # DNS unreachable: not known, not ok
     assert not (tmp_path / "gw.db").exists()  # the doctor creates nothing
 
@@ -218,12 +222,13 @@ def test_doctor_reports_a_bad_config(tmp_path: Path, bad: str) -> None:
         timeout=60,
     )
     assert r.returncode == 1
-    assert b"FAIL  config" in r.stdout and b"smtp.listen" in r.stdout
+    assert b"FAIL  config" in r.stdout
+    assert b"smtp.listen" in r.stdout
 
 
 async def test_each_brand_is_checked_like_the_main_identity(tmp_path: Path) -> None:
-    """Issue 17: `doctor` checks every `[brands.X]`: MX of its reply domain, SPF of its From
-    domain, its own DKIM record, DMARC; a brand whose key is not published fails by name."""
+    """docs/decisions.md D17: `doctor` checks every `[brands.X]`: MX of its reply domain, SPF of its
+    From domain, its own DKIM record, DMARC; a brand whose key is not published fails by name."""
     import shutil
 
     from tests.conftest import RULES
@@ -257,5 +262,6 @@ async def test_each_brand_is_checked_like_the_main_identity(tmp_path: Path) -> N
         assert good[name].status == "ok", good[name]
     assert good["dmarc:b2.example"].status == "ok"
     broken = bad["dkim:gw1._domainkey.b2.example"]
-    assert broken.status == "fail" and "v=DKIM1" in broken.fix
+    assert broken.status == "fail"
+    assert "v=DKIM1" in broken.fix
     assert bad["dkim:gw1._domainkey.example.com"].status == "ok"  # the main key is untouched

@@ -87,7 +87,8 @@ async def test_missed_first_response_reaches_owner_and_customer(env: Env) -> Non
     assert "Alice Martin is now responsible for your request" in notices[0]
 
     events = [e["type"] for e in ticket_json(env.gw, ticket.ref)["events"]]
-    assert events.count("breach") == 1 and events.count("customer-notice") == 1
+    assert events.count("breach") == 1
+    assert events.count("customer-notice") == 1
 
     # An hour later the backup takes over; the notice said "Alice by then", so that promise
     # is broken too and the customer is told once more, with Bob named.
@@ -156,7 +157,8 @@ async def test_customer_follow_up_rearms_next_response_through_the_pipeline(env:
 async def test_seconds_policy_owner_told_then_manager_takes_over(
     tmp_path: Path, clock: FrozenClock, relay: CaptureRelay
 ) -> None:
-    """Issue 6: a 24x7 policy of a few seconds, moved forward by the clock (no sleeping)."""
+    """docs/decisions.md D6: a 24x7 policy of a few seconds, moved forward by the clock (no
+    sleeping)."""
     rules = Path(__file__).parents[1] / "support" / "rules_blink"
     settings = make_settings(
         tmp_path, rules_dir=str(rules), outbound={"relay": f"127.0.0.1:{relay.port}"}

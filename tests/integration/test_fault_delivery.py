@@ -80,19 +80,21 @@ async def test_stale_claim_records_nothing(
     assert item_b.token == item_a.token + 1
     result_a, signed_a = await a._send(item_a)
     a._record(item_a, result_a, signed_a)  # too late: B holds the row now
-    assert a.stale_records == 1 and a.sent == 0
+    assert a.stale_records == 1
+    assert a.sent == 0
     (row,) = outbox_rows(db)
     assert (row.state, row.claimed_by, row.claim_token) == ("sending", "node-b", item_b.token)
     result_b, signed_b = await b._send(item_b)
     b._record(item_b, result_b, signed_b)
     (row,) = outbox_rows(db)
-    assert row.state == "sent" and b.sent == 1
+    assert row.state == "sent"
+    assert b.sent == 1
 
 
 async def test_restarted_node_takes_back_its_rows_at_once(
     tmp_path: Path, db: Engine, clock: FrozenClock, relay: CaptureRelay
 ) -> None:
-    """Issue 10.12 / 13.2: rows claimed by a node's previous run go out at its restart,
+    """docs/decisions.md D10.12 / 13.2: rows claimed by a node's previous run go out at its restart,
     with no lease to wait out; another node cannot take them before the lease ends."""
     settings = make_settings(tmp_path, outbound={"relay": f"127.0.0.1:{relay.port}"})
     mids = queue_rows(db, 3, clock.now())
@@ -125,8 +127,8 @@ async def test_dead_node_rows_taken_over_within_30s(
 async def test_lease_running_out_mid_send_abandons_the_send(
     tmp_path: Path, db: Engine, clock: FrozenClock, relay: CaptureRelay
 ) -> None:
-    """Issue 13.3: a node that cannot renew stops sending before its lease is over, so the
-    node that takes the row over is the only one that sends it."""
+    """docs/decisions.md D13.3: a node that cannot renew stops sending before its lease is over, so
+    the node that takes the row over is the only one that sends it."""
     settings = make_settings(tmp_path, outbound={"relay": f"127.0.0.1:{relay.port}"})
     a = DeliveryWorker(db, settings, clock, node=NodeIdentity("node-a", "a1"))
     b = DeliveryWorker(db, settings, clock, node=NodeIdentity("node-b", "b1"))
@@ -146,7 +148,8 @@ async def test_lease_running_out_mid_send_abandons_the_send(
     assert message_ids_at(relay) == {mid: 1}
     (row,) = outbox_rows(db)
     assert (row.state, row.claimed_by) == ("sent", "node-b")
-    assert a.sent == 0 and a.stale_records == 0
+    assert a.sent == 0
+    assert a.stale_records == 0
 
 
 # -- two delivery workers, slow relay, short lease (PostgreSQL) ------------------------------
@@ -156,7 +159,7 @@ async def test_lease_running_out_mid_send_abandons_the_send(
 async def test_two_nodes_slow_relay_short_lease_each_message_once(
     tmp_path: Path, pg_url: str, relay: CaptureRelay
 ) -> None:
-    """Issue 13.3: a batch takes longer than the lease (6 x 0.5 s > 2 s); renewals keep
+    """docs/decisions.md D13.3: a batch takes longer than the lease (6 x 0.5 s > 2 s); renewals keep
     the claims, so the other node never sends the same mail again."""
     engine = open_database(pg_url)
     try:
@@ -177,7 +180,8 @@ async def test_two_nodes_slow_relay_short_lease_each_message_once(
         print(f"deliveries: {sum(at_relay.values())}, duplicates: {duplicates}, per node {counts}")
         assert sorted(at_relay) == sorted(mids)
         assert duplicates == 0
-        assert sum(counts) == 12 and all(counts)  # both nodes worked
+        assert sum(counts) == 12
+        assert all(counts)
         assert [w.stale_records for w in workers] == [0, 0]
         rows = outbox_rows(engine)
         assert {r.state for r in rows} == {"sent"}
@@ -190,7 +194,7 @@ async def test_two_nodes_slow_relay_short_lease_each_message_once(
 async def test_new_rows_wake_another_node_at_once(
     tmp_path: Path, pg_url: str, relay: CaptureRelay
 ) -> None:
-    """Issue 13 / 11.3 across nodes: node A queues mail and NOTIFYs; node B's delivery
+    """docs/decisions.md D13 / 11.3 across nodes: node A queues mail and NOTIFYs; node B's delivery
     worker, asleep for up to 60 s, is woken by its LISTEN and sends it at once."""
     engine_a, engine_b = open_database(pg_url), open_database(pg_url, migrate=False)
     settings = make_settings(tmp_path, outbound={"relay": f"127.0.0.1:{relay.port}"})
@@ -219,7 +223,8 @@ async def test_new_rows_wake_another_node_at_once(
         took = time.monotonic() - queued
         print(f"node B delivered node A's mail {took:.2f} s after A queued it")
         assert sorted(message_ids_at(relay)) == sorted(mids)
-        assert took < 5 and node_b.received >= 1
+        assert took < 5
+        assert node_b.received >= 1
     finally:
         stopping.set()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -245,8 +250,8 @@ def _listening(engine: Engine) -> bool:
 async def test_sigkill_during_delivery_duplicates_only_in_flight(
     tmp_path: Path, relay: CaptureRelay
 ) -> None:
-    """Issue 10.12: SIGKILL while the relay holds a message it has not confirmed; after the
-    restart every row goes out at once (no lease waited out), and the only duplicates are
+    """docs/decisions.md D10.12: SIGKILL while the relay holds a message it has not confirmed; after
+    the restart every row goes out at once (no lease waited out), and the only duplicates are
     the messages that were in flight at the kill."""
     relay.data_delay = 0.1  # the 250 to each DATA comes 0.1 s after the relay has the mail
     port = free_port()
@@ -264,8 +269,8 @@ async def test_sigkill_during_delivery_duplicates_only_in_flight(
         daemon.kill()
         raise
     daemon.kill()  # SIGKILL, with the 5th message captured and not yet confirmed
-    # Deliveries run in parallel (issue 16): mail the dead daemon had already written into
-    # its sockets is still being read by the relay; count it as in flight too.
+    # Deliveries run in parallel (docs/decisions.md D16): mail the dead daemon had already written
+    # into its sockets is still being read by the relay; count it as in flight too.
     await relay.idle()
     states = outbox_states(db_path)
     at_kill = message_ids_at(relay)
@@ -310,7 +315,7 @@ async def test_sigkill_during_delivery_duplicates_only_in_flight(
 async def test_escalation_mail_leaves_within_seconds_of_its_moment(
     tmp_path: Path, relay: CaptureRelay
 ) -> None:
-    """Issue 11.3: a 5 s first-response policy on the real clock, pipeline in its own
+    """docs/decisions.md D11.3: a 5 s first-response policy on the real clock, pipeline in its own
     process as in production; the breach notice to the owner and the manager's handover
     reach the relay within 5 s of their moments (the delivery worker used to sleep up to
     60 s after the escalator fired)."""
@@ -334,7 +339,8 @@ async def test_escalation_mail_leaves_within_seconds_of_its_moment(
         await relay.wait_for(5, timeout=60)
         breach = [m for m in relay.to("alice@example.com") if "escalation:" in _text(m)]
         handover = [m for m in relay.to("carol@example.com") if "escalated to you" in _text(m)]
-        assert breach and handover, [str(m) for m in relay.messages]
+        assert breach, [str(m) for m in relay.messages]
+        assert handover, [str(m) for m in relay.messages]
         delay_breach = (breach[0].received_at - due).total_seconds()
         delay_handover = (handover[0].received_at - (due + timedelta(seconds=3))).total_seconds()
         print(
@@ -351,7 +357,7 @@ async def test_escalation_mail_leaves_within_seconds_of_its_moment(
 async def test_acknowledgement_leaves_while_the_pipeline_is_never_idle(
     tmp_path: Path, relay: CaptureRelay
 ) -> None:
-    """Issue 16.1: the pipeline process signalled "batch done" only when its spool was
+    """docs/decisions.md D16.1: the pipeline process signalled "batch done" only when its spool was
     empty; under sustained load the delivery worker slept its 60 s. With a backlog in the
     spool and mail still arriving, an acknowledgement reaches the relay while the spool
     still holds work."""
@@ -371,7 +377,8 @@ async def test_acknowledgement_leaves_while_the_pipeline_is_never_idle(
 
     gw = Gateway(settings)  # SystemClock; the pipeline in its own process
     await gw.start()
-    assert gw.pipeline_process is not None and gw.port is not None
+    assert gw.pipeline_process is not None
+    assert gw.port is not None
     port = gw.port
     stop = asyncio.Event()
 

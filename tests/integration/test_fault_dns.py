@@ -1,5 +1,5 @@
-"""DNS faults: unknown is not verified, and DNS trouble does not stall the pipeline (issue 10
-findings 1 and 2).
+"""DNS faults: unknown is not verified, and DNS trouble does not stall the pipeline
+(docs/decisions.md D10.1 and 2).
 
 The real daemon listens on loopback and is spoken to over real SMTP; its sender checks use
 the real dnspython resolver pointed at 127.0.0.2, where nothing listens (every question times
@@ -191,21 +191,24 @@ async def test_forged_staff_reply_with_dns_down_is_held_then_refused(env_db: Env
     assert env.ticket(ref).priority == "normal"  # #priority urgent NOT applied
     assert env.events(ref, "staff-verified") == []
     [held] = env.events(ref, "staff-reply-held")
-    assert "could not be completed" in held and "spf temperror" in held
+    assert "could not be completed" in held
+    assert "spf temperror" in held
     d = ticket_json(env.gw, ref)
     assert [m["kind"] for m in d["messages"] if m["direction"] == "in"][-1] == "note"
 
     # A re-check while DNS is still down changes nothing.
     env.clock.advance(timedelta(minutes=2))
     assert await env.recheck() == 2  # the deferred ack and the held reply
-    assert env.sent_to("pat@customer.example") == [] and env.outbox("staff_reply") == []
+    assert env.sent_to("pat@customer.example") == []
+    assert env.outbox("staff_reply") == []
     assert len(env.waiting()) == 2
 
     # After the window (security.recheck_window, 30 min) the reply is refused, the owner told.
     env.clock.advance(timedelta(minutes=31))
     await env.recheck()
     assert env.waiting() == []
-    assert env.outbox("staff_reply") == [] and env.sent_to("pat@customer.example") == []
+    assert env.outbox("staff_reply") == []
+    assert env.sent_to("pat@customer.example") == []
     assert env.ticket(ref).priority == "normal"
     [why] = env.events(ref, "unverified-staff-reply")
     assert "unknown is not verified" in why
@@ -225,8 +228,10 @@ async def test_forged_staff_reply_refused_when_dns_returns(env: Env) -> None:
     env.clock.advance(timedelta(minutes=2))
     await env.recheck()
     [why] = env.events(ref, "unverified-staff-reply")
-    assert "not authenticated" in why and "spf fail" in why
-    assert env.outbox("staff_reply") == [] and env.ticket(ref).priority == "normal"
+    assert "not authenticated" in why
+    assert "spf fail" in why
+    assert env.outbox("staff_reply") == []
+    assert env.ticket(ref).priority == "normal"
     assert [m for m in env.sent_to("alice@example.com") if "NOT relayed" in
             str(m.message()["Subject"])]  # fmt: skip
 
@@ -239,7 +244,8 @@ async def test_genuine_staff_reply_waits_for_dns_then_is_relayed(env_db: Env) ->
     await _staff_reply(env, ref, "#priority urgent\nHello Pat, unplug it.\n", signed=True)
     [held] = env.events(ref, "staff-reply-held")
     assert "dkim example.com=temperror" in held
-    assert env.outbox("staff_reply") == [] and env.ticket(ref).priority == "normal"
+    assert env.outbox("staff_reply") == []
+    assert env.ticket(ref).priority == "normal"
 
     env.dns_back()
     env.clock.advance(timedelta(minutes=2))
@@ -264,19 +270,22 @@ async def test_forged_sender_gets_no_ack_while_unknown_nor_after_failing(env: En
     victim = "victim@innocent.example"
     ref = await _customer(env, sender=victim, subject="CHEAP PILLS visit spam.example now")
     assert env.sent_to(victim) == []
-    assert env.events(ref, "ack-deferred") and env.events(ref, "owner-notified")
+    assert env.events(ref, "ack-deferred")
+    assert env.events(ref, "owner-notified")
     assert len(env.sent_to("alice@example.com")) == 1  # the owner was not kept waiting
 
     env.clock.advance(timedelta(minutes=2))
     await env.recheck()
-    assert env.sent_to(victim) == [] and env.events(ref, "ack-sent") == []
+    assert env.sent_to(victim) == []
+    assert env.events(ref, "ack-sent") == []
 
     env.dns_back({("innocent.example", "TXT"): ["v=spf1 -all"]})
     env.clock.advance(timedelta(minutes=3))
     await env.recheck()
     assert env.sent_to(victim) == []
     [why] = env.events(ref, "ack-suppressed")
-    assert "likely forged" in why and "backscatter" in why
+    assert "likely forged" in why
+    assert "backscatter" in why
     assert env.waiting() == []
 
 
@@ -296,12 +305,14 @@ async def test_ack_if_unverified_send_acks_after_the_window_with_the_stored_dead
     async for env in _env(tmp_path, clock, relay, security={"ack_if_unverified": "send"}):
         ref = await _customer(env)
         due = env.ticket(ref).first_response_due
-        assert due is not None and env.sent_to("pat@customer.example") == []
+        assert due is not None
+        assert env.sent_to("pat@customer.example") == []
         env.clock.advance(timedelta(minutes=31))
         await env.recheck()
         [ack] = env.sent_to("pat@customer.example")
         [sent] = env.events(ref, "ack-sent")
-        assert f"promised by {due.isoformat()}" in sent and "ack_if_unverified = send" in sent
+        assert f"promised by {due.isoformat()}" in sent
+        assert "ack_if_unverified = send" in sent
         assert due.strftime("%Y-%m-%dT%H:%M") in _text(ack)
 
 
@@ -322,7 +333,8 @@ async def test_nxdomain_everything_resolver_proves_nothing(
             )  # only the ack: checks completed (spf none, dmarc none), nothing failed
             assert env.ticket(ref).priority == "normal"
             [why] = env.events(ref, "unverified-staff-reply")
-            assert "spf none; dmarc none" in why and "reply token" in why
+            assert "spf none; dmarc none" in why
+            assert "reply token" in why
             assert env.events(ref, "staff-reply-held") == []  # completed: refused, not held
             assert [m for m in env.sent_to("alice@example.com") if "NOT relayed" in
                     str(m.message()["Subject"])]  # fmt: skip
@@ -343,10 +355,13 @@ async def test_dns_unreachable_does_not_stall_twenty_messages(env: Env) -> None:
     cut = unavailable = 0
     for t in tickets:
         types = [e["type"] for e in ticket_json(env.gw, t.ref)["events"]]
-        assert "ack-deferred" in types and "owner-notified" in types
+        assert "ack-deferred" in types
+        assert "owner-notified" in types
         assert "dns-budget-cut" in types or "dns-unavailable" in types
         cut += "dns-budget-cut" in types
         unavailable += "dns-unavailable" in types
     # Only the first message(s) spent the 0.5 s budget; then the breaker answered at once.
-    assert 1 <= cut <= 2 and unavailable >= 18
-    assert isinstance(env.gw.resolver, SystemResolver) and env.gw.resolver.unreachable
+    assert 1 <= cut <= 2
+    assert unavailable >= 18
+    assert isinstance(env.gw.resolver, SystemResolver)
+    assert env.gw.resolver.unreachable

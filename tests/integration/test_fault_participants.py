@@ -1,4 +1,4 @@
-"""Issue 10, findings 3 and 4: threading proves the ticket, participation proves the person.
+"""docs/decisions.md D10.3 and 4: threading proves the ticket, participation proves the person.
 
 The real daemon over SMTP, the capture relay for everything it sends. Each story is the
 attack as reported, and asserts what a user sees: the ticket's participants (as
@@ -196,7 +196,8 @@ async def test_stranger_with_our_message_id_gets_a_linked_ticket_not_a_cc(env: E
     # Her mail is a new ticket, linked to pat's for the owner to judge.
     [_, new_ref] = env.refs()
     new = env.ticket_json(new_ref)
-    assert new["requester"] == mallory and new["participants"] == [mallory]
+    assert new["requester"] == mallory
+    assert new["participants"] == [mallory]
     assert new["links"] == [{"ref": ref, "relation": "possible-follow-up"}]
     created = [e["detail"] for e in new["events"] if e["type"] == "created"]
     assert f"is our message in {ref} but {mallory} is not a participant" in created[0]

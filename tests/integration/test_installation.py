@@ -1,5 +1,5 @@
-"""One installation of several nodes (issue 13): one key, checked; loop headers that any
-node recognises; migrations that any number of nodes may start at once."""
+"""One installation of several nodes (docs/decisions.md D13): one key, checked; loop headers that
+any node recognises; migrations that any number of nodes may start at once."""
 
 from __future__ import annotations
 
@@ -64,7 +64,8 @@ def test_postgres_without_a_configured_key_refuses_to_start(tmp_path: Path, pg_u
     )
     with pytest.raises(ConfigError) as err:
         Gateway(settings, clock=FrozenClock(), resolver=StaticResolver({}))
-    assert "secret_key_file" in str(err.value) and "the others" in str(err.value)
+    assert "secret_key_file" in str(err.value)
+    assert "the others" in str(err.value)
     # Nothing was generated beside the spool: the node did not invent a key of its own.
     assert not (settings.spool_path.parent / "secret_key").exists()
 
@@ -92,14 +93,15 @@ def test_the_database_records_a_fingerprint_never_the_key(tmp_path: Path, pg_url
     )
     with pytest.raises(ConfigError) as err:
         Gateway(other, clock=FrozenClock(), resolver=StaticResolver({}))
-    assert "secret key differs" in str(err.value) and "secret_key_file" in str(err.value)
+    assert "secret key differs" in str(err.value)
+    assert "secret_key_file" in str(err.value)
 
 
 async def test_an_ack_sent_by_one_node_is_our_loop_at_another(
     tmp_path: Path, clock: FrozenClock, relay: CaptureRelay
 ) -> None:
-    """Nodes have their own host names; the loop header is the installation's (issue 13
-    finding 7: before, node B read node A's header as a foreign gateway's)."""
+    """Nodes have their own host names; the loop header is the installation's (docs/decisions.md
+    D13.7: before, node B read node A's header as a foreign gateway's)."""
     common = {
         "storage": {
             "database_url": f"sqlite:///{tmp_path}/gateway.db",

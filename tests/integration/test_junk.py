@@ -1,4 +1,5 @@
-"""Junk never costs a human (issue 18), end to end: real daemon over SMTP, capture relay, CLI.
+"""Junk never costs a human (docs/decisions.md D18), end to end: real daemon over SMTP, capture
+relay, CLI.
 
 - a trusted front host's spam verdict -> the junk folder: no ticket, no mail out, listed by
   ``junk list``; the same headers from a client that is not a trusted relay -> a normal
@@ -49,7 +50,7 @@ SPAM_HEADERS = {
     "X-Spam-Status": "Yes, score=9.1 required=5.0 tests=BAYES_99,URIBL_BLACK",
 }
 SPAM_ROUTE = """
-# Issue 18: a trusted front filter's spam verdict goes to the junk folder.
+# docs/decisions.md D18: a trusted front filter's spam verdict goes to the junk folder.
 [[route]]
 name = "spam"
 match = { spam = true }
@@ -143,7 +144,8 @@ async def _environment(
         outbound={"relay": f"127.0.0.1:{relay.port}"},
         security={
             "trusted_relays": ["127.0.0.1/32"],
-            # Unsigned staff mail from example.com counts on its token (issue 10 opt-in).
+            # Unsigned staff mail from example.com counts on its token (docs/decisions.md D10
+            # opt-in).
             "staff_token_only_domains": ["example.com"],
         },
         **extra,
@@ -171,15 +173,20 @@ async def test_trusted_spam_verdict_goes_to_junk_untrusted_opens_a_ticket(env: E
 
     # The front host said spam: no ticket, no acknowledgement, no notification, no mail out.
     assert all_tickets(env.gw) == []
-    assert env.outbox() == [] and env.relay.messages == []
+    assert env.outbox() == []
+    assert env.relay.messages == []
     [item] = env.junk_list()
     assert item["from"] == "winner@lottery.example"
     assert item["subject"] == "You have WON"
     assert item["received_at"].startswith("2026-11-23T09:00")
-    assert "route spam" in item["reason"] and "spam (trusted front filter): yes" in item["reason"]
-    assert item["spam"]["trusted"] is True and item["spam"]["score"] == 9.1
+    assert "route spam" in item["reason"]
+    assert "spam (trusted front filter): yes" in item["reason"]
+    assert item["spam"]["trusted"] is True
+    assert item["spam"]["score"] == 9.1
     shown = env.cli("junk", "show", str(item["id"]))
-    assert shown.returncode == 0 and "junked" in shown.stdout and "X-Spam-Flag" in shown.stdout
+    assert shown.returncode == 0
+    assert "junked" in shown.stdout
+    assert "X-Spam-Flag" in shown.stdout
     # ... and the metrics count it (what a dashboard watches).
     from prometheus_client import generate_latest
 
@@ -194,9 +201,11 @@ async def test_trusted_spam_verdict_goes_to_junk_untrusted_opens_a_ticket(env: E
     await env.process()
     [ticket] = all_tickets(env.gw)
     [verdict] = _events(env, ticket.ref, "spam-verdict")
-    assert "UNTRUSTED" in verdict and "127.0.0.2" in verdict, verdict
+    assert "UNTRUSTED" in verdict, verdict
+    assert "127.0.0.2" in verdict, verdict
     [message] = [m for m in ticket_json(env.gw, ticket.ref)["messages"] if m["direction"] == "in"]
-    assert message["spam"]["spam"] is True and message["spam"]["trusted"] is False
+    assert message["spam"]["spam"] is True
+    assert message["spam"]["trusted"] is False
     assert _events(env, ticket.ref, "ack-sent")
     assert env.relay.to("pat@customer.example"), "the customer got no acknowledgement"
     assert len(env.junk_list()) == 1  # still only the trusted spam
@@ -223,7 +232,8 @@ async def test_spam_from_a_known_customer_goes_to_junk_not_into_their_ticket(env
     shown = env.cli("junk", "show", str(item["id"]), "--json")
     assert shown.returncode == 0, shown.stderr
     types = [e["type"] for e in json.loads(shown.stdout)["events"]]
-    assert "routed" in types and "junked" in types
+    assert "routed" in types
+    assert "junked" in types
     assert "known-customer" not in types
 
 
@@ -233,7 +243,8 @@ async def test_junk_release_opens_a_ticket_with_its_acknowledgement(env: Env) ->
     )
     await env.send(mail)
     await env.process()
-    assert all_tickets(env.gw) == [] and env.relay.messages == []
+    assert all_tickets(env.gw) == []
+    assert env.relay.messages == []
     [item] = env.junk_list()
 
     r = env.cli(
@@ -253,7 +264,8 @@ async def test_junk_release_opens_a_ticket_with_its_acknowledgement(env: Env) ->
     assert env.relay.to("alice@example.com"), "the owner was not notified of the ticket"
     assert env.junk_list() == []  # released: out of the folder
     again = env.cli("junk", "release", str(item["id"]))
-    assert again.returncode == 1 and "released" in again.stderr
+    assert again.returncode == 1
+    assert "released" in again.stderr
 
 
 async def test_junk_sender_blocks_future_mail_without_notifying_the_owner(env: Env) -> None:
@@ -280,11 +292,13 @@ async def test_junk_sender_blocks_future_mail_without_notifying_the_owner(env: E
     [confirm] = env.relay.to("alice@example.com")
     assert "Done" in str(confirm.message()["Subject"])
     d = ticket_json(env.gw, ticket.ref)
-    assert d["status"] == "closed" and "junk" in d["tags"]
+    assert d["status"] == "closed"
+    assert "junk" in d["tags"]
     assert d["deadlines"] == {"first_response": None, "next_response": None, "resolution": None}
     assert _events(env, ticket.ref, "sender-blocked")
     [moved] = env.junk_list()
-    assert moved["from"] == "pest@nuisance.example" and "#junk by Alice Martin" in moved["reason"]
+    assert moved["from"] == "pest@nuisance.example"
+    assert "#junk by Alice Martin" in moved["reason"]
     blocked = env.cli("customers", "blocked", "--json")
     assert [b["address"] for b in json.loads(blocked.stdout)] == ["pest@nuisance.example"]
 
@@ -333,7 +347,8 @@ async def test_a_fast_growing_junk_folder_raises_one_alert_and_old_junk_expires(
         assert len(env.junk_list()) == 5
         # One alert for the run, to the admins only; nothing to any spammer.
         [alert] = env.relay.messages
-        assert alert.rcpt_tos == ["ops@example.com"] and alert.null_sender
+        assert alert.rcpt_tos == ["ops@example.com"]
+        assert alert.null_sender
         assert "junk folder grew by 3" in str(alert.message()["Subject"])
 
         # A month later the old junk has expired (raw dropped, record kept); a new run of

@@ -1,4 +1,5 @@
-"""Running it like an admin would (issue 14): metrics, health, status, errors, help, logs.
+"""Running it like an admin would (docs/decisions.md D14): metrics, health, status, errors, help,
+logs.
 
 Everything here goes through the real surfaces: SMTP over loopback into the real daemon,
 HTTP GETs to its admin listener, the CLI as a subprocess, and the daemon's own log output.
@@ -83,7 +84,8 @@ def cli(
 
 def one_line_error(r: subprocess.CompletedProcess[str]) -> str:
     """The failure is one line on stderr, never a traceback."""
-    assert "Traceback" not in r.stderr and "Traceback" not in r.stdout, r.stderr
+    assert "Traceback" not in r.stderr, r.stderr
+    assert "Traceback" not in r.stdout, r.stderr
     lines = [x for x in r.stderr.splitlines() if x.strip()]
     assert len(lines) == 1, r.stderr
     return lines[0]
@@ -134,7 +136,8 @@ async def test_metrics_count_ten_messages_and_health_follows_the_stores(tmp_path
         used = set(re.findall(r"support_gateway_[a-z_]+", dashboard))
         exposed = set(re.findall(r"^# TYPE (support_gateway_[a-z_]+)", text, re.M))
         exposed |= {n + "_total" for n in exposed}
-        assert used and used <= exposed, used - exposed
+        assert used, used - exposed
+        assert used <= exposed, used - exposed
         # A second scrape counts the event log incrementally: no double counting.
         _, again = await aget(gw.http_port, "/metrics")
         assert sample(again, "support_gateway_acks_sent_total") == 10
@@ -145,7 +148,8 @@ async def test_metrics_count_ten_messages_and_health_follows_the_stores(tmp_path
         # The database's folder goes away (an unmounted volume): not ready, and says why.
         (tmp_path / "db").rename(tmp_path / "db-away")
         code, why = await aget(gw.http_port, "/readyz")
-        assert code == 503 and why.startswith("database:"), why
+        assert code == 503, why
+        assert why.startswith("database:"), why
         assert (await aget(gw.http_port, "/healthz"))[0] == 200  # alive all the same
         (tmp_path / "db-away").rename(tmp_path / "db")
         assert (await aget(gw.http_port, "/readyz"))[0] == 200
@@ -153,7 +157,8 @@ async def test_metrics_count_ten_messages_and_health_follows_the_stores(tmp_path
         # The spool folder goes away: not ready either.
         (tmp_path / "spool").rename(tmp_path / "spool-away")
         code, why = await aget(gw.http_port, "/readyz")
-        assert code == 503 and "spool:" in why, why
+        assert code == 503, why
+        assert "spool:" in why, why
         (tmp_path / "spool-away").rename(tmp_path / "spool")
         assert (await aget(gw.http_port, "/readyz"))[0] == 200
         assert (await aget(gw.http_port, "/nope"))[0] == 404
@@ -165,7 +170,8 @@ async def test_metrics_count_deferrals_by_reply_code(tmp_path: Path) -> None:
         tmp_path, http={"listen": "127.0.0.1:0"}, smtp={"min_free_disk": 2**62}
     )
     async with running_gateway(settings, FrozenClock()) as gw:
-        assert gw.port and gw.http_port
+        assert gw.port
+        assert gw.http_port
         async with aiosmtplib.SMTP(hostname="127.0.0.1", port=gw.port, timeout=10) as smtp:
             with pytest.raises(aiosmtplib.SMTPResponseException) as err:
                 await smtp.sendmail("pat@customer.example", ["support@example.com"], b"x\r\n")
@@ -174,7 +180,8 @@ async def test_metrics_count_deferrals_by_reply_code(tmp_path: Path) -> None:
         assert sample(text, "support_gateway_smtp_messages_deferred_total", code="452") == 1
         assert sample(text, "support_gateway_smtp_messages_accepted_total") == 0
         code, why = await aget(gw.http_port, "/readyz")
-        assert code == 503 and "min_free_disk" in why
+        assert code == 503
+        assert "min_free_disk" in why
 
 
 async def test_two_gateways_in_one_process_keep_their_own_metrics(tmp_path: Path) -> None:
@@ -182,7 +189,8 @@ async def test_two_gateways_in_one_process_keep_their_own_metrics(tmp_path: Path
     b = make_settings(tmp_path / "b", http={"listen": "127.0.0.1:0"})
     async with running_gateway(a, FrozenClock()) as ga, running_gateway(b, FrozenClock()) as gb:
         await send(ga, make_mail())
-        assert ga.http_port and gb.http_port
+        assert ga.http_port
+        assert gb.http_port
         _, ta = await aget(ga.http_port, "/metrics")
         _, tb = await aget(gb.http_port, "/metrics")
         assert sample(ta, "support_gateway_smtp_messages_accepted_total") == 1
@@ -325,11 +333,15 @@ async def test_real_daemon_metrics_status_and_log_lines(tmp_path: Path) -> None:
             r = await asyncio.to_thread(cli, cfg, "status", "--json")
             assert r.returncode == 0, r.stderr
             st = json.loads(r.stdout)
-            assert st["daemon"]["running"] is True and st["daemon"]["rules_loaded_at"]
-            assert st["spool"]["pending"] == 0 and st["quarantine"]["count"] == 0
-            assert st["tickets"]["open"] == 10 and st["tickets"]["by_owner"] == {"alice": 10}
+            assert st["daemon"]["running"] is True
+            assert st["daemon"]["rules_loaded_at"]
+            assert st["spool"]["pending"] == 0
+            assert st["quarantine"]["count"] == 0
+            assert st["tickets"]["open"] == 10
+            assert st["tickets"]["by_owner"] == {"alice": 10}
             assert st["outbox"]["sent"] >= 10
-            assert st["version"] and st["node"] == "mx.example.com"
+            assert st["version"]
+            assert st["node"] == "mx.example.com"
             text_status = await asyncio.to_thread(cli, cfg, "status")
             assert "tickets:    10 open" in text_status.stdout
         finally:
@@ -338,9 +350,11 @@ async def test_real_daemon_metrics_status_and_log_lines(tmp_path: Path) -> None:
     assert log.count("gateway.smtp: accepted ") == 10
     assert "message_id=<q3@customer.example>" in log
     processed_lines = [x for x in log.splitlines() if "processed spool=" in x]
-    assert len(processed_lines) == 10 and all("ticket=ACME-" in x for x in processed_lines)
+    assert len(processed_lines) == 10
+    assert all("ticket=ACME-" in x for x in processed_lines)
     delivered = [x for x in log.splitlines() if " delivered outbox=" in x]
-    assert len(delivered) >= 10 and all("reply=" in x for x in delivered)
+    assert len(delivered) >= 10
+    assert all("reply=" in x for x in delivered)
     assert "alembic" not in log.lower()
     assert "Connection lost" not in log
 
@@ -366,10 +380,12 @@ async def test_json_log_lines_and_delivery_failures_logged(tmp_path: Path) -> No
     records = [json.loads(line) for line in daemon.log().splitlines() if line.strip()]
     assert records, "no log lines"
     accepted = [r for r in records if r.get("event") == "accepted"]
-    assert accepted and accepted[0]["message_id"] == "<j1@customer.example>"
+    assert accepted
+    assert accepted[0]["message_id"] == "<j1@customer.example>"
     assert any(r.get("event") == "processed" and r["ticket"].startswith("ACME-") for r in records)
     failures = [r for r in records if r.get("event") == "delivery"]
-    assert failures and all(r["level"] == "WARNING" and r["state"] == "queued" for r in failures)
+    assert failures
+    assert all(r["level"] == "WARNING" and r["state"] == "queued" for r in failures)
 
 
 # -- clear errors: one line, the right exit status, never a traceback -----------------------
@@ -388,7 +404,8 @@ def test_garbage_listen_from_the_environment_names_the_key(tmp_path: Path) -> No
     assert r.returncode == 78
     assert "smtp.listen = 'garbage'" in one_line_error(r)
     r = cli(cfg, "serve", env_extra={"GATEWAY_HTTP__LISTEN": "[::1"})
-    assert r.returncode == 78 and "http.listen" in one_line_error(r)
+    assert r.returncode == 78
+    assert "http.listen" in one_line_error(r)
 
 
 def test_listen_port_in_use_names_the_key(tmp_path: Path) -> None:
@@ -400,10 +417,12 @@ def test_listen_port_in_use_names_the_key(tmp_path: Path) -> None:
         r = cli(cfg, "serve")
         assert r.returncode == 1
         line = one_line_error(r)
-        assert f"smtp.listen = '127.0.0.1:{port}'" in line and "already in use" in line
+        assert f"smtp.listen = '127.0.0.1:{port}'" in line
+        assert "already in use" in line
         cfg = ops_config(tmp_path, smtp_port=0, http_port=port, relay=9)
         r = cli(cfg, "serve")
-        assert r.returncode == 1 and "http.listen" in one_line_error(r)
+        assert r.returncode == 1
+        assert "http.listen" in one_line_error(r)
 
 
 def test_closed_pipe_is_a_quiet_exit(tmp_path: Path) -> None:
@@ -419,12 +438,14 @@ def test_closed_pipe_is_a_quiet_exit(tmp_path: Path) -> None:
             stderr=subprocess.PIPE,
             env=env,
         )
-        assert p.stdout is not None and p.stderr is not None
+        assert p.stdout is not None
+        assert p.stderr is not None
         p.stdout.close()
         err = p.stderr.read().decode()
         p.stderr.close()
         assert p.wait(timeout=60) == 0, err
-        assert "Traceback" not in err and "BrokenPipe" not in err, err
+        assert "Traceback" not in err, err
+        assert "BrokenPipe" not in err, err
 
 
 def test_read_only_commands_never_create_a_database(tmp_path: Path) -> None:
@@ -440,9 +461,11 @@ def test_read_only_commands_never_create_a_database(tmp_path: Path) -> None:
         r = cli(None, *args, cwd=elsewhere)
         assert r.returncode == 1, (args, r.stderr)
         line = one_line_error(r)
-        assert "no database at var/gateway.db" in line and "--config" in line
+        assert "no database at var/gateway.db" in line
+        assert "--config" in line
     r = cli(None, "quarantine", "list", cwd=elsewhere)
-    assert r.returncode == 1 and "no spool at" in one_line_error(r)
+    assert r.returncode == 1
+    assert "no spool at" in one_line_error(r)
     assert list(elsewhere.iterdir()) == []
 
 
@@ -450,9 +473,11 @@ def test_bad_option_values_are_usage_errors(tmp_path: Path) -> None:
     cfg = ops_config(tmp_path, smtp_port=0, http_port=0, relay=9)
     assert cli(cfg, "db", "upgrade").returncode == 0
     r = cli(cfg, "sla", "upcoming", "--at", "yesterday")
-    assert r.returncode == 2 and "--at 'yesterday'" in one_line_error(r)
+    assert r.returncode == 2
+    assert "--at 'yesterday'" in one_line_error(r)
     r = cli(cfg, "tickets", "list", "--status", "pending")
-    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr
 
 
 def test_tickets_show_text_has_deadline_lines(tmp_path: Path) -> None:
@@ -537,8 +562,10 @@ async def test_relayed_staff_reply_is_logged_as_staff_reply(
         await _staff(env, ref, "Hello Pat,\nturn it off and on again.\nAlice\n")
     assert len(env.sent_to("pat@customer.example")) == 2  # the ack, then the relayed reply
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("processed ")]
-    assert len(lines) == 1 and f"ticket={ref}" in lines[0]
+    assert len(lines) == 1
+    assert f"ticket={ref}" in lines[0]
     assert "kind=staff_reply" in lines[0], lines[0]
     [record] = [r for r in caplog.records if r.getMessage().startswith("processed ")]
     fields = record.__dict__.get("fields") or {}
-    assert fields.get("kind") == "staff_reply" and fields.get("event") == "processed"
+    assert fields.get("kind") == "staff_reply"
+    assert fields.get("event") == "processed"

@@ -1,4 +1,4 @@
-"""Pipe mode as Postfix runs it (issue 14, finding 2): several recipients, FILE vs address,
+"""Pipe mode as Postfix runs it (docs/decisions.md D14.2): several recipients, FILE vs address,
 usage mistakes keep the mail (75, never a bounce), and `process` delivers the outbox."""
 
 from __future__ import annotations
@@ -118,7 +118,8 @@ async def test_process_delivers_the_acknowledgement(tmp_path: Path) -> None:
         assert b"delivered" in r.stdout
         got = await relay.wait_for(1)
         acks = [c for c in got if "pat@customer.example" in c.rcpt_tos]
-        assert acks and "ack me" in str(acks[0].message()["Subject"])
+        assert acks
+        assert "ack me" in str(acks[0].message()["Subject"])
 
 
 def test_one_invocation_per_recipient_still_files_once(tmp_path: Path) -> None:

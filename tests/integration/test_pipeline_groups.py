@@ -1,4 +1,4 @@
-"""Several spool entries per database transaction (issue 16; docs/performance.md).
+"""Several spool entries per database transaction (docs/decisions.md D16; docs/performance.md).
 
 The pipeline processes up to `TX_BATCH` waiting entries in one transaction (one commit, one
 spool release). Each message's outcome must stay its own: a message that fails takes none

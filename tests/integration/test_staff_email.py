@@ -1,4 +1,4 @@
-"""Staff work entirely by email, end to end at the capture relay (issue 7).
+"""Staff work entirely by email, end to end at the capture relay (docs/decisions.md D7).
 
 Customer -> acknowledgement and owner notification (full text) -> the owner replies to the
 notification's Reply-To, quoting it -> the customer gets the answer without the quote, from
@@ -11,7 +11,7 @@ is DKIM-signed for example.com with the test key, whose record is in the gateway
 resolver, so the "aligned DKIM/SPF when available" rule (docs/design.md §5) is exercised for
 real; example.com also publishes SPF `-all`, so an unsigned reply fails SPF and is refused
 by that same rule; a domain that publishes nothing is refused too, unless it is listed in the
-opt-in `security.staff_token_only_domains` (issue 10).
+opt-in `security.staff_token_only_domains` (docs/decisions.md D10).
 """
 
 from __future__ import annotations
@@ -175,15 +175,19 @@ async def test_customer_notification_reply_relayed_and_clock_stops(env: Env) -> 
 
     # The owner's notification: full text, summary, deadline with zone, signed person token.
     m = note.message()
-    assert note.null_sender and env.verify(note)
+    assert note.null_sender
+    assert env.verify(note)
     assert m["Auto-Submitted"] == "auto-generated"
     assert m["Subject"] == f"[{ref}] Printer on fire"
     claim = env.gw.signer.parse_reply_address(m["Reply-To"])
-    assert claim is not None and (claim.ticket_id, claim.person) == (t.id, "alice")
+    assert claim is not None
+    assert (claim.ticket_id, claim.person) == (t.id, "alice")
     mid = env.gw.signer.verify_message_id(m["Message-ID"])
-    assert mid is not None and (mid.ticket_id, mid.kind) == (t.id, "notify")
+    assert mid is not None
+    assert (mid.ticket_id, mid.kind) == (t.id, "notify")
     text = _text(note)
-    assert "the printer is on fire." in text and "Pat" in text
+    assert "the printer is on fire." in text
+    assert "Pat" in text
     assert "log in" not in text.lower()
     for line in (
         f"Ticket:     {ref} (open)",
@@ -224,18 +228,22 @@ async def test_customer_notification_reply_relayed_and_clock_stops(env: Env) -> 
     assert mail["Message-ID"] in a["References"]
     assert "Auto-Submitted" not in a or a["Auto-Submitted"] == "no"
     back = env.gw.signer.parse_reply_address(a["Reply-To"])
-    assert back is not None and (back.ticket_id, back.person) == (t.id, None)
+    assert back is not None
+    assert (back.ticket_id, back.person) == (t.id, None)
     assert env.gw.signer.ticket_from_message_id(a["Message-ID"]) == t.id
     body = _text(answer)
     assert "please unplug it and step away." in body
-    assert "wrote:" not in body and "> " not in body and "New ticket" not in body
+    assert "wrote:" not in body
+    assert "> " not in body
+    assert "New ticket" not in body
     assert "the printer is on fire" not in body
 
     # The first-response clock stopped; nothing will escalate it.
     d = ticket_json(env.gw, ref)
     assert d["deadlines"]["first_response"] is None
     after = env.ticket(ref)
-    assert after.first_responded_at is not None and after.last_staff_at is not None
+    assert after.first_responded_at is not None
+    assert after.last_staff_at is not None
     assert [c for c, _ in active_deadlines(after)] == ["resolution"]
     kinds = [(x["direction"], x["kind"]) for x in d["messages"]]
     assert kinds == [
@@ -247,7 +255,8 @@ async def test_customer_notification_reply_relayed_and_clock_stops(env: Env) -> 
     ]
     assert len(_events(env, ref, "staff-reply-relayed")) == 1
     [row] = env.outbox("staff_reply")
-    assert row.mail_from == "support@example.com" and row.state == "sent"
+    assert row.mail_from == "support@example.com"
+    assert row.state == "sent"
     # No confirmation mail for a plain reply; nothing else went out.
     assert len(env.sent_to("alice@example.com")) == 1
 
@@ -292,7 +301,8 @@ async def test_big_attachments_are_listed_not_attached(env: Env) -> None:
     await env.process()
     [note] = env.sent_to("alice@example.com")
     assert list(note.message().iter_attachments()) == []
-    assert "big.zip (3 KB)" in _text(note) and "NOT attached" in _text(note)
+    assert "big.zip (3 KB)" in _text(note)
+    assert "NOT attached" in _text(note)
 
 
 # ------------------------------------------------------------------------------- commands
@@ -327,11 +337,13 @@ async def test_each_command_works(env: Env, command: str, check: object) -> None
     sent = len(env.relay.messages)
     await _staff(env, ref, command + "\n")
     t = env.ticket(ref)
-    assert callable(check) and check(t), (command, t)
+    assert callable(check), (command, t)
+    assert check(t), (command, t)
     new = env.relay.messages[sent:]
     assert all("pat@customer.example" not in m.rcpt_tos for m in new)  # command-only
     confirm = [m for m in new if m.rcpt_tos == ["alice@example.com"]]
-    assert len(confirm) == 1 and confirm[0].message()["Subject"].startswith(f"[{ref}] Done:")
+    assert len(confirm) == 1
+    assert confirm[0].message()["Subject"].startswith(f"[{ref}] Done:")
     assert "nothing was sent to the customer" in _text(confirm[0])
     if command == "#snooze 2d":
         assert t.snoozed_until is not None
@@ -354,7 +366,9 @@ async def test_reply_with_commands_is_relayed_then_applied(env: Env) -> None:
     assert _text(answer).startswith("Could you send a photo?")
     assert "#waiting" not in _text(answer)
     t = env.ticket(ref)
-    assert t.status == "waiting" and t.priority == "high" and t.first_responded_at is not None
+    assert t.status == "waiting"
+    assert t.priority == "high"
+    assert t.first_responded_at is not None
 
 
 async def test_merge(env: Env) -> None:
@@ -384,11 +398,14 @@ async def test_command_errors_change_nothing(env: Env, body: str, error: str) ->
     await _staff(env, ref, body)
     [reply] = env.relay.messages[sent:]
     assert reply.rcpt_tos == ["alice@example.com"]
-    assert "NOT done" in reply.message()["Subject"] and error in _text(reply)
+    assert "NOT done" in reply.message()["Subject"]
+    assert error in _text(reply)
     # The error letter lists every command, from the registry, so the fix is at hand.
     assert all(line in _text(reply) for line in help_lines())
     t = env.ticket(ref)
-    assert t.status == "open" and t.owner == "alice" and t.first_responded_at is None
+    assert t.status == "open"
+    assert t.owner == "alice"
+    assert t.first_responded_at is None
     assert env.outbox("staff_reply") == []
 
 
@@ -408,7 +425,8 @@ async def test_forged_staff_from_without_token_is_not_relayed(env: Env) -> None:
     assert env.ticket(ref).status == "open"
     # It was treated as customer mail, and the impersonated person sees it with a warning.
     warned = [m for m in env.relay.messages[sent:] if "WARNING" in _text(m)]
-    assert warned and all(m.rcpt_tos == ["alice@example.com"] for m in warned)
+    assert warned
+    assert all(m.rcpt_tos == ["alice@example.com"] for m in warned)
 
 
 async def test_token_used_from_another_address_is_not_relayed(env: Env) -> None:
@@ -426,7 +444,8 @@ async def test_token_used_from_another_address_is_not_relayed(env: Env) -> None:
     [why] = _events(env, ref, "unverified-staff-reply")
     assert "issued to Alice Martin <alice@example.com>" in why
     t = env.ticket(ref)
-    assert t.status == "open" and t.first_responded_at is None
+    assert t.status == "open"
+    assert t.first_responded_at is None
     d = ticket_json(env.gw, ref)
     assert [x["kind"] for x in d["messages"] if x["direction"] == "in"][-1] == "note"
     assert len(env.outbox("notification")) == 2  # the first notification and the alert
@@ -475,7 +494,7 @@ async def test_out_of_office_on_a_staff_token_does_nothing(env: Env) -> None:
 
 async def test_unsigned_reply_is_refused_when_the_domain_publishes_nothing(env: Env) -> None:
     # No DKIM signature and no SPF record: the checks complete without proof. The reply
-    # token alone proves nothing (it travels in every forward and reply-all; issue 10).
+    # token alone proves nothing (it travels in every forward and reply-all; docs/decisions.md D10).
     assert isinstance(env.gw.resolver, StaticResolver)
     env.gw.resolver.remove("example.com", "TXT")
     _, ref = await _customer(env)
@@ -483,7 +502,8 @@ async def test_unsigned_reply_is_refused_when_the_domain_publishes_nothing(env: 
     await _staff(env, ref, "Hello Pat, unplug it.\n", signed=False)
     assert env.outbox("staff_reply") == []
     [why] = _events(env, ref, "unverified-staff-reply")
-    assert "not authenticated" in why and "reply token" in why
+    assert "not authenticated" in why
+    assert "reply token" in why
     [alert] = env.relay.messages[sent:]
     assert alert.rcpt_tos == ["alice@example.com"]
 

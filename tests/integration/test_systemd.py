@@ -1,4 +1,4 @@
-"""The daemon under systemd (issue 14, finding 4): sd_notify READY/WATCHDOG/RELOADING/
+"""The daemon under systemd (docs/decisions.md D14.4): sd_notify READY/WATCHDOG/RELOADING/
 STOPPING on a real notify socket, and `systemd-analyze verify` of the shipped unit."""
 
 from __future__ import annotations
@@ -96,4 +96,5 @@ def test_systemd_analyze_verify_is_clean(tmp_path: Path) -> None:
         text = text.replace(INSTALLED, str(shim))
     unit.write_text(text)
     r = subprocess.run([tool, "verify", str(unit)], capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0 and r.stderr.strip() == "", r.stderr
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.strip() == "", r.stderr

@@ -1,4 +1,5 @@
-"""Issue 3: every message finds its thread, strangers cannot get in (SQLite and PostgreSQL).
+"""docs/decisions.md D3: every message finds its thread, strangers cannot get in (SQLite and
+PostgreSQL).
 
 Each test sends real mail over SMTP to the running gateway and reads the tickets back the
 way `tickets show --json` presents them.
@@ -79,8 +80,8 @@ async def test_signed_reply_token_joins_for_the_requester(gw: Gateway) -> None:
 async def test_customer_reply_token_from_a_new_address_opens_a_linked_ticket(
     gw: Gateway,
 ) -> None:
-    # Issue 10: a customer token travels in every forward; it proves the ticket, not the
-    # person. (Before, pat.at.home joined and became a participant.)
+    # docs/decisions.md D10: a customer token travels in every forward; it proves the ticket, not
+    # the person. (Before, pat.at.home joined and became a participant.)
     t = await first_ticket(gw)
     ticket_id = all_tickets(gw)[0].id
     assert ticket_id is not None
@@ -131,8 +132,8 @@ async def test_reply_to_our_signed_message_id_joins(gw: Gateway) -> None:
 
 
 async def test_our_signed_message_id_from_a_stranger_opens_a_linked_ticket(gw: Gateway) -> None:
-    # Issue 10: our Message-ID travels in every forward and quote; it proves which ticket
-    # is meant, not who may join it. (Before, the stranger joined the ticket.)
+    # docs/decisions.md D10: our Message-ID travels in every forward and quote; it proves which
+    # ticket is meant, not who may join it. (Before, the stranger joined the ticket.)
     t = await first_ticket(gw)
     ticket_id = all_tickets(gw)[0].id
     ours = gw.signer.message_id("mx.example.com", ticket_id, "ack")
@@ -228,7 +229,8 @@ async def test_follow_up_reopens_a_closed_ticket(gw: Gateway) -> None:
     close_first_ticket(gw)
     await deliver(gw, sender=PAT, subject=f"Re: [{t['ref']}] it is burning again")
     d = ticket_json(gw, t["ref"])
-    assert d["status"] == "open" and len(all_tickets(gw)) == 1
+    assert d["status"] == "open"
+    assert len(all_tickets(gw)) == 1
     assert events(d, "reopened")
 
 
@@ -243,7 +245,8 @@ async def test_follow_up_to_closed_ticket_can_open_a_linked_one(
         close_first_ticket(gw)
         await deliver(gw, sender=PAT, subject=f"Re: [{t['ref']}] again")
         tickets = all_tickets(gw)
-        assert len(tickets) == 2 and tickets[0].status == "closed"
+        assert len(tickets) == 2
+        assert tickets[0].status == "closed"
         assert ticket_json(gw, tickets[1].ref)["links"] == [
             {"ref": t["ref"], "relation": "follow-up-of-closed"}
         ]
@@ -257,7 +260,9 @@ async def test_merged_customer_replies_from_second_address(gw: Gateway) -> None:
     assert len(all_tickets(gw)) == 3
     with Session(gw.engine) as s:
         a, b = customer_of(s, "pat@home.example"), customer_of(s, PAT)
-        assert a is not None and b is not None and a != b
+        assert a is not None
+        assert b is not None
+        assert a != b
         rec = merge_customers(s, a, b, gw.clock.now(), by="test")
         s.commit()
         assert rec.addresses == '["pat@home.example"]'

@@ -1,4 +1,4 @@
-"""Behind a front MTA (issue 14, finding 3): SPF is judged on the client the relay saw.
+"""Behind a front MTA (docs/decisions.md D14.3): SPF is judged on the client the relay saw.
 
 The daemon gets the mail over real SMTP from 127.0.0.1 (the front MTA's address) with the
 Received header Postfix writes; the customer's domain publishes SPF for its real server only.
@@ -45,7 +45,8 @@ async def test_spf_uses_the_address_the_trusted_relay_saw(
 ) -> None:
     auth = await _auth_of_one_message(tmp_path, clock, relays)
     assert auth["spf"] == "pass"
-    assert auth["likely_forged"] is False and auth["authenticated"] is True
+    assert auth["likely_forged"] is False
+    assert auth["authenticated"] is True
 
 
 async def test_without_trust_the_relay_address_fails_spf(
@@ -53,4 +54,5 @@ async def test_without_trust_the_relay_address_fails_spf(
 ) -> None:
     # What happened before trusted_relays: 127.0.0.1 is not in the domain's SPF.
     auth = await _auth_of_one_message(tmp_path, clock, [])
-    assert auth["spf"] == "fail" and auth["likely_forged"] is True
+    assert auth["spf"] == "fail"
+    assert auth["likely_forged"] is True

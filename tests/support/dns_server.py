@@ -1,8 +1,8 @@
 """A tiny real DNS server on loopback UDP, for fault tests of sender authentication.
 
 It answers TXT questions from a table and NXDOMAIN to everything else (``records`` empty:
-the "resolver that answers NXDOMAIN to everything" of issue 10), with a TTL, and counts the
-questions it got, so tests can see what the gateway's cache saved.  Served by a thread with
+the "resolver that answers NXDOMAIN to everything" of docs/decisions.md D10), with a TTL, and counts
+the questions it got, so tests can see what the gateway's cache saved.  Served by a thread with
 dnspython's wire format; stop it with :meth:`close` (or use it as a context manager).
 
     with NxDnsServer({("_dmarc.example.com", "TXT"): ["v=DMARC1; p=reject"]}) as server:
@@ -47,7 +47,7 @@ class NxDnsServer:
                 continue
             try:
                 query = dns.message.from_wire(data)
-            except Exception:
+            except Exception:  # noqa: S112 (a garbled datagram: a real server drops it too)
                 continue
             response = dns.message.make_response(query)
             for q in query.question:

@@ -115,7 +115,9 @@ async def send(
         recipients = recipients or [str(message["To"])]
     else:
         raw = message
-    assert recipients and sender is not None and gw.port is not None
+    assert recipients
+    assert sender is not None
+    assert gw.port is not None
     async with aiosmtplib.SMTP(hostname="127.0.0.1", port=gw.port, timeout=30) as smtp:
         errors, text = await smtp.sendmail(sender, list(recipients), raw)
         assert not errors, errors

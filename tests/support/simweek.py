@@ -1,6 +1,6 @@
 """A simulated week of tickets against the real database, the real escalator and the real
-plan (issue 11), shared by tests/integration/test_escalation_simulation.py (few tickets,
-asserts the goals) and bench/sla_week.py (many tickets, prints the figures).
+plan (docs/decisions.md D11), shared by tests/integration/test_escalation_simulation.py (few
+tickets, asserts the goals) and bench/sla_week.py (many tickets, prints the figures).
 
 Tickets are written straight into the database with deadlines from `initial_deadlines` (the
 one computation behind the acknowledgement), an owner checked against the plan

@@ -89,7 +89,8 @@ def test_original_in_message_rfc822_part() -> None:
         "Message-ID: " + OUR_ID + "\n", "Message-ID: " + OUR_ID + "\n\nbody\n"
     )
     info = parse_bounce(parse(text))
-    assert info is not None and info.original_message_ids == (OUR_ID,)
+    assert info is not None
+    assert info.original_message_ids == (OUR_ID,)
 
 
 ARF = """\
@@ -237,7 +238,8 @@ def test_exim_text_bounce() -> None:
     assert info is not None
     assert info.failed_recipients == ("kijitora@example.jp",)
     assert info.original_message_ids == ("<orig-3@mx.support.example.com>",)
-    assert info.action == "failed" and info.permanent
+    assert info.action == "failed"
+    assert info.permanent
 
 
 def test_in_reply_to_is_the_last_resort_for_the_original() -> None:

@@ -395,7 +395,7 @@ def test_isoz() -> None:
         "2026-11-23T13:00:00Z"
     )
     assert isoz(utc(2026, 1, 1) + timedelta(microseconds=5)) == "2026-01-01T00:00:00.000005Z"
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="timezone-aware"):
         isoz(datetime(2026, 1, 1))
 
 

@@ -35,13 +35,15 @@ def verdict(msg: Message, sender: str = CUSTOMER, **kw: object) -> RobotVerdict:
 def test_plain_customer_mail_is_human() -> None:
     v = verdict(mail())
     assert v == RobotVerdict("human", ())
-    assert v.is_human and v.may_acknowledge
+    assert v.is_human
+    assert v.may_acknowledge
 
 
 @pytest.mark.parametrize("sender", ["", "<>", " <> "])
 def test_null_envelope_sender(sender: str) -> None:
     v = verdict(mail(), sender)
-    assert v.kind == "robot" and not v.may_acknowledge
+    assert v.kind == "robot"
+    assert not v.may_acknowledge
     assert "null envelope sender" in v.reasons
 
 

@@ -28,7 +28,8 @@ def names(text: str) -> list[str]:
 
 def test_no_commands_is_all_text() -> None:
     commands, rest, errors = parse_commands("Hello Pat,\n#close is not a command here\n")
-    assert commands == [] and errors == []
+    assert commands == []
+    assert errors == []
     assert rest == "Hello Pat,\n#close is not a command here"
 
 
@@ -62,17 +63,18 @@ def test_commands_then_text() -> None:
 
 def test_command_only_mail_leaves_no_text() -> None:
     commands, rest, errors = parse_commands("#close\r\n#priority low\r\n")
-    assert [c.name for c in commands] == ["close", "priority"] and rest == "" and errors == []
+    assert [c.name for c in commands] == ["close", "priority"]
+    assert rest == ""
+    assert errors == []
 
 
 def test_snooze_carries_duration() -> None:
     # The rules' grammar, units kept apart: a "d" is a working day of the ticket's calendar,
-    # applied by the staff stage (issue 11, item 9).
+    # applied by the staff stage (docs/decisions.md D11, item 9).
     [cmd], _, _ = parse_commands("#snooze 1d12h")
     assert cmd == Command("snooze", "1d12h", "#snooze 1d12h", Duration(1, 12 * 3600, "1d12h"))
-    assert cmd.duration is not None and cmd.duration.business(timedelta(hours=8)) == timedelta(
-        hours=20
-    )
+    assert cmd.duration is not None
+    assert cmd.duration.business(timedelta(hours=8)) == timedelta(hours=20)
 
 
 @pytest.mark.parametrize(
@@ -95,7 +97,8 @@ def test_snooze_carries_duration() -> None:
 )
 def test_errors_are_clear(text: str, fragment: str) -> None:
     _, _, errors = parse_commands(text)
-    assert errors and fragment in errors[0], errors
+    assert errors, errors
+    assert fragment in errors[0], errors
 
 
 def test_unknown_word_is_an_error_even_with_valid_commands() -> None:
@@ -110,7 +113,9 @@ def test_unknown_word_is_an_error_even_with_valid_commands() -> None:
 
 def test_hash_not_followed_by_a_letter_is_text() -> None:
     commands, rest, errors = parse_commands("#1 thing to check: the fuse\n")
-    assert commands == [] and errors == [] and rest.startswith("#1 thing")
+    assert commands == []
+    assert errors == []
+    assert rest.startswith("#1 thing")
 
 
 def test_same_command_twice_is_harmless() -> None:
@@ -179,7 +184,8 @@ def test_a_registered_command_is_parsed_and_listed_in_the_help(
     spec = CommandSpec("tag", "#tag <word>", "add a tag to the ticket", _tag)
     monkeypatch.setitem(COMMANDS, "tag", spec)
     commands, rest, errors = parse_commands("#tag VIP\n#close\nThanks")
-    assert errors == [] and rest == "Thanks"
+    assert errors == []
+    assert rest == "Thanks"
     assert [c.describe() for c in commands] == ["#tag vip", "#close"]
     assert "#tag needs a tag" in parse_commands("#tag\n")[2]
     assert any(line.startswith("#tag <word>") and "add a tag" in line for line in help_lines())
@@ -190,7 +196,8 @@ def test_the_help_names_every_command_once() -> None:
     text = help_text()
     assert text.startswith("#note (internal, not sent), #close, ")
     for name, spec in COMMANDS.items():
-        assert text.count(f"#{name}") == 1 and spec.syntax in text
+        assert text.count(f"#{name}") == 1
+        assert spec.syntax in text
     assert len(help_lines()) == len(COMMANDS)
 
 

@@ -1,4 +1,5 @@
-"""Issue 12, pure parts: the known-customer match and merge redirects in `thread.decide`."""
+"""docs/decisions.md D12, pure parts: the known-customer match and merge redirects in
+`thread.decide`."""
 
 from __future__ import annotations
 
@@ -25,13 +26,16 @@ OPEN = [
 
 def test_same_subject_ignores_prefixes_case_and_punctuation() -> None:
     hit = match_known_customer("Fwd: My refund is still MISSING!!", "", OPEN, "ACME")
-    assert hit is not None and hit[0].ref == "ACME-1000"
+    assert hit is not None
+    assert hit[0].ref == "ACME-1000"
     assert "same subject as the open request ACME-1000" in hit[1]
 
 
 def test_an_explicit_reference_to_an_own_ticket_wins() -> None:
     hit = match_known_customer("Refund???", "About ACME-1001 again\n", OPEN, "ACME")
-    assert hit is not None and hit[0].ref == "ACME-1001" and "text names" in hit[1]
+    assert hit is not None
+    assert hit[0].ref == "ACME-1001"
+    assert "text names" in hit[1]
 
 
 def test_other_subjects_and_foreign_refs_do_not_join() -> None:
@@ -70,8 +74,10 @@ def test_every_key_of_a_merged_ticket_reaches_the_target() -> None:
             ref_prefix="ACME",
             merged_into=merged_into,
         )
-        assert d.ticket is not None and d.ticket.ref == "ACME-1008", (rcpt, subject, irt)
-        assert not d.reopen and d.redirected_from is not None
+        assert d.ticket is not None, (rcpt, subject, irt)
+        assert d.ticket.ref == "ACME-1008", (rcpt, subject, irt)
+        assert not d.reopen
+        assert d.redirected_from is not None
         assert "ACME-1006 was merged into ACME-1008: redirected" in d.detail
         if d.claim is not None:
             assert d.claim.ticket_id == 9

@@ -157,8 +157,11 @@ def test_the_memory_lookup_implements_the_whole_protocol() -> None:
 
 def test_duplicate() -> None:
     d = run(store(), dedupe_key="stored")
-    assert d.disposition is Disposition.DUPLICATE and d.duplicate_of == 1
-    assert d.ticket is not None and d.ticket.id == 7 and not d.is_new
+    assert d.disposition is Disposition.DUPLICATE
+    assert d.duplicate_of == 1
+    assert d.ticket is not None
+    assert d.ticket.id == 7
+    assert not d.is_new
 
 
 def test_duplicate_of_robot_mail_stays_a_duplicate() -> None:
@@ -178,18 +181,23 @@ def test_duplicate_of_robot_mail_stays_a_duplicate() -> None:
 def test_each_threading_key(how: dict[str, str], disposition: Disposition) -> None:
     d = run(store(), **how)
     assert d.disposition is disposition
-    assert d.ticket is not None and d.ticket.id == 7 and not d.is_new
+    assert d.ticket is not None
+    assert d.ticket.id == 7
+    assert not d.is_new
 
 
 def test_new() -> None:
     d = run(store(), sender=EVE, subject="Re: [ACME-1007] hello")
-    assert d.disposition is Disposition.NEW and d.is_new and d.ticket is None
+    assert d.disposition is Disposition.NEW
+    assert d.is_new
+    assert d.ticket is None
     assert [(t, rel) for t, rel, _ in d.links] == [(7, "possible-follow-up")]
 
 
 def test_a_human_reply_reopens_a_closed_ticket() -> None:
     d = run(store(), subject="Re: [ACME-1009] again")
-    assert d.disposition is Disposition.SUBJECT_REF and d.reopen
+    assert d.disposition is Disposition.SUBJECT_REF
+    assert d.reopen
 
 
 # ------------------------------------------------------------------ robot mail
@@ -201,14 +209,18 @@ def test_auto_reply_to_our_message_joins_without_reopening() -> None:
     d = run(s, sender="away@customer.example", in_reply_to=OURS_7, robot=RobotMail.AUTO_REPLY)
     # The key stays how it was matched (the audit trail says "our-message-id").
     assert d.disposition is Disposition.OUR_MESSAGE_ID
-    assert d.ticket is not None and d.ticket.id == 7 and not d.reopen
+    assert d.ticket is not None
+    assert d.ticket.id == 7
+    assert not d.reopen
 
 
 def test_unmatched_auto_reply_opens_nothing_and_links_nothing() -> None:
     # It quotes a ticket number it may not join: a human's mail would be a linked new one.
     d = run(store(), sender=EVE, subject="Automatic reply: [ACME-1007]", robot=RobotMail.AUTO_REPLY)
     assert d.disposition is Disposition.UNMATCHED_AUTO_REPLY
-    assert d.ticket is None and d.links == [] and not d.is_new
+    assert d.ticket is None
+    assert d.links == []
+    assert not d.is_new
 
 
 def test_unmatched_auto_reply_to_a_closed_ticket_with_closed_followup_new() -> None:
@@ -218,17 +230,21 @@ def test_unmatched_auto_reply_to_a_closed_ticket_with_closed_followup_new() -> N
         robot=RobotMail.AUTO_REPLY,
         closed_followup="new",
     )
-    assert d.disposition is Disposition.UNMATCHED_AUTO_REPLY and d.links == []
+    assert d.disposition is Disposition.UNMATCHED_AUTO_REPLY
+    assert d.links == []
 
 
 def test_loop() -> None:
     d = run(store(), sender="support@example.com", robot=RobotMail.LOOP)
-    assert d.disposition is Disposition.LOOP and d.ticket is None and not d.is_new
+    assert d.disposition is Disposition.LOOP
+    assert d.ticket is None
+    assert not d.is_new
 
 
 def test_our_own_mail_coming_back_to_its_ticket_joins_it() -> None:
     d = run(store(), sender="support@example.com", in_reply_to=OURS_7, robot=RobotMail.LOOP)
-    assert d.disposition is Disposition.OUR_MESSAGE_ID and not d.reopen
+    assert d.disposition is Disposition.OUR_MESSAGE_ID
+    assert not d.reopen
 
 
 def test_bounce_joins_the_ticket_of_the_message_we_sent() -> None:
@@ -240,14 +256,19 @@ def test_bounce_joins_the_ticket_of_the_message_we_sent() -> None:
         bounced=["<ack-7@mx.example.com>"],
     )
     assert d.disposition is Disposition.BOUNCE
-    assert d.ticket is not None and d.ticket.id == 7 and not d.reopen and not d.is_new
+    assert d.ticket is not None
+    assert d.ticket.id == 7
+    assert not d.reopen
+    assert not d.is_new
 
 
 def test_bounce_by_a_signed_message_id_of_ours() -> None:
     s = store()
     s.add_ticket(11, "open")
     d = run(s, robot=RobotMail.BOUNCE, bounced=[SIGNER.message_id(HOST, 11, "n")])
-    assert d.disposition is Disposition.BOUNCE and d.ticket is not None and d.ticket.id == 11
+    assert d.disposition is Disposition.BOUNCE
+    assert d.ticket is not None
+    assert d.ticket.id == 11
 
 
 def test_the_reported_message_wins_over_the_references() -> None:
@@ -255,18 +276,24 @@ def test_the_reported_message_wins_over_the_references() -> None:
     s.add_ticket(11, "open")
     s.outbox["<notice-11@mx.example.com>"] = 11
     d = run(s, in_reply_to=OURS_7, robot=RobotMail.BOUNCE, bounced=["<notice-11@mx.example.com>"])
-    assert d.disposition is Disposition.BOUNCE and d.ticket is not None and d.ticket.id == 11
+    assert d.disposition is Disposition.BOUNCE
+    assert d.ticket is not None
+    assert d.ticket.id == 11
 
 
 def test_a_bounce_without_a_report_falls_back_to_its_references() -> None:
     d = run(store(), in_reply_to=OURS_7, robot=RobotMail.BOUNCE)
-    assert d.disposition is Disposition.BOUNCE and d.ticket is not None and d.ticket.id == 7
+    assert d.disposition is Disposition.BOUNCE
+    assert d.ticket is not None
+    assert d.ticket.id == 7
 
 
 def test_unmatched_bounce() -> None:
     d = run(store(), sender=EVE, robot=RobotMail.BOUNCE, bounced=[OURS_GONE, "<x@y>"])
     assert d.disposition is Disposition.UNMATCHED_BOUNCE
-    assert d.ticket is None and d.links == [] and not d.is_new
+    assert d.ticket is None
+    assert d.links == []
+    assert not d.is_new
 
 
 @pytest.mark.parametrize(
@@ -322,7 +349,8 @@ def test_every_outcome_of_decide_has_a_chain() -> None:
 def test_only_new_mail_is_routed_and_acknowledged() -> None:
     for disposition, chain in CHAINS.items():
         new = disposition is Disposition.NEW
-        assert (route in chain) is new and (respond in chain) is new, disposition
+        assert (route in chain) is new, disposition
+        assert (respond in chain) is new, disposition
 
 
 def test_robot_chains_page_nobody_and_answer_nobody() -> None:

@@ -1,4 +1,4 @@
-"""DNS trouble does not stall the pipeline (issue 10 finding 2): the per-message budget, the
+"""DNS trouble does not stall the pipeline (docs/decisions.md D10.2): the per-message budget, the
 cache and the circuit breaker of gateway.security.dns, against real sockets: a loopback
 address where nothing listens (127.0.0.2) and a tiny real DNS server (tests/support)."""
 
@@ -32,7 +32,9 @@ def test_budget_is_shared_by_all_questions_of_a_message() -> None:
     clock.t += 0.6
     with pytest.raises(DnsTempError, match="budget"):
         budget.query("a.example", "TXT")
-    assert budget.cut and budget.temp_errors == 1 and budget.questions == 3
+    assert budget.cut
+    assert budget.temp_errors == 1
+    assert budget.questions == 3
     assert len(inner.queries) == 2  # the spent budget did not ask
 
 
@@ -66,7 +68,8 @@ def test_breaker_closes_when_a_probe_is_answered() -> None:
             resolver._record_timeout()  # starts the prober
             assert resolver._prober is not None
             resolver._prober.join(timeout=5)
-            assert not resolver.unreachable and not resolver.breaker_open.is_set()
+            assert not resolver.unreachable
+            assert not resolver.breaker_open.is_set()
             assert (".", "NS") in server.questions or ("", "NS") in server.questions
         finally:
             resolver.close()
@@ -93,4 +96,5 @@ def test_nxdomain_everything_completes_without_proof() -> None:
         result = authenticate(raw, envelope_sender="alice@example.com", client_ip="127.0.0.1",
                               helo="client.test", resolver=resolver)  # fmt: skip
     assert (result.spf, result.dmarc) == ("none", "none")
-    assert not result.inconclusive and not result.authenticated
+    assert not result.inconclusive
+    assert not result.authenticated

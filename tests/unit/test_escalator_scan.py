@@ -1,5 +1,5 @@
-"""The escalator's indexed scan (issue 16): a pass reads only tickets whose next moment has
-come (`Ticket.escalate_at`), a change to a ticket re-plans it, a rules change re-plans every
+"""The escalator's indexed scan (docs/decisions.md D16): a pass reads only tickets whose next moment
+has come (`Ticket.escalate_at`), a change to a ticket re-plans it, a rules change re-plans every
 open ticket (a generation counter, not `id(rules)`), and read-only sessions never take
 SQLite's write lock."""
 
@@ -94,7 +94,8 @@ def test_a_change_to_a_ticket_replans_it(
     clock.set(at(23, 13))
     assert esc.run_once() == 0  # no breach of an answered clock
     moment = escalate_at(engine, tid)
-    assert moment is not None and moment > at(23, 13)  # next response / resolution
+    assert moment is not None
+    assert moment > at(23, 13)
 
 
 def edited_rules(tmp_path: Path) -> Path:
@@ -197,7 +198,8 @@ def test_the_read_session_never_commits(tmp_path: Path) -> None:
         s.add(t)
     with Session(engine) as s:
         t = s.get(Ticket, tid)
-        assert t is not None and t.subject != "changed"
+        assert t is not None
+        assert t.subject != "changed"
     engine.dispose()
 
 

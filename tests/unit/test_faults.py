@@ -47,7 +47,8 @@ def _wrapped(orig: BaseException, cls: type[sa_exc.DBAPIError]) -> sa_exc.DBAPIE
 )
 def test_infrastructure_faults(exc: BaseException, kind: str) -> None:
     fault = classify_fault(exc)
-    assert fault is not None and fault.kind == kind
+    assert fault is not None
+    assert fault.kind == kind
 
 
 def test_a_fault_raised_while_handling_an_outage_is_found_through_the_chain() -> None:
@@ -58,7 +59,8 @@ def test_a_fault_raised_while_handling_an_outage_is_found_through_the_chain() ->
             raise RuntimeError("could not write the WAL") from inner
     except RuntimeError as exc:
         fault = classify_fault(exc)
-    assert fault is not None and fault.kind == "disk"
+    assert fault is not None
+    assert fault.kind == "disk"
 
 
 @pytest.mark.parametrize(
@@ -131,16 +133,19 @@ def _nested(depth: int) -> bytes:
 
 def test_mime_within_the_bound_is_read_normally() -> None:
     p = parse(_nested(MAX_MIME_DEPTH - 2))
-    assert p.text.strip() == "bottom" and not p.defects
+    assert p.text.strip() == "bottom"
+    assert not p.defects
 
 
 @pytest.mark.parametrize("depth", [MAX_MIME_DEPTH + 1, 1000, 3000])
 def test_mime_past_the_bound_degrades_to_the_raw_message_attached(depth: int) -> None:
     raw = _nested(depth)
     p = parse(raw)
-    assert p.subject == "s" and p.from_address == "a@b.example"
+    assert p.subject == "s"
+    assert p.from_address == "a@b.example"
     assert [a.filename for a in p.attachments] == [ORIGINAL_NAME]
-    assert p.defects and p.defects[0].startswith("degraded: MIME nesting")
+    assert p.defects
+    assert p.defects[0].startswith("degraded: MIME nesting")
     [part] = list(p.msg.iter_attachments())  # type: ignore[attr-defined]
     assert part.get_content() == raw  # the original bytes, untouched
 
@@ -172,6 +177,7 @@ def test_a_child_crash_charges_only_the_entry_it_was_busy_with(tmp_path: Path) -
         assert spool.recover_crashed(second.id, "died again") == "quarantined"
         assert [q["id"] for q in spool.quarantined()] == [second.id]
         assert spool.get(third.id).state == "pending"  # type: ignore[union-attr]
-        assert spool.replay_all() == [second.id] and spool.quarantined() == []
+        assert spool.replay_all() == [second.id]
+        assert spool.quarantined() == []
     finally:
         spool.close()

@@ -19,7 +19,8 @@ def test_references_keep_the_last_ten_then_the_parent_once() -> None:
 def test_thread_headers_only_with_a_parent() -> None:
     msg = headers.new_message()
     headers.set_thread(msg, None, ["<a@x>"])
-    assert msg["In-Reply-To"] is None and msg["References"] is None
+    assert msg["In-Reply-To"] is None
+    assert msg["References"] is None
     headers.set_thread(msg, "<p@x>", ["<a@x>"])
     assert (msg["In-Reply-To"], msg["References"]) == ("<p@x>", "<a@x> <p@x>")
 

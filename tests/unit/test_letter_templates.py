@@ -1,4 +1,4 @@
-"""Letter templates, languages and formats (gateway.letters; issue 17)."""
+"""Letter templates, languages and formats (gateway.letters; docs/decisions.md D17)."""
 
 from __future__ import annotations
 

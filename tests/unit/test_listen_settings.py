@@ -1,4 +1,4 @@
-"""Listen addresses are validated at load time, naming the key (issue 14 finding 5)."""
+"""Listen addresses are validated at load time, naming the key (docs/decisions.md D14.5)."""
 
 from __future__ import annotations
 
@@ -38,7 +38,8 @@ def test_invalid_smtp_listen_names_the_key(value: str, monkeypatch) -> None:  # 
     with pytest.raises(ConfigError) as err:
         load_settings(None)
     message = str(err.value)
-    assert "\n" not in message and f"smtp.listen = {value!r}" in message
+    assert "\n" not in message
+    assert f"smtp.listen = {value!r}" in message
 
 
 def test_http_listen_empty_is_off_and_port_zero_is_allowed(monkeypatch) -> None:  # type: ignore[no-untyped-def]

@@ -84,7 +84,8 @@ def test_a_registered_condition_is_loaded_checked_and_explained(
 
     big = evaluate(rules, _message("x" * 500), AT)
     assert (big.route, big.queue) == ("big", "big")
-    assert big.trace[0].why.startswith("size ") and "is over 100" in big.trace[0].why
+    assert big.trace[0].why.startswith("size ")
+    assert "is over 100" in big.trace[0].why
 
     small = evaluate(rules, _message("short"), AT)
     assert small.route is None

@@ -151,7 +151,8 @@ def test_adding_a_rule_is_one_function_and_one_entry() -> None:
     msg = mail("X-Zendesk-From-Account-Id: 42\n")
     assert verdict_of(clues(msg)).is_human
     v = verdict_of(clues(msg), (*RULES, ticket_system))
-    assert v.kind == "robot" and v.reasons == ("X-Zendesk-From-Account-Id header",)
+    assert v.kind == "robot"
+    assert v.reasons == ("X-Zendesk-From-Account-Id header",)
 
 
 def test_a_signal_found_twice_is_one_reason() -> None:
@@ -169,7 +170,8 @@ def test_a_rule_that_raises_fails_safe_through_classify(monkeypatch: pytest.Monk
 
     monkeypatch.setattr(robots, "RULES", (*RULES, broken))
     v = classify(mail(), "alice@customer.example")
-    assert v.kind == "robot" and v.reasons == ("classifier error: KeyError",)
+    assert v.kind == "robot"
+    assert v.reasons == ("classifier error: KeyError",)
 
 
 # ------------------------------------------------------------------ mailparts
@@ -225,4 +227,5 @@ def test_classify_reads_a_hostile_message_by_its_raw_headers() -> None:
     msg = hostile()
     msg._headers.append(("Auto-Submitted", "auto-replied"))
     v = classify(msg, "alice@customer.example")
-    assert v.kind == "auto_reply" and "Auto-Submitted: auto-replied" in v.reasons
+    assert v.kind == "auto_reply"
+    assert "Auto-Submitted: auto-replied" in v.reasons

@@ -327,7 +327,7 @@ def test_least_open_picks_fewest_open_with_ties_in_team_order(
 
 
 def test_a_route_without_conditions_matches_everything(tmp_path: Path) -> None:
-    text = RULES.split("[[route]]")[0] + '[[route]]\nname = "all"\nqueue = "triage"\n'
+    text = RULES.split("[[route]]", maxsplit=1)[0] + '[[route]]\nname = "all"\nqueue = "triage"\n'
     (tmp_path / "rules.toml").write_text(text, encoding="utf-8")
     decision = evaluate(load_rules(tmp_path), facts(), MONDAY_MORNING)
     assert decision.trace == (TraceEntry("all", True, "no conditions (matches every message)"),)

@@ -155,7 +155,8 @@ def test_valid_rules_are_loaded_and_merged() -> None:
         "high",
         ("billing",),
     )
-    assert rules.routes[0].continue_ is True and billing.continue_ is False
+    assert rules.routes[0].continue_ is True
+    assert billing.continue_ is False
     assert [str(f) for f in rules.files] == [
         "rules/calendars.toml",
         "rules/people.toml",
@@ -179,7 +180,7 @@ def test_the_shipped_example_rules_are_valid() -> None:
 
 
 def test_routes_keep_file_order_then_order_within_file() -> None:
-    routes = ROUTES.split("[[route]]")[0]
+    routes = ROUTES.split("[[route]]", maxsplit=1)[0]
     write(
         {
             "routes.toml": routes,
@@ -473,7 +474,7 @@ def test_duplicate_ids_across_files() -> None:
 
 
 def test_missing_defaults() -> None:
-    found = problems({"routes.toml": ROUTES.replace(ROUTES.split("[[route]]")[0], "")})
+    found = problems({"routes.toml": ROUTES.replace(ROUTES.split("[[route]]", maxsplit=1)[0], "")})
     assert found == [
         "rules/calendars.toml:1: missing [defaults] table: add [defaults] with owner = "
         '"<person id>" and sla = "<policy id>" to one of the rules files'

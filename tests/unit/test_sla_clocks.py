@@ -132,9 +132,11 @@ def test_customer_message_older_than_our_reply_does_not_rearm() -> None:
 def test_waiting_pauses_and_resume_shifts_by_business_time() -> None:
     t = fresh()
     clocks.on_waiting(t, at(23, 10))
-    assert t.status == "waiting" and clocks.active_deadlines(t) == []
+    assert t.status == "waiting"
+    assert clocks.active_deadlines(t) == []
     clocks.on_customer_message(t, at(23, 12), STANDARD, BERLIN)  # 2 business hours later
-    assert t.status == "open" and t.waiting_since is None
+    assert t.status == "open"
+    assert t.waiting_since is None
     assert t.first_response_due == at(23, 15)
     # Resolution pauses too (all three clocks measure our work) and moves by the same 2h.
     assert t.resolution_due == at(30, 11)
@@ -169,13 +171,15 @@ def test_close_stops_everything_and_reopen_resumes_resolution() -> None:
     clocks.on_staff_reply(t, at(23, 10))
     clocks.on_snooze(t, at(23, 20))
     clocks.on_close(t, at(23, 11))
-    assert t.status == "closed" and t.closed_at == at(23, 11)
+    assert t.status == "closed"
+    assert t.closed_at == at(23, 11)
     assert t.snoozed_until is None
     assert clocks.active_deadlines(t) == []
     clocks.on_customer_message(t, at(23, 12), STANDARD, BERLIN)  # ignored while closed
     assert t.next_response_due is None
     clocks.on_reopen(t, at(24, 11), BERLIN)  # closed for 5h Monday + 3h Tuesday = 8h
-    assert t.status == "open" and t.closed_at is None
+    assert t.status == "open"
+    assert t.closed_at is None
     assert t.resolution_due == datetime(2026, 12, 1, 9, tzinfo=UTC)
     clocks.on_customer_message(t, at(24, 11), STANDARD, BERLIN)
     assert t.next_response_due == at(25, 11)
@@ -258,7 +262,8 @@ def test_ladder_fires_at_business_time_offsets(engine, sla_settings, clock) -> N
     ]
     with Session(engine) as s:
         t = s.get(Ticket, tid)
-        assert t is not None and t.owner == "carol"
+        assert t is not None
+        assert t.owner == "carol"
         assigned = events(s, tid, "assigned")
         assert [e.detail.split(" by ")[0] for e in assigned] == [
             "ACME-1001 assigned to Bob Stone",
@@ -277,11 +282,15 @@ def test_staff_notification_has_summary_text_and_person_token(engine, sla_settin
     esc.run_once()
     with Session(engine) as s:
         (row,) = outbox(s, "escalation")
-    assert row.mail_from == "" and row.state == "queued" and row.next_attempt_at == at(23, 13)
+    assert row.mail_from == ""
+    assert row.state == "queued"
+    assert row.next_attempt_at == at(23, 13)
     msg = email.message_from_bytes(row.raw, policy=email.policy.default)
     assert msg["Auto-Submitted"] == "auto-generated"
     claim = Signer(sla_settings.secret()).parse_reply_address(str(msg["Reply-To"]))
-    assert claim is not None and claim.ticket_id == tid and claim.person == "alice"
+    assert claim is not None
+    assert claim.ticket_id == tid
+    assert claim.person == "alice"
     body = msg.get_body(("plain",)).get_content()  # type: ignore[union-attr]
     for needle in (
         "ACME-1001",
@@ -305,7 +314,8 @@ def test_customer_notice_once_names_owner_and_next_time(engine, sla_settings, cl
     with Session(engine) as s:
         (row,) = outbox(s, "customer_notice")
         assert len(events(s, tid, "customer-notice")) == 1
-    assert row.rcpt_tos == '["pat@customer.example"]' and row.mail_from == ""
+    assert row.rcpt_tos == '["pat@customer.example"]'
+    assert row.mail_from == ""
     msg = email.message_from_bytes(row.raw, policy=email.policy.default)
     assert msg["From"] == "Example Support <support@example.com>"
     assert msg["Auto-Submitted"] == "auto-generated"
@@ -314,7 +324,9 @@ def test_customer_notice_once_names_owner_and_next_time(engine, sla_settings, cl
     assert msg["In-Reply-To"] == f"<m{tid}.0@customer.example>"
     assert msg["Subject"] == "[ACME-1001] Printer on fire"
     claim = Signer(sla_settings.secret()).parse_reply_address(str(msg["Reply-To"]))
-    assert claim is not None and claim.ticket_id == tid and claim.person is None
+    assert claim is not None
+    assert claim.ticket_id == tid
+    assert claim.person is None
     body = msg.get_body(("plain",)).get_content()  # type: ignore[union-attr]
     assert "by Monday 23 November 2026, 14:00 CET (Europe/Berlin)" in body  # the promise
     assert "Alice Martin is now responsible for your request ACME-1001" in body
@@ -608,10 +620,10 @@ def test_notices_due_within_a_minute_go_as_one_mail(engine, sla_settings, clock)
     with Session(engine) as s:
         (notice,) = outbox(s, "customer_notice")
         (event,) = events(s, tid, "customer-notice")
-    assert b"a first answer from a person" in notice.raw and b"your request resolved" in notice.raw
-    assert '"covers": [["first_response"' in (event.data or "") and "resolution" in (
-        event.data or ""
-    )
+    assert b"a first answer from a person" in notice.raw
+    assert b"your request resolved" in notice.raw
+    assert '"covers": [["first_response"' in (event.data or "")
+    assert "resolution" in (event.data or "")
 
 
 def test_escalation_letters_take_an_admins_wording(engine, tmp_path, clock) -> None:  # type: ignore[no-untyped-def]

@@ -1,5 +1,5 @@
-"""The plan, duty and coverage (issue 11): who is on duty, who each step will reach, what a
-notice may promise, and which hours of a policy nobody covers."""
+"""The plan, duty and coverage (docs/decisions.md D11): who is on duty, who each step will reach,
+what a notice may promise, and which hours of a policy nobody covers."""
 
 from __future__ import annotations
 
@@ -137,19 +137,23 @@ def test_bad_away_entries_are_reported_with_their_line(tmp_path: Path) -> None:
             'away = ["2026-12-31..2026-12-01", "soon"]\n',
         )
     text = str(error.value)
-    assert "people.toml:" in text and "ends before it starts" in text and "'soon'" in text
+    assert "people.toml:" in text
+    assert "ends before it starts" in text
+    assert "'soon'" in text
 
 
 def test_walk_reaches_the_on_call_person_at_night(tmp_path: Path) -> None:
     rules = rules_with(tmp_path, VIP_ON_CALL)
     policy = rules.policy("vip")
     found = resolve(rules, policy, "owner", rules.person("bob"), SUN_10Z)
-    assert found.person.id == "nina" and found.on_duty
+    assert found.person.id == "nina"
+    assert found.on_duty
     assert any("Bob Stone (owner) skipped: off duty" in s for s in found.skipped)
     # Without on-call, nobody is on duty: the one on duty soonest stays accountable.
     plain = rules_with(tmp_path, VIP)
     found = resolve(plain, plain.policy("vip"), "owner", plain.person("bob"), SUN_10Z)
-    assert found.person.id == "bob" and not found.on_duty
+    assert found.person.id == "bob"
+    assert not found.on_duty
     assert "stays accountable" in found.skipped[-1]
 
 
@@ -179,7 +183,8 @@ def test_plan_on_a_weekday_hands_over_to_the_backup(tmp_path: Path) -> None:
     assert due is not None
     plan = plan_ticket(t, "bob", "vip", rules, due, [("first_response", due, 0)])
     commitment = plan.commitment("first_response", due, rules.person("bob"))
-    assert commitment.then is not None and commitment.then.id == "alice"
+    assert commitment.then is not None
+    assert commitment.then.id == "alice"
     # Step 3 assigns the manager of the owner at that moment (alice -> carol).
     (last,) = [s for s in plan.steps if s.clock == "first_response" and s.index == 2]
     assert last.acting.id == "carol"
@@ -193,7 +198,8 @@ def test_ladder_exhausted_promises_no_time(tmp_path: Path) -> None:
     fired = [("first_response", due, i) for i in range(3)]
     plan = plan_ticket(t, "carol", "vip", rules, due + timedelta(hours=3), fired)
     commitment = plan.commitment("first_response", due, rules.person("carol"))
-    assert commitment.by is None and commitment.then is None
+    assert commitment.by is None
+    assert commitment.then is None
 
 
 def test_acknowledgement_owner_is_on_duty_in_the_window(tmp_path: Path) -> None:
@@ -260,7 +266,8 @@ hours = { sat-sun = "10:00-16:00" }
     rules = rules_with(tmp_path, sla)
     _, errors = coverage_report(rules, datetime(2026, 11, 30, tzinfo=UTC))
     (error,) = errors
-    assert "sla 'vip' can never be served" in error and error.startswith(str(tmp_path))
+    assert "sla 'vip' can never be served" in error
+    assert error.startswith(str(tmp_path))
 
 
 def test_shipped_rules_check_clean(tmp_path: Path) -> None:
@@ -284,7 +291,8 @@ def test_shipped_rules_check_clean(tmp_path: Path) -> None:
         env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
     )
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "warning" not in out.stdout and "rules are valid" in out.stdout
+    assert "warning" not in out.stdout
+    assert "rules are valid" in out.stdout
 
 
 def test_promise_states() -> None:

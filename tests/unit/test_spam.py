@@ -1,5 +1,5 @@
-"""Spam verdicts (issue 18): reading the front filter's headers, trusting them only from a
-trusted relay, and routing on them (``spam``, ``spam_score``, ``disposition = "junk"``)."""
+"""Spam verdicts (docs/decisions.md D18): reading the front filter's headers, trusting them only
+from a trusted relay, and routing on them (``spam``, ``spam_score``, ``disposition = "junk"``)."""
 
 from __future__ import annotations
 
@@ -54,9 +54,12 @@ def test_front_filter_headers_are_read(
 
 def test_untrusted_verdict_is_recorded_but_never_routable() -> None:
     v = read_spam_verdict([("X-Spam-Flag", "YES")], client_ip="203.0.113.9", trusted=False)
-    assert v.spam is True and not v.trusted
-    assert v.spam_for_routes is False and v.score_for_routes is None
-    assert "UNTRUSTED" in v.describe() and "203.0.113.9" in v.describe()
+    assert v.spam is True
+    assert not v.trusted
+    assert v.spam_for_routes is False
+    assert v.score_for_routes is None
+    assert "UNTRUSTED" in v.describe()
+    assert "203.0.113.9" in v.describe()
 
 
 @pytest.mark.parametrize(
@@ -86,7 +89,7 @@ def test_authentication_results_believed_only_from_a_trusted_relay() -> None:
     ids = ["mx.example.com"]
     assert authserv_ids_for(ids, ["10.0.0.0/8"], "10.1.2.3") == ids
     assert authserv_ids_for(ids, ["10.0.0.0/8"], "198.51.100.7") == []
-    # No trusted relays configured: the behaviour before issue 18 (docs/spam.md).
+    # No trusted relays configured: the behaviour before docs/decisions.md D18 (docs/spam.md).
     assert authserv_ids_for(ids, [], "198.51.100.7") == ids
 
 

@@ -100,7 +100,7 @@ def test_format_ref() -> None:
     assert format_ref("ACME", 1042) == "ACME-1042"
     assert format_ref("acme", 7) == "ACME-7"
     assert find_ticket_refs(f"[{format_ref('ACME', 99)}]", "ACME") == ["ACME-99"]
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="invalid ticket number"):
         format_ref("ACME", -1)
 
 

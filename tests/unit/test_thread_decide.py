@@ -1,5 +1,5 @@
 """The threading decision (`thread.decide`) and the From check (`thread.from_is_verified`),
-pure: storage is an in-memory `ThreadLookup` (issue 10: threading proves the ticket,
+pure: storage is an in-memory `ThreadLookup` (docs/decisions.md D10: threading proves the ticket,
 participation proves the person)."""
 
 from __future__ import annotations
@@ -100,7 +100,9 @@ STAFF_TOKEN = SIGNER.reply_address("support", "example.com", 7, "alice")
 )
 def test_each_key_admits_the_participant(how: dict[str, str]) -> None:
     d = run(PAT, **how)
-    assert d.ticket is not None and d.ticket.id == 7 and not d.links
+    assert d.ticket is not None
+    assert d.ticket.id == 7
+    assert not d.links
 
 
 @pytest.mark.parametrize(
@@ -115,15 +117,19 @@ def test_each_key_admits_the_participant(how: dict[str, str]) -> None:
 )
 def test_no_key_admits_a_stranger_each_links_instead(how: dict[str, str], note: str) -> None:
     d = run(EVE, **how)
-    assert d.is_new and d.disposition == "new"
+    assert d.is_new
+    assert d.disposition == "new"
     assert [(t, rel) for t, rel, _ in d.links] == [(7, "possible-follow-up")]
-    assert note in d.detail and "is not a participant" in d.detail
+    assert note in d.detail
+    assert "is not a participant" in d.detail
 
 
 def test_staff_token_reaches_its_ticket_whoever_sends_it() -> None:
     # The staff stage judges the person (docs/design.md §5); threading only finds the ticket.
     d = run(EVE, rcpt=STAFF_TOKEN)
-    assert d.disposition == "reply-token" and d.ticket is not None and d.claim is not None
+    assert d.disposition == "reply-token"
+    assert d.ticket is not None
+    assert d.claim is not None
     assert d.claim.person == "alice"
 
 
@@ -136,19 +142,22 @@ def test_robots_reach_the_ticket_by_a_signed_reference(how: dict[str, str]) -> N
     # An out-of-office or bounce from an address that is not a participant still belongs
     # to the ticket (it never becomes a participant: record only adds customer mail).
     d = run("autoresponder@customer.example", robot=RobotMail.AUTO_REPLY, **how)
-    assert d.ticket is not None and d.ticket.id == 7
+    assert d.ticket is not None
+    assert d.ticket.id == 7
 
 
 def test_unverified_from_of_a_participant_counts_as_nobody() -> None:
     d = run(PAT, subject="[ACME-1006] change of address", verified=False)
-    assert d.is_new and [t for t, _, _ in d.links] == [7]
+    assert d.is_new
+    assert [t for t, _, _ in d.links] == [7]
     assert f"the From address {PAT} is not verified, so it does not count" in d.detail
 
 
 def test_unverified_from_of_a_robot_still_joins_by_stored_message_id() -> None:
     # Auto-replies gain nothing by joining: their From is not held against them.
     d = run(PAT, in_reply_to="<orig@customer.example>", verified=False, robot=RobotMail.AUTO_REPLY)
-    assert d.disposition == "known-message-id" and d.ticket is not None
+    assert d.disposition == "known-message-id"
+    assert d.ticket is not None
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,5 @@
-"""The pure sender-verdict rules of issue 10: unknown is not verified (gateway.security.verdict).
+"""The pure sender-verdict rules of docs/decisions.md D10: unknown is not verified
+(gateway.security.verdict).
 
 Each case is an ``AuthResult`` as the checks (or a trusted front MTA) would produce it, and
 the decision a staff reply or an acknowledgement gets from it.
@@ -40,7 +41,7 @@ PASS_OTHER = DkimCheck("mailer.example", "s1", "rsa-sha256", "pass")
 TEMP = DkimCheck("example.com", "s1", "rsa-sha256", "temperror")
 NOKEY = DkimCheck("example.com", "s1", "rsa-sha256", "permerror")
 
-# The exact results of issue 10 finding 1.
+# The exact results of docs/decisions.md D10.1.
 DNS_DOWN = auth(spf="temperror", dmarc="temperror")
 NXDOMAIN_ALL = auth(spf="none", dmarc="none")
 
@@ -82,15 +83,18 @@ def test_proof_names_what_proved_it() -> None:
 
 def test_staff_reply_with_dns_down_waits_then_is_refused() -> None:
     d = staff_decision(DNS_DOWN, sender="alice@example.com")
-    assert d.action == "wait" and "could not be completed" in d.reason
+    assert d.action == "wait"
+    assert "could not be completed" in d.reason
     d = staff_decision(DNS_DOWN, sender="alice@example.com", waited_out=True)
-    assert d.action == "refuse" and "unknown is not verified" in d.reason
+    assert d.action == "refuse"
+    assert "unknown is not verified" in d.reason
 
 
 def test_staff_reply_without_any_evidence_is_refused() -> None:
     # Was: "no results, the token is the proof" -> relayed. Tokens travel in forwards.
     d = staff_decision(NXDOMAIN_ALL, sender="alice@example.com")
-    assert d.action == "refuse" and "reply token" in d.reason
+    assert d.action == "refuse"
+    assert "reply token" in d.reason
 
 
 def test_staff_reply_not_checked_at_all_is_refused() -> None:
@@ -99,7 +103,8 @@ def test_staff_reply_not_checked_at_all_is_refused() -> None:
 
 def test_staff_reply_with_aligned_dkim_is_accepted() -> None:
     d = staff_decision(auth(dkim=(PASS,)), sender="alice@example.com")
-    assert d.action == "accept" and "dkim pass" in d.reason
+    assert d.action == "accept"
+    assert "dkim pass" in d.reason
 
 
 def test_staff_reply_spf_fail_is_refused_even_when_dkim_is_unknown_after_the_window() -> None:
@@ -111,7 +116,8 @@ def test_staff_reply_spf_fail_is_refused_even_when_dkim_is_unknown_after_the_win
 def test_token_only_domains_is_an_explicit_opt_in() -> None:
     opt = ["Example.com"]
     ok = staff_decision(NXDOMAIN_ALL, sender="alice@example.com", token_only_domains=opt)
-    assert ok.action == "accept" and "staff_token_only_domains" in ok.reason
+    assert ok.action == "accept"
+    assert "staff_token_only_domains" in ok.reason
     # Not for another domain, not when something failed, and never while unknown.
     other = staff_decision(NXDOMAIN_ALL, sender="alice@other.example", token_only_domains=opt)
     assert other.action == "refuse"
@@ -128,7 +134,8 @@ def test_token_only_domains_is_an_explicit_opt_in() -> None:
 def test_ack_to_unknown_sender_is_deferred_then_policy() -> None:
     assert ack_decision(DNS_DOWN).action == "defer"
     late = ack_decision(DNS_DOWN, waited_out=True)
-    assert late.action == "suppress" and "ack_if_unverified = suppress" in late.reason
+    assert late.action == "suppress"
+    assert "ack_if_unverified = suppress" in late.reason
     assert ack_decision(DNS_DOWN, waited_out=True, if_unverified="send").action == "send"
 
 
@@ -138,7 +145,8 @@ def test_ack_never_goes_to_a_failed_sender(if_unverified: str, waited_out: bool)
     for failed in (auth(spf="fail"), auth(dmarc="fail", policy="reject"),
                    auth(dmarc="fail", policy="quarantine")):  # fmt: skip
         d = ack_decision(failed, waited_out=waited_out, if_unverified=if_unverified)  # type: ignore[arg-type]
-        assert d.action == "suppress" and "backscatter" in d.reason
+        assert d.action == "suppress"
+        assert "backscatter" in d.reason
 
 
 def test_ack_for_completed_checks() -> None:
