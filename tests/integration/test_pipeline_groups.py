@@ -19,6 +19,7 @@ from sqlmodel import Session, select
 
 from gateway.clock import FrozenClock
 from gateway.pipeline.context import Context
+from gateway.pipeline.thread import Disposition
 from gateway.store.models import Message, Outbox, Ticket
 from tests.conftest import make_settings
 from tests.support.gateway import make_mail, running_gateway, send
@@ -70,7 +71,7 @@ async def test_a_failing_message_does_not_poison_its_group(
 ) -> None:
     settings = make_settings(tmp_path, storage={"max_attempts": 3})
     async with running_gateway(settings, clock) as gw:
-        stages = gw.pipeline.stages
+        chains = gw.pipeline.chains
 
         def explodes_after_recording(ctx: Context) -> None:
             # The failure comes after the message's own ticket, message and outbox rows were
@@ -78,7 +79,8 @@ async def test_a_failing_message_does_not_poison_its_group(
             if b"POISON" in ctx.entry.raw:
                 raise ValueError("stage exploded on this message")
 
-        gw.pipeline.stages = (*stages, explodes_after_recording)
+        new = Disposition.NEW  # every mail here opens a ticket; the last stage explodes
+        gw.pipeline.chains = {**chains, new: (*chains[new], explodes_after_recording)}
         gw.pipeline.tx_budget = 3600.0  # the poison message shares its group
         for i, sender in enumerate(SENDERS):
             subject = "POISON pill" if i == 2 else f"Question {i}"
@@ -99,7 +101,7 @@ async def test_a_failing_message_does_not_poison_its_group(
                 x for i, x in enumerate(SENDERS) if i != 2
             )
         # Once the bug is gone the retry makes its ticket, like any other message.
-        gw.pipeline.stages = stages
+        gw.pipeline.chains = chains
         clock.advance(3600)
         assert await gw.pipeline.run_once() == 1
         assert _spool(settings.spool_path) == []
