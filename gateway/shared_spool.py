@@ -244,7 +244,7 @@ class SharedSpool(Spool):
             if item.id is None:  # processed and released between insert and select
                 item.id = 0
 
-    def _write_loop(self) -> None:
+    def _write_loop(self) -> None:  # noqa: C901  (one writer loop: batch, write, drain, stop in that order)
         conn: Any = None
         try:
             while True:
