@@ -75,7 +75,9 @@ def _recipients(
 ) -> list[tuple[Person, str]]:
     """The owner, then (new ticket only) each known person of the routes' ``notify``
     lists, once each, with the line saying why they are told."""
-    assert ctx.thread is not None and ctx.ticket is not None and ctx.ticket.id is not None
+    assert ctx.thread is not None
+    assert ctx.ticket is not None
+    assert ctx.ticket.id is not None
     recipients: list[tuple[Person, str]] = [(owner, "")]
     if ctx.thread.is_new and ctx.decision is not None:
         routes = ", ".join(ctx.decision.matched_routes) or "the rules"
