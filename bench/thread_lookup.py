@@ -330,6 +330,22 @@ def _row(cur: Any, sql: str, *args: Any) -> Any:
     return cur.execute(sql, args).fetchone()
 
 
+def _duplicate(case: str, cur: Any, m: int) -> Sample | None:
+    """Stored inbound message ``m`` arriving again: the same bytes, or (dup-message-id) the
+    same mail Bcc'd to another address; None when ``m`` is outbound."""
+    row = _row(cur, 'SELECT raw, mail_from, "to", direction FROM message WHERE id=?', m)
+    if row[3] != "in":
+        return None
+    raw = bytes(row[0])
+    sender = row[1]
+    rcpts = json.loads(row[2])
+    if case == "dup-message-id":  # the same mail, Bcc'd to billing@ as well
+        rcpts = ["billing@example.com"]
+    parsed = parse(raw)
+    key = dedupe_key(Envelope(mail_from=sender, rcpt_tos=rcpts), raw)
+    return Sample(case, parsed, parsed.from_address or sender, rcpts, key)
+
+
 def _sample(
     case: str, cur: Any, rng: random.Random, signer: Signer, max_ticket: int, max_msg: int
 ) -> Sample | None:
@@ -381,18 +397,7 @@ def _sample(
         headers["From"] = stranger
         headers["Subject"] = f"New problem {rng.getrandbits(20)}"
     elif case in ("dup-bytes", "dup-message-id"):
-        m = rng.randint(1, max_msg)
-        row = _row(cur, 'SELECT raw, mail_from, "to", direction FROM message WHERE id=?', m)
-        if row[3] != "in":
-            return None
-        raw = bytes(row[0])
-        sender = row[1]
-        rcpts = json.loads(row[2])
-        if case == "dup-message-id":  # the same mail, Bcc'd to billing@ as well
-            rcpts = ["billing@example.com"]
-        parsed = parse(raw)
-        key = dedupe_key(Envelope(mail_from=sender, rcpt_tos=rcpts), raw)
-        return Sample(case, parsed, parsed.from_address or sender, rcpts, key)
+        return _duplicate(case, cur, rng.randint(1, max_msg))
     raw = fake_raw(headers, 1024)
     parsed = parse(raw)
     key = dedupe_key(Envelope(mail_from=headers["From"], rcpt_tos=recipients), raw)

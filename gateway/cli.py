@@ -17,11 +17,14 @@ import os
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlmodel import Session, col, select
 
 from gateway.settings import ConfigError, Settings, load_settings
+
+if TYPE_CHECKING:
+    from gateway.store.models import Junk
 
 EX_OK = 0
 EX_FAIL = 1
@@ -375,35 +378,12 @@ def cmd_tickets(args: argparse.Namespace) -> int:
     settings = _settings(args)
     engine = _engine(settings)
     rules = _rules_or_none(settings)
-    from gateway.store.models import Ticket
     from gateway.store.queries import find_ticket
-    from gateway.views import ticket_detail, ticket_summary
+    from gateway.views import ticket_detail
 
     with Session(engine) as s:
         if args.tickets_command == "list":
-            q = select(Ticket).order_by(col(Ticket.created_at).desc(), col(Ticket.id).desc())
-            if args.customer:
-                from gateway.views import customer_tickets
-
-                found = customer_tickets(s, args.customer)
-                if found is None:
-                    print(f"no customer with the address {args.customer}", file=sys.stderr)
-                    return 1
-                q = q.where(col(Ticket.id).in_([t.id for t in found]))
-            if args.status:
-                q = q.where(Ticket.status == args.status)
-            if args.limit:
-                q = q.limit(args.limit)
-            items = [ticket_summary(t, rules) for t in s.exec(q).all()]
-            if args.json:
-                _print(items)
-            else:
-                for i in items:
-                    print(
-                        f"{i['ref']:<12} {i['status']:<8} {i['owner']['name']:<20} "
-                        f"{i['requester']:<30} {i['subject'][:60]}"
-                    )
-            return 0
+            return _tickets_list(s, args, rules)
         t = find_ticket(s, args.ref)
         if t is None:
             print(f"no ticket {args.ref}", file=sys.stderr)
@@ -412,28 +392,61 @@ def cmd_tickets(args: argparse.Namespace) -> int:
         if args.json:
             _print(d)
         else:
-            print(f"{d['ref']}  [{d['status']}]  {d['subject']}")
-            print(
-                f"requester {d['requester']}; owner {d['owner']['name']} <{d['owner']['email']}>;"
-                f" queue {d['queue']}; priority {d['priority']}"
-            )
-            print("deadlines:")
-            for line in _deadline_lines(d["deadlines"]):
-                print(f"  {line}")
-            for m in d["messages"]:
-                print(
-                    f"  {m['at']} {m['direction']:>3} {m['kind']:<14} {m['from']}: {m['subject']}"
-                )
-            for e in d["events"]:
-                print(f"  {e['at']} {e['type']}: {e['detail']}")
-            for lk in d["links"]:
-                print(f"  link: {lk['relation']} {lk['ref']}")
-            for pr in d["promises"]:
-                print(
-                    f"  promise {pr['made_at']} to {pr['to']}: {pr['what']}"
-                    f" (due {pr['due'] or 'no time'}) [{pr['state']}]"
-                )
+            _print_ticket(d)
     return 0
+
+
+def _tickets_list(s: Session, args: argparse.Namespace, rules: Any) -> int:
+    """`tickets list`: newest first, filtered by customer and status."""
+    from gateway.store.models import Ticket
+    from gateway.views import ticket_summary
+
+    q = select(Ticket).order_by(col(Ticket.created_at).desc(), col(Ticket.id).desc())
+    if args.customer:
+        from gateway.views import customer_tickets
+
+        found = customer_tickets(s, args.customer)
+        if found is None:
+            print(f"no customer with the address {args.customer}", file=sys.stderr)
+            return 1
+        q = q.where(col(Ticket.id).in_([t.id for t in found]))
+    if args.status:
+        q = q.where(Ticket.status == args.status)
+    if args.limit:
+        q = q.limit(args.limit)
+    items = [ticket_summary(t, rules) for t in s.exec(q).all()]
+    if args.json:
+        _print(items)
+    else:
+        for i in items:
+            print(
+                f"{i['ref']:<12} {i['status']:<8} {i['owner']['name']:<20} "
+                f"{i['requester']:<30} {i['subject'][:60]}"
+            )
+    return 0
+
+
+def _print_ticket(d: dict[str, Any]) -> None:
+    """`tickets show` as text."""
+    print(f"{d['ref']}  [{d['status']}]  {d['subject']}")
+    print(
+        f"requester {d['requester']}; owner {d['owner']['name']} <{d['owner']['email']}>;"
+        f" queue {d['queue']}; priority {d['priority']}"
+    )
+    print("deadlines:")
+    for line in _deadline_lines(d["deadlines"]):
+        print(f"  {line}")
+    for m in d["messages"]:
+        print(f"  {m['at']} {m['direction']:>3} {m['kind']:<14} {m['from']}: {m['subject']}")
+    for e in d["events"]:
+        print(f"  {e['at']} {e['type']}: {e['detail']}")
+    for lk in d["links"]:
+        print(f"  link: {lk['relation']} {lk['ref']}")
+    for pr in d["promises"]:
+        print(
+            f"  promise {pr['made_at']} to {pr['to']}: {pr['what']}"
+            f" (due {pr['due'] or 'no time'}) [{pr['state']}]"
+        )
 
 
 def _deadline_lines(deadlines: Any) -> list[str]:
@@ -781,9 +794,7 @@ def _customers_blocks(args: argparse.Namespace, engine: Any) -> int:
 def cmd_junk(args: argparse.Namespace) -> int:
     settings = _settings(args)
     engine = _engine(settings)
-    import getpass
-
-    from gateway.pipeline.junk import expire_junk, junk_summary, release_junk
+    from gateway.pipeline.junk import expire_junk
     from gateway.store.db import session_scope
     from gateway.store.models import Junk
 
@@ -794,57 +805,80 @@ def cmd_junk(args: argparse.Namespace) -> int:
             print(f"{expired} junk item(s) expired (older than {settings.junk.expire_days} days)")
             return 0
         if args.j_command == "list":
-            q = select(Junk).order_by(col(Junk.junked_at).desc(), col(Junk.id).desc())
-            if not args.all:
-                q = q.where(Junk.state == "junk")
-            items = [junk_summary(r) for r in s.exec(q).all()]
-            if args.json:
-                _print(items)
-            else:
-                for i in items:
-                    print(
-                        f"{i['id']:>6} {i['received_at']} {i['from'][:30]:<30} "
-                        f"{i['subject'][:40]:<40} {i['reason'][:60]}"
-                    )
-                if not items:
-                    print("the junk folder is empty")
-            return 0
+            return _junk_list(s, args)
         row = s.get(Junk, args.id)
         if row is None:
             print(f"no junk item {args.id}", file=sys.stderr)
             return 1
         if args.j_command == "show":
-            if args.raw:
-                sys.stdout.buffer.write(row.raw)
-                return 0
-            d = junk_summary(row)
-            d["envelope"] = {"mail_from": row.mail_from, "client": row.peer, "helo": row.helo}
-            d["events"] = json.loads(row.events or "[]")
-            if args.json:
-                _print(d)
-                return 0
-            print(f"junk {d['id']} [{d['state']}]  {d['subject']}")
-            print(f"from {d['from']} (envelope <{row.mail_from}>, client {row.peer or '-'})")
-            print(f"received {d['received_at']}; why: {d['reason']}")
-            for e in d["events"]:
-                print(f"  {e['at']} {e['type']}: {e['detail']}")
-            return 0
-        from gateway.factories import build_spool
+            return _junk_show(row, args)
+        return _junk_release(s, settings, args, now)
 
-        spool = build_spool(settings)
-        try:
-            by = args.by or getpass.getuser()
-            released, why = release_junk(
-                s, spool, args.id, reason=args.reason or "released by an admin", by=by, now=now
+
+def _junk_list(s: Session, args: argparse.Namespace) -> int:
+    """`junk list`: newest first, only what is still junk unless --all."""
+    from gateway.pipeline.junk import junk_summary
+    from gateway.store.models import Junk
+
+    q = select(Junk).order_by(col(Junk.junked_at).desc(), col(Junk.id).desc())
+    if not args.all:
+        q = q.where(Junk.state == "junk")
+    items = [junk_summary(r) for r in s.exec(q).all()]
+    if args.json:
+        _print(items)
+    else:
+        for i in items:
+            print(
+                f"{i['id']:>6} {i['received_at']} {i['from'][:30]:<30} "
+                f"{i['subject'][:40]:<40} {i['reason'][:60]}"
             )
-            if released is None:
-                print(why, file=sys.stderr)
-                return 1
-            s.commit()
-            print(f"junk {args.id} released: processed as a normal message")
-            return _process_spool(settings, spool)
-        finally:
-            spool.close()
+        if not items:
+            print("the junk folder is empty")
+    return 0
+
+
+def _junk_show(row: Junk, args: argparse.Namespace) -> int:
+    """`junk show`: the raw message, the JSON summary or the text summary."""
+    from gateway.pipeline.junk import junk_summary
+
+    if args.raw:
+        sys.stdout.buffer.write(row.raw)
+        return 0
+    d = junk_summary(row)
+    d["envelope"] = {"mail_from": row.mail_from, "client": row.peer, "helo": row.helo}
+    d["events"] = json.loads(row.events or "[]")
+    if args.json:
+        _print(d)
+        return 0
+    print(f"junk {d['id']} [{d['state']}]  {d['subject']}")
+    print(f"from {d['from']} (envelope <{row.mail_from}>, client {row.peer or '-'})")
+    print(f"received {d['received_at']}; why: {d['reason']}")
+    for e in d["events"]:
+        print(f"  {e['at']} {e['type']}: {e['detail']}")
+    return 0
+
+
+def _junk_release(s: Session, settings: Settings, args: argparse.Namespace, now: datetime) -> int:
+    """`junk release`: back into the spool, then processed as a normal message."""
+    import getpass
+
+    from gateway.factories import build_spool
+    from gateway.pipeline.junk import release_junk
+
+    spool = build_spool(settings)
+    try:
+        by = args.by or getpass.getuser()
+        released, why = release_junk(
+            s, spool, args.id, reason=args.reason or "released by an admin", by=by, now=now
+        )
+        if released is None:
+            print(why, file=sys.stderr)
+            return 1
+        s.commit()
+        print(f"junk {args.id} released: processed as a normal message")
+        return _process_spool(settings, spool)
+    finally:
+        spool.close()
 
 
 def cmd_db(args: argparse.Namespace) -> int:

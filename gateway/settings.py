@@ -71,19 +71,7 @@ def parse_hostport(value: str, *, default_port: int) -> tuple[str, int]:
     value = value.strip()
     if not value:
         raise ValueError("expected host:port")
-    if value.startswith("["):
-        host, sep, rest = value[1:].partition("]")
-        if not sep:
-            raise ValueError("expected [ipv6]:port")
-        if rest and not rest.startswith(":"):
-            raise ValueError("expected [ipv6]:port")
-        port_text = rest[1:]
-        if rest == ":":
-            raise ValueError("expected a port number from 0 to 65535 after the colon")
-    elif value.count(":") == 1:
-        host, _, port_text = value.partition(":")
-    else:
-        host, port_text = value, ""
+    host, port_text = _split_hostport(value)
     if not host:
         raise ValueError("expected host:port with a host")
     if not _HOST_RE.fullmatch(host):
@@ -93,6 +81,23 @@ def parse_hostport(value: str, *, default_port: int) -> tuple[str, int]:
     if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
         raise ValueError("expected a port number from 0 to 65535")
     return host, int(port_text)
+
+
+def _split_hostport(value: str) -> tuple[str, str]:
+    """(host, port text) of a non-empty `host:port`, `[ipv6]:port` or `host`."""
+    if value.startswith("["):
+        host, sep, rest = value[1:].partition("]")
+        if not sep:
+            raise ValueError("expected [ipv6]:port")
+        if rest and not rest.startswith(":"):
+            raise ValueError("expected [ipv6]:port")
+        if rest == ":":
+            raise ValueError("expected a port number from 0 to 65535 after the colon")
+        return host, rest[1:]
+    if value.count(":") == 1:
+        host, _, port_text = value.partition(":")
+        return host, port_text
+    return value, ""
 
 
 def _listen_value(v: str, *, required: bool) -> str:

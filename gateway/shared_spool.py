@@ -244,7 +244,7 @@ class SharedSpool(Spool):
             if item.id is None:  # processed and released between insert and select
                 item.id = 0
 
-    def _write_loop(self) -> None:
+    def _write_loop(self) -> None:  # noqa: C901  (one writer loop: batch, write, drain, stop in that order)
         conn: Any = None
         try:
             while True:
@@ -281,28 +281,8 @@ class SharedSpool(Spool):
 
     def _write(self, conn: Any, batch: list[_Item]) -> Any:
         if time.monotonic() >= self._retry_at:
-            try:
-                if conn is None or conn.closed:
-                    conn = self._connect()
-                self._insert(conn, batch)
-            except Exception as exc:
-                if conn is not None:
-                    with contextlib.suppress(Exception):
-                        conn.close()
-                conn = None
-                self._retry_at = time.monotonic() + self.RETRY
-                log.warning(
-                    "database unreachable (%r): accepting into the local spool %s until it"
-                    " answers again",
-                    exc,
-                    self.directory,
-                )
-            else:
-                self.batches += 1
-                for item in batch:
-                    item.done(item.id, None)
-                if self.on_commit is not None:
-                    self.on_commit()
+            conn, stored = self._write_database(conn, batch)
+            if stored:
                 return conn
         # The fallback: this node's disk, exactly as without PostgreSQL.
         self.fallbacks += 1
@@ -315,6 +295,32 @@ class SharedSpool(Spool):
                 self._local_waiting = True
                 item.done(entry_id, None)
         return conn
+
+    def _write_database(self, conn: Any, batch: list[_Item]) -> tuple[Any, bool]:
+        """Insert and commit ``batch``: (connection, True), or on failure (None, False) with
+        the retry time set, the batch left for the local spool."""
+        try:
+            if conn is None or conn.closed:
+                conn = self._connect()
+            self._insert(conn, batch)
+        except Exception as exc:
+            if conn is not None:
+                with contextlib.suppress(Exception):
+                    conn.close()
+            self._retry_at = time.monotonic() + self.RETRY
+            log.warning(
+                "database unreachable (%r): accepting into the local spool %s until it"
+                " answers again",
+                exc,
+                self.directory,
+            )
+            return None, False
+        self.batches += 1
+        for item in batch:
+            item.done(item.id, None)
+        if self.on_commit is not None:
+            self.on_commit()
+        return conn, True
 
     def _drain(self, conn: Any) -> Any:
         """Move what waits in the local spool into the database (insert, commit, delete)."""

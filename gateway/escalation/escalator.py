@@ -274,23 +274,7 @@ class Escalator:
                 step_key = key(ticket_id, fire)
                 known.add(step_key)
                 claimed.add(step_key)
-                if fire.step == NOTICE_STEP and not human:
-                    # Never to robots: the breach is recorded, the notice is not sent.
-                    if self._claim(session, ticket, fire, now, "customer-notice-skipped"):
-                        add_event(
-                            session,
-                            ticket_id,
-                            "customer-notice",
-                            f"not sent for the {clock_name(fire.clock)} breach: the"
-                            " requester is not a human sender (robot mail opened the ticket)",
-                            now,
-                            data={"clock": fire.clock, "due_at": isoz(fire.due_at)},
-                        )
-                    continue
-                if fire.step == WARNING_STEP and now >= fire.due_at:
-                    # Catching up past the deadline itself: a "due soon" warning would be
-                    # noise next to the breach; mark it done without mail.
-                    self._claim(session, ticket, fire, now, "warning-skipped")
+                if self._skipped(session, ticket, fire, now, human=human):
                     continue
                 row = self._claim(session, ticket, fire, now)
                 if row is None:
@@ -311,6 +295,30 @@ class Escalator:
             session.add(ticket)
         self._fired |= claimed
         return fired
+
+    def _skipped(
+        self, session: Session, ticket: Ticket, fire: Fire, now: datetime, *, human: bool
+    ) -> bool:
+        """True when ``fire`` is marked done without mail (claimed, so never fired again)."""
+        if fire.step == NOTICE_STEP and not human:
+            # Never to robots: the breach is recorded, the notice is not sent.
+            if self._claim(session, ticket, fire, now, "customer-notice-skipped"):
+                add_event(
+                    session,
+                    ticket.id,
+                    "customer-notice",
+                    f"not sent for the {clock_name(fire.clock)} breach: the"
+                    " requester is not a human sender (robot mail opened the ticket)",
+                    now,
+                    data={"clock": fire.clock, "due_at": isoz(fire.due_at)},
+                )
+            return True
+        if fire.step == WARNING_STEP and now >= fire.due_at:
+            # Catching up past the deadline itself: a "due soon" warning would be
+            # noise next to the breach; mark it done without mail.
+            self._claim(session, ticket, fire, now, "warning-skipped")
+            return True
+        return False
 
     def _claim(
         self, session: Session, ticket: Ticket, fire: Fire, now: datetime, action: str = ""

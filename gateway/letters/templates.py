@@ -467,17 +467,7 @@ def check_text(text: str, path: str, spec: LetterSpec, *, body_required: bool) -
             allowed = spec.facts
         # The body starts at line 1; a phrase's content on the line after its header.
         first = t.lines[section] + (_leading_blank(text) if not section else 0)
-        for offset, name in _placeholders(content):
-            if name == "$":
-                problems.append(
-                    f"{path}:{first + offset}: a lone '$' (write '$$' for a dollar sign)"
-                )
-            elif name not in allowed:
-                known = ", ".join(f"${n}" for n in sorted(allowed)) or "none"
-                problems.append(
-                    f"{path}:{first + offset}: unknown placeholder ${name} in "
-                    f"{'the body' if not section else f'phrase {section!r}'}; allowed: {known}"
-                )
+        problems += _placeholder_problems(content, allowed, f"{path}:", first, section)
     if t.body.strip():
         used = {name for _, name in _placeholders(t.body)}
         for group in spec.required:
@@ -489,6 +479,24 @@ def check_text(text: str, path: str, spec: LetterSpec, *, body_required: bool) -
                 )
     elif body_required:
         problems.append(f"{path}:1: the template has no text")
+    return problems
+
+
+def _placeholder_problems(
+    content: str, allowed: frozenset[str], where: str, first: int, section: str
+) -> list[str]:
+    """A lone ``$`` or a placeholder not in ``allowed`` in one section (body: ``""``) whose
+    content starts at line ``first`` of the file (``where`` is ``"path:"``)."""
+    problems: list[str] = []
+    for offset, name in _placeholders(content):
+        if name == "$":
+            problems.append(f"{where}{first + offset}: a lone '$' (write '$$' for a dollar sign)")
+        elif name not in allowed:
+            known = ", ".join(f"${n}" for n in sorted(allowed)) or "none"
+            problems.append(
+                f"{where}{first + offset}: unknown placeholder ${name} in "
+                f"{'the body' if not section else f'phrase {section!r}'}; allowed: {known}"
+            )
     return problems
 
 

@@ -115,26 +115,36 @@ def _parse_private_key(data: bytes) -> tuple[bytes, str]:
             der = base64.b64decode(b"".join(pem.group(2).split()), validate=True)
         except binascii.Error as exc:
             raise ValueError(f"bad base64 in PEM block: {exc}") from None
-        if label == "ENCRYPTED PRIVATE KEY":
-            raise ValueError("encrypted private keys are not supported; store it unencrypted")
-        if label == "PRIVATE KEY" and _ED25519_ALG_ID in der[:16] and len(der) >= 32:
-            # PKCS#8 OneAsymmetricKey whose privateKey is OCTET STRING { 32-byte seed }
-            # (RFC 8410 §7), as written by `openssl genpkey -algorithm ed25519`.
-            return base64.b64encode(der[-32:]), ED25519_SHA256
-        if label not in ("RSA PRIVATE KEY", "PRIVATE KEY"):
-            raise ValueError(f"unexpected PEM block {label!r}")
-        try:
-            dkim.crypto.parse_private_key(der)
-        except Exception as exc:  # dkimpy raises assorted errors on malformed ASN.1
-            raise ValueError(f"unparsable RSA key ({exc})") from None
-        # dkimpy's own PEM reader wants LF line endings and one base64 body.
-        body = base64.encodebytes(der).strip()
-        return (
-            b"-----BEGIN %s-----\n%s\n-----END %s-----\n" % (label.encode(), body, label.encode()),
-            RSA_SHA256,
-        )
+        return _pem_key(label, der)
     if b"-----BEGIN" in stripped:
         raise ValueError("malformed PEM (no matching END line)")
+    return _seed_key(data, stripped)
+
+
+def _pem_key(label: str, der: bytes) -> tuple[bytes, str]:
+    """A PEM block's key: an ed25519 PKCS#8 seed, or an RSA key re-armoured for dkimpy."""
+    if label == "ENCRYPTED PRIVATE KEY":
+        raise ValueError("encrypted private keys are not supported; store it unencrypted")
+    if label == "PRIVATE KEY" and _ED25519_ALG_ID in der[:16] and len(der) >= 32:
+        # PKCS#8 OneAsymmetricKey whose privateKey is OCTET STRING { 32-byte seed }
+        # (RFC 8410 §7), as written by `openssl genpkey -algorithm ed25519`.
+        return base64.b64encode(der[-32:]), ED25519_SHA256
+    if label not in ("RSA PRIVATE KEY", "PRIVATE KEY"):
+        raise ValueError(f"unexpected PEM block {label!r}")
+    try:
+        dkim.crypto.parse_private_key(der)
+    except Exception as exc:  # dkimpy raises assorted errors on malformed ASN.1
+        raise ValueError(f"unparsable RSA key ({exc})") from None
+    # dkimpy's own PEM reader wants LF line endings and one base64 body.
+    body = base64.encodebytes(der).strip()
+    return (
+        b"-----BEGIN %s-----\n%s\n-----END %s-----\n" % (label.encode(), body, label.encode()),
+        RSA_SHA256,
+    )
+
+
+def _seed_key(data: bytes, stripped: bytes) -> tuple[bytes, str]:
+    """A key that is not PEM: an ed25519 seed, raw or base64 (alone or with its public key)."""
     if len(data) == 32:  # the raw seed
         return base64.b64encode(data), ED25519_SHA256
     try:

@@ -286,56 +286,76 @@ def _returned_to(msg: Message, text: str) -> list[str]:
     return addrs if len(addrs) == 1 else []
 
 
-def _heuristic(
-    msg: Message, text: str
-) -> tuple[list[str], str | None, str | None, str | None, list[str]]:
-    """(recipients, status, action, diagnostic, ids) from a text bounce."""
-    recipients: list[str] = []
-    for value in header_values(msg, "X-Failed-Recipients"):
-        _add(recipients, [a.lower() for a in _ADDR_RE.findall(value)])
-    blocks = _text_blocks(
-        "\n".join(f"{m.group(1)}: {m.group(2)}" for m in _FIELD_LINE_RE.finditer(text))
-    )
+def _merged(blocks: list[Fields]) -> Fields:
+    """The fields of several report blocks as one table, values in block order."""
     fields: Fields = {}
     for block in blocks:
         for name, values in block.items():
             fields.setdefault(name, []).extend(values)
+    return fields
+
+
+def _heuristic_recipients(msg: Message, text: str, fields: Fields, head: str) -> list[str]:
+    """The failed recipients a text bounce names, most explicit source first."""
+    recipients: list[str] = []
+    for value in header_values(msg, "X-Failed-Recipients"):
+        _add(recipients, [a.lower() for a in _ADDR_RE.findall(value)])
     for name in ("final-recipient", "original-recipient"):
         for value in fields.get(name, []):
             address = _address(value)
             if address:
                 _add(recipients, [address])
-    head = _before_copy(text)
+    if recipients:
+        return recipients
     own: set[str] = set()
     for header in ("From", "To", "Return-Path", "Sender", "Reply-To"):
         for value in header_values(msg, header):
             own.update(a.lower() for a in _ADDR_RE.findall(value))
-    if not recipients:
-        for pattern in _RCPT_LINE_RES:
-            found = [m.group(1).lower() for m in pattern.finditer(head)]
-            _add(recipients, [a for a in found if a not in own])
-            if recipients:
-                break
-    if not recipients:
-        # Last resort (old Sendmail, v5): the returned copy was addressed to one recipient only.
-        _add(recipients, _returned_to(msg, text))
+    for pattern in _RCPT_LINE_RES:
+        found = [m.group(1).lower() for m in pattern.finditer(head)]
+        _add(recipients, [a for a in found if a not in own])
+        if recipients:
+            return recipients
+    # Last resort (old Sendmail, v5): the returned copy was addressed to one recipient only.
+    _add(recipients, _returned_to(msg, text))
+    return recipients
+
+
+def _heuristic_action(fields: Fields, status: str | None, head: str) -> str | None:
+    """The Action field when there is one, else what the bounce's words say."""
+    action = _action(fields.get("action", []))
+    if action is not None:
+        return action
+    lowered = head.lower()
+    if re.search(
+        r"delay|will be retried|still being retried|warning|not yet been delivered", lowered
+    ):
+        return "delayed"
+    if (status or "").startswith("5") or re.search(
+        r"permanent|fatal|failed|could not be delivered|undeliverable|unable to deliver",
+        lowered,
+    ):
+        return "failed"
+    return None
+
+
+def _heuristic(
+    msg: Message, text: str
+) -> tuple[list[str], str | None, str | None, str | None, list[str]]:
+    """(recipients, status, action, diagnostic, ids) from a text bounce."""
+    fields = _merged(
+        _text_blocks(
+            "\n".join(f"{m.group(1)}: {m.group(2)}" for m in _FIELD_LINE_RE.finditer(text))
+        )
+    )
+    head = _before_copy(text)
+    recipients = _heuristic_recipients(msg, text, fields, head)
     diagnostic = next((_typed_value(v) for v in fields.get("diagnostic-code", [])), None)
     if diagnostic is None:
         smtp = _SMTP_LINE_RE.search(head)
         diagnostic = smtp.group(0).strip()[:300] if smtp else None
     status = _first_status(fields.get("status", [])) or _first_status([diagnostic or "", head])
-    action = _action(fields.get("action", []))
-    if action is None:
-        lowered = head.lower()
-        if re.search(
-            r"delay|will be retried|still being retried|warning|not yet been delivered", lowered
-        ):
-            action = "delayed"
-        elif (status or "").startswith("5") or re.search(
-            r"permanent|fatal|failed|could not be delivered|undeliverable|unable to deliver",
-            lowered,
-        ):
-            action = "failed"
+    action = _heuristic_action(fields, status, head)
     ids: list[str] = []
     for value in fields.get("original-message-id", []):
         _add(ids, _msgids(value))
@@ -344,73 +364,74 @@ def _heuristic(
     return recipients, status, action, diagnostic, ids
 
 
-def _parse(msg: Message, envelope_sender: str | None) -> BounceInfo | None:
-    dsn_blocks: list[Fields] = []
-    feedback_blocks: list[Fields] = []
-    mdn_blocks: list[Fields] = []
-    for part in iter_parts(msg):
-        ctype = content_type(part)
-        if ctype in ("message/delivery-status", "message/global-delivery-status"):
-            dsn_blocks.extend(_report_blocks(part))
-        elif ctype == "message/feedback-report":
-            feedback_blocks.extend(_report_blocks(part))
-        elif ctype in (
-            "message/disposition-notification",
-            "message/global-disposition-notification",
-        ):
-            mdn_blocks.extend(_report_blocks(part))
+# Report parts by content type (RFC 3464, RFC 6533, RFC 5965, RFC 8098), by report kind.
+_REPORT_KINDS = {
+    "message/delivery-status": "dsn",
+    "message/global-delivery-status": "dsn",
+    "message/feedback-report": "feedback",
+    "message/disposition-notification": "mdn",
+    "message/global-disposition-notification": "mdn",
+}
 
+
+def _report_parts(msg: Message) -> dict[str, list[Fields]]:
+    """The blocks of every machine-readable report part, by kind ("dsn", "feedback", "mdn")."""
+    found: dict[str, list[Fields]] = {"dsn": [], "feedback": [], "mdn": []}
+    for part in iter_parts(msg):
+        kind = _REPORT_KINDS.get(content_type(part))
+        if kind is not None:
+            found[kind].extend(_report_blocks(part))
+    return found
+
+
+def _text_kind(msg: Message, envelope_sender: str | None, ids: list[str]) -> str | None:
+    """The kind of a message without a report part: "feedback", "heuristic" or None."""
+    subject = " ".join(header_values(msg, "Subject"))
+    complaint = re.match(r"\s*complaint about message from", subject, re.IGNORECASE)
+    if complaint and ids:
+        return "feedback"  # Hotmail JMRP: original attached, no feedback-report part
+    if bounce_reasons(msg, envelope_sender):
+        return "heuristic"
+    return None
+
+
+def _parse(msg: Message, envelope_sender: str | None) -> BounceInfo | None:
+    reports = _report_parts(msg)
     own_ids = {i for v in header_values(msg, "Message-ID") for i in _msgids(v)}
     ids = _original_ids(msg)
     text = text_parts(msg)
     recipients: list[str] = []
     status = action = diagnostic = None
 
-    if dsn_blocks:
+    if reports["dsn"]:
         kind = "dsn"
-        recipients, status, action, diagnostic = _from_dsn(dsn_blocks)
-    elif feedback_blocks:
+        recipients, status, action, diagnostic = _from_dsn(reports["dsn"])
+        if not recipients:
+            more, _, _, _, _ = _heuristic(msg, text)
+            _add(recipients, more)
+    elif reports["feedback"]:
         kind = "feedback"  # RFC 5965 §3.1
-        fields: Fields = {}
-        for block in feedback_blocks:
-            for name, values in block.items():
-                fields.setdefault(name, []).extend(values)
+        fields = _merged(reports["feedback"])
         for value in fields.get("original-rcpt-to", []):
             address = _address(value)
             if address:
                 _add(recipients, [address])
         diagnostic = next((v for v in fields.get("feedback-type", []) if v), None)
-    elif mdn_blocks:
+    elif reports["mdn"]:
         kind = "mdn"  # RFC 8098 §3.2
-        fields = {}
-        for block in mdn_blocks:
-            for name, values in block.items():
-                fields.setdefault(name, []).extend(values)
+        fields = _merged(reports["mdn"])
         for value in fields.get("original-message-id", []):
             _add(ids, _msgids(value))
         diagnostic = next((v for v in fields.get("disposition", []) if v), None)
     else:
-        subject = " ".join(header_values(msg, "Subject"))
-        complaint = re.match(r"\s*complaint about message from", subject, re.IGNORECASE)
-        if complaint and ids:
-            kind = "feedback"  # Hotmail JMRP: original attached, no feedback-report part
-        elif bounce_reasons(msg, envelope_sender):
-            kind = "heuristic"
-        else:
+        found = _text_kind(msg, envelope_sender, ids)
+        if found is None:
             return None
+        kind = found
         if kind == "heuristic":
             recipients, status, action, diagnostic, body_ids = _heuristic(msg, text)
             _add(ids, body_ids)
-    if kind == "dsn" and not recipients:
-        more, _, _, _, _ = _heuristic(msg, text)
-        _add(recipients, more)
-    if not ids:
-        for match in _BODY_MSGID_RE.finditer(text):
-            _add(ids, _msgids(match.group(1)))
-    if not ids:
-        for value in header_values(msg, "In-Reply-To"):
-            _add(ids, _msgids(value))
-    ids = [i for i in ids if i not in own_ids]
+    ids = [i for i in _with_fallback_ids(ids, msg, text) if i not in own_ids]
     return BounceInfo(
         kind=kind,
         original_message_ids=tuple(ids),
@@ -419,6 +440,18 @@ def _parse(msg: Message, envelope_sender: str | None) -> BounceInfo | None:
         action=action,
         diagnostic=(diagnostic[:500] if diagnostic else None),
     )
+
+
+def _with_fallback_ids(ids: list[str], msg: Message, text: str) -> list[str]:
+    """``ids``, or failing any, the Message-IDs the body names, or failing those, the
+    In-Reply-To of the report itself."""
+    if not ids:
+        for match in _BODY_MSGID_RE.finditer(text):
+            _add(ids, _msgids(match.group(1)))
+    if not ids:
+        for value in header_values(msg, "In-Reply-To"):
+            _add(ids, _msgids(value))
+    return ids
 
 
 def parse_bounce(msg: Message, envelope_sender: str | None = None) -> BounceInfo | None:

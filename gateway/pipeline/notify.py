@@ -70,6 +70,34 @@ def attachment_parts(msg: Message) -> list[Part]:
     return out
 
 
+def _recipients(
+    ctx: Context, owner: Person, notify_letter: letters.Letter
+) -> list[tuple[Person, str]]:
+    """The owner, then (new ticket only) each known person of the routes' ``notify``
+    lists, once each, with the line saying why they are told."""
+    assert ctx.thread is not None
+    assert ctx.ticket is not None
+    assert ctx.ticket.id is not None
+    recipients: list[tuple[Person, str]] = [(owner, "")]
+    if ctx.thread.is_new and ctx.decision is not None:
+        routes = ", ".join(ctx.decision.matched_routes) or "the rules"
+        for who in ctx.decision.notify:
+            person = ctx.services.rules.people.get(who)
+            if person is None:
+                add_event(
+                    ctx.session,
+                    ctx.ticket.id,
+                    "notify-skipped",
+                    f"route notify {who!r}: unknown",
+                    ctx.now,
+                )
+                continue
+            if any(person.id == r.id for r, _ in recipients):
+                continue  # the owner (or a repeat) gets one notification, not two
+            recipients.append((person, notify_letter.phrase("why_route", routes=routes)))
+    return recipients
+
+
 def _owner(ctx: Context, ticket: Ticket) -> Person | None:
     # Always a named human (docs/design.md §7): fall back to the default owner.
     return owner_or_default(ctx.services.rules, ticket.owner)
@@ -170,18 +198,7 @@ def notify_owner_stage(ctx: Context) -> None:
     # for working hours would need a delayed outbox, and an outage route that "wakes up the
     # lead" must wake her (docs/decisions.md D11, items 4 and 5).
     notify_letter = letters.load("notify", "en", settings.templates_path)
-    recipients: list[tuple[Person, str]] = [(owner, "")]
-    if ctx.thread.is_new and ctx.decision is not None:
-        routes = ", ".join(ctx.decision.matched_routes) or "the rules"
-        for who in ctx.decision.notify:
-            person = ctx.services.rules.people.get(who)
-            if person is None:
-                add_event(s, ticket.id, "notify-skipped", f"route notify {who!r}: unknown", ctx.now)
-                continue
-            if any(person.id == r.id for r, _ in recipients):
-                continue  # the owner (or a repeat) gets one notification, not two
-            recipients.append((person, notify_letter.phrase("why_route", routes=routes)))
-    for person, why in recipients:
+    for person, why in _recipients(ctx, owner, notify_letter):
         raw, message_id, subject, text = compose_owner_notification(
             ticket=ticket,
             owner=owner,

@@ -11,6 +11,8 @@ import uuid
 from sqlalchemy import insert
 
 from gateway.pipeline.context import Context
+from gateway.routing.model import SlaPolicy
+from gateway.sla.business_time import BusinessCalendar
 from gateway.sla.clocks import on_customer_message, on_reopen, utc
 from gateway.sla.deadlines import initial_deadlines, isoz
 from gateway.store.models import Event, Message, MessageRef, Ticket
@@ -143,98 +145,126 @@ def record_duplicate(ctx: Context) -> None:
 def record(ctx: Context) -> None:
     assert ctx.parsed is not None
     assert ctx.thread is not None
-    s = ctx.session
-    p = ctx.parsed
     th = ctx.thread
 
     ticket: Ticket | None = None
     if th.ticket is not None:
-        ticket = s.get(Ticket, th.ticket.id)
+        ticket = ctx.session.get(Ticket, th.ticket.id)
     elif ctx.decision is not None:
         ticket = _create_ticket(ctx)
     ctx.ticket = ticket
 
     if ticket is not None and ctx.decision is None:
-        assert ticket.id is not None
-        ctx.event("threaded", f"{th.disposition}: {th.detail}")
-        staff_token = th.claim is not None and bool(th.claim.person)
-        rules = ctx.services.rules
-        policy = rules.sla.get(ticket.sla)
-        calendar = rules.calendar_for_policy(ticket.sla) if policy is not None else None
-        if th.reopen and ctx.kind == "customer" and not staff_token:
-            if calendar is not None:
-                # Resolution resumes, moved by the business time it was closed (clocks.py).
-                on_reopen(ticket, ctx.received_at, calendar)
-            ticket.status = "open"
-            ticket.closed_at = None
-            ctx.event("reopened", f"{ticket.ref} reopened by {ctx.sender}")
-        if ctx.kind == "customer":
-            if th.claim is not None and th.claim.person:
-                ctx.kind = "note"
-                ctx.event(
-                    "staff-token", f"staff reply token of {th.claim.person} used by {ctx.sender}"
-                )
-            else:
-                # thread.decide let customer mail in only from a verified participant (or the
-                # same customer under another address, who is added here); the guard keeps
-                # an unverified From from adding anybody whatever the key (docs/decisions.md D10).
-                if ctx.sender_verified:
-                    add_participant(s, ticket.id, ctx.sender, "cc", ctx.now)
-                    if mark_deliverable(s, ctx.sender):
-                        ctx.event(
-                            "deliverable", f"{ctx.sender} wrote again: no longer undeliverable"
-                        )
-                    for a in _audience(ctx):
-                        add_participant(s, ticket.id, a, "cc", ctx.now)
-                was_waiting = ticket.status == "waiting"
-                armed = ticket.next_response_due
-                if policy is not None and calendar is not None:
-                    # docs/design.md §7: resumes a waiting ticket (deadlines moved by the business
-                    # time spent waiting) and re-arms next response after a human reply,
-                    # counted from the oldest unanswered message. Only human customer mail
-                    # gets here: out-of-office replies have kind auto_reply.
-                    on_customer_message(ticket, ctx.received_at, policy, calendar)
-                else:  # the ticket's SLA policy is gone from the rules: no clocks to run
-                    ticket.last_customer_at = ctx.received_at
-                    if was_waiting:
-                        ticket.status = "open"
-                        ticket.waiting_since = None
-                if was_waiting:
-                    ctx.event(
-                        "resumed",
-                        "the customer wrote: clocks run again (first response due "
-                        f"{isoz(utc(ticket.first_response_due))}, resolution due "
-                        f"{isoz(utc(ticket.resolution_due))})",
-                    )
-                if ticket.next_response_due is not None and ticket.next_response_due != armed:
-                    ctx.event(
-                        "deadlines",
-                        f"next response due {isoz(utc(ticket.next_response_due))}"
-                        + (f" ({calendar.describe_hours()})" if calendar is not None else ""),
-                        {"next_response": isoz(utc(ticket.next_response_due))},
-                    )
-        ticket.updated_at = ctx.now
-        s.add(ticket)
+        _threaded(ctx, ticket)
     elif ticket is None:
         ctx.event("unthreaded", f"{th.disposition}: {th.detail}")
+    _record_bounce(ctx, ticket)
+    msg = _store_message(ctx, ticket)
+    ctx.message = msg
+    _store_events(ctx, ticket.id if ticket else None, msg)
 
+
+def _threaded(ctx: Context, ticket: Ticket) -> None:
+    """Mail joining an existing ticket: reopen, participants and clocks."""
+    assert ctx.thread is not None
+    assert ticket.id is not None
+    th = ctx.thread
+    ctx.event("threaded", f"{th.disposition}: {th.detail}")
+    staff_token = th.claim is not None and bool(th.claim.person)
+    rules = ctx.services.rules
+    policy = rules.sla.get(ticket.sla)
+    calendar = rules.calendar_for_policy(ticket.sla) if policy is not None else None
+    if th.reopen and ctx.kind == "customer" and not staff_token:
+        if calendar is not None:
+            # Resolution resumes, moved by the business time it was closed (clocks.py).
+            on_reopen(ticket, ctx.received_at, calendar)
+        ticket.status = "open"
+        ticket.closed_at = None
+        ctx.event("reopened", f"{ticket.ref} reopened by {ctx.sender}")
+    if ctx.kind == "customer":
+        if th.claim is not None and th.claim.person:
+            ctx.kind = "note"
+            ctx.event("staff-token", f"staff reply token of {th.claim.person} used by {ctx.sender}")
+        else:
+            _customer_wrote(ctx, ticket, policy, calendar)
+    ticket.updated_at = ctx.now
+    ctx.session.add(ticket)
+
+
+def _customer_wrote(
+    ctx: Context, ticket: Ticket, policy: SlaPolicy | None, calendar: BusinessCalendar | None
+) -> None:
+    """Customer mail on an existing ticket: participants, then the clocks it moves."""
+    assert ticket.id is not None
+    s = ctx.session
+    # thread.decide let customer mail in only from a verified participant (or the
+    # same customer under another address, who is added here); the guard keeps
+    # an unverified From from adding anybody whatever the key (docs/decisions.md D10).
+    if ctx.sender_verified:
+        add_participant(s, ticket.id, ctx.sender, "cc", ctx.now)
+        if mark_deliverable(s, ctx.sender):
+            ctx.event("deliverable", f"{ctx.sender} wrote again: no longer undeliverable")
+        for a in _audience(ctx):
+            add_participant(s, ticket.id, a, "cc", ctx.now)
+    was_waiting = ticket.status == "waiting"
+    armed = ticket.next_response_due
+    if policy is not None and calendar is not None:
+        # docs/design.md §7: resumes a waiting ticket (deadlines moved by the business
+        # time spent waiting) and re-arms next response after a human reply,
+        # counted from the oldest unanswered message. Only human customer mail
+        # gets here: out-of-office replies have kind auto_reply.
+        on_customer_message(ticket, ctx.received_at, policy, calendar)
+    else:  # the ticket's SLA policy is gone from the rules: no clocks to run
+        ticket.last_customer_at = ctx.received_at
+        if was_waiting:
+            ticket.status = "open"
+            ticket.waiting_since = None
+    if was_waiting:
+        ctx.event(
+            "resumed",
+            "the customer wrote: clocks run again (first response due "
+            f"{isoz(utc(ticket.first_response_due))}, resolution due "
+            f"{isoz(utc(ticket.resolution_due))})",
+        )
+    if ticket.next_response_due is not None and ticket.next_response_due != armed:
+        ctx.event(
+            "deadlines",
+            f"next response due {isoz(utc(ticket.next_response_due))}"
+            + (f" ({calendar.describe_hours()})" if calendar is not None else ""),
+            {"next_response": isoz(utc(ticket.next_response_due))},
+        )
+
+
+def _record_bounce(ctx: Context, ticket: Ticket | None) -> None:
+    """A bounce on a ticket: its failed addresses (when permanent) and one bounce event."""
+    if ctx.bounce is None or ticket is None:
+        return
+    failed = ", ".join(ctx.bounce.failed_recipients) or "unknown address"
+    if ctx.bounce.permanent:
+        for address in ctx.bounce.failed_recipients:
+            mark_undeliverable(
+                ctx.session,
+                address,
+                f"{ctx.bounce.status or ''} {ctx.bounce.diagnostic or ''}",
+                ctx.now,
+            )
+            ctx.event("undeliverable", f"{address} marked undeliverable")
+    ctx.event(
+        "bounce",
+        f"delivery to {failed} failed ({ctx.bounce.status or '?'}"
+        f"{', permanent' if ctx.bounce.permanent else ''}): {ctx.bounce.diagnostic or ''}",
+        {"failed": list(ctx.bounce.failed_recipients), "status": ctx.bounce.status},
+    )
+
+
+def _store_message(ctx: Context, ticket: Ticket | None) -> Message:
+    """The inbound message row and its references, flushed so it has an id."""
+    assert ctx.parsed is not None
+    s = ctx.session
+    p = ctx.parsed
     robot = ""
     if ctx.verdict is not None and not ctx.verdict.is_human:
         robot = f"{ctx.verdict.kind}: " + "; ".join(ctx.verdict.reasons)
-    if ctx.bounce is not None and ticket is not None:
-        failed = ", ".join(ctx.bounce.failed_recipients) or "unknown address"
-        if ctx.bounce.permanent:
-            for address in ctx.bounce.failed_recipients:
-                mark_undeliverable(
-                    s, address, f"{ctx.bounce.status or ''} {ctx.bounce.diagnostic or ''}", ctx.now
-                )
-                ctx.event("undeliverable", f"{address} marked undeliverable")
-        ctx.event(
-            "bounce",
-            f"delivery to {failed} failed ({ctx.bounce.status or '?'}"
-            f"{', permanent' if ctx.bounce.permanent else ''}): {ctx.bounce.diagnostic or ''}",
-            {"failed": list(ctx.bounce.failed_recipients), "status": ctx.bounce.status},
-        )
     msg = Message(
         ticket_id=ticket.id if ticket else None,
         direction="in",
@@ -264,13 +294,16 @@ def record(ctx: Context) -> None:
     assert msg.id is not None
     for ref in p.referenced_ids[:50]:
         s.add(MessageRef(message_id=msg.id, ref=ref[:900]))
-    ctx.message = msg
-    tid = ticket.id if ticket else None
+    return msg
+
+
+def _store_events(ctx: Context, tid: int | None, msg: Message) -> None:
+    """The audit trail gathered for this message, written in one statement."""
     if ctx.events:
         # One executemany for the message's audit trail (a new ticket writes four or more
         # events), without building an ORM object per row (docs/decisions.md D16;
         # docs/performance.md).
-        s.execute(
+        ctx.session.execute(
             insert(Event),
             [
                 {

@@ -64,7 +64,7 @@ from gateway.letters.facts import isoz, owner_or_default
 from gateway.letters.staff_reply import compose_staff_reply
 from gateway.outbound.handover import compose_handover
 from gateway.outbound.worker import enqueue, notify_owner
-from gateway.pipeline.commands import COMMANDS, help_lines, parse_commands
+from gateway.pipeline.commands import COMMANDS, Command, help_lines, parse_commands
 from gateway.pipeline.context import Context
 from gateway.pipeline.holds import hold
 from gateway.pipeline.notify import attachment_parts
@@ -504,19 +504,26 @@ def _verified(ctx: Context, person: Person) -> None:
     t.updated_at = ctx.now
     ctx.session.add(t)
     if commands:
-        if not is_note and not reply.strip():
-            done.append("nothing was sent to the customer (commands only)")
-        _event(
-            ctx, "staff-commands", ", ".join(c.describe() for c in commands) + f" by {person.name}"
-        )
-        _tell(
-            ctx,
-            person,
-            f"[{t.ref}] Done: " + " ".join(c.describe() for c in commands),
-            f"Ticket {t.ref} ({t.subject}):\n\n"
-            + "\n".join(f"  - {line}" for line in done)
-            + f"\n\nStatus {t.status}, owner {t.owner}, priority {t.priority}.\n",
-        )
+        _confirm(ctx, person, commands, done, commands_only=not is_note and not reply.strip())
+
+
+def _confirm(
+    ctx: Context, person: Person, commands: list[Command], done: list[str], *, commands_only: bool
+) -> None:
+    """The staff-commands event, and the mail telling ``person`` what was done."""
+    assert ctx.ticket is not None
+    t = ctx.ticket
+    if commands_only:
+        done.append("nothing was sent to the customer (commands only)")
+    _event(ctx, "staff-commands", ", ".join(c.describe() for c in commands) + f" by {person.name}")
+    _tell(
+        ctx,
+        person,
+        f"[{t.ref}] Done: " + " ".join(c.describe() for c in commands),
+        f"Ticket {t.ref} ({t.subject}):\n\n"
+        + "\n".join(f"  - {line}" for line in done)
+        + f"\n\nStatus {t.status}, owner {t.owner}, priority {t.priority}.\n",
+    )
 
 
 # ---------------------------------------------------------------------------------- stage

@@ -251,12 +251,61 @@ def _match(
     merged_into: Callable[[int], TicketView | None] | None,
 ) -> ThreadDecision:
     """The threading keys in order of precedence (module docstring), first hit wins."""
-    who = sender or "the sender"
+    dup = lookup.duplicate_of(dedupe_key, parsed.message_id)
+    if dup is not None:
+        msg_row, ticket_id = dup
+        ticket = lookup.ticket(ticket_id) if ticket_id is not None else None
+        why = f"same message already stored (message {msg_row})"
+        return ThreadDecision(Disposition.DUPLICATE, ticket, why, duplicate_of=msg_row)
 
-    def follow(ticket: TicketView) -> TicketView:
+    m = _Matcher(
+        sender=sender,
+        signer=signer,
+        lookup=lookup,
+        closed_followup=closed_followup,
+        sender_verified=sender_verified,
+        robot=robot,
+        merged_into=merged_into,
+    )
+    # 2. Signed reply token in a recipient address.
+    for rcpt in recipients:
+        if (d := m.by_token(rcpt)) is not None:
+            return d
+    # 3. and 4. In-Reply-To / References.
+    for mid in parsed.referenced_ids:
+        if (d := m.by_reference(mid)) is not None:
+            return d
+    # 5. Ticket reference in the subject.
+    for ref in find_ticket_refs(parsed.subject, ref_prefix):
+        if (d := m.by_subject(ref)) is not None:
+            return d
+    return m.unmatched()
+
+
+@dataclass
+class _Matcher:
+    """One message's threading keys tried in turn (:func:`_match`): each ``by_*`` method
+    returns the decision when its key joins a ticket, else None after noting why not."""
+
+    sender: str
+    signer: Signer
+    lookup: ThreadLookup
+    closed_followup: str
+    sender_verified: bool
+    robot: bool
+    merged_into: Callable[[int], TicketView | None] | None
+    notes: list[str] = field(default_factory=list)
+    # Tickets named by this message but not joined, and how.
+    referenced: dict[int, str] = field(default_factory=dict)
+
+    @property
+    def who(self) -> str:
+        return self.sender or "the sender"
+
+    def follow(self, ticket: TicketView) -> TicketView:
         current, seen = ticket, {ticket.id}
-        while merged_into is not None:
-            nxt = merged_into(current.id)
+        while self.merged_into is not None:
+            nxt = self.merged_into(current.id)
             if nxt is None or nxt.id in seen:
                 break
             seen.add(nxt.id)
@@ -264,6 +313,7 @@ def _match(
         return current
 
     def joined(
+        self,
         named: TicketView,
         ticket: TicketView,
         key: Disposition,
@@ -274,112 +324,117 @@ def _match(
             detail += f"; {named.ref} was merged into {ticket.ref}: redirected"
             if claim is not None:
                 claim = replace(claim, ticket_id=ticket.id)
-        d = _join(ticket, key, detail, notes, closed_followup, claim=claim)
+        d = _join(ticket, key, detail, self.notes, self.closed_followup, claim=claim)
         if named.id != ticket.id:
             d.redirected_from = named
         return d
 
-    def takes_part(ticket: TicketView) -> bool:
+    def takes_part(self, ticket: TicketView) -> bool:
         # Robot mail gains nothing by joining (no participant, no reopen, no page), so its
         # From need not be proven; a human's must be.
-        return (sender_verified or robot) and lookup.is_participant(ticket.id, sender)
+        return (self.sender_verified or self.robot) and self.lookup.is_participant(
+            ticket.id, self.sender
+        )
 
-    def refused(ticket: TicketView, what: str) -> str:
-        if not sender_verified and lookup.is_participant(ticket.id, sender):
-            return f"{what} but the From address {who} is not verified, so it does not count"
-        return f"{what} but {who} is not a participant"
+    def refuse(self, ticket: TicketView, how: str, what: str) -> None:
+        """Note that ``ticket`` was named (``how``) but not joined, and why (``what`` ...)."""
+        self.referenced.setdefault(ticket.id, how)
+        if not self.sender_verified and self.lookup.is_participant(ticket.id, self.sender):
+            why = f"{what} but the From address {self.who} is not verified, so it does not count"
+        else:
+            why = f"{what} but {self.who} is not a participant"
+        self.notes.append(why)
 
-    dup = lookup.duplicate_of(dedupe_key, parsed.message_id)
-    if dup is not None:
-        msg_row, ticket_id = dup
-        ticket = lookup.ticket(ticket_id) if ticket_id is not None else None
-        why = f"same message already stored (message {msg_row})"
-        return ThreadDecision(Disposition.DUPLICATE, ticket, why, duplicate_of=msg_row)
-
-    notes: list[str] = []
-    referenced: dict[int, str] = {}  # tickets named by this message but not joined, and how
-
-    # 2. Signed reply token in a recipient address.
-    for rcpt in recipients:
+    def by_token(self, rcpt: str) -> ThreadDecision | None:
         local = rcpt.rpartition("@")[0]
         if "+" not in local:
-            continue
-        claim = signer.parse_reply_address(rcpt)
+            return None
+        claim = self.signer.parse_reply_address(rcpt)
         if claim is None:
-            notes.append(f"reply token in {rcpt} is not valid (forged, altered or truncated)")
-            continue
-        named = lookup.ticket(claim.ticket_id)
+            self.notes.append(f"reply token in {rcpt} is not valid (forged, altered or truncated)")
+            return None
+        named = self.lookup.ticket(claim.ticket_id)
         if named is None:
-            notes.append(f"reply token in {rcpt} names no existing ticket")
-            continue
-        ticket = follow(named)
-        if not claim.person and not robot and not takes_part(ticket):
+            self.notes.append(f"reply token in {rcpt} names no existing ticket")
+            return None
+        ticket = self.follow(named)
+        if not claim.person and not self.robot and not self.takes_part(ticket):
             # A customer token is issued to the requester's address but copied into every
             # forward: it names the ticket, it does not admit whoever holds it.
-            referenced.setdefault(ticket.id, f"customer reply token of {ticket.ref} in {rcpt}")
-            notes.append(refused(ticket, f"reply token in {rcpt} names {ticket.ref}"))
-            continue
-        return joined(
+            self.refuse(
+                ticket,
+                f"customer reply token of {ticket.ref} in {rcpt}",
+                f"reply token in {rcpt} names {ticket.ref}",
+            )
+            return None
+        return self.joined(
             named, ticket, Disposition.REPLY_TOKEN, f"signed reply token in {rcpt}", claim
         )
 
-    # 3. and 4. In-Reply-To / References.
-    for mid in parsed.referenced_ids:
-        ticket_id = signer.ticket_from_message_id(mid)
-        if ticket_id is not None:
-            named = lookup.ticket(ticket_id)
-            if named is not None:
-                ticket = follow(named)
-                if robot or takes_part(ticket):
-                    return joined(
-                        named, ticket, Disposition.OUR_MESSAGE_ID, f"reply to our message {mid}"
-                    )
-                referenced.setdefault(ticket.id, f"reply to our message {mid} of {ticket.ref}")
-                notes.append(refused(ticket, f"{mid} is our message in {ticket.ref}"))
-                continue
-        known = lookup.ticket_of_message_id(mid)
+    def by_reference(self, mid: str) -> ThreadDecision | None:
+        ticket_id = self.signer.ticket_from_message_id(mid)
+        named = self.lookup.ticket(ticket_id) if ticket_id is not None else None
+        if named is not None:
+            ticket = self.follow(named)
+            if self.robot or self.takes_part(ticket):
+                return self.joined(
+                    named, ticket, Disposition.OUR_MESSAGE_ID, f"reply to our message {mid}"
+                )
+            self.refuse(
+                ticket,
+                f"reply to our message {mid} of {ticket.ref}",
+                f"{mid} is our message in {ticket.ref}",
+            )
+            return None
+        known = self.lookup.ticket_of_message_id(mid)
         if known is None:
-            for tid in lookup.tickets_referencing(mid):
-                shared = lookup.ticket(tid)
-                if shared is not None:
-                    referenced.setdefault(
-                        tid, f"shares the earlier message {mid} with {shared.ref}"
-                    )
-            continue
-        named = lookup.ticket(known)
+            self.share_ancestor(mid)
+            return None
+        named = self.lookup.ticket(known)
         if named is None:
-            continue
-        ticket = follow(named)
-        if takes_part(ticket):
-            return joined(
+            return None
+        ticket = self.follow(named)
+        if self.takes_part(ticket):
+            return self.joined(
                 named, ticket, Disposition.KNOWN_MESSAGE_ID, f"reply to stored message {mid}"
             )
-        referenced.setdefault(ticket.id, f"references {mid} of {ticket.ref}")
-        notes.append(refused(ticket, f"{mid} belongs to {ticket.ref}"))
+        self.refuse(ticket, f"references {mid} of {ticket.ref}", f"{mid} belongs to {ticket.ref}")
+        return None
 
-    # 5. Ticket reference in the subject.
-    for ref in find_ticket_refs(parsed.subject, ref_prefix):
-        named = lookup.ticket_by_ref(ref)
+    def share_ancestor(self, mid: str) -> None:
+        """``mid`` was never received: link the tickets whose messages name it too."""
+        for tid in self.lookup.tickets_referencing(mid):
+            shared = self.lookup.ticket(tid)
+            if shared is not None:
+                self.referenced.setdefault(
+                    tid, f"shares the earlier message {mid} with {shared.ref}"
+                )
+
+    def by_subject(self, ref: str) -> ThreadDecision | None:
+        named = self.lookup.ticket_by_ref(ref)
         if named is None:
-            notes.append(f"subject names {ref}, which does not exist")
-            continue
-        ticket = follow(named)
-        if takes_part(ticket):
-            return joined(
+            self.notes.append(f"subject names {ref}, which does not exist")
+            return None
+        ticket = self.follow(named)
+        if self.takes_part(ticket):
+            return self.joined(
                 named,
                 ticket,
                 Disposition.SUBJECT_REF,
-                f"subject names {ref} and {sender} takes part",
+                f"subject names {ref} and {self.sender} takes part",
             )
-        referenced.setdefault(ticket.id, f"subject names {ref}")
-        notes.append(refused(ticket, f"subject names {ref}"))
+        self.refuse(ticket, f"subject names {ref}", f"subject names {ref}")
+        return None
 
-    decision = ThreadDecision(Disposition.NEW, None, "no threading key matched", notes=notes)
-    for tid, why in referenced.items():
-        decision.links.append((tid, "possible-follow-up", why))
-    if notes:
-        decision.detail = "no threading key matched: " + "; ".join(notes)
-    return decision
+    def unmatched(self) -> ThreadDecision:
+        decision = ThreadDecision(
+            Disposition.NEW, None, "no threading key matched", notes=self.notes
+        )
+        for tid, why in self.referenced.items():
+            decision.links.append((tid, "possible-follow-up", why))
+        if self.notes:
+            decision.detail = "no threading key matched: " + "; ".join(self.notes)
+        return decision
 
 
 def _join(

@@ -139,19 +139,70 @@ def _both_zones(value: str | None, zone: ZoneInfo | None) -> str:
     return f"{value} ({local:%a %Y-%m-%d %H:%M} {local.tzname()}, {zone.key})"
 
 
+def _ack_text(acknowledge: Any) -> str:
+    if acknowledge is True:
+        return "yes"
+    if acknowledge is False:
+        return "no"
+    return f"yes, with template '{acknowledge}'"
+
+
+def _arrived_lines(result: dict[str, Any], zone: ZoneInfo | None) -> list[str]:
+    if not result.get("at"):
+        return []
+    arrived = f"Arrived at:   {_both_zones(result['at'], zone)}"
+    if "business_hours_now" in result:
+        arrived += ", " + (
+            "inside business hours" if result["business_hours_now"] else "outside business hours"
+        )
+    return [arrived]
+
+
+def _deadline_lines(result: dict[str, Any], zone: ZoneInfo | None) -> list[str]:
+    lines = ["Deadlines:"]
+    deadlines = result.get("deadlines") or {}
+    for key, label in _CLOCK_LABELS:
+        value = deadlines.get(key)
+        if value is None and key == "next_response":
+            text = "not running (starts when the customer writes after a reply)"
+        else:
+            text = _both_zones(value, zone)
+        lines.append(f"  {label:<15} {text}")
+    return lines
+
+
+def _letters_lines(letters: dict[str, Any] | None) -> list[str]:
+    if not letters:
+        return []
+    brand = letters.get("brand") or "(none: the installation's own address)"
+    lines = [
+        f"Language:     {letters['language']} ({letters['language_reason']})",
+        f"Brand:        {brand}" + (f", from {letters['from']}" if letters.get("from") else ""),
+        "Templates:",
+    ]
+    codes = letters.get("template_languages", {})
+    for letter, source in letters["templates"].items():
+        lines.append(f"  {letter:<15} {codes.get(letter, letters['language'])}  {source}")
+    return lines
+
+
+def _trace_lines(trace: list[dict[str, Any]]) -> list[str]:
+    lines = ["Trace:"]
+    if not trace:
+        lines.append("  (no routes defined)")
+    for entry in trace:
+        mark = "MATCH" if entry["matched"] else "no   "
+        lines.append(f"  {mark} {entry['route']}: {entry['why']}")
+    return lines
+
+
 def format_explain(result: dict[str, Any]) -> str:
     """Readable text for `rules explain` without `--json`."""
     calendar = result.get("calendar") or {}
     zone = ZoneInfo(calendar["timezone"]) if calendar.get("timezone") else None
     owner = result["owner"]
     route = result["route"] or "(no route matched: defaults)"
-    acknowledge = result["acknowledge"]
-    if acknowledge is True:
-        ack_text = "yes"
-    elif acknowledge is False:
-        ack_text = "no"
-    else:
-        ack_text = f"yes, with template '{acknowledge}'"
+    ack_text = _ack_text(result["acknowledge"])
     lines = [
         f"Route:        {route}",
         f"Queue:        {result['queue']}",
@@ -172,40 +223,8 @@ def format_explain(result: dict[str, Any]) -> str:
     if calendar:
         sla_line += f" (calendar {calendar['id']}: {calendar['hours']})"
     lines.append(sla_line)
-    if result.get("at"):
-        arrived = f"Arrived at:   {_both_zones(result['at'], zone)}"
-        if "business_hours_now" in result:
-            arrived += ", " + (
-                "inside business hours"
-                if result["business_hours_now"]
-                else "outside business hours"
-            )
-        lines.append(arrived)
-    lines.append("Deadlines:")
-    deadlines = result.get("deadlines") or {}
-    for key, label in _CLOCK_LABELS:
-        value = deadlines.get(key)
-        if value is None and key == "next_response":
-            text = "not running (starts when the customer writes after a reply)"
-        else:
-            text = _both_zones(value, zone)
-        lines.append(f"  {label:<15} {text}")
-    letters = result.get("letters")
-    if letters:
-        brand = letters.get("brand") or "(none: the installation's own address)"
-        lines.append(f"Language:     {letters['language']} ({letters['language_reason']})")
-        lines.append(
-            f"Brand:        {brand}" + (f", from {letters['from']}" if letters.get("from") else "")
-        )
-        lines.append("Templates:")
-        codes = letters.get("template_languages", {})
-        for letter, source in letters["templates"].items():
-            lines.append(f"  {letter:<15} {codes.get(letter, letters['language'])}  {source}")
-    lines.append("Trace:")
-    trace = result.get("trace") or []
-    if not trace:
-        lines.append("  (no routes defined)")
-    for entry in trace:
-        mark = "MATCH" if entry["matched"] else "no   "
-        lines.append(f"  {mark} {entry['route']}: {entry['why']}")
+    lines += _arrived_lines(result, zone)
+    lines += _deadline_lines(result, zone)
+    lines += _letters_lines(result.get("letters"))
+    lines += _trace_lines(result.get("trace") or [])
     return "\n".join(lines)

@@ -431,18 +431,29 @@ def _read_sources(rules_dir: Path, loader: _Loader) -> tuple[list[Source], list[
 def _collect(rules_dir: Path) -> tuple[_Loader, list[Path]]:
     loader = _Loader()
     sources, files, clean = _read_sources(rules_dir, loader)
+    _check_top_level(loader, sources)
+    _load_tables(loader, sources)
+    if clean:
+        _check_complete(loader, sources)
+    return loader, files
 
-    def sections(name: str) -> Iterable[tuple[Source, Any]]:
-        for source in sources:
-            if name in source.data:
-                yield source, source.data[name]
 
+def _sections(sources: list[Source], name: str) -> Iterable[tuple[Source, Any]]:
+    """(source, value) of every file that has the top-level key ``name``, in file order."""
+    for source in sources:
+        if name in source.data:
+            yield source, source.data[name]
+
+
+def _check_top_level(loader: _Loader, sources: list[Source]) -> None:
     for source in sources:
         for key in source.data:
             if key not in schema.TOP_LEVEL_KEYS:
                 message = unknown_key(key, schema.TOP_LEVEL_KEYS)
                 loader.problem(source, (key,), f"rules file: {message}")
 
+
+def _load_tables(loader: _Loader, sources: list[Source]) -> None:
     # Calendars first: SLA durations in days need their calendar's working-day length.
     for name, loader_fn in (
         ("calendars", loader.load_calendar),
@@ -450,32 +461,33 @@ def _collect(rules_dir: Path) -> tuple[_Loader, list[Path]]:
         ("sla", loader.load_policy),
         ("brands", loader.load_brand),
     ):
-        for source, table in sections(name):
+        for source, table in _sections(sources, name):
             if loader.table(source, (name,), table, f"[{name}]") is None:
                 continue
             for id, value in table.items():
                 loader_fn(source, id, value)
-    for source, table in sections("defaults"):
+    for source, table in _sections(sources, "defaults"):
         loader.load_defaults(source, table)
-    for source, routes in sections("route"):
+    for source, routes in _sections(sources, "route"):
         if not isinstance(routes, list):
             loader.problem(source, ("route",), "routes must be written as [[route]] tables")
             continue
         for index, data in enumerate(routes):
             loader.load_route(source, index, data)
 
-    if clean:
-        loader.check_refs()
-        if loader.defaults_seen is None and sources:
-            loader.problems.append(
-                Problem(
-                    sources[0].name,
-                    1,
-                    'missing [defaults] table: add [defaults] with owner = "<person id>" and '
-                    'sla = "<policy id>" to one of the rules files',
-                )
+
+def _check_complete(loader: _Loader, sources: list[Source]) -> None:
+    """Cross-references and the [defaults] table, once every file parsed."""
+    loader.check_refs()
+    if loader.defaults_seen is None and sources:
+        loader.problems.append(
+            Problem(
+                sources[0].name,
+                1,
+                'missing [defaults] table: add [defaults] with owner = "<person id>" and '
+                'sla = "<policy id>" to one of the rules files',
             )
-    return loader, files
+        )
 
 
 def _sorted(problems: list[Problem], files: list[Path]) -> list[Problem]:

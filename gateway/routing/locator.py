@@ -155,39 +155,45 @@ class Locator:
         elif char in ("'", '"'):
             self._string()
         elif char == "[":
-            self._pos += 1
-            index = 0
-            while True:
-                self._skip(newlines=True)
-                if self._peek() == "]":
-                    self._pos += 1
-                    return
-                self.lines.setdefault((*path, index), self._line)
-                self._value((*path, index))
-                self._skip(newlines=True)
-                if self._peek() == ",":
-                    self._pos += 1
-                    index += 1
-                elif self._peek() != "]":
-                    raise ValueError("bad array")
+            self._array(path)
         elif char == "{":
-            self._pos += 1
-            while True:
-                self._skip(newlines=True)
-                if self._peek() == "}":
-                    self._pos += 1
-                    return
-                sub = (*path, *self._key())
-                self.lines.setdefault(sub, self._line)
-                if self._peek() != "=":
-                    raise ValueError("bad inline table")
-                self._pos += 1
-                self._value(sub)
-                self._skip(newlines=True)
-                if self._peek() == ",":
-                    self._pos += 1
+            self._inline_table(path)
         else:
             while self._peek() and self._peek() not in ",]}\n#":
+                self._pos += 1
+
+    def _array(self, path: Key) -> None:
+        self._pos += 1
+        index = 0
+        while True:
+            self._skip(newlines=True)
+            if self._peek() == "]":
+                self._pos += 1
+                return
+            self.lines.setdefault((*path, index), self._line)
+            self._value((*path, index))
+            self._skip(newlines=True)
+            if self._peek() == ",":
+                self._pos += 1
+                index += 1
+            elif self._peek() != "]":
+                raise ValueError("bad array")
+
+    def _inline_table(self, path: Key) -> None:
+        self._pos += 1
+        while True:
+            self._skip(newlines=True)
+            if self._peek() == "}":
+                self._pos += 1
+                return
+            sub = (*path, *self._key())
+            self.lines.setdefault(sub, self._line)
+            if self._peek() != "=":
+                raise ValueError("bad inline table")
+            self._pos += 1
+            self._value(sub)
+            self._skip(newlines=True)
+            if self._peek() == ",":
                 self._pos += 1
 
     def _scan(self) -> None:

@@ -38,7 +38,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import dns.exception
 import dns.name
@@ -354,13 +354,9 @@ class SystemResolver:
         if not qname:
             return []
         key = (qname, rtype)
-        cached = self._cached(key)
-        if isinstance(cached, DnsTempError):
-            raise DnsTempError(f"{qname}/{rtype}: {cached} (cached failure)")
+        cached = self._cached_or_refused(key)
         if cached is not None:
-            return list(cached)
-        if self.unreachable:
-            raise DnsTempError(f"{qname}/{rtype}: DNS servers unreachable (breaker open)")
+            return cached
         lifetime = max(0.05, min(self.timeout, seconds))
         try:
             answer = self._resolver.resolve(
@@ -388,16 +384,31 @@ class SystemResolver:
         if answer.rrset is None:
             self._store(key, [], NEGATIVE_TTL)
             return []
-        out: list[str] = []
-        for rdata in answer.rrset:
-            if rtype == "TXT":
-                # RFC 7208 §3.3 / RFC 6376 §3.6.2.2: character-strings are concatenated.
-                out.append(b"".join(rdata.strings).decode("utf-8", "surrogateescape"))
-            elif rtype in ("A", "AAAA"):
-                out.append(str(rdata.address))
-            elif rtype == "MX":
-                out.append(f"{rdata.preference} {normalize_name(rdata.exchange.to_text())}")
-            else:  # PTR
-                out.append(normalize_name(rdata.target.to_text()))
+        out = [_rdata_text(rtype, rdata) for rdata in answer.rrset]
         self._store(key, out, min(float(answer.rrset.ttl), MAX_CACHE_TTL))
         return list(out)
+
+    def _cached_or_refused(self, key: tuple[str, str]) -> list[str] | None:
+        """A cached answer (a copy), None to ask the servers; raises a cached failure, or
+        when the breaker is open."""
+        qname, rtype = key
+        cached = self._cached(key)
+        if isinstance(cached, DnsTempError):
+            raise DnsTempError(f"{qname}/{rtype}: {cached} (cached failure)")
+        if cached is not None:
+            return list(cached)
+        if self.unreachable:
+            raise DnsTempError(f"{qname}/{rtype}: DNS servers unreachable (breaker open)")
+        return None
+
+
+def _rdata_text(rtype: str, rdata: Any) -> str:
+    """One record of an answer as text (module docstring: answer shapes)."""
+    if rtype == "TXT":
+        # RFC 7208 §3.3 / RFC 6376 §3.6.2.2: character-strings are concatenated.
+        return b"".join(rdata.strings).decode("utf-8", "surrogateescape")
+    if rtype in ("A", "AAAA"):
+        return str(rdata.address)
+    if rtype == "MX":
+        return f"{rdata.preference} {normalize_name(rdata.exchange.to_text())}"
+    return normalize_name(rdata.target.to_text())  # PTR

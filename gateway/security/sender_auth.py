@@ -831,6 +831,39 @@ def _prop(result: Any, ptype: str, pname: str) -> str:
     return ""
 
 
+def _trusted_dkim(results: list[Any]) -> list[DkimCheck]:
+    """The dkim= clauses (but dkim=none) of a trusted Authentication-Results, in order."""
+    checks: list[DkimCheck] = []
+    for r in results:
+        method, value = str(r.method).lower(), str(r.result).lower()
+        if method != "dkim" or value == "none":
+            continue
+        domain = _prop(r, "header", "d") or _domain_of(_prop(r, "header", "i"))
+        # RFC 8601 §2.7.1: "neutral" = could not be processed, "policy" = not accepted.
+        mapped = {"neutral": "permerror", "policy": "fail"}.get(value, value)
+        checks.append(
+            DkimCheck(
+                domain=normalize_name(domain),
+                selector=_prop(r, "header", "s").lower(),
+                algorithm=_prop(r, "header", "a").lower(),
+                result=mapped if mapped in _DKIM_RESULTS else "permerror",
+            )
+        )
+    return checks
+
+
+def _trusted_spf(r: Any, value: str) -> tuple[str, str]:
+    """(result, domain checked) of one spf= clause of a trusted Authentication-Results."""
+    mapped = "fail" if value == "hardfail" else value  # RFC 6577
+    mailfrom = _prop(r, "smtp", "mailfrom")
+    domain = (
+        (_domain_of(mailfrom) or normalize_name(mailfrom))
+        if mailfrom
+        else normalize_name(_prop(r, "smtp", "helo"))
+    )
+    return (mapped if mapped in _SPF_RESULTS else "permerror"), domain
+
+
 def _from_trusted(
     results: list[Any],
     *,
@@ -840,7 +873,7 @@ def _from_trusted(
     resolver: Resolver,
 ) -> AuthResult:
     """Build an AuthResult from a trusted MTA's RFC 8601 result clauses."""
-    checks: list[DkimCheck] = []
+    checks = _trusted_dkim(results)
     spf_result: str | None = None
     spf_domain = ""
     dmarc: str | None = None
@@ -848,29 +881,8 @@ def _from_trusted(
     arc: str | None = None
     for r in results:
         method, value = str(r.method).lower(), str(r.result).lower()
-        if method == "dkim":
-            if value == "none":
-                continue
-            domain = _prop(r, "header", "d") or _domain_of(_prop(r, "header", "i"))
-            # RFC 8601 §2.7.1: "neutral" = could not be processed, "policy" = not accepted.
-            mapped = {"neutral": "permerror", "policy": "fail"}.get(value, value)
-            checks.append(
-                DkimCheck(
-                    domain=normalize_name(domain),
-                    selector=_prop(r, "header", "s").lower(),
-                    algorithm=_prop(r, "header", "a").lower(),
-                    result=mapped if mapped in _DKIM_RESULTS else "permerror",
-                )
-            )
-        elif method == "spf" and spf_result is None:
-            mapped = "fail" if value == "hardfail" else value  # RFC 6577
-            spf_result = mapped if mapped in _SPF_RESULTS else "permerror"
-            mailfrom = _prop(r, "smtp", "mailfrom")
-            spf_domain = (
-                (_domain_of(mailfrom) or normalize_name(mailfrom))
-                if mailfrom
-                else normalize_name(_prop(r, "smtp", "helo"))
-            )
+        if method == "spf" and spf_result is None:
+            spf_result, spf_domain = _trusted_spf(r, value)
         elif method == "dmarc" and dmarc is None:
             dmarc = value if value in _DMARC_RESULTS else "none"
             stated = _prop(r, "policy", "dmarc").lower()

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -169,75 +169,111 @@ def _number(text: str) -> float | None:
     return float(m.group(1)) if m else None
 
 
+@dataclass
+class _Reading:
+    """What the headers read so far say; each reader below adds its header's word."""
+
+    headers: Sequence[tuple[str, str]]
+    spam: bool | None = None
+    score: float | None = None
+    required: float | None = None
+    sources: list[str] = field(default_factory=list)
+    reasons: list[str] = field(default_factory=list)
+
+
+def _read_flag(r: _Reading) -> None:
+    flag = _first(r.headers, "X-Spam-Flag")
+    if flag is not None and flag.strip().lower() in ("yes", "no", "true", "false"):
+        r.spam = flag.strip().lower() in ("yes", "true")
+        r.sources.append("X-Spam-Flag")
+        r.reasons.append(f"X-Spam-Flag: {flag.strip()}")
+
+
+def _read_status(r: _Reading) -> None:
+    status = _first(r.headers, "X-Spam-Status")
+    if status is None:
+        return
+    word = status.split(",", 1)[0].strip().lower()
+    if word in ("yes", "no"):
+        if r.spam is None:
+            r.spam = word == "yes"
+        r.sources.append("X-Spam-Status")
+    if (m := _SCORE_RE.search(status)) is not None:
+        r.score = float(m.group(1))
+    if (m := _REQUIRED_RE.search(status)) is not None:
+        r.required = float(m.group(1))
+    r.reasons.append(f"X-Spam-Status: {status[:80]}")
+
+
+def _read_spamd(r: _Reading) -> None:
+    result = _first(r.headers, "X-Spamd-Result")
+    if result is None or (m := _SPAMD_RE.match(result)) is None:
+        return
+    if r.spam is None:
+        r.spam = m.group(1).lower() == "true"
+    if r.score is None:
+        r.score, r.required = float(m.group(2)), float(m.group(3))
+    r.sources.append("X-Spamd-Result")
+    r.reasons.append(f"X-Spamd-Result: {result[:80]}")
+
+
+def _read_rspamd_action(r: _Reading) -> None:
+    action = _first(r.headers, "X-Rspamd-Action")
+    if action is None:
+        return
+    word = action.strip().lower()
+    if word in _RSPAMD_SPAM or word in _RSPAMD_HAM:
+        if r.spam is None or word in _RSPAMD_SPAM:
+            # The action is rspamd's final word: it overrides a "no" from a weaker header.
+            r.spam = word in _RSPAMD_SPAM
+        r.sources.append("X-Rspamd-Action")
+        r.reasons.append(f"X-Rspamd-Action: {action.strip()}")
+
+
+def _read_scores(r: _Reading) -> None:
+    for name in ("X-Spam-Score", "X-Rspamd-Score"):
+        value = _first(r.headers, name)
+        if value is not None and r.score is None and (n := _number(value)) is not None:
+            r.score = n
+            r.sources.append(name)
+
+
+def _read_scl(r: _Reading) -> None:
+    scl = _first(r.headers, "X-MS-Exchange-Organization-SCL")
+    if scl is not None and (n := _number(scl)) is not None:
+        if r.spam is None:
+            r.spam = n >= 5
+        if r.score is None:
+            r.score = n
+        r.sources.append("X-MS-Exchange-Organization-SCL")
+
+
+# The headers in the order they are read: an earlier header's verdict or score stands
+# against a later one's, except rspamd's action (see _read_rspamd_action).
+_READERS: tuple[Callable[[_Reading], None], ...] = (
+    _read_flag,
+    _read_status,
+    _read_spamd,
+    _read_rspamd_action,
+    _read_scores,
+    _read_scl,
+)
+
+
 def read_spam_verdict(
     headers: Sequence[tuple[str, str]], *, client_ip: str = "", trusted: bool = False
 ) -> SpamVerdict:
     """The verdict in ``headers`` (name, value pairs in message order). ``trusted`` is the
     caller's judgement of the client (:func:`client_is_trusted_relay`)."""
-    spam: bool | None = None
-    score: float | None = None
-    required: float | None = None
-    sources: list[str] = []
-    reasons: list[str] = []
-
-    flag = _first(headers, "X-Spam-Flag")
-    if flag is not None and flag.strip().lower() in ("yes", "no", "true", "false"):
-        spam = flag.strip().lower() in ("yes", "true")
-        sources.append("X-Spam-Flag")
-        reasons.append(f"X-Spam-Flag: {flag.strip()}")
-
-    status = _first(headers, "X-Spam-Status")
-    if status is not None:
-        word = status.split(",", 1)[0].strip().lower()
-        if word in ("yes", "no"):
-            if spam is None:
-                spam = word == "yes"
-            sources.append("X-Spam-Status")
-        if (m := _SCORE_RE.search(status)) is not None:
-            score = float(m.group(1))
-        if (m := _REQUIRED_RE.search(status)) is not None:
-            required = float(m.group(1))
-        reasons.append(f"X-Spam-Status: {status[:80]}")
-
-    result = _first(headers, "X-Spamd-Result")
-    if result is not None and (m := _SPAMD_RE.match(result)) is not None:
-        if spam is None:
-            spam = m.group(1).lower() == "true"
-        if score is None:
-            score, required = float(m.group(2)), float(m.group(3))
-        sources.append("X-Spamd-Result")
-        reasons.append(f"X-Spamd-Result: {result[:80]}")
-
-    action = _first(headers, "X-Rspamd-Action")
-    if action is not None:
-        word = action.strip().lower()
-        if word in _RSPAMD_SPAM or word in _RSPAMD_HAM:
-            if spam is None or word in _RSPAMD_SPAM:
-                # The action is rspamd's final word: it overrides a "no" from a weaker header.
-                spam = word in _RSPAMD_SPAM
-            sources.append("X-Rspamd-Action")
-            reasons.append(f"X-Rspamd-Action: {action.strip()}")
-
-    for name in ("X-Spam-Score", "X-Rspamd-Score"):
-        value = _first(headers, name)
-        if value is not None and score is None and (n := _number(value)) is not None:
-            score = n
-            sources.append(name)
-
-    scl = _first(headers, "X-MS-Exchange-Organization-SCL")
-    if scl is not None and (n := _number(scl)) is not None:
-        if spam is None:
-            spam = n >= 5
-        if score is None:
-            score = n
-        sources.append("X-MS-Exchange-Organization-SCL")
-
+    r = _Reading(headers)
+    for read in _READERS:
+        read(r)
     return SpamVerdict(
-        spam=spam,
-        score=score,
-        required=required,
-        source=", ".join(dict.fromkeys(sources)),
-        trusted=trusted and (spam is not None or score is not None),
+        spam=r.spam,
+        score=r.score,
+        required=r.required,
+        source=", ".join(dict.fromkeys(r.sources)),
+        trusted=trusted and (r.spam is not None or r.score is not None),
         client=client_ip,
-        reasons=tuple(reasons),
+        reasons=tuple(r.reasons),
     )

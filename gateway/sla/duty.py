@@ -167,6 +167,14 @@ def walk_chain(
         skipped.append(f"{person.name} ({label}) skipped: {_why_off(rules, person, at)}")
     if not candidates:
         raise ValueError("no person to walk to: [defaults] owner is unknown")
+    return _soonest(rules, candidates, at, skipped)
+
+
+def _soonest(
+    rules: Rules, candidates: list[tuple[str, Person]], at: datetime, skipped: list[str]
+) -> Resolved:
+    """Nobody in the chain is on duty at `at`: the one on duty soonest (ties: earliest in
+    the chain), else the last candidate, who stays named."""
     best: tuple[datetime, int, Person] | None = None
     for index, (_label, person) in enumerate(candidates):
         when = next_on_duty(rules, person, at)

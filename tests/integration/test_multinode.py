@@ -194,7 +194,7 @@ async def _send(port: int, mail: bytes, sender: str) -> bool:
         return False
 
 
-async def _traffic_and_kill(
+async def _traffic_and_kill(  # noqa: C901  (one scenario read top to bottom: traffic, kill, checks)
     tmp_path: Path, url: str, relay: CaptureRelay, nodes: list[Node], startup: float
 ) -> None:
     victim = nodes[2]

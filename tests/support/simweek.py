@@ -223,7 +223,7 @@ def ceil_tick(moment: datetime) -> datetime:
     return START + n * TICK
 
 
-def _check_clocks(db: Engine, rules: Any, seen: Clocks, report: Report) -> None:
+def _check_clocks(db: Engine, rules: Any, seen: Clocks, report: Report) -> None:  # noqa: C901  (the ladder oracle: each check beside the case it covers)
     """Each breach the escalator could see escalates exactly once per ladder step, at the
     first run at or after its moment (a late ticket's past steps are collapsed at creation);
     an agent who answered in time is never escalated (zammad#3140); nothing fires for a clock
@@ -341,7 +341,7 @@ def _act(
     s.add(t)
 
 
-def _report(
+def _report(  # noqa: C901  (the week's report: each violation list beside the rows it reads)
     db: Engine,
     rules: Any,
     stories: list[Story],
