@@ -328,7 +328,16 @@ async def test_escalation_mail_leaves_within_seconds_of_its_moment(
     gw = Gateway(settings)  # SystemClock; pipeline.process = true: a child process
     await gw.start()
     try:
-        assert gw.pipeline_process is not None
+        child = gw.pipeline_process
+        assert child is not None
+        # The policy is 5 s long: on a busy machine the child's start-up alone (imports) can
+        # take that, and a message processed after its deadline gets the late letter instead
+        # (docs/decisions.md D11.8). What is measured here is the escalation mail, so the mail
+        # arrives once the child has said it is ready.
+        ready_by = time.monotonic() + 60
+        while child.state == "starting" and time.monotonic() < ready_by:  # bounded poll
+            await asyncio.sleep(0.05)
+        assert child.state != "starting", "the pipeline child did not start within 60 s"
         await send(gw, make_mail(body="Nothing works.\nPat\n"))
         await relay.wait_for(2, timeout=30)  # acknowledgement and owner notification
         (ticket,) = all_tickets(gw)
