@@ -308,18 +308,7 @@ class Actions:
         )
         message_id = rows[0].message_id if rows else ""
         if commitment.by is not None:
-            promises.record(
-                session,
-                ticket_id=ticket.id,
-                made_at=now,
-                to=person.email,
-                person=person.id,
-                message_id=message_id,
-                what=f"{person.name} answers {ticket.ref} by {isoz(commitment.by)}",
-                clock=fire.clock,
-                due=commitment.by,
-                audience="staff",
-            )
+            _staff_promise(session, ticket, person, message_id, fire.clock, commitment.by, now)
 
     # -------------------------------------------------------------------------- the customer
 
@@ -408,19 +397,7 @@ class Actions:
             staff_id = self.notify(session, ticket, acting, letter, now)
             batch.mailed.add(acting.id)
             if commitment.by is not None:
-                # A time stated to a colleague is a promise too (recorded, shown, settled).
-                promises.record(
-                    session,
-                    ticket_id=ticket.id,
-                    made_at=now,
-                    to=acting.email,
-                    person=acting.id,
-                    message_id=staff_id,
-                    what=f"{acting.name} answers {ticket.ref} by {isoz(commitment.by)}",
-                    clock=main.clock,
-                    due=commitment.by,
-                    audience="staff",
-                )
+                _staff_promise(session, ticket, acting, staff_id, main.clock, commitment.by, now)
         for _, step_row in batch.notices:
             step_row.person = acting.id
             session.add(step_row)
@@ -445,3 +422,29 @@ class Actions:
                 "message_id": message_id,
             },
         )
+
+
+def _staff_promise(
+    session: Session,
+    ticket: Ticket,
+    person: Person,
+    message_id: str,
+    clock: str,
+    by: datetime,
+    now: datetime,
+) -> None:
+    """A time stated to a colleague is a promise too: recorded, shown and settled like the
+    customer's (docs/decisions.md D11.2)."""
+    assert ticket.id is not None
+    promises.record(
+        session,
+        ticket_id=ticket.id,
+        made_at=now,
+        to=person.email,
+        person=person.id,
+        message_id=message_id,
+        what=f"{person.name} answers {ticket.ref} by {isoz(by)}",
+        clock=clock,
+        due=by,
+        audience="staff",
+    )
