@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Protocol
 
 from sqlalchemy.engine import Engine
+from sqlmodel import Session
 
 from gateway import alerts
 from gateway.logs import kv
@@ -155,24 +156,28 @@ class PipelineWorker:
         With `degrade` (a reason) the parse stage is replaced by the degraded form: the
         top-level headers and the original bytes as an attachment.
         """
+        prefix = self.prefix
+        if degrade is not None:
+            prefix = tuple(_degraded_stage(degrade) if s is parse_stage else s for s in prefix)
+        with session_scope(self.engine) as session:
+            return self._run(entry, session, prefix)
+
+    def _run(self, entry: SpoolEntry, session: Session, prefix: tuple[Stage, ...]) -> Context:
+        """The stages of one entry inside the caller's transaction."""
         received = (
             datetime.fromisoformat(entry.envelope.received_at)
             if entry.envelope.received_at
             else None
         )
-        prefix = self.prefix
-        if degrade is not None:
-            prefix = tuple(_degraded_stage(degrade) if s is parse_stage else s for s in prefix)
         now = self.services.clock.now()
-        with session_scope(self.engine) as session:
-            ctx = Context(
-                entry=entry,
-                session=session,
-                services=self.services,
-                now=now,
-                received_at=received or now,
-            )
-            run_stages(ctx, prefix, self.chains)
+        ctx = Context(
+            entry=entry,
+            session=session,
+            services=self.services,
+            now=now,
+            received_at=received or now,
+        )
+        run_stages(ctx, prefix, self.chains)
         return ctx
 
     def process_many(
@@ -195,21 +200,7 @@ class PipelineWorker:
                     break
                 if self.heartbeat is not None:
                     self.heartbeat("busy", entry.id)
-                received = (
-                    datetime.fromisoformat(entry.envelope.received_at)
-                    if entry.envelope.received_at
-                    else None
-                )
-                now = self.services.clock.now()
-                ctx = Context(
-                    entry=entry,
-                    session=session,
-                    services=self.services,
-                    now=now,
-                    received_at=received or now,
-                )
-                run_stages(ctx, self.prefix, self.chains)
-                out.append(ctx)
+                out.append(self._run(entry, session, self.prefix))
         return out
 
     def process_group(
