@@ -20,9 +20,8 @@ from gateway.escalation.notice import Broken, notice_text, queue_customer_mail
 from gateway.letters import escalation as letters
 from gateway.letters.escalation import Facts, StaffLetter, clock_name
 from gateway.letters.i18n import format_local
-from gateway.letters.notification import compose_notification
 from gateway.outbound.handover import compose_handover
-from gateway.outbound.worker import enqueue
+from gateway.outbound.worker import notify_owner
 from gateway.routing.model import Person, Rules
 from gateway.security.tokens import Signer
 from gateway.settings import Settings
@@ -108,38 +107,20 @@ class Actions:
         kind: str = "escalation",
     ) -> str:
         """Queue a staff mail to `person`; returns its Message-ID."""
-        out = self.settings.outbound
-        token_person: str | None = person.id
-        try:
-            self.signer.reply_token(ticket.id or 0, person.id)
-        except ValueError:
-            token_person = None  # a person id that is no valid token slug: plain ticket token
-        raw, message_id = compose_notification(
-            to_address=person.email,
-            to_name=person.name,
+        row = notify_owner(
+            session,
+            self.settings,
+            self.signer,
+            ticket=ticket,
+            email=person.email,
+            name=person.name,
+            person=person.id,
             subject=letter.subject,
             body=letter.body,
-            from_address=out.from_address,
-            from_name=out.from_name,
-            signer=self.signer,
-            hostname=self.settings.smtp.hostname,
             now=now,
-            ticket_id=ticket.id,
-            person=token_person,
-        )
-        enqueue(
-            session,
-            ticket_id=ticket.id,
             kind=kind,
-            raw=raw,
-            message_id=message_id,
-            rcpt_tos=[person.email],
-            now=now,
-            from_address=out.from_address,
-            subject=letter.subject,
-            text=letter.body,
         )
-        return message_id
+        return row.message_id
 
     # -------------------------------------------------------------------------- steps
 

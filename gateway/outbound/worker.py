@@ -152,8 +152,9 @@ def notify_owner(
     body: str,
     now: datetime,
     in_reply_to: str | None = None,
+    kind: str = "notification",
 ) -> Outbox:
-    """Queue a notice to a staff person about `ticket` (kind 'notification')."""
+    """Queue a notice to a staff person about `ticket` (kind 'notification' unless said)."""
     assert ticket.id is not None
     raw, mid = compose_notification(
         to_address=email,
@@ -172,7 +173,7 @@ def notify_owner(
     return enqueue(
         session,
         ticket_id=ticket.id,
-        kind="notification",
+        kind=kind,
         raw=raw,
         message_id=mid,
         rcpt_tos=[email],
