@@ -10,11 +10,8 @@ a broken one is refused by `rules check` with file:line.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import subprocess
-import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +32,7 @@ from tests.support.gateway import (
     all_tickets,
     inbound,
     make_mail,
+    rules_check,
     running_gateway,
     send,
     ticket_json,
@@ -251,37 +249,24 @@ async def test_admin_override_of_the_acknowledgement_is_used(env: Env) -> None:
     assert f"in en from {templates / 'ack.en.txt'}" in sent
 
 
-def _rules_check(root: Path) -> subprocess.CompletedProcess[str]:
-    cfg = root / "check.toml"
-    cfg.write_text(f'rules_dir = "{root / "rules"}"\n')
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
-    return subprocess.run(
-        [sys.executable, "-m", "gateway", "--config", str(cfg), "rules", "check"],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=60,
-    )
-
-
 def test_broken_override_is_refused_by_rules_check_with_file_and_line(tmp_path: Path) -> None:
     rules = tmp_path / "rules"
     rules.mkdir()
     shutil.copy(RULES / "rules.toml", rules / "rules.toml")
-    assert _rules_check(tmp_path).returncode == 0
+    assert rules_check(tmp_path).returncode == 0
     templates = tmp_path / "templates"
     templates.mkdir()
     # Line 3 names a fact that does not exist; the deadline is never stated.
     (templates / "ack.de.txt").write_text(
         "Guten Tag,\n\nTicket $ref, $owner kümmert sich, bis $due_tomorrow.\n"
     )
-    r = _rules_check(tmp_path)
+    r = rules_check(tmp_path)
     assert r.returncode == 1, r.stdout
     path = templates / "ack.de.txt"
     assert f"{path}:3: unknown placeholder $due_tomorrow" in r.stdout
     assert f"{path}:1: the 'ack' letter must state $deadline or $deadline_local or" in r.stdout
     # Fixed, it passes.
     path.write_text("Guten Tag,\n\nTicket $ref, $owner kümmert sich, bis $deadline_local.\n")
-    r = _rules_check(tmp_path)
+    r = rules_check(tmp_path)
     assert r.returncode == 0, r.stdout
     assert json.dumps(r.stdout).count("unknown placeholder") == 0

@@ -10,10 +10,7 @@ a brand whose DKIM key cannot be read is refused by `rules check` and at start.
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
-import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import timedelta
@@ -30,7 +27,14 @@ from gateway.outbound.worker import DeliveryWorker
 from gateway.settings import ConfigError
 from tests.conftest import RULES, make_settings
 from tests.support.dkim import KeyTable
-from tests.support.gateway import all_tickets, make_mail, running_gateway, send, ticket_json
+from tests.support.gateway import (
+    all_tickets,
+    make_mail,
+    rules_check,
+    running_gateway,
+    send,
+    ticket_json,
+)
 from tests.support.relay import Captured, CaptureRelay
 
 SELECTOR = "gw1"
@@ -183,19 +187,6 @@ async def test_admin_override_of_the_owner_notification_is_used(env: Env) -> Non
     assert KeyTable(env.dns).verify(note)
 
 
-def _rules_check(root: Path) -> subprocess.CompletedProcess[str]:
-    cfg = root / "check.toml"
-    cfg.write_text(f'rules_dir = "{root / "rules"}"\n')
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
-    return subprocess.run(
-        [sys.executable, "-m", "gateway", "--config", str(cfg), "rules", "check"],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=60,
-    )
-
-
 def test_broken_notification_override_is_refused_with_file_and_line(tmp_path: Path) -> None:
     rules = tmp_path / "rules"
     rules.mkdir()
@@ -204,7 +195,7 @@ def test_broken_notification_override_is_refused_with_file_and_line(tmp_path: Pa
     templates.mkdir()
     path = templates / "notify.en.txt"
     path.write_text("$headline\n\nTicket $ref for $owner\n$deadline_tomorrow\n")
-    r = _rules_check(tmp_path)
+    r = rules_check(tmp_path)
     assert r.returncode == 1, r.stdout
     assert f"{path}:4: unknown placeholder $deadline_tomorrow" in r.stdout
     assert f"{path}:1: the 'notify' letter must state $deadlines" in r.stdout
@@ -224,7 +215,7 @@ def test_a_brand_whose_dkim_key_cannot_be_read_is_refused(tmp_path: Path) -> Non
     shutil.copy(RULES / "rules.toml", rules / "rules.toml")
     missing = tmp_path / "nowhere" / "b2.key"
     (rules / "00-brands.toml").write_text(BRAND.format(key=missing))
-    r = _rules_check(tmp_path)
+    r = rules_check(tmp_path)
     assert r.returncode == 1, r.stdout
     where = f"{rules / '00-brands.toml'}:2: brand 'b2': DKIM key_file {missing} cannot be used"
     assert where in r.stdout, r.stdout
@@ -232,10 +223,10 @@ def test_a_brand_whose_dkim_key_cannot_be_read_is_refused(tmp_path: Path) -> Non
     junk = tmp_path / "b2.key"
     junk.write_text("not a key\n")
     (rules / "00-brands.toml").write_text(BRAND.format(key=junk))
-    assert "not a usable DKIM private key" in _rules_check(tmp_path).stdout
+    assert "not a usable DKIM private key" in rules_check(tmp_path).stdout
     with pytest.raises(ConfigError, match="brand 'b2': DKIM key_file"):
         Gateway(make_settings(tmp_path, rules_dir=str(rules)))
     # A readable key passes.
     junk.unlink()
     dkim_keygen(junk, domain="b2.example", selector="gw1", bits=1024)
-    assert _rules_check(tmp_path).returncode == 0
+    assert rules_check(tmp_path).returncode == 0

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import os
 import shutil
 import sqlite3
+import subprocess
+import sys
 import tempfile
 from collections.abc import AsyncIterator, Sequence
 from email.message import EmailMessage
@@ -139,3 +142,18 @@ def inbound(ticket: dict) -> list[dict]:  # type: ignore[type-arg]
 def all_tickets(gw: Gateway) -> list[Ticket]:
     with Session(gw.engine) as s:
         return list(s.exec(select(Ticket).order_by(Ticket.id)).all())  # type: ignore[arg-type]
+
+
+def rules_check(root: Path) -> subprocess.CompletedProcess[str]:
+    """`support-gateway rules check` on ``root/rules`` (and ``root/templates``), as an admin
+    runs it: a child process, no GATEWAY_* variables of the test run."""
+    cfg = root / "check.toml"
+    cfg.write_text(f'rules_dir = "{root / "rules"}"\n')
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", "--config", str(cfg), "rules", "check"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
