@@ -687,8 +687,10 @@ class _PerTypeIntrospection:
         # Only `auth_*` members are ever asked for (the one use in aiosmtpd.smtp).
         return [(n, getattr(obj, n)) for n in self._class_names(obj, ("auth_",))]
 
-    def dir(self, obj: Any = None) -> list[str]:
-        if obj is None or not self._ours(obj):
+    def dir(self, obj: Any) -> list[str]:
+        # aiosmtpd.smtp only calls dir(self) and dir(handler); a bare dir() (the caller's
+        # scope) cannot be answered from here, so it is not offered.
+        if not self._ours(obj):
             return dir(obj)
         return self._class_names(obj)
 
