@@ -346,9 +346,9 @@ def cmd_rules(args: argparse.Namespace) -> int:
         for p in exc.problems:
             print(p, file=sys.stderr)
         return 1
+    from gateway.explain import explain, format_explain
     from gateway.factories import build_resolver
     from gateway.pipeline.route import explain_facts
-    from gateway.routing.explain import explain, format_explain
 
     try:
         raw = Path(args.file).read_bytes()

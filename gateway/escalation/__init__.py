@@ -3,10 +3,12 @@
 ``escalator`` is the loop (find what is due, claim it exactly once, act, sleep until the next
 moment); ``moments`` keeps each open ticket's next moment (``Ticket.escalate_at``) in step
 with the rules and the tickets; ``actions`` is what a fired step does (events, staff mail,
-the handover, the customer notice); ``notice`` and ``late`` queue the customer's letters.
+the handover pack of ``gateway.pipeline.handover``, the customer notice of
+``gateway.notices``).
 
 Everything they decide comes from the pure planning in ``gateway.sla`` (``plan``, ``duty``,
 ``clocks``, ``deadlines``), which imports nothing from here: ``gateway.sla`` is the lower
 layer that routing, settings and the letters share, this package sits above the store, the
-outbound queue and the letters.
+outbound queue, the letters, the notices and the pipeline (whose handover pack it sends);
+nothing below imports it.
 """

@@ -16,12 +16,12 @@ from datetime import datetime
 from sqlmodel import Session, select
 
 from gateway.escalation.moments import Key, key
-from gateway.escalation.notice import Broken, notice_text, queue_customer_mail
 from gateway.letters import escalation as letters
 from gateway.letters.escalation import Facts, StaffLetter, clock_name
 from gateway.letters.i18n import format_local
-from gateway.outbound.handover import compose_handover
+from gateway.notices.customer import Broken, notice_text, queue_customer_mail
 from gateway.outbound.worker import notify_owner
+from gateway.pipeline.handover import compose_handover
 from gateway.routing.model import Person, Rules
 from gateway.security.tokens import Signer
 from gateway.settings import Settings

@@ -2,7 +2,7 @@
 ticket, with its whole history and every attachment once, and the short "now held by X"
 letter to whoever lost it.
 
-Pure: the history comes in as :class:`Entry` rows (read by ``gateway.outbound.handover``,
+Pure: the history comes in as :class:`Entry` rows (read by ``gateway.pipeline.handover``,
 which also writes the outbox rows), the bytes come out. English (staff letters,
 docs/templates.md): the subject, the "now held by" letter and the footer are
 ``staff.en.txt`` phrases; ``Reply-To`` is the new holder's signed per-person token

@@ -37,11 +37,11 @@ from datetime import datetime, timedelta
 
 from sqlmodel import col, func, select
 
-from gateway.escalation.late import Late, collapse, send_late
 from gateway.letters import templates as letters
 from gateway.letters.ack import AckContent, compose_ack, response_stats
 from gateway.letters.brands import brand_domains, identity
 from gateway.letters.headers import tagged_subject
+from gateway.notices.late import Late, collapse, send_late
 from gateway.outbound.worker import enqueue, notify_owner
 from gateway.pipeline.context import Context
 from gateway.pipeline.conversation import bundle_ack, cap_notice, others_text
@@ -473,7 +473,7 @@ def _record_promise(
 
 
 def _collapse_late(ctx: Context) -> Late | None:
-    """A ticket processed after moments of its own plan: collapse them (gateway.escalation.late)."""
+    """A ticket processed after moments of its own plan: collapse them (gateway.notices.late)."""
     assert ctx.ticket is not None
     return collapse(ctx.session, ctx.ticket, ctx.services.rules, ctx.received_at, ctx.now)
 

@@ -55,19 +55,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mailparser_reply import EmailReplyParser
 from sqlmodel import col, select
 
-from gateway.escalation.notice import ticket_letter
 from gateway.letters.brands import brand_domains, identity
 from gateway.letters.facts import isoz, owner_or_default
 from gateway.letters.staff_reply import compose_staff_reply
-from gateway.outbound.handover import compose_handover
+from gateway.notices.customer import ticket_letter
 from gateway.outbound.worker import enqueue, notify_owner
 from gateway.pipeline.commands import COMMANDS, Command, help_lines, parse_commands
 from gateway.pipeline.context import Context
+from gateway.pipeline.handover import compose_handover
 from gateway.pipeline.holds import hold
 from gateway.pipeline.notify import attachment_parts
+from gateway.pipeline.quoting import strip_quoted
 from gateway.routing.model import Person, Rules
 from gateway.security.verdict import auth_summary, staff_decision
 from gateway.sla.clocks import on_staff_reply
@@ -79,47 +79,7 @@ from gateway.store.queries import (
     undeliverable,
 )
 
-__all__ = ["judge", "staff_stage", "strip_quoted"]
-
-#: Languages whose "On ... wrote:" headers mail-parser-reply recognises for us.
-QUOTE_LANGUAGES = ["en", "de", "fr", "es", "it", "nl", "sv", "da", "pl", "cs"]
-
-
-# ------------------------------------------------------------------------------ quoted text
-
-
-def strip_quoted(text: str) -> str:
-    """The new part of a reply: the quoted notification (``On ... wrote:`` and what follows,
-    ``-----Original Message-----``, trailing ``>`` lines) removed.
-
-    mail-parser-reply finds the quote header; the cut is then applied to the original lines
-    so the reply keeps its indentation (the library strips every line while parsing).
-    """
-    text = (text or "").replace("\r\n", "\n").replace("\r", "\n")
-    try:
-        replies = EmailReplyParser(languages=QUOTE_LANGUAGES).read(text).replies
-        # A first fragment that starts with a quote header means nothing was written above it.
-        latest = replies[0].content if replies and not replies[0].headers else ""
-    except Exception:  # a parser bug must not lose the reply: fall back to the whole text
-        latest = text
-    lines = text.split("\n")
-    normalised = [line.strip() for line in lines]
-    keep = lines
-    latest_lines = [line.strip() for line in latest.strip().split("\n")] if latest.strip() else []
-    if latest_lines:
-        n = len(latest_lines)
-        for start in range(len(normalised) - n + 1):
-            if normalised[start : start + n] == latest_lines:
-                keep = lines[: start + n]
-                break
-        else:
-            keep = latest.split("\n")
-    else:
-        keep = []
-    while keep and (not keep[-1].strip() or keep[-1].lstrip().startswith(">")):
-        keep.pop()
-    return "\n".join(line.rstrip() for line in keep).strip("\n")
-
+__all__ = ["judge", "staff_stage"]
 
 # -------------------------------------------------------------------------------- helpers
 

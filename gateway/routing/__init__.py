@@ -1,7 +1,6 @@
 """Routing: load and check `rules/*.toml`, then decide where each message goes (pure)."""
 
 from gateway.routing.engine import AssignmentState, Decision, TraceEntry, evaluate
-from gateway.routing.explain import explain, format_explain
 from gateway.routing.facts import MessageFacts
 from gateway.routing.loader import Problem, RulesError, check_rules, load_rules
 from gateway.routing.model import (
@@ -30,7 +29,5 @@ __all__ = [
     "TraceEntry",
     "check_rules",
     "evaluate",
-    "explain",
-    "format_explain",
     "load_rules",
 ]

@@ -7,7 +7,7 @@ one computation behind the acknowledgement), an owner checked against the plan
 (`duty.owner_for_window`, as the route stage does) and the acknowledgement's promise
 recorded. A seeded RNG adds staff replies, customer follow-ups, closes, reassignments
 (`#assign`), merges (closed into another ticket) and **late mail** (a message that waited
-hours in a stopped node's spool: `gateway.escalation.late.collapse` + `send_late`, as the respond
+hours in a stopped node's spool: `gateway.notices.late.collapse` + `send_late`, as the respond
 stage does). The rules (tests/support/rules_sla/) have off-duty hours, absences and a 24x7
 policy served by office-hours people plus an on-call person. A frozen clock advances in
 10-minute ticks; each tick runs the escalator first (it wakes exactly at a moment in
@@ -39,7 +39,7 @@ from sqlmodel import Session, col, select
 
 from gateway.clock import FrozenClock
 from gateway.escalation.escalator import Escalator
-from gateway.escalation.late import collapse, send_late
+from gateway.notices.late import collapse, send_late
 from gateway.security.tokens import Signer
 from gateway.sla import clocks
 from gateway.sla.deadlines import escalation_schedule, isoz

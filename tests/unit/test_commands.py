@@ -16,7 +16,7 @@ from gateway.pipeline.commands import (
     parse_commands,
     parse_duration,
 )
-from gateway.pipeline.staff import strip_quoted
+from gateway.pipeline.quoting import strip_quoted
 from gateway.sla.durations import Duration
 
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from gateway.explain import explain, format_explain
 from gateway.routing.engine import AssignmentState
-from gateway.routing.explain import explain, format_explain
 from gateway.routing.facts import MessageFacts
 from gateway.routing.loader import load_rules
 from gateway.routing.model import Rules

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from gateway.explain import explain, format_explain
 from gateway.routing.engine import evaluate
-from gateway.routing.explain import explain, format_explain
 from gateway.routing.facts import MessageFacts
 from gateway.routing.loader import check_rules, load_rules
 from gateway.security.spam import (

@@ -51,6 +51,7 @@ from gateway.letters.handover import (
 from gateway.outbound.worker import enqueue, notify_owner
 from gateway.pipeline.commands import help_text, parse_commands
 from gateway.pipeline.notify import attachment_parts
+from gateway.pipeline.quoting import strip_quoted
 from gateway.routing.model import Person, Rules
 from gateway.security.tokens import Signer
 from gateway.settings import Settings
@@ -123,8 +124,6 @@ def _entry(m: Message, rules: Rules) -> Entry | None:
         author = display.split(" via ", 1)[0] if display else "staff"
         label = f"STAFF ANSWER by {author} (sent to the customer)"
     elif key == ("in", "note"):
-        from gateway.pipeline.staff import strip_quoted  # staff imports this module
-
         author = _person_name(rules, m.from_address)
         commands, rest, _errors = parse_commands(text)
         text = strip_quoted(rest).strip()

@@ -16,8 +16,8 @@ from datetime import datetime
 
 from sqlmodel import Session
 
-from gateway.escalation.notice import Broken, late_text, queue_customer_mail, ticket_letter
 from gateway.letters.brands import identity
+from gateway.notices.customer import Broken, late_text, queue_customer_mail, ticket_letter
 from gateway.routing.model import Rules
 from gateway.security.tokens import Signer
 from gateway.settings import Settings
