@@ -243,6 +243,10 @@ def _settings(args: argparse.Namespace) -> Settings:
     return settings
 
 
+#: The engines this command opened; `main` closes their connections when it returns.
+_OPENED: list[Any] = []
+
+
 def _engine(settings: Settings, *, create: bool = False) -> Any:
     """The database; only `serve`, `process` and `db upgrade` may create it (docs/decisions.md D14:
     a command run from the wrong folder silently made an empty database there)."""
@@ -253,7 +257,17 @@ def _engine(settings: Settings, *, create: bool = False) -> Any:
         missing = missing_database(settings.storage.database_url)
         if missing:
             raise Failure(missing)
-    return open_database(settings.storage.database_url)
+    engine = open_database(settings.storage.database_url)
+    _OPENED.append(engine)
+    return engine
+
+
+def _close_engines() -> None:
+    """Close the pooled connections now rather than at interpreter exit (PostgreSQL sees
+    the session end at once; a caller that runs commands in its own process, as the tests
+    do, does not accumulate them)."""
+    while _OPENED:
+        _OPENED.pop().dispose()
 
 
 def _rules_or_none(settings: Settings) -> Any:
@@ -470,7 +484,6 @@ def cmd_status(args: argparse.Namespace) -> int:
     from gateway.status import collect, format_status
 
     facts = collect(settings, engine)
-    engine.dispose()
     if args.json:
         _print(facts)
     else:
@@ -979,6 +992,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"{prog} {args.command}: {_one_line(exc)}", file=sys.stderr)
         return EX_FAIL
+    finally:
+        _close_engines()
 
 
 def _one_line(exc: BaseException) -> str:

@@ -1,4 +1,5 @@
-"""The commands an admin runs, as subprocesses against real files (docs/interface.md names)."""
+"""The commands an admin runs, on real files (docs/interface.md names): in this process
+through the executable's own entry point (tests/support/cli.py), `serve` as a process."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import aiosmtplib
@@ -17,42 +17,18 @@ import pytest
 from gateway.clock import FrozenClock
 from tests.conftest import make_settings
 from tests.integration.test_daemon_process import RULES, free_port, start_daemon, write_config
+from tests.support.cli import run as run_cli
 from tests.support.gateway import make_mail, running_gateway, send
 from tests.support.tls import self_signed
 
 
 def cli(cfg: Path, *args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
-    r = subprocess.run(
-        [sys.executable, "-m", "gateway", "--config", str(cfg), *args],
-        input=stdin.decode() if stdin else None,
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=60,
-    )
-    return r
+    return run_cli(["--config", str(cfg), *args], stdin=stdin)
 
 
 def ingest(cfg: Path, mail: bytes, sender: str) -> None:
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "gateway",
-            "--config",
-            str(cfg),
-            "ingest",
-            "--sender",
-            sender,
-            "--recipient",
-            "support@example.com",
-        ],
-        input=mail,
-        capture_output=True,
-        timeout=60,
-        env={k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")},
-    )
+    argv = ["--config", str(cfg), "ingest", "--sender", sender]
+    r = run_cli([*argv, "--recipient", "support@example.com"], stdin=mail)
     assert r.returncode == 0, r.stderr
 
 

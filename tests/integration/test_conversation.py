@@ -20,9 +20,7 @@ the bundle worker and the delivery worker by hand and moves the clock to close w
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -38,6 +36,7 @@ from gateway.clock import FrozenClock
 from gateway.outbound.worker import DeliveryWorker
 from gateway.store.models import Ticket
 from tests.conftest import RULES, make_settings
+from tests.support.cli import run as run_cli
 from tests.support.gateway import all_tickets, make_mail, running_gateway, send, ticket_json
 from tests.support.relay import Captured, CaptureRelay
 
@@ -75,14 +74,7 @@ class Env:
             return t
 
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
-        return subprocess.run(
-            [sys.executable, "-m", "gateway", "--config", str(self.cfg), *args],
-            capture_output=True,
-            text=True,
-            env=env,
-            timeout=60,
-        )
+        return run_cli(["--config", str(self.cfg), *args])
 
 
 @pytest.fixture

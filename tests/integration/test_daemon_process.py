@@ -17,6 +17,7 @@ from pathlib import Path
 import aiosmtplib
 import pytest
 
+from tests.support import cli as in_process
 from tests.support.gateway import make_mail
 
 RULES = Path(__file__).parents[1] / "support" / "rules"
@@ -197,14 +198,7 @@ async def test_sigterm_stops_gracefully_and_sighup_reloads_rules(tmp_path: Path)
 def run_cli(
     cfg: Path, *args: str, stdin: bytes | None = None
 ) -> subprocess.CompletedProcess[bytes]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
-    return subprocess.run(
-        [sys.executable, "-m", "gateway", "--config", str(cfg), *args],
-        input=stdin,
-        capture_output=True,
-        env=env,
-        timeout=60,
-    )
+    return in_process.run(["--config", str(cfg), *args], stdin=stdin, text=False)
 
 
 def test_pipe_mode_ingest_is_durable_and_processed_later(tmp_path: Path) -> None:

@@ -9,9 +9,6 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,6 +19,7 @@ from gateway.security.dns import StaticResolver
 from gateway.settings import Settings
 from gateway.store.db import open_database
 from tests.conftest import make_settings
+from tests.support.cli import run as run_cli
 from tests.support.relay import CaptureRelay
 
 NOW = dt.datetime(2026, 11, 23, 9, 0, tzinfo=dt.UTC)
@@ -191,13 +189,7 @@ def test_doctor_cli_json_and_exit_status(tmp_path: Path) -> None:
         'nameservers = ["127.0.0.1"]\n'
         "dns_timeout = 0.5\n"
     )
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
-    r = subprocess.run(
-        [sys.executable, "-m", "gateway", "--config", str(cfg), "doctor", "--json"],
-        capture_output=True,
-        env=env,
-        timeout=120,
-    )
+    r = run_cli(["--config", str(cfg), "doctor", "--json"])
     assert r.returncode == 1, r.stderr
     checks = json.loads(r.stdout)["checks"]
     assert all(set(c) == {"name", "status", "detail", "fix"} for c in checks)
@@ -214,16 +206,10 @@ def test_doctor_cli_json_and_exit_status(tmp_path: Path) -> None:
 def test_doctor_reports_a_bad_config(tmp_path: Path, bad: str) -> None:
     cfg = tmp_path / "config.toml"
     cfg.write_text(bad)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
-    r = subprocess.run(
-        [sys.executable, "-m", "gateway", "--config", str(cfg), "doctor"],
-        capture_output=True,
-        env=env,
-        timeout=60,
-    )
+    r = run_cli(["--config", str(cfg), "doctor"])
     assert r.returncode == 1
-    assert b"FAIL  config" in r.stdout
-    assert b"smtp.listen" in r.stdout
+    assert "FAIL  config" in r.stdout
+    assert "smtp.listen" in r.stdout
 
 
 async def test_each_brand_is_checked_like_the_main_identity(tmp_path: Path) -> None:

@@ -17,7 +17,6 @@ import shutil
 import signal
 import sqlite3
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -37,6 +36,7 @@ from gateway.security.dns import StaticResolver
 from gateway.store.db import open_database
 from gateway.store.models import Message, Ticket
 from tests.conftest import PG_URL, _pg_database, make_settings
+from tests.support.cli import run as run_cli
 from tests.support.gateway import make_mail, running_gateway, send, ticket_json
 from tests.support.proxy import TcpProxy
 from tests.support.relay import CaptureRelay
@@ -320,24 +320,11 @@ async def test_message_failing_on_its_own_is_quarantined_and_alerted_then_replay
         '[security]\nsecret_key = "test-secret-key-0123456789abcdef"\nverify_senders = false\n'
         '[smtp]\nmin_free_disk = 0\n[outbound]\nrelay = ""\n'
     )
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
-    r = subprocess.run(
-        [sys.executable, "-m", "gateway", "--config", str(cfg), "quarantine", "replay", "--all"],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=120,
-    )
+    r = run_cli(["--config", str(cfg), "quarantine", "replay", "--all"])
     assert r.returncode == 0, r.stdout + r.stderr
     assert "replaying 1 quarantined message" in r.stdout
     assert spool_rows(spool_dir) == []
-    r = subprocess.run(
-        [sys.executable, "-m", "gateway", "--config", str(cfg), "tickets", "list", "--json"],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=120,
-    )
+    r = run_cli(["--config", str(cfg), "tickets", "list", "--json"])
     subjects = sorted(t["subject"] for t in json.loads(r.stdout))
     assert subjects == ["POISON pill", "ordinary"]
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import io
 import json
 import os
 import shutil
@@ -37,11 +36,11 @@ import pytest
 from sqlmodel import Session, select
 
 from gateway.app import Gateway
-from gateway.cli import main as cli_main
 from gateway.clock import FrozenClock
 from gateway.outbound.worker import DeliveryWorker
 from gateway.store.models import Outbox, Ticket
 from tests.conftest import RULES, make_settings
+from tests.support.cli import run as run_cli
 from tests.support.gateway import all_tickets, make_mail, running_gateway, ticket_json
 from tests.support.relay import CaptureRelay
 
@@ -93,10 +92,7 @@ class Env:
                 env=env,
                 timeout=120,
             )
-        out, err = io.StringIO(), io.StringIO()
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            code = cli_main(argv)
-        return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
+        return run_cli(argv)
 
     def junk_list(self, *more: str) -> list[dict]:  # type: ignore[type-arg]
         r = self.cli("junk", "list", "--json", *more)

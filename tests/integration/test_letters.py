@@ -20,9 +20,7 @@ per-person token is the proof (docs/design.md §5), see tests/integration/test_s
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -39,6 +37,7 @@ from gateway.escalation.escalator import Escalator
 from gateway.outbound.worker import DeliveryWorker
 from gateway.store.models import Outbox, Ticket
 from tests.conftest import RULES, make_settings
+from tests.support.cli import run as run_cli
 from tests.support.gateway import all_tickets, make_mail, running_gateway, send, ticket_json
 from tests.support.relay import Captured, CaptureRelay
 
@@ -171,14 +170,7 @@ def _cli(env: Env, *args: str) -> subprocess.CompletedProcess[str]:
         f'spool_dir = "{env.tmp}/spool"\n'
         '[security]\nsecret_key = "test-secret-key-0123456789abcdef"\n'
     )
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
-    return subprocess.run(
-        [sys.executable, "-m", "gateway", "--config", str(cfg), *args],
-        capture_output=True,
-        text=True,
-        env=clean,
-        timeout=60,
-    )
+    return run_cli(["--config", str(cfg), *args])
 
 
 # ---------------------------------------------------------------------- route notify

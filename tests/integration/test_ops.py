@@ -35,6 +35,7 @@ from tests.conftest import make_settings
 from tests.integration.test_daemon_process import RULES, free_port
 from tests.integration.test_staff_email import Env, _customer, _staff
 from tests.integration.test_staff_email import env as staff_env  # noqa: F401 (a fixture)
+from tests.support.cli import run as run_cli
 from tests.support.gateway import make_mail, running_gateway, send
 from tests.support.relay import CaptureRelay
 
@@ -67,11 +68,20 @@ def sample(metrics: str, name: str, **labels: str) -> float:
 
 
 def cli(
-    cfg: Path | None, *args: str, cwd: Path | None = None, env_extra: dict[str, str] | None = None
+    cfg: Path | None,
+    *args: str,
+    cwd: Path | None = None,
+    env_extra: dict[str, str] | None = None,
+    process: bool = False,
+    stdin: bytes | None = None,
 ) -> subprocess.CompletedProcess[str]:
+    """The command in this process (tests/support/cli.py), or with ``process=True`` as a
+    child process (a `serve` that gets as far as binding its ports)."""
+    pre = ["--config", str(cfg)] if cfg is not None else []
+    if not process:
+        return run_cli([*pre, *args], cwd=cwd, env_extra=env_extra, stdin=stdin)
     env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
     env.update(env_extra or {})
-    pre = ["--config", str(cfg)] if cfg is not None else []
     return subprocess.run(
         [sys.executable, "-m", "gateway", *pre, *args],
         capture_output=True,
@@ -414,13 +424,13 @@ def test_listen_port_in_use_names_the_key(tmp_path: Path) -> None:
         taken.listen()
         port = taken.getsockname()[1]
         cfg = ops_config(tmp_path, smtp_port=port, http_port=0, relay=9)
-        r = cli(cfg, "serve")
+        r = cli(cfg, "serve", process=True)
         assert r.returncode == 1
         line = one_line_error(r)
         assert f"smtp.listen = '127.0.0.1:{port}'" in line
         assert "already in use" in line
         cfg = ops_config(tmp_path, smtp_port=0, http_port=port, relay=9)
-        r = cli(cfg, "serve")
+        r = cli(cfg, "serve", process=True)
         assert r.returncode == 1
         assert "http.listen" in one_line_error(r)
 
@@ -482,23 +492,14 @@ def test_bad_option_values_are_usage_errors(tmp_path: Path) -> None:
 
 def test_tickets_show_text_has_deadline_lines(tmp_path: Path) -> None:
     cfg = ops_config(tmp_path, smtp_port=0, http_port=0, relay=9)
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "gateway",
-            "--config",
-            str(cfg),
-            "ingest",
-            "-f",
-            "pat@customer.example",
-            "-r",
-            "support@example.com",
-        ],
-        input=make_mail().as_bytes(),
-        capture_output=True,
-        env={k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")},
-        timeout=120,
+    r = cli(
+        cfg,
+        "ingest",
+        "-f",
+        "pat@customer.example",
+        "-r",
+        "support@example.com",
+        stdin=make_mail().as_bytes(),
     )
     assert r.returncode == 0, r.stderr
     assert cli(cfg, "process").returncode == 0

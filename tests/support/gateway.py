@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import os
 import shutil
 import sqlite3
 import subprocess
-import sys
 import tempfile
 from collections.abc import AsyncIterator, Sequence
 from email.message import EmailMessage
@@ -146,14 +144,9 @@ def all_tickets(gw: Gateway) -> list[Ticket]:
 
 def rules_check(root: Path) -> subprocess.CompletedProcess[str]:
     """`support-gateway rules check` on ``root/rules`` (and ``root/templates``), as an admin
-    runs it: a child process, no GATEWAY_* variables of the test run."""
+    runs it (tests/support/cli.py: no GATEWAY_* variables of the test run)."""
     cfg = root / "check.toml"
     cfg.write_text(f'rules_dir = "{root / "rules"}"\n')
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
-    return subprocess.run(
-        [sys.executable, "-m", "gateway", "--config", str(cfg), "rules", "check"],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=60,
-    )
+    from tests.support.cli import run as run_cli  # it imports gateway.entry, as a CLI would
+
+    return run_cli(["--config", str(cfg), "rules", "check"])

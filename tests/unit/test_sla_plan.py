@@ -3,8 +3,6 @@ what a notice may promise, and which hours of a policy nobody covers."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -273,22 +271,10 @@ hours = { sat-sun = "10:00-16:00" }
 def test_shipped_rules_check_clean(tmp_path: Path) -> None:
     config = tmp_path / "config.toml"
     config.write_text(f'rules_dir = "{REPO / "rules"}"\n')
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "gateway",
-            "--config",
-            str(config),
-            "rules",
-            "check",
-            "--at",
-            "2026-12-03T00:00:00Z",
-        ],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
+    from tests.support.cli import run as run_cli
+
+    out = run_cli(
+        ["--config", str(config), "rules", "check", "--at", "2026-12-03T00:00:00Z"], cwd=REPO
     )
     assert out.returncode == 0, out.stdout + out.stderr
     assert "warning" not in out.stdout
