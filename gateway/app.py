@@ -29,6 +29,7 @@ from gateway import alerts
 from gateway.clock import Clock, SystemClock
 from gateway.escalation.escalator import Escalator
 from gateway.factories import build_resolver, build_spool
+from gateway.heap import freeze_startup_heap
 from gateway.http import AdminHttp
 from gateway.inbound.smtp import ConnectionLimits, InboundHandler, make_tls_context, start_server
 from gateway.letters.brands import brand_domains
@@ -327,6 +328,8 @@ class Gateway:
 
         # The pipeline runs in its own process (its own core) unless configured otherwise;
         # a clock cannot cross a process boundary, so with an injected clock it stays here.
+        # The process is started once both ports are bound: a port in use fails the start at
+        # once, before a child is spawned.
         if workers and self.settings.pipeline.process and isinstance(self.clock, SystemClock):
             self.pipeline_process = PipelineProcess(
                 {
@@ -338,7 +341,6 @@ class Gateway:
                 on_give_up=self._pipeline_down,
                 on_tally=self.child_tally.update,
             )
-            self.pipeline_process.start()
             self.spool.on_commit = self.pipeline_process.wake
         else:
 
@@ -347,50 +349,12 @@ class Gateway:
 
             self.spool.on_commit = wake
         self.spool.start_writer()
-        s = self.settings.smtp
-        self.handler = InboundHandler(
-            spool=self.spool,
-            # Mail to a brand's address (and replies to its tokens) is ours too (docs/decisions.md
-            # D17).
-            domains=[*s.domains, *sorted(brand_domains(self.rules.current))],
-            hostname=s.hostname,
-            clock=self.clock,
-            max_recipients=s.max_recipients,
-            max_messages_per_connection=s.max_messages_per_connection,
-            inflight_budget=s.inflight_budget,
-        )
-        tls = make_tls_context(s.tls_cert, s.tls_key) if s.tls_cert and s.tls_key else None
-        host, port = self.settings.listen
-        try:
-            self.server = await start_server(
-                self.handler,
-                host=host,
-                port=port,
-                hostname=s.hostname,
-                receive_limit=s.receive_limit,
-                limits=ConnectionLimits(s.max_connections, s.max_connections_per_ip),
-                timeout=s.timeout,
-                tls_context=tls,
-                max_session_time=s.max_session_time,
-                max_idle_commands=s.max_idle_commands,
-            )
-        except OSError as exc:
-            await self._abort_start()
-            raise _bind_error("smtp.listen", s.listen, exc) from None
-        self.port = self.server.sockets[0].getsockname()[1]
-        http_addr = self.settings.http_listen
-        if http_addr is not None:
-            self.http = AdminHttp(
-                registry=self.registry, ready=self._ready, status=self.daemon_status
-            )
-            try:
-                await self.http.start(*http_addr)
-            except OSError as exc:
-                self.server.close()
-                await self._abort_start()
-                raise _bind_error("http.listen", self.settings.http.listen, exc) from None
-            self.http_port = self.http.port
-            log.info("metrics and health on http://%s:%s/metrics", http_addr[0], self.http_port)
+        server = await self._bind()
+        if self.pipeline_process is not None:
+            self.pipeline_process.start()
+        await server.start_serving()
+        if self.http is not None and self.http.server is not None:
+            await self.http.server.start_serving()
         if workers:
             if self.pipeline_process is not None:
                 pipeline = self.pipeline_process.supervise(self.stopping, self._recover_crashed)
@@ -419,7 +383,59 @@ class Gateway:
                     self.bundler.run(self.stopping, self.bundler_wakeup), name="bundle"
                 ),
             ]
-        log.info("listening on %s:%s for %s", host, self.port, ", ".join(s.domains))
+        host = self.settings.listen[0]
+        domains = ", ".join(self.settings.smtp.domains)
+        log.info("listening on %s:%s for %s", host, self.port, domains)
+
+    async def _bind(self) -> asyncio.Server:
+        """Bind the SMTP port and the admin HTTP port without accepting yet; a port that
+        cannot be bound undoes the start and raises ListenError naming its key."""
+        s = self.settings.smtp
+        self.handler = InboundHandler(
+            spool=self.spool,
+            # Mail to a brand's address (and replies to its tokens) is ours too (docs/decisions.md
+            # D17).
+            domains=[*s.domains, *sorted(brand_domains(self.rules.current))],
+            hostname=s.hostname,
+            clock=self.clock,
+            max_recipients=s.max_recipients,
+            max_messages_per_connection=s.max_messages_per_connection,
+            inflight_budget=s.inflight_budget,
+        )
+        tls = make_tls_context(s.tls_cert, s.tls_key) if s.tls_cert and s.tls_key else None
+        host, port = self.settings.listen
+        try:
+            self.server = await start_server(
+                self.handler,
+                host=host,
+                port=port,
+                hostname=s.hostname,
+                receive_limit=s.receive_limit,
+                limits=ConnectionLimits(s.max_connections, s.max_connections_per_ip),
+                timeout=s.timeout,
+                tls_context=tls,
+                max_session_time=s.max_session_time,
+                max_idle_commands=s.max_idle_commands,
+                start_serving=False,
+            )
+        except OSError as exc:
+            await self._abort_start()
+            raise _bind_error("smtp.listen", s.listen, exc) from None
+        self.port = self.server.sockets[0].getsockname()[1]
+        http_addr = self.settings.http_listen
+        if http_addr is not None:
+            self.http = AdminHttp(
+                registry=self.registry, ready=self._ready, status=self.daemon_status
+            )
+            try:
+                await self.http.start(*http_addr, start_serving=False)
+            except OSError as exc:
+                self.server.close()
+                await self._abort_start()
+                raise _bind_error("http.listen", self.settings.http.listen, exc) from None
+            self.http_port = self.http.port
+            log.info("metrics and health on http://%s:%s/metrics", http_addr[0], self.http_port)
+        return self.server
 
     async def _abort_start(self) -> None:
         """A listener could not bind: undo what start() began, then the caller raises."""
@@ -513,6 +529,7 @@ async def serve(settings: Settings) -> int:
     os.umask(0o077)
     gw = Gateway(settings)
     await gw.start()
+    freeze_startup_heap()  # full collections no longer walk it: no 100+ ms loop stalls
     loop = asyncio.get_running_loop()
     done = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, done.set)

@@ -49,8 +49,10 @@ class AdminHttp:
         self.server: asyncio.Server | None = None
         self.port: int | None = None
 
-    async def start(self, host: str, port: int) -> None:
-        self.server = await asyncio.start_server(self._client, host=host, port=port)
+    async def start(self, host: str, port: int, *, start_serving: bool = True) -> None:
+        self.server = await asyncio.start_server(
+            self._client, host=host, port=port, start_serving=start_serving
+        )
         self.port = self.server.sockets[0].getsockname()[1]
 
     async def stop(self) -> None:

@@ -740,8 +740,11 @@ async def start_server(
     tls_context: ssl.SSLContext | None = None,
     max_session_time: float = 1800.0,
     max_idle_commands: int = 50,
+    start_serving: bool = True,
 ) -> asyncio.Server:
-    """Listen on the running loop (not aiosmtpd's threaded Controller)."""
+    """Listen on the running loop (not aiosmtpd's threaded Controller). With
+    ``start_serving=False`` the port is bound but no connection is accepted until
+    ``server.start_serving()``."""
     loop = asyncio.get_running_loop()
 
     def factory() -> GatewaySMTP:
@@ -761,4 +764,6 @@ async def start_server(
             loop=loop,
         )
 
-    return await loop.create_server(factory, host=host, port=port, reuse_address=True)
+    return await loop.create_server(
+        factory, host=host, port=port, reuse_address=True, start_serving=start_serving
+    )
