@@ -170,6 +170,9 @@ def child_main(
     worker.on_batch_committed = ship
     wake, reload, stop = Event(), Event(), Event()
     Thread(target=_listen, args=(control, wake, reload, stop), daemon=True).start()
+    from gateway.heap import freeze_startup_heap
+
+    freeze_startup_heap()  # gateway/heap.py: full collections skip the start-up heap
     try:
         while not stop.is_set() and os.getppid() == parent:
             if reload.is_set():
