@@ -528,13 +528,15 @@ async def serve(settings: Settings) -> int:
     # the same; outside systemd nothing did).
     os.umask(0o077)
     gw = Gateway(settings)
-    await gw.start()
-    freeze_startup_heap()  # full collections no longer walk it: no 100+ ms loop stalls
     loop = asyncio.get_running_loop()
     done = asyncio.Event()
+    # Before start(): a signal that arrives while it runs, or right after "listening on" is
+    # logged, is handled once the loop is free, never by the default action (SIGHUP kills).
     loop.add_signal_handler(signal.SIGTERM, done.set)
     loop.add_signal_handler(signal.SIGINT, done.set)
     loop.add_signal_handler(signal.SIGHUP, _reload, gw)
+    await gw.start()
+    freeze_startup_heap()  # full collections no longer walk it: no 100+ ms loop stalls
     sd_notify(f"READY=1\nSTATUS=listening on port {gw.port}")
     interval = watchdog_interval()
     # Pings go on while stopping: draining may take up to TimeoutStopSec.
