@@ -12,6 +12,7 @@ import email.policy
 from pathlib import Path
 
 import aiosmtplib
+import pytest
 from sqlmodel import Session, col, func, select
 
 from gateway.clock import FrozenClock
@@ -19,6 +20,8 @@ from gateway.pipeline.bounce import parse_bounce
 from gateway.settings import Settings
 from gateway.store.models import Event, Message, Outbox
 from tests.support.gateway import all_tickets, make_mail, running_gateway, send, ticket_json
+
+pytestmark = pytest.mark.slow
 
 CORPUS = Path(__file__).parents[1] / "data" / "bounces-sisimai" / "maildir" / "bsd"
 

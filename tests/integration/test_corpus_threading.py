@@ -21,9 +21,13 @@ from tests.conftest import make_settings
 from tests.support.corpus import MBOX, THREAD_HTML, evaluate, feed, load_corpus
 from tests.support.gateway import running_gateway
 
-pytestmark = pytest.mark.skipif(
-    not (MBOX.exists() and THREAD_HTML.exists()), reason="threads-fedora-devel corpus not present"
-)
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not (MBOX.exists() and THREAD_HTML.exists()),
+        reason="threads-fedora-devel corpus not present",
+    ),
+]
 
 # Goal 1.0. Measured 226/227. Replies that name an ancestor we never received are linked to
 # the tickets naming the same ancestor (the "ABRT considered painful" thread, whose root

@@ -20,6 +20,8 @@ import pytest
 from tests.support import cli as in_process
 from tests.support.gateway import make_mail
 
+pytestmark = pytest.mark.slow  # a real `serve` per test
+
 RULES = Path(__file__).parents[1] / "support" / "rules"
 
 

@@ -18,9 +18,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from sqlalchemy.engine import Engine
 
 from tests.support.simweek import run_week
+
+pytestmark = pytest.mark.slow
 
 TICKETS = 120
 PG_TICKETS = 60

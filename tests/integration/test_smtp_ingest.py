@@ -50,6 +50,7 @@ async def _session(port: int) -> aiosmtplib.SMTP:
     return smtp
 
 
+@pytest.mark.slow
 async def test_500_messages_from_20_concurrent_clients_all_land(
     settings: Settings, clock: FrozenClock
 ) -> None:
