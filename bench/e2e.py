@@ -130,10 +130,16 @@ class Sink:
         self.signed: dict[str, bool] = {}
         self.samples: list[bytes] = []
         self.due_arrived: float | None = None  # wall time the due ticket's first mail came
+        self.mails = 0  # every mail the relay took
+        self.sessions = 0  # SMTP sessions that carried at least one of them
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
         now = time.monotonic()
         data = bytes(envelope.content)
+        self.mails += 1
+        if not getattr(session, "carried_mail", False):
+            session.carried_mail = True
+            self.sessions += 1
         if self.due_arrived is None and DUE_REF.encode() in data:
             self.due_arrived = time.time()
         for address in envelope.rcpt_tos:
@@ -348,6 +354,7 @@ def run(args: argparse.Namespace, open_tickets: int, db_url: str, tmp: Path) -> 
         sampler.start()
         for rate in args.rates:
             sampler.reset()
+            mails, sessions = sink.mails, sink.sessions
             tag = f"{open_tickets}x{rate}"
             results = asyncio.run(load(port, rate, args.duration, tag))
             stop = time.monotonic()
@@ -370,6 +377,11 @@ def run(args: argparse.Namespace, open_tickets: int, db_url: str, tmp: Path) -> 
                 f"| {sampler.peak / MiB:.0f} MB | {sampler.child_peak / MiB:.0f} MB |"
             )
             print(lines[-1], flush=True)
+            print(
+                f"  relay: {sink.mails - mails:,} mails over {sink.sessions - sessions:,}"
+                " new SMTP sessions",
+                flush=True,
+            )
             time.sleep(1.0)
         sampler.stop.set()
         if open_tickets:

@@ -16,7 +16,8 @@ rules below are written once:
 
 No ``Precedence`` header: RFC 3834 §3.1.8 discourages it on auto-replies. Nothing here
 signs: DKIM is applied last, by the delivery worker, after every header is final
-(docs/design.md §6).
+(docs/design.md §6). Letters are composed as :class:`gateway.letters.mime.Draft`: the bytes
+``email.message`` would write with the SMTP policy, without its cost (docs/performance.md §5).
 """
 
 from __future__ import annotations
@@ -24,10 +25,10 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from email.message import EmailMessage
-from email.policy import SMTP
 from email.utils import format_datetime, formataddr
 from typing import TYPE_CHECKING
+
+from gateway.letters.mime import Draft
 
 if TYPE_CHECKING:
     from gateway.letters.brands import Identity
@@ -64,14 +65,14 @@ BY_A_PERSON = "no"
 MAX_REFERENCES = 10
 
 
-def new_message() -> EmailMessage:
-    """An empty message with the SMTP policy (CRLF line endings)."""
-    return EmailMessage(policy=SMTP)
+def new_message() -> Draft:
+    """An empty letter (written as the SMTP policy writes it: CRLF line endings)."""
+    return Draft()
 
 
-def as_bytes(msg: EmailMessage) -> bytes:
+def as_bytes(msg: Draft) -> bytes:
     """The RFC 5322 bytes of ``msg`` (CRLF line endings)."""
-    return msg.as_bytes(policy=SMTP)
+    return msg.as_bytes()
 
 
 def clean_subject(subject: str | None) -> str:
@@ -115,7 +116,7 @@ def trim_references(parent: str | None, references: Sequence[str] = ()) -> str:
     return " ".join([*earlier[-MAX_REFERENCES:], parent])
 
 
-def set_thread(msg: EmailMessage, parent: str | None, references: Sequence[str] = ()) -> None:
+def set_thread(msg: Draft, parent: str | None, references: Sequence[str] = ()) -> None:
     """``In-Reply-To`` and ``References`` naming ``parent`` (RFC 3834 §3.1.5); nothing
     without a parent."""
     if not parent:
@@ -124,7 +125,7 @@ def set_thread(msg: EmailMessage, parent: str | None, references: Sequence[str] 
     msg["References"] = trim_references(parent, references)
 
 
-def set_automatic(msg: EmailMessage, auto_submitted: str, loop: str) -> None:
+def set_automatic(msg: Draft, auto_submitted: str, loop: str) -> None:
     """``Auto-Submitted``, ``X-Auto-Response-Suppress`` and our loop header (``loop``: the
     installation id, ``Signer.installation_id()``; docs/design.md §3 rule 6)."""
     msg["Auto-Submitted"] = auto_submitted  # RFC 3834 §5
@@ -133,7 +134,7 @@ def set_automatic(msg: EmailMessage, auto_submitted: str, loop: str) -> None:
 
 
 def set_base(
-    msg: EmailMessage,
+    msg: Draft,
     *,
     from_header: str,
     to: str,

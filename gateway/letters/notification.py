@@ -15,12 +15,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from email.message import EmailMessage
 from typing import TYPE_CHECKING
 
 from gateway.letters import headers, i18n
 from gateway.letters import templates as letters
 from gateway.letters.facts import isoz, when
+from gateway.letters.mime import Draft
 from gateway.letters.templates import Letter
 from gateway.security.tokens import Signer
 
@@ -48,12 +48,13 @@ class Part:
     data: bytes
 
 
-def add_parts(msg: EmailMessage, parts: Sequence[Part]) -> None:
+def add_parts(msg: Draft, parts: Sequence[Part]) -> None:
     """Attach ``parts`` to ``msg`` (which already has its text body)."""
     for part in parts:
         maintype, _, subtype = part.content_type.partition("/")
-        if maintype == "text":
-            # Keep the bytes as they came (charset unknown here): attach as octets.
+        if maintype.lower() in ("text", "message", "multipart"):
+            # Keep the bytes as they came (charset unknown here): attach as octets. A message
+            # or multipart may not be base64 encoded (RFC 2046 §5.1, §5.2).
             maintype, subtype = "application", "octet-stream"
         msg.add_attachment(
             part.data,

@@ -24,6 +24,12 @@ TLS, `starttls=`:
   plaintext rather than not at all.
 - "required": STARTTLS with certificate and host name verification, or a temporary failure.
 - "never": plaintext (loopback relays).
+
+Connections, `pool=`: with a :class:`gateway.outbound.pool.ConnectionPool`, a connection
+whose transaction ended in 250 is kept for the next mail to the same server, which then
+starts with MAIL FROM (RFC 5321 §3.3). If a kept connection turns out closed, or the server
+answers 421 (closing the channel, §3.8), before it took the mail, that mail goes out at once
+on a fresh connection; every other outcome is what a fresh connection would have given.
 """
 
 from __future__ import annotations
@@ -42,6 +48,8 @@ import dns.asyncresolver
 import dns.exception
 import dns.name
 import dns.resolver
+
+from gateway.outbound.pool import ConnectionPool, ServerKey, quit_quietly
 
 SENT = "sent"
 # RFC 5321 §4.1.2: no C0 control or DEL is valid in a mailbox (the SMTP edge refuses them
@@ -171,12 +179,14 @@ async def deliver(
     resolver: MxResolver | None = None,
     starttls: str = "opportunistic",
     port: int = 25,
+    pool: ConnectionPool | None = None,
 ) -> DeliveryResult:
     """Send `message` from `mail_from` ("" = null sender) to `recipients`.
 
     With `relay=(host, port)` everything goes to that smarthost in one transaction.
     With `relay=None`, recipients are grouped by domain and each group is sent to its
     domain's MX hosts in preference order, on `port` (25; tests point it elsewhere).
+    With `pool`, connections are taken from it and given back (module docstring).
     """
     try:
         if starttls not in STARTTLS_MODES:
@@ -194,7 +204,7 @@ async def deliver(
             return DeliveryResult(
                 PERMANENT, 553, f"5.1.3 {bad!r}: control character in an envelope address"
             )
-        session = _Session(message, mail_from, helo, timeout, starttls)
+        session = _Session(message, mail_from, helo, timeout, starttls, pool)
         if relay is not None:
             return await session.attempt(relay[0], relay[1], list(recipients))
         return await _deliver_mx(session, recipients, resolver or DnsMxResolver(), port)
@@ -291,27 +301,77 @@ class _Session:
     """The parameters of one delivery, applied to each host tried."""
 
     def __init__(
-        self, message: bytes, mail_from: str, helo: str, timeout: float, starttls: str
+        self,
+        message: bytes,
+        mail_from: str,
+        helo: str,
+        timeout: float,
+        starttls: str,
+        pool: ConnectionPool | None = None,
     ) -> None:
         self.message = message
         self.mail_from = mail_from
         self.helo = helo
         self.timeout = timeout
         self.starttls = starttls
+        self.pool = pool
 
     async def attempt(self, host: str, port: int, rcpts: list[str]) -> DeliveryResult:
         """One SMTP session with host:port. Opportunistic TLS falls back to plaintext."""
+        key: ServerKey = (host, port, self.helo, self.starttls, self.timeout)
+        if self.pool is not None:
+            smtp = self.pool.take(key)
+            if smtp is not None:
+                result = await self._reuse(key, smtp, rcpts)
+                if result is not None:
+                    return result
+                # The kept connection was gone (or closing): this mail on a fresh one.
         result, tls_failed = await self._attempt(
-            host, port, rcpts, use_tls=self.starttls != "never"
+            host, port, rcpts, use_tls=self.starttls != "never", key=key
         )
         if tls_failed and self.starttls == "opportunistic":
-            # Postfix "may" level: a failed handshake is retried in plaintext.
+            # Postfix "may" level: a failed handshake is retried in plaintext. Such a
+            # connection is not kept: the next mail tries TLS again.
             result, _ = await self._attempt(host, port, rcpts, use_tls=False)
         return result
 
+    async def _reuse(
+        self, key: ServerKey, smtp: aiosmtplib.SMTP, rcpts: list[str]
+    ) -> DeliveryResult | None:
+        """The transaction on a kept connection; None when the connection was found closed
+        or closing (421) before the server took the mail: then nothing was delivered."""
+        assert self.pool is not None
+        keep = False
+        try:
+            result = await self._transaction(smtp, rcpts)
+            closing = result.refused and {c for c, _ in result.refused.values()} == {421}
+            if result.outcome != SENT and closing:
+                return None  # every recipient refused with 421: the server is closing
+            keep = result.outcome == SENT
+            return result
+        except aiosmtplib.SMTPResponseException as exc:
+            return None if exc.code == 421 else _reply_result(exc.code, exc.message)
+        except (aiosmtplib.SMTPServerDisconnected, ConnectionError):
+            return None
+        except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+            return DeliveryResult(TEMPORARY, None, _describe(key[0], key[1], exc))
+        finally:
+            if keep:
+                self.pool.give_back(key, smtp)
+            else:
+                await quit_quietly(smtp)
+
     async def _attempt(
-        self, host: str, port: int, rcpts: list[str], *, use_tls: bool
+        self,
+        host: str,
+        port: int,
+        rcpts: list[str],
+        *,
+        use_tls: bool,
+        key: ServerKey | None = None,
     ) -> tuple[DeliveryResult, bool]:
+        """A fresh connection; with ``key`` (and a pool) it is kept after a 250."""
+        keep = False
         smtp = aiosmtplib.SMTP(
             hostname=host,
             port=port,
@@ -323,6 +383,8 @@ class _Session:
         try:
             try:
                 await smtp.connect()
+                if self.pool is not None:
+                    self.pool.opened += 1
                 await self._ehlo(smtp)
             except aiosmtplib.SMTPResponseException as exc:
                 return _reply_result(exc.code, exc.message), False
@@ -330,14 +392,19 @@ class _Session:
                 tls_error = await self._starttls(smtp)
                 if tls_error is not None:
                     return tls_error, True
-            return await self._transaction(smtp, rcpts), False
+            result = await self._transaction(smtp, rcpts)
+            keep = key is not None and result.outcome == SENT
+            return result, False
         except aiosmtplib.SMTPResponseException as exc:
             return _reply_result(exc.code, exc.message), False
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
             # Connection refused, reset, timed out, TLS trouble: all "try later".
             return DeliveryResult(TEMPORARY, None, _describe(host, port, exc)), False
         finally:
-            await _close(smtp)
+            if keep and self.pool is not None and key is not None:
+                self.pool.give_back(key, smtp)
+            else:
+                await _close(smtp)
 
     async def _ehlo(self, smtp: aiosmtplib.SMTP) -> None:
         try:

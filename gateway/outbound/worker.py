@@ -58,6 +58,7 @@ from gateway.outbound import retry
 from gateway.outbound.brandkeys import BrandKeys
 from gateway.outbound.deliver import PERMANENT, SENT, DeliveryResult, deliver
 from gateway.outbound.dkim import DkimKey, load_key, sign
+from gateway.outbound.pool import ConnectionPool
 from gateway.routing.holder import RulesHolder
 from gateway.routing.model import Rules
 from gateway.security.tokens import Signer
@@ -245,8 +246,11 @@ class DeliveryWorker:
             rules = lambda: holder.current  # noqa: E731
         self.rules: Callable[[], Rules] = rules
         self.batch = batch
-        #: Deliveries in flight at once (each its own relay connection).
+        #: Deliveries in flight at once (each on its own relay connection).
         self.parallel = DELIVERY_PARALLEL
+        #: Relay connections kept between mails (gateway/outbound/pool.py): one for the whole
+        #: of `run()`, else one per `run_once()` pass.
+        self.pool: ConnectionPool | None = None
         self.keys = load_keys(settings)  # loaded once; a bad key fails at start, loudly
         self.brand_keys = BrandKeys(self.rules)  # a brand's From is signed with its key
         self.wakeup = asyncio.Event()
@@ -392,6 +396,7 @@ class DeliveryWorker:
             item.rcpt_tos,
             relay=self.settings.relay,
             helo=self.settings.smtp.hostname,
+            pool=self.pool,
         )
         return result, signed
 
@@ -550,7 +555,20 @@ class DeliveryWorker:
     # -- loops -------------------------------------------------------------------------
 
     async def run_once(self) -> int:
-        """Deliver everything due now (including notices queued meanwhile); return count."""
+        """Deliver everything due now (including notices queued meanwhile); return count.
+
+        Outside `run()` the pass keeps relay connections for its own mails and closes them
+        (QUIT) before it returns."""
+        if self.pool is not None:
+            return await self._run_once()
+        pool = self.pool = ConnectionPool(per_server=self.parallel)
+        try:
+            return await self._run_once()
+        finally:
+            self.pool = None
+            await pool.close()
+
+    async def _run_once(self) -> int:
         done = 0
         gate = asyncio.Semaphore(self.parallel)
 
@@ -623,6 +641,15 @@ class DeliveryWorker:
         """Until `stopping`: deliver what is due, then sleep until the next due time or
         until `wakeup` is set (a stage queued mail). Never a fixed coarse poll."""
         wake = wakeup or self.wakeup
+        pool = self.pool = ConnectionPool(per_server=self.parallel)
+        try:
+            await self._run(stopping, wake)
+        finally:
+            # Shutdown: QUIT the kept relay connections (docs/design.md §6).
+            self.pool = None
+            await pool.close()
+
+    async def _run(self, stopping: asyncio.Event, wake: asyncio.Event) -> None:
         # First take back what this node's previous run left in `sending`.
         while not stopping.is_set():
             try:

@@ -14,7 +14,9 @@ and can be told to fail:
                                              # after the message was captured
         relay.rcpt_delay = 3.0               # ... or each RCPT is answered 3 s late
         await relay.stop(); await relay.start()   # relay down / up, same port
+        await relay.drop_connections()       # close every open session, keep listening
         [msg] = await relay.wait_for(1)
+        relay.connections_seen, relay.quits  # sessions opened, QUITs answered
 
 Like a real MTA it accepts the null reverse-path `MAIL FROM:<>` (RFC 5321 §4.5.5), long
 lines (up to 1 MiB, beyond the RFC's 1000 because real mail has them) and SMTPUTF8
@@ -182,6 +184,10 @@ class _Handler:
         envelope.rcpt_options.extend(rcpt_options)
         return "250 2.1.5 OK"
 
+    async def handle_QUIT(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        self._relay.quits += 1
+        return "221 2.0.0 Bye"
+
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         rule = self._relay._take("DATA")
         if rule is not None:
@@ -224,6 +230,7 @@ class CaptureRelay:
         self.messages: list[Captured] = []
         self.rejected: list[Rejected] = []
         self.connections_seen = 0
+        self.quits = 0
         #: Seconds between capturing a message and answering 250 (a slow relay).
         self.data_delay = 0.0
         #: Seconds before each RCPT is answered (a relay stalling before DATA).
@@ -314,6 +321,21 @@ class CaptureRelay:
             if proto._timeout_handle is not None:
                 proto._timeout_handle.cancel()
             self._connections.discard(proto)
+
+    async def drop_connections(self) -> None:
+        """Close every open client connection, still listening: what a relay's idle timeout
+        (or a restart behind a load balancer) does to a client's kept connection."""
+        protos = list(self._connections)
+        for proto in protos:
+            if proto.transport is not None:
+                proto.transport.close()
+        async with asyncio.timeout(10.0):
+            await asyncio.gather(*(p.lost.wait() for p in protos))
+
+    @property
+    def open_connections(self) -> int:
+        """Client connections open now."""
+        return len(self._connections)
 
     # -- failure injection ------------------------------------------------------------
 
