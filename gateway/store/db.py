@@ -11,15 +11,16 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from alembic import command
-from alembic.config import Config
 from sqlalchemy import event
 from sqlalchemy.engine import Engine, make_url
 from sqlmodel import Session, create_engine
 
 from gateway.store import plan_marks  # noqa: F401  (registers the escalate_at hooks)
+
+if TYPE_CHECKING:
+    from alembic.config import Config
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 
@@ -87,6 +88,10 @@ def is_postgres(engine: Engine) -> bool:
 
 
 def alembic_config(engine: Engine) -> Config:
+    # Imported here: Alembic (with Mako and Pygments) costs every process ~0.1 s to import,
+    # and only `serve`, `process` and `db upgrade` migrate; the pipeline process never does.
+    from alembic.config import Config
+
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS))
     cfg.attributes["engine"] = engine
@@ -108,6 +113,8 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
     is released explicitly, or by PostgreSQL when the connection ends (a node killed
     mid-upgrade does not leave it held).
     """
+    from alembic import command
+
     if not is_postgres(engine):
         command.upgrade(alembic_config(engine), revision)
         return
