@@ -12,7 +12,7 @@ docs/templates.md): the subject, the "now held by" letter and the footer are
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING
@@ -35,16 +35,31 @@ __all__ = ["Entry", "compose_handover_letter", "compose_previous_holder_letter"]
 
 @dataclass(frozen=True)
 class Entry:
-    """One message of the history, ready to print."""
+    """One message of the history: how it is marked (the ``label_<kind>`` phrase of
+    handover.en.txt, with ``facts`` such as its author), its subject, text and files."""
 
     at: datetime
-    label: str  # e.g. "STAFF ANSWER by Alice Martin (sent to the customer)"
+    kind: str  # customer, staff_answer, note, note_commands, commands, notice, ack, ...
+    facts: Mapping[str, str]
     subject: str
     text: str | None  # None: shown as one line
     parts: tuple[Part, ...] = field(default=())
 
 
-def _files(entries: Sequence[Entry], limit: int) -> tuple[list[Part], dict[int, list[str]]]:
+#: Facts that may be empty, and the phrase said instead.
+_UNKNOWN = {"who": "unknown_sender", "author": "unknown_author"}
+
+
+def _label(letter: Letter, entry: Entry) -> str:
+    facts = {
+        k: (v or letter.phrase(_UNKNOWN[k]) if k in _UNKNOWN else v) for k, v in entry.facts.items()
+    }
+    return letter.phrase(f"label_{entry.kind}", **facts)
+
+
+def _files(
+    letter: Letter, entries: Sequence[Entry], limit: int
+) -> tuple[list[Part], dict[int, list[str]]]:
     """Each distinct file once (by content), attached while the total stays within `limit`;
     returns what to attach and, per entry index, the lines describing its files."""
     first_seen: dict[str, int] = {}
@@ -55,17 +70,20 @@ def _files(entries: Sequence[Entry], limit: int) -> tuple[list[Part], dict[int, 
         for part in entry.parts:
             digest = hashlib.sha256(part.data).hexdigest()
             size = describe_size(len(part.data))
+            name = part.filename
             if digest in first_seen:
-                how = f"same file as in message {first_seen[digest] + 1}, attached once"
+                n = first_seen[digest] + 1
+                line = letter.phrase("file_same", name=name, size=size, n=n)
             elif total + len(part.data) <= limit:
                 first_seen[digest] = i
                 attach.append(part)
                 total += len(part.data)
-                how = "attached below"
+                line = letter.phrase("file_attached", name=name, size=size)
             else:
                 first_seen[digest] = i
-                how = f"NOT attached (over {describe_size(limit)} in all; stored in the ticket)"
-            lines.setdefault(i, []).append(f"  - {part.filename} ({size}), {how}")
+                limit_text = describe_size(limit)
+                line = letter.phrase("file_not_attached", name=name, size=size, limit=limit_text)
+            lines.setdefault(i, []).append(line)
     return attach, lines
 
 
@@ -94,23 +112,28 @@ def compose_handover_letter(
     assert ticket.id is not None
     local, domain = headers.split_address(from_address)
     message_id = signer.message_id(hostname, ticket.id, "handover")
-    was = f" (was {previous_holder.name})" if previous_holder else ""
-    if previous_holder is not None and previous_holder.id == new_holder.id:
-        was = ""
-    attach, file_lines = _files(entries, attachment_limit)
-    blocks: list[str] = []
-    for i, e in enumerate(entries):
-        head = f"===== {i + 1} of {len(entries)} · {isoz(e.at)} · {e.label} ====="
-        if e.text is None:
-            blocks.append(f"{head}\nSubject: {e.subject or '(no subject)'}")
-            continue
-        body = f"{head}\nSubject: {e.subject or '(no subject)'}\n\n{e.text or '(no text)'}"
-        if i in file_lines:
-            body += "\n\nFiles:\n" + "\n".join(file_lines[i])
-        blocks.append(body)
-    distinct = len({hashlib.sha256(p.data).digest() for e in entries for p in e.parts})
     letter = letter or letters.load("handover")
     staff = staff or letters.load("staff")
+    was = ""
+    if previous_holder is not None and previous_holder.id != new_holder.id:
+        was = letter.phrase("was", name=previous_holder.name)
+    attach, file_lines = _files(letter, entries, attachment_limit)
+    blocks: list[str] = []
+    for i, e in enumerate(entries):
+        head = letter.phrase(
+            "entry_head", n=i + 1, total=len(entries), at=isoz(e.at), label=_label(letter, e)
+        )
+        subject_line = letter.phrase(
+            "entry_subject", subject=e.subject or letter.phrase("no_subject")
+        )
+        if e.text is None:
+            blocks.append(f"{head}\n{subject_line}")
+            continue
+        body = f"{head}\n{subject_line}\n\n{e.text or letter.phrase('entry_no_text')}"
+        if i in file_lines:
+            body += "\n\n" + letter.phrase("entry_files") + "\n" + "\n".join(file_lines[i])
+        blocks.append(body)
+    distinct = len({hashlib.sha256(p.data).digest() for e in entries for p in e.parts})
     n = len(entries)
     facts = {
         "reason": reason.strip(),
@@ -119,10 +142,10 @@ def compose_handover_letter(
         "status": ticket.status,
         "subject": ticket.subject,
         "requester": ticket.requester,
-        "owner": f"{new_holder.name} <{new_holder.email}>{was}",
+        "owner": f"{new_holder.name} <{new_holder.email}>" + (f" {was}" if was else ""),
         "queue": ticket.queue,
         "priority": ticket.priority,
-        "deadlines": "\n".join(deadline_lines(ticket, calendar)),
+        "deadlines": "\n".join(deadline_lines(ticket, calendar, staff)),
         "messages": letter.phrase("one_message") if n == 1 else letter.phrase("messages", count=n),
         "distinct": str(distinct),
         "attached": str(len(attach)),

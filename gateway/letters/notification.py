@@ -35,7 +35,6 @@ __all__ = [
     "compose_notification",
     "compose_owner_notification",
     "deadline_lines",
-    "summary_lines",
 ]
 
 
@@ -64,31 +63,19 @@ def add_parts(msg: Draft, parts: Sequence[Part]) -> None:
         )
 
 
-def deadline_lines(ticket: Ticket, calendar: BusinessCalendar | None) -> list[str]:
-    """The running deadlines as STORED on the ticket (what the escalator enforces)."""
+def deadline_lines(ticket: Ticket, calendar: BusinessCalendar | None, staff: Letter) -> list[str]:
+    """The running deadlines as STORED on the ticket (what the escalator enforces), in the
+    words of ``staff`` (staff.en.txt)."""
     lines: list[str] = []
     if ticket.status == "waiting":
-        lines.append("Deadlines:  paused, waiting on the customer")
+        lines.append(staff.phrase("deadlines_paused"))
     if ticket.first_response_due is not None and ticket.first_responded_at is None:
-        lines.append(f"First response due: {when(ticket.first_response_due, calendar)}")
+        lines.append(staff.phrase("due_first", when=when(ticket.first_response_due, calendar)))
     if ticket.next_response_due is not None:
-        lines.append(f"Next response due:  {when(ticket.next_response_due, calendar)}")
+        lines.append(staff.phrase("due_next", when=when(ticket.next_response_due, calendar)))
     if ticket.resolution_due is not None and ticket.status != "closed":
-        lines.append(f"Resolution due:     {when(ticket.resolution_due, calendar)}")
-    return lines or ["Deadlines:  none running"]
-
-
-def summary_lines(ticket: Ticket, owner: str, calendar: BusinessCalendar | None) -> list[str]:
-    """The ticket summary of staff letters (``owner`` as it should be shown)."""
-    return [
-        f"Ticket:     {ticket.ref} ({ticket.status})",
-        f"Subject:    {ticket.subject}",
-        f"Requester:  {ticket.requester}",
-        f"Owner:      {owner}",
-        f"Queue:      {ticket.queue}",
-        f"Priority:   {ticket.priority}",
-        *deadline_lines(ticket, calendar),
-    ]
+        lines.append(staff.phrase("due_resolution", when=when(ticket.resolution_due, calendar)))
+    return lines or [staff.phrase("deadlines_none")]
 
 
 def compose_notification(
@@ -181,7 +168,7 @@ def compose_owner_notification(
     attach = bool(parts) and total <= attachment_limit
     files: list[str] = []
     if parts:
-        noun = "attachment" if len(parts) == 1 else "attachments"
+        noun = letter.phrase("noun_one" if len(parts) == 1 else "noun_many")
         size = i18n.describe_size(total)
         limit = i18n.describe_size(attachment_limit)
         files.append(
@@ -210,10 +197,10 @@ def compose_owner_notification(
         "owner": f"{owner.name} <{owner.email}>",
         "queue": ticket.queue,
         "priority": ticket.priority,
-        "deadlines": "\n".join(deadline_lines(ticket, calendar)),
+        "deadlines": "\n".join(deadline_lines(ticket, calendar, staff)),
         "sender": who,
         "received": isoz(received_at),
-        "message_subject": customer_subject or "(no subject)",
+        "message_subject": customer_subject or letter.phrase("no_subject"),
         "message": customer_text.strip() or letter.phrase("no_text"),
         "files": "\n".join(files),
         "footer": staff.phrase(

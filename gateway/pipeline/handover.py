@@ -71,18 +71,19 @@ __all__ = [
 #: How stored messages are read back (the pipeline's own parse policy: CRLF, modern API).
 _PARSE_POLICY = email.policy.default.clone(linesep="\r\n")
 
-#: Message kinds shown with their full text, and how each is marked.
+#: Message kinds shown with their full text, and the `label_*` phrase that marks each
+#: (gateway/templates/handover.en.txt).
 _FULL = {
-    ("in", "customer"): "CUSTOMER MESSAGE",
-    ("out", "staff_reply"): "STAFF ANSWER",
-    ("in", "note"): "INTERNAL NOTE",
-    ("out", "customer_notice"): "AUTOMATIC NOTICE to the customer",
+    ("in", "customer"): "customer",
+    ("out", "staff_reply"): "staff_answer",
+    ("in", "note"): "note",
+    ("out", "customer_notice"): "notice",
 }
 #: Kinds shown as one line (automatic mail: its text adds nothing a person must read).
 _ONE_LINE = {
-    ("out", "ack"): "AUTOMATIC ACKNOWLEDGEMENT sent to the customer",
-    ("in", "auto_reply"): "AUTOMATIC REPLY received",
-    ("in", "bounce"): "BOUNCE received",
+    ("out", "ack"): "ack",
+    ("in", "auto_reply"): "auto_reply",
+    ("in", "bounce"): "bounce",
 }
 # Left out: ("in", "staff_reply") is the staff mail whose relayed copy ("out", "staff_reply")
 # is shown; notifications, escalations and confirmations are mail between staff.
@@ -96,48 +97,47 @@ def _parse(raw: bytes) -> MimeMessage | None:
 
 
 def _person_name(rules: Rules, address: str) -> str:
+    """The person's name, else the address ("" when there is none: the letter says so)."""
     address = (address or "").lower()
     for person in rules.people.values():
         if person.email.lower() == address:
             return person.name
-    return address or "(unknown sender)"
+    return address
 
 
 def _entry(m: Message, rules: Rules) -> Entry | None:
     key = (m.direction, m.kind)
     at = utc(m.at) or m.at
     if key in _ONE_LINE:
-        who = m.from_address or m.mail_from or "(no sender)"
+        who = m.from_address or m.mail_from or ""
         if m.direction == "out":
-            who = ", ".join(json.loads(m.to or "[]")) or "(nobody)"
-        return Entry(at, f"{_ONE_LINE[key]} ({who})", m.subject, None)
+            who = ", ".join(json.loads(m.to or "[]"))
+        return Entry(at, _ONE_LINE[key], {"who": who}, m.subject, None)
     if key not in _FULL:
         return None
     mime = _parse(m.raw)
     parts = tuple(attachment_parts(mime)) if mime is not None else ()
     text = (m.text or "").strip()
+    facts: dict[str, str] = {}
+    kind = _FULL[key]
     if key == ("in", "customer"):
-        label = f"CUSTOMER MESSAGE from {m.from_address or m.mail_from or '(no sender)'}"
+        facts["who"] = m.from_address or m.mail_from or ""
     elif key == ("out", "staff_reply"):
         # The relayed copy is From "<Person> via <support name>": its author is the person.
         display = parseaddr(str(mime["From"] or ""))[0] if mime is not None else ""
-        author = display.split(" via ", 1)[0] if display else "staff"
-        label = f"STAFF ANSWER by {author} (sent to the customer)"
+        facts["author"] = display.split(" via ", 1)[0] if display else ""
     elif key == ("in", "note"):
-        author = _person_name(rules, m.from_address)
+        facts["author"] = _person_name(rules, m.from_address)
         commands, rest, _errors = parse_commands(text)
         text = strip_quoted(rest).strip()
-        names = " ".join(c.describe() for c in commands if c.name != "note")
+        facts["commands"] = " ".join(c.describe() for c in commands if c.name != "note")
         if not text and not parts:
-            if not names:
+            if not facts["commands"]:
                 return None  # nothing but the quoted notification
-            return Entry(at, f"STAFF COMMANDS by {author}: {names}", m.subject, None)
-        label = f"INTERNAL NOTE by {author} (not sent to the customer)"
-        if names:
-            label += f"; commands {names}"
-    else:
-        label = _FULL[key]
-    return Entry(at, label, m.subject, text, parts)
+            return Entry(at, "commands", facts, m.subject, None)
+        if facts["commands"]:
+            kind = "note_commands"
+    return Entry(at, kind, facts, m.subject, text, parts)
 
 
 def history(session: Session, ticket_id: int, rules: Rules) -> list[Entry]:

@@ -134,3 +134,76 @@ def test_language_choice_order_and_reasons() -> None:
     assert detect(quoted) is None
     assert from_header(["it", "de-AT"]) == "de"
     assert from_header(["it"]) is None
+
+
+def test_staff_letter_wording_comes_from_the_templates(tmp_path: Path) -> None:
+    """The handover pack's markings, file lines and deadline lines are phrases of
+    handover.en.txt and staff.en.txt: an admin's override changes them, the facts stay."""
+    from datetime import UTC, datetime, timedelta
+    from typing import Any
+
+    from gateway.letters.handover import Entry, compose_handover_letter
+    from gateway.letters.notification import Part
+    from gateway.routing.model import Person
+    from gateway.security.tokens import Signer
+
+    now = datetime(2026, 12, 3, 10, 0, tzinfo=UTC)
+    ticket: Any = type(
+        "T",
+        (),
+        dict(
+            id=7, ref="ACME-7", subject="Printer", status="open", requester="pat@customer.example",
+            queue="support", priority="normal", first_response_due=now + timedelta(hours=4),
+            first_responded_at=None, next_response_due=None, resolution_due=None,
+        ),
+    )()  # fmt: skip
+    photo = Part("photo.jpg", "image/jpeg", b"\xff\xd8" * 100)
+    entries = [
+        Entry(now, "customer", {"who": "pat@customer.example"}, "Printer", "It burns.", (photo,)),
+        Entry(now, "note_commands", {"author": "", "commands": "#priority high"}, "", "Look."),
+        Entry(now, "ack", {"who": "pat@customer.example"}, "[ACME-7] Printer", None),
+        Entry(now, "customer", {"who": ""}, "Again", "Same photo.", (photo,)),
+    ]
+
+    def pack(templates: Path | None) -> str:
+        return compose_handover_letter(
+            ticket=ticket,
+            new_holder=Person("bob", "Bob Stone", "bob@example.com"),
+            previous_holder=Person("alice", "Alice Smith", "alice@example.com"),
+            reason="Reassigned.",
+            notes=[],
+            entries=entries,
+            calendar=None,
+            subject="[ACME-7] Handed over to you: Printer",
+            from_address="support@example.com",
+            from_name="Example Support",
+            signer=Signer(b"unit-test-secret-key-0123456789abcdef"),
+            hostname="gw.example.com",
+            now=now,
+            attachment_limit=10**6,
+            letter=load("handover", "en", templates),
+            staff=load("staff", "en", templates),
+        )[3]
+
+    shipped = pack(None)
+    assert "===== 1 of 4 · 2026-12-03T10:00:00Z · CUSTOMER MESSAGE from pat@customer.example" in (
+        shipped
+    )
+    assert "INTERNAL NOTE by staff (not sent to the customer); commands #priority high" in shipped
+    assert "AUTOMATIC ACKNOWLEDGEMENT sent to the customer (pat@customer.example)" in shipped
+    assert "CUSTOMER MESSAGE from (no sender)" in shipped
+    assert "  - photo.jpg (200 bytes), same file as in message 1, attached once" in shipped
+    assert "First response due: 2026-12-03T14:00:00Z" in shipped
+    assert "Bob Stone <bob@example.com> (was Alice Smith)" in shipped
+
+    (tmp_path / "handover.txt").write_text(
+        "=== label_customer ===\nKUNDE $who\n=== file_same ===\n  * $name: wie in Nr. $n\n"
+        "=== was ===\n(vorher $name)\n"
+    )
+    (tmp_path / "staff.txt").write_text("=== due_first ===\nErste Antwort bis $when\n")
+    local = pack(tmp_path)
+    assert "· KUNDE pat@customer.example =====" in local
+    assert "  * photo.jpg: wie in Nr. 1" in local
+    assert "Erste Antwort bis 2026-12-03T14:00:00Z" in local
+    assert "Bob Stone <bob@example.com> (vorher Alice Smith)" in local
+    assert "CUSTOMER MESSAGE" not in local
