@@ -19,7 +19,13 @@ from gateway.escalation.moments import Key, key
 from gateway.letters import escalation as letters
 from gateway.letters.escalation import Facts, StaffLetter, clock_name
 from gateway.letters.i18n import format_local
-from gateway.notices.customer import Broken, notice_text, queue_customer_mail
+from gateway.notices.customer import (
+    Broken,
+    notice_text,
+    promised,
+    queue_customer_mail,
+    responsible,
+)
 from gateway.outbound.worker import notify_owner
 from gateway.pipeline.handover import compose_handover
 from gateway.routing.model import Person, Rules
@@ -362,11 +368,7 @@ class Actions:
             to=ticket.requester,
             person=acting.id,
             message_id=message_id,
-            what=(
-                f"answer from {acting.name} by {isoz(commitment.by)}"
-                if commitment.by is not None
-                else f"{acting.name} stays responsible (no time promised)"
-            ),
+            what=promised(commitment),
             clock=main.clock,
             due=commitment.by,
         )
@@ -388,9 +390,7 @@ class Actions:
             "customer-notice",
             f"told {ticket.requester} that "
             + "; ".join(f"the {clock_name(b.clock)} promise ({isoz(b.due)})" for b in broken)
-            + f" was missed; {acting.name} responsible"
-            + (f"; next answer by {isoz(commitment.by)}" if commitment.by else "; no time promised")
-            + (f"; then {commitment.then.name}" if commitment.then else ""),
+            + f" was missed; {responsible(commitment)}",
             now,
             data={
                 "clock": main.clock,

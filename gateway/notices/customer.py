@@ -25,6 +25,8 @@ from gateway.outbound.worker import enqueue
 from gateway.routing.model import Rules
 from gateway.security.tokens import Signer
 from gateway.settings import Settings
+from gateway.sla.deadlines import isoz
+from gateway.sla.plan import Commitment
 from gateway.store.models import Message, Ticket
 
 __all__ = [
@@ -33,9 +35,27 @@ __all__ = [
     "commitment_text",
     "late_text",
     "notice_text",
+    "promised",
     "queue_customer_mail",
+    "responsible",
     "ticket_letter",
 ]
+
+
+def promised(commitment: Commitment) -> str:
+    """What a notice promises, as its promise row records it (the escalator keeps it)."""
+    who = commitment.person.name
+    if commitment.by is None:
+        return f"{who} stays responsible (no time promised)"
+    return f"answer from {who} by {isoz(commitment.by)}"
+
+
+def responsible(commitment: Commitment) -> str:
+    """The same for the audit trail: who is responsible, and by when if a time was given."""
+    by = commitment.by
+    when = f", next answer by {isoz(by)}" if by is not None else ", no time promised"
+    then = f"; then {commitment.then.name}" if commitment.then else ""
+    return f"{commitment.person.name} responsible{when}{then}"
 
 
 def queue_customer_mail(

@@ -17,7 +17,14 @@ from datetime import datetime
 from sqlmodel import Session
 
 from gateway.letters.brands import identity
-from gateway.notices.customer import Broken, late_text, queue_customer_mail, ticket_letter
+from gateway.notices.customer import (
+    Broken,
+    late_text,
+    promised,
+    queue_customer_mail,
+    responsible,
+    ticket_letter,
+)
 from gateway.routing.model import Rules
 from gateway.security.tokens import Signer
 from gateway.settings import Settings
@@ -139,7 +146,6 @@ def send_late(
     )
     ticket.acknowledged = True
     session.add(ticket)
-    who = commitment.person.name
     promises.record(
         session,
         ticket_id=ticket.id,
@@ -147,11 +153,7 @@ def send_late(
         to=to,
         person=commitment.person.id,
         message_id=message_id,
-        what=(
-            f"answer from {who} by {isoz(commitment.by)}"
-            if commitment.by is not None
-            else f"{who} responsible (no time promised)"
-        ),
+        what=promised(commitment),
         clock=late.clock,
         due=commitment.by,
     )
@@ -160,8 +162,7 @@ def send_late(
         ticket.id,
         "ack-sent",
         f"late-processing message {message_id} queued to {to} instead of an acknowledgement;"
-        f" {who} responsible"
-        + (f", next answer by {isoz(commitment.by)}" if commitment.by else ", no time promised"),
+        f" {responsible(commitment)}",
         late.processed_at,
         message_id=message_row,
     )
