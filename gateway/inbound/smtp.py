@@ -399,7 +399,27 @@ class GatewaySMTP(SMTP):
             self.limits.release(self._peer_ip)
         if self.session is None or self._handler_coroutine is None:
             return  # refused in connection_made: aiosmtpd never started the session
+        task = self._handler_coroutine
         super().connection_lost(error)
+        task.add_done_callback(self._forget)
+
+    #: What refers back to this object once its session is over: aiosmtpd's tables of bound
+    #: methods (``_auth_methods``, ``_smtp_methods``), asyncio's StreamReaderProtocol
+    #: callback (a bound method too), the streams, the task, the session.
+    _CYCLES = (
+        "_auth_methods", "_smtp_methods", "_handle_hooks", "_reader", "_writer",
+        "_handler_coroutine", "_timeout_handle", "session", "envelope", "transport",
+        "_original_transport", "_tls_protocol", "_client_connected_cb",
+    )  # fmt: skip
+
+    def _forget(self, _task: asyncio.Task[None]) -> None:
+        """The session is over: break the reference cycles through this object so that
+        reference counting frees it and its ~130 objects at once. Left to the cyclic
+        collector, every connection's garbage was walked by a collection on the event loop:
+        those walks were the loop's longest stalls (docs/performance.md, bench/loop_stall.py)."""
+        for name in self._CYCLES:
+            if name in self.__dict__:
+                setattr(self, name, None)
 
     def eof_received(self) -> bool | None:
         if self._handler_coroutine is None:

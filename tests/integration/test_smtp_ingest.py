@@ -345,3 +345,32 @@ async def test_null_sender_is_accepted_and_stored_as_empty(
         assert code == 250
         [entry] = gw.spool.claim()
         assert entry.envelope.mail_from == ""
+
+
+async def test_a_finished_session_is_freed_without_the_cycle_collector(
+    settings: Settings, clock: FrozenClock
+) -> None:
+    """docs/performance.md: a session's protocol object held bound methods of itself (and
+    the streams held it), so every connection left ~130 objects for the cyclic collector,
+    whose walks stalled the event loop. With the collector off, closed sessions must be
+    freed by reference counting alone."""
+    import gc
+
+    from gateway.inbound.smtp import GatewaySMTP
+
+    def alive() -> int:
+        return sum(1 for o in gc.get_objects() if isinstance(o, GatewaySMTP))
+
+    async with running_gateway(settings, clock) as gw:
+        gc.collect()
+        gc.disable()
+        try:
+            before = alive()
+            for i in range(20):
+                code, _ = await send(gw, make_mail(subject=f"freed {i}"))
+                assert code == 250
+            await asyncio.sleep(0.05)  # the closed sessions' last callbacks
+            left = alive() - before
+        finally:
+            gc.enable()
+    assert left <= 1, f"{left} of 20 closed sessions are still alive without gc"
