@@ -209,3 +209,24 @@ def test_compat32_parses_give_the_same_answers(results: list[Result]) -> None:
         # Reason wording may differ (an undecodable raw subject), the verdict may not.
         assert classify(msg, "").kind == expected.null_sender.kind, path.name
         assert parse_bounce(msg, "") == expected.bounce_null, path.name
+
+
+def test_content_type_answers_as_the_email_package_does() -> None:
+    """mailparts.content_type keeps its answer per raw Content-Type value (it is read ~30
+    times per message); on every part of the corpus, under both policies, inside attached
+    messages too, it must say what `get_content_type()` says."""
+    from gateway.pipeline.mailparts import content_type, iter_parts
+
+    checked = 0
+    for path in sorted((CORPUS / "bsd").glob("*.eml")) + sorted((CORPUS / "not").glob("*.eml")):
+        raw = path.read_bytes()
+        for policy in (email.policy.default, email.policy.compat32):
+            msg = email.message_from_bytes(raw, policy=policy)
+            for part in iter_parts(msg, into_messages=True):
+                try:
+                    expected = part.get_content_type().lower()
+                except Exception:
+                    expected = "text/plain"
+                assert content_type(part) == expected, (path.name, part.get("Content-Type"))
+                checked += 1
+    assert checked > 2000
