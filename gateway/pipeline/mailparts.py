@@ -67,10 +67,25 @@ def header_names(msg: Message) -> list[str]:
         return [name for name, _ in raw_headers(msg)]
 
 
+@functools.lru_cache(maxsize=8192)
+def _parsed(name: str, raw: str, policy: Policy) -> str:
+    """``str(msg[name])`` for a header whose raw value is ``raw``: the policy parses a header
+    on every read (addresses, encoded words), and one message's headers are read many times
+    by parse, classify and bounce; the text depends only on (name, raw value, policy).
+    Raises what the policy's parser raises (not cached)."""
+    return str(policy.header_fetch_parse(name, raw))
+
+
+def _all_parsed(msg: Message, name: str) -> list[str]:
+    """Every instance of a header as ``msg.get_all(name)`` gives it, as text; raises like it."""
+    wanted = name.lower()
+    return [_parsed(wanted, v, msg.policy) for k, v in raw_headers(msg) if k.lower() == wanted]
+
+
 def header_values(msg: Message, name: str) -> list[str]:
     """Every instance of a header, RFC 2047-decoded and stripped; [] if absent."""
     try:
-        values = [str(v) for v in msg.get_all(name) or []]
+        values = _all_parsed(msg, name)
     except Exception:  # the default policy parses on access, and parsers have bugs
         values = [v for k, v in raw_headers(msg) if k.lower() == name.lower()]
     return [decode_rfc2047(v).strip() for v in values]
@@ -110,7 +125,7 @@ def header_texts(msg: Message, name: str) -> list[str]:
     """Every value of a header as text; the raw values, decoded, when the structured parser
     chokes (e.g. a malformed group such as `To: :;0`, found by hypothesis)."""
     try:
-        return [str(v) for v in msg.get_all(name, []) or []]
+        return _all_parsed(msg, name)
     except Exception:
         return [decode_words(v) for k, v in raw_headers(msg) if k.lower() == name.lower()]
 
