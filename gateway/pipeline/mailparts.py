@@ -108,8 +108,12 @@ def decode_words(text: str) -> str:
 def header_text(msg: Message, name: str) -> str:
     """The first value of a header as the policy parsed it; the raw value, decoded, when
     the structured parser chokes; "" when absent."""
+    wanted = name.lower()
     try:
-        value = msg.get(name)
+        value = next(
+            (_parsed(wanted, v, msg.policy) for k, v in raw_headers(msg) if k.lower() == wanted),
+            None,
+        )
     except Exception:
         value = None
     if value is None:
