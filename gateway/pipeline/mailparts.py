@@ -19,8 +19,9 @@ from __future__ import annotations
 import email.header
 import email.utils
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from email.message import Message
+from typing import Any, TypeVar
 
 from gateway.pipeline.subject import decode_rfc2047
 
@@ -47,6 +48,29 @@ __all__ = [
 
 # ------------------------------------------------------------------------------ headers
 
+_T = TypeVar("_T")
+# Reads remembered per message (docs/performance.md §5): the default policy parses a header
+# again on every read, and the stages read the same few headers of a message some 27 times.
+# What was read is kept while the message's header list holds the same items; a part whose
+# headers change (parse.py replacing a dropped attachment) is read afresh.
+_READS = "_gateway_reads"
+
+
+def _remembered(msg: Message, key: tuple[str, str], read: Callable[[], _T]) -> _T:
+    headers = getattr(msg, "_headers", None)
+    state = getattr(msg, "__dict__", None)
+    if not isinstance(headers, list) or not isinstance(state, dict):
+        return read()
+    kept = state.get(_READS)
+    # list == list compares item by item, identity first: a few pointer comparisons.
+    if kept is None or kept[0] != headers:
+        kept = state[_READS] = (list(headers), {})
+    reads: dict[tuple[str, str], Any] = kept[1]
+    if key not in reads:
+        reads[key] = read()
+    value: _T = reads[key]
+    return value
+
 
 def raw_headers(msg: Message) -> list[tuple[str, str]]:
     """(name, value) as stored, unparsed; what is left when parsing a header fails."""
@@ -67,11 +91,15 @@ def header_names(msg: Message) -> list[str]:
 
 def header_values(msg: Message, name: str) -> list[str]:
     """Every instance of a header, RFC 2047-decoded and stripped; [] if absent."""
+    return list(_remembered(msg, ("values", name.lower()), lambda: _header_values(msg, name)))
+
+
+def _header_values(msg: Message, name: str) -> tuple[str, ...]:
     try:
         values = [str(v) for v in msg.get_all(name) or []]
     except Exception:  # the default policy parses on access, and parsers have bugs
         values = [v for k, v in raw_headers(msg) if k.lower() == name.lower()]
-    return [decode_rfc2047(v).strip() for v in values]
+    return tuple(decode_rfc2047(v).strip() for v in values)
 
 
 def first_header(msg: Message, name: str) -> str:
@@ -91,6 +119,10 @@ def decode_words(text: str) -> str:
 def header_text(msg: Message, name: str) -> str:
     """The first value of a header as the policy parsed it; the raw value, decoded, when
     the structured parser chokes; "" when absent."""
+    return _remembered(msg, ("text", name.lower()), lambda: _header_text(msg, name))
+
+
+def _header_text(msg: Message, name: str) -> str:
     try:
         value = msg.get(name)
     except Exception:
@@ -107,10 +139,14 @@ def header_text(msg: Message, name: str) -> str:
 def header_texts(msg: Message, name: str) -> list[str]:
     """Every value of a header as text; the raw values, decoded, when the structured parser
     chokes (e.g. a malformed group such as `To: :;0`, found by hypothesis)."""
+    return list(_remembered(msg, ("texts", name.lower()), lambda: _header_texts(msg, name)))
+
+
+def _header_texts(msg: Message, name: str) -> tuple[str, ...]:
     try:
-        return [str(v) for v in msg.get_all(name, []) or []]
+        return tuple(str(v) for v in msg.get_all(name, []) or [])
     except Exception:
-        return [decode_words(v) for k, v in raw_headers(msg) if k.lower() == name.lower()]
+        return tuple(decode_words(v) for k, v in raw_headers(msg) if k.lower() == name.lower())
 
 
 def address_pairs(values: list[str]) -> list[tuple[str, str]]:
@@ -126,6 +162,13 @@ def address_pairs(values: list[str]) -> list[tuple[str, str]]:
 
 def content_type(part: Message) -> str:
     """The part's content type, lowercase; text/plain (RFC 2045 §5.2) when unreadable."""
+    # Without a Content-Type header the type is the part's default (message/rfc822 in a
+    # multipart/digest): part of what is remembered.
+    default = str(getattr(part, "_default_type", ""))
+    return _remembered(part, ("ctype", default), lambda: _content_type(part))
+
+
+def _content_type(part: Message) -> str:
     try:
         return str(part.get_content_type()).lower()
     except Exception:
