@@ -313,11 +313,15 @@ def run(args: argparse.Namespace, open_tickets: int, db_url: str, tmp: Path) -> 
     env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
     env["PYTHONPATH"] = str(Path(args.code).resolve()) if args.code else str(REPO)
     cli = [sys.executable, "-m", "gateway", "--config", str(cfg)]
-    subprocess.run([*cli, "db", "upgrade"], check=True, env=env, capture_output=True)
+    # `python -m` puts the working directory before PYTHONPATH: run from the temporary
+    # folder, or a bench started inside a checkout would run that checkout's daemon.
+    subprocess.run([*cli, "db", "upgrade"], check=True, env=env, capture_output=True, cwd=tmp)
     due_at = datetime.now(UTC) + timedelta(seconds=args.due_in)
     took = preload(db_url, open_tickets, due_at)
     logf = open(tmp / "daemon.log", "wb")  # noqa: SIM115
-    proc = subprocess.Popen([*cli, "serve"], stdout=logf, stderr=subprocess.STDOUT, env=env)
+    proc = subprocess.Popen(
+        [*cli, "serve"], stdout=logf, stderr=subprocess.STDOUT, env=env, cwd=tmp
+    )
     lines: list[str] = []
     try:
         deadline = time.monotonic() + 120

@@ -10,11 +10,13 @@ generator: about a fifth of the pipeline's CPU for the two letters of every new 
 (the multipart boundaries aside, which are random in both), with a short path for the
 common case:
 
-- a header that is printable ASCII, single-spaced, without ``=?`` and short enough
-  (``Name: value`` within :data:`MAX_LINE`) is written as it is, which is what the stdlib's
-  folding does with such a value; any other header (non-ASCII display names and subjects,
-  long ``References``, parameters needing RFC 2231) is folded by the stdlib's own header
-  classes (``email.policy.SMTP``): RFC 2047 encoded words, folding at 78, exactly as today;
+- a header whose ``Name: value`` fits in :data:`MAX_LINE`, without ``=?``, and whose value
+  has a shape the stdlib's header classes give back unchanged (printable ASCII words with
+  single spaces; ``addr`` or ``Name <addr>``; a Date that survives the stdlib's round trip;
+  ``<id@host>``; the Content-* values written here) is written as it is; any other header
+  (non-ASCII display names and subjects, long ``References``, parameters needing RFC 2231,
+  values the stdlib would repair) is folded by the stdlib's own header class
+  (``email.policy.SMTP``): RFC 2047 encoded words, folding at 78, exactly as before;
 - a text body gets the content-transfer-encoding the stdlib's heuristics choose
   (``email.contentmanager``): 7bit for ASCII with lines within 78 bytes, 8bit for such UTF-8
   text, else quoted-printable or base64, whichever the stdlib's sniffing prefers;

@@ -19,6 +19,7 @@ share.
 
 from __future__ import annotations
 
+import functools
 import re
 import string
 from collections.abc import Mapping, Sequence
@@ -336,6 +337,40 @@ def _shipped_text(filename: str) -> str | None:
         return None
 
 
+@functools.cache
+def _shipped(filename: str) -> Template | None:
+    """A shipped file, parsed once per process (package data does not change under a running
+    process; every letter read and parsed its files again: docs/performance.md §5)."""
+    text = _shipped_text(filename)
+    return None if text is None else parse(text, f"gateway/templates/{filename}")
+
+
+# An admin's overrides, parsed, by path: kept while the file's (mtime, size, inode) stay the
+# same, so an edit is read by the next letter, as when every letter read the file.
+_OVERRIDES: dict[str, tuple[tuple[int, int, int], Template]] = {}
+
+
+def _override(templates_dir: Path | None, filename: str) -> Template | None:
+    if templates_dir is None:
+        return None
+    path = Path(templates_dir) / filename
+    try:
+        st = path.stat()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    key, stamp = str(path), (st.st_mtime_ns, st.st_size, st.st_ino)
+    known = _OVERRIDES.get(key)
+    if known is not None and known[0] == stamp:
+        return known[1]
+    found = _override_text(templates_dir, filename)
+    if found is None:
+        _OVERRIDES.pop(key, None)
+        return None
+    template = parse(*found)
+    _OVERRIDES[key] = (stamp, template)
+    return template
+
+
 def shipped_names() -> list[str]:
     """Every shipped template file name, sorted."""
     folder = resources.files("gateway").joinpath("templates")
@@ -378,14 +413,14 @@ def _layers(
     if lang == default_language:
         candidates.append(f"{name}.txt")
     for filename in candidates:
-        override = _override_text(templates_dir, filename)
+        override = _override(templates_dir, filename)
         if override is not None:
-            found.append(parse(*override))
+            found.append(override)
     if shipped:
         for code in dict.fromkeys((lang, DEFAULT_LANGUAGE)):
-            text = _shipped_text(f"{name}.{code}.txt")
-            if text is not None:
-                found.append(parse(text, f"gateway/templates/{name}.{code}.txt"))
+            template = _shipped(f"{name}.{code}.txt")
+            if template is not None:
+                found.append(template)
     return found
 
 

@@ -39,6 +39,7 @@ import contextlib
 import random
 import re
 import ssl
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -423,7 +424,8 @@ class _Session:
                 )
             return None  # opportunistic: plaintext it is
         try:
-            await smtp.starttls(validate_certs=required)
+            context = await _tls_context(required)
+            await smtp.starttls(validate_certs=required, tls_context=context)
         except aiosmtplib.SMTPResponseException as exc:
             return DeliveryResult(TEMPORARY, exc.code, f"STARTTLS refused: {exc.message}")
         except (aiosmtplib.SMTPException, ssl.SSLError, OSError, TimeoutError) as exc:
@@ -454,6 +456,32 @@ class _Session:
             return DeliveryResult(outcome, first.code, first.message, refused)
         refused = {rcpt: (resp.code, resp.message) for rcpt, resp in errors.items()}
         return DeliveryResult(SENT, 250, text, refused)
+
+
+# TLS client contexts, built once and shared by every connection: building one loads the
+# system's CA certificates (``ssl.create_default_context``, ~24 ms of CPU), which aiosmtplib
+# did again for every STARTTLS (docs/performance.md §5). Rebuilt after an hour, so an updated
+# CA bundle is read without a restart. Key: whether certificates are verified.
+_TLS_CONTEXTS: dict[bool, tuple[float, ssl.SSLContext]] = {}
+TLS_CONTEXT_MAX_AGE = 3600.0
+
+
+def _build_tls_context(verify: bool) -> ssl.SSLContext:
+    """What aiosmtplib builds for ``validate_certs=verify``."""
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    context.check_hostname = verify
+    context.verify_mode = ssl.CERT_REQUIRED if verify else ssl.CERT_NONE
+    return context
+
+
+async def _tls_context(verify: bool) -> ssl.SSLContext:
+    now = time.monotonic()
+    cached = _TLS_CONTEXTS.get(verify)
+    if cached is None or now - cached[0] > TLS_CONTEXT_MAX_AGE:
+        # In a thread, as aiosmtplib does: reading the CA files must not stall the loop.
+        cached = (now, await asyncio.to_thread(_build_tls_context, verify))
+        _TLS_CONTEXTS[verify] = cached
+    return cached[1]
 
 
 def _reply_result(code: int, text: str) -> DeliveryResult:

@@ -90,6 +90,21 @@ def test_override_wins_and_missing_phrases_come_from_the_shipped_file(tmp_path: 
     assert load("notice", "de", tmp_path).source == "gateway/templates/notice.de.txt"
 
 
+def test_an_edited_or_removed_override_is_read_by_the_next_letter(tmp_path: Path) -> None:
+    """Templates are parsed once, but an admin's edit counts at once (as when every letter
+    read its files)."""
+    override = tmp_path / "ack.txt"
+    override.write_text("First $ref $owner $deadline\n")
+    assert load("ack", "en", tmp_path).body == "First $ref $owner $deadline"
+    assert load("ack", "en", tmp_path).body == "First $ref $owner $deadline"
+    override.write_text("Second, longer: $ref $owner $deadline\n")
+    assert load("ack", "en", tmp_path).body == "Second, longer: $ref $owner $deadline"
+    override.unlink()
+    assert load("ack", "en", tmp_path).source == "gateway/templates/ack.en.txt"
+    override.mkdir()  # a folder where a file was: the shipped letter, as before
+    assert load("ack", "en", tmp_path).source == "gateway/templates/ack.en.txt"
+
+
 def test_check_reports_unknown_placeholders_phrases_and_missing_facts(tmp_path: Path) -> None:
     (tmp_path / "ack.txt").write_text("Hello\n\n$ref $owner $deadline\n$colour\n")
     (tmp_path / "notice.fr.txt").write_text(
