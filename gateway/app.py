@@ -528,6 +528,7 @@ async def serve(settings: Settings) -> int:
     # the same; outside systemd nothing did).
     os.umask(0o077)
     gw = Gateway(settings)
+    gw.delivery.warm_up()  # the first signature's imports and key set-up, not under load
     loop = asyncio.get_running_loop()
     done = asyncio.Event()
     # Before start(): a signal that arrives while it runs, or right after "listening on" is

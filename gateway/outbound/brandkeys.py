@@ -59,6 +59,18 @@ class BrandKeys:
             return [self._cache[ident]]
         return default
 
+    def every_key(self) -> list[DkimKey]:
+        """Every brand's key, loaded (what `keys_for` loads on a brand's first letter)."""
+        try:
+            rules = self.rules() if self.rules is not None else None
+        except Exception:
+            return []
+        for brand in rules.brands.values() if rules is not None else ():
+            ident = (brand.dkim_key_file, brand.dkim_domain, brand.dkim_selector)
+            if brand.dkim_key_file and ident not in self._cache:
+                self._cache[ident] = load_key(Path(brand.dkim_key_file), *ident[1:])
+        return list(self._cache.values())
+
 
 def _brand_line(rules: Rules, brand_id: str) -> str:
     """``file:line`` of ``[brands.<id>]`` (or an inline ``<id> = {...}`` under ``[brands]``)

@@ -209,6 +209,20 @@ def _rsa_sign(hash: Any, private_key: dict[str, int]) -> bytes:
 dkim.RSASSA_PKCS1_v1_5_sign = _rsa_sign
 
 
+#: Signed once at start-up with every key (`warm_up`).
+_WARM_UP = b"From: warm-up@localhost\r\nSubject: warm-up\r\n\r\nwarm-up\r\n"
+
+
+def warm_up(keys: Sequence[DkimKey]) -> None:
+    """Sign a throw-away message with each key, so that what the first real signature would
+    do once happens now, before mail arrives: importing `cryptography` and its OpenSSL
+    bindings, building the OpenSSL key from the PEM. Done in a delivery thread under load,
+    that held the interpreter lock for ~100 ms, stalling the SMTP event loop
+    (bench/loop_stall.py); a key that cannot sign fails here as it would on the first mail."""
+    for key in keys:
+        sign(_WARM_UP, [key])
+
+
 def sign(
     message: bytes, keys: Sequence[DkimKey], *, headers: Sequence[bytes] | None = None
 ) -> bytes:

@@ -57,7 +57,7 @@ from gateway.node import NodeIdentity, node_identity
 from gateway.outbound import retry
 from gateway.outbound.brandkeys import BrandKeys
 from gateway.outbound.deliver import PERMANENT, SENT, DeliveryResult, deliver
-from gateway.outbound.dkim import DkimKey, load_key, sign
+from gateway.outbound.dkim import DkimKey, load_key, sign, warm_up
 from gateway.outbound.pool import ConnectionPool
 from gateway.routing.holder import RulesHolder
 from gateway.routing.model import Rules
@@ -265,6 +265,11 @@ class DeliveryWorker:
         self.tally: Counter[tuple[str, ...]] = Counter()
 
     # -- claiming ----------------------------------------------------------------------
+
+    def warm_up(self) -> None:
+        """Sign once with every key this worker may sign with, before mail arrives
+        (gateway.outbound.dkim.warm_up): the daemon calls it at start-up."""
+        warm_up([*self.keys, *self.brand_keys.every_key()])
 
     def _claim(self) -> list[_Claimed]:
         now = self.clock.now()
