@@ -194,6 +194,9 @@ async def test_worker_keeps_connections_while_running_and_quits_them_at_shutdown
     await relay.wait_for(5)
     assert relay.connections_seen == 1
     assert relay.open_connections == 1  # kept while the worker runs
+    # /metrics: support_gateway_relay_connections_total{how="opened"|"reused"}
+    assert worker.tally[("relay_connections", "opened")] == 1
+    assert worker.tally[("relay_connections", "reused")] == 4
     stopping.set()
     await running
     await relay.idle()
