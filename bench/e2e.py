@@ -25,6 +25,7 @@ Usage::
     python bench/e2e.py                                   # SQLite, 0 and 100k, 20/50/100/s, 60 s
     python bench/e2e.py --duration 20 --preload 100000   # shorter
     python bench/e2e.py --database-url postgresql://postgres@127.0.0.1:5432/postgres
+    python bench/e2e.py --tls                             # the relay offers STARTTLS
 
 With defaults one database takes about 8 minutes (2 x (3 x 60 s + drains) + start-up). With
 --database-url a fresh database is created next to the one named (and dropped after).
@@ -132,6 +133,7 @@ class Sink:
         self.due_arrived: float | None = None  # wall time the due ticket's first mail came
         self.mails = 0  # every mail the relay took
         self.sessions = 0  # SMTP sessions that carried at least one of them
+        self.tls_sessions = 0  # ... of which upgraded with STARTTLS
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
         now = time.monotonic()
@@ -140,6 +142,7 @@ class Sink:
         if not getattr(session, "carried_mail", False):
             session.carried_mail = True
             self.sessions += 1
+            self.tls_sessions += getattr(session, "ssl", None) is not None
         if self.due_arrived is None and DUE_REF.encode() in data:
             self.due_arrived = time.time()
         for address in envelope.rcpt_tos:
@@ -296,7 +299,19 @@ def run(args: argparse.Namespace, open_tickets: int, db_url: str, tmp: Path) -> 
     key = tmp / "dkim.pem"
     keygen(key, domain="example.com", selector="bench")
     sink = Sink()
-    relay = Controller(sink, hostname="127.0.0.1", port=free_port())
+    tls: dict[str, Any] = {}
+    if args.tls:
+        # The relay offers STARTTLS, as most smarthosts do (self-signed: the daemon's
+        # opportunistic TLS encrypts without verifying).
+        import ssl
+
+        from tests.support.tls import self_signed
+
+        cert, cert_key = self_signed(tmp, "127.0.0.1")
+        server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        server_tls.load_cert_chain(cert, cert_key)
+        tls["tls_context"] = server_tls
+    relay = Controller(sink, hostname="127.0.0.1", port=free_port(), **tls)
     relay.start()
     port = free_port()
     cfg = tmp / "config.toml"
@@ -358,7 +373,7 @@ def run(args: argparse.Namespace, open_tickets: int, db_url: str, tmp: Path) -> 
         sampler.start()
         for rate in args.rates:
             sampler.reset()
-            mails, sessions = sink.mails, sink.sessions
+            mails, sessions, tls = sink.mails, sink.sessions, sink.tls_sessions
             tag = f"{open_tickets}x{rate}"
             results = asyncio.run(load(port, rate, args.duration, tag))
             stop = time.monotonic()
@@ -383,7 +398,7 @@ def run(args: argparse.Namespace, open_tickets: int, db_url: str, tmp: Path) -> 
             print(lines[-1], flush=True)
             print(
                 f"  relay: {sink.mails - mails:,} mails over {sink.sessions - sessions:,}"
-                " new SMTP sessions",
+                f" new SMTP sessions ({sink.tls_sessions - tls:,} with STARTTLS)",
                 flush=True,
             )
             time.sleep(1.0)
@@ -430,6 +445,7 @@ def main() -> int:
     )
     p.add_argument("--keep-log", default="", help="copy the daemon's log here at the end")
     p.add_argument("--database-url", default="", help="PostgreSQL server (default SQLite)")
+    p.add_argument("--tls", action="store_true", help="the relay offers STARTTLS")
     p.add_argument(
         "--code",
         default="",

@@ -52,6 +52,7 @@ TALLY_LABELS: dict[str, tuple[str, ...]] = {
     "pipeline_failed": (),
     "pipeline_quarantined": (),
     "deliveries": ("outcome",),
+    "relay_connections": ("how",),
     "dns_errors": (),
     "database_errors": (),
 }
@@ -63,6 +64,7 @@ TALLY_HELP: dict[str, str] = {
     "pipeline_failed": "Processing attempts that failed (retried, then quarantined).",
     "pipeline_quarantined": "Spool entries moved to the quarantine after max_attempts.",
     "deliveries": "Outbound delivery attempts by outcome (sent, temporary, permanent).",
+    "relay_connections": "Connections a delivery used: opened for it, or reused (kept).",
     "dns_errors": "DNS lookups that failed temporarily (timeout, SERVFAIL) in sender checks.",
     "database_errors": "Operations that failed because the database was unavailable.",
 }

@@ -385,7 +385,7 @@ class _Session:
             try:
                 await smtp.connect()
                 if self.pool is not None:
-                    self.pool.opened += 1
+                    self.pool.note_opened()
                 await self._ehlo(smtp)
             except aiosmtplib.SMTPResponseException as exc:
                 return _reply_result(exc.code, exc.message), False

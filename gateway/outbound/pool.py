@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 
 import aiosmtplib
 
@@ -44,7 +44,12 @@ class ConnectionPool:
     """Idle SMTP connections by server; see the module docstring."""
 
     def __init__(
-        self, *, per_server: int = 8, max_idle: int = 32, idle_timeout: float = IDLE_TIMEOUT
+        self,
+        *,
+        per_server: int = 8,
+        max_idle: int = 32,
+        idle_timeout: float = IDLE_TIMEOUT,
+        tally: Counter[tuple[str, ...]] | None = None,
     ) -> None:
         self.per_server = per_server
         self.max_idle = max_idle
@@ -54,9 +59,11 @@ class ConnectionPool:
         self._closing: set[asyncio.Task[None]] = set()
         self._reaper: asyncio.Task[None] | None = None
         self._closed = False
-        #: Connections opened and connections reused (``bench/e2e.py``, tests).
+        #: Connections opened and connections reused (tests, benches); also counted in
+        #: ``tally`` as ``("relay_connections", "opened" | "reused")`` (gateway/metrics.py).
         self.opened = 0
         self.reused = 0
+        self.tally = tally
 
     def __len__(self) -> int:
         return len(self._idle)
@@ -71,9 +78,17 @@ class ConnectionPool:
             smtp = entry[1]
             if smtp.is_connected and now - since < self.idle_timeout:
                 self.reused += 1
+                if self.tally is not None:
+                    self.tally[("relay_connections", "reused")] += 1
                 return smtp
             self._retire(smtp)
         return None
+
+    def note_opened(self) -> None:
+        """Count a connection opened for a mail (none was kept, or the kept one failed)."""
+        self.opened += 1
+        if self.tally is not None:
+            self.tally[("relay_connections", "opened")] += 1
 
     def give_back(self, key: ServerKey, smtp: aiosmtplib.SMTP) -> None:
         """Keep ``smtp`` (after a transaction that ended in 250) for the next mail."""

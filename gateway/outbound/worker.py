@@ -566,7 +566,7 @@ class DeliveryWorker:
         (QUIT) before it returns."""
         if self.pool is not None:
             return await self._run_once()
-        pool = self.pool = ConnectionPool(per_server=self.parallel)
+        pool = self.pool = ConnectionPool(per_server=self.parallel, tally=self.tally)
         try:
             return await self._run_once()
         finally:
@@ -646,7 +646,7 @@ class DeliveryWorker:
         """Until `stopping`: deliver what is due, then sleep until the next due time or
         until `wakeup` is set (a stage queued mail). Never a fixed coarse poll."""
         wake = wakeup or self.wakeup
-        pool = self.pool = ConnectionPool(per_server=self.parallel)
+        pool = self.pool = ConnectionPool(per_server=self.parallel, tally=self.tally)
         try:
             await self._run(stopping, wake)
         finally:

@@ -81,6 +81,22 @@ async def test_a_connection_the_relay_closed_is_replaced(relay: CaptureRelay) ->
     await pool.close()
 
 
+async def test_a_kept_connection_that_dies_at_mail_is_replaced_for_that_mail(
+    relay: CaptureRelay,
+) -> None:
+    """The kept connection looked open, but the relay hangs up when it is used: the mail is
+    sent once more, on a fresh connection, and arrives once."""
+    pool = ConnectionPool()
+    assert (await send(relay, pool, "one@example.org")).outcome == SENT
+    relay.hang_up_at_mail = 1
+    result = await send(relay, pool, "two@example.org")
+    assert result.outcome == SENT
+    assert pool.reused == 1  # the kept connection was taken and failed ...
+    assert relay.connections_seen == 2  # ... and a fresh one carried the mail
+    assert [m.rcpt_tos for m in relay.messages] == [["one@example.org"], ["two@example.org"]]
+    await pool.close()
+
+
 async def test_idle_timeout_closes_kept_connections(relay: CaptureRelay) -> None:
     pool = ConnectionPool(idle_timeout=0.05)
     assert (await send(relay, pool)).outcome == SENT
@@ -178,6 +194,9 @@ async def test_worker_keeps_connections_while_running_and_quits_them_at_shutdown
     await relay.wait_for(5)
     assert relay.connections_seen == 1
     assert relay.open_connections == 1  # kept while the worker runs
+    # /metrics: support_gateway_relay_connections_total{how="opened"|"reused"}
+    assert worker.tally[("relay_connections", "opened")] == 1
+    assert worker.tally[("relay_connections", "reused")] == 4
     stopping.set()
     await running
     await relay.idle()

@@ -15,6 +15,7 @@ and can be told to fail:
         relay.rcpt_delay = 3.0               # ... or each RCPT is answered 3 s late
         await relay.stop(); await relay.start()   # relay down / up, same port
         await relay.drop_connections()       # close every open session, keep listening
+        relay.hang_up_at_mail = 1            # the next MAIL gets no reply: the session closes
         [msg] = await relay.wait_for(1)
         relay.connections_seen, relay.quits  # sessions opened, QUITs answered
 
@@ -154,6 +155,12 @@ class _Handler:
         address: str,
         mail_options: list[str],
     ) -> str:
+        if self._relay.hang_up_at_mail > 0:
+            # Close the session without a reply, as a relay restarting under a client does.
+            self._relay.hang_up_at_mail -= 1
+            if server.transport is not None:
+                server.transport.close()
+            return "421 4.3.2 (never sent: the connection is closed)"
         rule = self._relay._take("MAIL")
         if rule is not None:
             self._relay._reject(rule, address, [])
@@ -231,6 +238,8 @@ class CaptureRelay:
         self.rejected: list[Rejected] = []
         self.connections_seen = 0
         self.quits = 0
+        #: Sessions still to be closed, without a reply, at their next MAIL.
+        self.hang_up_at_mail = 0
         #: Seconds between capturing a message and answering 250 (a slow relay).
         self.data_delay = 0.0
         #: Seconds before each RCPT is answered (a relay stalling before DATA).
