@@ -258,13 +258,23 @@ class Gateway:
 
     def reload_rules(self) -> bool:
         ok = self.rules.reload()
+        self._rules_reloaded()
+        return ok
+
+    async def reload_rules_off_loop(self) -> bool:
+        """`reload_rules` with the reading (TOML, holiday calendars) in a worker thread: a
+        reload must not stall the SMTP event loop."""
+        ok = await asyncio.to_thread(self.rules.reload)
+        self._rules_reloaded()
+        return ok
+
+    def _rules_reloaded(self) -> None:
         self.services.rules = self.rules.current
         if self.handler is not None:
             self.handler.domains |= brand_domains(self.rules.current)  # a new brand's domain
         if self.pipeline_process is not None:
             self.pipeline_process.reload()
         self.escalator_wakeup.set()  # ladders and deadlines may have changed
-        return ok
 
     async def _expire_junk(self) -> None:
         """Junk older than `junk.expire_days` loses its raw message, hourly (and whenever new
@@ -289,7 +299,8 @@ class Gateway:
         while not self.stopping.is_set():
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.stopping.wait(), timeout=2.0)
-            if self.rules.reload_if_changed():
+            # Reading the rules (TOML, holiday calendars) happens off the event loop.
+            if await asyncio.to_thread(self.rules.reload_if_changed):
                 self.services.rules = self.rules.current
                 self.escalator_wakeup.set()
 
@@ -322,7 +333,7 @@ class Gateway:
 
     async def start(self, *, workers: bool = True) -> None:
         loop = asyncio.get_running_loop()
-        recovered = self.spool.recover()
+        recovered = await asyncio.to_thread(self.spool.recover)  # may wait on a busy spool
         if recovered:
             log.warning("recovered %d spool entries claimed before a crash", recovered)
 
@@ -511,11 +522,11 @@ async def _watchdog(interval: float, done: asyncio.Event) -> None:
             await asyncio.wait_for(done.wait(), interval)
 
 
-def _reload(gw: Gateway) -> None:
+async def _reload(gw: Gateway) -> None:
     # sd_notify(3): RELOADING=1 with the CLOCK_MONOTONIC time, then READY=1 once done, so
     # `systemctl reload` returns when the new rules are in force (or refused).
     sd_notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
-    ok = gw.reload_rules()
+    ok = await gw.reload_rules_off_loop()
     sd_notify(
         f"READY=1\nSTATUS=listening on port {gw.port}; rules reload {'ok' if ok else 'FAILED'}"
     )
@@ -535,7 +546,14 @@ async def serve(settings: Settings) -> int:
     # logged, is handled once the loop is free, never by the default action (SIGHUP kills).
     loop.add_signal_handler(signal.SIGTERM, done.set)
     loop.add_signal_handler(signal.SIGINT, done.set)
-    loop.add_signal_handler(signal.SIGHUP, _reload, gw)
+    reloads: set[asyncio.Task[None]] = set()  # referenced until done
+
+    def on_sighup() -> None:
+        task = loop.create_task(_reload(gw), name="rules-reload")
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, on_sighup)
     await gw.start()
     freeze_startup_heap()  # full collections no longer walk it: no 100+ ms loop stalls
     sd_notify(f"READY=1\nSTATUS=listening on port {gw.port}")

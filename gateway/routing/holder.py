@@ -8,6 +8,7 @@ times, cheap enough to run every few seconds). A failed reload is logged loudly 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from pathlib import Path
 
@@ -28,6 +29,8 @@ class RulesHolder:
         self.failed_reloads = 0
         self.last_error: str | None = None
         self.loaded_at = time.time()  # when the rules in force were read (status, /metrics)
+        # The daemon reloads in worker threads (SIGHUP and the file watch may overlap).
+        self._reloading = threading.Lock()
 
     def _fingerprint(self) -> tuple[tuple[str, int, int], ...]:
         files = sorted(self.rules_dir.glob("*.toml"))
@@ -43,6 +46,10 @@ class RulesHolder:
 
     def reload(self) -> bool:
         """Load the rules again; on error keep the current ones. True when swapped."""
+        with self._reloading:
+            return self._reload()
+
+    def _reload(self) -> bool:
         stamp = self._fingerprint()
         try:
             rules = load_rules(self.rules_dir)
@@ -61,6 +68,7 @@ class RulesHolder:
         return True
 
     def reload_if_changed(self) -> bool:
-        if self._fingerprint() == self._stamp:
-            return False
-        return self.reload()
+        with self._reloading:
+            if self._fingerprint() == self._stamp:
+                return False
+            return self._reload()

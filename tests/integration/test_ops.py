@@ -207,6 +207,33 @@ async def test_two_gateways_in_one_process_keep_their_own_metrics(tmp_path: Path
         assert sample(tb, "support_gateway_smtp_messages_accepted_total") == 0
 
 
+async def test_rules_are_read_off_the_event_loop(tmp_path: Path) -> None:
+    """SIGHUP's reload and the file watch read the rules (TOML, holiday calendars) in a
+    worker thread: on the event loop a reload stalled every SMTP session."""
+    import threading
+
+    from tests.integration.test_fault_infra import wait_until
+
+    rules = tmp_path / "rules"
+    shutil.copytree(RULES, rules)
+    settings = make_settings(tmp_path, rules_dir=str(rules))
+    async with running_gateway(settings, FrozenClock(), workers=True) as gw:
+        threads: list[threading.Thread] = []
+        read = gw.rules._reload
+
+        def recording() -> bool:
+            threads.append(threading.current_thread())
+            return read()
+
+        gw.rules._reload = recording  # type: ignore[method-assign]
+        assert await gw.reload_rules_off_loop() is True  # what SIGHUP runs
+        edited = rules / "rules.toml"
+        edited.write_text(edited.read_text() + "\n# edited\n")
+        await wait_until(lambda: len(threads) == 2, what="the file watch's reload")
+        assert gw.services.rules is gw.rules.current
+    assert threading.main_thread() not in threads
+
+
 async def test_metrics_count_dns_errors_and_failed_rules_reloads(tmp_path: Path) -> None:
     rules = tmp_path / "rules"
     shutil.copytree(RULES, rules)
