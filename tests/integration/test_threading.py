@@ -307,3 +307,22 @@ async def test_bounce_never_opens_a_ticket(gw: Gateway) -> None:
     await send(gw, raw, sender="", recipients=["support@example.com"])
     await gw.pipeline.run_once()
     assert all_tickets(gw) == []
+
+
+async def test_customer_ids_follow_chains_of_merges_and_nothing_else(gw: Gateway) -> None:
+    """`customer_ids` walks merges backwards from the surviving customer: A merged into B,
+    then B into C, are one person; X merged into Y is someone else."""
+    from gateway.pipeline.conversation import customer_ids
+    from gateway.store.queries import ensure_customer
+
+    now = gw.clock.now()
+    with Session(gw.engine) as s:
+        a, b, c, x, y = (ensure_customer(s, f"{n}@customer.example", n, now) for n in "abcxy")
+        assert None not in (a, b, c, x, y)
+        merge_customers(s, a, b, now, by="test")  # type: ignore[arg-type]
+        merge_customers(s, b, c, now, by="test")  # type: ignore[arg-type]
+        merge_customers(s, x, y, now, by="test")  # type: ignore[arg-type]
+        s.commit()
+        assert customer_ids(s, c) == {a, b, c}  # type: ignore[arg-type]
+        assert customer_ids(s, a) == {a, b, c}  # type: ignore[arg-type]
+        assert customer_ids(s, y) == {x, y}  # type: ignore[arg-type]
