@@ -22,20 +22,36 @@ from gateway.store.queries import add_event
 __all__ = ["choose_letters"]
 
 
+#: How many of the customer's latest tickets are asked for an earlier choice.
+EARLIER_TICKETS = 20
+
+
 def _earlier(ctx: Context, ticket: Ticket) -> tuple[str, str] | None:
-    """(language, ref) the customer chose on their latest earlier ticket, if any."""
+    """(language, ref) the customer chose on their latest earlier ticket, if any.
+
+    The customer's latest tickets first (index on `customer_id`), then their `language`
+    events (index on `ticket_id`): joined in one statement, SQLite walked every `language`
+    event of the installation newest first, 14 ms a message with 100,000 tickets."""
     same = (
         Ticket.customer_id == ticket.customer_id
         if ticket.customer_id is not None
         else Ticket.requester == ticket.requester
     )
-    rows = ctx.session.exec(
-        select(Event.data, Ticket.ref, Ticket.language)
-        .join(Ticket, col(Event.ticket_id) == Ticket.id)
-        .where(same, Event.type == "language", Ticket.id != ticket.id)
-        .order_by(col(Event.id).desc())
-        .limit(20)
+    tickets = ctx.session.exec(
+        select(Ticket.id, Ticket.ref, Ticket.language)
+        .where(same, Ticket.id != ticket.id)
+        .order_by(col(Ticket.id).desc())
+        .limit(EARLIER_TICKETS)
     ).all()
+    known = {tid: (ref, language) for tid, ref, language in tickets}
+    if not known:
+        return None
+    events = ctx.session.exec(
+        select(Event.ticket_id, Event.data)
+        .where(col(Event.ticket_id).in_(known), Event.type == "language")
+        .order_by(col(Event.id).desc())
+    ).all()
+    rows = [(data, *known[tid]) for tid, data in events if tid in known]
     for data, ref, language in rows:
         try:
             source = json.loads(data).get("source")
