@@ -76,10 +76,15 @@ def _parsed(name: str, raw: str, policy: Policy) -> str:
     return str(policy.header_fetch_parse(name, raw))
 
 
+def _raw_values(msg: Message, name: str) -> list[str]:
+    """The stored (unparsed) values of every instance of a header, in order."""
+    wanted = name.lower()
+    return [v for k, v in raw_headers(msg) if k.lower() == wanted]
+
+
 def _all_parsed(msg: Message, name: str) -> list[str]:
     """Every instance of a header as ``msg.get_all(name)`` gives it, as text; raises like it."""
-    wanted = name.lower()
-    return [_parsed(wanted, v, msg.policy) for k, v in raw_headers(msg) if k.lower() == wanted]
+    return [_parsed(name.lower(), v, msg.policy) for v in _raw_values(msg, name)]
 
 
 def header_values(msg: Message, name: str) -> list[str]:
@@ -87,7 +92,7 @@ def header_values(msg: Message, name: str) -> list[str]:
     try:
         values = _all_parsed(msg, name)
     except Exception:  # the default policy parses on access, and parsers have bugs
-        values = [v for k, v in raw_headers(msg) if k.lower() == name.lower()]
+        values = _raw_values(msg, name)
     return [decode_rfc2047(v).strip() for v in values]
 
 
@@ -108,21 +113,15 @@ def decode_words(text: str) -> str:
 def header_text(msg: Message, name: str) -> str:
     """The first value of a header as the policy parsed it; the raw value, decoded, when
     the structured parser chokes; "" when absent."""
-    wanted = name.lower()
-    try:
-        value = next(
-            (_parsed(wanted, v, msg.policy) for k, v in raw_headers(msg) if k.lower() == wanted),
-            None,
-        )
-    except Exception:
-        value = None
-    if value is None:
-        # Fall back to the raw header text (compat32 semantics).
-        for k, v in raw_headers(msg):
-            if k.lower() == name.lower():
-                return decode_words(v)
+    raw = _raw_values(msg, name)
+    if not raw:
         return ""
-    return str(value)
+    try:
+        # Only the first instance is parsed, as `msg.get(name)` does.
+        return _parsed(name.lower(), raw[0], msg.policy)
+    except Exception:
+        # Fall back to the raw header text (compat32 semantics).
+        return decode_words(raw[0])
 
 
 def header_texts(msg: Message, name: str) -> list[str]:
@@ -131,7 +130,7 @@ def header_texts(msg: Message, name: str) -> list[str]:
     try:
         return _all_parsed(msg, name)
     except Exception:
-        return [decode_words(v) for k, v in raw_headers(msg) if k.lower() == name.lower()]
+        return [decode_words(v) for v in _raw_values(msg, name)]
 
 
 def address_pairs(values: list[str]) -> list[tuple[str, str]]:
