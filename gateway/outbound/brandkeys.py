@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from gateway.outbound.dkim import DkimKey, load_key
 
 if TYPE_CHECKING:
-    from gateway.routing.model import Rules
+    from gateway.routing.model import Brand, Rules
 
 __all__ = ["BrandKeys", "check_brand_keys", "from_domain"]
 
@@ -51,12 +51,7 @@ class BrandKeys:
         for brand in rules.brands.values():
             if brand.domain != domain or not brand.dkim_key_file:
                 continue
-            ident = (brand.dkim_key_file, brand.dkim_domain, brand.dkim_selector)
-            if ident not in self._cache:
-                self._cache[ident] = load_key(
-                    Path(brand.dkim_key_file), brand.dkim_domain, brand.dkim_selector
-                )
-            return [self._cache[ident]]
+            return [self._key(brand)]
         return default
 
     def every_key(self) -> list[DkimKey]:
@@ -65,11 +60,15 @@ class BrandKeys:
             rules = self.rules() if self.rules is not None else None
         except Exception:
             return []
-        for brand in rules.brands.values() if rules is not None else ():
-            ident = (brand.dkim_key_file, brand.dkim_domain, brand.dkim_selector)
-            if brand.dkim_key_file and ident not in self._cache:
-                self._cache[ident] = load_key(Path(brand.dkim_key_file), *ident[1:])
-        return list(self._cache.values())
+        brands = rules.brands.values() if rules is not None else ()
+        return [self._key(brand) for brand in brands if brand.dkim_key_file]
+
+    def _key(self, brand: Brand) -> DkimKey:
+        """The brand's key, read from its file once."""
+        ident = (brand.dkim_key_file, brand.dkim_domain, brand.dkim_selector)
+        if ident not in self._cache:
+            self._cache[ident] = load_key(Path(brand.dkim_key_file), *ident[1:])
+        return self._cache[ident]
 
 
 def _brand_line(rules: Rules, brand_id: str) -> str:
