@@ -40,7 +40,7 @@ import logging
 import random
 import re
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -566,9 +566,15 @@ class DeliveryWorker:
         (QUIT) before it returns."""
         if self.pool is not None:
             return await self._run_once()
+        async with self._kept_connections():
+            return await self._run_once()
+
+    @contextlib.asynccontextmanager
+    async def _kept_connections(self) -> AsyncIterator[None]:
+        """Relay connections kept between mails while inside; QUIT on the way out."""
         pool = self.pool = ConnectionPool(per_server=self.parallel, tally=self.tally)
         try:
-            return await self._run_once()
+            yield
         finally:
             self.pool = None
             await pool.close()
@@ -646,13 +652,9 @@ class DeliveryWorker:
         """Until `stopping`: deliver what is due, then sleep until the next due time or
         until `wakeup` is set (a stage queued mail). Never a fixed coarse poll."""
         wake = wakeup or self.wakeup
-        pool = self.pool = ConnectionPool(per_server=self.parallel, tally=self.tally)
-        try:
+        # Shutdown QUITs the kept relay connections (docs/design.md §6).
+        async with self._kept_connections():
             await self._run(stopping, wake)
-        finally:
-            # Shutdown: QUIT the kept relay connections (docs/design.md §6).
-            self.pool = None
-            await pool.close()
 
     async def _run(self, stopping: asyncio.Event, wake: asyncio.Event) -> None:
         # First take back what this node's previous run left in `sending`.
