@@ -108,6 +108,34 @@ class Sampler(threading.Thread):
             time.sleep(0.1)
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a process has used so far (/proc/PID/stat fields 14 and 15)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class CpuShare:
+    """CPU used by the daemon, its pipeline child and this bench between `__init__` and
+    `per_message` (so the closing figures say where the two cores went)."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.child = max(children(pid), key=rss, default=0)
+        self.start = self._now()
+
+    def _now(self) -> tuple[float, float, float]:
+        me = os.times()
+        return cpu_seconds(self.pid), cpu_seconds(self.child), me.user + me.system
+
+    def per_message(self, n: int) -> str:
+        end = self._now()
+        d, c, b = (1000 * (e - s) / max(n, 1) for e, s in zip(end, self.start, strict=True))
+        return f"CPU per message: daemon {d:.1f} ms, pipeline {c:.1f} ms, bench {b:.1f} ms"
+
+
 def pipeline_rss(pid: int) -> int:
     """RSS of the pipeline child (the largest child: multiprocessing's resource tracker,
     ~15 MB, is the other one)."""
@@ -375,6 +403,7 @@ def run(args: argparse.Namespace, open_tickets: int, db_url: str, tmp: Path) -> 
             sampler.reset()
             mails, sessions, tls = sink.mails, sink.sessions, sink.tls_sessions
             tag = f"{open_tickets}x{rate}"
+            cpu = CpuShare(proc.pid)
             results = asyncio.run(load(port, rate, args.duration, tag))
             stop = time.monotonic()
             sent = [(a, r) for a, r in results if not isinstance(r, Exception)]
@@ -385,6 +414,7 @@ def run(args: argparse.Namespace, open_tickets: int, db_url: str, tmp: Path) -> 
             while time.monotonic() < end and any(a not in sink.arrived for a, _ in accepted):
                 time.sleep(0.2)
             lat = [sink.arrived[a] - r[0] for a, r in accepted if a in sink.arrived]
+            share = cpu.per_message(len(lat))
             smtp = [r[1] for _, r in sent]
             signed = sum(1 for a, _ in accepted if sink.signed.get(a))
             lines.append(
@@ -401,6 +431,7 @@ def run(args: argparse.Namespace, open_tickets: int, db_url: str, tmp: Path) -> 
                 f" new SMTP sessions ({sink.tls_sessions - tls:,} with STARTTLS)",
                 flush=True,
             )
+            print(f"  {share} (acknowledged, from the rate's start to the drain's end)", flush=True)
             time.sleep(1.0)
         sampler.stop.set()
         if open_tickets:
