@@ -34,7 +34,7 @@ from gateway.http import AdminHttp
 from gateway.inbound.smtp import ConnectionLimits, InboundHandler, make_tls_context, start_server
 from gateway.letters.brands import brand_domains
 from gateway.metrics import CountingResolver, StateCollector, build_registry, node_name
-from gateway.node import default_node_name
+from gateway.node import node_name_for, pipeline_claimant
 from gateway.outbound.brandkeys import check_brand_keys
 from gateway.outbound.worker import DeliveryWorker
 from gateway.pipeline.bundle import BundleWorker
@@ -113,7 +113,7 @@ class Gateway:
             check_fingerprint(
                 self.engine,
                 self.signer.fingerprint(),
-                settings.node.id or default_node_name(settings),
+                node_name_for(settings),
             )
         except ConfigError:
             if engine is None:
@@ -181,7 +181,9 @@ class Gateway:
         self.stopping = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self.port: int | None = None
-        self.pipeline_process: PipelineProcess | None = None
+        # The pipeline's own processes (`pipeline.workers` of them; none when it runs in a
+        # thread of this process).
+        self.pipeline_processes: list[PipelineProcess] = []
         # Metrics and health (docs/decisions.md D14): the pipeline child's tallies arrive over its
         # pipe.
         self.started_at = time.time()
@@ -250,9 +252,18 @@ class Gateway:
             "rules_last_error": self.rules.last_error,
             "smtp_port": self.port,
             "pipeline_process": None
-            if self.pipeline_process is None
-            else {"alive": self.pipeline_process.alive, "restarts": self.pipeline_process.restarts},
+            if not self.pipeline_processes
+            else {
+                "alive": all(p.alive for p in self.pipeline_processes),
+                "restarts": sum(p.restarts for p in self.pipeline_processes),
+                "workers": len(self.pipeline_processes),
+            },
         }
+
+    @property
+    def pipeline_process(self) -> PipelineProcess | None:
+        """The first pipeline process (the only one unless `pipeline.workers` > 1)."""
+        return self.pipeline_processes[0] if self.pipeline_processes else None
 
     # Rules ------------------------------------------------------------------------------
 
@@ -272,8 +283,8 @@ class Gateway:
         self.services.rules = self.rules.current
         if self.handler is not None:
             self.handler.domains |= brand_domains(self.rules.current)  # a new brand's domain
-        if self.pipeline_process is not None:
-            self.pipeline_process.reload()
+        for proc in self.pipeline_processes:
+            proc.reload()
         self.escalator_wakeup.set()  # ladders and deadlines may have changed
 
     async def _expire_junk(self) -> None:
@@ -321,13 +332,28 @@ class Gateway:
             now=self.clock.now(),
         )
 
-    def _recover_crashed(self, culprit: int | None, reason: str) -> None:
-        """The pipeline child died (blocking): its entries back in line, the one it was busy
+    def _recover_crashed(self, culprit: int | None, reason: str, claimant: str | None) -> None:
+        """A pipeline child died (blocking): its entries back in line, the one it was busy
         with charged an attempt; if that was its last, the admins are told (worker.py)."""
         entry = self.spool.get(culprit) if culprit is not None else None
-        state = self.spool.recover_crashed(culprit, reason)
+        state = self.spool.recover_crashed(culprit, reason, claimant)
         if entry is not None and state == "quarantined":
             self.pipeline.alert_quarantined(entry, reason)
+
+    def _wake_pipeline_processes(self) -> None:
+        """New mail is durable (the spool's writer thread): every pipeline process looks; on
+        a shared spool the row locks give each message to one of them."""
+        for proc in self.pipeline_processes:
+            proc.wake()
+
+    async def _supervise_pipeline_processes(self) -> None:
+        await asyncio.gather(
+            *(p.supervise(self.stopping, self._recover_crashed) for p in self.pipeline_processes)
+        )
+
+    async def _stop_pipeline_processes(self) -> None:
+        """Each finishes its current message, all at once (a stop waits for the slowest)."""
+        await asyncio.gather(*(p.stop() for p in self.pipeline_processes))
 
     # Lifecycle --------------------------------------------------------------------------
 
@@ -342,17 +368,24 @@ class Gateway:
         # The process is started once both ports are bound: a port in use fails the start at
         # once, before a child is spawned.
         if workers and self.settings.pipeline.process and isinstance(self.clock, SystemClock):
-            self.pipeline_process = PipelineProcess(
-                {
-                    **self.settings.model_dump(),
-                    "_verbose": logging.getLogger().isEnabledFor(logging.DEBUG),
-                },
-                rules=lambda: self.rules.current,
-                on_batch=self.pipeline.after_batch,
-                on_give_up=self._pipeline_down,
-                on_tally=self.child_tally.update,
-            )
-            self.spool.on_commit = self.pipeline_process.wake
+            config = {
+                **self.settings.model_dump(),
+                "_verbose": logging.getLogger().isEnabledFor(logging.DEBUG),
+            }
+            node = node_name_for(self.settings)
+            self.pipeline_processes = [
+                PipelineProcess(
+                    config,
+                    rules=lambda: self.rules.current,
+                    on_batch=self.pipeline.after_batch,
+                    on_give_up=self._pipeline_down,
+                    on_tally=self.child_tally.update,
+                    worker=n,
+                    claimant=pipeline_claimant(node, n) if self.settings.shared_spool else None,
+                )
+                for n in range(self.settings.pipeline.workers)
+            ]
+            self.spool.on_commit = self._wake_pipeline_processes
         else:
 
             def wake() -> None:
@@ -361,14 +394,14 @@ class Gateway:
             self.spool.on_commit = wake
         self.spool.start_writer()
         server = await self._bind()
-        if self.pipeline_process is not None:
-            self.pipeline_process.start()
+        for proc in self.pipeline_processes:
+            proc.start()
         await server.start_serving()
         if self.http is not None and self.http.server is not None:
             await self.http.server.start_serving()
         if workers:
-            if self.pipeline_process is not None:
-                pipeline = self.pipeline_process.supervise(self.stopping, self._recover_crashed)
+            if self.pipeline_processes:
+                pipeline = self._supervise_pipeline_processes()
             else:
                 pipeline = self.pipeline.run(self.stopping)
             self._tasks = [
@@ -451,9 +484,8 @@ class Gateway:
     async def _abort_start(self) -> None:
         """A listener could not bind: undo what start() began, then the caller raises."""
         self.stopping.set()
-        if self.pipeline_process is not None:
-            await self.pipeline_process.stop()
-            self.pipeline_process = None
+        await self._stop_pipeline_processes()
+        self.pipeline_processes = []
         self.spool.close()
         self.engine.dispose()
 
@@ -469,8 +501,7 @@ class Gateway:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.server.wait_closed(), 5)
         self.stopping.set()
-        if self.pipeline_process is not None:
-            await self.pipeline_process.stop()
+        await self._stop_pipeline_processes()
         for t in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await t

@@ -8,10 +8,10 @@ does not reach back into the daemon's composition root for them (docs/architectu
 
 from __future__ import annotations
 
-from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.engine import Engine
 
 from gateway.clock import Clock
-from gateway.node import default_node_name
+from gateway.node import node_name_for, pipeline_claimant
 from gateway.security.dns import Resolver, SystemResolver
 from gateway.settings import Settings
 from gateway.spool import Spool
@@ -21,18 +21,22 @@ __all__ = ["build_resolver", "build_spool"]
 
 
 def build_spool(
-    settings: Settings, clock: Clock | None = None, engine: Engine | None = None
+    settings: Settings,
+    clock: Clock | None = None,
+    engine: Engine | None = None,
+    *,
+    worker: int = 0,
 ) -> Spool:
     """The spool: in the shared PostgreSQL database when one is configured (no accepted
-    message depends on one node's disk, docs/scaling.md), else the local SQLite file."""
-    url = make_url(settings.storage.database_url)
-    if url.get_backend_name() == "postgresql" and settings.storage.shared_spool:
+    message depends on one node's disk, docs/scaling.md), else the local SQLite file.
+    `worker`: which of the node's pipeline processes claims through it (gateway/node.py)."""
+    if settings.shared_spool:
         from gateway.shared_spool import SharedSpool
 
         spool: Spool = SharedSpool(
             settings.spool_path,
             engine=engine or make_engine(settings.storage.database_url),
-            node=settings.node.id or default_node_name(settings),
+            node=pipeline_claimant(node_name_for(settings), worker),
             max_attempts=settings.storage.max_attempts,
             min_free_disk=settings.smtp.min_free_disk,
             clock=clock,

@@ -12,6 +12,11 @@ short hash of the spool folder: stable across restarts, and distinct for two nod
 host (they need distinct spool folders anyway). Two running processes must never share a
 name: each would take back the other's rows at start (the fencing token still keeps the
 records right, but mail in flight could go out twice).
+
+A node running several pipeline processes (`pipeline.workers`, PostgreSQL only) claims
+spool entries under one name per process: the first under the node's name, the others
+under the name plus ``.p1``, ``.p2`` ... (`pipeline_claimant`), so a process that dies gives
+back only what it held. Those suffixes are the node's own: do not name another node so.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import socket
 import uuid
 from dataclasses import dataclass
 
-from gateway.settings import Settings
+from gateway.settings import MAX_PIPELINE_WORKERS, Settings
 
 
 @dataclass(frozen=True)
@@ -46,6 +51,23 @@ def default_node_name(settings: Settings) -> str:
 def node_identity(settings: Settings, *, name: str | None = None) -> NodeIdentity:
     """A fresh identity for this run: the configured (or derived) name, a new boot id."""
     return NodeIdentity(
-        name=name or settings.node.id or default_node_name(settings),
+        name=name or node_name_for(settings),
         boot=uuid.uuid4().hex[:12],
     )
+
+
+def node_name_for(settings: Settings) -> str:
+    """`node.id`, else the derived name (host plus spool folder hash)."""
+    return settings.node.id or default_node_name(settings)
+
+
+def pipeline_claimant(node: str, worker: int) -> str:
+    """The name pipeline process number `worker` (0-based) of `node` claims spool entries
+    under: the node's own name for the first, ``<node>.p<N>`` for the others."""
+    return node if worker == 0 else f"{node}.p{worker}"
+
+
+def pipeline_claimants(node: str) -> list[str]:
+    """Every name `node`'s pipeline processes may claim under (what a restart of the node
+    takes back)."""
+    return [pipeline_claimant(node, w) for w in range(MAX_PIPELINE_WORKERS)]

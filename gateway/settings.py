@@ -17,7 +17,14 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -360,10 +367,19 @@ class JunkSettings(_Section):
         return parse(self.alert_window).business().total_seconds()
 
 
+#: Most pipeline processes one node may run (`pipeline.workers`).
+MAX_PIPELINE_WORKERS = 16
+
+
 class PipelineSettings(_Section):
     # Run the pipeline in a child process (its own core): SMTP ingest keeps full speed
     # during a burst. false = a thread in the daemon's process.
     process: bool = True
+    # How many pipeline processes this node runs. More than one needs PostgreSQL with the
+    # shared spool: each takes its own messages (claims with row locks) and their statements
+    # overlap their round trips to the server; SQLite takes one writer at a time, so a
+    # second process there would only wait (docs/scaling.md).
+    workers: int = Field(default=1, ge=1, le=MAX_PIPELINE_WORKERS)
     # Supervision of that child (docs/operations.md): the first restart waits this many
     # seconds, doubling each time (at most 60 s); more than `max_restarts` restarts within
     # `restart_window` seconds and it stays down (SMTP keeps spooling) and the admins are
@@ -459,6 +475,16 @@ class Settings(BaseSettings):
     # Where the TOML came from (None: embedded defaults); relative paths resolve from cwd.
     config_path: str | None = Field(default=None, exclude=True)
 
+    @model_validator(mode="after")
+    def _workers_need_shared_spool(self) -> Settings:
+        if self.pipeline.workers > 1 and not self.shared_spool:
+            raise ValueError(
+                f"pipeline.workers = {self.pipeline.workers} needs PostgreSQL with"
+                " storage.shared_spool = true: SQLite and a node's own spool take one"
+                " pipeline process at a time"
+            )
+        return self
+
     @classmethod
     def settings_customise_sources(
         cls,
@@ -495,6 +521,12 @@ class Settings(BaseSettings):
         if not self.outbound.relay:
             return None
         return parse_hostport(self.outbound.relay, default_port=25)
+
+    @property
+    def shared_spool(self) -> bool:
+        """Is the spool the database's `spool_entry` table (PostgreSQL, shared_spool)?"""
+        url = self.storage.database_url
+        return url.startswith("postgresql") and self.storage.shared_spool
 
     @property
     def spool_path(self) -> Path:

@@ -48,6 +48,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import Connection, Engine
 
 from gateway.clock import Clock
+from gateway.node import pipeline_claimants
 from gateway.spool import Envelope, Spool, SpoolEntry, dedupe_key, quarantine_row, resolver
 
 log = logging.getLogger("gateway.spool")
@@ -370,19 +371,24 @@ class SharedSpool(Spool):
         return self.clock.now().timestamp()
 
     def recover(self) -> int:
-        """At start: this node's claims from its previous run go back in line at once."""
+        """At start: this node's claims from its previous run go back in line at once,
+        those of each of its pipeline processes included (gateway/node.py)."""
         local = Spool.recover(self)
         with self._db() as conn:
             cur = conn.execute(
                 text(
                     "UPDATE spool_entry SET state='pending', claimed_by='', lease_until=0"
-                    " WHERE state='claimed' AND claimed_by=:node"
+                    " WHERE state='claimed' AND claimed_by = ANY(:names)"
                 ),
-                {"node": self.node},
+                {"names": pipeline_claimants(self.node)},
             )
             return int(cur.rowcount) + local
 
-    def recover_crashed(self, culprit: int | None, reason: str) -> str | None:
+    def recover_crashed(
+        self, culprit: int | None, reason: str, claimant: str | None = None
+    ) -> str | None:
+        """As `Spool.recover_crashed`, for the pipeline process that claimed as `claimant`
+        (default: this node's name): the node's other pipeline processes keep theirs."""
         state = None
         if culprit is not None:
             state = self.fail(culprit, reason)
@@ -392,7 +398,7 @@ class SharedSpool(Spool):
                     "UPDATE spool_entry SET state='pending', attempts=greatest(attempts-1, 0),"
                     " claimed_by='', lease_until=0 WHERE state='claimed' AND claimed_by=:node"
                 ),
-                {"node": self.node},
+                {"node": claimant or self.node},
             )
         return state
 

@@ -461,11 +461,14 @@ class Spool:
             cur = conn.execute("UPDATE spool SET state='pending' WHERE state='claimed'")
             return cur.rowcount
 
-    def recover_crashed(self, culprit: int | None, reason: str) -> str | None:
+    def recover_crashed(
+        self, culprit: int | None, reason: str, claimant: str | None = None
+    ) -> str | None:
         """The pipeline process died: entries it had claimed go back in line without cost,
         except `culprit` (the entry it was busy with), which is charged the attempt like a
         failure and quarantined after `max_attempts` (a message that kills the process must
-        not take the pipeline down for good). Returns the culprit's new state."""
+        not take the pipeline down for good). Returns the culprit's new state. `claimant`
+        names the process on a shared spool; this one has a single pipeline process."""
         state = None
         if culprit is not None:
             state = self.fail(culprit, reason)

@@ -113,11 +113,12 @@ def child_main(
         signal.signal(sig, signal.SIG_IGN)
     from gateway.logs import setup_logging
 
+    worker_no = int(config.get("_worker") or 0)
     setup_logging(
         fmt=str(config.get("log_format") or config.get("logging", {}).get("format") or "text"),
         level=str(config.get("logging", {}).get("level") or "INFO"),
         verbose=bool(config.get("_verbose")),
-        tag="pipeline",
+        tag=f"pipeline.p{worker_no}" if worker_no else "pipeline",
     )
 
     from gateway.clock import SystemClock
@@ -133,7 +134,7 @@ def child_main(
     settings = Settings(**{k: v for k, v in config.items() if not k.startswith("_")})
     clock = SystemClock()
     engine = open_database(settings.storage.database_url, migrate=False)
-    spool = build_spool(settings, clock, engine)
+    spool = build_spool(settings, clock, engine, worker=worker_no)
     rules = RulesHolder(settings.rules_path, initial=rules_now)
     resolver = build_resolver(settings)
     services = Services(
@@ -144,6 +145,10 @@ def child_main(
         resolver=resolver,
     )
     worker = PipelineWorker(engine=engine, spool=spool, services=services)
+    if settings.pipeline.workers > 1:
+        # Claim one transaction's worth at a time: a process that claimed a whole backlog
+        # would hold it while its siblings, with nothing claimed, wait idle.
+        worker.batch = worker.tx_batch
     if resolver is not None:
         services.resolver = CountingResolver(resolver, worker.tally)
     beat = {"busy": b"b", "idle": b"i", "paused": b"z"}
@@ -205,9 +210,16 @@ class PipelineProcess:
         on_batch: Any,
         on_give_up: Callable[[str], None] | None = None,
         on_tally: Callable[[Counter[tuple[str, ...]]], None] | None = None,
+        *,
+        worker: int = 0,
+        claimant: str | None = None,
     ) -> None:
         self._mp = multiprocessing.get_context("spawn")
-        self.config = config
+        self.config = {**config, "_worker": worker}
+        self.worker = worker  # which of the node's pipeline processes (`pipeline.workers`)
+        # The name its spool claims carry on a shared spool (gateway/node.py): what is
+        # given back when it dies. None: the spool's own (a single pipeline process).
+        self.claimant = claimant
         self.rules = rules  # callable: the rules in force now (handed to each new child)
         self.on_batch = on_batch
         self.on_give_up = on_give_up  # blocking (an alert); run in a thread
@@ -235,7 +247,9 @@ class PipelineProcess:
         self.proc = self._mp.Process(
             target=child_main,
             args=(self.config, self.rules(), control_in, sender, os.getpid()),
-            name="support-gateway-pipeline",
+            name=f"support-gateway-pipeline.p{self.worker}"
+            if self.worker
+            else "support-gateway-pipeline",
             daemon=True,
         )
         self.proc.start()
@@ -291,11 +305,11 @@ class PipelineProcess:
         return self.proc is not None and self.proc.is_alive()
 
     async def supervise(
-        self, stopping: asyncio.Event, recover: Callable[[int | None, str], Any]
+        self, stopping: asyncio.Event, recover: Callable[[int | None, str, str | None], Any]
     ) -> None:
         """Restart the child if it dies on its own (its claimed entries go back in line:
-        `recover(culprit, reason)`), with backoff and a cap; kill and restart it when it
-        hangs."""
+        `recover(culprit, reason, claimant)`), with backoff and a cap; kill and restart it
+        when it hangs."""
         while not stopping.is_set():
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(stopping.wait(), timeout=1.0)
@@ -318,7 +332,9 @@ class PipelineProcess:
             # ends in the quarantine); the rest of its batch goes back in line for free.
             culprit = self.current if self.state == "busy" else None
             self.current = None
-            await asyncio.to_thread(recover, culprit, f"the pipeline process died ({code})")
+            await asyncio.to_thread(
+                recover, culprit, f"the pipeline process died ({code})", self.claimant
+            )
             delay = restart_delay(
                 self.restart_times,
                 now,

@@ -103,14 +103,25 @@ def facts_of(ctx: Context) -> MessageFacts:
     return facts_from(ctx.parsed, ctx.entry.envelope.rcpt_tos, ctx.sender, authenticated, ctx.spam)
 
 
+#: How a team route assigns: the decisions that read the assignment state.
+_TEAM_ASSIGNMENT = frozenset({"round-robin", "least-open"})
+
+
 def route(ctx: Context) -> None:
-    # Round-robin and least-loaded read the assignment state and write it back with the
-    # ticket: several nodes must take turns, or simultaneous tickets get the same owner
-    # (docs/decisions.md D13.5). The lock is held until this message's transaction commits.
-    xact_lock(ctx.session, "routing")
-    state = AssignmentState(
-        open_tickets=open_ticket_counts(ctx.session),
-        last_assigned=assignment_cursors(ctx.session),
-    )
-    decision = evaluate(ctx.services.rules, facts_of(ctx), ctx.received_at, state)
+    rules, facts = ctx.services.rules, facts_of(ctx)
+    decision = evaluate(rules, facts, ctx.received_at)
+    if decision.assigned_by in _TEAM_ASSIGNMENT:
+        # Round-robin and least-open read the assignment state and write it back with the
+        # ticket: several nodes (or pipeline processes) must take turns, or simultaneous
+        # tickets get the same owner (docs/decisions.md D13.5). The lock is held until this
+        # message's transaction commits, so it is taken only by the messages whose owner
+        # depends on it: the others would wait on each other for nothing. Evaluated again
+        # under the lock, with the state as the previous holder committed it (the match
+        # itself does not depend on the state, so the same route decides).
+        xact_lock(ctx.session, "routing")
+        state = AssignmentState(
+            open_tickets=open_ticket_counts(ctx.session),
+            last_assigned=assignment_cursors(ctx.session),
+        )
+        decision = evaluate(rules, facts, ctx.received_at, state)
     ctx.decision = cover_window(ctx.services.rules, decision, ctx.received_at)
