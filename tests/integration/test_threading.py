@@ -337,7 +337,8 @@ async def test_customer_ids_memo_sees_a_merge_in_the_same_session(gw: Gateway) -
     now = gw.clock.now()
     with Session(gw.engine) as s:
         a, b = (ensure_customer(s, f"{n}@customer.example", n, now) for n in "ab")
-        assert a is not None and b is not None
+        assert a is not None
+        assert b is not None
         assert customer_ids(s, b) == {b}
         assert customer_ids(s, b) == {b}  # from the memo
         merge_customers(s, a, b, now, by="test")
