@@ -63,6 +63,7 @@ from gateway.routing.holder import RulesHolder
 from gateway.routing.model import Rules
 from gateway.security.tokens import Signer
 from gateway.settings import Settings
+from gateway.store import core
 from gateway.store.db import read_scope, session_scope
 from gateway.store.models import Message, Outbox, Ticket
 from gateway.store.queries import add_event
@@ -82,6 +83,14 @@ STAFF_KINDS = frozenset({"notification", "escalation"})
 MAX_IDLE = 60.0
 
 
+@dataclass(frozen=True)
+class Queued:
+    """What `enqueue` wrote: the outbox row's id and the mail's Message-ID."""
+
+    id: int
+    message_id: str
+
+
 def enqueue(
     session: Session,
     *,
@@ -97,17 +106,24 @@ def enqueue(
     text: str = "",
     in_reply_to: str | None = None,
     references: str = "",
-) -> Outbox:
+) -> Queued:
     """Write one Outbox row (unsigned bytes) and its outbound Message row, in `session`.
 
     ``mail_from`` "" is the null reverse-path, right for automatic mail (RFC 3834 §3.3).
     The Message row makes the mail visible in the ticket's history (``tickets show``).
+
+    Both are Core inserts (gateway.store.core: an ORM add and flush cost 400 us each, two
+    or three times per new ticket); nothing in the writing transaction changes either row
+    through the ORM, and a later query still finds them.
     """
-    row = Outbox(
+    to = json.dumps(rcpt_tos)
+    outbox_id = core.insert(
+        session,
+        Outbox,
         ticket_id=ticket_id,
         kind=kind,
         mail_from=mail_from,
-        rcpt_tos=json.dumps(rcpt_tos),
+        rcpt_tos=to,
         message_id=message_id,
         raw=raw,
         state="queued",
@@ -115,29 +131,27 @@ def enqueue(
         created_at=now,
         next_attempt_at=now,
     )
-    session.add(row)
-    session.add(
-        Message(
-            ticket_id=ticket_id,
-            direction="out",
-            kind=kind,
-            message_id=message_id,
-            dedupe_key=f"out:{message_id}",
-            raw_sha256=hashlib.sha256(raw).hexdigest(),
-            mail_from=mail_from,
-            from_address=from_address,
-            to=json.dumps(rcpt_tos),
-            subject=subject,
-            at=now,
-            size=len(raw),
-            raw=raw,
-            text=text,
-            in_reply_to=in_reply_to,
-            references=references,
-        )
+    core.insert(
+        session,
+        Message,
+        ticket_id=ticket_id,
+        direction="out",
+        kind=kind,
+        message_id=message_id,
+        dedupe_key=f"out:{message_id}",
+        raw_sha256=hashlib.sha256(raw).hexdigest(),
+        mail_from=mail_from,
+        from_address=from_address,
+        to=to,
+        subject=subject,
+        at=now,
+        size=len(raw),
+        raw=raw,
+        text=text,
+        in_reply_to=in_reply_to,
+        references=references,
     )
-    session.flush()
-    return row
+    return Queued(outbox_id, message_id)
 
 
 def notify_owner(
@@ -154,7 +168,7 @@ def notify_owner(
     now: datetime,
     in_reply_to: str | None = None,
     kind: str = "notification",
-) -> Outbox:
+) -> Queued:
     """Queue a notice to a staff person about `ticket` (kind 'notification' unless said)."""
     assert ticket.id is not None
     raw, mid = compose_notification(

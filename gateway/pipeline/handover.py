@@ -48,7 +48,7 @@ from gateway.letters.handover import (
     compose_handover_letter,
     compose_previous_holder_letter,
 )
-from gateway.outbound.worker import enqueue, notify_owner
+from gateway.outbound.worker import Queued, enqueue, notify_owner
 from gateway.pipeline.commands import help_text, parse_commands
 from gateway.pipeline.notify import attachment_parts
 from gateway.pipeline.quoting import strip_quoted
@@ -57,7 +57,7 @@ from gateway.security.tokens import Signer
 from gateway.settings import Settings
 from gateway.sla.business_time import BusinessCalendar
 from gateway.sla.clocks import utc
-from gateway.store.models import Message, Outbox, Ticket
+from gateway.store.models import Message, Ticket
 from gateway.store.queries import add_event
 
 __all__ = [
@@ -171,9 +171,9 @@ def compose_handover(
     actor: Person | None = None,
     kind: str = "notification",
     told: str | None = None,
-) -> list[Outbox]:
+) -> list[Queued]:
     """Queue the handover pack to `new_holder` and the "now held by" letter to
-    `previous_holder`; returns the outbox rows (see the module docstring).
+    `previous_holder`; returns what was queued (see the module docstring).
 
     `actor` is whoever caused the change (``#assign`` by a person; None for the escalator):
     no pack to an actor who took the ticket themselves, no "now held by" letter to an actor
@@ -181,7 +181,7 @@ def compose_handover(
     words for the previous holder (default: `reason`).
     """
     assert ticket.id is not None
-    rows: list[Outbox] = []
+    rows: list[Queued] = []
     out = settings.outbound
     calendar: BusinessCalendar | None = None
     try:

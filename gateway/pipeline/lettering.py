@@ -11,11 +11,14 @@ whose detail says why, so ``tickets show`` explains the language of every letter
 from __future__ import annotations
 
 import json
+from typing import Any, cast
 
-from sqlmodel import col, select
+from sqlalchemy import ColumnElement, bindparam
+from sqlalchemy import select as core_select
 
 from gateway.letters.language import CUSTOMER_SOURCES, choose
 from gateway.pipeline.context import Context
+from gateway.store import core
 from gateway.store.models import Event, Ticket
 from gateway.store.queries import add_event
 
@@ -26,31 +29,53 @@ __all__ = ["choose_letters"]
 EARLIER_TICKETS = 20
 
 
+_TICKET = core.table(Ticket)
+_EVENT = core.table(Event)
+
+
+def _earlier_tickets(same: ColumnElement[bool]) -> Any:
+    """The latest tickets (id, ref, language) matching ``same``, but ``:ticket`` itself."""
+    return (
+        core_select(_TICKET.c.id, _TICKET.c.ref, _TICKET.c.language)
+        .where(same, _TICKET.c.id != bindparam("ticket"))
+        .order_by(_TICKET.c.id.desc())
+        .limit(EARLIER_TICKETS)
+    )
+
+
+# Prebuilt Core reads (once per new ticket; gateway.store.core): the customer's latest
+# tickets, or the requester's when the ticket has no customer, and their language events.
+_EARLIER_OF_CUSTOMER = _earlier_tickets(_TICKET.c.customer_id == bindparam("customer"))
+_EARLIER_OF_REQUESTER = _earlier_tickets(_TICKET.c.requester == bindparam("requester"))
+_LANGUAGE_EVENTS = (
+    core_select(_EVENT.c.ticket_id, _EVENT.c.data)
+    .where(
+        _EVENT.c.ticket_id.in_(bindparam("tickets", expanding=True)),
+        _EVENT.c.type == "language",
+    )
+    .order_by(_EVENT.c.id.desc())
+)
+
+
 def _earlier(ctx: Context, ticket: Ticket) -> tuple[str, str] | None:
     """(language, ref) the customer chose on their latest earlier ticket, if any.
 
     The customer's latest tickets first (index on `customer_id`), then their `language`
     events (index on `ticket_id`): joined in one statement, SQLite walked every `language`
     event of the installation newest first, 14 ms a message with 100,000 tickets."""
-    same = (
-        Ticket.customer_id == ticket.customer_id
-        if ticket.customer_id is not None
-        else Ticket.requester == ticket.requester
-    )
-    tickets = ctx.session.exec(
-        select(Ticket.id, Ticket.ref, Ticket.language)
-        .where(same, Ticket.id != ticket.id)
-        .order_by(col(Ticket.id).desc())
-        .limit(EARLIER_TICKETS)
-    ).all()
+    params: dict[str, Any] = {"ticket": ticket.id}
+    if ticket.customer_id is not None:
+        stmt = _EARLIER_OF_CUSTOMER
+        params["customer"] = ticket.customer_id
+    else:
+        stmt = _EARLIER_OF_REQUESTER
+        params["requester"] = ticket.requester
+    tickets = cast("list[tuple[int, str, str]]", core.read(ctx.session, stmt, params).all())
     known = {tid: (ref, language) for tid, ref, language in tickets}
     if not known:
         return None
-    events = ctx.session.exec(
-        select(Event.ticket_id, Event.data)
-        .where(col(Event.ticket_id).in_(known), Event.type == "language")
-        .order_by(col(Event.id).desc())
-    ).all()
+    found = core.read(ctx.session, _LANGUAGE_EVENTS, {"tickets": list(known)})
+    events = cast("list[tuple[int | None, str]]", found.all())
     rows = [(data, *known[tid]) for tid, data in events if tid in known]
     for data, ref, language in rows:
         try:

@@ -197,7 +197,8 @@ def notify_owner_stage(ctx: Context) -> None:
     # at once, whatever the person's calendar says (docs/rules.md "People"): holding them
     # for working hours would need a delayed outbox, and an outage route that "wakes up the
     # lead" must wake her (docs/decisions.md D11, items 4 and 5).
-    notify_letter = letters.load("notify", "en", settings.templates_path)
+    templates = settings.templates_path  # looks at the disk: once, not once per recipient
+    notify_letter = letters.load("notify", "en", templates)
     for person, why in _recipients(ctx, owner, notify_letter):
         raw, message_id, subject, text = compose_owner_notification(
             ticket=ticket,
@@ -223,7 +224,7 @@ def notify_owner_stage(ctx: Context) -> None:
             unverified="" if ctx.sender_verified else ctx.unverified_reason,
             references=_references(ctx),
             letter=notify_letter,
-            staff=letters.load("staff", "en", settings.templates_path),
+            staff=letters.load("staff", "en", templates),
         )
         enqueue(
             s,

@@ -326,3 +326,21 @@ async def test_customer_ids_follow_chains_of_merges_and_nothing_else(gw: Gateway
         assert customer_ids(s, c) == {a, b, c}  # type: ignore[arg-type]
         assert customer_ids(s, a) == {a, b, c}  # type: ignore[arg-type]
         assert customer_ids(s, y) == {x, y}  # type: ignore[arg-type]
+
+
+async def test_customer_ids_memo_sees_a_merge_in_the_same_session(gw: Gateway) -> None:
+    """`customer_ids` is memoised in the session; a merge made in that session is seen at
+    once (the memo follows `resolve_customer`'s, which `merge_customers` drops)."""
+    from gateway.pipeline.conversation import customer_ids
+    from gateway.store.queries import ensure_customer
+
+    now = gw.clock.now()
+    with Session(gw.engine) as s:
+        a, b = (ensure_customer(s, f"{n}@customer.example", n, now) for n in "ab")
+        assert a is not None
+        assert b is not None
+        assert customer_ids(s, b) == {b}
+        assert customer_ids(s, b) == {b}  # from the memo
+        merge_customers(s, a, b, now, by="test")
+        assert customer_ids(s, b) == {a, b}
+        assert customer_ids(s, a) == {a, b}
