@@ -46,9 +46,14 @@ from collections import Counter
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 from threading import Event, Lock, Thread
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gateway.metrics import tally_from_wire
+
+if TYPE_CHECKING:  # the child imports these itself, after its logging is set up
+    from gateway.pipeline.context import Services
+    from gateway.pipeline.worker import PipelineWorker
+    from gateway.routing.holder import RulesHolder
 
 log = logging.getLogger("gateway.pipeline")
 
@@ -98,32 +103,13 @@ def _listen(control: Connection, wake: Event, reload: Event, stop: Event) -> Non
             return
 
 
-def child_main(
-    config: dict[str, Any],
-    rules_now: Any,
-    control: Connection,
-    notify: Connection,
-    parent: int,
-) -> None:
-    """Entry point of the pipeline process (spawned: a fresh interpreter)."""
-    _die_with_parent()
-    # The parent coordinates shutdown and reloads; a terminal's Ctrl-C or a stray SIGHUP
-    # must not kill us mid-transaction.
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, signal.SIG_IGN)
-    from gateway.logs import setup_logging
-
-    worker_no = int(config.get("_worker") or 0)
-    setup_logging(
-        fmt=str(config.get("log_format") or config.get("logging", {}).get("format") or "text"),
-        level=str(config.get("logging", {}).get("level") or "INFO"),
-        verbose=bool(config.get("_verbose")),
-        tag=f"pipeline.p{worker_no}" if worker_no else "pipeline",
-    )
-
+def _build_worker(
+    config: dict[str, Any], rules_now: Any, worker_no: int
+) -> tuple[PipelineWorker, RulesHolder, Services]:
+    """The child's pipeline worker, its rules and services, from the parent's settings."""
     from gateway.clock import SystemClock
     from gateway.factories import build_resolver, build_spool
-    from gateway.metrics import CountingResolver, tally_to_wire
+    from gateway.metrics import CountingResolver
     from gateway.pipeline.context import Services
     from gateway.pipeline.worker import PipelineWorker
     from gateway.routing.holder import RulesHolder
@@ -151,6 +137,36 @@ def child_main(
         worker.batch = worker.tx_batch
     if resolver is not None:
         services.resolver = CountingResolver(resolver, worker.tally)
+    return worker, rules, services
+
+
+def child_main(
+    config: dict[str, Any],
+    rules_now: Any,
+    control: Connection,
+    notify: Connection,
+    parent: int,
+) -> None:
+    """Entry point of the pipeline process (spawned: a fresh interpreter)."""
+    _die_with_parent()
+    # The parent coordinates shutdown and reloads; a terminal's Ctrl-C or a stray SIGHUP
+    # must not kill us mid-transaction.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
+    from gateway.logs import setup_logging
+
+    worker_no = int(config.get("_worker") or 0)
+    setup_logging(
+        fmt=str(config.get("log_format") or config.get("logging", {}).get("format") or "text"),
+        level=str(config.get("logging", {}).get("level") or "INFO"),
+        verbose=bool(config.get("_verbose")),
+        tag=f"pipeline.p{worker_no}" if worker_no else "pipeline",
+    )
+
+    from gateway.metrics import tally_to_wire
+
+    worker, rules, services = _build_worker(config, rules_now, worker_no)
+    spool, engine = worker.spool, worker.engine
     beat = {"busy": b"b", "idle": b"i", "paused": b"z"}
 
     def heartbeat(state: str, entry_id: int | None) -> None:
