@@ -67,6 +67,31 @@ _LINK = core_select(_link.c.id).where(
     _link.c.relation == bindparam("relation"),
 )
 _CURSORS = core_select(_cursor.c.route, _cursor.c.person)
+_message_ref = core.table(MessageRef)
+_outbox = core.table(Outbox)
+_TICKETS_REFERENCING = (
+    core_select(_message.c.ticket_id)
+    .join(_message_ref, _message_ref.c.message_id == _message.c.id)
+    .where(_message_ref.c.ref == bindparam("ref"), _message.c.ticket_id.is_not(None))
+    .distinct()
+    .limit(20)
+)
+_MERGED_INTO = (
+    core_select(_link.c.other_id)
+    .where(_link.c.ticket_id == bindparam("ticket_id"), _link.c.relation == "merged-into")
+    .order_by(_link.c.id)
+)
+_OUTBOX_TICKET = core_select(_outbox.c.ticket_id).where(
+    _outbox.c.message_id == bindparam("mid"), _outbox.c.ticket_id.is_not(None)
+)
+_SENT_TICKET = core_select(_message.c.ticket_id).where(
+    _message.c.message_id == bindparam("mid"),
+    _message.c.direction == "out",
+    _message.c.ticket_id.is_not(None),
+)
+_UNDELIVERABLE_SINCE = core_select(_customer_address.c.undeliverable_since).where(
+    _customer_address.c.address == bindparam("address")
+)
 
 
 def _view(t: Ticket | None) -> TicketView | None:
@@ -107,23 +132,13 @@ class SqlLookup:
         return _view(self.s.exec(select(Ticket).where(Ticket.ref == ref.upper())).first())
 
     def tickets_referencing(self, message_id: str) -> list[int]:
-        rows = self.s.exec(
-            select(Message.ticket_id)
-            .join(MessageRef, col(MessageRef.message_id) == col(Message.id))
-            .where(MessageRef.ref == message_id, col(Message.ticket_id).is_not(None))
-            .distinct()
-            .limit(20)
-        ).all()
-        return [r for r in rows if r is not None]
+        rows = core.read(self.s, _TICKETS_REFERENCING, {"ref": message_id})
+        return [r[0] for r in rows if r[0] is not None]
 
     def merged_into(self, ticket_id: int) -> TicketView | None:
         """The ticket this one was merged into (`#merge`, link ``merged-into``), if any."""
-        target = self.s.exec(
-            select(TicketLink.other_id)
-            .where(TicketLink.ticket_id == ticket_id, TicketLink.relation == "merged-into")
-            .order_by(col(TicketLink.id))
-        ).first()
-        return self.ticket(target) if target is not None else None
+        row = core.read(self.s, _MERGED_INTO, {"ticket_id": ticket_id}).first()
+        return self.ticket(row[0]) if row is not None else None
 
     def ticket_of_outbound(self, message_ids: Sequence[str]) -> int | None:
         return ticket_of_outbound(self.s, message_ids)
@@ -155,13 +170,6 @@ def last_customer_message(session: Session, ticket_id: int) -> Message | None:
         )
         .order_by(col(Message.at).desc(), col(Message.id).desc())
     ).first()
-
-
-def _insert(session: Session, model: Any) -> Any:
-    """An INSERT that can say ON CONFLICT (both dialects spell it the same way)."""
-    if session.get_bind().dialect.name == "postgresql":
-        return pg_insert(model)
-    return sqlite_insert(model)
 
 
 def xact_lock(session: Session, name: str) -> None:
@@ -253,6 +261,10 @@ def mark_undeliverable(session: Session, address: str, reason: str, now: datetim
 
 def mark_deliverable(session: Session, address: str) -> bool:
     """The address wrote to us: whatever bounced before, it reaches a person now."""
+    # Nearly always nothing to do: ask by Core, load the row to change only if it bounced.
+    known = core.read(session, _UNDELIVERABLE_SINCE, {"address": address.lower()}).first()
+    if known is None or known[0] is None:
+        return False
     row = session.exec(
         select(CustomerAddress).where(CustomerAddress.address == address.lower())
     ).first()
@@ -378,14 +390,22 @@ def assignment_cursors(session: Session) -> dict[str, str]:
 
 def set_cursor(session: Session, route: str, person: str, now: datetime) -> None:
     # An upsert: the first ticket of a route on two nodes at once must not collide.
-    stmt = _insert(session, AssignmentCursor).values(route=route, person=person, updated_at=now)
-    stmt = stmt.on_conflict_do_update(
-        index_elements=["route"], set_={"person": person, "updated_at": now}
-    )
-    session.execute(stmt)
-    cur = session.get(AssignmentCursor, route)
-    if cur is not None:  # the identity map may hold the row read before: refresh it
+    stmt = core.per_dialect(session, "set_cursor", _cursor_upsert)
+    core.write(session, stmt, {"route": route, "person": person, "updated_at": now})
+    # The identity map may hold the row read before as an object: refresh it. Only then:
+    # `session.get` would load a row nobody holds, to refresh it at once (two SELECTs).
+    cur = session.identity_map.get(session.identity_key(AssignmentCursor, route))
+    if cur is not None:
         session.refresh(cur)
+
+
+def _cursor_upsert(dialect: str) -> Executable:
+    insert = pg_insert if dialect == "postgresql" else sqlite_insert
+    stmt = insert(_cursor)
+    return stmt.on_conflict_do_update(
+        index_elements=["route"],
+        set_={"person": stmt.excluded.person, "updated_at": stmt.excluded.updated_at},
+    )
 
 
 def find_ticket(session: Session, ref: str) -> Ticket | None:
@@ -399,22 +419,10 @@ def find_ticket(session: Session, ref: str) -> Ticket | None:
 def ticket_of_outbound(session: Session, message_ids: Iterable[str]) -> int | None:
     """The ticket of an outbound message we sent (for attaching bounces)."""
     for mid in message_ids:
-        tid = session.exec(
-            select(Outbox.ticket_id).where(
-                Outbox.message_id == mid, col(Outbox.ticket_id).is_not(None)
-            )
-        ).first()
-        if tid is not None:
-            return tid
-        tid = session.exec(
-            select(Message.ticket_id).where(
-                Message.message_id == mid,
-                Message.direction == "out",
-                col(Message.ticket_id).is_not(None),
-            )
-        ).first()
-        if tid is not None:
-            return tid
+        for stmt in (_OUTBOX_TICKET, _SENT_TICKET):
+            row = core.read(session, stmt, {"mid": mid}).first()
+            if row is not None:
+                return int(row[0])
     return None
 
 
