@@ -27,6 +27,8 @@ import json
 from datetime import datetime, timedelta
 from typing import Any
 
+from sqlalchemy import Row, bindparam
+from sqlalchemy import select as core_select
 from sqlmodel import Session, col, func, select, update
 
 from gateway.alerts import alert_admins
@@ -36,6 +38,7 @@ from gateway.security.tokens import Signer
 from gateway.settings import Settings
 from gateway.sla.deadlines import isoz
 from gateway.spool import Envelope, Spool
+from gateway.store import core
 from gateway.store.models import AuthRecheck, BlockedSender, Junk, Message, Outbox, Ticket
 
 __all__ = [
@@ -84,7 +87,7 @@ def blocked_stage(ctx: Context) -> None:
         return
     if ctx.thread.claim is not None and ctx.thread.claim.person:
         return
-    row = blocked(ctx.session, ctx.sender)
+    row = _block_entry(ctx.session, ctx.sender)
     if row is not None:
         ctx.junk = (
             "blocked",
@@ -330,8 +333,23 @@ def blocked(session: Session, address: str) -> BlockedSender | None:
     ).first()
 
 
+_blocked = core.table(BlockedSender)
+#: What `blocked_stage` says of a block (prebuilt: every customer message asks).
+_BLOCK_ENTRY = core_select(_blocked.c.by, _blocked.c.ticket_ref, _blocked.c.blocked_at).where(
+    _blocked.c.address == bindparam("address")
+)
+
+
+def _block_entry(session: Session, address: str) -> Row[Any] | None:
+    """(by, ticket_ref, blocked_at) of the block on `address`, if any: the read of every
+    customer message, by Core (gateway/store/core.py); `blocked` gives the row to change."""
+    if not address:
+        return None
+    return core.read(session, _BLOCK_ENTRY, {"address": address.lower()}).first()
+
+
 def is_blocked(session: Session, address: str) -> bool:
-    return blocked(session, address) is not None
+    return _block_entry(session, address) is not None
 
 
 def block_sender(

@@ -8,13 +8,16 @@ import hashlib
 import json
 import uuid
 
-from sqlalchemy import insert
+from sqlalchemy import bindparam, update
+from sqlalchemy.orm.attributes import set_committed_value
 
 from gateway.pipeline.context import Context
+from gateway.pipeline.subject import normalise_subject
 from gateway.routing.model import SlaPolicy
 from gateway.sla.business_time import BusinessCalendar
 from gateway.sla.clocks import on_customer_message, on_reopen, utc
 from gateway.sla.deadlines import initial_deadlines, isoz
+from gateway.store import core
 from gateway.store.models import Event, Message, MessageRef, Ticket
 from gateway.store.queries import (
     add_event,
@@ -25,6 +28,10 @@ from gateway.store.queries import (
     mark_undeliverable,
     set_cursor,
 )
+
+_ticket = core.table(Ticket)
+#: The ref of a ticket just inserted (it derives from the id the database assigned).
+_SET_REF = update(_ticket).where(_ticket.c.id == bindparam("tid")).values(ref=bindparam("ref"))
 
 
 def _recipients(ctx: Context) -> list[str]:
@@ -63,11 +70,13 @@ def _create_ticket(ctx: Context) -> Ticket:
     calendar = rules.calendar_for_policy(d.sla)
     deadlines = initial_deadlines(policy, calendar, ctx.received_at)
     customer_id = ensure_customer(s, ctx.sender, ctx.parsed.from_name, ctx.now)
+    subject = ctx.parsed.subject or "(no subject)"
     ticket = Ticket(
         ref=f"new-{uuid.uuid4().hex}",
         status="open",
-        subject=ctx.parsed.subject or "(no subject)",
-        normalized_subject="",
+        subject=subject,
+        # Known before the INSERT: written with it, not by an UPDATE after.
+        normalized_subject=normalise_subject(subject)[:500],
         requester=ctx.sender,
         customer_id=customer_id,
         owner=d.owner.id,
@@ -83,17 +92,19 @@ def _create_ticket(ctx: Context) -> Ticket:
         resolution_due=deadlines.resolution,
         last_customer_at=ctx.received_at,
     )
-    s.add(ticket)
-    s.flush()
+    # Written by Core and attached as the persistent instance later stages change
+    # (gateway/store/core.py): the unit of work's INSERT and UPDATE cost several times more.
+    placeholder = ticket.ref
+    core.insert_attached(s, ticket)
     assert ticket.id is not None
     # Human-readable, unique and increasing, never secret (security rests on signed tokens
     # only). Not gapless: a rolled-back transaction burns its sequence number (docs/decisions.md
     # D13).
-    ticket.ref = f"{settings.tickets.ref_prefix}-{settings.tickets.first_number + ticket.id - 1}"
-    from gateway.pipeline.subject import normalise_subject
-
-    ticket.normalized_subject = normalise_subject(ticket.subject)[:500]
-    s.add(ticket)
+    ref = f"{settings.tickets.ref_prefix}-{settings.tickets.first_number + ticket.id - 1}"
+    core.write(s, _SET_REF, {"tid": ticket.id, "ref": ref})
+    # What the row now holds, with no change pending: the placeholder is in no other row.
+    set_committed_value(ticket, "ref", ref)
+    assert placeholder != ticket.ref
     add_participant(s, ticket.id, ctx.sender, "requester", ctx.now)
     # The requester's own To/Cc become participants: how a customer brings a colleague in.
     # Not on the strength of an unverified From (docs/decisions.md D10): anyone can write those
@@ -289,11 +300,12 @@ def _store_message(ctx: Context, ticket: Ticket | None) -> Message:
         spool_id=ctx.entry.id,
         spam=json.dumps(ctx.spam.to_json() if ctx.spam is not None and ctx.spam.present else {}),
     )
-    s.add(msg)
-    s.flush()
+    # The persistent instance later stages change (a staff reply's kind), written by Core.
+    core.insert_attached(s, msg)
     assert msg.id is not None
-    for ref in p.referenced_ids[:50]:
-        s.add(MessageRef(message_id=msg.id, ref=ref[:900]))
+    core.insert_many(
+        s, MessageRef, [{"message_id": msg.id, "ref": r[:900]} for r in p.referenced_ids[:50]]
+    )
     return msg
 
 
@@ -303,8 +315,9 @@ def _store_events(ctx: Context, tid: int | None, msg: Message) -> None:
         # One executemany for the message's audit trail (a new ticket writes four or more
         # events), without building an ORM object per row (docs/decisions.md D16;
         # docs/performance.md).
-        ctx.session.execute(
-            insert(Event),
+        core.insert_many(
+            ctx.session,
+            Event,
             [
                 {
                     "ticket_id": tid,

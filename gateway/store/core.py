@@ -19,19 +19,28 @@ The rules callers keep:
   they are in the same transaction.
 - Values not given take the model's own defaults (`defaults`), exactly as constructing
   the model would.
+- `insert_attached` is for a row the transaction goes on to change as an ORM object (the
+  new ticket, the inbound message): the model object is built as before, written by Core,
+  then attached to the session as if the ORM had flushed it, so the identity map holds
+  exactly that instance and later changes to it are tracked as usual.
+- A statement whose text depends on the dialect (an upsert) is cached per dialect name
+  (`per_dialect`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from functools import cache
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 from pydantic_core import PydanticUndefined
 from sqlalchemy import Table
 from sqlalchemy.engine import Result
+from sqlalchemy.orm import make_transient_to_detached
 from sqlalchemy.sql import Executable
 from sqlmodel import Session, SQLModel
+
+M = TypeVar("M", bound=SQLModel)
 
 #: The primary key column every table of ours has (`id`, integer, assigned by the database).
 PK = "id"
@@ -56,15 +65,15 @@ def defaults(model: type[SQLModel]) -> Mapping[str, Any]:
 
 def read(
     session: Session, stmt: Executable, params: Mapping[str, Any] | None = None
-) -> Result[Any]:
+) -> Result[*tuple[Any, ...]]:
     """Execute a prebuilt read in the session's transaction, after flushing what the ORM
-    holds (Core statements skip autoflush)."""
+    holds (Core statements skip autoflush). Its rows are typed as tuples of any length."""
     session.flush()
     return session.connection().execute(stmt, dict(params or {}))
 
 
 def write(session: Session, stmt: Executable, params: Mapping[str, Any] | None = None) -> int:
-    """Execute a prebuilt UPDATE or DELETE; the number of rows it touched. The session is
+    """Execute a prebuilt UPDATE, DELETE or upsert; the number of rows it touched. The session is
     flushed first so that the statement applies after what the ORM holds."""
     session.flush()
     result = session.connection().execute(stmt, dict(params or {}))
@@ -99,3 +108,39 @@ def insert_many(session: Session, model: type[SQLModel], rows: Sequence[Mapping[
 @cache
 def _insert_stmt(model: type[SQLModel]) -> Executable:
     return table(model).insert()
+
+
+def insert_attached(session: Session, obj: M) -> M:
+    """INSERT the new (transient) model object `obj` by Core, set its id, and attach it to
+    the session as a persistent, unmodified instance: what `session.add(obj); session.flush()`
+    leaves, without the unit of work's cost. The values written are the object's own, a
+    None left out where the column has a default of its own, as the ORM's flush does."""
+    session.flush()
+    values: dict[str, Any] = {}
+    for column in table(type(obj)).columns:
+        value = getattr(obj, column.key)
+        if value is None and (column.primary_key or column.default is not None):
+            continue
+        values[column.key] = value
+    result = session.connection().execute(_insert_stmt(type(obj)), values)
+    key = result.inserted_primary_key
+    assert key is not None
+    setattr(obj, PK, int(key[0]))
+    # Every attribute the constructor set now counts as loaded, with no pending change.
+    make_transient_to_detached(obj)
+    session.add(obj)
+    return obj
+
+
+_PER_DIALECT: dict[tuple[str, str], Executable] = {}
+
+
+def per_dialect(session: Session, name: str, build: Callable[[str], Executable]) -> Executable:
+    """The statement `name` for the session's dialect, built once per dialect by `build`
+    (given the dialect name): for statements spelled differently per dialect, such as
+    ``INSERT ... ON CONFLICT``, which need the dialect's own `insert`."""
+    dialect = session.get_bind().dialect.name
+    stmt = _PER_DIALECT.get((name, dialect))
+    if stmt is None:
+        stmt = _PER_DIALECT[(name, dialect)] = build(dialect)
+    return stmt

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import event, inspect, update
+from sqlalchemy import bindparam, event, inspect, update
 from sqlalchemy.orm import Session
-from sqlmodel import col
 
+from gateway.store import core
 from gateway.store.models import Promise, Ticket
 
 #: The ticket columns `gateway.sla.plan.fires` reads (the escalator's `_SCAN_COLUMNS`).
@@ -32,6 +32,15 @@ PLAN_COLUMNS = (
     "last_staff_at",
     "waiting_since",
     "snoozed_until",
+)
+
+
+_ticket = core.table(Ticket)
+#: Tickets to be planned again (prebuilt: gateway/store/core.py).
+UNPLAN = (
+    update(_ticket)
+    .where(_ticket.c.id.in_(bindparam("ids", expanding=True)))
+    .values(escalate_at=None)
 )
 
 
@@ -56,6 +65,4 @@ def _mark_promises(session: Session, _ctx: Any) -> None:
         if isinstance(obj, Promise) and obj.ticket_id is not None
     }
     if ids:
-        session.connection().execute(
-            update(Ticket).where(col(Ticket.id).in_(sorted(ids))).values(escalate_at=None)
-        )
+        session.connection().execute(UNPLAN, {"ids": sorted(ids)})

@@ -25,7 +25,9 @@ from sqlmodel import Session, col, select
 
 from gateway.sla.clocks import utc
 from gateway.sla.deadlines import isoz
+from gateway.store import core
 from gateway.store.models import Promise, Ticket
+from gateway.store.plan_marks import UNPLAN
 
 __all__ = ["STATES", "promises_json", "record", "settle", "settle_state"]
 
@@ -45,9 +47,15 @@ def record(
     clock: str,
     due: datetime | None,
     audience: str = "customer",
-) -> Promise:
-    """Store a promise just made (in the transaction that queued its mail)."""
-    row = Promise(
+) -> None:
+    """Store a promise just made (in the transaction that queued its mail).
+
+    Written by Core (gateway/store/core.py): nothing changes the row as an object in this
+    transaction. The ORM's flush hook (`plan_marks`) would have marked the ticket to be
+    planned again; a Core INSERT passes it by, so this does the same itself."""
+    core.insert(
+        session,
+        Promise,
         ticket_id=ticket_id,
         made_at=made_at,
         audience=audience,
@@ -58,8 +66,7 @@ def record(
         clock=clock,
         due=due,
     )
-    session.add(row)
-    return row
+    session.connection().execute(UNPLAN, {"ids": [ticket_id]})
 
 
 def settle_state(promise: Promise, ticket: Ticket, now: datetime) -> str | None:

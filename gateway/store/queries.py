@@ -7,11 +7,14 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, text
+from sqlalchemy import bindparam, func, text
+from sqlalchemy import select as core_select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.sql import Executable
 from sqlmodel import Session, col, select
 
+from gateway.store import core
 from gateway.store.lookup import TicketView
 from gateway.store.models import (
     AssignmentCursor,
@@ -25,6 +28,69 @@ from gateway.store.models import (
     Participant,
     Ticket,
     TicketLink,
+)
+
+# Prebuilt Core statements of the pipeline's hot path (gateway/store/core.py says why).
+_message = core.table(Message)
+_participant = core.table(Participant)
+_customer_address = core.table(CustomerAddress)
+_link = core.table(TicketLink)
+_cursor = core.table(AssignmentCursor)
+
+_DUPLICATE_BY_KEY = core_select(_message.c.id, _message.c.ticket_id).where(
+    _message.c.dedupe_key == bindparam("key"), _message.c.kind != "junk"
+)
+_DUPLICATE_BY_MESSAGE_ID = (
+    core_select(_message.c.id, _message.c.ticket_id)
+    .where(
+        _message.c.message_id == bindparam("mid"),
+        _message.c.direction == "in",
+        _message.c.kind != "junk",
+    )
+    .order_by(_message.c.id)
+)
+_TICKET_OF_MESSAGE_ID = (
+    core_select(_message.c.ticket_id)
+    .where(_message.c.message_id == bindparam("mid"), _message.c.ticket_id.is_not(None))
+    .order_by(_message.c.id)
+)
+_PARTICIPANT = core_select(_participant.c.id).where(
+    _participant.c.ticket_id == bindparam("ticket_id"),
+    _participant.c.address == bindparam("address"),
+)
+_CUSTOMER_OF = core_select(_customer_address.c.customer_id).where(
+    _customer_address.c.address == bindparam("address")
+)
+_LINK = core_select(_link.c.id).where(
+    _link.c.ticket_id == bindparam("ticket_id"),
+    _link.c.other_id == bindparam("other_id"),
+    _link.c.relation == bindparam("relation"),
+)
+_CURSORS = core_select(_cursor.c.route, _cursor.c.person)
+_message_ref = core.table(MessageRef)
+_outbox = core.table(Outbox)
+_TICKETS_REFERENCING = (
+    core_select(_message.c.ticket_id)
+    .join(_message_ref, _message_ref.c.message_id == _message.c.id)
+    .where(_message_ref.c.ref == bindparam("ref"), _message.c.ticket_id.is_not(None))
+    .distinct()
+    .limit(20)
+)
+_MERGED_INTO = (
+    core_select(_link.c.other_id)
+    .where(_link.c.ticket_id == bindparam("ticket_id"), _link.c.relation == "merged-into")
+    .order_by(_link.c.id)
+)
+_OUTBOX_TICKET = core_select(_outbox.c.ticket_id).where(
+    _outbox.c.message_id == bindparam("mid"), _outbox.c.ticket_id.is_not(None)
+)
+_SENT_TICKET = core_select(_message.c.ticket_id).where(
+    _message.c.message_id == bindparam("mid"),
+    _message.c.direction == "out",
+    _message.c.ticket_id.is_not(None),
+)
+_UNDELIVERABLE_SINCE = core_select(_customer_address.c.undeliverable_since).where(
+    _customer_address.c.address == bindparam("address")
 )
 
 
@@ -46,33 +112,18 @@ class SqlLookup:
         # A message a staff `#junk` moved to the junk folder (kind "junk") is no duplicate
         # of its release (docs/decisions.md D18: released mail is processed as if it had just
         # arrived).
-        row = self.s.exec(
-            select(Message.id, Message.ticket_id).where(
-                Message.dedupe_key == dedupe_key, Message.kind != "junk"
-            )
-        ).first()
+        row = core.read(self.s, _DUPLICATE_BY_KEY, {"key": dedupe_key}).first()
         if row is None and message_id:
             # Mail to support@ and billing@ with one Message-ID is one message (§4).
-            row = self.s.exec(
-                select(Message.id, Message.ticket_id)
-                .where(
-                    Message.message_id == message_id,
-                    Message.direction == "in",
-                    Message.kind != "junk",
-                )
-                .order_by(col(Message.id))
-            ).first()
+            row = core.read(self.s, _DUPLICATE_BY_MESSAGE_ID, {"mid": message_id}).first()
         if row is None:
             return None
         assert row[0] is not None
         return row[0], row[1]
 
     def ticket_of_message_id(self, message_id: str) -> int | None:
-        return self.s.exec(
-            select(Message.ticket_id)
-            .where(Message.message_id == message_id, col(Message.ticket_id).is_not(None))
-            .order_by(col(Message.id))
-        ).first()
+        row = core.read(self.s, _TICKET_OF_MESSAGE_ID, {"mid": message_id}).first()
+        return None if row is None else int(row[0])
 
     def ticket(self, ticket_id: int) -> TicketView | None:
         return _view(self.s.get(Ticket, ticket_id))
@@ -81,23 +132,13 @@ class SqlLookup:
         return _view(self.s.exec(select(Ticket).where(Ticket.ref == ref.upper())).first())
 
     def tickets_referencing(self, message_id: str) -> list[int]:
-        rows = self.s.exec(
-            select(Message.ticket_id)
-            .join(MessageRef, col(MessageRef.message_id) == col(Message.id))
-            .where(MessageRef.ref == message_id, col(Message.ticket_id).is_not(None))
-            .distinct()
-            .limit(20)
-        ).all()
-        return [r for r in rows if r is not None]
+        rows = core.read(self.s, _TICKETS_REFERENCING, {"ref": message_id})
+        return [r[0] for r in rows if r[0] is not None]
 
     def merged_into(self, ticket_id: int) -> TicketView | None:
         """The ticket this one was merged into (`#merge`, link ``merged-into``), if any."""
-        target = self.s.exec(
-            select(TicketLink.other_id)
-            .where(TicketLink.ticket_id == ticket_id, TicketLink.relation == "merged-into")
-            .order_by(col(TicketLink.id))
-        ).first()
-        return self.ticket(target) if target is not None else None
+        row = core.read(self.s, _MERGED_INTO, {"ticket_id": ticket_id}).first()
+        return self.ticket(row[0]) if row is not None else None
 
     def ticket_of_outbound(self, message_ids: Sequence[str]) -> int | None:
         return ticket_of_outbound(self.s, message_ids)
@@ -106,12 +147,8 @@ class SqlLookup:
         address = address.lower()
         if not address:
             return False
-        hit = self.s.exec(
-            select(Participant.id).where(
-                Participant.ticket_id == ticket_id, Participant.address == address
-            )
-        ).first()
-        if hit is not None:
+        params = {"ticket_id": ticket_id, "address": address}
+        if core.read(self.s, _PARTICIPANT, params).first() is not None:
             return True
         # One person, several addresses: the ticket's customer under another address.
         ticket = self.s.get(Ticket, ticket_id)
@@ -133,13 +170,6 @@ def last_customer_message(session: Session, ticket_id: int) -> Message | None:
         )
         .order_by(col(Message.at).desc(), col(Message.id).desc())
     ).first()
-
-
-def _insert(session: Session, model: Any) -> Any:
-    """An INSERT that can say ON CONFLICT (both dialects spell it the same way)."""
-    if session.get_bind().dialect.name == "postgresql":
-        return pg_insert(model)
-    return sqlite_insert(model)
 
 
 def xact_lock(session: Session, name: str) -> None:
@@ -191,10 +221,8 @@ def resolve_customer(session: Session, customer_id: int) -> int:
 
 
 def customer_of(session: Session, address: str) -> int | None:
-    row = session.exec(
-        select(CustomerAddress.customer_id).where(CustomerAddress.address == address.lower())
-    ).first()
-    return resolve_customer(session, row) if row is not None else None
+    row = core.read(session, _CUSTOMER_OF, {"address": address.lower()}).first()
+    return resolve_customer(session, row[0]) if row is not None else None
 
 
 def ensure_customer(session: Session, address: str, name: str, now: datetime) -> int | None:
@@ -206,14 +234,13 @@ def ensure_customer(session: Session, address: str, name: str, now: datetime) ->
     found = customer_of(session, address)
     if found is not None:
         return found
-    c = Customer(name=name, created_at=now)
-    session.add(c)
-    session.flush()
-    assert c.id is not None
-    session.add(CustomerAddress(customer_id=c.id, address=address.lower(), created_at=now))
-    session.flush()
-    session.info.setdefault(_ROOTS, {})[c.id] = c.id
-    return c.id
+    # Written by Core: nothing later in the transaction changes either row as an object.
+    customer_id = core.insert(session, Customer, name=name, created_at=now)
+    core.insert(
+        session, CustomerAddress, customer_id=customer_id, address=address.lower(), created_at=now
+    )
+    session.info.setdefault(_ROOTS, {})[customer_id] = customer_id
+    return customer_id
 
 
 def mark_undeliverable(session: Session, address: str, reason: str, now: datetime) -> None:
@@ -234,6 +261,10 @@ def mark_undeliverable(session: Session, address: str, reason: str, now: datetim
 
 def mark_deliverable(session: Session, address: str) -> bool:
     """The address wrote to us: whatever bounced before, it reaches a person now."""
+    # Nearly always nothing to do: ask by Core, load the row to change only if it bounced.
+    known = core.read(session, _UNDELIVERABLE_SINCE, {"address": address.lower()}).first()
+    if known is None or known[0] is None:
+        return False
     row = session.exec(
         select(CustomerAddress).where(CustomerAddress.address == address.lower())
     ).first()
@@ -263,20 +294,18 @@ def add_participant(
     address = address.lower()
     if not address:
         return False
-    exists = session.exec(
-        select(Participant).where(
-            Participant.ticket_id == ticket_id, Participant.address == address
-        )
-    ).first()
-    if exists is not None:
+    params = {"ticket_id": ticket_id, "address": address}
+    if core.read(session, _PARTICIPANT, params).first() is not None:
         return False
     # An upsert: another node may add the same participant to the same ticket meanwhile.
-    stmt = (
-        _insert(session, Participant)
-        .values(ticket_id=ticket_id, address=address, role=role, added_at=now)
-        .on_conflict_do_nothing(index_elements=["ticket_id", "address"])
-    )
-    return bool(session.execute(stmt).rowcount)  # type: ignore[attr-defined]
+    stmt = core.per_dialect(session, "add_participant", _participant_upsert)
+    values = {"ticket_id": ticket_id, "address": address, "role": role, "added_at": now}
+    return bool(core.write(session, stmt, values))
+
+
+def _participant_upsert(dialect: str) -> Executable:
+    insert = pg_insert if dialect == "postgresql" else sqlite_insert
+    return insert(_participant).on_conflict_do_nothing(index_elements=["ticket_id", "address"])
 
 
 def add_event(
@@ -289,31 +318,25 @@ def add_event(
     message_id: int | None = None,
     data: Any = None,
 ) -> None:
-    session.add(
-        Event(
-            ticket_id=ticket_id,
-            message_id=message_id,
-            at=now,
-            type=type_,
-            detail=detail,
-            data=json.dumps(data if data is not None else {}, default=str),
-        )
+    # A Core INSERT (core.insert flushes first, so events keep the order they are added
+    # in): the audit trail is append-only, never read back as objects in this transaction.
+    core.insert(
+        session,
+        Event,
+        ticket_id=ticket_id,
+        message_id=message_id,
+        at=now,
+        type=type_,
+        detail=detail,
+        data=json.dumps(data if data is not None else {}, default=str),
     )
 
 
 def link(session: Session, ticket_id: int, other_id: int, relation: str, now: datetime) -> bool:
-    exists = session.exec(
-        select(TicketLink.id).where(
-            TicketLink.ticket_id == ticket_id,
-            TicketLink.other_id == other_id,
-            TicketLink.relation == relation,
-        )
-    ).first()
-    if exists is not None:
+    params = {"ticket_id": ticket_id, "other_id": other_id, "relation": relation}
+    if core.read(session, _LINK, params).first() is not None:
         return False
-    session.add(
-        TicketLink(ticket_id=ticket_id, other_id=other_id, relation=relation, created_at=now)
-    )
+    core.insert(session, TicketLink, **params, created_at=now)
     return True
 
 
@@ -362,19 +385,27 @@ class OpenTicketCounts(Mapping[str, int]):
 
 
 def assignment_cursors(session: Session) -> dict[str, str]:
-    return {c.route: c.person for c in session.exec(select(AssignmentCursor)).all()}
+    return {route: person for route, person in core.read(session, _CURSORS)}
 
 
 def set_cursor(session: Session, route: str, person: str, now: datetime) -> None:
     # An upsert: the first ticket of a route on two nodes at once must not collide.
-    stmt = _insert(session, AssignmentCursor).values(route=route, person=person, updated_at=now)
-    stmt = stmt.on_conflict_do_update(
-        index_elements=["route"], set_={"person": person, "updated_at": now}
-    )
-    session.execute(stmt)
-    cur = session.get(AssignmentCursor, route)
-    if cur is not None:  # the identity map may hold the row read before: refresh it
+    stmt = core.per_dialect(session, "set_cursor", _cursor_upsert)
+    core.write(session, stmt, {"route": route, "person": person, "updated_at": now})
+    # The identity map may hold the row read before as an object: refresh it. Only then:
+    # `session.get` would load a row nobody holds, to refresh it at once (two SELECTs).
+    cur = session.identity_map.get(session.identity_key(AssignmentCursor, route))
+    if cur is not None:
         session.refresh(cur)
+
+
+def _cursor_upsert(dialect: str) -> Executable:
+    insert = pg_insert if dialect == "postgresql" else sqlite_insert
+    stmt = insert(_cursor)
+    return stmt.on_conflict_do_update(
+        index_elements=["route"],
+        set_={"person": stmt.excluded.person, "updated_at": stmt.excluded.updated_at},
+    )
 
 
 def find_ticket(session: Session, ref: str) -> Ticket | None:
@@ -388,22 +419,10 @@ def find_ticket(session: Session, ref: str) -> Ticket | None:
 def ticket_of_outbound(session: Session, message_ids: Iterable[str]) -> int | None:
     """The ticket of an outbound message we sent (for attaching bounces)."""
     for mid in message_ids:
-        tid = session.exec(
-            select(Outbox.ticket_id).where(
-                Outbox.message_id == mid, col(Outbox.ticket_id).is_not(None)
-            )
-        ).first()
-        if tid is not None:
-            return tid
-        tid = session.exec(
-            select(Message.ticket_id).where(
-                Message.message_id == mid,
-                Message.direction == "out",
-                col(Message.ticket_id).is_not(None),
-            )
-        ).first()
-        if tid is not None:
-            return tid
+        for stmt in (_OUTBOX_TICKET, _SENT_TICKET):
+            row = core.read(session, stmt, {"mid": mid}).first()
+            if row is not None:
+                return int(row[0])
     return None
 
 
