@@ -24,15 +24,18 @@ from pathlib import Path
 import aiosmtplib
 import pytest
 from pydantic import ValidationError
+from sqlmodel import Session, select
 
+from gateway.clock import FrozenClock
 from gateway.factories import build_spool
 from gateway.node import pipeline_claimant
 from gateway.settings import Settings
 from gateway.spool import Envelope
 from gateway.store.db import open_database
+from gateway.store.models import Ticket
 from tests.conftest import _pg_database, make_settings
 from tests.integration.test_multinode import Node, db, inbound_counts, write_config
-from tests.support.gateway import make_mail
+from tests.support.gateway import make_mail, running_gateway, send
 from tests.support.relay import CaptureRelay
 
 pytestmark = [pytest.mark.postgres]
@@ -173,3 +176,27 @@ async def _two_processes(tmp_path: Path, pg_url: str, relay: CaptureRelay) -> No
             await asyncio.sleep(0.1)
     finally:
         node.stop()
+
+
+async def test_a_ticket_with_a_named_owner_does_not_wait_for_the_routing_lock(
+    tmp_path: Path, pg_url: str
+) -> None:
+    """The "routing" advisory lock serialises team assignment across nodes and processes;
+    a ticket whose route (here the defaults) names its owner reads no assignment state and
+    must not wait for it. Before, every new ticket took it and held it to its commit: with
+    another process holding it, this message would wait (the bounded wait below fails)."""
+
+    settings = make_settings(tmp_path, storage={"database_url": pg_url})
+    async with running_gateway(settings, FrozenClock()) as gw:
+        code, _ = await send(gw, make_mail(sender="named@customer.example"))
+        assert code == 250
+        with db(pg_url) as holder:  # another pipeline, in the middle of a team assignment
+            holder.execute("SELECT pg_advisory_lock(hashtext('routing'))")
+            try:
+                done = await asyncio.wait_for(gw.pipeline.run_once(), timeout=30)
+            finally:
+                holder.execute("SELECT pg_advisory_unlock(hashtext('routing'))")
+        assert done == 1
+        with Session(gw.engine) as s:
+            ticket = s.exec(select(Ticket)).one()
+        assert ticket.requester == "named@customer.example"
