@@ -18,7 +18,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import socket
 import subprocess
@@ -29,6 +28,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 
+SINK = "aiosmtpd.handlers.Sink"
 ACK_BODY = "We received your message and a person will answer.\r\n" * 30
 
 #: Run in a child process with the checkout under test first on sys.path.
@@ -91,8 +91,9 @@ def one_round(code: Path, relay_port: int, mails: int, url: str) -> dict[str, fl
     import json
 
     with tempfile.TemporaryDirectory(prefix="gw-dw-") as tmp:
+        argv = [str(code), tmp, str(relay_port), str(mails), url, ACK_BODY]
         out = subprocess.run(
-            [sys.executable, "-c", CHILD, str(code), tmp, str(relay_port), str(mails), url, ACK_BODY],
+            [sys.executable, "-c", CHILD, *argv],
             check=True,
             capture_output=True,
             text=True,
@@ -113,8 +114,7 @@ def main() -> int:
     print(f"load average: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     port = free_port()
     relay = subprocess.Popen(
-        [sys.executable, "-m", "aiosmtpd", "-n", "-l", f"127.0.0.1:{port}"]
-        + ["-c", "aiosmtpd.handlers.Sink"],
+        [sys.executable, "-m", "aiosmtpd", "-n", "-l", f"127.0.0.1:{port}", "-c", SINK],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -133,7 +133,7 @@ def main() -> int:
             for code in codes:
                 r = one_round(code, port, args.mails, args.database_url)
                 print(
-                    f"round {n} {str(code):24s}: {r['cpu_ms']:5.2f} ms CPU per mail, "
+                    f"round {n} {code!s:24s}: {r['cpu_ms']:5.2f} ms CPU per mail, "
                     f"{r['rate']:6.1f} mails/s",
                     flush=True,
                 )
