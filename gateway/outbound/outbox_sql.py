@@ -52,6 +52,7 @@ def claim_select(batch: int) -> Executable:
         now = bindparam("now", type_=_C.next_attempt_at.type)
         due = or_(
             and_(_C.state == "queued", _C.next_attempt_at <= now),
+            # Its node stopped renewing (died, or lost the database): fair game again.
             and_(_C.state == "sending", _C.claimed_until < now),
         )
         cached = _claim_selects[batch] = (
