@@ -52,7 +52,13 @@ from gateway.settings import Settings
 from gateway.sla.durations import parse as parse_duration
 from gateway.store import core
 from gateway.store.models import BundleItem, Customer, Outbox, Ticket, TicketLink
-from gateway.store.queries import _ROOTS, add_event, customer_of, link, resolve_customer
+from gateway.store.queries import (
+    add_event,
+    customer_memo,
+    customer_of,
+    link,
+    resolve_customer,
+)
 
 __all__ = [
     "Candidate",
@@ -196,9 +202,6 @@ def _waiting_stmt(customer: bool) -> Any:
 _WAITING_FOR_CUSTOMER = _waiting_stmt(customer=True)
 _WAITING_FOR_NOBODY = _waiting_stmt(customer=False)
 
-#: session.info key: (the `resolve_customer` memo it was built with, root -> customer ids).
-_IDS = "gateway_customer_ids"
-
 
 def customer_ids(session: Session, customer_id: int) -> set[int]:
     """The customer and every customer merged into it (their tickets are one person's).
@@ -208,17 +211,11 @@ def customer_ids(session: Session, customer_id: int) -> set[int]:
     a customer nobody was merged into); reading every merged customer of the installation,
     twice per message, grew with the number of merges ever made.
 
-    Memoised in the session, like `resolve_customer` (asked twice per new ticket, and only
-    `merge_customers` changes the answer). The memo is tied to `resolve_customer`'s: that
-    one is dropped by `merge_customers`, and a memo built with another (or none) is
-    recomputed, so a merge in this session is seen at once."""
+    Memoised for the transaction (asked twice per new ticket): `merge_customers`, the only
+    change to the answer, drops the memo, so a merge in this session is seen at once."""
     root = resolve_customer(session, customer_id)
-    roots = session.info.get(_ROOTS)
-    memo: tuple[object, dict[int, frozenset[int]]] | None = session.info.get(_IDS)
-    if memo is None or memo[0] is not roots:
-        memo = (roots, {})
-        session.info[_IDS] = memo
-    known = memo[1].get(root)
+    memo: dict[int, frozenset[int]] = customer_memo(session, "ids")
+    known = memo.get(root)
     if known is not None:
         return set(known)
     ids = {root}
@@ -227,7 +224,7 @@ def customer_ids(session: Session, customer_id: int) -> set[int]:
         found = core.read(session, _MERGED_INTO, {"level": sorted(level)}).scalars().all()
         level = {c for c in found if c is not None and c not in ids}
         ids |= level
-    memo[1][root] = frozenset(ids)
+    memo[root] = frozenset(ids)
     return ids
 
 

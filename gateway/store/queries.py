@@ -426,14 +426,31 @@ def ticket_of_outbound(session: Session, message_ids: Iterable[str]) -> int | No
     return None
 
 
+#: `session.info` key: memos about customers that only a merge changes (`customer_memo`).
+_CUSTOMER_MEMOS = "gateway_customer_memos"
+
+
+def customer_memo(session: Session, name: str) -> dict[Any, Any]:
+    """A memo `name` about customers for the session's transaction (who was merged into
+    whom, whose tickets are one person's): `merge_customers` drops every one of them, the
+    only change to those answers."""
+    memos: dict[str, dict[Any, Any]] = session.info.setdefault(_CUSTOMER_MEMOS, {})
+    return memos.setdefault(name, {})
+
+
+def _forget_customer_memos(session: Session) -> None:
+    session.info.pop(_ROOTS, None)
+    session.info.pop(_CUSTOMER_MEMOS, None)
+
+
 def merge_customers(
     session: Session, source: int, target: int, now: datetime, by: str = ""
 ) -> CustomerMerge:
     """Join customer `source` into `target`: addresses and tickets move, history is kept."""
-    session.info.pop(_ROOTS, None)
+    _forget_customer_memos(session)
     source = resolve_customer(session, source)
     target = resolve_customer(session, target)
-    session.info.pop(_ROOTS, None)  # the roots change below
+    _forget_customer_memos(session)  # the roots change below
     if source == target:
         raise ValueError("both addresses already belong to one customer")
     addrs = session.exec(select(CustomerAddress).where(CustomerAddress.customer_id == source)).all()

@@ -330,7 +330,7 @@ async def test_customer_ids_follow_chains_of_merges_and_nothing_else(gw: Gateway
 
 async def test_customer_ids_memo_sees_a_merge_in_the_same_session(gw: Gateway) -> None:
     """`customer_ids` is memoised in the session; a merge made in that session is seen at
-    once (the memo follows `resolve_customer`'s, which `merge_customers` drops)."""
+    once (`merge_customers` drops the memo)."""
     from gateway.pipeline.conversation import customer_ids
     from gateway.store.queries import ensure_customer
 
