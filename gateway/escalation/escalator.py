@@ -400,8 +400,9 @@ class Escalator:
         """Fire what is due, then sleep exactly until the next moment (at most MAX_SLEEP, so
         rules edits and new tickets are seen) or until `wakeup` is set (a new ticket, a
         reply, a rules reload; passes so woken start at most once per `WAKE_GAP`). Not a
-        coarse poll: a step due in 3 s is fired in 3 s. `on_fired` runs after a pass that fired steps: it wakes the delivery worker, so the
-        mail leaves now and not at the worker's next poll."""
+        coarse poll: a step due in 3 s is fired in 3 s. `on_fired` runs after a pass that
+        fired steps: it wakes the delivery worker, so the mail leaves now and not at the
+        worker's next poll."""
         loop = asyncio.get_running_loop()
         while not stopping.is_set():
             wakeup.clear()  # before the work: a wakeup during the run is not lost

@@ -110,9 +110,13 @@ _EARLIEST = sa_select(func.min(_t.c.escalate_at)).where(
     _t.c.escalate_at < FAR,
     _AWAKE,
 )
-#: ... and the snoozed ones, whose moment is at the earliest their wake-up.
-_SNOOZED = sa_select(_t.c.escalate_at, _t.c.snoozed_until).where(
-    _t.c.status == "open", _t.c.snoozed_until > bindparam("now"), _t.c.escalate_at < FAR
+#: ... and the snoozed ones, whose moment is at the earliest their wake-up. Only the
+#: snooze is asked of the database, status and moment are checked here: given `status =
+#: 'open'` SQLite (without ANALYZE statistics) walks every open ticket by the (status,
+#: escalate_at) index instead of the few snoozed ones by `ticket_snoozed` (115 ms at 100,000
+#: open tickets, at every pass).
+_SNOOZED = sa_select(_t.c.status, _t.c.escalate_at, _t.c.snoozed_until).where(
+    _t.c.snoozed_until > bindparam("now")
 )
 
 
@@ -295,7 +299,9 @@ class Planner:
         lookups, plus the snoozed tickets (few) whose moment is their wake-up."""
         with self.reader.connect() as conn:
             best = utc(conn.execute(_EARLIEST, {"now": now}).scalar())
-            for at, snoozed in conn.execute(_SNOOZED, {"now": now}).all():
+            for status, at, snoozed in conn.execute(_SNOOZED, {"now": now}).all():
+                if status != "open" or at is None or (utc(at) or at) >= FAR:
+                    continue
                 moment = max(utc(at) or at, utc(snoozed) or snoozed)
                 if best is None or moment < best:
                     best = moment
