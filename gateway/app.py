@@ -19,6 +19,7 @@ import signal
 import socket
 import time
 from collections import Counter
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -49,6 +50,7 @@ from gateway.settings import ConfigError, Settings
 from gateway.store.db import open_database, session_scope
 from gateway.store.installation import check_fingerprint, require_configured_secret
 from gateway.store.notify import ClusterNotifier
+from gateway.store.plan_marks import BUNDLE, RECHECK
 
 log = logging.getLogger("gateway")
 
@@ -157,22 +159,12 @@ class Gateway:
         self.bundler = BundleWorker(self.engine, self.services)
         self.bundler_wakeup = asyncio.Event()
 
-        def after_batch() -> None:
-            # New outbox rows (acknowledgements) go out as soon as their batch has committed,
-            # and the escalator looks again (a new ticket or reply may move the next step).
-            self.delivery.wakeup.set()
-            self.escalator_wakeup.set()
-            self.rechecker_wakeup.set()
-            self.bundler_wakeup.set()
-            self.cluster.notify()
-            self.cluster.notify_ticket()  # and the other nodes' escalators
-
         def after_fire() -> None:
             # Fired escalation steps queued mail: it leaves now (docs/decisions.md D11.3).
             self.delivery.wakeup.set()
             self.cluster.notify()
 
-        self.pipeline.after_batch = after_batch
+        self.pipeline.after_batch = self.after_batch
         self.after_fire = after_fire
         self.rechecker.after_batch = after_fire  # a released acknowledgement leaves now
         self.bundler.after_batch = after_fire  # a bundled acknowledgement too
@@ -200,6 +192,26 @@ class Gateway:
         self.registry = build_registry(self.collector)
         self.http: AdminHttp | None = None
         self.http_port: int | None = None
+
+    def after_batch(self, created: Mapping[str, datetime] | None = None) -> None:
+        """A pipeline batch has committed (on the event loop)."""
+        # New outbox rows (acknowledgements) go out as soon as their batch has committed,
+        # and the escalator looks again (a new ticket or reply may move the next step).
+        self.delivery.wakeup.set()
+        self.escalator_wakeup.set()
+        # The bundle and re-check workers sleep until their next due row: they are woken
+        # only for a new row due before then. `created` (from the pipeline process) has
+        # the batch's earliest new due moments; None (the pipeline in a thread of this
+        # process, or a supervisor's word) does not say, so both look again.
+        for looks, wakeup, kind in (
+            (self.rechecker.looks, self.rechecker_wakeup, RECHECK),
+            (self.bundler.looks, self.bundler_wakeup, BUNDLE),
+        ):
+            due = None if created is None else created.get(kind)
+            if created is None or (due is not None and looks.wake_for(due)):
+                wakeup.set()
+        self.cluster.notify()
+        self.cluster.notify_ticket()  # and the other nodes' escalators
 
     # Metrics and health -----------------------------------------------------------------
 

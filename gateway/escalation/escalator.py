@@ -47,6 +47,7 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
+from sqlalchemy import bindparam, or_
 from sqlalchemy import select as sa_select
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
@@ -76,9 +77,9 @@ from gateway.sla.plan import (
     WARNING_STEP,
     Fire,
 )
-from gateway.store import promises
+from gateway.store import core, promises
 from gateway.store.db import is_postgres, session_scope
-from gateway.store.models import EscalationStep, Message, Ticket
+from gateway.store.models import EscalationStep, Message, Promise, Ticket
 from gateway.store.queries import add_event
 
 __all__ = [
@@ -96,6 +97,12 @@ log = logging.getLogger("gateway.sla")
 
 #: `run()` wakes at least this often, so rules edits and new tickets are seen.
 MAX_SLEEP = 60.0
+#: Woken (after every pipeline batch, by other nodes, a rules reload), `run()` starts a pass
+#: at most this long after the previous one began. Under load the pipeline commits many
+#: times a second, and a pass per commit was a tenth of the daemon's CPU; a wake that comes
+#: meanwhile is not lost (exactly one more pass), and moments the loop sleeps until are
+#: never held back, so a step still fires well within 5 s of its moment.
+WAKE_GAP = 1.0
 
 _FIRED_COLUMNS: tuple[Any, ...] = (
     EscalationStep.clock,
@@ -103,6 +110,24 @@ _FIRED_COLUMNS: tuple[Any, ...] = (
     EscalationStep.step,
     EscalationStep.person,
     EscalationStep.action,
+)
+
+_promise, _ticket = core.table(Promise), core.table(Ticket)
+#: A pending promise `promises.settle` would look at: the same condition, prebuilt
+#: (gateway/store/core.py), read-only, one row.
+_SETTLE_PROBE = (
+    sa_select(_promise.c.id)
+    .where(
+        _promise.c.state == "pending",
+        _promise.c.ticket_id == _ticket.c.id,
+        or_(
+            _promise.c.due <= bindparam("now"),
+            _ticket.c.status != "open",
+            _ticket.c.last_staff_at >= _promise.c.made_at,
+            _ticket.c.first_responded_at >= _promise.c.made_at,
+        ),
+    )
+    .limit(1)
 )
 
 #: `EscalationStep.action` of a claimed row before its action says more.
@@ -165,12 +190,20 @@ class Escalator:
                 log.exception("escalation of ticket %s failed; will retry", row.id)
         self.planner.replan(rules)
         try:
-            with session_scope(self.engine) as session:
-                promises.settle(session, now)
+            if self._promises_to_settle(now):
+                with session_scope(self.engine) as session:
+                    promises.settle(session, now)
         except Exception:
             log.exception("settling promises failed; will retry")
         self.fired_total += fired
         return fired
+
+    def _promises_to_settle(self, now: datetime) -> bool:
+        """Can any pending promise move now? A read-only look first: most passes find none,
+        and `promises.settle` is a write transaction (on SQLite the write lock, queued
+        behind the pipeline's commits) with an ORM query."""
+        with self.planner.reader.connect() as conn:
+            return conn.execute(_SETTLE_PROBE, {"now": now}).first() is not None
 
     def next_due(self) -> datetime | None:
         """The earliest future moment anything fires (None: nothing is scheduled)."""
@@ -366,16 +399,18 @@ class Escalator:
     ) -> None:
         """Fire what is due, then sleep exactly until the next moment (at most MAX_SLEEP, so
         rules edits and new tickets are seen) or until `wakeup` is set (a new ticket, a
-        reply, a rules reload). Not a coarse poll: a step due in 3 s is fired in 3 s.
-        `on_fired` runs after a pass that fired steps: it wakes the delivery worker, so the
-        mail leaves now and not at the worker's next poll."""
+        reply, a rules reload; passes so woken start at most once per `WAKE_GAP`). Not a
+        coarse poll: a step due in 3 s is fired in 3 s. `on_fired` runs after a pass that
+        fired steps: it wakes the delivery worker, so the mail leaves now and not at the
+        worker's next poll."""
+        loop = asyncio.get_running_loop()
         while not stopping.is_set():
             wakeup.clear()  # before the work: a wakeup during the run is not lost
+            started = loop.time()
             try:
-                fired = await asyncio.to_thread(self.run_once)
-                if fired and on_fired is not None:
-                    on_fired()
-                nxt = await asyncio.to_thread(self.next_due)
+                # One hop to a thread for the pass and the next moment (each hop is a
+                # context switch and a future, at every wake).
+                nxt = await asyncio.to_thread(self._pass, on_fired, loop)
             except Exception:
                 log.exception("escalator run failed; retrying")
                 nxt = None
@@ -383,12 +418,35 @@ class Escalator:
             if nxt is not None:
                 delay = min(MAX_SLEEP, max(0.0, (nxt - self.clock.now()).total_seconds()))
             self.last_delay = delay
-            waiters = [
-                asyncio.ensure_future(stopping.wait()),
-                asyncio.ensure_future(wakeup.wait()),
-            ]
-            try:
-                await asyncio.wait(waiters, timeout=delay, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                for w in waiters:
-                    w.cancel()
+            due = loop.time() + delay
+            if await _wait(stopping, wakeup, delay) and not stopping.is_set():
+                # Woken early: the next pass waits for the gap since this one began (never
+                # past the moment it was going to wake for anyway).
+                rest = min(started + WAKE_GAP, due) - loop.time()
+                if rest > 0:
+                    await _wait(stopping, None, rest)
+
+    def _pass(
+        self, on_fired: Callable[[], None] | None, loop: asyncio.AbstractEventLoop
+    ) -> datetime | None:
+        """One pass (in a worker thread): fire what is due, then the next moment. A pass
+        that fired steps calls `on_fired` on the event loop at once, before the next moment
+        is looked up: the mail leaves now."""
+        fired = self.run_once()
+        if fired and on_fired is not None:
+            loop.call_soon_threadsafe(on_fired)
+        return self.next_due()
+
+
+async def _wait(stopping: asyncio.Event, wakeup: asyncio.Event | None, timeout: float) -> bool:
+    """Sleep `timeout` seconds or until `stopping` (or `wakeup`, if given) is set; True when
+    an event ended it."""
+    waiters = [asyncio.ensure_future(stopping.wait())]
+    if wakeup is not None:
+        waiters.append(asyncio.ensure_future(wakeup.wait()))
+    try:
+        done, _ = await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waiters:
+            w.cancel()
+    return bool(done)

@@ -9,7 +9,9 @@ byte per signal: `w` the spool committed new mail, `r` read the rules again (the
 SIGHUP), `s` finish the current message and exit; end of file means the parent is gone.
 A second pipe goes back: "I committed a batch" (new outbox rows: wake the delivery worker
 and the escalator), carrying the batch's metric increments as JSON (gateway/metrics.py), so
-`/metrics` counts what the child did without a shared-memory registry. Pipes, not
+`/metrics` counts what the child did without a shared-memory registry, and the earliest due
+moment of any bundle item or sender re-check the batch created (`batch_word`), so that the
+daemon wakes those workers only when they have something new to do soon. Pipes, not
 multiprocessing Events: those are named semaphores, which
 Python 3.11's resource tracker double-unregisters at exit with spawned children.
 
@@ -44,6 +46,7 @@ import signal
 import time
 from collections import Counter
 from collections.abc import Callable
+from datetime import UTC, datetime
 from multiprocessing.connection import Connection
 from threading import Event, Lock, Thread
 from typing import TYPE_CHECKING, Any
@@ -79,6 +82,48 @@ def restart_delay(
 def hung(state: str, last_word: float, now: float, timeout: float) -> bool:
     """A child busy with one entry and silent for `timeout` seconds is hung."""
     return state == "busy" and now - last_word > timeout
+
+
+def batch_word(tally: list[list[Any]] | None, created: dict[str, datetime]) -> bytes:
+    """The child's "batch committed" message: b"1" (nothing to add), the tally's wire form
+    (a JSON list), or, when the batch created rows the daemon's timed workers act on, a JSON
+    object {"tally": ..., "due": {kind: ISO moment}} (`gateway.store.plan_marks`)."""
+    if created:
+        due = {kind: moment.isoformat() for kind, moment in created.items()}
+        return json.dumps({"tally": tally or [], "due": due}).encode()
+    return json.dumps(tally).encode() if tally else b"1"
+
+
+def read_batch_word(data: bytes) -> tuple[list[list[Any]] | None, dict[str, datetime]] | None:
+    """`batch_word` read back: (tally wire form or None, due moments), or None when `data`
+    is not a batch word (a state beat). A malformed part reads as absent, except that a
+    malformed due moment reads as "due now" (a wake too many, never one missed)."""
+    if data == b"1":
+        return None, {}
+    if data.startswith(b"["):
+        try:
+            return json.loads(data), {}
+        except ValueError:
+            return None, {}
+    if data.startswith(b"{"):
+        try:
+            obj = json.loads(data)
+        except ValueError:
+            return None, {"bundle": _EPOCH, "recheck": _EPOCH}
+        created: dict[str, datetime] = {}
+        for kind, text in dict(obj.get("due") or {}).items():
+            try:
+                moment = datetime.fromisoformat(str(text))
+            except ValueError:
+                moment = _EPOCH
+            created[str(kind)] = moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+        tally = obj.get("tally")
+        return (tally if isinstance(tally, list) and tally else None), created
+    return None
+
+
+#: "Due now" for a moment that could not be read.
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def _die_with_parent() -> None:
@@ -176,10 +221,13 @@ def child_main(
 
     worker.heartbeat = heartbeat
 
+    from gateway.store.plan_marks import take_created
+
     def ship() -> None:
         """Tell the parent "I committed", with the metric increments since the last word
-        (a JSON list; b"1" when there are none)."""
-        data = json.dumps(tally_to_wire(worker.tally)).encode() if worker.tally else b"1"
+        (a JSON list; b"1" when there are none) and, when the batch created bundle items or
+        sender re-checks, the earliest due moment of each (a JSON object, `batch_word`)."""
+        data = batch_word(tally_to_wire(worker.tally) if worker.tally else None, take_created())
         worker.tally.clear()
         with contextlib.suppress(OSError):
             notify.send_bytes(data)
@@ -292,18 +340,24 @@ class PipelineProcess:
     def _on_notify(self) -> None:
         assert self._conn is not None
         batch = False
+        # The earliest due moment, per kind, of what the batches read here created: the
+        # daemon wakes the bundle and re-check workers only for those (gateway/app.py).
+        created: dict[str, datetime] = {}
         states = {b"b": "busy", b"i": "idle", b"z": "paused"}
         try:
             while self._conn.poll():
                 data = self._conn.recv_bytes()
                 self.last_word = time.monotonic()
-                if data == b"1":
+                word = read_batch_word(data)
+                if word is not None:
                     batch = True
-                elif data.startswith(b"["):
-                    batch = True
-                    if self.on_tally is not None:
-                        with contextlib.suppress(ValueError):
-                            self.on_tally(tally_from_wire(json.loads(data)))
+                    tally, due = word
+                    if tally and self.on_tally is not None:
+                        with contextlib.suppress(ValueError, TypeError):
+                            self.on_tally(tally_from_wire(tally))
+                    for kind, moment in due.items():
+                        if kind not in created or moment < created[kind]:
+                            created[kind] = moment
                 elif data[:1] in states:
                     self.state = states[data[:1]]
                     self.current = int(data[1:]) if data[1:].isdigit() else None
@@ -311,7 +365,7 @@ class PipelineProcess:
             asyncio.get_running_loop().remove_reader(self._conn.fileno())
             return
         if batch:
-            self.on_batch()
+            self.on_batch(created)
 
     def reload(self) -> None:
         self._send(b"r")

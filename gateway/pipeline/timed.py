@@ -9,7 +9,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from gateway.clock import Clock
 
@@ -17,6 +17,21 @@ log = logging.getLogger("gateway.pipeline")
 
 #: Never wake more often than this: a due moment just passed is caught by the next pass.
 MIN_DELAY = 0.5
+
+
+class Looks:
+    """When a timed loop looks next on its own, so that a new row is a reason to wake it only
+    if it is due before then (gateway/app.py `after_batch`)."""
+
+    def __init__(self) -> None:
+        #: The moment the loop's sleep ends; None while it looks (or before it first sleeps):
+        #: a row committed then may be missed by the look under way, so it must wake.
+        self.next: datetime | None = None
+
+    def wake_for(self, due: datetime) -> bool:
+        """True when a row due at `due` needs the loop woken: it would otherwise be due
+        before the loop looks (a row due exactly then is found by that look)."""
+        return self.next is None or due < self.next
 
 
 async def run_timed(
@@ -27,9 +42,13 @@ async def run_timed(
     stopping: asyncio.Event,
     wakeup: asyncio.Event,
     idle: float,
+    looks: Looks | None = None,
 ) -> None:
-    """Loop until `stopping`: `run_once()`, then wait for `next_due()` (at most `idle` s)."""
+    """Loop until `stopping`: `run_once()`, then wait for `next_due()` (at most `idle` s).
+    `looks`, when given, tells when the loop looks next (its sleep's end)."""
     while not stopping.is_set():
+        if looks is not None:
+            looks.next = None
         wakeup.clear()
         try:
             await run_once()
@@ -40,6 +59,8 @@ async def run_timed(
         delay = idle
         if nxt is not None:
             delay = max(MIN_DELAY, min(idle, (nxt - clock.now()).total_seconds()))
+        if looks is not None:
+            looks.next = clock.now() + timedelta(seconds=delay)
         waiter = asyncio.ensure_future(wakeup.wait())
         stopper = asyncio.ensure_future(stopping.wait())
         with contextlib.suppress(asyncio.TimeoutError):

@@ -10,13 +10,15 @@ remember, and it commits or rolls back with the change itself.
 
 from __future__ import annotations
 
+import threading
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import bindparam, event, inspect, update
 from sqlalchemy.orm import Session
 
 from gateway.store import core
-from gateway.store.models import Promise, Ticket
+from gateway.store.models import AuthRecheck, BundleItem, Promise, Ticket
 
 #: The ticket columns `gateway.sla.plan.fires` reads (the escalator's `_SCAN_COLUMNS`).
 PLAN_COLUMNS = (
@@ -59,10 +61,79 @@ def _mark_tickets(session: Session, _ctx: Any, _instances: Any) -> None:
 @event.listens_for(Session, "after_flush")
 def _mark_promises(session: Session, _ctx: Any) -> None:
     # A customer promise adds a notice to the plan when it is broken.
-    ids = {
-        obj.ticket_id
-        for obj in [*session.new, *session.dirty]
-        if isinstance(obj, Promise) and obj.ticket_id is not None
-    }
+    ids: set[int] = set()
+    for obj in session.new:
+        if isinstance(obj, Promise):
+            if obj.ticket_id is not None:
+                ids.add(obj.ticket_id)
+        elif isinstance(obj, BundleItem):
+            _note(session, BUNDLE, obj.due_at)
+        elif isinstance(obj, AuthRecheck):
+            _note(session, RECHECK, obj.next_check_at)
+    for obj in session.dirty:
+        if isinstance(obj, Promise) and obj.ticket_id is not None:
+            ids.add(obj.ticket_id)
     if ids:
         session.connection().execute(UNPLAN, {"ids": sorted(ids)})
+
+
+# ------------------------------------------------------------------ new due rows, for wakes
+#
+# The bundle worker and the sender re-check worker sleep until their next due row
+# (gateway/pipeline/timed.py). They used to be woken after every pipeline batch to look
+# again, two queries each, although almost no batch creates a row for them. Instead every
+# transaction notes the earliest due moment of the `bundle_item` and `auth_recheck` rows it
+# inserts (both are only ever inserted through the ORM: `respond`, `conversation`,
+# `holds`), and once it has committed that moment joins this process's `created` record.
+# The pipeline process ships the record with its "batch committed" word
+# (gateway/pipeline/process.py), and the daemon wakes a worker only when a new row is due
+# before the moment that worker would look anyway. Only a commit publishes (a rolled-back
+# transaction's rows are gone); a moment noted more than needed costs a spurious wake at
+# worst, one missed would leave a row to the workers' idle poll, so every insert is noted.
+
+#: `take_created()` keys: the earliest new `bundle_item.due_at` / `auth_recheck.next_check_at`.
+BUNDLE = "bundle"
+RECHECK = "recheck"
+#: `Session.info` key of the moments noted by the transaction under way.
+_INFO = "gateway_created_due"
+
+_lock = threading.Lock()
+_created: dict[str, datetime] = {}
+
+
+def _aware(moment: datetime) -> datetime:
+    """Moments compare as UTC (SQLite hands back naive datetimes; they are UTC)."""
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+def _earliest(into: dict[str, datetime], kind: str, moment: datetime) -> None:
+    known = into.get(kind)
+    if known is None or moment < known:
+        into[kind] = moment
+
+
+def _note(session: Session, kind: str, moment: datetime | None) -> None:
+    # A row without a moment would be due at once (it cannot be: both columns are NOT NULL);
+    # the epoch keeps "wake now" the safe reading.
+    at = _aware(moment) if moment is not None else datetime(1970, 1, 1, tzinfo=UTC)
+    _earliest(session.info.setdefault(_INFO, {}), kind, at)
+
+
+@event.listens_for(Session, "after_commit")
+def _publish(session: Session) -> None:
+    noted = session.info.pop(_INFO, None)
+    if noted:
+        with _lock:
+            for kind, moment in noted.items():
+                _earliest(_created, kind, moment)
+
+
+def take_created() -> dict[str, datetime]:
+    """The earliest due moment, per kind (`BUNDLE`, `RECHECK`), of the rows that committed
+    transactions of this process inserted since the last call; cleared by the call."""
+    with _lock:
+        if not _created:
+            return {}
+        out = dict(_created)
+        _created.clear()
+    return out
