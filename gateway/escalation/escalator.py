@@ -47,7 +47,7 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import bindparam, or_
+from sqlalchemy import bindparam
 from sqlalchemy import select as sa_select
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
@@ -112,21 +112,11 @@ _FIRED_COLUMNS: tuple[Any, ...] = (
     EscalationStep.action,
 )
 
-_promise, _ticket = core.table(Promise), core.table(Ticket)
-#: A pending promise `promises.settle` would look at: the same condition, prebuilt
-#: (gateway/store/core.py), read-only, one row.
+#: A pending promise `promises.settle` would move: its condition (`promises.movable`),
+#: prebuilt (gateway/store/core.py), read-only, one row.
 _SETTLE_PROBE = (
-    sa_select(_promise.c.id)
-    .where(
-        _promise.c.state == "pending",
-        _promise.c.ticket_id == _ticket.c.id,
-        or_(
-            _promise.c.due <= bindparam("now"),
-            _ticket.c.status != "open",
-            _ticket.c.last_staff_at >= _promise.c.made_at,
-            _ticket.c.first_responded_at >= _promise.c.made_at,
-        ),
-    )
+    sa_select(core.table(Promise).c.id)
+    .where(*promises.movable(bindparam("now", type_=core.table(Promise).c.due.type)))
     .limit(1)
 )
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import or_
+from sqlalchemy import ColumnElement, or_
 from sqlmodel import Session, col, select
 
 from gateway.sla.clocks import utc
@@ -89,12 +89,13 @@ def settle_state(promise: Promise, ticket: Ticket, now: datetime) -> str | None:
     return None
 
 
-def settle(session: Session, now: datetime, ticket_ids: set[int] | None = None) -> list[Promise]:
-    """Move pending promises on (kept, broken, withdrawn); returns the changed rows."""
-    # Only rows that can move now: their time has come, or the ticket was answered since
-    # the promise or is no longer open (the rest stay pending; this runs every escalator
-    # pass, so it must not read every pending promise each time).
-    query = select(Promise, Ticket).where(
+def movable(now: Any) -> tuple[ColumnElement[bool], ...]:
+    """The pending promises that can move at `now` (a datetime, or a bindparam for a
+    prebuilt statement): their time has come, or the ticket was answered since the promise
+    or is no longer open. The rest stay pending; this runs every escalator pass, so it must
+    not read every pending promise each time. `settle` and the escalator's read-only look
+    before it (gateway/escalation/escalator.py) ask exactly this."""
+    return (
         col(Promise.state) == "pending",
         col(Promise.ticket_id) == col(Ticket.id),
         or_(
@@ -104,6 +105,11 @@ def settle(session: Session, now: datetime, ticket_ids: set[int] | None = None) 
             col(Ticket.first_responded_at) >= col(Promise.made_at),
         ),
     )
+
+
+def settle(session: Session, now: datetime, ticket_ids: set[int] | None = None) -> list[Promise]:
+    """Move pending promises on (kept, broken, withdrawn); returns the changed rows."""
+    query = select(Promise, Ticket).where(*movable(now))
     if ticket_ids is not None:
         query = query.where(col(Promise.ticket_id).in_(ticket_ids))
     changed: list[Promise] = []
