@@ -37,7 +37,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
 import gateway
-from gateway.store.db import READ_ONLY
+from gateway.store.db import read_only
 
 log = logging.getLogger("gateway.metrics")
 
@@ -384,7 +384,7 @@ class StateCollector(Collector):
             return
         try:
             # Read-only: a scrape never takes SQLite's write lock (docs/decisions.md D16.3).
-            with self.engine.execution_options(**{READ_ONLY: True}).connect() as conn:
+            with read_only(self.engine).connect() as conn:
                 f = db_facts(conn, now)
                 self.events.update(conn)
         except Exception as exc:

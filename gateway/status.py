@@ -26,7 +26,7 @@ from sqlalchemy.engine import Engine, make_url
 import gateway
 from gateway.metrics import db_facts, node_name, spool_facts
 from gateway.settings import Settings
-from gateway.store.db import READ_ONLY
+from gateway.store.db import read_only
 
 
 def sqlite_path(url: str) -> Path | None:
@@ -62,7 +62,7 @@ def check_database(engine: Engine) -> str:
             ) as conn:
                 conn.execute("SELECT version_num FROM alembic_version").fetchall()
             return ""
-        with engine.execution_options(**{READ_ONLY: True}).connect() as conn:
+        with read_only(engine).connect() as conn:
             conn.execute(text("SELECT 1")).scalar()
         return ""
     except Exception as exc:
@@ -150,7 +150,7 @@ def collect(settings: Settings, engine: Engine, *, ask_daemon: bool = True) -> d
             "oldest_age_seconds": 0.0,
             "oldest_quarantined_at": None,
         }
-    with engine.execution_options(**{READ_ONLY: True}).connect() as conn:
+    with read_only(engine).connect() as conn:
         df = db_facts(conn, now)
     outbox_by_state: dict[str, int] = {}
     outbox_by_kind: dict[str, int] = {}

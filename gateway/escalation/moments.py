@@ -27,7 +27,7 @@ from gateway.routing.model import Rules
 from gateway.sla.clocks import utc
 from gateway.sla.plan import Fire, fires
 from gateway.store import core
-from gateway.store.db import READ_ONLY, is_postgres, session_scope
+from gateway.store.db import is_postgres, read_only, session_scope
 from gateway.store.models import EscalationStep, Promise, Ticket
 
 __all__ = [
@@ -173,7 +173,7 @@ class Planner:
         self._replan_after: int | None = None
         self._dirty_left = False
         # Reads only: on SQLite a deferred BEGIN, never the write lock (gateway/store/db.py).
-        self.reader = engine.execution_options(**{READ_ONLY: True})
+        self.reader = read_only(engine)
 
     @property
     def busy(self) -> bool:

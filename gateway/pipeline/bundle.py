@@ -50,7 +50,7 @@ from gateway.pipeline.conversation import (
 )
 from gateway.pipeline.timed import Looks, run_timed
 from gateway.store import core, promises
-from gateway.store.db import READ_ONLY, session_scope
+from gateway.store.db import read_only, session_scope
 from gateway.store.models import BundleItem, Message, Outbox, Ticket
 from gateway.store.queries import add_event
 
@@ -85,7 +85,7 @@ class BundleWorker:
         self.after_batch: Callable[[], None] | None = None
         self.sent = 0
         # Reads only: on SQLite a deferred BEGIN, never the write lock (gateway/store/db.py).
-        self._reader = engine.execution_options(**{READ_ONLY: True})
+        self._reader = read_only(engine)
         #: When the loop looks next on its own: a new item due later needs no wake.
         self.looks = Looks()
 

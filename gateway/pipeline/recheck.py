@@ -46,7 +46,7 @@ from gateway.security.sender_auth import AuthResult, authenticate
 from gateway.security.verdict import ack_decision
 from gateway.spool import Envelope, SpoolEntry
 from gateway.store import core
-from gateway.store.db import READ_ONLY, session_scope
+from gateway.store.db import read_only, session_scope
 from gateway.store.models import AuthRecheck, Message, Ticket
 from gateway.store.queries import add_event
 
@@ -79,7 +79,7 @@ class AuthRechecker:
         self.after_batch: Callable[[], None] | None = None
         self.checked = 0
         # Reads only: on SQLite a deferred BEGIN, never the write lock (gateway/store/db.py).
-        self._reader = engine.execution_options(**{READ_ONLY: True})
+        self._reader = read_only(engine)
         #: When the loop looks next on its own: a new row due later needs no wake.
         self.looks = Looks()
 

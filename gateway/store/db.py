@@ -147,13 +147,20 @@ def session_scope(engine: Engine) -> Iterator[Session]:
             raise
 
 
+def read_only(engine: Engine) -> Engine:
+    """`engine` for reads only: its transactions begin deferred on SQLite (a snapshot, never
+    the write lock the pipeline holds) and are never committed. Build it once per reader:
+    each call makes a new option-bearing engine."""
+    return engine.execution_options(**{READ_ONLY: True})
+
+
 @contextmanager
 def read_scope(engine: Engine) -> Iterator[Session]:
     """One read-only transaction: on SQLite a deferred `BEGIN` (a snapshot, no write lock),
     never committed. Anything written through it is rolled back, and on SQLite a write
     would fail with "database is locked" semantics of a deferred upgrade: use
     `session_scope` for writes."""
-    with Session(engine.execution_options(**{READ_ONLY: True}), expire_on_commit=False) as s:
+    with Session(read_only(engine), expire_on_commit=False) as s:
         try:
             yield s
         finally:
