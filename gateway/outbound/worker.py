@@ -408,28 +408,26 @@ class DeliveryWorker:
         (docs/design.md §6); a mail whose signing fails is recorded as before."""
         claimed = self._claim()
         for item in claimed:
-            try:
-                item.signed = self._sign(item)
-            except (ValueError, RuntimeError, OSError) as exc:
-                item.sign_error = f"DKIM signing failed: {exc}"
+            self._sign(item)
         return claimed
 
-    def _sign(self, item: _Claimed) -> bytes:
-        """`item`'s bytes signed with the keys for its From domain."""
-        return sign(item.raw, self.brand_keys.keys_for(item.raw, self.keys))
+    def _sign(self, item: _Claimed) -> None:
+        """Sign `item` with the keys for its From domain: `item.signed`, or why not in
+        `item.sign_error`."""
+        try:
+            item.signed = sign(item.raw, self.brand_keys.keys_for(item.raw, self.keys))
+        except (ValueError, RuntimeError, OSError) as exc:
+            item.sign_error = f"DKIM signing failed: {exc}"
 
     async def _send(self, item: _Claimed) -> tuple[DeliveryResult, bytes]:
-        if item.sign_error is not None:
-            return DeliveryResult("temporary", None, item.sign_error), item.raw
+        if item.signed is None and item.sign_error is None:
+            # Claimed without `_claim_and_sign`. docs/design.md §6: DKIM-sign last. In a
+            # worker thread: canonicalisation and hashing are pure Python and must not stall
+            # the SMTP loop (docs/decisions.md D16.5).
+            await asyncio.to_thread(self._sign, item)
+        if item.signed is None:
+            return DeliveryResult("temporary", None, str(item.sign_error)), item.raw
         signed = item.signed
-        if signed is None:
-            try:
-                # docs/design.md §6: DKIM-sign last. In a worker thread: canonicalisation and
-                # hashing are pure Python and must not stall the SMTP loop (docs/decisions.md
-                # D16.5).
-                signed = await asyncio.to_thread(self._sign, item)
-            except (ValueError, RuntimeError, OSError) as exc:
-                return DeliveryResult("temporary", None, f"DKIM signing failed: {exc}"), item.raw
         result = await deliver(
             signed,
             item.mail_from,
