@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import bindparam, func, text
+from sqlalchemy import Table, bindparam, func, text
 from sqlalchemy import select as core_select
+from sqlalchemy.dialects import postgresql as pg
+from sqlalchemy.dialects import sqlite
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.sql import Executable
@@ -191,8 +193,16 @@ def lock_message_id(session: Session, message_id: str | None) -> None:
         xact_lock(session, message_id)
 
 
-#: `session.info` key: customer id -> surviving customer, for the session's transaction.
-_ROOTS = "gateway_customer_roots"
+#: `session.info` key: memos about customers that only a merge changes (`customer_memo`).
+_CUSTOMER_MEMOS = "gateway_customer_memos"
+
+
+def customer_memo(session: Session, name: str) -> dict[Any, Any]:
+    """A memo `name` about customers for the session's transaction (customer id -> surviving
+    customer, "roots"; whose tickets are one person's): `merge_customers` drops every one of
+    them, the only change to those answers."""
+    memos: dict[str, dict[Any, Any]] = session.info.setdefault(_CUSTOMER_MEMOS, {})
+    return memos.setdefault(name, {})
 
 
 def resolve_customer(session: Session, customer_id: int) -> int:
@@ -202,7 +212,7 @@ def resolve_customer(session: Session, customer_id: int) -> int:
     identity map, holding objects weakly, had already forgotten the customer each time:
     a SELECT per question); `merge_customers` forgets the memo.
     """
-    roots: dict[int, int] = session.info.setdefault(_ROOTS, {})
+    roots: dict[int, int] = customer_memo(session, "roots")
     known = roots.get(customer_id)
     if known is not None:
         return known
@@ -239,7 +249,7 @@ def ensure_customer(session: Session, address: str, name: str, now: datetime) ->
     core.insert(
         session, CustomerAddress, customer_id=customer_id, address=address.lower(), created_at=now
     )
-    session.info.setdefault(_ROOTS, {})[customer_id] = customer_id
+    customer_memo(session, "roots")[customer_id] = customer_id
     return customer_id
 
 
@@ -303,8 +313,13 @@ def add_participant(
     return bool(core.write(session, stmt, values))
 
 
+def _upsert_insert(dialect: str) -> Callable[[Table], pg.Insert | sqlite.Insert]:
+    """The dialect's own `insert`, the one that can say ON CONFLICT (spelled alike in both)."""
+    return pg_insert if dialect == "postgresql" else sqlite_insert
+
+
 def _participant_upsert(dialect: str) -> Executable:
-    insert = pg_insert if dialect == "postgresql" else sqlite_insert
+    insert = _upsert_insert(dialect)
     return insert(_participant).on_conflict_do_nothing(index_elements=["ticket_id", "address"])
 
 
@@ -400,8 +415,7 @@ def set_cursor(session: Session, route: str, person: str, now: datetime) -> None
 
 
 def _cursor_upsert(dialect: str) -> Executable:
-    insert = pg_insert if dialect == "postgresql" else sqlite_insert
-    stmt = insert(_cursor)
+    stmt = _upsert_insert(dialect)(_cursor)
     return stmt.on_conflict_do_update(
         index_elements=["route"],
         set_={"person": stmt.excluded.person, "updated_at": stmt.excluded.updated_at},
@@ -426,31 +440,14 @@ def ticket_of_outbound(session: Session, message_ids: Iterable[str]) -> int | No
     return None
 
 
-#: `session.info` key: memos about customers that only a merge changes (`customer_memo`).
-_CUSTOMER_MEMOS = "gateway_customer_memos"
-
-
-def customer_memo(session: Session, name: str) -> dict[Any, Any]:
-    """A memo `name` about customers for the session's transaction (who was merged into
-    whom, whose tickets are one person's): `merge_customers` drops every one of them, the
-    only change to those answers."""
-    memos: dict[str, dict[Any, Any]] = session.info.setdefault(_CUSTOMER_MEMOS, {})
-    return memos.setdefault(name, {})
-
-
-def _forget_customer_memos(session: Session) -> None:
-    session.info.pop(_ROOTS, None)
-    session.info.pop(_CUSTOMER_MEMOS, None)
-
-
 def merge_customers(
     session: Session, source: int, target: int, now: datetime, by: str = ""
 ) -> CustomerMerge:
     """Join customer `source` into `target`: addresses and tickets move, history is kept."""
-    _forget_customer_memos(session)
+    session.info.pop(_CUSTOMER_MEMOS, None)
     source = resolve_customer(session, source)
     target = resolve_customer(session, target)
-    _forget_customer_memos(session)  # the roots change below
+    session.info.pop(_CUSTOMER_MEMOS, None)  # the roots change below
     if source == target:
         raise ValueError("both addresses already belong to one customer")
     addrs = session.exec(select(CustomerAddress).where(CustomerAddress.customer_id == source)).all()
