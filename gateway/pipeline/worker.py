@@ -444,7 +444,11 @@ class PipelineWorker:
         self.outages += 1
         self.backoff.reset()
         ended = self.services.clock.now()
-        waiting = self.spool.counts().get("pending", 0)
+        # Waiting = in line in the spool, plus (shared spool) what the SMTP side could not
+        # hand to the database during the outage and holds on this node's disk until its
+        # writer moves it over: both waited for the same fault.
+        counts = self.spool.counts()
+        waiting = counts.get("pending", 0) + counts.get("local", 0)
         seconds = time.monotonic() - outage.started_mono
         log.warning(
             "%s available again after %.1f s; resuming with %d messages waiting",
