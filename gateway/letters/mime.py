@@ -146,29 +146,34 @@ def _base64_lines(data: bytes) -> bytes:
 
 
 # Octets quoted-printable writes as they are in a body (``quoprimime``'s body map): tab and
-# printable ASCII but "=". Any other run is written "=XX" per octet.
-_QP_UNSAFE = re.compile(r"[^\t -<>-~]+")
+# printable ASCII but "=" (and the line breaks, which separate the lines here). Any other
+# run is written "=XX" per octet.
+_QP_UNSAFE = re.compile(r"[^\t\n -<>-~]+")
 
 
 def _qp_quote(m: re.Match[str]) -> str:
     return "=" + m.group().encode("latin-1").hex("=").upper()
 
 
-def _qp_line(raw: bytes) -> str:
-    """One line (without its ending) as ``quoprimime.body_encode(..., MAX_LINE)`` writes it:
-    octets quoted, soft line breaks ("=" then "\\n") within MAX_LINE, a trailing blank
-    quoted. The stdlib quotes each character through a table and then splits the lines it
-    gets; lines are independent, so each is encoded once here, the same way, with the
-    quoting done by one regular expression (most lines need none)."""
-    line = _QP_UNSAFE.sub(_qp_quote, raw.decode("latin-1"))
-    size = len(line)
-    if size <= MAX_LINE and (not line or line[-1] not in " \t"):
-        return line  # the common case: short, nothing to break
-    # quoprimime.body_encode's loop for one line, unchanged (eol "\n").
+def _qp_lines(lines: list[bytes]) -> list[str]:
+    """Each line (without its ending) as ``quoprimime.body_encode(..., MAX_LINE)`` writes
+    it: octets quoted, soft line breaks ("=" then "\\n") within MAX_LINE, a trailing blank
+    quoted. The stdlib quotes character by character through a table, then breaks each line
+    it finds; lines are independent, so here they are quoted together by one regular
+    expression and only a long line or one ending in a blank goes through the stdlib's loop
+    (:func:`_qp_break`)."""
+    quoted = _QP_UNSAFE.sub(_qp_quote, b"\n".join(lines).decode("latin-1")).split("\n")
+    return [
+        x if len(x) <= MAX_LINE and (not x or x[-1] not in " \t") else _qp_break(x) for x in quoted
+    ]
+
+
+def _qp_break(line: str) -> str:
+    """``quoprimime.body_encode``'s loop for one quoted line, unchanged (eol "\\n")."""
     pieces: list[str] = []
     append = pieces.append
     start = 0
-    laststart = size - 1 - MAX_LINE
+    laststart = len(line) - 1 - MAX_LINE
     while start <= laststart:
         stop = start + MAX_LINE - 1
         if line[stop - 2] == "=":
@@ -200,16 +205,16 @@ def _encode_text(text: str) -> tuple[str, bytes]:
 
     The stdlib sniffs the first ten lines: quoted-printable unless base64 of them is
     shorter; quoted-printable is ``quoprimime.body_encode`` of the lines (ended by "\\n")
-    with CRLF line endings, written here line by line (:func:`_qp_line`)."""
+    with CRLF line endings, written here line by line (:func:`_qp_lines`)."""
     lines = text.encode("utf-8").splitlines()
     if max((len(x) for x in lines), default=0) <= MAX_LINE:
         body = _CRLF.join(lines) + _CRLF
         return ("7bit" if body.isascii() else "8bit"), body
-    head = [_qp_line(x) for x in lines[:10]]
+    head = _qp_lines(lines[:10])
     sniff = _CRLF.join(lines[:10]) + _CRLF
     if sum(len(x) + 1 for x in head) > len(binascii.b2a_base64(sniff)):
         return "base64", _base64_lines(_CRLF.join(lines) + _CRLF)
-    encoded = head + [_qp_line(x) for x in lines[10:]]
+    encoded = head + _qp_lines(lines[10:]) if len(lines) > 10 else head
     return "quoted-printable", ("\n".join(encoded) + "\n").replace("\n", "\r\n").encode("ascii")
 
 
