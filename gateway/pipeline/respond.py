@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 from datetime import datetime, timedelta
+from pathlib import Path
 
 from sqlalchemy import bindparam
 from sqlalchemy import select as core_select
@@ -320,7 +321,9 @@ def _customer_of_ticket(ctx: Context) -> int | None:
     return resolve_customer(ctx.session, cid) if cid is not None else None
 
 
-def _conversation_texts(ctx: Context, to: str, lang: str, sent_today: int) -> tuple[str, str]:
+def _conversation_texts(
+    ctx: Context, to: str, lang: str, sent_today: int, templates: Path
+) -> tuple[str, str]:
     """(other open requests, cap notice) for the acknowledgement of ``ctx.ticket``: the
     customer always sees where everything stands, and the ack that reaches the daily cap
     says that confirmations stop (docs/decisions.md D12)."""
@@ -329,11 +332,11 @@ def _conversation_texts(ctx: Context, to: str, lang: str, sent_today: int) -> tu
     settings = ctx.services.settings
     default = settings.outbound.default_language
     # In the letter's language (common.<lang>.txt and cap.<lang>.txt, docs/templates.md).
-    common = letters.load("common", lang, settings.templates_path, default_language=default)
+    common = letters.load("common", lang, templates, default_language=default)
     others = others_text(ctx.session, rules, ctx.ticket, common)
     notice = ""
     if sent_today + 1 >= _cap(ctx):
-        capl = letters.load("cap", lang, settings.templates_path, default_language=default)
+        capl = letters.load("cap", lang, templates, default_language=default)
         notice = cap_notice(ctx.session, rules, ctx.ticket.customer_id, _cap(ctx), capl)
     return others, notice
 
@@ -396,9 +399,11 @@ def send_ack_now(
         not_kept=list(p.not_kept),
         stats=response_stats(_stats(ctx, ticket.queue), STATS_DAYS),
     )
+    # The override folder: Settings.templates_path looks at the disk, once for this letter.
+    templates = settings.templates_path
     # docs/decisions.md D12: the customer's other open requests, and the honest cap notice.
     others, notice = _conversation_texts(
-        ctx, to, ticket.language or ctx.services.settings.outbound.default_language, sent_today
+        ctx, to, ticket.language or settings.outbound.default_language, sent_today, templates
     )
     content = AckContent(**{**content.__dict__, "others": others, "notice": notice})
     # The ticket's language and brand (gateway.pipeline.lettering); an admin's override in
@@ -407,7 +412,7 @@ def send_ack_now(
     letter = letters.load(
         template_name,
         ticket.language or settings.outbound.default_language,
-        settings.templates_path,
+        templates,
         default_language=settings.outbound.default_language,
     )
     raw, message_id = compose_ack(
