@@ -401,6 +401,8 @@ class Letter:
 
     def phrase(self, key: str, **facts: object) -> str:
         text = self.phrases.get(key, "")
+        if "$" not in text:
+            return text  # nothing to substitute (safe_substitute would give it back as it is)
         return string.Template(text).safe_substitute({k: str(v) for k, v in facts.items()})
 
 
