@@ -123,6 +123,15 @@ def header_line(name: str, value: str) -> bytes:
         m = _MULTIPART.match(value)
         if m and len(name) + len(m[1]) + 3 <= MAX_LINE and len(m[2]) < MAX_LINE:
             return f"{name}: {m[1]};\r\n {m[2]}\r\n".encode("ascii")
+    return _folded(name, value)
+
+
+@functools.lru_cache(maxsize=256)
+def _folded(name: str, value: str) -> bytes:
+    """The stdlib's header class folds (and RFC 2047 encodes) the value: deterministic, and
+    cached, because the same values come again: a ticket's subject in its acknowledgement
+    and its notifications, a brand's or a person's name in every letter."""
+    key = name.lower()
     cls = _HEADER_CLASSES.get(key)
     if cls is None:
         cls = _HEADER_CLASSES[key] = _REGISTRY[name]
