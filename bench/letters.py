@@ -48,9 +48,9 @@ TEXTS = {
     "ru": "Здравствуйте!\n\nПринтер показывает ошибку 42 с утра. Помогите, пожалуйста.\n",
 }
 SUBJECTS = {
-    "en": "printer on fire, case 7",
-    "de": "Drucker zeigt Fehler 42 – Grüße aus München",
-    "ru": "Принтер горит, помогите пожалуйста",
+    "en": "printer on fire, case {i}",
+    "de": "Drucker zeigt Fehler 42 – Grüße aus München, Fall {i}",
+    "ru": "Принтер горит, помогите пожалуйста, случай {i}",
 }
 
 
@@ -105,16 +105,16 @@ def setup(args: argparse.Namespace, tmp: Path) -> dict[str, Callable[[int], byte
         next_response_due = None
         resolution_due = NOW + timedelta(days=5)
 
-    Ticket.subject = subject  # type: ignore[attr-defined]
     ticket: Any = Ticket()
 
     def ack(i: int) -> bytes:
+        ticket.subject = subject.format(i=i)  # a new ticket's: its letters share it
         letter = letters.load("ack", lang, templates, default_language="en")
         letters.load("common", lang, templates, default_language="en")
         content = AckContent(
             ref=ticket.ref,
             owner_name=alice.name,
-            subject=subject,
+            subject=ticket.subject,
             first_response_due=ticket.first_response_due,
             calendar=calendar,
             received_at=NOW,
@@ -143,7 +143,7 @@ def setup(args: argparse.Namespace, tmp: Path) -> dict[str, Callable[[int], byte
             new_ticket=True,
             sender=ticket.requester,
             sender_name=f"Customer {i}",
-            customer_subject=subject,
+            customer_subject=ticket.subject,
             customer_text=text,
             received_at=NOW,
             parts=[],
@@ -193,16 +193,22 @@ def main() -> None:
         runs = setup(args, Path(tmp))
         random.seed(1)  # multipart boundaries
         digest = hashlib.sha256()
-        for fn in runs.values():
-            for i in range(50):
+        for i in range(50):
+            for fn in runs.values():
                 digest.update(fn(i))
+        # One new ticket after the other, as the pipeline writes them: its acknowledgement,
+        # then its notification (which share the ticket's subject), then the next ticket.
         best = dict.fromkeys(runs, float("inf"))
+        clock = time.process_time
         for _ in range(args.rounds):
-            for name, fn in runs.items():
-                cpu = time.process_time()
-                for i in range(args.n):
+            spent = dict.fromkeys(runs, 0.0)
+            for i in range(args.n):
+                for name, fn in runs.items():
+                    cpu = clock()
                     fn(i)
-                best[name] = min(best[name], (time.process_time() - cpu) / args.n * 1e6)
+                    spent[name] += clock() - cpu
+            for name in runs:
+                best[name] = min(best[name], spent[name] / args.n * 1e6)
     import gateway
 
     print(f"code {Path(gateway.__file__).parent.parent}, lang {args.lang}, {args.templates}")
