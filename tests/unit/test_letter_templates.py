@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from gateway.letters import i18n
-from gateway.letters.language import choose, detect, from_header
+from gateway.letters.language import MIN_LETTERS, choose, detect, from_header
 from gateway.letters.templates import (
     LETTERS,
     check_templates,
@@ -166,6 +166,9 @@ def test_language_choice_order_and_reasons() -> None:
     assert detect(german) == detect(german)
     quoted = "Thanks!\n" + "\n".join("> " + german for _ in range(5))
     assert detect(quoted) is None
+    # MIN_LETTERS letters (digits, "_" and punctuation are none) are enough to detect.
+    assert detect("1_ é, " * (MIN_LETTERS - 1) + "ab12") is not None
+    assert detect("1_ é, " * (MIN_LETTERS - 1) + "12") is None
     assert from_header(["it", "de-AT"]) == "de"
     assert from_header(["it"]) is None
 
