@@ -569,13 +569,16 @@ def _phrase_source(name: str, lang: str, templates_dir: Path | None, default_lan
     return layers[0].path if layers else ""
 
 
+_BLANK_LINES = re.compile(r"\n{3,}")
+
+
 def render(letter: Letter, facts: Mapping[str, str], verbatim: Sequence[str] = ()) -> str:
     """The body with its facts; blank facts leave no hole of empty lines. The facts named
     in ``verbatim`` (a customer's own text) are placed after that tidying, as they are."""
     marks = {name: f"\x00{i}\x00" for i, name in enumerate(verbatim)}
     values = {k: marks.get(k, v) for k, v in facts.items()}
     text = string.Template(letter.body).safe_substitute(values)
-    text = re.sub(r"\n{3,}", "\n\n", text).strip() + "\n"
+    text = _BLANK_LINES.sub("\n\n", text).strip() + "\n"
     for name, mark in marks.items():
         text = text.replace(mark, facts.get(name, ""))
     return text
