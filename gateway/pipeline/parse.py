@@ -23,11 +23,12 @@ from __future__ import annotations
 import email
 import email.policy
 import email.utils
+import functools
 import re
 from dataclasses import dataclass, field
 from datetime import datetime
 from email.message import EmailMessage, Message
-from email.policy import Policy
+from email.policy import EmailPolicy, Policy
 from html.parser import HTMLParser
 from typing import Any
 
@@ -43,7 +44,46 @@ from gateway.pipeline.mailparts import (
 )
 
 _MSGID_RE = re.compile(r"<[^<>\s]+>")
-_POLICY: Policy = email.policy.default.clone(linesep="\r\n")
+
+
+class _ParsedOncePolicy(EmailPolicy):
+    """``email.policy.default`` (CRLF) whose header objects are made once per distinct
+    (name, raw value) and then shared.
+
+    The default policy parses a header on every read, and the email package reads the same
+    few headers many times per message: the feed parser asks a part's Content-Type three
+    times, ``get_content_type``/``get_param``/``get_filename``/``get_content`` each again, so
+    one ``Content-Type: text/plain; charset=utf-8`` was parsed ten times per message (10 of
+    the 13 header parses of a plain one-part message). A header object is a function of the
+    name, the value and the header factory only (``EmailPolicy.header_fetch_parse``), and it
+    is immutable (a ``str`` whose parse tree folding copies, never changes), so sharing it
+    between reads and between messages changes no result
+    (tests/unit/test_parse_policy_cache.py compares every corpus message with the plain
+    policy). Values longer than ``_CACHED_VALUE_MAX`` are parsed as before, so the cache stays
+    small whatever arrives.
+    """
+
+    def header_fetch_parse(self, name: str, value: str) -> Any:
+        if not isinstance(value, str) or hasattr(value, "name") or len(value) > _CACHED_VALUE_MAX:
+            return super().header_fetch_parse(name, value)
+        return _header_object(self, name, value)
+
+
+#: Longest raw header value whose parsed object is kept (a Content-Type with a long file
+#: name fits; a 100 kB References header is parsed on each read, as before).
+_CACHED_VALUE_MAX = 2000
+
+
+@functools.lru_cache(maxsize=2048)
+def _header_object(policy: EmailPolicy, name: str, value: str) -> Any:
+    """What ``EmailPolicy.header_fetch_parse`` returns; raises what it raises (not cached)."""
+    return EmailPolicy.header_fetch_parse(policy, name, value)
+
+
+#: ``email.policy.default.clone(linesep="\r\n")`` with parsed headers kept (same registry).
+_POLICY: Policy = _ParsedOncePolicy(
+    header_factory=email.policy.default.header_factory, linesep="\r\n"
+)
 #: Deepest MIME nesting read part by part; deeper mail is kept whole as an attachment.
 MAX_MIME_DEPTH = 64
 #: Most parts walked in one message (a flat bomb of 100,000 parts is no better).
@@ -317,6 +357,20 @@ def degraded(
     return _build(raw, msg, [f"degraded: {reason}"], list(not_kept or []), text, "", attachments)
 
 
+def _words(value: str) -> str:
+    """`decode_words`, without its cost for a value with no RFC 2047 encoded word in it.
+
+    ``email.header.decode_header`` returns such a value whole with no charset (it looks for
+    ``=?``), and ``make_header`` of that one chunk gives it back unchanged: most header
+    values (Received, Date, Message-ID, DKIM-Signature...) are their own decoding."""
+    return decode_words(value) if "=?" in value else value
+
+
+def _unfolded(value: str) -> str:
+    """A header value as `ParsedMessage.headers` keeps it: decoded, on one line."""
+    return _words(value).replace("\r\n", "").replace("\n", "")
+
+
 def _build(
     raw: bytes,
     msg: Message,
@@ -327,9 +381,7 @@ def _build(
     attachments: list[Attachment],
 ) -> ParsedMessage:
 
-    headers = [
-        (k, decode_words(v).replace("\r\n", "").replace("\n", "")) for k, v in raw_headers(msg)
-    ]
+    headers = [(k, _unfolded(v)) for k, v in raw_headers(msg)]
 
     from_pairs = _addresses([header_text(msg, "From")])
     from_name, from_address = from_pairs[0] if from_pairs else ("", "")
