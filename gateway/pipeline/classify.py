@@ -34,6 +34,7 @@ they live in their own stages.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass
@@ -48,6 +49,7 @@ from gateway.pipeline.mailparts import (
     header_values,
     iter_parts,
     param,
+    raw_headers,
     text_parts,
 )
 
@@ -113,9 +115,16 @@ def _keyword(value: str) -> str:
 
 def _addresses(value: str) -> list[str]:
     """Bare addresses in a header value (or an envelope address), lowercased."""
+    return list(_addresses_of(value))
+
+
+@functools.lru_cache(maxsize=1024)
+def _addresses_of(value: str) -> tuple[str, ...]:
+    """`_addresses`, kept per distinct value: a message's senders are read by two rules and
+    by bounce detection, and our own addresses are the same for every message."""
     value = value.strip()
     if not value:
-        return []
+        return ()
     pairs = address_pairs([value])
     addrs = [addr.strip().lower() for _, addr in pairs if addr and addr.strip()]
     if not addrs:
@@ -123,7 +132,7 @@ def _addresses(value: str) -> list[str]:
         bare = value.strip().strip("<>").strip().lower()
         if bare and " " not in bare:
             addrs = [bare]
-    return addrs
+    return tuple(addrs)
 
 
 def _local_part(address: str) -> str:
@@ -378,7 +387,16 @@ class Clues:
     def subject(self) -> str:
         return first_header(self.msg, "Subject")
 
+    @cached_property
+    def present(self) -> frozenset[str]:
+        """The message's header names, lowercase. Most of the ~20 headers the rules ask for
+        are absent from any one message; each answer would otherwise be one scan of all the
+        headers to find nothing."""
+        return frozenset(name.lower() for name, _ in raw_headers(self.msg))
+
     def values(self, name: str) -> list[str]:
+        if name.lower() not in self.present:
+            return []  # what header_values answers for a header the message lacks
         return header_values(self.msg, name)
 
 
