@@ -44,14 +44,15 @@ from functools import cached_property
 from gateway.pipeline.mailparts import (
     address_pairs,
     content_type,
-    first_header,
     header_names,
-    header_values,
     iter_parts,
     param,
     raw_headers,
     text_parts,
 )
+
+# mailparts' readers, with a shortcut for the simple values most mail has (parse.py).
+from gateway.pipeline.parse import first_header, header_values
 
 __all__ = [
     "KINDS",

@@ -1,14 +1,17 @@
-"""The parse policy's kept header objects and the classifier's shortcuts change no outcome.
+"""The parse policy's kept header objects and the readers' shortcuts change no outcome.
 
 `gateway.pipeline.parse._POLICY` keeps each parsed header object per distinct (name, raw
-value), shared between reads and messages; `Clues.values` answers [] for a header the message
-lacks without asking `header_values`; `_words` skips `decode_words` for a value without an
-encoded word. Here every message of both corpora (tests/data: the sisimai bounces and the
-fedora-devel list month) and a set of hostile hand-made ones is parsed, classified and its
-bounce read twice, with the caching policy (all messages in a row, so values shared between
-messages hit) and with plain ``email.policy.default`` (CRLF), and everything later stages may
-read must be equal: every field of the `ParsedMessage`, every header of every part as text and
-as its header class, content types, defects, the serialised message, the verdict, the bounce.
+value), shared between reads and messages; `_simple_text` gives a simple value's text without
+the policy's parser; `Clues.values` answers [] for a header the message lacks without asking
+`header_values`; `_words` skips `decode_words` for a value without an encoded word.
+
+Every message of both corpora (tests/data: the sisimai bounces and the fedora-devel list
+month) and a set of hostile hand-made ones is parsed, classified and its bounce read twice:
+with the caching policy and shortcuts (all messages in a row, so values shared between
+messages hit), and with plain ``email.policy.default`` (CRLF) read through mailparts only.
+Everything later stages may read must be equal: every field of the `ParsedMessage`, every
+header of every part as text and as its header class, content types, defects, the serialised
+message, the verdict, the bounce.
 """
 
 from __future__ import annotations
@@ -23,11 +26,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from gateway.pipeline import mailparts
 from gateway.pipeline import parse as parse_mod
 from gateway.pipeline.bounce import parse_bounce
 from gateway.pipeline.classify import Clues, classify
-from gateway.pipeline.mailparts import decode_words, header_values
-from gateway.pipeline.parse import _words, parse, walk_parts
+from gateway.pipeline.mailparts import decode_words, header_values, raw_headers
+from gateway.pipeline.parse import _simple_text, _words, parse, walk_parts
 from tests.support.corpus import iter_raw
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("parse_policy_cache")]
@@ -119,7 +123,9 @@ def test_kept_header_objects_change_no_outcome(monkeypatch: pytest.MonkeyPatch) 
     parse_mod._header_object.cache_clear()
     cached = {key: outcome(raw, sender) for key, raw, sender in corpus}
     assert parse_mod._header_object.cache_info().hits > len(corpus)  # values are shared
+    # Before: the plain policy, and every header text read by mailparts' parser.
     monkeypatch.setattr(parse_mod, "_POLICY", email.policy.default.clone(linesep="\r\n"))
+    monkeypatch.setattr(parse_mod, "_simple_text", lambda lname, raw: None)
     differ = [key for key, raw, sender in corpus if outcome(raw, sender) != cached[key]]
     assert differ == []
 
@@ -169,3 +175,69 @@ def test_clues_values_is_header_values(names: list[str]) -> None:
     clues = Clues(msg, "")
     for name in ["Precedence", "PRECEDENCE", "X-Autoreply", "List-Id", "Auto-Submitted", "Sender"]:
         assert clues.values(name) == header_values(msg, name)
+
+
+def _policy_text(lname: str, raw: str) -> str | None:
+    try:
+        return str(email.policy.default.header_fetch_parse(lname, raw))
+    except Exception:
+        return None  # the parser raised: the shortcut must not have answered
+
+
+NAMES = ["subject", "message-id", "from", "to", "cc", "reply-to", "sender", "date"]
+NAMES += ["references", "in-reply-to", "return-path", "x-anything", "resent-from"]
+
+
+def test_simple_text_is_the_policy_text_for_every_corpus_header() -> None:
+    answered = 0
+    for _key, raw, _sender in messages():
+        msg = parse(raw, max_size=10_000_000).msg
+        for part in walk_parts(msg):
+            for name, value in raw_headers(part):
+                text = _simple_text(name.lower(), value)
+                if text is not None:
+                    answered += 1
+                    assert text == _policy_text(name.lower(), value), (name, value)
+    assert answered > 15000  # most real header values are simple
+
+
+_ATOM = st.text(alphabet="aZ09", min_size=1, max_size=4)
+_LOCAL = st.text(alphabet="aZ09!#$%&'*+/=?^_`{|}~-", min_size=1, max_size=4)
+_NOISE = st.sampled_from([*"aZ09 .@<>\"=?-_+'\t,;:()[]\\!#~é\udcff", "\r\n ", "=?a?q?b?="])
+
+
+@st.composite
+def header_values_(draw: st.DrawFn) -> str:
+    name = " ".join(draw(st.lists(_ATOM, max_size=3)))
+    local = ".".join(draw(st.lists(_LOCAL, min_size=1, max_size=3)))
+    domain = ".".join(draw(st.lists(st.text("aZ09-", min_size=1, max_size=4), min_size=1)))
+    shapes = [f"{name} <{local}@{domain}>", f'"{name}" <{local}@{domain}>', f"{local}@{domain}"]
+    shapes += [
+        f"<{local}@{domain}>",
+        f"{name}<{local}@{domain}>",
+        "Fri, 04 Dec 2026 18:34:00 +0000",
+    ]
+    shapes += ["4 Dec 2026 18:34 -0500", "Tue, 31 Feb 2026 25:61:61 +9999", "garbage", ""]
+    value = draw(st.sampled_from(shapes))
+    for _ in range(draw(st.integers(0, 2))):
+        at = draw(st.integers(0, len(value)))
+        value = value[:at] + draw(_NOISE) + value[at:]
+    return value
+
+
+@given(header_values_(), st.sampled_from(NAMES))
+def test_simple_text_is_the_policy_text(value: str, lname: str) -> None:
+    text = _simple_text(lname, value)
+    if text is not None:
+        assert text == _policy_text(lname, value)
+
+
+def test_readers_answer_as_mailparts_for_every_corpus_message() -> None:
+    names = [n.title() for n in NAMES] + ["X-Failed-Recipients", "Auto-Submitted", "Precedence"]
+    for _key, raw, _sender in messages():
+        msg = parse(raw, max_size=10_000_000).msg
+        for name in names:
+            assert parse_mod.header_text(msg, name) == mailparts.header_text(msg, name)
+            assert parse_mod.header_texts(msg, name) == mailparts.header_texts(msg, name)
+            assert parse_mod.header_values(msg, name) == mailparts.header_values(msg, name)
+            assert parse_mod.first_header(msg, name) == mailparts.first_header(msg, name)
