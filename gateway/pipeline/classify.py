@@ -42,7 +42,6 @@ from email.message import Message
 from functools import cached_property
 
 from gateway.pipeline.mailparts import (
-    address_pairs,
     content_type,
     header_names,
     iter_parts,
@@ -52,7 +51,7 @@ from gateway.pipeline.mailparts import (
 )
 
 # mailparts' readers, with a shortcut for the simple values most mail has (parse.py).
-from gateway.pipeline.parse import first_header, header_values
+from gateway.pipeline.parse import address_pairs_of, first_header, header_values
 
 __all__ = [
     "KINDS",
@@ -116,6 +115,8 @@ def _keyword(value: str) -> str:
 
 def _addresses(value: str) -> list[str]:
     """Bare addresses in a header value (or an envelope address), lowercased."""
+    if len(value) > 2000:  # a huge value is not kept
+        return list(_addresses_of.__wrapped__(value))
     return list(_addresses_of(value))
 
 
@@ -126,7 +127,7 @@ def _addresses_of(value: str) -> tuple[str, ...]:
     value = value.strip()
     if not value:
         return ()
-    pairs = address_pairs([value])
+    pairs = address_pairs_of((value,))
     addrs = [addr.strip().lower() for _, addr in pairs if addr and addr.strip()]
     if not addrs:
         # Envelope forms like "<MAILER-DAEMON>" or a bare local part.

@@ -266,9 +266,23 @@ def message_ids(value: str) -> list[str]:
     return _MSGID_RE.findall(value or "")
 
 
+def address_pairs_of(values: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
+    """`mailparts.address_pairs`, kept per distinct values (up to `_CACHED_VALUE_MAX`
+    characters): parse reads From and classify the same text again; To and Cc are mostly
+    our own address, the same for every message."""
+    if sum(len(v) for v in values) > _CACHED_VALUE_MAX:
+        return tuple(address_pairs(list(values)))
+    return _address_pairs(values)
+
+
+@functools.lru_cache(maxsize=1024)
+def _address_pairs(values: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
+    return tuple(address_pairs(list(values)))
+
+
 def _addresses(values: list[str]) -> list[tuple[str, str]]:
     out = []
-    for name, raw in address_pairs(values):
+    for name, raw in address_pairs_of(tuple(values)):
         addr = raw.strip().strip("<>").strip()
         if "@" in addr:
             out.append((name, addr.lower()))

@@ -241,3 +241,6 @@ def test_readers_answer_as_mailparts_for_every_corpus_message() -> None:
             assert parse_mod.header_texts(msg, name) == mailparts.header_texts(msg, name)
             assert parse_mod.header_values(msg, name) == mailparts.header_values(msg, name)
             assert parse_mod.first_header(msg, name) == mailparts.first_header(msg, name)
+            texts = mailparts.header_texts(msg, name)
+            pairs = mailparts.address_pairs(texts)
+            assert list(parse_mod.address_pairs_of(tuple(texts))) == pairs
