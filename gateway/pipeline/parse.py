@@ -381,6 +381,52 @@ class Leaf:
         return None
 
 
+def _presentation(part: Message) -> tuple[str, str, str]:
+    """(content type, disposition, file name) of a leaf part, as `_read_presentation` gives
+    them, kept per distinct (Content-Type, Content-Disposition, default type): the three
+    answers depend on nothing else (``Message.get`` reads a header's first instance), and
+    most parts of most mail share them. A part whose headers were set rather than parsed
+    (header objects, not raw text) or are long is read directly."""
+    if part.policy is _POLICY and type(part) is EmailMessage:
+        ctype: str | None = None
+        disposition: str | None = None
+        for name, value in getattr(part, "_headers", None) or []:
+            if type(value) is not str:
+                return _read_presentation(part)
+            lname = name.lower()
+            if lname == "content-type" and ctype is None:
+                ctype = value
+            elif lname == "content-disposition" and disposition is None:
+                disposition = value
+        if len(ctype or "") + len(disposition or "") <= _CACHED_VALUE_MAX:
+            return _presentation_of(ctype, disposition, part.get_default_type())
+    return _read_presentation(part)
+
+
+@functools.lru_cache(maxsize=1024)
+def _presentation_of(
+    ctype: str | None, disposition: str | None, default_type: str
+) -> tuple[str, str, str]:
+    """`_read_presentation` of a part with just these headers (None: absent)."""
+    part = EmailMessage(policy=_POLICY)
+    part.set_default_type(default_type)
+    if ctype is not None:
+        part.set_raw("Content-Type", ctype)
+    if disposition is not None:
+        part.set_raw("Content-Disposition", disposition)
+    return _read_presentation(part)
+
+
+def _read_presentation(part: Message) -> tuple[str, str, str]:
+    try:
+        ctype = part.get_content_type()
+        disposition = (part.get_content_disposition() or "").lower()
+        filename = part.get_filename() or ""
+    except Exception:
+        return "application/octet-stream", "attachment", ""
+    return ctype, disposition, filename
+
+
 def leaf_parts(msg: Message, defects: list[str] | None = None) -> list[Leaf]:
     """Every leaf part of `msg` in order; never raises (a broken structure is one leaf)."""
     try:
@@ -393,12 +439,7 @@ def leaf_parts(msg: Message, defects: list[str] | None = None) -> list[Leaf]:
     for part in parts:
         if part.is_multipart():
             continue
-        try:
-            ctype = part.get_content_type()
-            disposition = (part.get_content_disposition() or "").lower()
-            filename = part.get_filename() or ""
-        except Exception:
-            ctype, disposition, filename = "application/octet-stream", "attachment", ""
+        ctype, disposition, filename = _presentation(part)
         if ctype.startswith("multipart/"):
             continue
         out.append(Leaf(part, ctype, filename, disposition))

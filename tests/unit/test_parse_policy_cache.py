@@ -64,6 +64,10 @@ HOSTILE = [
     b"Subject: folded\r\n  over\r\n\tlines\r\n"
     b'Content-Type: text/plain;\r\n charset="us-ascii"\r\n\r\nx\r\n',
     b"From: \r\nTo: \r\nSubject:\r\nContent-Type:\r\n\r\n",
+    b"Content-Type: multipart/digest; boundary=d\r\n\r\n--d\r\n\r\nSubject: in a digest\r\n\r\n"
+    b'x\r\n--d\r\nContent-Type: text/plain\r\nContent-Disposition: inline; filename="a b.txt"\r\n'
+    b"content-disposition: attachment\r\n\r\ny\r\n--d\r\nContent-Type: foo\r\n"
+    b"Content-Disposition: ATTACHMENT; filename*=utf-8''%E2%82%AC.txt\r\n\r\nz\r\n--d--\r\n",
     b"no headers at all",
 ]
 
@@ -233,9 +237,12 @@ def test_simple_text_is_the_policy_text(value: str, lname: str) -> None:
 
 
 def test_readers_answer_as_mailparts_for_every_corpus_message() -> None:
+    """And every part presents itself (type, disposition, file name) as its methods say."""
     names = [n.title() for n in NAMES] + ["X-Failed-Recipients", "Auto-Submitted", "Precedence"]
     for _key, raw, _sender in messages():
         msg = parse(raw, max_size=10_000_000).msg
+        for part in walk_parts(msg):
+            assert parse_mod._presentation(part) == parse_mod._read_presentation(part)
         for name in names:
             assert parse_mod.header_text(msg, name) == mailparts.header_text(msg, name)
             assert parse_mod.header_texts(msg, name) == mailparts.header_texts(msg, name)
