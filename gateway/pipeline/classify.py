@@ -115,12 +115,12 @@ def _keyword(value: str) -> str:
 
 def _addresses(value: str) -> list[str]:
     """Bare addresses in a header value (or an envelope address), lowercased."""
-    if len(value) > 2000:  # a huge value is not kept
+    if len(value) > 1000:  # a long value is not kept
         return list(_addresses_of.__wrapped__(value))
     return list(_addresses_of(value))
 
 
-@functools.lru_cache(maxsize=1024)
+@functools.lru_cache(maxsize=512)
 def _addresses_of(value: str) -> tuple[str, ...]:
     """`_addresses`, kept per distinct value: a message's senders are read by two rules and
     by bounce detection, and our own addresses are the same for every message."""

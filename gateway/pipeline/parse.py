@@ -56,34 +56,44 @@ _MSGID_RE = re.compile(r"<[^<>\s]+>")
 
 
 class _ParsedOncePolicy(EmailPolicy):
-    """``email.policy.default`` (CRLF) whose header objects are made once per distinct
+    """``email.policy.default`` (CRLF) whose MIME header objects are made once per distinct
     (name, raw value) and then shared.
 
-    The default policy parses a header on every read, and the email package reads the same
-    few headers many times per message: the feed parser asks a part's Content-Type three
-    times, ``get_content_type``/``get_param``/``get_filename``/``get_content`` each again, so
-    one ``Content-Type: text/plain; charset=utf-8`` was parsed ten times per message (10 of
-    the 13 header parses of a plain one-part message). A header object is a function of the
+    The default policy parses a header on every read, and the email package reads a part's
+    MIME headers many times: the feed parser asks its Content-Type three times,
+    ``get_content_type``/``get_param``/``get_filename``/``get_content`` each again, so one
+    ``Content-Type: text/plain; charset=utf-8`` was parsed ten times per message (10 of the
+    13 header parses of a plain one-part message). A header object is a function of the
     name, the value and the header factory only (``EmailPolicy.header_fetch_parse``), and it
     is immutable (a ``str`` whose parse tree folding copies, never changes), so sharing it
     between reads and between messages changes no result
     (tests/unit/test_parse_policy_cache.py compares every corpus message with the plain
-    policy). Values longer than ``_CACHED_VALUE_MAX`` are parsed as before, so the cache stays
-    small whatever arrives.
+    policy).
+
+    Memory: a header object is 4-15 kB (its own class, its parse tree) and grows ~5 kB per
+    parameter, so only the MIME headers (the ones read again and again, and with few
+    distinct values) of at most `_CACHED_VALUE_MAX` characters are kept, 128 of them
+    (~2 MB; a few tens of MB if every one were a long, many-parameter value).
     """
 
     def header_fetch_parse(self, name: str, value: str) -> Any:
-        if not isinstance(value, str) or hasattr(value, "name") or len(value) > _CACHED_VALUE_MAX:
+        if (
+            type(value) is not str
+            or len(value) > _CACHED_VALUE_MAX
+            or name.lower() not in _CACHED_HEADERS
+        ):
             return super().header_fetch_parse(name, value)
         return _header_object(self, name, value)
 
 
-#: Longest raw header value whose parsed object is kept (a Content-Type with a long file
-#: name fits; a 100 kB References header is parsed on each read, as before).
-_CACHED_VALUE_MAX = 2000
+#: Longest raw value whose parsed header object, address pairs or part presentation is kept.
+_CACHED_VALUE_MAX = 200
+_CACHED_HEADERS = frozenset(
+    {"content-type", "content-disposition", "content-transfer-encoding", "mime-version"}
+)
 
 
-@functools.lru_cache(maxsize=2048)
+@functools.lru_cache(maxsize=128)
 def _header_object(policy: EmailPolicy, name: str, value: str) -> Any:
     """What ``EmailPolicy.header_fetch_parse`` returns; raises what it raises (not cached)."""
     return EmailPolicy.header_fetch_parse(policy, name, value)
