@@ -93,13 +93,9 @@ class AckContent:
     notice: str = ""
 
 
-def _deadline_text(c: AckContent, letter: Letter) -> str:
+def _deadline_text(c: AckContent, letter: Letter, due_local: str, due_utc: str) -> str:
     due, lang = c.first_response_due, letter.lang
-    lines = [
-        letter.phrase(
-            "deadline", due_local=i18n.format_local(due, c.calendar, lang), due_utc=isoz(due)
-        )
-    ]
+    lines = [letter.phrase("deadline", due_local=due_local, due_utc=due_utc)]
     if c.customer_date is not None and c.customer_date.utcoffset() is not None:
         theirs = c.customer_date.utcoffset()
         assert theirs is not None
@@ -192,13 +188,15 @@ def render_ack_text(
     """The plain-text body of the acknowledgement (gateway/templates/ack.<lang>.txt)."""
     letter = ack_letter(template)
     lang = letter.lang
+    due_local = i18n.format_local(content.first_response_due, content.calendar, lang)
+    due_utc = isoz(content.first_response_due)
     values = {
         "ref": content.ref,
         "owner": content.owner_name,
         "subject": clean_subject(content.subject),
-        "deadline": _deadline_text(content, letter),
-        "deadline_local": i18n.format_local(content.first_response_due, content.calendar, lang),
-        "deadline_utc": isoz(content.first_response_due),
+        "deadline": _deadline_text(content, letter, due_local, due_utc),
+        "deadline_local": due_local,
+        "deadline_utc": due_utc,
         "hours": _hours_text(content, letter),
         "received": _received_text(content, letter),
         "performance": _performance_text(content, letter),
@@ -221,11 +219,10 @@ def render_ack_text(
 
 def html_text(text: str) -> str:
     """The HTML alternative of a plain-text letter: one <p> per paragraph."""
-    paragraphs = [p for p in text.split("\n\n") if p.strip()]
-    body = "\n".join(
-        "<p>" + "<br>\n".join(html.escape(line) for line in p.splitlines()) + "</p>"
-        for p in paragraphs
-    )
+    # Escaped once, before splitting: html.escape touches no line break or blank, so the
+    # paragraphs and lines are those of the text.
+    paragraphs = [p for p in html.escape(text).split("\n\n") if p.strip()]
+    body = "\n".join("<p>" + "<br>\n".join(p.splitlines()) + "</p>" for p in paragraphs)
     head = '<!DOCTYPE html>\n<html><body style="font-family: sans-serif">'
     return f"{head}\n{body}\n</body></html>\n"
 

@@ -83,7 +83,13 @@ def clean_subject(subject: str | None) -> str:
 def tagged_subject(ref: str, subject: str | None, no_subject: str = "(no subject)") -> str:
     """``[REF] subject``, without doubling a ``[REF]`` already present."""
     text = clean_subject(subject) or no_subject
-    if re.search(rf"\[{re.escape(ref)}\]", text, re.IGNORECASE):
+    tag = f"[{ref}]"
+    if tag.isascii() and text.isascii():
+        # ASCII only: a case-insensitive match is a match of the lower-cased texts (the
+        # regular expression below, without compiling one per reference).
+        if tag.lower() in text.lower():
+            return text
+    elif re.search(rf"\[{re.escape(ref)}\]", text, re.IGNORECASE):
         return text
     return f"[{ref}] {text}"
 

@@ -66,7 +66,7 @@ def human(dt: datetime, lang: str = DEFAULT_LANGUAGE) -> str:
     lang = _lang(lang)
     day = _DAYS[lang][dt.weekday()]
     month = _MONTHS[lang][dt.month - 1]
-    clock = f"{dt:%H:%M}"
+    clock = f"{dt.hour:02d}:{dt.minute:02d}"  # %H:%M without strftime
     if lang == "de":
         return f"{day}, {dt.day}. {month} {dt.year}, {clock} Uhr"
     if lang == "fr":

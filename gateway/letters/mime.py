@@ -32,6 +32,7 @@ them back with the stdlib parser.
 from __future__ import annotations
 
 import binascii
+import functools
 import random
 import re
 import sys
@@ -60,8 +61,10 @@ _MAILBOX = rf"(?:{_ADDR}|{_ATOM}(?: {_ATOM})* <{_ADDR}>)"
 _PARAM = r'; [a-z-]+="[ !#-\[\]-~]*"'
 
 
+@functools.lru_cache(maxsize=64)
 def _is_date(value: str) -> bool:
-    # The stdlib writes a Date as format_datetime(parsedate_to_datetime(value)).
+    # The stdlib writes a Date as format_datetime(parsedate_to_datetime(value)). Cached: the
+    # letters of one ticket, and of every ticket in the same second, carry the same Date.
     try:
         return format_datetime(parsedate_to_datetime(value)) == value
     except (TypeError, ValueError):
@@ -97,6 +100,11 @@ _UNIQUE = frozenset(
 )
 
 
+# The Content-Type of a multipart entity written by _Part.write, with its boundary (see
+# _boundary): too long for one line, the stdlib folds it before the boundary parameter.
+_MULTIPART = re.compile(r'(multipart/[a-z]+); (boundary="={15}[0-9]{19}==(?:\.[0-9]+)?")\Z')
+
+
 def _never(value: str) -> bool:
     return False
 
@@ -111,6 +119,19 @@ def header_line(name: str, value: str) -> bytes:
             shape = _never if key in _REGISTRY.registry else _PLAIN.match
         if shape(value):
             return f"{name}: {value}\r\n".encode("ascii")
+    elif key == "content-type":
+        m = _MULTIPART.match(value)
+        if m and len(name) + len(m[1]) + 3 <= MAX_LINE and len(m[2]) < MAX_LINE:
+            return f"{name}: {m[1]};\r\n {m[2]}\r\n".encode("ascii")
+    return _folded(name, value)
+
+
+@functools.lru_cache(maxsize=256)
+def _folded(name: str, value: str) -> bytes:
+    """The stdlib's header class folds (and RFC 2047 encodes) the value: deterministic, and
+    cached, because the same values come again: a ticket's subject in its acknowledgement
+    and its notifications, a brand's or a person's name in every letter."""
+    key = name.lower()
     cls = _HEADER_CLASSES.get(key)
     if cls is None:
         cls = _HEADER_CLASSES[key] = _REGISTRY[name]
@@ -133,30 +154,77 @@ def _base64_lines(data: bytes) -> bytes:
     )
 
 
-def _crlf(text: str) -> bytes:
-    """``text``'s lines (any of CRLF, CR, LF) each ended by CRLF, as the generator writes a
-    payload (a last line without an ending gets none)."""
-    lines = re.split(r"\r\n|\r|\n", text)
-    out = _CRLF.join(line.encode("ascii", "surrogateescape") for line in lines[:-1])
-    out = out + _CRLF if len(lines) > 1 else out
-    return out + lines[-1].encode("ascii", "surrogateescape")
+# Octets quoted-printable writes as they are in a body (``quoprimime``'s body map): tab and
+# printable ASCII but "=" (and the line breaks, which separate the lines here). Any other
+# run is written "=XX" per octet.
+_QP_UNSAFE = re.compile(r"[^\t\n -<>-~]+")
+
+
+def _qp_quote(m: re.Match[str]) -> str:
+    return "=" + m.group().encode("latin-1").hex("=").upper()
+
+
+def _qp_lines(lines: list[bytes]) -> list[str]:
+    """Each line (without its ending) as ``quoprimime.body_encode(..., MAX_LINE)`` writes
+    it: octets quoted, soft line breaks ("=" then "\\n") within MAX_LINE, a trailing blank
+    quoted. The stdlib quotes character by character through a table, then breaks each line
+    it finds; lines are independent, so here they are quoted together by one regular
+    expression and only a long line or one ending in a blank goes through the stdlib's loop
+    (:func:`_qp_break`)."""
+    quoted = _QP_UNSAFE.sub(_qp_quote, b"\n".join(lines).decode("latin-1")).split("\n")
+    return [
+        x if len(x) <= MAX_LINE and (not x or x[-1] not in " \t") else _qp_break(x) for x in quoted
+    ]
+
+
+def _qp_break(line: str) -> str:
+    """``quoprimime.body_encode``'s loop for one quoted line, unchanged (eol "\\n")."""
+    pieces: list[str] = []
+    append = pieces.append
+    start = 0
+    laststart = len(line) - 1 - MAX_LINE
+    while start <= laststart:
+        stop = start + MAX_LINE - 1
+        if line[stop - 2] == "=":
+            append(line[start : stop - 1])
+            start = stop - 2
+        elif line[stop - 1] == "=":
+            append(line[start:stop])
+            start = stop - 1
+        else:
+            append(line[start:stop] + "=")
+            start = stop
+    if line and line[-1] in " \t":
+        room = start - laststart
+        if room >= 3:
+            q = quoprimime.quote(line[-1])
+        elif room == 2:
+            q = line[-1] + "=\n"
+        else:
+            q = "=\n" + quoprimime.quote(line[-1])
+        append(line[start:-1] + q)
+    else:
+        append(line[start:])
+    return "\n".join(pieces)
 
 
 def _encode_text(text: str) -> tuple[str, bytes]:
     """(content-transfer-encoding, body bytes) of a UTF-8 text part: the choice of
-    ``email.contentmanager._encode_text`` under the SMTP policy (8bit allowed, 78 wide)."""
+    ``email.contentmanager._encode_text`` under the SMTP policy (8bit allowed, 78 wide).
+
+    The stdlib sniffs the first ten lines: quoted-printable unless base64 of them is
+    shorter; quoted-printable is ``quoprimime.body_encode`` of the lines (ended by "\\n")
+    with CRLF line endings, written here line by line (:func:`_qp_lines`)."""
     lines = text.encode("utf-8").splitlines()
     if max((len(x) for x in lines), default=0) <= MAX_LINE:
         body = _CRLF.join(lines) + _CRLF
         return ("7bit" if body.isascii() else "8bit"), body
+    head = _qp_lines(lines[:10])
     sniff = _CRLF.join(lines[:10]) + _CRLF
-    sniff_qp = quoprimime.body_encode(sniff.decode("latin-1"), MAX_LINE)
-    if len(sniff_qp) > len(binascii.b2a_base64(sniff)):
+    if sum(len(x) + 1 for x in head) > len(binascii.b2a_base64(sniff)):
         return "base64", _base64_lines(_CRLF.join(lines) + _CRLF)
-    if len(lines) <= 10:
-        return "quoted-printable", _crlf(sniff_qp)
-    whole = (b"\n".join(lines) + b"\n").decode("latin-1")
-    return "quoted-printable", _crlf(quoprimime.body_encode(whole, MAX_LINE))
+    encoded = head + _qp_lines(lines[10:]) if len(lines) > 10 else head
+    return "quoted-printable", ("\n".join(encoded) + "\n").replace("\n", "\r\n").encode("ascii")
 
 
 class _Part:

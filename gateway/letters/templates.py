@@ -20,6 +20,7 @@ share.
 from __future__ import annotations
 
 import functools
+import os
 import re
 import string
 from collections.abc import Mapping, Sequence
@@ -400,7 +401,14 @@ class Letter:
 
     def phrase(self, key: str, **facts: object) -> str:
         text = self.phrases.get(key, "")
+        if "$" not in text:
+            return text  # nothing to substitute (safe_substitute would give it back as it is)
         return string.Template(text).safe_substitute({k: str(v) for k, v in facts.items()})
+
+
+def _override_names(name: str, lang: str, default_language: str) -> list[str]:
+    """The override files of letter ``name`` in ``lang``, most specific first."""
+    return [f"{name}.{lang}.txt", *([f"{name}.txt"] if lang == default_language else [])]
 
 
 def _layers(
@@ -409,10 +417,7 @@ def _layers(
     """Most specific first: the override for ``lang``, the language-less override (it speaks
     the installation's default language), then the shipped file for ``lang`` and English."""
     found: list[Template] = []
-    candidates = [f"{name}.{lang}.txt"]
-    if lang == default_language:
-        candidates.append(f"{name}.txt")
-    for filename in candidates:
+    for filename in _override_names(name, lang, default_language):
         override = _override(templates_dir, filename)
         if override is not None:
             found.append(override)
@@ -422,6 +427,36 @@ def _layers(
             if template is not None:
                 found.append(template)
     return found
+
+
+# load()'s letters by its arguments, with the override files the letter was made of and
+# their (mtime, size, inode) stamps, None for a missing one (docs/performance.md §5). Every
+# load still stats each file an override could be in, as it did before it was cached, so an
+# edited, new or removed override is read by the next letter; only the pathlib objects, the
+# layering and the merging of phrases are saved. A templates_dir that does not exist is one
+# stat: no file can be in it. The Letter is shared by the callers that get it: nothing
+# changes a Letter's phrases (``dataclasses.replace`` makes a new Letter).
+_Stamp = tuple[int, int, int] | None
+_LOADED: dict[tuple[str, str, str, str], tuple[tuple[str, ...], tuple[_Stamp, ...], Letter]] = {}
+#: Cached letters at most (names come from the rules and the code, so this is never reached
+#: but by a bug; then the cache starts again rather than grow).
+_LOADED_MAX = 1024
+
+
+def _stamp(path: str) -> _Stamp:
+    try:
+        st = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    return st.st_mtime_ns, st.st_size, st.st_ino
+
+
+def _stamps(folder: str, paths: tuple[str, ...]) -> tuple[_Stamp, ...]:
+    try:
+        os.stat(folder)
+    except (FileNotFoundError, NotADirectoryError):
+        return (None,) * len(paths)  # no folder, no file in it
+    return tuple(_stamp(p) for p in paths)
 
 
 def load(
@@ -437,6 +472,55 @@ def load(
     from ``vip.<lang>.txt``/``vip.txt`` in ``templates_dir``, else from ``ack``; its phrases
     from ``ack``.
     """
+    if templates_dir is None:
+        key = (name, lang, "", default_language)
+        known = _LOADED.get(key)
+        if known is not None:
+            return known[2]
+        letter = _load(name, lang, None, default_language)
+        _remember(key, (), (), letter)
+        return letter
+    folder = os.fspath(templates_dir)
+    key = (name, lang, folder, default_language)
+    known = _LOADED.get(key)
+    if known is not None:
+        paths = known[0]
+    else:
+        paths = tuple(
+            os.path.join(folder, f) for f in _override_files(name, lang, default_language)
+        )
+    # Stamped before reading: a file that changes meanwhile is read again by the next letter.
+    stamps = _stamps(folder, paths)
+    if known is not None and known[1] == stamps:
+        return known[2]
+    letter = _load(name, lang, templates_dir, default_language)
+    _remember(key, paths, stamps, letter)
+    return letter
+
+
+def _remember(
+    key: tuple[str, str, str, str],
+    paths: tuple[str, ...],
+    stamps: tuple[_Stamp, ...],
+    letter: Letter,
+) -> None:
+    if len(_LOADED) >= _LOADED_MAX:
+        _LOADED.clear()
+    _LOADED[key] = (paths, stamps, letter)
+
+
+def _override_files(name: str, lang: str, default_language: str) -> list[str]:
+    """Every override file ``_load`` may read for these arguments."""
+    if lang not in LANGUAGES:
+        lang = DEFAULT_LANGUAGE
+    if not _NAME_RE.fullmatch(name):
+        name = "ack"
+    base = name if name in LETTERS else "ack"
+    names = [name, base, "common"] if base != name else [base, "common"]
+    return [f for n in names for f in _override_names(n, lang, default_language)]
+
+
+def _load(name: str, lang: str, templates_dir: Path | None, default_language: str) -> Letter:
     if lang not in LANGUAGES:
         lang = DEFAULT_LANGUAGE
     if not _NAME_RE.fullmatch(name):
@@ -485,13 +569,16 @@ def _phrase_source(name: str, lang: str, templates_dir: Path | None, default_lan
     return layers[0].path if layers else ""
 
 
+_BLANK_LINES = re.compile(r"\n{3,}")
+
+
 def render(letter: Letter, facts: Mapping[str, str], verbatim: Sequence[str] = ()) -> str:
     """The body with its facts; blank facts leave no hole of empty lines. The facts named
     in ``verbatim`` (a customer's own text) are placed after that tidying, as they are."""
     marks = {name: f"\x00{i}\x00" for i, name in enumerate(verbatim)}
     values = {k: marks.get(k, v) for k, v in facts.items()}
     text = string.Template(letter.body).safe_substitute(values)
-    text = re.sub(r"\n{3,}", "\n\n", text).strip() + "\n"
+    text = _BLANK_LINES.sub("\n\n", text).strip() + "\n"
     for name, mark in marks.items():
         text = text.replace(mark, facts.get(name, ""))
     return text

@@ -34,6 +34,7 @@ they live in their own stages.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass
@@ -41,15 +42,16 @@ from email.message import Message
 from functools import cached_property
 
 from gateway.pipeline.mailparts import (
-    address_pairs,
     content_type,
-    first_header,
     header_names,
-    header_values,
     iter_parts,
     param,
+    raw_headers,
     text_parts,
 )
+
+# mailparts' readers, with a shortcut for the simple values most mail has (parse.py).
+from gateway.pipeline.parse import address_pairs_of, first_header, header_values
 
 __all__ = [
     "KINDS",
@@ -113,17 +115,26 @@ def _keyword(value: str) -> str:
 
 def _addresses(value: str) -> list[str]:
     """Bare addresses in a header value (or an envelope address), lowercased."""
+    if len(value) > 1000:  # a long value is not kept
+        return list(_addresses_of.__wrapped__(value))
+    return list(_addresses_of(value))
+
+
+@functools.lru_cache(maxsize=512)
+def _addresses_of(value: str) -> tuple[str, ...]:
+    """`_addresses`, kept per distinct value: a message's senders are read by two rules and
+    by bounce detection, and our own addresses are the same for every message."""
     value = value.strip()
     if not value:
-        return []
-    pairs = address_pairs([value])
+        return ()
+    pairs = address_pairs_of((value,))
     addrs = [addr.strip().lower() for _, addr in pairs if addr and addr.strip()]
     if not addrs:
         # Envelope forms like "<MAILER-DAEMON>" or a bare local part.
         bare = value.strip().strip("<>").strip().lower()
         if bare and " " not in bare:
             addrs = [bare]
-    return addrs
+    return tuple(addrs)
 
 
 def _local_part(address: str) -> str:
@@ -378,7 +389,16 @@ class Clues:
     def subject(self) -> str:
         return first_header(self.msg, "Subject")
 
+    @cached_property
+    def present(self) -> frozenset[str]:
+        """The message's header names, lowercase. Most of the ~20 headers the rules ask for
+        are absent from any one message; each answer would otherwise be one scan of all the
+        headers to find nothing."""
+        return frozenset(name.lower() for name, _ in raw_headers(self.msg))
+
     def values(self, name: str) -> list[str]:
+        if name.lower() not in self.present:
+            return []  # what header_values answers for a header the message lacks
         return header_values(self.msg, name)
 
 

@@ -184,7 +184,9 @@ def notify_owner_stage(ctx: Context) -> None:
         calendar = ctx.services.rules.calendar_for_policy(ticket.sla)
     limit = settings.outbound.notify_attachment_limit
     p = ctx.parsed
-    parts = attachment_parts(p.msg)
+    # parse() found the attachments of this very message (the same leaves, chosen the same
+    # way): without one, walking its parts again would find none.
+    parts = attachment_parts(p.msg) if p.attachments else []
     total = sum(len(x.data) for x in parts)
     files = (
         f"; {len(parts)} attachment(s), {describe_size(total)}"

@@ -23,27 +23,191 @@ from __future__ import annotations
 import email
 import email.policy
 import email.utils
+import functools
 import re
 from dataclasses import dataclass, field
 from datetime import datetime
+from email.headerregistry import (
+    AddressHeader,
+    HeaderRegistry,
+    SingleAddressHeader,
+    UniqueAddressHeader,
+    UniqueSingleAddressHeader,
+    UniqueUnstructuredHeader,
+    UnstructuredHeader,
+)
 from email.message import EmailMessage, Message
-from email.policy import Policy
+from email.policy import EmailPolicy, Policy
 from html.parser import HTMLParser
-from typing import Any
+from typing import Any, cast
 
+from gateway.pipeline import mailparts
 from gateway.pipeline.mailparts import (
     address_pairs,
     charset,
     decode_words,
     decoded_payload,
-    header_text,
-    header_texts,
     payload,
     raw_headers,
 )
+from gateway.pipeline.subject import decode_rfc2047
 
 _MSGID_RE = re.compile(r"<[^<>\s]+>")
-_POLICY: Policy = email.policy.default.clone(linesep="\r\n")
+
+
+class _ParsedOncePolicy(EmailPolicy):
+    """``email.policy.default`` (CRLF) whose MIME header objects are made once per distinct
+    (name, raw value) and then shared.
+
+    The default policy parses a header on every read, and the email package reads a part's
+    MIME headers many times: the feed parser asks its Content-Type three times,
+    ``get_content_type``/``get_param``/``get_filename``/``get_content`` each again, so one
+    ``Content-Type: text/plain; charset=utf-8`` was parsed ten times per message (10 of the
+    13 header parses of a plain one-part message). A header object is a function of the
+    name, the value and the header factory only (``EmailPolicy.header_fetch_parse``), and it
+    is immutable (a ``str`` whose parse tree folding copies, never changes), so sharing it
+    between reads and between messages changes no result
+    (tests/unit/test_parse_policy_cache.py compares every corpus message with the plain
+    policy).
+
+    Memory: a header object is 4-15 kB (its own class, its parse tree) and grows ~5 kB per
+    parameter, so only the MIME headers (the ones read again and again, and with few
+    distinct values) of at most `_CACHED_VALUE_MAX` characters are kept, 128 of them
+    (~2 MB; a few tens of MB if every one were a long, many-parameter value).
+    """
+
+    def header_fetch_parse(self, name: str, value: str) -> Any:
+        if (
+            type(value) is not str
+            or len(value) > _CACHED_VALUE_MAX
+            or name.lower() not in _CACHED_HEADERS
+        ):
+            return super().header_fetch_parse(name, value)
+        return _header_object(self, name, value)
+
+
+#: Longest raw value whose parsed header object, address pairs or part presentation is kept.
+_CACHED_VALUE_MAX = 200
+_CACHED_HEADERS = frozenset(
+    {"content-type", "content-disposition", "content-transfer-encoding", "mime-version"}
+)
+
+
+@functools.lru_cache(maxsize=128)
+def _header_object(policy: EmailPolicy, name: str, value: str) -> Any:
+    """What ``EmailPolicy.header_fetch_parse`` returns; raises what it raises (not cached)."""
+    return EmailPolicy.header_fetch_parse(policy, name, value)
+
+
+#: ``email.policy.default.clone(linesep="\r\n")`` with parsed headers kept (same registry).
+_POLICY: Policy = _ParsedOncePolicy(
+    header_factory=email.policy.default.header_factory, linesep="\r\n"
+)
+#: The header classes by lowercase name of that registry (the rest are unstructured).
+_REGISTRY: dict[str, type] = cast(HeaderRegistry, email.policy.default.header_factory).registry
+
+
+# ---------------------------------------------------------------------------- header texts
+# `mailparts.header_text`, `header_texts`, `header_values` and `first_header` with one
+# shortcut: the text the default policy gives a *simple* value is known without its parser.
+# Each message's own From, Date, Subject and Message-ID are distinct values, so the per-value
+# caches never hit them, and their parse was most of what was left of parse + classify
+# (~190 us for one ``Name <a@b>``, ~60 us for a Date or a Message-ID). `_simple_text` answers
+# only for values in narrow shapes (printable ASCII, no encoded word; a lone mailbox of plain
+# atoms; one dot-atom msg-id); any other value, and any message not parsed with `_POLICY`, is
+# read by mailparts exactly as before. tests/unit/test_parse_policy_cache.py checks the
+# shortcut against the policy on generated values and every corpus header, and that it
+# never answers where the policy's parser raises.
+
+_PRINTABLE_RE = re.compile(r"[\t\x20-\x7e]*")
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"  # RFC 5322 atext
+_DOT_ATOM = rf"{_ATEXT}(?:\.{_ATEXT})*"
+_SIMPLE_MSGID_RE = re.compile(rf"<{_DOT_ATOM}@{_DOT_ATOM}>")
+# No "=" or "?" in a local part (the address parser tries encoded words there).
+_LOCAL = r"[A-Za-z0-9!#$%&'*+/^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/^_`{|}~-]+)*"
+_ADDR = rf"{_LOCAL}@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*"
+_NAME = r"[A-Za-z0-9]+(?: [A-Za-z0-9]+)*"
+_SIMPLE_MAILBOX_RE = re.compile(rf'(?:({_NAME})|"({_NAME})") <({_ADDR})>|({_ADDR})')
+_UNSTRUCTURED = (UnstructuredHeader, UniqueUnstructuredHeader)
+_MAILBOXES = (AddressHeader, UniqueAddressHeader, SingleAddressHeader, UniqueSingleAddressHeader)
+
+
+def _simple_text(lname: str, raw: str) -> str | None:
+    """``str(_POLICY.header_fetch_parse(lname, raw))`` for a simple value; None for others.
+
+    The policy removes CR and LF, then: an unstructured header's text is the value itself
+    unless it has encoded words; a lone ``Name <addr>``, ``"Name" <addr>`` or ``addr`` of
+    plain atoms is written back as ``Name <addr>`` or ``addr``; a msg-id of dot-atoms is
+    itself; a Date is ``format_datetime(parsedate_to_datetime(value))``, or the value when
+    that raises ValueError (``email.headerregistry.DateHeader.parse``)."""
+    value = raw.replace("\r", "").replace("\n", "")
+    if not _PRINTABLE_RE.fullmatch(value):
+        return None  # non-ASCII, 8-bit (surrogates), control characters
+    kind = _REGISTRY.get(lname)
+    if kind is None or kind in _UNSTRUCTURED:
+        return None if "=?" in value else value
+    if lname == "message-id":
+        return value if _SIMPLE_MSGID_RE.fullmatch(value) else None
+    if kind in _MAILBOXES:
+        m = _SIMPLE_MAILBOX_RE.fullmatch(value)
+        if m is None:
+            return None
+        name = m.group(1) or m.group(2)
+        return f"{name} <{m.group(3)}>" if name else m.group(4)
+    if lname == "date" and value:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except ValueError:
+            return value
+        except Exception:  # the policy raises these: mailparts' fallback decides
+            return None
+        return email.utils.format_datetime(when)
+    return None
+
+
+def _simple_texts(msg: Message, name: str) -> list[str] | None:
+    """`_simple_text` of every instance of a header, or None unless all are simple."""
+    if msg.policy is not _POLICY:
+        return None
+    lname = name.lower()
+    out = []
+    for k, v in raw_headers(msg):
+        if k.lower() == lname:
+            text = _simple_text(lname, v)
+            if text is None:
+                return None
+            out.append(text)
+    return out
+
+
+def header_text(msg: Message, name: str) -> str:
+    """`mailparts.header_text`."""
+    texts = _simple_texts(msg, name)
+    if texts is None:
+        return mailparts.header_text(msg, name)
+    return texts[0] if texts else ""
+
+
+def header_texts(msg: Message, name: str) -> list[str]:
+    """`mailparts.header_texts`."""
+    texts = _simple_texts(msg, name)
+    return mailparts.header_texts(msg, name) if texts is None else texts
+
+
+def header_values(msg: Message, name: str) -> list[str]:
+    """`mailparts.header_values`."""
+    texts = _simple_texts(msg, name)
+    if texts is None:
+        return mailparts.header_values(msg, name)
+    return [decode_rfc2047(t).strip() for t in texts]
+
+
+def first_header(msg: Message, name: str) -> str:
+    """`mailparts.first_header`."""
+    values = header_values(msg, name)
+    return values[0] if values else ""
+
+
 #: Deepest MIME nesting read part by part; deeper mail is kept whole as an attachment.
 MAX_MIME_DEPTH = 64
 #: Most parts walked in one message (a flat bomb of 100,000 parts is no better).
@@ -112,9 +276,23 @@ def message_ids(value: str) -> list[str]:
     return _MSGID_RE.findall(value or "")
 
 
+def address_pairs_of(values: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
+    """`mailparts.address_pairs`, kept per distinct values (up to `_CACHED_VALUE_MAX`
+    characters): parse reads From and classify the same text again; To and Cc are mostly
+    our own address, the same for every message."""
+    if sum(len(v) for v in values) > _CACHED_VALUE_MAX:
+        return tuple(address_pairs(list(values)))
+    return _address_pairs(values)
+
+
+@functools.lru_cache(maxsize=1024)
+def _address_pairs(values: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
+    return tuple(address_pairs(list(values)))
+
+
 def _addresses(values: list[str]) -> list[tuple[str, str]]:
     out = []
-    for name, raw in address_pairs(values):
+    for name, raw in address_pairs_of(tuple(values)):
         addr = raw.strip().strip("<>").strip()
         if "@" in addr:
             out.append((name, addr.lower()))
@@ -213,6 +391,52 @@ class Leaf:
         return None
 
 
+def _presentation(part: Message) -> tuple[str, str, str]:
+    """(content type, disposition, file name) of a leaf part, as `_read_presentation` gives
+    them, kept per distinct (Content-Type, Content-Disposition, default type): the three
+    answers depend on nothing else (``Message.get`` reads a header's first instance), and
+    most parts of most mail share them. A part whose headers were set rather than parsed
+    (header objects, not raw text) or are long is read directly."""
+    if part.policy is _POLICY and type(part) is EmailMessage:
+        ctype: str | None = None
+        disposition: str | None = None
+        for name, value in getattr(part, "_headers", None) or []:
+            if type(value) is not str:
+                return _read_presentation(part)
+            lname = name.lower()
+            if lname == "content-type" and ctype is None:
+                ctype = value
+            elif lname == "content-disposition" and disposition is None:
+                disposition = value
+        if len(ctype or "") + len(disposition or "") <= _CACHED_VALUE_MAX:
+            return _presentation_of(ctype, disposition, part.get_default_type())
+    return _read_presentation(part)
+
+
+@functools.lru_cache(maxsize=1024)
+def _presentation_of(
+    ctype: str | None, disposition: str | None, default_type: str
+) -> tuple[str, str, str]:
+    """`_read_presentation` of a part with just these headers (None: absent)."""
+    part = EmailMessage(policy=_POLICY)
+    part.set_default_type(default_type)
+    if ctype is not None:
+        part.set_raw("Content-Type", ctype)
+    if disposition is not None:
+        part.set_raw("Content-Disposition", disposition)
+    return _read_presentation(part)
+
+
+def _read_presentation(part: Message) -> tuple[str, str, str]:
+    try:
+        ctype = part.get_content_type()
+        disposition = (part.get_content_disposition() or "").lower()
+        filename = part.get_filename() or ""
+    except Exception:
+        return "application/octet-stream", "attachment", ""
+    return ctype, disposition, filename
+
+
 def leaf_parts(msg: Message, defects: list[str] | None = None) -> list[Leaf]:
     """Every leaf part of `msg` in order; never raises (a broken structure is one leaf)."""
     try:
@@ -225,12 +449,7 @@ def leaf_parts(msg: Message, defects: list[str] | None = None) -> list[Leaf]:
     for part in parts:
         if part.is_multipart():
             continue
-        try:
-            ctype = part.get_content_type()
-            disposition = (part.get_content_disposition() or "").lower()
-            filename = part.get_filename() or ""
-        except Exception:
-            ctype, disposition, filename = "application/octet-stream", "attachment", ""
+        ctype, disposition, filename = _presentation(part)
         if ctype.startswith("multipart/"):
             continue
         out.append(Leaf(part, ctype, filename, disposition))
@@ -317,6 +536,20 @@ def degraded(
     return _build(raw, msg, [f"degraded: {reason}"], list(not_kept or []), text, "", attachments)
 
 
+def _words(value: str) -> str:
+    """`decode_words`, without its cost for a value with no RFC 2047 encoded word in it.
+
+    ``email.header.decode_header`` returns such a value whole with no charset (it looks for
+    ``=?``), and ``make_header`` of that one chunk gives it back unchanged: most header
+    values (Received, Date, Message-ID, DKIM-Signature...) are their own decoding."""
+    return decode_words(value) if "=?" in value else value
+
+
+def _unfolded(value: str) -> str:
+    """A header value as `ParsedMessage.headers` keeps it: decoded, on one line."""
+    return _words(value).replace("\r\n", "").replace("\n", "")
+
+
 def _build(
     raw: bytes,
     msg: Message,
@@ -327,9 +560,7 @@ def _build(
     attachments: list[Attachment],
 ) -> ParsedMessage:
 
-    headers = [
-        (k, decode_words(v).replace("\r\n", "").replace("\n", "")) for k, v in raw_headers(msg)
-    ]
+    headers = [(k, _unfolded(v)) for k, v in raw_headers(msg)]
 
     from_pairs = _addresses([header_text(msg, "From")])
     from_name, from_address = from_pairs[0] if from_pairs else ("", "")

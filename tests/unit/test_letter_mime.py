@@ -167,6 +167,35 @@ def test_any_text_body_is_written_as_the_stdlib_writes_it(text: str) -> None:
     p.check()
 
 
+@given(
+    st.lists(
+        st.tuples(
+            st.integers(min_value=60, max_value=90),
+            st.text(st.sampled_from(list(" \t=éa–")), max_size=4),
+        ),
+        min_size=1,
+        max_size=14,
+    )
+)
+def test_long_lines_are_broken_as_the_stdlib_breaks_them(lines: list[tuple[int, str]]) -> None:
+    """Quoted-printable soft line breaks next to "=XX" and a trailing blank at every
+    length around the 78 limit, over more and fewer than the ten lines the stdlib sniffs."""
+    p = pair()
+    p.call("set_content", "".join("y" * n + end + "\n" for n, end in lines))
+    p.check()
+
+
+@pytest.mark.parametrize("subtype", ["alternative", "mixed", "related"])
+@pytest.mark.parametrize("suffix", ["", ".0", ".17"])
+def test_multipart_content_types_are_folded_as_the_stdlib_folds_them(
+    subtype: str, suffix: str
+) -> None:
+    for digits in ("0" * 19, "9" * 19, "1234567890123456789"):
+        value = f'multipart/{subtype}; boundary="{"=" * 15}{digits}=={suffix}"'
+        expected = SMTP.header_factory("Content-Type", value).fold(policy=SMTP)
+        assert header_line("Content-Type", value) == expected.encode("ascii")
+
+
 def test_threading_and_date_headers_as_the_stdlib() -> None:
     p = pair()
     refs = " ".join(f"<{n}.{'r' * 30}@customer.example>" for n in range(11))

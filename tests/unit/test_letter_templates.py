@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from gateway.letters import i18n
-from gateway.letters.language import choose, detect, from_header
+from gateway.letters.language import MIN_LETTERS, choose, detect, from_header
 from gateway.letters.templates import (
     LETTERS,
     check_templates,
@@ -105,6 +105,25 @@ def test_an_edited_or_removed_override_is_read_by_the_next_letter(tmp_path: Path
     assert load("ack", "en", tmp_path).source == "gateway/templates/ack.en.txt"
 
 
+def test_a_new_override_or_templates_folder_is_read_by_the_next_letter(tmp_path: Path) -> None:
+    """Letters are cached, but each load still looks at every file that could override it."""
+    folder = tmp_path / "templates"
+    assert load("ack", "de", folder).source == "gateway/templates/ack.de.txt"
+    folder.mkdir()
+    assert load("ack", "de", folder).source == "gateway/templates/ack.de.txt"
+    (folder / "common.de.txt").write_text("=== no_subject ===\n(ohne Betreff, hier)\n")
+    assert load("ack", "de", folder).phrases["no_subject"] == "(ohne Betreff, hier)"
+    (folder / "ack.de.txt").write_text("Hallo $ref $owner $deadline\n")
+    assert load("ack", "de", folder).body == "Hallo $ref $owner $deadline"
+    assert load("ack", "de", folder).source == str(folder / "ack.de.txt")
+    with (folder / "ack.de.txt").open("w") as f:  # edited in place: the folder is unchanged
+        f.write("Servus $ref $owner $deadline\n")
+    assert load("ack", "de", folder).body == "Servus $ref $owner $deadline"
+    (folder / "ack.de.txt").unlink()
+    (folder / "common.de.txt").unlink()
+    assert load("ack", "de", folder) == load("ack", "de")
+
+
 def test_check_reports_unknown_placeholders_phrases_and_missing_facts(tmp_path: Path) -> None:
     (tmp_path / "ack.txt").write_text("Hello\n\n$ref $owner $deadline\n$colour\n")
     (tmp_path / "notice.fr.txt").write_text(
@@ -147,6 +166,9 @@ def test_language_choice_order_and_reasons() -> None:
     assert detect(german) == detect(german)
     quoted = "Thanks!\n" + "\n".join("> " + german for _ in range(5))
     assert detect(quoted) is None
+    # MIN_LETTERS letters (digits, "_" and punctuation are none) are enough to detect.
+    assert detect("1_ é, " * (MIN_LETTERS - 1) + "ab12") is not None
+    assert detect("1_ é, " * (MIN_LETTERS - 1) + "12") is None
     assert from_header(["it", "de-AT"]) == "de"
     assert from_header(["it"]) is None
 
