@@ -46,7 +46,6 @@ import sys
 import tempfile
 import threading
 import time
-import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -57,6 +56,8 @@ sys.path.insert(0, str(REPO))
 from aiosmtpd.controller import Controller  # noqa: E402
 from sqlalchemy import create_engine, text  # noqa: E402
 from sqlalchemy.engine import make_url  # noqa: E402
+
+from bench.mail import customer_message  # noqa: E402
 
 RULES = REPO / "tests" / "support" / "rules"
 #: One pre-loaded ticket whose first response falls due during the first rate: the time
@@ -364,15 +365,7 @@ class _Client(asyncio.Protocol):
 async def send_one(port: int, addr: str, n: int) -> tuple[float, float, str]:
     """One new customer's message on its own connection: (start, 250 latency, reply)."""
     start = time.monotonic()
-    msg = (
-        f"From: Customer {n} <{addr}>\r\nTo: support@example.com\r\n"
-        f"Subject: printer on fire, case {n}\r\n"
-        f"Message-ID: <e2e.{n}.{uuid.uuid4().hex}@customer.example>\r\n"
-        f"Date: {datetime.now(UTC):%a, %d %b %Y %H:%M:%S +0000}\r\n"
-        "MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n"
-        "Hello,\r\n\r\nour printer shows error 42 since this morning. Please help.\r\n\r\n"
-        f"Customer {n}\r\n"
-    ).encode()
+    msg = customer_message(n, addr)
     steps = [
         b"EHLO client.customer.example\r\n",
         f"MAIL FROM:<{addr}>\r\n".encode(),

@@ -29,7 +29,6 @@ import sys
 import tempfile
 import time
 import uuid
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +37,10 @@ if "--code" in sys.argv:
     sys.path.insert(0, str(Path(sys.argv[sys.argv.index("--code") + 1]).resolve()))
 else:
     sys.path.insert(0, str(REPO))
+
+sys.path.append(str(REPO))  # bench.mail, after the checkout under test
+
+from bench.mail import customer_message  # noqa: E402
 
 DATA = REPO / "tests" / "data"
 
@@ -62,16 +65,7 @@ def fedora() -> list[tuple[str, bytes, str]]:
 
 
 def customer(n: int) -> bytes:
-    addr = f"customer{n}.{uuid.uuid4().hex[:8]}@example.net"
-    return (
-        f"From: Customer {n} <{addr}>\r\nTo: support@example.com\r\n"
-        f"Subject: printer on fire, case {n}\r\n"
-        f"Message-ID: <e2e.{n}.{uuid.uuid4().hex}@customer.example>\r\n"
-        f"Date: {datetime.now(UTC):%a, %d %b %Y %H:%M:%S +0000}\r\n"
-        "MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n"
-        "Hello,\r\n\r\nour printer shows error 42 since this morning. Please help.\r\n\r\n"
-        f"Customer {n}\r\n"
-    ).encode()
+    return customer_message(n, f"customer{n}.{uuid.uuid4().hex[:8]}@example.net")
 
 
 def clear_caches() -> None:

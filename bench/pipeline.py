@@ -26,7 +26,6 @@ import os
 import sys
 import tempfile
 import time
-import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -38,24 +37,12 @@ from sqlalchemy import create_engine, text  # noqa: E402
 from sqlalchemy.engine import make_url  # noqa: E402
 
 from bench.e2e import RULES, preload  # noqa: E402
+from bench.mail import customer_message  # noqa: E402
 
 # `--code DIR` (before anything imports gateway; bench.e2e puts this checkout first): time
 # another checkout's pipeline, e.g. /work/main, for a before/after pair with the same bench.
 if "--code" in sys.argv:
     sys.path.insert(0, str(Path(sys.argv[sys.argv.index("--code") + 1]).resolve()))
-
-
-def message(n: int, addr: str) -> bytes:
-    """The same message bench/e2e.py sends."""
-    return (
-        f"From: Customer {n} <{addr}>\r\nTo: support@example.com\r\n"
-        f"Subject: printer on fire, case {n}\r\n"
-        f"Message-ID: <e2e.{n}.{uuid.uuid4().hex}@customer.example>\r\n"
-        f"Date: {datetime.now(UTC):%a, %d %b %Y %H:%M:%S +0000}\r\n"
-        "MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n"
-        "Hello,\r\n\r\nour printer shows error 42 since this morning. Please help.\r\n\r\n"
-        f"Customer {n}\r\n"
-    ).encode()
 
 
 def watch_sql(engine: Any, stats: dict[str, list[float]]) -> None:
@@ -118,7 +105,7 @@ def run(args: argparse.Namespace, db_url: str, tmp: Path) -> None:
                 helo="client.customer.example",
                 received_at=datetime.now(UTC).isoformat(),
             )
-            spool.submit_sync(env, message(i, addr))
+            spool.submit_sync(env, customer_message(i, addr))
         prof = cProfile.Profile() if args.profile else None
         wall, cpu = time.perf_counter(), time.process_time()
         if prof is not None:
