@@ -13,8 +13,9 @@ from __future__ import annotations
 import json
 from typing import Any, cast
 
-from sqlalchemy import ColumnElement, bindparam
+from sqlalchemy import ColumnElement, bindparam, inspect, update
 from sqlalchemy import select as core_select
+from sqlalchemy.orm.attributes import set_committed_value
 
 from gateway.letters.language import CUSTOMER_SOURCES, choose
 from gateway.pipeline.context import Context
@@ -47,6 +48,15 @@ def _earlier_tickets(same: ColumnElement[bool]) -> Any:
 # tickets, or the requester's when the ticket has no customer, and their language events.
 _EARLIER_OF_CUSTOMER = _earlier_tickets(_TICKET.c.customer_id == bindparam("customer"))
 _EARLIER_OF_REQUESTER = _earlier_tickets(_TICKET.c.requester == bindparam("requester"))
+#: What the ORM's flush wrote for a new ticket's choice (the SET in the table's column order).
+_SET_LANGUAGE = (
+    update(_TICKET).where(_TICKET.c.id == bindparam("tid")).values(language=bindparam("language"))
+)
+_SET_LANGUAGE_BRAND = (
+    update(_TICKET)
+    .where(_TICKET.c.id == bindparam("tid"))
+    .values(language=bindparam("language"), brand=bindparam("brand"))
+)
 _LANGUAGE_EVENTS = (
     core_select(_EVENT.c.ticket_id, _EVENT.c.data)
     .where(
@@ -92,9 +102,10 @@ def choose_letters(ctx: Context) -> None:
     ticket, decision, parsed = ctx.ticket, ctx.decision, ctx.parsed
     if ticket is None or ticket.id is None or decision is None or parsed is None:
         return
-    if not ticket.brand and decision.brand:
-        ticket.brand = decision.brand
+    brand = decision.brand if not ticket.brand and decision.brand else ""
     if ticket.language:
+        if brand:
+            ticket.brand = brand
         return
     settings = ctx.services.settings
     choice = choose(
@@ -105,8 +116,7 @@ def choose_letters(ctx: Context) -> None:
         text=parsed.text or "",
         default=settings.outbound.default_language,
     )
-    ticket.language = choice.lang
-    ctx.session.add(ticket)
+    _set_letters(ctx, ticket, choice.lang, brand)
     add_event(
         ctx.session,
         ticket.id,
@@ -117,3 +127,29 @@ def choose_letters(ctx: Context) -> None:
         message_id=ctx.message.id if ctx.message is not None else None,
         data={"language": choice.lang, "source": choice.source, "brand": ticket.brand},
     )
+
+
+def _set_letters(ctx: Context, ticket: Ticket, language: str, brand: str) -> None:
+    """Write the ticket's language (and brand) now, by Core, and count them as loaded.
+
+    The ORM would write the same UPDATE at its next flush (the event's INSERT right after),
+    but a unit-of-work flush of one changed ticket costs ~0.3 ms of CPU, the most of any
+    statement of a new ticket. A ticket with other changes pending is left to the ORM, so
+    that they are still written together in one UPDATE as before."""
+    state = inspect(ticket)
+    if not state.persistent or state.modified:
+        ticket.language = language
+        if brand:
+            ticket.brand = brand
+        ctx.session.add(ticket)
+        return
+    if brand:
+        core.write(
+            ctx.session,
+            _SET_LANGUAGE_BRAND,
+            {"tid": ticket.id, "language": language, "brand": brand},
+        )
+        set_committed_value(ticket, "brand", brand)
+    else:
+        core.write(ctx.session, _SET_LANGUAGE, {"tid": ticket.id, "language": language})
+    set_committed_value(ticket, "language", language)
