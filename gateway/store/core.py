@@ -48,10 +48,12 @@ from functools import cache
 from typing import Any, TypeVar, cast
 
 from pydantic_core import PydanticUndefined
-from sqlalchemy import Table
+from sqlalchemy import Table, bindparam, inspect, update
 from sqlalchemy.engine import Connection, Result
 from sqlalchemy.engine.result import IteratorResult, SimpleResultMetaData
 from sqlalchemy.orm import make_transient_to_detached
+from sqlalchemy.orm.attributes import set_committed_value
+from sqlalchemy.orm.exc import StaleDataError
 from sqlalchemy.sql import Executable
 from sqlmodel import Session, SQLModel
 
@@ -188,6 +190,54 @@ def insert_attached(session: Session, obj: M) -> M:
     make_transient_to_detached(obj)
     session.add(obj)
     return obj
+
+
+#: Columns an ORM flush hook reacts to, per model (registered by gateway/store/plan_marks.py):
+#: `update_attached` leaves a change to one of them to the unit of work, whose hook then
+#: writes what goes with it.
+HOOKED: dict[type[SQLModel], set[str]] = {}
+
+
+def update_attached(session: Session, obj: SQLModel, **values: Any) -> None:
+    """Set attributes of the persistent object `obj` and write them at once by one Core
+    UPDATE, leaving them loaded with no pending change: what setting them and flushing does,
+    without the unit of work's cost (~0.3 ms of CPU for one changed row). An attribute
+    already holding its value is left out, as the ORM leaves it. An object with other
+    changes pending, or a column a flush hook watches (`HOOKED`), goes to the ORM as before
+    (one UPDATE with the rest, at the next flush)."""
+    state = inspect(obj)
+    model = type(obj)
+    hooked = HOOKED.get(model, ())
+    if not state.persistent or state.modified or any(k in hooked for k in values):
+        for key, value in values.items():
+            setattr(obj, key, value)
+        session.add(obj)
+        return
+    loaded = state.dict
+    changed = {k: v for k, v in values.items() if k not in loaded or loaded[k] != v}
+    if not changed:
+        return
+    stmt = _update_stmt(model, tuple(c.key for c in table(model).columns if c.key in changed))
+    if write(session, stmt, {**changed, _pk_param(model): getattr(obj, PK)}) != 1:
+        raise StaleDataError(f"UPDATE of {model.__name__} {getattr(obj, PK)} matched no row")
+    for key, value in changed.items():
+        set_committed_value(obj, key, value)
+
+
+def _pk_param(model: type[SQLModel]) -> str:
+    """The bind name of the id in `update_attached`'s statements: the ORM's (``ticket_id``),
+    so PostgreSQL sees the same text, unless a column has that name."""
+    t = table(model)
+    name = f"{t.name}_{PK}"
+    return name if name not in t.c else "pk_"
+
+
+@cache
+def _update_stmt(model: type[SQLModel], columns: tuple[str, ...]) -> Executable:
+    """UPDATE `columns` (in the table's order, as the ORM writes them) of the row by id."""
+    t = table(model)
+    where = t.c[PK] == bindparam(_pk_param(model))
+    return update(t).where(where).values({c: bindparam(c) for c in columns})
 
 
 # ------------------------------------------------------------------ straight to the driver

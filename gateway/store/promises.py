@@ -66,7 +66,7 @@ def record(
         clock=clock,
         due=due,
     )
-    session.connection().execute(UNPLAN, {"ids": [ticket_id]})
+    core.write(session, UNPLAN, {"ids": [ticket_id]})
 
 
 def settle_state(promise: Promise, ticket: Ticket, now: datetime) -> str | None:

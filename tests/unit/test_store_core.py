@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from sqlalchemy import event, exc
+from sqlalchemy import event, exc, inspect
 from sqlalchemy.engine import Engine
 from sqlalchemy.sql import Executable
 from sqlmodel import Session
@@ -290,3 +290,54 @@ def test_watched_connection_takes_sqlalchemys_path(session: Session) -> None:
     finally:
         event.remove(engine, "before_cursor_execute", spy)
     assert len(seen) == 2
+
+
+def _flushed_sql(s: Session, do: Any) -> list[str]:
+    seen: list[str] = []
+
+    def spy(conn: Any, cursor: Any, statement: str, *rest: Any) -> None:
+        seen.append(statement)
+
+    engine = s.get_bind()
+    event.listen(engine, "before_cursor_execute", spy)
+    try:
+        do()
+        s.flush()
+    finally:
+        event.remove(engine, "before_cursor_execute", spy)
+    return seen
+
+
+def test_update_attached_writes_what_a_flush_wrote(session: Session) -> None:
+    a = core.insert_attached(session, Ticket(ref="A-1", created_at=NOW, updated_at=NOW))
+    b = core.insert_attached(session, Ticket(ref="B-1", created_at=NOW, updated_at=NOW))
+
+    def orm() -> None:
+        a.language, a.brand = "de", "acme"
+        session.add(a)
+
+    def by_core() -> None:
+        core.update_attached(session, b, language="de", brand="acme")
+
+    assert not inspect(b).modified
+    assert _flushed_sql(session, orm) == _flushed_sql(session, by_core)
+    assert not inspect(b).modified
+    assert not session.dirty
+    assert (b.language, b.brand) == ("de", "acme")
+    t = core.table(Ticket)
+    row = session.connection().execute(sa.select(t.c.language, t.c.brand).where(t.c.id == b.id))
+    assert tuple(row.one()) == ("de", "acme")
+    # A value it already holds: nothing written, as the ORM writes nothing.
+    assert _flushed_sql(session, lambda: core.update_attached(session, b, language="de")) == []
+
+
+def test_update_attached_leaves_hooked_columns_to_the_orm(session: Session) -> None:
+    """A change the escalation plan depends on must clear escalate_at (plan_marks' flush
+    hook): it goes through the unit of work."""
+    t = core.insert_attached(
+        session, Ticket(ref="C-1", created_at=NOW, updated_at=NOW, escalate_at=NOW)
+    )
+    core.update_attached(session, t, status="waiting")
+    assert inspect(t).modified
+    session.flush()
+    assert t.escalate_at is None
