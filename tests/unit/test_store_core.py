@@ -341,3 +341,66 @@ def test_update_attached_leaves_hooked_columns_to_the_orm(session: Session) -> N
     assert inspect(t).modified
     session.flush()
     assert t.escalate_at is None
+
+
+def _state(obj: Any) -> dict[str, Any]:
+    st = inspect(obj)
+    return {
+        "dict": {k: v for k, v in vars(obj).items() if k not in ("_sa_instance_state", "id")},
+        "fields_set": obj.__pydantic_fields_set__,
+        "extra": obj.__pydantic_extra__,
+        "private": obj.__pydantic_private__,
+        "committed": dict(st.committed_state),
+        "modified": st.modified,
+        "persistent": st.persistent,
+        "unloaded": st.unloaded,
+    }
+
+
+@pytest.mark.parametrize(
+    ("model", "values"),
+    [
+        (Ticket, {"ref": "N-1", "subject": "s", "created_at": NOW, "updated_at": NOW}),
+        (Ticket, {"ref": "N-2", "created_at": NOW, "updated_at": NOW, "route": None}),
+        (
+            Message,
+            {
+                "ticket_id": None,
+                "direction": "in",
+                "message_id": "<m@x>",
+                "dedupe_key": "k",
+                "raw_sha256": "h",
+                "raw": b"raw",
+                "at": NOW,
+                "references": "",
+            },
+        ),
+    ],
+)
+def test_insert_new_is_the_constructed_object(
+    session: Session, model: Any, values: dict[str, Any]
+) -> None:
+    """What `insert_new` attaches is what constructing the model and `insert_attached`
+    attached: the same attributes, pydantic state and ORM state, and the same row."""
+    t = core.table(model)
+
+    def row(obj: Any) -> dict[str, Any]:
+        got = session.connection().execute(sa.select(t).where(t.c.id == obj.id)).one()
+        return {**got._asdict(), "id": 0}
+
+    savepoint = session.begin_nested()
+    built = core.insert_attached(session, model(**values))
+    expected, expected_row = _state(built), row(built)
+    savepoint.rollback()
+    session.expunge(built)
+    fast = core.insert_new(session, model, **values)
+    assert type(fast) is model
+    assert _state(fast) == expected
+    assert fast in session
+    assert row(fast) == expected_row
+    # Later changes are tracked as usual.
+    if model is Message:
+        fast.kind = "note"
+    else:
+        fast.status = "waiting"
+    assert inspect(fast).modified
