@@ -51,7 +51,7 @@ from pydantic_core import PydanticUndefined
 from sqlalchemy import Table, bindparam, inspect, update
 from sqlalchemy.engine import Connection, Result
 from sqlalchemy.engine.result import IteratorResult, SimpleResultMetaData
-from sqlalchemy.orm import make_transient_to_detached
+from sqlalchemy.orm import configure_mappers, make_transient_to_detached
 from sqlalchemy.orm.attributes import set_committed_value
 from sqlalchemy.orm.exc import StaleDataError
 from sqlalchemy.orm.instrumentation import manager_of_class
@@ -206,7 +206,7 @@ def insert_new(session: Session, model: type[M], **values: Any) -> M:
     (tests/unit/test_store_core.py). Models with relationships use the constructor."""
     if getattr(model, "__sqlmodel_relationships__", None):
         return insert_attached(session, model(**values))
-    obj = manager_of_class(model).new_instance()
+    obj: M = _manager(model).new_instance()
     fields = model.model_fields
     given = {k: v for k, v in values.items() if k in fields}
     state = obj.__dict__
@@ -216,6 +216,14 @@ def insert_new(session: Session, model: type[M], **values: Any) -> M:
             state[name] = field.get_default(call_default_factory=True)
     object.__setattr__(obj, "__pydantic_fields_set__", set(given))
     return insert_attached(session, obj)
+
+
+@cache
+def _manager(model: type[SQLModel]) -> Any:
+    """The model's class manager, its mapper configured (as the constructor would see to:
+    an attribute has no implementation before)."""
+    configure_mappers()
+    return manager_of_class(model)
 
 
 #: Columns an ORM flush hook reacts to, per model (registered by gateway/store/plan_marks.py):

@@ -5,9 +5,12 @@ PostgreSQL. Every module-level Core statement of the pipeline's hot path is chec
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import types
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -404,3 +407,20 @@ def test_insert_new_is_the_constructed_object(
     else:
         fast.status = "waiting"
     assert inspect(fast).modified
+
+
+def test_insert_new_first_thing_a_process_does(tmp_path: Any) -> None:
+    """Before any query has configured the mappers (a fresh pipeline process)."""
+    code = (
+        "from datetime import UTC, datetime\n"
+        "from sqlmodel import Session\n"
+        "from gateway.store import core\n"
+        "from gateway.store.db import open_database\n"
+        "from gateway.store.models import Ticket\n"
+        f"engine = open_database('sqlite:///{tmp_path}/fresh.db')\n"
+        "now = datetime.now(UTC)\n"
+        "with Session(engine) as s:\n"
+        "    t = core.insert_new(s, Ticket, ref='F-1', created_at=now, updated_at=now)\n"
+        "    assert t.id and t.ref == 'F-1' and t.status == 'open', t\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[2])
