@@ -53,6 +53,7 @@ from sqlalchemy.engine import Connection, Result
 from sqlalchemy.engine.result import IteratorResult, SimpleResultMetaData
 from sqlalchemy.orm import configure_mappers, make_transient_to_detached
 from sqlalchemy.orm.attributes import set_committed_value
+from sqlalchemy.orm.base import NO_VALUE
 from sqlalchemy.orm.exc import StaleDataError
 from sqlalchemy.orm.instrumentation import manager_of_class
 from sqlalchemy.sql import Executable
@@ -256,6 +257,56 @@ def update_attached(session: Session, obj: SQLModel, **values: Any) -> None:
         raise StaleDataError(f"UPDATE of {model.__name__} {getattr(obj, PK)} matched no row")
     for key, value in changed.items():
         set_committed_value(obj, key, value)
+
+
+def flush_changes(session: Session) -> None:
+    """Flush the session; when all it holds pending is changed columns of one persistent
+    object that no flush hook watches (`HOOKED`), by one Core UPDATE of those columns (the
+    statement the unit of work writes, in the same place), then counting them as loaded
+    as its flush does. Anything else goes to the ORM's flush.
+
+    For a stage that sets a ticket attribute right before an INSERT (the acknowledgement
+    sets ``acknowledged``, then records its promise): ~0.3 ms of CPU less. Like the
+    other writes here, a rollback does not expire the object; the pipeline discards its
+    session after one."""
+    if session.new or session.deleted:
+        session.flush()
+        return
+    dirty = list(session.dirty)
+    if len(dirty) != 1 or not isinstance(dirty[0], SQLModel):
+        session.flush()
+        return
+    obj = dirty[0]
+    state = inspect(obj)
+    model = type(obj)
+    hooked = HOOKED.get(model, ())
+    columns = table(model).c
+    loaded = state.dict
+    changed: dict[str, Any] = {}
+    for key, old in state.committed_state.items():
+        if key in hooked or key not in columns or key not in loaded or key == PK:
+            session.flush()
+            return
+        if old is NO_VALUE or old != loaded[key]:
+            changed[key] = loaded[key]
+    if not state.persistent:
+        session.flush()
+        return
+    if changed:
+        stmt = _update_stmt(model, tuple(c.key for c in columns if c.key in changed))
+        params = {**changed, _pk_param(model): getattr(obj, PK)}
+        conn = session.connection()
+        plan = _plan_for(conn, stmt, tuple(sorted(params)), False)
+        done = _run(conn, plan, params) if plan is not None else None
+        if done is not None:
+            rowcount = done.rowcount
+            done.close()
+        else:
+            rowcount = conn.execute(stmt, params).rowcount
+        if rowcount != 1:
+            raise StaleDataError(f"UPDATE of {model.__name__} {getattr(obj, PK)} matched no row")
+    # What the unit of work does to a flushed object: its values are the committed ones.
+    state._commit_all(loaded, session.identity_map)
 
 
 def _pk_param(model: type[SQLModel]) -> str:

@@ -52,7 +52,11 @@ def record(
 
     Written by Core (gateway/store/core.py): nothing changes the row as an object in this
     transaction. The ORM's flush hook (`plan_marks`) would have marked the ticket to be
-    planned again; a Core INSERT passes it by, so this does the same itself."""
+    planned again; a Core INSERT passes it by, so this does the same itself.
+
+    What the caller just changed on the ticket (the acknowledgement's ``acknowledged``) is
+    written first, as the flush before the INSERT wrote it, by `core.flush_changes`."""
+    core.flush_changes(session)
     core.insert(
         session,
         Promise,

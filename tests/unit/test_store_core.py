@@ -424,3 +424,53 @@ def test_insert_new_first_thing_a_process_does(tmp_path: Any) -> None:
         "    assert t.id and t.ref == 'F-1' and t.status == 'open', t\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[2])
+
+
+def _ticket(s: Session, ref: str) -> Ticket:
+    return core.insert_new(s, Ticket, ref=ref, created_at=NOW, updated_at=NOW, escalate_at=NOW)
+
+
+def test_flush_changes_writes_what_the_flush_wrote(session: Session) -> None:
+    a, b = _ticket(session, "FA-1"), _ticket(session, "FB-1")
+
+    def orm() -> None:
+        a.acknowledged = True
+        session.add(a)
+
+    def by_core() -> None:
+        b.acknowledged = True
+        session.add(b)
+        core.flush_changes(session)
+
+    assert _flushed_sql(session, orm) == _flushed_sql(session, by_core)
+    assert not inspect(b).modified
+    assert not session.dirty
+    t = core.table(Ticket)
+    stored = session.connection().execute(sa.select(t.c.acknowledged).where(t.c.id == b.id))
+    assert stored.scalar_one() is True
+    assert _state(a) | {"dict": None} == _state(b) | {"dict": None}
+
+    # Set to what it holds: nothing written, nothing pending.
+    def same() -> None:
+        b.acknowledged = True
+        core.flush_changes(session)
+
+    assert _flushed_sql(session, same) == []
+    assert not inspect(b).modified
+
+
+def test_flush_changes_leaves_the_rest_to_the_orm(session: Session) -> None:
+    t = _ticket(session, "FC-1")
+    t.status = "waiting"  # a plan column: the flush hook clears escalate_at with it
+    core.flush_changes(session)
+    assert t.escalate_at is None
+    assert not inspect(t).modified
+    u, v = _ticket(session, "FD-1"), _ticket(session, "FE-1")
+    u.acknowledged = v.acknowledged = True  # two objects: the unit of work orders them
+    core.flush_changes(session)
+    assert not session.dirty
+    session.add(Ticket(ref="FF-1", created_at=NOW, updated_at=NOW))
+    u.language = "fr"
+    core.flush_changes(session)
+    assert not session.new
+    assert not session.dirty
