@@ -335,6 +335,7 @@ class _Plan:
     __slots__ = (
         "binds",
         "compiled",
+        "expanded",
         "expanding",
         "metadata",
         "order",
@@ -370,7 +371,14 @@ class _Plan:
         self.binds: dict[str, Callable[[Any], Any]] = dict(compiled._bind_processors)
         if any(not callable(p) for p in self.binds.values()):
             raise _Unplanned("tuple parameters")
-        self.expanding: bool = bool(compiled.post_compile_params)
+        #: The IN lists' parameter names (expanding binds), and per list lengths what
+        #: SQLAlchemy's expansion made of the statement (`_bound`).
+        self.expanding: tuple[str, ...] = tuple(
+            compiled.bind_names[bp] for bp in compiled.post_compile_params
+        )
+        self.expanded: dict[tuple[int, ...], Any] = {}
+        if any(bp.literal_execute or not bp.expanding for bp in compiled.post_compile_params):
+            raise _Unplanned("a parameter rendered into the SQL")
         if self.expanding and many:
             raise _Unplanned("an IN list in an executemany")
         self.returning: bool = (
@@ -426,14 +434,27 @@ def _bound(plan: _Plan, params: Mapping[str, Any]) -> tuple[str, Any] | None:
     (SQLAlchemy renders those specially)."""
     values = {**plan.statics, **params}
     binds = plan.binds
+    names: Iterable[str]
     if plan.expanding:
-        for bp in plan.compiled.post_compile_params:
-            if not values.get(bp.key):
-                return None
-        state = plan.compiled.construct_expanded_state(values)
-        binds = {**binds, **state.processors}
-        sql, order, values = state.statement, state.positiontup, state.parameters
-        names: Iterable[str] = values
+        lists = tuple(values.get(name) for name in plan.expanding)
+        if not all(lists):
+            return None
+        sizes = tuple(len(v) for v in lists)  # type: ignore[arg-type]
+        expanded = plan.expanded.get(sizes)
+        if expanded is None:
+            # SQLAlchemy's own expansion, once per list length: the statement and the
+            # names its elements take are the same for every list of that length.
+            state = plan.compiled.construct_expanded_state(values)
+            expanded = plan.expanded[sizes] = (
+                state.statement,
+                None if state.positiontup is None else tuple(state.positiontup),
+                tuple(state.parameters),
+                {**binds, **state.processors},
+                tuple(tuple(state.parameter_expansion[n]) for n in plan.expanding),
+            )
+        sql, order, names, binds, element_names = expanded
+        for elements, keys in zip(lists, element_names, strict=True):
+            values.update(zip(keys, elements, strict=True))  # type: ignore[arg-type]
     else:
         sql, order, names = plan.sql, plan.order, plan.statics
     if order is not None:

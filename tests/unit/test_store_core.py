@@ -474,3 +474,15 @@ def test_flush_changes_leaves_the_rest_to_the_orm(session: Session) -> None:
     core.flush_changes(session)
     assert not session.new
     assert not session.dirty
+
+
+def test_in_lists_of_every_length(session: Session) -> None:
+    """The expansion remembered per list length gives SQLAlchemy's statement each time."""
+    conn = session.connection()
+    stmt = conversation._OPEN_IDS
+    plan = core._plan_for(conn, stmt, None, False)
+    assert plan is not None
+    for ids in ([1], [1, 2], [3], [1, 2, 3], [2, 1]):
+        seen, slow = _sqlalchemy(session, stmt, {"ids": ids})
+        assert _norm(seen) == _norm([core._bound(plan, {"ids": ids})])
+        assert core.read(session, stmt, {"ids": ids}).all() == slow
