@@ -474,8 +474,9 @@ def _bound(plan: _Plan, params: Mapping[str, Any]) -> tuple[str, Any] | None:
 
 def _run(conn: Connection, plan: _Plan, params: Mapping[str, Any]) -> Any:
     """Execute `plan` on the DBAPI cursor of `conn`; the cursor (None: SQLAlchemy's turn)."""
-    sql: str | None = None
-    args: Any = None
+    # What SQLAlchemy names when processing the parameters fails: the statement and the
+    # parameters given (a StatementError, as there).
+    sql, args = plan.sql, params
     cursor = None
     try:
         bound = _bound(plan, params)
@@ -494,14 +495,15 @@ def _run_many(conn: Connection, plan: _Plan, rows: Sequence[Mapping[str, Any]]) 
     if conn.dialect.name != "sqlite":
         return None  # psycopg: SQLAlchemy batches it into multi-row INSERTs
     sql = plan.sql
-    args: Any = None
+    args: Any = rows
     cursor = None
     try:
-        args = []
+        processed = []
         for row in rows:
             bound = _bound(plan, row)
             assert bound is not None
-            args.append(bound[1])
+            processed.append(bound[1])
+        args = processed
         cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
         cursor.executemany(sql, args)
     except BaseException as e:

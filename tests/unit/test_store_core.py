@@ -277,6 +277,14 @@ def test_driver_errors_are_wrapped(session: Session) -> None:
         )
 
 
+def test_parameter_errors_are_wrapped(session: Session) -> None:
+    """A value its type cannot bind: SQLAlchemy's StatementError, as before."""
+    with pytest.raises(exc.StatementError):
+        core.insert(session, Event, ticket_id=None, at="not a time", type="x", detail="d")
+    with pytest.raises(exc.StatementError):
+        core.insert_many(session, Event, [{"at": "not a time", "type": "x"}] * 2)
+
+
 def test_watched_connection_takes_sqlalchemys_path(session: Session) -> None:
     """Statement listeners (bench/pipeline.py --sql, statement-counting tests) see every
     statement."""
