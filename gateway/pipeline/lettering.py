@@ -92,9 +92,10 @@ def choose_letters(ctx: Context) -> None:
     ticket, decision, parsed = ctx.ticket, ctx.decision, ctx.parsed
     if ticket is None or ticket.id is None or decision is None or parsed is None:
         return
-    if not ticket.brand and decision.brand:
-        ticket.brand = decision.brand
+    brand = decision.brand if not ticket.brand and decision.brand else ""
     if ticket.language:
+        if brand:
+            ticket.brand = brand
         return
     settings = ctx.services.settings
     choice = choose(
@@ -105,8 +106,7 @@ def choose_letters(ctx: Context) -> None:
         text=parsed.text or "",
         default=settings.outbound.default_language,
     )
-    ticket.language = choice.lang
-    ctx.session.add(ticket)
+    _set_letters(ctx, ticket, choice.lang, brand)
     add_event(
         ctx.session,
         ticket.id,
@@ -117,3 +117,14 @@ def choose_letters(ctx: Context) -> None:
         message_id=ctx.message.id if ctx.message is not None else None,
         data={"language": choice.lang, "source": choice.source, "brand": ticket.brand},
     )
+
+
+def _set_letters(ctx: Context, ticket: Ticket, language: str, brand: str) -> None:
+    """Write the ticket's language (and brand) now by Core (`core.update_attached`): the
+    ORM would write the same UPDATE at its next flush (the event's INSERT right after), but
+    a unit-of-work flush of one changed ticket costs ~0.3 ms of CPU, the most of any
+    statement of a new ticket."""
+    if brand:
+        core.update_attached(ctx.session, ticket, language=language, brand=brand)
+    else:
+        core.update_attached(ctx.session, ticket, language=language)

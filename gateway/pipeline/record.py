@@ -71,8 +71,13 @@ def _create_ticket(ctx: Context) -> Ticket:
     deadlines = initial_deadlines(policy, calendar, ctx.received_at)
     customer_id = ensure_customer(s, ctx.sender, ctx.parsed.from_name, ctx.now)
     subject = ctx.parsed.subject or "(no subject)"
-    ticket = Ticket(
-        ref=f"new-{uuid.uuid4().hex}",
+    placeholder = f"new-{uuid.uuid4().hex}"
+    # Written by Core and attached as the persistent instance later stages change
+    # (gateway/store/core.py): the unit of work's INSERT and UPDATE cost several times more.
+    ticket = core.insert_new(
+        s,
+        Ticket,
+        ref=placeholder,
         status="open",
         subject=subject,
         # Known before the INSERT: written with it, not by an UPDATE after.
@@ -92,10 +97,6 @@ def _create_ticket(ctx: Context) -> Ticket:
         resolution_due=deadlines.resolution,
         last_customer_at=ctx.received_at,
     )
-    # Written by Core and attached as the persistent instance later stages change
-    # (gateway/store/core.py): the unit of work's INSERT and UPDATE cost several times more.
-    placeholder = ticket.ref
-    core.insert_attached(s, ticket)
     assert ticket.id is not None
     # Human-readable, unique and increasing, never secret (security rests on signed tokens
     # only). Not gapless: a rolled-back transaction burns its sequence number (docs/decisions.md
@@ -276,7 +277,10 @@ def _store_message(ctx: Context, ticket: Ticket | None) -> Message:
     robot = ""
     if ctx.verdict is not None and not ctx.verdict.is_human:
         robot = f"{ctx.verdict.kind}: " + "; ".join(ctx.verdict.reasons)
-    msg = Message(
+    # The persistent instance later stages change (a staff reply's kind), written by Core.
+    msg = core.insert_new(
+        s,
+        Message,
         ticket_id=ticket.id if ticket else None,
         direction="in",
         kind=ctx.kind,
@@ -300,8 +304,6 @@ def _store_message(ctx: Context, ticket: Ticket | None) -> Message:
         spool_id=ctx.entry.id,
         spam=json.dumps(ctx.spam.to_json() if ctx.spam is not None and ctx.spam.present else {}),
     )
-    # The persistent instance later stages change (a staff reply's kind), written by Core.
-    core.insert_attached(s, msg)
     assert msg.id is not None
     core.insert_many(
         s, MessageRef, [{"message_id": msg.id, "ref": r[:900]} for r in p.referenced_ids[:50]]

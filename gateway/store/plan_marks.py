@@ -46,6 +46,11 @@ UNPLAN = (
 )
 
 
+# Changes the hooks below react to are left to the ORM by `core.update_attached`.
+core.HOOKED.setdefault(Ticket, set()).update(PLAN_COLUMNS)
+core.HOOKED.setdefault(Promise, set()).update(core.table(Promise).columns.keys())
+
+
 @event.listens_for(Session, "before_flush")
 def _mark_tickets(session: Session, _ctx: Any, _instances: Any) -> None:
     for obj in session.dirty:

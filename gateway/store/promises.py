@@ -52,7 +52,11 @@ def record(
 
     Written by Core (gateway/store/core.py): nothing changes the row as an object in this
     transaction. The ORM's flush hook (`plan_marks`) would have marked the ticket to be
-    planned again; a Core INSERT passes it by, so this does the same itself."""
+    planned again; a Core INSERT passes it by, so this does the same itself.
+
+    What the caller just changed on the ticket (the acknowledgement's ``acknowledged``) is
+    written first, as the flush before the INSERT wrote it, by `core.flush_changes`."""
+    core.flush_changes(session)
     core.insert(
         session,
         Promise,
@@ -66,7 +70,7 @@ def record(
         clock=clock,
         due=due,
     )
-    session.connection().execute(UNPLAN, {"ids": [ticket_id]})
+    core.write(session, UNPLAN, {"ids": [ticket_id]})
 
 
 def settle_state(promise: Promise, ticket: Ticket, now: datetime) -> str | None:
