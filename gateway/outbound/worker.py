@@ -646,6 +646,20 @@ class DeliveryWorker:
             await pool.close()
 
     async def _run_once(self) -> int:
+        done, _ = await self._pass(then_due=False)
+        return done
+
+    async def _pass(self, *, then_due: bool) -> tuple[int, datetime | None]:
+        """Claim, send and record until nothing is due; (mails done, `next_due()` or None).
+
+        With `then_due` (the daemon's `run()`), `next_due()` is read in the thread hop that
+        ends the pass, and a round that claimed less than a full batch and sent every mail
+        ends it: everything due at its claim was claimed, what is queued later sets the
+        wakeup, and what falls due later is what `next_due()` reports (0 s: `run()` goes
+        round again at once). At a steady trickle (two mails per new ticket) that was four
+        thread hops and three transactions per pass (claim, record, an empty claim taking
+        the write lock, the `next_due` read); now two hops (claim, record + read). Without
+        it (`run_once()`), the pass ends on an empty claim, as callers expect."""
         done = 0
         gate = asyncio.Semaphore(self.parallel)
 
@@ -657,22 +671,42 @@ class DeliveryWorker:
         renewer = asyncio.create_task(self._renew_loop(), name="outbox-lease-renewal")
         try:
             while True:
-                claimed = await asyncio.to_thread(self._claim_and_sign)
+                claimed, due = await asyncio.to_thread(self._claim_and_sign_or_due, then_due)
                 if not claimed:
-                    return done
+                    return done, due
                 # Up to `parallel` sends at once (docs/decisions.md D16: one at a time, each on its
                 # own relay connection, delivery managed ~40 mails/s and the outbox grew at 20 new
                 # tickets/s). A send whose lease ran out records nothing (the row is anyone's now);
                 # the others carry on.
                 results = await asyncio.gather(*(one(item) for item in claimed))
                 finished = [r for r in results if r is not None]
+                last = (
+                    then_due
+                    and len(claimed) < self.batch
+                    and len(finished) == len(claimed)
+                    and all(r.outcome == SENT and not r.refused for _, r, _ in finished)
+                )
                 if finished:
-                    await asyncio.to_thread(self._record_many, finished)
+                    due = await asyncio.to_thread(self._record_many_or_due, finished, last)
                 done += len(finished)
+                if last:
+                    return done, due
         finally:
             renewer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await renewer
+
+    def _claim_and_sign_or_due(self, then_due: bool) -> tuple[list[_Claimed], datetime | None]:
+        """`_claim_and_sign`; when nothing was claimed and `then_due`, also `next_due()`."""
+        claimed = self._claim_and_sign()
+        return claimed, self.next_due() if then_due and not claimed else None
+
+    def _record_many_or_due(
+        self, finished: list[tuple[_Claimed, DeliveryResult, bytes]], then_due: bool
+    ) -> datetime | None:
+        """`_record_many`; with `then_due`, then `next_due()` (same thread hop)."""
+        self._record_many(finished)
+        return self.next_due() if then_due else None
 
     async def _send_within_lease(self, item: _Claimed) -> tuple[DeliveryResult, bytes] | None:
         """Send `item`, but never past our lease: if renewals fail and the lease runs down
@@ -735,8 +769,7 @@ class DeliveryWorker:
         while not stopping.is_set():
             wake.clear()
             try:
-                await self.run_once()
-                due = await asyncio.to_thread(self.next_due)
+                _, due = await self._pass(then_due=True)  # the pool is `run()`'s
             except Exception as exc:  # the database is away: log, back off, try again
                 if is_database_error(exc):
                     self.tally[("database_errors",)] += 1
