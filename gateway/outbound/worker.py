@@ -45,9 +45,9 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from sqlalchemy import func, update
+from sqlalchemy import update
 from sqlalchemy.engine import Engine
-from sqlmodel import Session, col, select
+from sqlmodel import Session, col
 
 from gateway.clock import Clock
 from gateway.letters.notification import compose_notification
@@ -739,12 +739,7 @@ class DeliveryWorker:
     def next_due(self) -> datetime | None:
         """When the earliest queued row is due, or a stuck lease expires; None if idle."""
         with read_scope(self.engine) as s:
-            queued = s.exec(
-                select(func.min(Outbox.next_attempt_at)).where(col(Outbox.state) == "queued")
-            ).first()
-            lease = s.exec(
-                select(func.min(Outbox.claimed_until)).where(col(Outbox.state) == "sending")
-            ).first()
+            queued, lease = s.connection().execute(outbox_sql.NEXT_DUE).one()
         times = [t for t in (queued, lease) if t is not None]
         return min(times) if times else None
 
