@@ -81,6 +81,12 @@ RENEW_EVERY = CLAIM_LEASE / 3
 STAFF_KINDS = frozenset({"notification", "escalation"})
 #: Safety net for `run()`: wake at least this often even if nobody sets `wakeup`.
 MAX_IDLE = 60.0
+#: While mail keeps coming, `run()` starts a pass at most this often (seconds): a wake during
+#: a pass or just after one waits out the rest, so that the pipeline's batches in between
+#: go out together. Each pass costs two transactions and two thread hops whatever it
+#: carries; at 50 new tickets/s (two mails each) the pipeline woke the worker for every
+#: one or two tickets. An idle worker woken by one mail starts at once.
+PASS_EVERY = 0.05
 
 
 @dataclass(frozen=True)
@@ -275,6 +281,7 @@ class DeliveryWorker:
         self.sent = 0
         self.node = node or node_identity(settings)
         self.lease = lease
+        self.pass_every = PASS_EVERY
         # Our claims are valid until here (by `clock`); moved on by every renewal. Sending
         # stops before it passes, so no other node can hold a row we are still sending.
         self._lease_until: datetime | None = None
@@ -761,7 +768,15 @@ class DeliveryWorker:
                 log.exception("taking back this node's outbox claims failed; retrying")
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stopping.wait(), 5)
+        loop = asyncio.get_running_loop()
+        started = -self.pass_every
         while not stopping.is_set():
+            rest = started + self.pass_every - loop.time()
+            if rest > 0:
+                await asyncio.sleep(rest)  # a stop waits at most this long (`pass_every`)
+                if stopping.is_set():
+                    break
+            started = loop.time()
             wake.clear()
             try:
                 _, due = await self._pass(then_due=True)  # the pool is `run()`'s
