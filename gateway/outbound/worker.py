@@ -64,7 +64,7 @@ from gateway.routing.model import Rules
 from gateway.security.tokens import Signer
 from gateway.settings import Settings
 from gateway.store import core
-from gateway.store.db import read_scope, session_scope
+from gateway.store.db import read_only, session_scope
 from gateway.store.models import Message, Outbox, Ticket
 from gateway.store.queries import add_event
 
@@ -281,6 +281,7 @@ class DeliveryWorker:
         self.sent = 0
         self.node = node or node_identity(settings)
         self.lease = lease
+        self._reader = read_only(engine)  # `next_due`'s deferred, never-committed reads
         self.pass_every = PASS_EVERY
         # Our claims are valid until here (by `clock`); moved on by every renewal. Sending
         # stops before it passes, so no other node can hold a row we are still sending.
@@ -301,8 +302,8 @@ class DeliveryWorker:
         out: list[_Claimed] = []
         # Prebuilt Core statements (gateway/outbound/outbox_sql.py): the select and one UPDATE
         # for all the rows, where the ORM loaded entities and flushed an UPDATE per row.
-        with session_scope(self.engine) as s:
-            conn = s.connection()
+        # A Core transaction, no ORM session: nothing here goes through the ORM.
+        with self.engine.begin() as conn:
             rows = conn.execute(outbox_sql.claim_select(self.batch), {"now": now}).all()
             if not rows:
                 return out
@@ -745,8 +746,9 @@ class DeliveryWorker:
 
     def next_due(self) -> datetime | None:
         """When the earliest queued row is due, or a stuck lease expires; None if idle."""
-        with read_scope(self.engine) as s:
-            queued, lease = s.connection().execute(outbox_sql.NEXT_DUE).one()
+        # What `read_scope` does (never committed), on a read-only engine built once.
+        with self._reader.connect() as conn:
+            queued, lease = conn.execute(outbox_sql.NEXT_DUE).one()
         times = [t for t in (queued, lease) if t is not None]
         return min(times) if times else None
 
