@@ -46,7 +46,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 from sqlalchemy import update
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 from sqlmodel import Session, col
 
 from gateway.clock import Clock
@@ -453,21 +453,31 @@ class DeliveryWorker:
         """The outcomes of a batch in ONE transaction (docs/decisions.md D16: one write transaction
         per mail queued behind the pipeline's for SQLite's write lock, and delivery fell to
         ~14 mails/s under ingest); logged after the commit."""
-        with session_scope(self.engine) as s:
-            states = self._store_outcomes(s, finished)
+        if all(result.outcome == SENT and not result.refused for _, result, _ in finished):
+            # Sent to every recipient (nearly always): prebuilt statements only, in a Core
+            # transaction, without an ORM session.
+            with self.engine.begin() as conn:
+                states = self._store_outcomes(conn, None, finished)
+        else:
+            with session_scope(self.engine) as s:
+                states = self._store_outcomes(s.connection(), s, finished)
         for (item, result, _), state in zip(finished, states, strict=True):
             self._log_outcome(item, result, state)
 
     def _store_outcomes(
-        self, s: Session, finished: list[tuple[_Claimed, DeliveryResult, bytes]]
+        self,
+        conn: Connection,
+        s: Session | None,
+        finished: list[tuple[_Claimed, DeliveryResult, bytes]],
     ) -> list[str | None]:
-        """Store a batch's outcomes in `s`; each row's new state (None: not ours now).
+        """Store a batch's outcomes on `conn` (the connection of `s`, when the batch has
+        other outcomes than sent-to-all, which need it); each row's new state (None: not
+        ours now).
 
         The common case, sent to every recipient, is written with prebuilt Core statements:
         one locked read of the batch's states and tokens and one executemany UPDATE (what
         `_store_outcome` writes for it, without an ORM load and flush per row). The rest
         (refusals, deferrals, failures: events and notices) go through `_store_outcome`."""
-        conn = s.connection()
         current = {
             row.id: (row.state, row.claim_token)
             for row in conn.execute(
@@ -485,6 +495,7 @@ class DeliveryWorker:
                 self.sent += 1
                 states.append("sent")
             else:
+                assert s is not None, "only a batch sent to every recipient has no session"
                 states.append(self._store_outcome(s, item, result, signed))
         if sent:
             conn.execute(outbox_sql.SENT_UPDATE, sent)
