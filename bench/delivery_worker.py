@@ -13,6 +13,11 @@ Usage::
 
     python bench/delivery_worker.py                          # 3 rounds x 1000 mails
     python bench/delivery_worker.py --code /tmp/before       # before/after, alternating
+    python bench/delivery_worker.py --mails 600 --trickle 100   # then 600 more at 100/s
+
+With ``--trickle`` the queued mails only warm up the worker's `run()`; the figure is for
+the mails that follow in pairs, each pair committed and woken as the pipeline does for a new
+ticket (the daemon at 50 messages/s): claims of a few rows, not of 50.
 """
 
 from __future__ import annotations
