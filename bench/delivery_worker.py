@@ -13,6 +13,11 @@ Usage::
 
     python bench/delivery_worker.py                          # 3 rounds x 1000 mails
     python bench/delivery_worker.py --code /tmp/before       # before/after, alternating
+    python bench/delivery_worker.py --mails 600 --trickle 100   # then 600 more at 100/s
+
+With ``--trickle`` the queued mails only warm up the worker's `run()`; the figure is for
+the mails that follow in pairs, each pair committed and woken as the pipeline does for a new
+ticket (the daemon at 50 messages/s): claims of a few rows, not of 50.
 """
 
 from __future__ import annotations
@@ -73,10 +78,60 @@ with session_scope(engine) as s:
                 rcpt_tos=[f"c{i}@customer.example"], now=now)
 worker = DeliveryWorker(engine, settings, SystemClock())
 worker.warm_up()
-cpu, wall = time.process_time(), time.monotonic()
-sent = asyncio.run(worker.run_once())
-cpu, wall = time.process_time() - cpu, time.monotonic() - wall
-assert sent == mails, (sent, mails)
+trickle = float(sys.argv[7])
+if not trickle:
+    cpu, wall = time.process_time(), time.monotonic()
+    sent = asyncio.run(worker.run_once())
+    cpu, wall = time.process_time() - cpu, time.monotonic() - wall
+    assert sent == mails, (sent, mails)
+    print(json.dumps({"cpu_ms": cpu / mails * 1000, "rate": mails / wall}))
+    raise SystemExit(0)
+
+# Trickle: the queued rows were the warm-up; now pairs of rows arrive at `trickle` mails/s
+# from a thread (the pipeline process's part, its CPU not counted) that wakes the worker as
+# the pipeline's batch commit does, and the worker's `run()` sends them as the daemon does.
+import threading
+
+async def trickled() -> tuple[float, float, float]:
+    loop = asyncio.get_running_loop()
+    stopping, wake = asyncio.Event(), asyncio.Event()
+    task = asyncio.create_task(worker.run(stopping, wake))
+    while worker.sent < mails:
+        await asyncio.sleep(0.05)
+    feeder_cpu = [0.0]
+
+    def feed() -> None:
+        t0 = time.thread_time()
+        start = time.monotonic()
+        for i in range(mails // 2):
+            time.sleep(max(0.0, start + 2 * i / trickle - time.monotonic()))
+            with session_scope(engine) as s:
+                for j in range(2):
+                    mid = f"<t{i}.{j}.{time.time_ns()}@example.com>"
+                    raw = (
+                        "From: Example Support <support@example.com>\r\n"
+                        f"To: c{i}@customer.example\r\nSubject: [ACME-{i}] We got it\r\n"
+                        f"Date: Fri, 04 Dec 2026 15:00:00 +0000\r\nMessage-ID: {mid}\r\n"
+                        "Auto-Submitted: auto-replied\r\nMIME-Version: 1.0\r\n"
+                        "Content-Type: text/plain; charset=utf-8\r\n\r\n" + sys.argv[6]
+                    ).encode()
+                    enqueue(s, ticket_id=None, kind="ack", raw=raw, message_id=mid,
+                            rcpt_tos=[f"c{i}.{j}@customer.example"], now=datetime.now(UTC))
+            loop.call_soon_threadsafe(wake.set)
+        feeder_cpu[0] = time.thread_time() - t0
+
+    cpu, wall = time.process_time(), time.monotonic()
+    feeder = threading.Thread(target=feed)
+    feeder.start()
+    while worker.sent < 2 * mails or feeder.is_alive():
+        await asyncio.sleep(0.05)
+    cpu, wall = time.process_time() - cpu, time.monotonic() - wall
+    stopping.set()
+    wake.set()
+    await task
+    return cpu - feeder_cpu[0], wall, feeder_cpu[0]
+
+cpu, wall, feeder = asyncio.run(trickled())
 print(json.dumps({"cpu_ms": cpu / mails * 1000, "rate": mails / wall}))
 """
 
@@ -87,11 +142,13 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def one_round(code: Path, relay_port: int, mails: int, url: str) -> dict[str, float]:
+def one_round(
+    code: Path, relay_port: int, mails: int, url: str, trickle: float = 0.0
+) -> dict[str, float]:
     import json
 
     with tempfile.TemporaryDirectory(prefix="gw-dw-") as tmp:
-        argv = [str(code), tmp, str(relay_port), str(mails), url, ACK_BODY]
+        argv = [str(code), tmp, str(relay_port), str(mails), url, ACK_BODY, str(trickle)]
         out = subprocess.run(
             [sys.executable, "-c", CHILD, *argv],
             check=True,
@@ -110,6 +167,14 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--code", help="also run this checkout (e.g. /tmp/before), alternating")
     p.add_argument("--database-url", default="", help="PostgreSQL (default a fresh SQLite)")
+    p.add_argument(
+        "--trickle",
+        type=float,
+        default=0.0,
+        help="after the queued mails, as many more arrive in pairs at this many mails/s "
+        "(woken per pair, as bench/e2e.py's new tickets wake the daemon's worker); "
+        "CPU per trickled mail",
+    )
     args = p.parse_args()
     print(f"load average: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     port = free_port()
@@ -131,7 +196,7 @@ def main() -> int:
                 time.sleep(0.1)
         for n in range(1, args.rounds + 1):
             for code in codes:
-                r = one_round(code, port, args.mails, args.database_url)
+                r = one_round(code, port, args.mails, args.database_url, args.trickle)
                 print(
                     f"round {n} {code!s:24s}: {r['cpu_ms']:5.2f} ms CPU per mail, "
                     f"{r['rate']:6.1f} mails/s",

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import dkim
+import dkim.canonicalization
 import dkim.crypto
 
 RSA_SHA256 = "rsa-sha256"
@@ -230,6 +231,42 @@ def _parse_pem_private_key(data: bytes) -> dict[str, int]:
 
 
 dkim.parse_pem_private_key = _parse_pem_private_key
+
+# dkimpy's relaxed canonicalization (RFC 6376 §3.4.2, §3.4.4) runs `re.sub` with a pattern
+# string over every header field and the body: ~22 substitutions per signature, each a
+# pattern-cache lookup and a copy, nearly all of which change nothing (our mail has no tabs,
+# no runs of spaces, no folded or trailing-space lines). These do the same substitutions
+# with compiled patterns, after a plain substring test that tells when a substitution
+# cannot match: the output is byte for byte dkimpy's (tests/unit/test_dkim_sign.py), one
+# signature costs ~0.1 ms less. dkimpy's canonicalizers look the names up in their module.
+_TRAILING_WSP = re.compile(rb"[\t ]+\r\n")
+_WSP = re.compile(rb"[\t ]+")
+_NEWLINE = re.compile(rb"\r?\n")
+
+
+def _strip_trailing_whitespace(content: bytes) -> bytes:
+    # "[\t ]+\r\n" needs a space or tab right before a CRLF.
+    if b" \r\n" not in content and b"\t\r\n" not in content:
+        return content
+    return _TRAILING_WSP.sub(b"\r\n", content)
+
+
+def _compress_whitespace(content: bytes) -> bytes:
+    # "[\t ]+" -> " " changes nothing unless there is a tab or two spaces in a row.
+    if b"\t" not in content and b"  " not in content:
+        return content
+    return _WSP.sub(b" ", content)
+
+
+def _unfold_header_value(content: bytes) -> bytes:
+    if b"\n" not in content:
+        return content
+    return _NEWLINE.sub(b"", content)
+
+
+dkim.canonicalization.strip_trailing_whitespace = _strip_trailing_whitespace
+dkim.canonicalization.compress_whitespace = _compress_whitespace
+dkim.canonicalization.unfold_header_value = _unfold_header_value
 
 
 #: Signed once at start-up with every key (`warm_up`).

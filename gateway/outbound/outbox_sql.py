@@ -19,7 +19,7 @@ from sqlalchemy.sql import Executable, Update
 from gateway.store.core import table
 from gateway.store.models import Outbox
 
-__all__ = ["CLAIM_UPDATE", "OUTCOME_ROWS", "SENT_UPDATE", "claim_select"]
+__all__ = ["CLAIM_UPDATE", "NEXT_DUE", "OUTCOME_ROWS", "SENT_UPDATE", "claim_select"]
 
 _T = table(Outbox)
 _C = _T.c
@@ -104,4 +104,18 @@ SENT_UPDATE: Update = (
         raw=bindparam("o_raw", type_=_C.raw.type),
         last_error="",
     )
+)
+
+#: When the earliest queued row is due and when the earliest lease runs out (NULL: none),
+#: in one round trip. The worker reads it after every pass: built through the ORM each
+#: time (two selects, compiled and cached by key) it cost more than the claim itself.
+NEXT_DUE = select(
+    select(func.min(_C.next_attempt_at))
+    .where(_C.state == "queued")
+    .scalar_subquery()
+    .label("queued"),
+    select(func.min(_C.claimed_until))
+    .where(_C.state == "sending")
+    .scalar_subquery()
+    .label("lease"),
 )

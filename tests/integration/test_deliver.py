@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -582,3 +583,105 @@ async def test_relay_stop_drops_open_sessions(relay: CaptureRelay) -> None:
             await writer.wait_closed()
     await relay.start()
     assert (await send(relay)).ok
+
+
+# -- the plain-envelope transaction (deliver._sendmail) -------------------------------------
+
+
+def test_plain_addresses_quote_as_aiosmtplib_quotes_them() -> None:
+    """`_sendmail` writes "<address>" where sendmail writes `quote_address(address)`: the
+    same for every address `_PLAIN_ADDRESS` admits; the rest go through sendmail."""
+    from aiosmtplib.email import quote_address
+
+    from gateway.outbound.deliver import _PLAIN_ADDRESS
+
+    plain = [
+        "customer@example.org",
+        "First.Last+tag@sub.Example-Shop.co.uk",
+        "a_b=c-d@x",
+        "x@localhost",
+        "1@2.3",
+        "o'brien@example.org",  # not admitted: goes through sendmail
+        "a..b@example.org",
+        ".a@example.org",
+        "a@example.org.",
+        "Name <a@example.org>",
+        "a@[127.0.0.1]",
+        '"quoted local"@example.org',
+        "émile@example.org",
+    ]
+    for address in plain:
+        if _PLAIN_ADDRESS.fullmatch(address):
+            assert quote_address(address) == f"<{address}>", address
+    admitted = [a for a in plain if _PLAIN_ADDRESS.fullmatch(a)]
+    assert admitted == plain[:5]
+
+
+async def _both_ways(
+    relay: CaptureRelay, mail_from: str, rcpts: list[str], options: list[str]
+) -> list[str]:
+    """The same transaction through `_sendmail` and through aiosmtplib's sendmail, each on
+    a connection of its own: what each returned or raised."""
+    import aiosmtplib
+
+    from gateway.outbound.deliver import _plain_envelope, _sendmail
+
+    outcomes: list[object] = []
+    for lean in (True, False):
+        smtp = aiosmtplib.SMTP(
+            hostname=relay.host, port=relay.port, local_hostname=HELO, start_tls=False
+        )
+        await smtp.connect()
+        await smtp.ehlo()
+        assert _plain_envelope(smtp, mail_from, rcpts, options)
+        message = make_message()
+        try:
+            if lean:
+                got: object = await _sendmail(smtp, mail_from, rcpts, message, options)
+            else:
+                got = await smtp.sendmail(mail_from, rcpts, message, mail_options=options)
+        except (aiosmtplib.SMTPResponseException, aiosmtplib.SMTPRecipientsRefused) as exc:
+            got = (type(exc), exc.args)
+        # The relay numbers what it captures ("captured #1"): the rest must be equal.
+        outcomes.append(re.sub(r"#\d+", "#", repr(got)))
+        await smtp.quit()
+    return outcomes
+
+
+async def test_plain_transaction_is_sendmails(relay: CaptureRelay) -> None:
+    """Same commands (SIZE first, then the options), same message on the relay, same
+    result; a refused recipient, every recipient refused and a refused sender come back
+    exactly as aiosmtplib reports them (and the envelope is reset: the next one works)."""
+    rcpts = ["one@example.org", "two@example.org"]
+    lean, stock = await _both_ways(relay, "", rcpts, ["BODY=8BITMIME"])
+    assert lean == stock, (lean, stock)
+    first, second = relay.messages
+    assert (first.mail_from, first.rcpt_tos, first.data, first.mail_options) == (
+        second.mail_from,
+        second.rcpt_tos,
+        second.data,
+        second.mail_options,
+    )
+    assert first.mail_options[0].lower().startswith("size=")
+
+    relay.refuse_recipient("two@example.org")
+    lean, stock = await _both_ways(relay, "bounce@example.com", rcpts, [])
+    assert lean == stock, (lean, stock)
+    assert "'two@example.org': SMTPResponse(code=550" in str(lean)
+
+    relay.refuse_recipient("one@example.org", 450, "4.2.1 Try later")
+    lean, stock = await _both_ways(relay, "", rcpts, [])
+    assert lean == stock, (lean, stock)
+    assert "SMTPRecipientsRefused" in str(lean)
+    relay.heal()
+
+    relay.fail_next(553, "5.1.8 Bad sender", times=2, at="MAIL")
+    lean, stock = await _both_ways(relay, "x@example.com", rcpts, [])
+    assert lean == stock, (lean, stock)
+    assert "SMTPSenderRefused" in str(lean)
+
+    relay.fail_next(451, "4.3.0 Try later", times=2)
+    lean, stock = await _both_ways(relay, "", rcpts, [])
+    assert lean == stock, (lean, stock)
+    assert "SMTPDataError" in str(lean)
+    assert len(relay.messages) == 4  # the two of the first, the two of the second round
