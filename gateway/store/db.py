@@ -14,10 +14,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import event
-from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.engine import URL, Engine, make_url
 from sqlmodel import Session, create_engine
 
 from gateway.store import plan_marks  # noqa: F401  (registers the escalate_at hooks)
+from gateway.store.turnstile import Turnstile
 
 if TYPE_CHECKING:
     from alembic.config import Config
@@ -26,48 +27,16 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 
 #: Execution option marking a connection whose transactions only read (see read_scope).
 READ_ONLY = "gateway_read_only"
+#: Seconds a SQLite writer waits for the write lock before "database is locked".
+BUSY_TIMEOUT = 30
+#: Key of a pooled SQLite connection's `Turnstile` in its record's info.
+TURNSTILE = "gateway_turnstile"
 
 
 def make_engine(url: str) -> Engine:
     u = make_url(url)
     if u.get_backend_name() == "sqlite":
-        if u.database and u.database != ":memory:":
-            db_file = Path(u.database)
-            db_file.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            # Created 0600 before SQLite opens it: its WAL and SHM files take the database
-            # file's mode, so all three stay private whatever the umask (customers' mail).
-            if not db_file.exists():
-                os.close(os.open(db_file, os.O_WRONLY | os.O_CREAT, 0o600))
-        engine = create_engine(
-            url, connect_args={"check_same_thread": False, "timeout": 30}, future=True
-        )
-
-        @event.listens_for(engine, "connect")
-        def _pragmas(dbapi_conn: Any, _record: Any) -> None:
-            # Let SQLAlchemy issue BEGIN itself (pysqlite's implicit transactions are off).
-            dbapi_conn.isolation_level = None
-            cur = dbapi_conn.cursor()
-            cur.execute("PRAGMA journal_mode=WAL")
-            # FULL: a commit survives power loss in WAL mode (docs/design.md §2).
-            cur.execute("PRAGMA synchronous=FULL")
-            cur.execute("PRAGMA foreign_keys=ON")
-            cur.execute("PRAGMA busy_timeout=30000")
-            cur.close()
-
-        @event.listens_for(engine, "begin")
-        def _begin(conn: Any) -> None:
-            if conn.get_execution_options().get(READ_ONLY):
-                # A read (read_scope): a plain deferred transaction, a WAL snapshot that
-                # never takes the write lock, so the escalator's scans and the delivery
-                # worker's reads no longer queue behind (and block) the pipeline's commits
-                # (docs/decisions.md D16.3).
-                conn.exec_driver_sql("BEGIN")
-                return
-            # IMMEDIATE: take the write lock at BEGIN, so two writers never deadlock on
-            # lock upgrade; the loser waits (busy_timeout) instead of failing.
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
-
-        return engine
+        return _sqlite_engine(url, u)
     if u.drivername == "postgresql":
         url = u.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
     # A database host that stops answering (network cut) must fail the pipeline in seconds,
@@ -81,6 +50,95 @@ def make_engine(url: str) -> Engine:
         "keepalives_count": 3,
     }
     return create_engine(url, pool_pre_ping=True, future=True, connect_args=args)
+
+
+def _sqlite_engine(url: str, u: URL) -> Engine:
+    """WAL, synchronous=FULL, foreign keys; writers begin IMMEDIATE, through the turnstile."""
+    in_file = bool(u.database) and u.database != ":memory:"
+    if in_file:
+        db_file = Path(str(u.database))
+        db_file.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # Created 0600 before SQLite opens it: its WAL and SHM files take the database
+        # file's mode, so all three stay private whatever the umask (customers' mail).
+        if not db_file.exists():
+            os.close(os.open(db_file, os.O_WRONLY | os.O_CREAT, 0o600))
+    engine = create_engine(
+        url, connect_args={"check_same_thread": False, "timeout": BUSY_TIMEOUT}, future=True
+    )
+    event.listen(engine, "connect", _pragmas)
+    event.listen(engine, "begin", _begin)
+    if in_file:
+        _take_turns(engine, Path(str(u.database)))
+    return engine
+
+
+def _pragmas(dbapi_conn: Any, _record: Any) -> None:
+    # Let SQLAlchemy issue BEGIN itself (pysqlite's implicit transactions are off).
+    dbapi_conn.isolation_level = None
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    # FULL: a commit survives power loss in WAL mode (docs/design.md §2).
+    cur.execute("PRAGMA synchronous=FULL")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT * 1000}")
+    cur.close()
+
+
+def _begin(conn: Any) -> None:
+    if conn.get_execution_options().get(READ_ONLY):
+        # A read (read_scope): a plain deferred transaction, a WAL snapshot that never
+        # takes the write lock, so the escalator's scans and the delivery worker's reads
+        # no longer queue behind (and block) the pipeline's commits (docs/decisions.md
+        # D16.3).
+        conn.exec_driver_sql("BEGIN")
+        return
+    # IMMEDIATE: take the write lock at BEGIN, so two writers never deadlock on lock
+    # upgrade; the loser waits (busy_timeout) instead of failing. Writers queue for it in
+    # the turnstile first (gateway/store/turnstile.py).
+    turnstile = conn.connection.info.get(TURNSTILE)
+    if turnstile is None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        return
+    turnstile.acquire()
+    try:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+    except BaseException:
+        turnstile.release()
+        raise
+
+
+def _take_turns(engine: Engine, database: Path) -> None:
+    """Give every pooled connection of `engine` a `Turnstile` of its own, taken by
+    `_begin` and given back as its transaction ends or the connection closes."""
+
+    @event.listens_for(engine, "connect")
+    def _open(_dbapi_conn: Any, record: Any) -> None:
+        record.info[TURNSTILE] = Turnstile(database, BUSY_TIMEOUT)
+
+    @event.listens_for(engine, "close")
+    def _close(_dbapi_conn: Any, record: Any) -> None:
+        turnstile = record.info.pop(TURNSTILE, None)
+        if turnstile is not None:
+            turnstile.close()
+
+    @event.listens_for(engine, "commit")
+    @event.listens_for(engine, "rollback")
+    def _end(conn: Any) -> None:
+        # Fired as the transaction ends (before SQLite's COMMIT returns): the next writer
+        # may wait a moment in SQLite's busy handler, never a whole turn.
+        turnstile = _turnstile_of(conn)
+        if turnstile is not None:
+            turnstile.release()
+
+
+def _turnstile_of(conn: Any) -> Turnstile | None:
+    # A connection invalidated by an error has no DBAPI connection to ask; its close
+    # (the "close" event) gives the turn back.
+    try:
+        turnstile: Turnstile | None = conn.connection.info.get(TURNSTILE)
+    except Exception:
+        return None
+    return turnstile
 
 
 def is_postgres(engine: Engine) -> bool:
