@@ -64,18 +64,22 @@ settings = make_settings(
 engine = make_engine(db_url)
 upgrade(engine)
 now = datetime.now(UTC)
+
+def queue_ack(s, tag, rcpt, when):
+    # one acknowledgement-sized mail to rcpt (the body is argv[6])
+    mid = f"<{tag}.{time.time_ns()}@example.com>"
+    raw = (
+        "From: Example Support <support@example.com>\r\n"
+        f"To: {rcpt}\r\nSubject: [ACME-{tag}] We got your message\r\n"
+        f"Date: Fri, 04 Dec 2026 15:00:00 +0000\r\nMessage-ID: {mid}\r\n"
+        "Auto-Submitted: auto-replied\r\nMIME-Version: 1.0\r\n"
+        "Content-Type: text/plain; charset=utf-8\r\n\r\n" + sys.argv[6]
+    ).encode()
+    enqueue(s, ticket_id=None, kind="ack", raw=raw, message_id=mid, rcpt_tos=[rcpt], now=when)
+
 with session_scope(engine) as s:
     for i in range(mails):
-        mid = f"<bench{i}.{time.time_ns()}@example.com>"
-        raw = (
-            "From: Example Support <support@example.com>\r\n"
-            f"To: c{i}@customer.example\r\nSubject: [ACME-{i}] We got your message\r\n"
-            f"Date: Fri, 04 Dec 2026 15:00:00 +0000\r\nMessage-ID: {mid}\r\n"
-            "Auto-Submitted: auto-replied\r\nMIME-Version: 1.0\r\n"
-            "Content-Type: text/plain; charset=utf-8\r\n\r\n" + sys.argv[6]
-        ).encode()
-        enqueue(s, ticket_id=None, kind="ack", raw=raw, message_id=mid,
-                rcpt_tos=[f"c{i}@customer.example"], now=now)
+        queue_ack(s, f"bench{i}", f"c{i}@customer.example", now)
 worker = DeliveryWorker(engine, settings, SystemClock())
 worker.warm_up()
 trickle = float(sys.argv[7])
@@ -107,16 +111,7 @@ async def trickled() -> tuple[float, float, float]:
             time.sleep(max(0.0, start + 2 * i / trickle - time.monotonic()))
             with session_scope(engine) as s:
                 for j in range(2):
-                    mid = f"<t{i}.{j}.{time.time_ns()}@example.com>"
-                    raw = (
-                        "From: Example Support <support@example.com>\r\n"
-                        f"To: c{i}@customer.example\r\nSubject: [ACME-{i}] We got it\r\n"
-                        f"Date: Fri, 04 Dec 2026 15:00:00 +0000\r\nMessage-ID: {mid}\r\n"
-                        "Auto-Submitted: auto-replied\r\nMIME-Version: 1.0\r\n"
-                        "Content-Type: text/plain; charset=utf-8\r\n\r\n" + sys.argv[6]
-                    ).encode()
-                    enqueue(s, ticket_id=None, kind="ack", raw=raw, message_id=mid,
-                            rcpt_tos=[f"c{i}.{j}@customer.example"], now=datetime.now(UTC))
+                    queue_ack(s, f"t{i}.{j}", f"c{i}.{j}@customer.example", datetime.now(UTC))
             loop.call_soon_threadsafe(wake.set)
         feeder_cpu[0] = time.thread_time() - t0
 
