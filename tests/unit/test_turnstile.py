@@ -66,10 +66,15 @@ def test_reads_never_take_a_turn(engine: Engine) -> None:
             assert r.execute(text("SELECT count(*) FROM t")).scalar_one() == 0
 
 
-def test_rollback_gives_the_turn_back(engine: Engine) -> None:
-    with pytest.raises(RuntimeError), session_scope(engine) as s:
+def _write_then_fail(engine: Engine) -> None:
+    with session_scope(engine) as s:
         s.execute(text("INSERT INTO t VALUES (1)"))
         raise RuntimeError("fails")
+
+
+def test_rollback_gives_the_turn_back(engine: Engine) -> None:
+    with pytest.raises(RuntimeError):
+        _write_then_fail(engine)
     # Another connection gets a turn at once (it would wait 30 s otherwise).
     probe = Turnstile(Path(str(engine.url.database)), 0.5)
     try:
