@@ -208,16 +208,23 @@ def session_scope(engine: Engine) -> Iterator[Session]:
 def read_only(engine: Engine) -> Engine:
     """`engine` for reads only: its transactions begin deferred on SQLite (a snapshot, never
     the write lock the pipeline holds) and are never committed. Build it once per reader:
-    each call makes a new option-bearing engine."""
+    each call makes a new option-bearing engine.
+
+    On PostgreSQL its statements run in autocommit: under READ COMMITTED each statement
+    sees its own snapshot anyway, so a transaction added nothing to a read but a BEGIN, a
+    ROLLBACK, and psycopg forgetting every prepared statement of the connection at that
+    ROLLBACK (it cannot tell whether it undid a DDL), so that the pooled connection's next
+    user parsed and planned its statements again (docs/performance.md §8)."""
+    if is_postgres(engine):
+        return engine.execution_options(**{READ_ONLY: True}, isolation_level="AUTOCOMMIT")
     return engine.execution_options(**{READ_ONLY: True})
 
 
 @contextmanager
 def read_scope(engine: Engine) -> Iterator[Session]:
-    """One read-only transaction: on SQLite a deferred `BEGIN` (a snapshot, no write lock),
-    never committed. Anything written through it is rolled back, and on SQLite a write
-    would fail with "database is locked" semantics of a deferred upgrade: use
-    `session_scope` for writes."""
+    """Reads only: on SQLite one deferred transaction (a snapshot, no write lock), never
+    committed; on PostgreSQL statements in autocommit (`read_only`). Never write through
+    it (on PostgreSQL a write would stand): use `session_scope` for writes."""
     with Session(read_only(engine), expire_on_commit=False) as s:
         try:
             yield s
