@@ -206,3 +206,47 @@ async def test_a_ticket_with_a_named_owner_does_not_wait_for_the_routing_lock(
         with Session(gw.engine) as s:
             ticket = s.exec(select(Ticket)).one()
         assert ticket.requester == "named@customer.example"
+
+
+def test_a_claim_takes_waiting_and_expired_entries_oldest_first(
+    tmp_path: Path, pg_url: str
+) -> None:
+    """What is due (waiting and due, or claimed by someone whose lease ran out) in id order,
+    at most the limit; never an entry not due yet, nor one another claimant still holds."""
+    from gateway.shared_spool import SharedSpool
+
+    clock = FrozenClock()
+    engine = open_database(pg_url)
+    spool = SharedSpool(tmp_path / "spool", engine=engine, node="n1", clock=clock)
+    try:
+        env = Envelope(mail_from="a@example.net", rcpt_tos=["support@example.com"])
+        ids = [spool.submit_sync(env, make_mail(subject=f"m{i}").as_bytes()) for i in range(6)]
+        now = clock.now().timestamp()
+        with db(pg_url) as c:
+            # ids[0]: another node's claim whose lease ran out; ids[1]: one still held;
+            # ids[2]: waiting but not due yet (a retry's backoff).
+            c.execute(
+                "UPDATE spool_entry SET state='claimed', claimed_by='n2', lease_until=%s"
+                " WHERE id=%s",
+                (now - 1, ids[0]),
+            )
+            c.execute(
+                "UPDATE spool_entry SET state='claimed', claimed_by='n2', lease_until=%s"
+                " WHERE id=%s",
+                (now + 60, ids[1]),
+            )
+            c.execute("UPDATE spool_entry SET not_before=%s WHERE id=%s", (now + 60, ids[2]))
+        first = spool.claim(2)
+        assert [e.id for e in first] == [ids[0], ids[3]]
+        rest = spool.claim(10)
+        assert [e.id for e in rest] == [ids[4], ids[5]]
+        assert claimed_by(pg_url) == {
+            ids[0]: "n1",
+            ids[1]: "n2",
+            ids[3]: "n1",
+            ids[4]: "n1",
+            ids[5]: "n1",
+        }
+    finally:
+        spool.close()
+        engine.dispose()
