@@ -43,15 +43,15 @@ from functools import cached_property
 
 from gateway.pipeline.mailparts import (
     content_type,
+    first_header,
     header_names,
+    header_values,
     iter_parts,
     param,
     raw_headers,
     text_parts,
 )
-
-# mailparts' readers, with a shortcut for the simple values most mail has (parse.py).
-from gateway.pipeline.parse import address_pairs_of, first_header, header_values
+from gateway.pipeline.parse import address_pairs_of
 
 __all__ = [
     "KINDS",

@@ -67,12 +67,25 @@ def header_names(msg: Message) -> list[str]:
         return [name for name, _ in raw_headers(msg)]
 
 
-@functools.lru_cache(maxsize=8192)
 def _parsed(name: str, raw: str, policy: Policy) -> str:
-    """``str(msg[name])`` for a header whose raw value is ``raw``: the policy parses a header
-    on every read (addresses, encoded words), and one message's headers are read many times
-    by parse, classify and bounce; the text depends only on (name, raw value, policy).
-    Raises what the policy's parser raises (not cached)."""
+    """``str(msg[name])`` for a header whose raw value is ``raw``. A policy that knows the
+    text of a simple value without its parser says so first (``simple_text``:
+    gateway/pipeline/parse.py, the same text by construction and by test); raises what the
+    policy's parser raises."""
+    quick = getattr(policy, "simple_text", None)
+    if quick is not None:
+        text: str | None = quick(name, raw)
+        if text is not None:
+            return text
+    return _policy_text(name, raw, policy)
+
+
+@functools.lru_cache(maxsize=8192)
+def _policy_text(name: str, raw: str, policy: Policy) -> str:
+    """What the policy's parser makes of the value: it parses a header on every read
+    (addresses, encoded words), and one message's headers are read many times by parse,
+    classify and bounce; the text depends only on (name, raw value, policy). Raises what
+    the parser raises (not cached)."""
     return str(policy.header_fetch_parse(name, raw))
 
 

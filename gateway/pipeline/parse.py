@@ -41,16 +41,16 @@ from email.policy import EmailPolicy, Policy
 from html.parser import HTMLParser
 from typing import Any, cast
 
-from gateway.pipeline import mailparts
 from gateway.pipeline.mailparts import (
     address_pairs,
     charset,
     decode_words,
     decoded_payload,
+    header_text,
+    header_texts,
     payload,
     raw_headers,
 )
-from gateway.pipeline.subject import decode_rfc2047
 
 _MSGID_RE = re.compile(r"<[^<>\s]+>")
 
@@ -85,6 +85,11 @@ class _ParsedOncePolicy(EmailPolicy):
             return super().header_fetch_parse(name, value)
         return _header_object(self, name, value)
 
+    def simple_text(self, lname: str, raw: str) -> str | None:
+        """The text this policy gives a simple value, without its parser (`_simple_text`);
+        None for any other value. `mailparts` asks a message's policy for it first."""
+        return _simple_text(lname, raw)
+
 
 #: Longest raw value whose parsed header object, address pairs or part presentation is kept.
 _CACHED_VALUE_MAX = 200
@@ -108,14 +113,15 @@ _REGISTRY: dict[str, type] = cast(HeaderRegistry, email.policy.default.header_fa
 
 
 # ---------------------------------------------------------------------------- header texts
-# `mailparts.header_text`, `header_texts`, `header_values` and `first_header` with one
-# shortcut: the text the default policy gives a *simple* value is known without its parser.
+# The text the default policy gives a *simple* value is known without its parser, and
+# mailparts' readers (`header_text`, `header_texts`, `header_values`, `first_header`) ask
+# the message's policy for it first (`_ParsedOncePolicy.simple_text`).
 # Each message's own From, Date, Subject and Message-ID are distinct values, so the per-value
 # caches never hit them, and their parse was most of what was left of parse + classify
 # (~190 us for one ``Name <a@b>``, ~60 us for a Date or a Message-ID). `_simple_text` answers
 # only for values in narrow shapes (printable ASCII, no encoded word; a lone mailbox of plain
 # atoms; one dot-atom msg-id); any other value, and any message not parsed with `_POLICY`, is
-# read by mailparts exactly as before. tests/unit/test_parse_policy_cache.py checks the
+# read by the policy's parser exactly as before. tests/unit/test_parse_policy_cache.py checks the
 # shortcut against the policy on generated values and every corpus header, and that it
 # never answers where the policy's parser raises.
 
@@ -163,49 +169,6 @@ def _simple_text(lname: str, raw: str) -> str | None:
             return None
         return email.utils.format_datetime(when)
     return None
-
-
-def _simple_texts(msg: Message, name: str) -> list[str] | None:
-    """`_simple_text` of every instance of a header, or None unless all are simple."""
-    if msg.policy is not _POLICY:
-        return None
-    lname = name.lower()
-    out = []
-    for k, v in raw_headers(msg):
-        if k.lower() == lname:
-            text = _simple_text(lname, v)
-            if text is None:
-                return None
-            out.append(text)
-    return out
-
-
-def header_text(msg: Message, name: str) -> str:
-    """`mailparts.header_text`."""
-    texts = _simple_texts(msg, name)
-    if texts is None:
-        return mailparts.header_text(msg, name)
-    return texts[0] if texts else ""
-
-
-def header_texts(msg: Message, name: str) -> list[str]:
-    """`mailparts.header_texts`."""
-    texts = _simple_texts(msg, name)
-    return mailparts.header_texts(msg, name) if texts is None else texts
-
-
-def header_values(msg: Message, name: str) -> list[str]:
-    """`mailparts.header_values`."""
-    texts = _simple_texts(msg, name)
-    if texts is None:
-        return mailparts.header_values(msg, name)
-    return [decode_rfc2047(t).strip() for t in texts]
-
-
-def first_header(msg: Message, name: str) -> str:
-    """`mailparts.first_header`."""
-    values = header_values(msg, name)
-    return values[0] if values else ""
 
 
 #: Deepest MIME nesting read part by part; deeper mail is kept whole as an attachment.
