@@ -169,43 +169,15 @@ def _qp_lines(lines: list[bytes]) -> list[str]:
     it: octets quoted, soft line breaks ("=" then "\\n") within MAX_LINE, a trailing blank
     quoted. The stdlib quotes character by character through a table, then breaks each line
     it finds; lines are independent, so here they are quoted together by one regular
-    expression and only a long line or one ending in a blank goes through the stdlib's loop
-    (:func:`_qp_break`)."""
+    expression, and only a line that needs breaking or ends in a blank (rare in a letter)
+    goes to the stdlib itself."""
     quoted = _QP_UNSAFE.sub(_qp_quote, b"\n".join(lines).decode("latin-1")).split("\n")
     return [
-        x if len(x) <= MAX_LINE and (not x or x[-1] not in " \t") else _qp_break(x) for x in quoted
+        x
+        if len(x) <= MAX_LINE and (not x or x[-1] not in " \t")
+        else quoprimime.body_encode(raw.decode("latin-1"), MAX_LINE)
+        for raw, x in zip(lines, quoted, strict=True)
     ]
-
-
-def _qp_break(line: str) -> str:
-    """``quoprimime.body_encode``'s loop for one quoted line, unchanged (eol "\\n")."""
-    pieces: list[str] = []
-    append = pieces.append
-    start = 0
-    laststart = len(line) - 1 - MAX_LINE
-    while start <= laststart:
-        stop = start + MAX_LINE - 1
-        if line[stop - 2] == "=":
-            append(line[start : stop - 1])
-            start = stop - 2
-        elif line[stop - 1] == "=":
-            append(line[start:stop])
-            start = stop - 1
-        else:
-            append(line[start:stop] + "=")
-            start = stop
-    if line and line[-1] in " \t":
-        room = start - laststart
-        if room >= 3:
-            q = quoprimime.quote(line[-1])
-        elif room == 2:
-            q = line[-1] + "=\n"
-        else:
-            q = "=\n" + quoprimime.quote(line[-1])
-        append(line[start:-1] + q)
-    else:
-        append(line[start:])
-    return "\n".join(pieces)
 
 
 def _encode_text(text: str) -> tuple[str, bytes]:
