@@ -106,8 +106,11 @@ def write(session: Session, stmt: Executable, params: Mapping[str, Any] | None =
     """Execute a prebuilt UPDATE, DELETE or upsert; the number of rows it touched. The session is
     flushed first so that the statement applies after what the ORM holds."""
     session.flush()
-    conn = session.connection()
-    values = dict(params or {})
+    return _write_on(session.connection(), stmt, dict(params or {}))
+
+
+def _write_on(conn: Connection, stmt: Executable, values: dict[str, Any]) -> int:
+    """`write` on `conn` without the flush; the number of rows touched."""
     # Compiled for the keys given, as SQLAlchemy compiles DML: they choose an INSERT's
     # columns and may add to an UPDATE's SET.
     plan = _plan_for(conn, stmt, tuple(sorted(values)), False)
@@ -256,9 +259,8 @@ def update_attached(session: Session, obj: SQLModel, **values: Any) -> None:
     changed = {k: v for k, v in values.items() if k not in loaded or loaded[k] != v}
     if not changed:
         return
-    stmt = _update_stmt(model, tuple(c.key for c in table(model).columns if c.key in changed))
-    if write(session, stmt, {**changed, _pk_param(model): getattr(obj, PK)}) != 1:
-        raise StaleDataError(f"UPDATE of {model.__name__} {getattr(obj, PK)} matched no row")
+    session.flush()  # as `write`: what the ORM holds goes first
+    _update_row(session.connection(), obj, changed)
     for key, value in changed.items():
         set_committed_value(obj, key, value)
 
@@ -297,20 +299,18 @@ def flush_changes(session: Session) -> None:
         session.flush()
         return
     if changed:
-        stmt = _update_stmt(model, tuple(c.key for c in columns if c.key in changed))
-        params = {**changed, _pk_param(model): getattr(obj, PK)}
-        conn = session.connection()
-        plan = _plan_for(conn, stmt, tuple(sorted(params)), False)
-        done = _run(conn, plan, params) if plan is not None else None
-        if done is not None:
-            rowcount = done.rowcount
-            done.close()
-        else:
-            rowcount = conn.execute(stmt, params).rowcount
-        if rowcount != 1:
-            raise StaleDataError(f"UPDATE of {model.__name__} {getattr(obj, PK)} matched no row")
+        _update_row(session.connection(), obj, changed)
     # What the unit of work does to a flushed object: its values are the committed ones.
     state._commit_all(loaded, session.identity_map)
+
+
+def _update_row(conn: Connection, obj: SQLModel, changed: dict[str, Any]) -> None:
+    """UPDATE the `changed` columns of `obj`'s row by its id (the unit of work's statement);
+    a row that is not there is the ORM's StaleDataError."""
+    model = type(obj)
+    stmt = _update_stmt(model, tuple(c.key for c in table(model).columns if c.key in changed))
+    if _write_on(conn, stmt, {**changed, _pk_param(model): getattr(obj, PK)}) != 1:
+        raise StaleDataError(f"UPDATE of {model.__name__} {getattr(obj, PK)} matched no row")
 
 
 def _pk_param(model: type[SQLModel]) -> str:
