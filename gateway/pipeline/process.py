@@ -46,12 +46,14 @@ import signal
 import time
 from collections import Counter
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import datetime
 from multiprocessing.connection import Connection
 from threading import Event, Lock, Thread
 from typing import TYPE_CHECKING, Any
 
 from gateway.metrics import tally_from_wire
+from gateway.sla.clocks import utc
+from gateway.store.plan_marks import BUNDLE, EPOCH, RECHECK, earliest
 
 if TYPE_CHECKING:  # the child imports these itself, after its logging is set up
     from gateway.pipeline.context import Services
@@ -109,21 +111,17 @@ def read_batch_word(data: bytes) -> tuple[list[list[Any]] | None, dict[str, date
         try:
             obj = json.loads(data)
         except ValueError:
-            return None, {"bundle": _EPOCH, "recheck": _EPOCH}
+            return None, {BUNDLE: EPOCH, RECHECK: EPOCH}
         created: dict[str, datetime] = {}
         for kind, text in dict(obj.get("due") or {}).items():
             try:
                 moment = datetime.fromisoformat(str(text))
             except ValueError:
-                moment = _EPOCH
-            created[str(kind)] = moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+                moment = EPOCH
+            created[str(kind)] = utc(moment) or EPOCH
         tally = obj.get("tally")
         return (tally if isinstance(tally, list) and tally else None), created
     return None
-
-
-#: "Due now" for a moment that could not be read.
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def _die_with_parent() -> None:
@@ -356,8 +354,7 @@ class PipelineProcess:
                         with contextlib.suppress(ValueError, TypeError):
                             self.on_tally(tally_from_wire(tally))
                     for kind, moment in due.items():
-                        if kind not in created or moment < created[kind]:
-                            created[kind] = moment
+                        earliest(created, kind, moment)
                 elif data[:1] in states:
                     self.state = states[data[:1]]
                     self.current = int(data[1:]) if data[1:].isdigit() else None

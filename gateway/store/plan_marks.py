@@ -17,6 +17,7 @@ from typing import Any
 from sqlalchemy import bindparam, event, inspect, update
 from sqlalchemy.orm import Session
 
+from gateway.sla.clocks import utc
 from gateway.store import core
 from gateway.store.models import AuthRecheck, BundleItem, Promise, Ticket
 
@@ -106,22 +107,22 @@ _lock = threading.Lock()
 _created: dict[str, datetime] = {}
 
 
-def _aware(moment: datetime) -> datetime:
-    """Moments compare as UTC (SQLite hands back naive datetimes; they are UTC)."""
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+#: "Due now": the moment of a row that has none, or of one that could not be read.
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
-def _earliest(into: dict[str, datetime], kind: str, moment: datetime) -> None:
+def earliest(into: dict[str, datetime], kind: str, moment: datetime) -> None:
+    """Keep in `into[kind]` the earlier of what is there and `moment`."""
     known = into.get(kind)
     if known is None or moment < known:
         into[kind] = moment
 
 
 def _note(session: Session, kind: str, moment: datetime | None) -> None:
-    # A row without a moment would be due at once (it cannot be: both columns are NOT NULL);
-    # the epoch keeps "wake now" the safe reading.
-    at = _aware(moment) if moment is not None else datetime(1970, 1, 1, tzinfo=UTC)
-    _earliest(session.info.setdefault(_INFO, {}), kind, at)
+    # Moments compare as aware UTC (`utc`: SQLite hands back naive ones). A row without a
+    # moment would be due at once (it cannot be: both columns are NOT NULL); the epoch keeps
+    # "wake now" the safe reading.
+    earliest(session.info.setdefault(_INFO, {}), kind, utc(moment) or EPOCH)
 
 
 @event.listens_for(Session, "after_commit")
@@ -130,7 +131,7 @@ def _publish(session: Session) -> None:
     if noted:
         with _lock:
             for kind, moment in noted.items():
-                _earliest(_created, kind, moment)
+                earliest(_created, kind, moment)
 
 
 def take_created() -> dict[str, datetime]:
