@@ -452,6 +452,14 @@ class SharedSpool(Spool):
                 {"ids": list(ids), "node": self.node},
             )
 
+    releases_in_transaction = True
+
+    def release_in(self, conn: Any, ids: list[int]) -> None:
+        """Forget processed entries in the transaction that commits their tickets: one
+        commit where there were two, and no moment at which a crash leaves a processed
+        entry behind to be processed (and recognised as a duplicate) again."""
+        conn.execute(text("DELETE FROM spool_entry WHERE id = ANY(:ids)"), {"ids": list(ids)})
+
     def release(self, entry_id: int) -> None:
         with self._db() as conn:
             conn.execute(text("DELETE FROM spool_entry WHERE id=:id"), {"id": entry_id})

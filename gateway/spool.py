@@ -531,6 +531,16 @@ class Spool:
                 [(i,) for i in ids],
             )
 
+    #: Does the spool live in the ticket database, so that `release_in` forgets processed
+    #: entries in the transaction that commits their tickets? (The shared spool does; this
+    #: file is a database of its own, released after the ticket database's commit.)
+    releases_in_transaction = False
+
+    def release_in(self, conn: Any, ids: list[int]) -> None:
+        """Forget `ids` on `conn`, the ticket database's transaction (only when
+        `releases_in_transaction`)."""
+        raise NotImplementedError("this spool is released after the ticket database commits")
+
     def release(self, entry_id: int) -> None:
         """The ticket database has committed the message: the spool may forget it."""
         with self._tx() as conn:

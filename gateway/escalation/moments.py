@@ -99,8 +99,14 @@ SCAN_COLUMNS: tuple[Any, ...] = (
 _t = core.table(Ticket)
 _SCAN = tuple(_t.c[column.key] for column in SCAN_COLUMNS)
 _AWAKE = or_(_t.c.snoozed_until.is_(None), _t.c.snoozed_until <= bindparam("now"))
+#: Open tickets marked to be planned, oldest first: ordered by id, so both databases read the
+#: partial index `ticket_to_plan` whatever their statistics say. Unordered, PostgreSQL with
+#: statistics from a moment when most tickets were unplanned (after an upgrade or a bulk
+#: import, or with autovacuum off) read the whole table for each chunk: 20 ms at 100,000
+#: open tickets, several times a second under load (docs/decisions.md D16.12).
+_TO_PLAN = (_t.c.status == "open", _t.c.escalate_at.is_(None))
 #: Is any open ticket to be planned (`Planner.plan_changed`)?
-_DIRTY = sa_select(_t.c.id).where(_t.c.status == "open", _t.c.escalate_at.is_(None)).limit(1)
+_DIRTY = sa_select(_t.c.id).where(*_TO_PLAN).order_by(_t.c.id).limit(1)
 #: Open, awake tickets whose next moment has come (`Planner.due`).
 _DUE = sa_select(*_SCAN).where(_t.c.status == "open", _t.c.escalate_at <= bindparam("now"), _AWAKE)
 #: The earliest stored moment after now of the awake tickets (`Planner.earliest_after`)...
@@ -235,17 +241,14 @@ class Planner:
         `after_id` (a rules change), every open ticket after that id. Read and write in one
         write transaction (rows locked on PostgreSQL), so a concurrent change is never
         overwritten by a stale moment. Returns the last id planned (0: none)."""
-        query = sa_select(*SCAN_COLUMNS).where(col(Ticket.status) == "open")
         if after_id is None:
-            # No ORDER BY: walking the primary key in order to find the few NULL rows (the
-            # newest tickets, at the end) is what PostgreSQL would pick for a LIMIT; the
-            # (status, escalate_at) index finds them directly.
-            query = query.where(col(Ticket.escalate_at).is_(None)).limit(PLAN_CHUNK)
+            query = sa_select(*_SCAN).where(*_TO_PLAN).order_by(_t.c.id).limit(PLAN_CHUNK)
         else:
             # NULL ones are the dirty planning's (no double work after a start).
             query = (
-                query.where(col(Ticket.id) > after_id, col(Ticket.escalate_at).is_not(None))
-                .order_by(col(Ticket.id))
+                sa_select(*_SCAN)
+                .where(_t.c.status == "open", _t.c.id > after_id, _t.c.escalate_at.is_not(None))
+                .order_by(_t.c.id)
                 .limit(PLAN_CHUNK)
             )
         if is_postgres(self.engine):

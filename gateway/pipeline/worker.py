@@ -2,8 +2,10 @@
 
 `run_once()` processes what is waiting (tests and the CLI call it directly); the daemon
 loops it, woken by an `asyncio.Event` that the spool sets after each group commit.
-The spool entry is released only after the database commit; a crash in between means
-the entry is processed again and the database dedupes it (same envelope+bytes hash).
+The spool entry is released only with or after the database commit: the shared spool
+(PostgreSQL) deletes it in the same transaction; the local spool after the commit, and a
+crash in between means the entry is processed again and the database dedupes it (same
+envelope+bytes hash).
 
 Two kinds of failure (docs/decisions.md D10; docs/operations.md "Infrastructure faults"):
 - an *infrastructure fault* (database unreachable, disk full or below the free-space floor;
@@ -160,7 +162,20 @@ class PipelineWorker:
         if degrade is not None:
             prefix = tuple(_degraded_stage(degrade) if s is parse_stage else s for s in prefix)
         with session_scope(self.engine) as session:
-            return self._run(entry, session, prefix)
+            ctx = self._run(entry, session, prefix)
+            self._release_in(session, [entry.id])
+            return ctx
+
+    def _release_in(self, session: Session, ids: list[int]) -> None:
+        """A spool in the ticket database forgets the entries in the transaction that
+        commits their tickets (`Spool.releases_in_transaction`)."""
+        if self.spool.releases_in_transaction:
+            self.spool.release_in(session.connection(), ids)
+
+    def _release_after(self, ids: list[int]) -> None:
+        """Any other spool forgets them once that transaction has committed."""
+        if not self.spool.releases_in_transaction:
+            self.spool.release_many(ids)
 
     def _run(self, entry: SpoolEntry, session: Session, prefix: tuple[Stage, ...]) -> Context:
         """The stages of one entry inside the caller's transaction."""
@@ -201,6 +216,7 @@ class PipelineWorker:
                 if self.heartbeat is not None:
                     self.heartbeat("busy", entry.id)
                 out.append(self._run(entry, session, self.prefix))
+            self._release_in(session, [e.id for e in entries[: len(out)]])
         return out
 
     def process_group(
@@ -228,7 +244,7 @@ class PipelineWorker:
                 )
             else:
                 taken = entries[: len(ctxs)]
-                self.spool.release_many([e.id for e in taken])
+                self._release_after([e.id for e in taken])
                 for entry, ctx in zip(taken, ctxs, strict=True):
                     self._processed(entry, ctx)
                 return len(taken), len(taken)
@@ -263,7 +279,7 @@ class PipelineWorker:
                 return False
             self.tally[("pipeline_failed",)] += 1
             return self._message_fault(entry, exc)
-        self.spool.release(entry.id)
+        self._release_after([entry.id])
         self._processed(entry, ctx)
         return True
 
@@ -329,7 +345,7 @@ class PipelineWorker:
             log.error("spool entry %s quarantined: %r", entry.id, exc)
             self.alert_quarantined(entry, short)
             return False
-        self.spool.release(entry.id)
+        self._release_after([entry.id])
         self.processed += 1
         self.tally[("pipeline_processed",)] += 1
         log.error("processed %s in degraded form after %r", kv(summary(ctx)), exc)

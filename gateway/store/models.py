@@ -8,8 +8,12 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import Column, Index, LargeBinary, Text, UniqueConstraint
+from sqlalchemy import Column, Index, LargeBinary, Text, UniqueConstraint, text
 from sqlmodel import Field, SQLModel
+
+#: Open tickets marked "to be planned" by the escalator (`Ticket.escalate_at` NULL): the rows of
+#: the partial index `ticket_to_plan`.
+TO_PLAN = "status = 'open' AND escalate_at IS NULL"
 
 
 class Customer(SQLModel, table=True):
@@ -51,6 +55,13 @@ class Ticket(SQLModel, table=True):
         Index("ticket_snoozed", "snoozed_until"),
         Index("ticket_owner_status", "owner", "status"),
         Index("ticket_queue_created", "queue", "created_at", "first_responded_at"),
+        # The escalator's queue of tickets to be planned, in id order (migration 0012).
+        Index(
+            "ticket_to_plan",
+            "id",
+            postgresql_where=text(TO_PLAN),
+            sqlite_where=text(TO_PLAN),
+        ),
     )
     id: int | None = Field(default=None, primary_key=True)
     ref: str = Field(unique=True)
