@@ -10,8 +10,8 @@ go on a second channel, `gateway_ticket`, which wakes the other nodes' escalator
 
 PostgreSQL delivers a notification only after the sending transaction commits, and our
 `NOTIFY` runs in its own statement (autocommit) after the rows were committed, so a woken
-node always sees the rows. Notifications are coalesced: while one is being sent, further requests fold
-into one more. SQLite has a single node, so there is nothing to do there.
+node always sees the rows. Notifications are coalesced: while one is being sent, further
+requests fold into one more. SQLite has a single node, so there is nothing to do there.
 A lost notification (listener reconnecting) costs one poll interval, never mail.
 """
 
@@ -80,7 +80,7 @@ class ClusterNotifier:
         params: dict[str, str] = {f"ch{i}": ch for i, ch in enumerate(channels)}
         params["node"] = self.node
         with self._autocommit.connect() as conn:
-            conn.execute(text(f"SELECT {calls}"), params)  # noqa: S608 (placeholders only)
+            conn.execute(text(f"SELECT {calls}"), params)
 
     async def _sender(self, stopping: asyncio.Event) -> None:
         while not stopping.is_set():
