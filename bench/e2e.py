@@ -668,6 +668,10 @@ def main() -> int:
                 admin = create_engine(base, isolation_level="AUTOCOMMIT")
                 with admin.connect() as conn:
                     conn.execute(text(f'CREATE DATABASE "{name}"'))
+                    # Part of the figure: with autovacuum off nothing refreshes the
+                    # planner's statistics nor reclaims deleted rows (docs/performance.md §9).
+                    autovacuum = conn.execute(text("SHOW autovacuum")).scalar()
+                print(f"PostgreSQL server: autovacuum = {autovacuum}", flush=True)
                 url = base.set(database=name).render_as_string(hide_password=False)
                 try:
                     print(header if not out else "", flush=True)
