@@ -136,19 +136,23 @@ def check_database_upkeep(settings: Settings) -> list[Check]:
         return [Check("database upkeep", "warn", f"could not ask the server: {exc!r}")]
     finally:
         engine.dispose()
+    return [upkeep_check(str(autovacuum), str(track_counts))]
+
+
+def upkeep_check(autovacuum: str, track_counts: str) -> Check:
+    """The verdict on the server's `autovacuum` and `track_counts` settings (as `SHOW`
+    prints them): a warning unless both are on."""
     if autovacuum != "on" or track_counts != "on":
-        return [
-            Check(
-                "database upkeep",
-                "warn",
-                f"PostgreSQL runs with autovacuum = {autovacuum}, track_counts = {track_counts}:"
-                " statistics go stale and deleted spool and outbox rows are never reclaimed,"
-                " so lookups turn into whole-table reads as mail flows",
-                "set autovacuum = on and track_counts = on (PostgreSQL's defaults), or run"
-                " `VACUUM ANALYZE` on the gateway's database every few minutes",
-            )
-        ]
-    return [_ok("database upkeep", "PostgreSQL autovacuum is on")]
+        return Check(
+            "database upkeep",
+            "warn",
+            f"PostgreSQL runs with autovacuum = {autovacuum}, track_counts = {track_counts}:"
+            " statistics go stale and deleted spool and outbox rows are never reclaimed,"
+            " so lookups turn into whole-table reads as mail flows",
+            "set autovacuum = on and track_counts = on (PostgreSQL's defaults), or run"
+            " `VACUUM ANALYZE` on the gateway's database every few minutes",
+        )
+    return _ok("database upkeep", "PostgreSQL autovacuum is on")
 
 
 def _redact(url: str) -> str:

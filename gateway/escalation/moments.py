@@ -21,6 +21,7 @@ from typing import Any
 from sqlalchemy import bindparam, func, or_, update
 from sqlalchemy import select as sa_select
 from sqlalchemy.engine import Engine
+from sqlalchemy.sql import Select
 from sqlmodel import Session, col
 
 from gateway.routing.model import Rules
@@ -166,6 +167,25 @@ def _chunks(items: list[int], size: int) -> list[list[int]]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
+def chunk_query(after_id: int | None, *, postgres: bool) -> Select[Any]:
+    """The rows `Planner._plan_chunk` plans: up to PLAN_CHUNK open tickets marked to be
+    planned (NULL), or, with `after_id` (a rules change), every open ticket after that id;
+    on PostgreSQL the rows are locked (others skipped: another node plans them)."""
+    if after_id is None:
+        query = sa_select(*_SCAN).where(*_TO_PLAN).order_by(_t.c.id).limit(PLAN_CHUNK)
+    else:
+        # NULL ones are the dirty planning's (no double work after a start).
+        query = (
+            sa_select(*_SCAN)
+            .where(_t.c.status == "open", _t.c.id > after_id, _t.c.escalate_at.is_not(None))
+            .order_by(_t.c.id)
+            .limit(PLAN_CHUNK)
+        )
+    if postgres:
+        query = query.with_for_update(skip_locked=True)
+    return query
+
+
 class Planner:
     """Stores every open ticket's next moment and finds the due ones."""
 
@@ -241,18 +261,7 @@ class Planner:
         `after_id` (a rules change), every open ticket after that id. Read and write in one
         write transaction (rows locked on PostgreSQL), so a concurrent change is never
         overwritten by a stale moment. Returns the last id planned (0: none)."""
-        if after_id is None:
-            query = sa_select(*_SCAN).where(*_TO_PLAN).order_by(_t.c.id).limit(PLAN_CHUNK)
-        else:
-            # NULL ones are the dirty planning's (no double work after a start).
-            query = (
-                sa_select(*_SCAN)
-                .where(_t.c.status == "open", _t.c.id > after_id, _t.c.escalate_at.is_not(None))
-                .order_by(_t.c.id)
-                .limit(PLAN_CHUNK)
-            )
-        if is_postgres(self.engine):
-            query = query.with_for_update(skip_locked=True)
+        query = chunk_query(after_id, postgres=is_postgres(self.engine))
         with session_scope(self.engine) as session:
             rows = [Scan(*row) for row in session.execute(query).all()]
             if not rows:
