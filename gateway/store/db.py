@@ -82,7 +82,16 @@ def check_alive(dbapi_conn: Any, ping: Callable[[Any], bool]) -> None:
         readable = poller.poll(0)
     except (OSError, ValueError) as err:
         raise exc.DisconnectionError(f"the connection's socket: {err}") from err
-    if readable and not ping(dbapi_conn):
+    if not readable:
+        return
+    try:
+        # The dialect's ping raises the driver's error on a dead connection (it returns
+        # False for none): either way the pool must replace the connection, and only a
+        # DisconnectionError makes it do so rather than fail the caller's checkout.
+        alive = ping(dbapi_conn)
+    except Exception as err:
+        raise exc.DisconnectionError(f"the server closed the connection: {err}") from err
+    if not alive:
         raise exc.DisconnectionError("the server closed the connection")
 
 
