@@ -1,0 +1,106 @@
+"""The cluster's wakeups go out in one autocommit statement (gateway/store/notify.py
+`ClusterNotifier._send`): every channel asked for in one `SELECT pg_notify(...), ...`, the
+node's name as payload, and the pooled connection handed back with no transaction open."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg.pq import TransactionStatus
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
+
+from gateway.store.db import make_engine
+from gateway.store.notify import OUTBOX_CHANNEL, TICKET_CHANNEL, ClusterNotifier
+from tests.conftest import _pg_database
+
+pytestmark = [pytest.mark.postgres]
+
+WAIT = 10.0  # the most a notification that was sent may take to arrive (a bound, not a pause)
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    yield from _pg_database()
+
+
+@pytest.fixture
+def engine(pg_url: str) -> Iterator[Engine]:
+    e = make_engine(pg_url)
+    yield e
+    e.dispose()
+
+
+def _plain(url: str) -> str:
+    """The SQLAlchemy URL as libpq takes it."""
+    return url.replace("postgresql+psycopg://", "postgresql://")
+
+
+@pytest.fixture
+def listener(pg_url: str) -> Iterator[psycopg.Connection[Any]]:
+    """A plain psycopg session listening on both channels, as another node's would."""
+    conn = psycopg.connect(_plain(pg_url), autocommit=True)
+    conn.execute(f"LISTEN {OUTBOX_CHANNEL}")
+    conn.execute(f"LISTEN {TICKET_CHANNEL}")
+    yield conn
+    conn.close()
+
+
+def _statements(engine: Engine) -> list[tuple[str, bool]]:
+    """Records each statement run through `engine`, with whether its connection was in
+    autocommit when it ran."""
+    seen: list[tuple[str, bool]] = []
+
+    @event.listens_for(engine, "before_cursor_execute")
+    def _seen(conn: Any, cursor: Any, statement: str, *_: Any) -> None:
+        seen.append((statement, bool(conn.connection.dbapi_connection.autocommit)))
+
+    return seen
+
+
+def test_both_channels_go_out_in_one_autocommit_statement(
+    engine: Engine, listener: psycopg.Connection[Any]
+) -> None:
+    """Both notifications arrive, each with the node's name, from one statement run in
+    autocommit on one backend; the pooled connection is back idle, outside any transaction,
+    and no longer in autocommit."""
+    notifier = ClusterNotifier(engine, "mx1", on_wake=lambda: None, on_ticket=lambda: None)
+    statements = _statements(engine)
+    notifier._send([OUTBOX_CHANNEL, TICKET_CHANNEL])
+    got = list(listener.notifies(timeout=WAIT, stop_after=2))
+    assert sorted((n.channel, n.payload) for n in got) == [
+        (OUTBOX_CHANNEL, "mx1"),
+        (TICKET_CHANNEL, "mx1"),
+    ]
+    assert len({n.pid for n in got}) == 1  # one sender
+    assert len(statements) == 1
+    [(sql, autocommit)] = statements
+    assert sql.count("pg_notify(") == 2
+    assert autocommit
+    assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+    raw = engine.raw_connection()
+    try:
+        pq = raw.dbapi_connection
+        assert pq is not None
+        assert pq.info.transaction_status == TransactionStatus.IDLE
+        assert pq.autocommit is False  # the engine's other users get transactions again
+    finally:
+        raw.close()
+
+
+def test_no_channel_sends_nothing(
+    engine: Engine, pg_url: str, listener: psycopg.Connection[Any]
+) -> None:
+    """`_send([])` runs no statement, and a listener's next notification is a marker sent
+    after it: nothing went out before it."""
+    notifier = ClusterNotifier(engine, "mx1", on_wake=lambda: None, on_ticket=lambda: None)
+    statements = _statements(engine)
+    notifier._send([])
+    assert statements == []
+    with psycopg.connect(_plain(pg_url), autocommit=True) as other:
+        other.execute("SELECT pg_notify(%s, 'marker')", (OUTBOX_CHANNEL,))
+    [first] = list(listener.notifies(timeout=WAIT, stop_after=1))
+    assert (first.channel, first.payload) == (OUTBOX_CHANNEL, "marker")
