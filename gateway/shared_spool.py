@@ -103,6 +103,7 @@ class SharedSpool(Spool):
             directory, max_attempts=max_attempts, min_free_disk=min_free_disk, clock=clock
         )
         self.engine = engine
+        self._autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
         self.node = node
         self._url = engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
         self._items: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
@@ -149,7 +150,7 @@ class SharedSpool(Spool):
         budget spent on each of a batch, must not let another node take them)."""
         while not self._closing.wait(self.LEASE / 3):
             try:
-                with self._db() as conn:
+                with self._one() as conn:
                     conn.execute(
                         text(
                             "UPDATE spool_entry SET lease_until=:until"
@@ -196,8 +197,12 @@ class SharedSpool(Spool):
         # Short timeouts: SMTP sessions wait on this connection. A refused connection fails
         # at once, an unanswered one after connect_timeout, and a connection whose peer
         # vanished mid-write after tcp_user_timeout (not the minute keepalives would take).
+        # Autocommit: every use is `_insert`, one statement, durable when it returns (the
+        # server commits, WAL flushed, before it reports the statement done). A BEGIN and a
+        # COMMIT around it were two more round trips per group commit (docs/performance.md §9).
         return psycopg.connect(
             self._url,
+            autocommit=True,
             connect_timeout=3,
             keepalives=1,
             keepalives_idle=10,
@@ -215,7 +220,8 @@ class SharedSpool(Spool):
             conn.close()
 
     def _insert(self, conn: Any, batch: list[_Item]) -> None:
-        """Insert a batch in one statement and commit once (the group commit)."""
+        """Insert a batch in one statement, committed as it ends (the group commit; `conn`
+        is in autocommit)."""
         keys = [i.key for i in batch]
         with conn.cursor() as cur:
             cur.execute(
@@ -239,7 +245,6 @@ class SharedSpool(Spool):
                     (missing,),
                 )
                 ids.update({k: i for i, k in cur.fetchall()})
-        conn.commit()
         for item in batch:
             item.id = ids.get(item.key)
             if item.id is None:  # processed and released between insert and select
@@ -367,6 +372,14 @@ class SharedSpool(Spool):
         with self.engine.begin() as conn:
             yield conn
 
+    @contextlib.contextmanager
+    def _one(self) -> Iterator[Connection]:
+        """For a single statement: autocommit, atomic by itself, where a transaction around
+        it added a BEGIN and a COMMIT round trip (a claim every 0.1 s per idle pipeline
+        process, and one per batch under load)."""
+        with self._autocommit.connect() as conn:
+            yield conn
+
     def _now(self) -> float:
         return self.clock.now().timestamp()
 
@@ -374,7 +387,7 @@ class SharedSpool(Spool):
         """At start: this node's claims from its previous run go back in line at once,
         those of each of its pipeline processes included (gateway/node.py)."""
         local = Spool.recover(self)
-        with self._db() as conn:
+        with self._one() as conn:
             cur = conn.execute(
                 text(
                     "UPDATE spool_entry SET state='pending', claimed_by='', lease_until=0"
@@ -416,7 +429,7 @@ class SharedSpool(Spool):
         # entries read by 4,172 claims in 40 s at 50 messages a second; docs/performance.md
         # §8). A plain index scan marks them as it passes. The rows locked but left out by
         # the final LIMIT are free again at this transaction's commit, a moment later.
-        with self._db() as conn:
+        with self._one() as conn:
             rows = conn.execute(
                 text(
                     "WITH waiting AS (SELECT id FROM spool_entry"  # noqa: S608 (only constant SQL is formatted in; values are bound)
@@ -443,7 +456,7 @@ class SharedSpool(Spool):
     def unclaim(self, ids: list[int]) -> None:
         if not ids:
             return
-        with self._db() as conn:
+        with self._one() as conn:
             conn.execute(
                 text(
                     "UPDATE spool_entry SET state='pending', attempts=attempts-1, claimed_by='',"
@@ -461,11 +474,11 @@ class SharedSpool(Spool):
         conn.execute(text("DELETE FROM spool_entry WHERE id = ANY(:ids)"), {"ids": list(ids)})
 
     def release(self, entry_id: int) -> None:
-        with self._db() as conn:
+        with self._one() as conn:
             conn.execute(text("DELETE FROM spool_entry WHERE id=:id"), {"id": entry_id})
 
     def release_many(self, ids: list[int]) -> None:
-        with self._db() as conn:
+        with self._one() as conn:
             conn.execute(text("DELETE FROM spool_entry WHERE id = ANY(:ids)"), {"ids": list(ids)})
 
     def fail(self, entry_id: int, reason: str) -> str:

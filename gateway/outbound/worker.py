@@ -64,7 +64,7 @@ from gateway.routing.model import Rules
 from gateway.security.tokens import Signer
 from gateway.settings import Settings
 from gateway.store import core
-from gateway.store.db import read_only, session_scope
+from gateway.store.db import is_postgres, read_only, session_scope
 from gateway.store.models import Message, Outbox, Ticket
 from gateway.store.queries import add_event
 
@@ -306,7 +306,9 @@ class DeliveryWorker:
         # for all the rows, where the ORM loaded entities and flushed an UPDATE per row.
         # A Core transaction, no ORM session: nothing here goes through the ORM.
         with self.engine.begin() as conn:
-            rows = conn.execute(outbox_sql.claim_select(self.batch), {"now": now}).all()
+            rows = conn.execute(
+                outbox_sql.claim_select(self.batch, is_postgres(self.engine)), {"now": now}
+            ).all()
             if not rows:
                 return out
             conn.execute(
