@@ -672,7 +672,9 @@ class DeliveryWorker:
         done, _ = await self._pass(then_due=False)
         return done
 
-    async def _pass(self, *, then_due: bool) -> tuple[int, datetime | None]:
+    async def _pass(
+        self, *, then_due: bool, wake: asyncio.Event | None = None
+    ) -> tuple[int, datetime | None]:
         """Claim, send and record until nothing is due; (mails done, `next_due()` or None).
 
         With `then_due` (the daemon's `run()`), `next_due()` is read in the thread hop that
@@ -682,7 +684,13 @@ class DeliveryWorker:
         round again at once). At a steady trickle (two mails per new ticket) that was four
         thread hops and three transactions per pass (claim, record, an empty claim taking
         the write lock, the `next_due` read); now two hops (claim, record + read). Without
-        it (`run_once()`), the pass ends on an empty claim, as callers expect."""
+        it (`run_once()`), the pass ends on an empty claim, as callers expect.
+
+        `wake` (the daemon's wakeup) set by the end of the pass means mail was queued during
+        it and `run()` goes round again anyway: `next_due()` is not read then. Under load it
+        is set after nearly every pass, and the read (the earliest queued row, past the
+        index entries of every row sent since the last vacuum) cost PostgreSQL 3 ms per
+        pass at 100 messages a second (docs/performance.md §9)."""
         done = 0
         gate = asyncio.Semaphore(self.parallel)
 
@@ -694,7 +702,7 @@ class DeliveryWorker:
         renewer = asyncio.create_task(self._renew_loop(), name="outbox-lease-renewal")
         try:
             while True:
-                claimed, due = await asyncio.to_thread(self._claim_and_sign_or_due, then_due)
+                claimed, due = await asyncio.to_thread(self._claim_and_sign_or_due, then_due, wake)
                 if not claimed:
                     return done, due
                 # Up to `parallel` sends at once (docs/decisions.md D16: one at a time, each on its
@@ -710,7 +718,7 @@ class DeliveryWorker:
                     and all(r.outcome == SENT and not r.refused for _, r, _ in finished)
                 )
                 if finished:
-                    due = await asyncio.to_thread(self._record_many_or_due, finished, last)
+                    due = await asyncio.to_thread(self._record_many_or_due, finished, last, wake)
                 done += len(finished)
                 if last:
                     return done, due
@@ -719,17 +727,29 @@ class DeliveryWorker:
             with contextlib.suppress(asyncio.CancelledError):
                 await renewer
 
-    def _claim_and_sign_or_due(self, then_due: bool) -> tuple[list[_Claimed], datetime | None]:
+    def _claim_and_sign_or_due(
+        self, then_due: bool, wake: asyncio.Event | None = None
+    ) -> tuple[list[_Claimed], datetime | None]:
         """`_claim_and_sign`; when nothing was claimed and `then_due`, also `next_due()`."""
         claimed = self._claim_and_sign()
-        return claimed, self.next_due() if then_due and not claimed else None
+        return claimed, self._due_unless_woken(wake) if then_due and not claimed else None
 
     def _record_many_or_due(
-        self, finished: list[tuple[_Claimed, DeliveryResult, bytes]], then_due: bool
+        self,
+        finished: list[tuple[_Claimed, DeliveryResult, bytes]],
+        then_due: bool,
+        wake: asyncio.Event | None = None,
     ) -> datetime | None:
         """`_record_many`; with `then_due`, then `next_due()` (same thread hop)."""
         self._record_many(finished)
-        return self.next_due() if then_due else None
+        return self._due_unless_woken(wake) if then_due else None
+
+    def _due_unless_woken(self, wake: asyncio.Event | None) -> datetime | None:
+        """`next_due()`, or None when `wake` is already set (`run()` goes round at once).
+        Read from a worker thread: a set flag seen late costs one read, never a wake."""
+        if wake is not None and wake.is_set():
+            return None
+        return self.next_due()
 
     async def _send_within_lease(self, item: _Claimed) -> tuple[DeliveryResult, bytes] | None:
         """Send `item`, but never past our lease: if renewals fail and the lease runs down
@@ -796,7 +816,7 @@ class DeliveryWorker:
             started = loop.time()
             wake.clear()
             try:
-                _, due = await self._pass(then_due=True)  # the pool is `run()`'s
+                _, due = await self._pass(then_due=True, wake=wake)  # the pool is `run()`'s
             except Exception as exc:  # the database is away: log, back off, try again
                 if is_database_error(exc):
                     self.tally[("database_errors",)] += 1

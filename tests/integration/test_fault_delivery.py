@@ -17,7 +17,7 @@ from pathlib import Path
 
 import aiosmtplib
 import pytest
-from sqlalchemy import text
+from sqlalchemy import event, text
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
 
@@ -418,3 +418,32 @@ def _spool_waiting(spool_dir: Path) -> int:
         return int(
             c.execute("SELECT count(*) FROM spool WHERE state != 'quarantined'").fetchone()[0]
         )
+
+
+async def test_next_due_is_not_read_when_mail_was_queued_during_the_pass(
+    tmp_path: Path, db: Engine, clock: FrozenClock, relay: CaptureRelay
+) -> None:
+    """A pass that ends with the daemon's wakeup already set (mail queued meanwhile) does not
+    read `next_due()`: the loop goes round again at once. Without the wakeup it is read, and
+    says when the row queued for later is due (docs/performance.md §9)."""
+    settings = make_settings(tmp_path, outbound={"relay": f"127.0.0.1:{relay.port}"})
+    worker = DeliveryWorker(db, settings, clock, node=NodeIdentity("node-a", "a1"))
+    queue_rows(db, 1, clock.now() + timedelta(minutes=5))
+    reads: list[str] = []
+
+    def count(_conn: object, _cur: object, statement: str, *_args: object) -> None:
+        if "min(outbox.next_attempt_at)" in statement:
+            reads.append(statement)
+
+    event.listen(worker._reader, "before_cursor_execute", count)
+    try:
+        wake = asyncio.Event()
+        wake.set()
+        assert await worker._pass(then_due=True, wake=wake) == (0, None)
+        assert reads == []
+        wake.clear()
+        done, due = await worker._pass(then_due=True, wake=wake)
+        assert (done, len(reads)) == (0, 1)
+        assert due == clock.now() + timedelta(minutes=5)
+    finally:
+        event.remove(worker._reader, "before_cursor_execute", count)
