@@ -64,6 +64,23 @@ def _mark_tickets(session: Session, _ctx: Any, _instances: Any) -> None:
             obj.escalate_at = None
 
 
+#: `Session.info` key of the tickets this transaction inserted (`created_here`).
+_NEW = "gateway_new_tickets"
+
+
+def created_here(session: Session, ticket_id: int) -> None:
+    """`ticket_id` was inserted by this transaction with no stored moment (NULL, "to be
+    planned"), and nothing else can plan it before the transaction commits: a promise made
+    on it needs no UPDATE to say so again (one round trip per new ticket)."""
+    session.info.setdefault(_NEW, set()).add(ticket_id)
+
+
+@event.listens_for(Session, "after_transaction_end")
+def _forget_new(session: Session, transaction: Any) -> None:
+    if transaction.parent is None:  # the outermost transaction: committed or rolled back
+        session.info.pop(_NEW, None)
+
+
 @event.listens_for(Session, "after_flush")
 def _mark_promises(session: Session, _ctx: Any) -> None:
     # A customer promise adds a notice to the plan when it is broken.
@@ -79,6 +96,7 @@ def _mark_promises(session: Session, _ctx: Any) -> None:
     for obj in session.dirty:
         if isinstance(obj, Promise) and obj.ticket_id is not None:
             ids.add(obj.ticket_id)
+    ids -= session.info.get(_NEW, set())
     if ids:
         session.connection().execute(UNPLAN, {"ids": sorted(ids)})
 

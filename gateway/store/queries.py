@@ -304,10 +304,9 @@ def add_participant(
     address = address.lower()
     if not address:
         return False
-    params = {"ticket_id": ticket_id, "address": address}
-    if core.read(session, _PARTICIPANT, params).first() is not None:
-        return False
-    # An upsert: another node may add the same participant to the same ticket meanwhile.
+    # An upsert, whose row count says whether the participant is new: another node may add
+    # the same participant to the same ticket meanwhile, and a read first was one more round
+    # trip per participant (docs/performance.md §9).
     stmt = core.per_dialect(session, "add_participant", _participant_upsert)
     values = {"ticket_id": ticket_id, "address": address, "role": role, "added_at": now}
     return bool(core.write(session, stmt, values))

@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import event, text
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
@@ -21,8 +21,9 @@ from gateway.escalation.escalator import FAR, Escalator
 from gateway.routing.loader import load_rules
 from gateway.routing.model import Rules
 from gateway.security.tokens import Signer
+from gateway.store import plan_marks
 from gateway.store.db import open_database, read_scope, session_scope
-from gateway.store.models import Ticket
+from gateway.store.models import Promise, Ticket
 from tests.conftest import make_settings
 from tests.support.sla import SLA_RULES, make_escalator, new_ticket, sla_rules
 
@@ -209,3 +210,54 @@ def test_plan_columns_cover_what_the_planner_reads() -> None:
 
     read = {c.key for c in _SCAN_COLUMNS} - {"id"}
     assert read == set(PLAN_COLUMNS)
+
+
+def _promise(tid: int, when: datetime) -> Promise:
+    return Promise(
+        ticket_id=tid,
+        made_at=when,
+        audience="customer",
+        to="c@customer.example",
+        person="Alice",
+        what="first answer",
+        clock="first_response",
+        due=when,
+    )
+
+
+def test_a_promise_on_a_ticket_of_this_transaction_costs_no_update(
+    engine: Engine, tmp_path: Path, clock: FrozenClock
+) -> None:
+    """A promise marks its ticket "to be planned" (the notice joins its plan), except a
+    ticket inserted by the same transaction (`plan_marks.created_here`): that one is
+    unplanned already and nothing else can plan it before the commit, so no UPDATE is sent.
+    The record of new tickets ends with the transaction: a promise in the next one marks
+    the ticket again."""
+    updates: list[str] = []
+
+    def count(_c: object, _cur: object, statement: str, *_a: object) -> None:
+        if statement.lstrip().upper().startswith("UPDATE TICKET SET ESCALATE_AT"):
+            updates.append(statement)
+
+    event.listen(engine, "before_cursor_execute", count)
+    try:
+        with Session(engine) as s:
+            t = new_ticket(s, sla_rules(), at=MON_09)
+            assert t.id is not None
+            assert t.escalate_at is None
+            tid = t.id
+            plan_marks.created_here(s, tid)
+            s.add(_promise(tid, MON_09))
+            s.flush()
+            assert updates == []
+            s.commit()
+        esc = make_escalator(engine, make_settings(tmp_path, rules_dir=str(SLA_RULES)), clock)
+        esc.run_once()  # planned: a moment is stored
+        assert escalate_at(engine, tid) is not None
+        updates.clear()
+        with session_scope(engine) as s:  # a later transaction: the ticket is not new there
+            s.add(_promise(tid, MON_09))
+        assert len(updates) == 1
+        assert escalate_at(engine, tid) is None
+    finally:
+        event.remove(engine, "before_cursor_execute", count)
