@@ -304,12 +304,13 @@ def add_participant(
     address = address.lower()
     if not address:
         return False
-    # An upsert, whose row count says whether the participant is new: another node may add
-    # the same participant to the same ticket meanwhile, and a read first was one more round
-    # trip per participant (docs/performance.md §9).
+    # An upsert that returns the new row's id, and nothing when the participant was there
+    # already: another node may add the same participant to the same ticket meanwhile, and a
+    # read first was one more round trip per participant (docs/performance.md §9). (Not the
+    # row count: PostgreSQL's driver reports -1 for a statement with RETURNING.)
     stmt = core.per_dialect(session, "add_participant", _participant_upsert)
     values = {"ticket_id": ticket_id, "address": address, "role": role, "added_at": now}
-    return bool(core.write(session, stmt, values))
+    return core.read(session, stmt, values).first() is not None
 
 
 def _upsert_insert(dialect: str) -> Callable[[Table], pg.Insert | sqlite.Insert]:
@@ -319,7 +320,11 @@ def _upsert_insert(dialect: str) -> Callable[[Table], pg.Insert | sqlite.Insert]
 
 def _participant_upsert(dialect: str) -> Executable:
     insert = _upsert_insert(dialect)
-    return insert(_participant).on_conflict_do_nothing(index_elements=["ticket_id", "address"])
+    return (
+        insert(_participant)
+        .on_conflict_do_nothing(index_elements=["ticket_id", "address"])
+        .returning(_participant.c.id)
+    )
 
 
 def add_event(
