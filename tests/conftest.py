@@ -16,7 +16,7 @@ from sqlalchemy.engine import Engine
 
 from gateway.clock import FrozenClock
 from gateway.settings import Settings, load_settings
-from gateway.store.db import open_database
+from gateway.store.db import make_engine, open_database
 from tests.support.relay import CaptureRelay
 
 RULES = Path(__file__).parent / "support" / "rules"
@@ -134,6 +134,21 @@ def pg_migrated_template() -> Iterator[str]:
         yield url.rsplit("/", 1)[1]
     finally:
         database.close()  # dropped
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """An empty PostgreSQL database of this test's own (`_pg_database`)."""
+    yield from _pg_database()
+
+
+@pytest.fixture
+def pg_engine(pg_url: str) -> Iterator[Engine]:
+    """The gateway's engine (`make_engine`: its pool and checkout check) on `pg_url`,
+    unmigrated."""
+    e = make_engine(pg_url)
+    yield e
+    e.dispose()
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])

@@ -13,9 +13,7 @@ from psycopg.pq import TransactionStatus
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 
-from gateway.store.db import make_engine
 from gateway.store.notify import OUTBOX_CHANNEL, TICKET_CHANNEL, ClusterNotifier
-from tests.conftest import _pg_database
 
 pytestmark = [pytest.mark.postgres]
 
@@ -23,15 +21,8 @@ WAIT = 10.0  # the most a notification that was sent may take to arrive (a bound
 
 
 @pytest.fixture
-def pg_url() -> Iterator[str]:
-    yield from _pg_database()
-
-
-@pytest.fixture
-def engine(pg_url: str) -> Iterator[Engine]:
-    e = make_engine(pg_url)
-    yield e
-    e.dispose()
+def engine(pg_engine: Engine) -> Engine:
+    return pg_engine
 
 
 def _plain(url: str) -> str:

@@ -5,7 +5,6 @@ trip; one the server or the network closed is replaced before the caller sees it
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import psycopg
@@ -14,22 +13,15 @@ from sqlalchemy import create_engine, exc, text
 from sqlalchemy.engine import Engine
 
 from gateway.store.db import check_alive, make_engine
-from tests.conftest import _pg_admin, _pg_database
+from tests.conftest import _pg_admin
 from tests.support.proxy import TcpProxy
 
 pytestmark = [pytest.mark.postgres]
 
 
 @pytest.fixture
-def pg_url() -> Iterator[str]:
-    yield from _pg_database()
-
-
-@pytest.fixture
-def engine(pg_url: str) -> Iterator[Engine]:
-    e = make_engine(pg_url)
-    yield e
-    e.dispose()
+def engine(pg_engine: Engine) -> Engine:
+    return pg_engine
 
 
 def _pid(engine: Engine) -> int:
