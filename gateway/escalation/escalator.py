@@ -44,7 +44,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import bindparam
@@ -103,6 +103,14 @@ MAX_SLEEP = 60.0
 #: meanwhile is not lost (exactly one more pass), and moments the loop sleeps until are
 #: never held back, so a step still fires well within 5 s of its moment.
 WAKE_GAP = 1.0
+#: Seconds between looks for pending promises to settle (kept, broken, withdrawn). The look
+#: joins every pending promise to its ticket (whether the ticket was answered or closed since
+#: cannot be indexed), and most open tickets hold one: at every pass it grew with the open
+#: tickets (15 ms per pass on PostgreSQL with 12,000 pending, docs/performance.md §9). The
+#: state it records is computed from the ticket's own times, so settling later records the
+#: same outcome; what a broken promise sets off (the customer notice) is planned from the
+#: promise and its due time, not from this state.
+SETTLE_EVERY = timedelta(seconds=10)
 
 _FIRED_COLUMNS: tuple[Any, ...] = (
     EscalationStep.clock,
@@ -150,6 +158,8 @@ class Escalator:
         self.fired_total = 0
         #: How long `run()` last decided to sleep (seconds), for tests and metrics.
         self.last_delay: float | None = None
+        #: When the next pass looks for promises to settle (`SETTLE_EVERY`).
+        self._settle_at = datetime.min.replace(tzinfo=UTC)
 
     @property
     def generation(self) -> int:
@@ -179,12 +189,14 @@ class Escalator:
             except Exception:  # one broken ticket must not stop the others
                 log.exception("escalation of ticket %s failed; will retry", row.id)
         self.planner.replan(rules)
-        try:
-            if self._promises_to_settle(now):
-                with session_scope(self.engine) as session:
-                    promises.settle(session, now)
-        except Exception:
-            log.exception("settling promises failed; will retry")
+        if now >= self._settle_at:
+            try:
+                if self._promises_to_settle(now):
+                    with session_scope(self.engine) as session:
+                        promises.settle(session, now)
+                self._settle_at = now + SETTLE_EVERY
+            except Exception:
+                log.exception("settling promises failed; will retry")
         self.fired_total += fired
         return fired
 

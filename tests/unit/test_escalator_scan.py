@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 from sqlalchemy import event, text
 from sqlalchemy.engine import Engine
-from sqlmodel import Session
+from sqlmodel import Session, select
 
 from gateway.clock import FrozenClock
-from gateway.escalation.escalator import FAR, Escalator
+from gateway.escalation.escalator import FAR, SETTLE_EVERY, Escalator
 from gateway.routing.loader import load_rules
 from gateway.routing.model import Rules
 from gateway.security.tokens import Signer
@@ -259,5 +259,45 @@ def test_a_promise_on_a_ticket_of_this_transaction_costs_no_update(
             s.add(_promise(tid, MON_09))
         assert len(updates) == 1
         assert escalate_at(engine, tid) is None
+    finally:
+        event.remove(engine, "before_cursor_execute", count)
+
+
+def test_promises_are_looked_at_every_settle_interval_not_every_pass(
+    engine: Engine, tmp_path: Path, clock: FrozenClock
+) -> None:
+    """The look for pending promises to settle joins every pending promise to its ticket
+    (most open tickets hold one), so it runs once per `SETTLE_EVERY`, not at every pass;
+    a promise whose time has come is still settled, within that interval."""
+    (tid,) = create(engine, MON_09)
+    with session_scope(engine) as s:
+        s.add(_promise(tid, at(23, 10)))
+    esc = make_escalator(engine, make_settings(tmp_path, rules_dir=str(SLA_RULES)), clock)
+    looks: list[str] = []
+
+    def count(_c: object, _cur: object, statement: str, *_a: object) -> None:
+        if "FROM promise, ticket" in statement:
+            looks.append(statement)
+
+    event.listen(engine, "before_cursor_execute", count)
+    try:
+        clock.set(at(23, 9, 30))
+        esc.run_once()
+        assert len(looks) == 1  # the first pass looks (nothing to settle yet)
+        clock.set(at(23, 10, 0))  # the promise's time has come, 30 minutes later
+        esc.run_once()
+        assert len(looks) == 2
+        with Session(engine) as s:
+            (p,) = s.exec(
+                select(Promise).where(Promise.ticket_id == tid, Promise.to == "c@customer.example")
+            ).all()
+            assert p.state == "broken"
+        esc.run_once()  # the same instant: no look
+        clock.set(at(23, 10, 0) + SETTLE_EVERY / 2)
+        esc.run_once()
+        assert len(looks) == 2
+        clock.set(at(23, 10, 0) + SETTLE_EVERY)
+        esc.run_once()
+        assert len(looks) == 3
     finally:
         event.remove(engine, "before_cursor_execute", count)
