@@ -304,13 +304,16 @@ def add_participant(
     address = address.lower()
     if not address:
         return False
-    # An upsert that returns the new row's id, and nothing when the participant was there
-    # already: another node may add the same participant to the same ticket meanwhile, and a
-    # read first was one more round trip per participant (docs/performance.md §9). (Not the
-    # row count: PostgreSQL's driver reports -1 for a statement with RETURNING.)
+    # An upsert, which says itself whether the participant is new: another node may add the
+    # same participant to the same ticket meanwhile, and a read first was one more round trip
+    # per participant (docs/performance.md §9).
     stmt = core.per_dialect(session, "add_participant", _participant_upsert)
     values = {"ticket_id": ticket_id, "address": address, "role": role, "added_at": now}
-    return core.read(session, stmt, values).first() is not None
+    if session.get_bind().dialect.name == "postgresql":
+        # The new row's id, or no row: psycopg reports -1 rows for such a statement.
+        return core.read(session, stmt, values).first() is not None
+    # SQLite: the row count (RETURNING would need SQLite 3.35).
+    return bool(core.write(session, stmt, values))
 
 
 def _upsert_insert(dialect: str) -> Callable[[Table], pg.Insert | sqlite.Insert]:
@@ -320,11 +323,8 @@ def _upsert_insert(dialect: str) -> Callable[[Table], pg.Insert | sqlite.Insert]
 
 def _participant_upsert(dialect: str) -> Executable:
     insert = _upsert_insert(dialect)
-    return (
-        insert(_participant)
-        .on_conflict_do_nothing(index_elements=["ticket_id", "address"])
-        .returning(_participant.c.id)
-    )
+    stmt = insert(_participant).on_conflict_do_nothing(index_elements=["ticket_id", "address"])
+    return stmt.returning(_participant.c.id) if dialect == "postgresql" else stmt
 
 
 def add_event(
