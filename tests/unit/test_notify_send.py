@@ -20,11 +20,6 @@ pytestmark = [pytest.mark.postgres]
 WAIT = 10.0  # the most a notification that was sent may take to arrive (a bound, not a pause)
 
 
-@pytest.fixture
-def engine(pg_engine: Engine) -> Engine:
-    return pg_engine
-
-
 def _plain(url: str) -> str:
     """The SQLAlchemy URL as libpq takes it."""
     return url.replace("postgresql+psycopg://", "postgresql://")
@@ -53,13 +48,13 @@ def _statements(engine: Engine) -> list[tuple[str, bool]]:
 
 
 def test_both_channels_go_out_in_one_autocommit_statement(
-    engine: Engine, listener: psycopg.Connection[Any]
+    pg_engine: Engine, listener: psycopg.Connection[Any]
 ) -> None:
     """Both notifications arrive, each with the node's name, from one statement run in
     autocommit on one backend; the pooled connection is back idle, outside any transaction,
     and no longer in autocommit."""
-    notifier = ClusterNotifier(engine, "mx1", on_wake=lambda: None, on_ticket=lambda: None)
-    statements = _statements(engine)
+    notifier = ClusterNotifier(pg_engine, "mx1", on_wake=lambda: None, on_ticket=lambda: None)
+    statements = _statements(pg_engine)
     notifier._send([OUTBOX_CHANNEL, TICKET_CHANNEL])
     got = list(listener.notifies(timeout=WAIT, stop_after=2))
     assert sorted((n.channel, n.payload) for n in got) == [
@@ -71,8 +66,8 @@ def test_both_channels_go_out_in_one_autocommit_statement(
     [(sql, autocommit)] = statements
     assert sql.count("pg_notify(") == 2
     assert autocommit
-    assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
-    raw = engine.raw_connection()
+    assert pg_engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+    raw = pg_engine.raw_connection()
     try:
         pq = raw.dbapi_connection
         assert pq is not None
@@ -83,12 +78,12 @@ def test_both_channels_go_out_in_one_autocommit_statement(
 
 
 def test_no_channel_sends_nothing(
-    engine: Engine, pg_url: str, listener: psycopg.Connection[Any]
+    pg_engine: Engine, pg_url: str, listener: psycopg.Connection[Any]
 ) -> None:
     """`_send([])` runs no statement, and a listener's next notification is a marker sent
     after it: nothing went out before it."""
-    notifier = ClusterNotifier(engine, "mx1", on_wake=lambda: None, on_ticket=lambda: None)
-    statements = _statements(engine)
+    notifier = ClusterNotifier(pg_engine, "mx1", on_wake=lambda: None, on_ticket=lambda: None)
+    statements = _statements(pg_engine)
     notifier._send([])
     assert statements == []
     with psycopg.connect(_plain(pg_url), autocommit=True) as other:

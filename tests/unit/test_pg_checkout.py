@@ -19,11 +19,6 @@ from tests.support.proxy import TcpProxy
 pytestmark = [pytest.mark.postgres]
 
 
-@pytest.fixture
-def engine(pg_engine: Engine) -> Engine:
-    return pg_engine
-
-
 def _pid(engine: Engine) -> int:
     """The backend pid of the connection the pool hands out (returned to the pool after)."""
     with engine.connect() as conn:
@@ -41,13 +36,13 @@ def _terminate(pid: int) -> None:
         admin.close()
 
 
-def test_a_connection_the_server_terminated_is_replaced_at_checkout(engine: Engine) -> None:
+def test_a_connection_the_server_terminated_is_replaced_at_checkout(pg_engine: Engine) -> None:
     """The idle pooled connection whose backend was terminated is not handed out: the next
     checkout gets a new backend and the caller's first statement succeeds."""
-    first = _pid(engine)
-    assert _pid(engine) == first  # the pool reuses its one idle connection
+    first = _pid(pg_engine)
+    assert _pid(pg_engine) == first  # the pool reuses its one idle connection
     _terminate(first)
-    with engine.connect() as conn:
+    with pg_engine.connect() as conn:
         assert conn.execute(text("SELECT 1")).scalar_one() == 1
         second = int(conn.execute(text("SELECT pg_backend_pid()")).scalar_one())
     assert second != first
@@ -80,7 +75,7 @@ class CountingPing:
 
 
 def test_a_healthy_connection_is_not_pinged_a_dead_one_is_and_is_refused(
-    engine: Engine, pg_url: str
+    pg_engine: Engine, pg_url: str
 ) -> None:
     """`check_alive` on a real psycopg connection: idle and healthy, no ping and no error
     (no round trip per checkout); after the server terminated it, one ping, and a
@@ -90,7 +85,7 @@ def test_a_healthy_connection_is_not_pinged_a_dead_one_is_and_is_refused(
         pid = conn.execute("SELECT pg_backend_pid()").fetchone()
         assert pid is not None
         conn.rollback()  # idle, as a connection returned to the pool is
-        ping = CountingPing(engine)
+        ping = CountingPing(pg_engine)
         check_alive(conn, ping)
         check_alive(conn, ping)
         assert ping.calls == 0
@@ -102,11 +97,11 @@ def test_a_healthy_connection_is_not_pinged_a_dead_one_is_and_is_refused(
         conn.close()
 
 
-def test_a_closed_connection_is_refused_without_a_ping(engine: Engine, pg_url: str) -> None:
+def test_a_closed_connection_is_refused_without_a_ping(pg_engine: Engine, pg_url: str) -> None:
     """A connection closed on the client side is refused at once: nothing to ask."""
     conn = psycopg.connect(pg_url.replace("postgresql+psycopg://", "postgresql://"))
     conn.close()
-    ping = CountingPing(engine)
+    ping = CountingPing(pg_engine)
     with pytest.raises(exc.DisconnectionError, match="closed"):
         check_alive(conn, ping)
     assert ping.calls == 0
