@@ -63,7 +63,7 @@ from gateway.routing.holder import RulesHolder
 from gateway.routing.model import Rules
 from gateway.security.tokens import Signer
 from gateway.settings import Settings
-from gateway.store import core
+from gateway.store import core, fresh
 from gateway.store.db import is_postgres, read_only, session_scope
 from gateway.store.models import Message, Outbox, Ticket
 from gateway.store.queries import add_event
@@ -125,6 +125,7 @@ def enqueue(
     through the ORM, and a later query still finds them.
     """
     to = json.dumps(rcpt_tos)
+    fresh.queued(session, ticket_id, kind)
     outbox_id = core.insert(
         session,
         Outbox,

@@ -50,7 +50,7 @@ from gateway.routing.model import Person, Rules
 from gateway.security.tokens import Signer
 from gateway.settings import Settings
 from gateway.sla.durations import parse as parse_duration
-from gateway.store import core
+from gateway.store import core, fresh
 from gateway.store.models import BundleItem, Customer, Outbox, Ticket, TicketLink
 from gateway.store.queries import (
     add_event,
@@ -218,6 +218,8 @@ def customer_ids(session: Session, customer_id: int) -> set[int]:
     known = memo.get(root)
     if known is not None:
         return set(known)
+    if fresh.is_new_customer(session, root):
+        return {root}  # nobody else can see it yet, let alone have merged into it
     ids = {root}
     level = {root}
     while level:
@@ -234,7 +236,10 @@ def open_requests(session: Session, customer_id: int, exclude: Sequence[int] = (
     Their ids are read first (Core): most new tickets are a new customer's, whose only open
     ticket is the one being acknowledged (excluded), and then no ORM query runs at all."""
     ids = customer_ids(session, customer_id)
-    found = core.read(session, _OPEN_IDS, {"ids": sorted(ids)}).scalars().all()
+    # A new customer's tickets are those made here (closed or not: the query below filters).
+    found: Sequence[int] | None = fresh.tickets_of(session, ids)
+    if found is None:
+        found = core.read(session, _OPEN_IDS, {"ids": sorted(ids)}).scalars().all()
     wanted = [t for t in found if t not in exclude]
     if not wanted:
         return []
@@ -367,6 +372,13 @@ def _waiting(
     """When the open bundle for this recipient about this customer closes (None: no open
     bundle): an owner's bundle is per customer, so another customer's first mail is still
     notified at once."""
+    # Only this transaction can have filed one for a customer it inserted.
+    if (
+        customer is not None
+        and fresh.is_new_customer(session, customer)
+        and not fresh.bundled_for(session, customer)
+    ):
+        return None
     params: dict[str, Any] = {"purpose": purpose, "recipient": recipient}
     if customer is None:
         stmt = _WAITING_FOR_NOBODY
@@ -467,9 +479,13 @@ def bundle_notification(ctx: Context, owner: Person) -> bool:
             return False
         ctx.fresh = "reply"
     ids = customer_ids(ctx.session, ctx.ticket.customer_id)
-    found = core.read(ctx.session, _TICKET_IDS, {"ids": sorted(ids)}).scalars()
-    tickets = {t for t in found if t is not None}
-    anchor = _last_sent(ctx.session, "notification", owner.email, tickets)
+    made_here = fresh.tickets_of(ctx.session, ids)
+    if made_here is not None and not fresh.queued_about(ctx.session, made_here, "notification"):
+        anchor = None  # a new customer's tickets: no notification about them before this one
+    else:
+        found = made_here or core.read(ctx.session, _TICKET_IDS, {"ids": sorted(ids)}).scalars()
+        tickets = {t for t in found if t is not None}
+        anchor = _last_sent(ctx.session, "notification", owner.email, tickets)
     due = _defer(ctx, "notify", owner.id, anchor)
     if due is None:
         return False

@@ -18,7 +18,7 @@ from sqlalchemy import select as core_select
 
 from gateway.letters.language import CUSTOMER_SOURCES, choose
 from gateway.pipeline.context import Context
-from gateway.store import core
+from gateway.store import core, fresh
 from gateway.store.models import Event, Ticket
 from gateway.store.queries import add_event
 
@@ -65,6 +65,9 @@ def _earlier(ctx: Context, ticket: Ticket) -> tuple[str, str] | None:
     event of the installation newest first, 14 ms a message with 100,000 tickets."""
     params: dict[str, Any] = {"ticket": ticket.id}
     if ticket.customer_id is not None:
+        made_here = fresh.tickets_of(ctx.session, [ticket.customer_id])
+        if made_here is not None and set(made_here) <= {ticket.id}:
+            return None  # a new customer's first ticket (gateway.store.fresh)
         stmt = _EARLIER_OF_CUSTOMER
         params["customer"] = ticket.customer_id
     else:

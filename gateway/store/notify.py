@@ -10,8 +10,11 @@ go on a second channel, `gateway_ticket`, which wakes the other nodes' escalator
 
 PostgreSQL delivers a notification only after the sending transaction commits, and our
 `NOTIFY` runs in its own statement (autocommit) after the rows were committed, so a woken
-node always sees the rows. Notifications are coalesced: while one is being sent, further
-requests fold into one more. SQLite has a single node, so there is nothing to do there.
+node always sees the rows. Notifications are coalesced: while one is being sent, and for
+`SPACING` seconds after, further requests fold into one more: every committed pipeline batch
+asks for one, and each costs a statement and a wake of every listening backend, our own
+listener's included; at most ten a second, for at most 0.1 s more before another node looks
+(docs/performance.md §10). SQLite has a single node, so there is nothing to do there.
 A lost notification (listener reconnecting) costs one poll interval, never mail.
 """
 
@@ -34,6 +37,8 @@ OUTBOX_CHANNEL = "gateway_outbox"
 #: The channel for "new tickets or customer messages": deadlines changed, escalators look
 #: again (docs/decisions.md D13: an escalation never waits for another node's poll).
 TICKET_CHANNEL = "gateway_ticket"
+#: Seconds between two NOTIFYs of one node: requests in between fold into the next.
+SPACING = 0.1
 
 
 class ClusterNotifier:
@@ -45,8 +50,10 @@ class ClusterNotifier:
         node: str,
         on_wake: Callable[[], None],
         on_ticket: Callable[[], None] | None = None,
+        spacing: float = SPACING,
     ) -> None:
         self.engine = engine
+        self.spacing = spacing
         self.node = node
         self.on_wake = on_wake
         self.on_ticket = on_ticket
@@ -97,13 +104,15 @@ class ClusterNotifier:
             channels = [OUTBOX_CHANNEL] if self._outbox else []
             channels += [TICKET_CHANNEL] if self._ticket else []
             self._outbox = self._ticket = False
+            pause = self.spacing
             try:
                 await asyncio.to_thread(self._send, channels)
                 self.sent += 1
             except Exception as exc:  # the database is away; the poll is the fallback
                 log.warning("NOTIFY %s failed: %r", OUTBOX_CHANNEL, exc)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stopping.wait(), 1.0)
+                pause = 1.0
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stopping.wait(), pause)
 
     async def _listener(self, stopping: asyncio.Event) -> None:
         import psycopg

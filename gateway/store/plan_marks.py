@@ -16,6 +16,7 @@ from typing import Any
 
 from sqlalchemy import bindparam, event, inspect, update
 from sqlalchemy.orm import Session
+from sqlmodel import Session as SqlModelSession
 
 from gateway.sla.clocks import utc
 from gateway.store import core
@@ -99,6 +100,15 @@ def _mark_promises(session: Session, _ctx: Any) -> None:
     ids -= session.info.get(_NEW, set())
     if ids:
         session.connection().execute(UNPLAN, {"ids": sorted(ids)})
+
+
+def unplan(session: SqlModelSession, ticket_ids: set[int]) -> None:
+    """Mark `ticket_ids` to be planned again (a Core write, after what the ORM holds); those
+    this transaction inserted are left out: they are unplanned already, and only this
+    transaction can see them (`created_here`: one round trip per new ticket)."""
+    ids = ticket_ids - session.info.get(_NEW, set())
+    if ids:
+        core.write(session, UNPLAN, {"ids": sorted(ids)})
 
 
 # ------------------------------------------------------------------ new due rows, for wakes

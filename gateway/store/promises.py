@@ -27,7 +27,7 @@ from gateway.sla.clocks import utc
 from gateway.sla.deadlines import isoz
 from gateway.store import core
 from gateway.store.models import Promise, Ticket
-from gateway.store.plan_marks import UNPLAN
+from gateway.store.plan_marks import unplan
 
 __all__ = ["STATES", "promises_json", "record", "settle", "settle_state"]
 
@@ -70,7 +70,7 @@ def record(
         clock=clock,
         due=due,
     )
-    core.write(session, UNPLAN, {"ids": [ticket_id]})
+    unplan(session, {ticket_id})
 
 
 def settle_state(promise: Promise, ticket: Ticket, now: datetime) -> str | None:

@@ -7,16 +7,17 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import String, Table, bindparam, func
+from sqlalchemy import String, Table, bindparam, event, func, literal, union_all
 from sqlalchemy import select as core_select
 from sqlalchemy.dialects import postgresql as pg
 from sqlalchemy.dialects import sqlite
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.orm import Session as OrmSession
 from sqlalchemy.sql import Executable
 from sqlmodel import Session, col, select
 
-from gateway.store import core
+from gateway.store import core, fresh
 from gateway.store.lookup import TicketView
 from gateway.store.models import (
     AssignmentCursor,
@@ -50,6 +51,12 @@ _DUPLICATE_BY_MESSAGE_ID = (
         _message.c.kind != "junk",
     )
     .order_by(_message.c.id)
+)
+#: Both in one round trip: the key's row (precedence 0) and the Message-ID's first (1), each
+#: by its own index; `duplicate_of` takes the lower precedence.
+_DUPLICATE_BY_EITHER = union_all(
+    core_select(_DUPLICATE_BY_KEY.add_columns(literal(0).label("p")).limit(1).subquery()),
+    core_select(_DUPLICATE_BY_MESSAGE_ID.add_columns(literal(1).label("p")).limit(1).subquery()),
 )
 _TICKET_OF_MESSAGE_ID = (
     core_select(_message.c.ticket_id)
@@ -114,10 +121,13 @@ class SqlLookup:
         # A message a staff `#junk` moved to the junk folder (kind "junk") is no duplicate
         # of its release (docs/decisions.md D18: released mail is processed as if it had just
         # arrived).
-        row = core.read(self.s, _DUPLICATE_BY_KEY, {"key": dedupe_key}).first()
-        if row is None and message_id:
+        if message_id:
             # Mail to support@ and billing@ with one Message-ID is one message (§4).
-            row = core.read(self.s, _DUPLICATE_BY_MESSAGE_ID, {"mid": message_id}).first()
+            params = {"key": dedupe_key, "mid": message_id}
+            rows = core.read(self.s, _DUPLICATE_BY_EITHER, params).all()
+            row = min(rows, key=lambda r: r[2], default=None)
+        else:
+            row = core.read(self.s, _DUPLICATE_BY_KEY, {"key": dedupe_key}).first()
         if row is None:
             return None
         assert row[0] is not None
@@ -208,9 +218,16 @@ _CUSTOMER_MEMOS = "gateway_customer_memos"
 def customer_memo(session: Session, name: str) -> dict[Any, Any]:
     """A memo `name` about customers for the session's transaction (customer id -> surviving
     customer, "roots"; whose tickets are one person's): `merge_customers` drops every one of
-    them, the only change to those answers."""
+    them, the only change to those answers in the transaction, and its end drops them too
+    (other transactions may change them from then on)."""
     memos: dict[str, dict[Any, Any]] = session.info.setdefault(_CUSTOMER_MEMOS, {})
     return memos.setdefault(name, {})
+
+
+@event.listens_for(OrmSession, "after_transaction_end")
+def _forget_customer_memos(session: Session, transaction: Any) -> None:
+    if transaction.parent is None:  # the outermost transaction: committed or rolled back
+        session.info.pop(_CUSTOMER_MEMOS, None)
 
 
 def resolve_customer(session: Session, customer_id: int) -> int:
@@ -258,6 +275,7 @@ def ensure_customer(session: Session, address: str, name: str, now: datetime) ->
         session, CustomerAddress, customer_id=customer_id, address=address.lower(), created_at=now
     )
     customer_memo(session, "roots")[customer_id] = customer_id
+    fresh.customer_created(session, customer_id)
     return customer_id
 
 
@@ -457,6 +475,7 @@ def merge_customers(
 ) -> CustomerMerge:
     """Join customer `source` into `target`: addresses and tickets move, history is kept."""
     session.info.pop(_CUSTOMER_MEMOS, None)
+    fresh.forget_customers(session)  # tickets move between customers below
     source = resolve_customer(session, source)
     target = resolve_customer(session, target)
     session.info.pop(_CUSTOMER_MEMOS, None)  # the roots change below

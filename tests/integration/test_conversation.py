@@ -319,3 +319,115 @@ async def test_another_customers_first_mail_is_not_held_in_a_bundle(env: Env) ->
     assert len(notes) == 3
     assert "Two." in _text(notes[2])
     assert "Jo." not in _text(notes[2])
+
+
+# ----------------------------------------------- a new customer's reads from memory (fresh)
+
+#: Reads the pipeline answers from memory for a customer its own transaction inserted
+#: (gateway/store/fresh.py): what each statement would have looked up.
+FRESH_READS = {
+    "customers merged into it": "merged_into_id IN",
+    "its tickets": "WHERE ticket.customer_id IN",
+    "its earlier tickets": "WHERE ticket.customer_id = ",
+    "mail about its tickets": "WHERE outbox.ticket_id IN",
+    "its open bundles": "FROM bundle_item WHERE bundle_item.purpose",
+    "the new ticket to be planned": "UPDATE ticket SET escalate_at",
+}
+
+
+def _statements(env: Env) -> list[str]:
+    from sqlalchemy import event
+
+    seen: list[str] = []
+    event.listen(
+        env.gw.engine, "before_cursor_execute", lambda *a: seen.append(" ".join(a[2].split()))
+    )
+    return seen
+
+
+async def test_a_new_customers_first_mail_reads_nothing_only_it_could_have_written(
+    env: Env,
+) -> None:
+    seen = _statements(env)
+    await env.mail(sender=PAT, subject="Printer on fire", body="One.\n")
+    assert len(env.to(PAT)) == 1
+    assert len(env.to("alice@example.com")) == 1
+    assert any(s.startswith("INSERT INTO customer ") for s in seen), seen
+    for what, fragment in FRESH_READS.items():
+        assert not [s for s in seen if fragment in s], what
+    # A known customer's next mail asks the database, as before.
+    seen.clear()
+    env.clock.advance(timedelta(seconds=30))
+    await env.mail(sender=PAT, subject="Scanner too", body="Two.\n")
+    for what in ("its tickets", "its earlier tickets", "its open bundles"):
+        assert [s for s in seen if FRESH_READS[what] in s], what
+
+
+def _story(env: Env, address: str) -> list[tuple[str, list[str]]]:
+    """Each of the customer's tickets: its subject and its event types, in order."""
+    out = []
+    for t in all_tickets(env.gw):
+        if t.requester == address:
+            events = ticket_json(env.gw, t.ref)["events"]
+            out.append((t.subject.replace(address, ""), [e["type"] for e in events]))
+    return out
+
+
+async def test_a_new_customers_burst_in_one_transaction_is_answered_as_one_by_one(
+    env: Env,
+) -> None:
+    """The memory must not answer when the transaction wrote what a read would find: a new
+    customer's burst in ONE transaction (the pipeline under load) comes out exactly as the
+    same burst processed one mail at a time: the same tickets, events, acknowledgements and
+    notifications, the same bundles."""
+    env.gw.pipeline.tx_budget = 60.0  # every spooled entry of a run in one transaction
+
+    def burst(sender: str) -> list[EmailMessage]:
+        first = make_mail(sender=sender, subject="My refund is still missing", body="4711.\n")
+        return [
+            first,
+            make_mail(sender=sender, subject="Refund???", body="Where is my money?\n"),
+            # A reply to their own first mail joins the owner's bundle just opened.
+            make_mail(
+                sender=sender,
+                subject="Re: My refund is still missing",
+                body="Forgot: paid by card.\n",
+                in_reply_to=str(first["Message-ID"]),
+            ),
+            make_mail(sender=sender, subject="My refund is still missing!", body="Hello??\n"),
+        ]
+
+    for m in burst(PAT):  # Pat: one transaction each
+        await send(env.gw, m)
+        await env.process()
+    commits: list[int] = []
+    from sqlalchemy import event
+
+    event.listen(env.gw.engine, "commit", lambda conn: commits.append(1))
+    for m in burst(JO):  # Jo: the same mails, spooled first
+        await send(env.gw, m)
+    await env.gw.pipeline.run_once()
+    assert len(commits) == 1, "the burst was not one transaction"
+    await env.gw.bundler.run_once()
+    await env.worker.run_once()
+
+    assert _story(env, JO) == _story(env, PAT)
+    assert len(_story(env, JO)) == 2  # the second subject opened a ticket of its own
+    assert len(env.to(JO)) == len(env.to(PAT)) == 1  # the rest bundled
+    notes = env.to("alice@example.com")
+    assert len(notes) == 2
+    assert "4711." in _text(notes[1])
+    env.clock.advance(timedelta(minutes=2))
+    await env.process()
+    assert _story(env, JO) == _story(env, PAT)
+    pat, jo = env.to(PAT), env.to(JO)
+    assert len(pat) == len(jo) == 2
+    assert _plain(env, JO, _text(jo[1])) == _plain(env, PAT, _text(pat[1]))
+
+
+def _plain(env: Env, address: str, text: str) -> str:
+    """`text` with the customer's ticket refs numbered from 1 and their address left out."""
+    mine = [t.ref for t in all_tickets(env.gw) if t.requester == address]
+    for n, ref in enumerate(mine, 1):
+        text = text.replace(ref, f"<ticket {n}>")
+    return text.replace(address, "<customer>")
