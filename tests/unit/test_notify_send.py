@@ -90,3 +90,49 @@ def test_no_channel_sends_nothing(
         other.execute("SELECT pg_notify(%s, 'marker')", (OUTBOX_CHANNEL,))
     [first] = list(listener.notifies(timeout=WAIT, stop_after=1))
     assert (first.channel, first.payload) == (OUTBOX_CHANNEL, "marker")
+
+
+async def test_requests_within_the_spacing_fold_into_the_next_notify(
+    pg_engine: Engine, listener: psycopg.Connection[Any]
+) -> None:
+    """A burst of requests (one per committed pipeline batch) costs one NOTIFY now and one
+    more after `spacing`, carrying every channel asked for meanwhile: none is lost, and a
+    request after a quiet spell goes out at once."""
+    import asyncio
+
+    notifier = ClusterNotifier(
+        pg_engine, "mx1", on_wake=lambda: None, on_ticket=lambda: None, spacing=0.5
+    )
+    statements = _statements(pg_engine)
+    stopping = asyncio.Event()
+    sender = asyncio.create_task(notifier._sender(stopping))
+    loop = asyncio.get_running_loop()
+    try:
+        notifier.notify()
+        while notifier.sent < 1:
+            await asyncio.sleep(0.01)
+        for _ in range(20):  # inside the spacing: fold into one
+            notifier.notify()
+            notifier.notify_ticket()
+            await asyncio.sleep(0.005)
+        deadline = loop.time() + WAIT
+        while notifier.sent < 2 and loop.time() < deadline:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.6)  # a quiet spell longer than the spacing
+        assert notifier.sent == 2
+        notifier.notify_ticket()
+        start = loop.time()
+        while notifier.sent < 3 and loop.time() < deadline:
+            await asyncio.sleep(0.005)
+        assert loop.time() - start < 0.5, "a request after a quiet spell waited"
+    finally:
+        stopping.set()
+        await sender
+    assert [s.count("pg_notify(") for s, _ in statements] == [1, 2, 1]
+    got = await asyncio.to_thread(lambda: list(listener.notifies(timeout=WAIT, stop_after=4)))
+    assert [n.channel for n in got] == [
+        OUTBOX_CHANNEL,
+        OUTBOX_CHANNEL,
+        TICKET_CHANNEL,
+        TICKET_CHANNEL,
+    ]

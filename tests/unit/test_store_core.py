@@ -225,12 +225,23 @@ def test_inserts_match(session: Session, model: Any, row: dict[str, Any]) -> Non
 
 
 def test_executemany_matches(session: Session) -> None:
-    """SQLite: the executemany the driver gets is SQLAlchemy's. PostgreSQL: SQLAlchemy's
-    multi-row INSERT is left to it (no plan); on both, the rows read back as written."""
+    """SQLite: the executemany the driver gets is SQLAlchemy's. PostgreSQL: one INSERT of
+    every row's values, as SQLAlchemy executes that statement (psycopg's executemany would
+    run one per row); on both, the rows read back as written."""
     row = {"ticket_id": None, "message_id": None, "at": NOW, "type": "x", "detail": "d"}
     if session.get_bind().dialect.name == "sqlite":
         seen, bound = _insert_seen(session, Event, row, many=True)
         assert _norm(seen) == _norm([(bound[0][0], [b[1] for b in bound])])
+    else:
+        full = [core._row(Event, {**row, "type": f"row-{i}"}) for i in range(3)]
+        keys = tuple(sorted(full[0]))
+        stmt = core._multi_row_insert(Event, keys, 3)
+        values = {f"{k}_{i}": r[k] for i, r in enumerate(full) for k in keys}
+        plan = core._plan_for(session.connection(), stmt, None, False)
+        assert plan is not None
+        seen, _ = _sqlalchemy(session, stmt, values)
+        assert _norm(seen) == _norm([core._bound(plan, values)])
+        assert seen[0][0].count("VALUES") == 1
     t = core.table(Event)
     core.insert_many(session, Event, [{**row, "type": "many-1"}, {**row, "type": "many-2"}])
     got = session.connection().execute(
