@@ -462,7 +462,10 @@ class DeliveryWorker:
             # Sent to every recipient (nearly always): prebuilt statements only, in a Core
             # transaction, without an ORM session.
             with self.engine.begin() as conn:
-                states = self._store_outcomes(conn, None, finished)
+                if is_postgres(self.engine):
+                    states = self._store_sent(conn, finished)
+                else:
+                    states = self._store_outcomes(conn, None, finished)
         else:
             with session_scope(self.engine) as s:
                 states = self._store_outcomes(s.connection(), s, finished)
@@ -504,6 +507,28 @@ class DeliveryWorker:
                 states.append(self._store_outcome(s, item, result, signed))
         if sent:
             conn.execute(outbox_sql.SENT_UPDATE, sent)
+        return states
+
+    def _store_sent(
+        self, conn: Connection, finished: list[tuple[_Claimed, DeliveryResult, bytes]]
+    ) -> list[str | None]:
+        """PostgreSQL: a batch sent to every recipient, stored by one statement
+        (`outbox_sql.SENT_ALL`); each row's new state ("sent", or None: not ours now)."""
+        params = {
+            "ids": [item.id for item, _, _ in finished],
+            "tokens": [item.token for item, _, _ in finished],
+            "raws": [signed for _, _, signed in finished],
+            "now": self.clock.now(),
+        }
+        ours = set(conn.execute(outbox_sql.SENT_ALL, params).scalars())
+        states: list[str | None] = []
+        for item, result, _ in finished:
+            if item.id in ours:
+                self.sent += 1
+                states.append("sent")
+            else:
+                self._stale(item, result)
+                states.append(None)
         return states
 
     def _stale(self, item: _Claimed, result: DeliveryResult) -> None:

@@ -7,9 +7,12 @@ from __future__ import annotations
 import hashlib
 import json
 import uuid
+from functools import lru_cache, partial
 
-from sqlalchemy import bindparam, update
+from sqlalchemy import String, bindparam, func, insert, update
+from sqlalchemy import select as core_select
 from sqlalchemy.orm.attributes import set_committed_value
+from sqlalchemy.sql import Executable
 
 from gateway.pipeline.context import Context
 from gateway.pipeline.subject import normalise_subject
@@ -32,6 +35,19 @@ from gateway.store.queries import (
 _ticket = core.table(Ticket)
 #: The ref of a ticket just inserted (it derives from the id the database assigned).
 _SET_REF = update(_ticket).where(_ticket.c.id == bindparam("tid")).values(ref=bindparam("ref"))
+
+
+@lru_cache(maxsize=16)
+def _numbered_insert(prefix: str, offset: int, keys: tuple[str, ...]) -> Executable:
+    """PostgreSQL: the ticket's INSERT that takes its id from the sequence itself and writes
+    the ref made of it, ``prefix-(id + offset)``, in the same statement: one round trip where
+    the INSERT and an UPDATE of the ref were two. The placeholder ref given is not written."""
+    n = core_select(func.nextval(func.pg_get_serial_sequence("ticket", "id")).label("n")).subquery()
+    ref = func.concat(bindparam("ref_prefix", prefix, String), "-", n.c.n + offset)
+    columns = [k for k in keys if k not in ("id", "ref")]
+    row = [bindparam(k, type_=_ticket.c[k].type) for k in columns]
+    values = core_select(n.c.n, ref, *row)
+    return insert(_ticket).from_select(["id", "ref", *columns], values).returning(_ticket.c.id)
 
 
 def _recipients(ctx: Context) -> list[str]:
@@ -72,11 +88,14 @@ def _create_ticket(ctx: Context) -> Ticket:
     customer_id = ensure_customer(s, ctx.sender, ctx.parsed.from_name, ctx.now)
     subject = ctx.parsed.subject or "(no subject)"
     placeholder = f"new-{uuid.uuid4().hex}"
+    offset = settings.tickets.first_number - 1
+    numbered = s.get_bind().dialect.name == "postgresql"
     # Written by Core and attached as the persistent instance later stages change
     # (gateway/store/core.py): the unit of work's INSERT and UPDATE cost several times more.
     ticket = core.insert_new(
         s,
         Ticket,
+        partial(_numbered_insert, settings.tickets.ref_prefix, offset) if numbered else None,
         ref=placeholder,
         status="open",
         subject=subject,
@@ -103,8 +122,9 @@ def _create_ticket(ctx: Context) -> Ticket:
     # Human-readable, unique and increasing, never secret (security rests on signed tokens
     # only). Not gapless: a rolled-back transaction burns its sequence number (docs/decisions.md
     # D13).
-    ref = f"{settings.tickets.ref_prefix}-{settings.tickets.first_number + ticket.id - 1}"
-    core.write(s, _SET_REF, {"tid": ticket.id, "ref": ref})
+    ref = f"{settings.tickets.ref_prefix}-{ticket.id + offset}"
+    if not numbered:
+        core.write(s, _SET_REF, {"tid": ticket.id, "ref": ref})
     # What the row now holds, with no change pending: the placeholder is in no other row.
     set_committed_value(ticket, "ref", ref)
     assert placeholder != ticket.ref

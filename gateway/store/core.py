@@ -90,16 +90,19 @@ def defaults(model: type[SQLModel]) -> Mapping[str, Any]:
 def read(
     session: Session, stmt: Executable, params: Mapping[str, Any] | None = None
 ) -> Result[*tuple[Any, ...]]:
-    """Execute a prebuilt read in the session's transaction, after flushing what the ORM
-    holds (Core statements skip autoflush). Its rows are typed as tuples of any length."""
+    """Execute a prebuilt read (or a write whose RETURNING rows are wanted) in the session's
+    transaction, after flushing what the ORM holds (Core statements skip autoflush). Its rows
+    are typed as tuples of any length."""
     session.flush()
     conn = session.connection()
     values = dict(params or {})
-    plan = _plan_for(conn, stmt, None, False)
-    if plan is not None and plan.metadata is not None:
+    # A write (RETURNING) is compiled for the keys given, as SQLAlchemy compiles DML.
+    keys = tuple(sorted(values)) if getattr(stmt, "is_dml", False) else None
+    plan = _plan_for(conn, stmt, keys, False)
+    if plan is not None and plan.rows is not None:
         done = _run(conn, plan, values)
         if done is not None:
-            return IteratorResult(plan.metadata, iter(_rows(plan, done)))
+            return IteratorResult(plan.rows, iter(_rows(plan, done)))
     return conn.execute(stmt, values)
 
 
@@ -132,10 +135,26 @@ def _row(model: type[SQLModel], values: Mapping[str, Any]) -> dict[str, Any]:
     return row
 
 
-def _insert_one(session: Session, model: type[SQLModel], row: dict[str, Any]) -> int:
-    """INSERT `row` (flushed first); the new id."""
+#: Builds the INSERT of one row for the names of the values it is given (`insert_new`); the
+#: statement returns the new id as its first column.
+Inserter = Callable[[tuple[str, ...]], Executable]
+
+
+def _insert_one(
+    session: Session, model: type[SQLModel], row: dict[str, Any], inserter: Inserter | None = None
+) -> int:
+    """INSERT `row` (flushed first), by the model's INSERT or `inserter`'s; the new id."""
     session.flush()
     conn = session.connection()
+    if inserter is not None:
+        stmt = inserter(tuple(sorted(row)))
+        plan = _plan_for(conn, stmt, None, False)
+        if plan is None or not plan.returning or (done := _run(conn, plan, row)) is None:
+            return int(conn.execute(stmt, row).scalar_one())
+        fetched = done.fetchone()
+        done.close()
+        assert fetched is not None
+        return int(fetched[0])
     stmt = _insert_stmt(model)
     plan = _plan_for(conn, stmt, tuple(sorted(row)), False)
     if plan is not None and plan.metadata is None:
@@ -212,25 +231,30 @@ def _multi_row_insert(model: type[SQLModel], keys: tuple[str, ...], rows: int) -
     )
 
 
-def insert_attached(session: Session, obj: M) -> M:
+def insert_attached(session: Session, obj: M, inserter: Inserter | None = None) -> M:
     """INSERT the new (transient) model object `obj` by Core, set its id, and attach it to
     the session as a persistent, unmodified instance: what `session.add(obj); session.flush()`
     leaves, without the unit of work's cost. The values written are the object's own, a
-    None left out where the column has a default of its own, as the ORM's flush does."""
+    None left out where the column has a default of its own, as the ORM's flush does.
+
+    `inserter` (see `Inserter`) writes the row by a statement of the caller's, such as one
+    that computes a column from the id it assigns (the ticket's ref on PostgreSQL)."""
     values: dict[str, Any] = {}
     for column in table(type(obj)).columns:
         value = getattr(obj, column.key)
         if value is None and (column.primary_key or column.default is not None):
             continue
         values[column.key] = value
-    setattr(obj, PK, _insert_one(session, type(obj), values))
+    setattr(obj, PK, _insert_one(session, type(obj), values, inserter))
     # Every attribute the constructor set now counts as loaded, with no pending change.
     make_transient_to_detached(obj)
     session.add(obj)
     return obj
 
 
-def insert_new(session: Session, model: type[M], **values: Any) -> M:
+def insert_new(
+    session: Session, model: type[M], inserter: Inserter | None = None, **values: Any
+) -> M:
     """`insert_attached` of a `model(**values)` built without the constructor's cost.
 
     A table model's constructor validates nothing (SQLModel), but sets each of its ~25
@@ -242,7 +266,7 @@ def insert_new(session: Session, model: type[M], **values: Any) -> M:
     `__pydantic_fields_set__`; the result, once attached, is indistinguishable
     (tests/unit/test_store_core.py). Models with relationships use the constructor."""
     if getattr(model, "__sqlmodel_relationships__", None):
-        return insert_attached(session, model(**values))
+        return insert_attached(session, model(**values), inserter)
     obj: M = _manager(model).new_instance()
     fields = model.model_fields
     given = {k: v for k, v in values.items() if k in fields}
@@ -252,7 +276,7 @@ def insert_new(session: Session, model: type[M], **values: Any) -> M:
         if name not in given and not field.is_required():
             state[name] = field.get_default(call_default_factory=True)
     object.__setattr__(obj, "__pydantic_fields_set__", set(given))
-    return insert_attached(session, obj)
+    return insert_attached(session, obj, inserter)
 
 
 @cache
@@ -374,6 +398,7 @@ class _Plan:
         "order",
         "results",
         "returning",
+        "rows",
         "sql",
         "statics",
     )
@@ -420,6 +445,11 @@ class _Plan:
         columns = compiled._result_columns if compiled.statement.is_select else []
         #: Row metadata shared by every result of a read (None for DML).
         self.metadata = SimpleResultMetaData([c.keyname for c in columns]) if columns else None
+        if self.returning:
+            # A write's RETURNING rows, read by `read` (an upsert that says what it did).
+            columns = compiled._result_columns
+        #: The metadata of the rows `read` hands back: a read's, or a write's RETURNING.
+        self.rows = SimpleResultMetaData([c.keyname for c in columns]) if columns else None
         #: Result column types; their processors are looked up once the driver names the
         #: column types (as SQLAlchemy's result does: PostgreSQL's depend on them).
         self.results: Any = [c.type for c in columns]

@@ -26,6 +26,7 @@ from gateway.clock import FrozenClock, SystemClock
 from gateway.factories import build_spool
 from gateway.node import NodeIdentity
 from gateway.outbound.worker import DeliveryWorker
+from gateway.sla.clocks import utc
 from gateway.spool import Envelope
 from gateway.store.db import open_database
 from gateway.store.models import Outbox
@@ -89,6 +90,40 @@ async def test_stale_claim_records_nothing(
     (row,) = outbox_rows(db)
     assert row.state == "sent"
     assert b.sent == 1
+
+
+async def test_a_batch_records_only_the_rows_still_claimed(
+    tmp_path: Path, db: Engine, clock: FrozenClock, relay: CaptureRelay
+) -> None:
+    """A batch sent to every recipient is recorded in one go (one statement on PostgreSQL,
+    `outbox_sql.SENT_ALL`): each row still under this claim becomes sent with the signed
+    bytes that went out; a row another node claimed meanwhile is left to it (stale)."""
+    settings = make_settings(tmp_path, outbound={"relay": f"127.0.0.1:{relay.port}"})
+    a = DeliveryWorker(db, settings, clock, node=NodeIdentity("node-a", "a1"))
+    b = DeliveryWorker(db, settings, clock, node=NodeIdentity("node-b", "b1"))
+    queue_rows(db, 3, clock.now())
+    claimed = a._claim()
+    assert len(claimed) == 3
+    finished = [(item, *(await a._send(item))) for item in claimed]
+    with Session(db) as s:  # the last row's lease ran out and node B took it over
+        taken = s.get(Outbox, claimed[2].id)
+        assert taken is not None
+        taken.claimed_until = clock.now() - timedelta(seconds=1)
+        s.add(taken)
+        s.commit()
+    (item_b,) = b._claim()
+    assert item_b.id == claimed[2].id
+    clock.advance(timedelta(seconds=5))
+    a._record_many(finished)
+    assert (a.sent, a.stale_records) == (2, 1)
+    rows = {r.id: r for r in outbox_rows(db)}
+    for item, _, signed in finished[:2]:
+        row = rows[item.id]
+        assert (row.state, row.attempts, row.last_error) == ("sent", 1, "")
+        assert row.raw == signed
+        assert utc(row.sent_at) == clock.now()
+    row = rows[claimed[2].id]
+    assert (row.state, row.claimed_by, row.claim_token) == ("sending", "node-b", item_b.token)
 
 
 async def test_restarted_node_takes_back_its_rows_at_once(
