@@ -40,7 +40,7 @@ from gateway.outbound.brandkeys import check_brand_keys
 from gateway.outbound.worker import DeliveryWorker
 from gateway.pipeline.bundle import BundleWorker
 from gateway.pipeline.context import Services
-from gateway.pipeline.process import PipelineProcess
+from gateway.pipeline.process import PipelineProcess, next_to_wake
 from gateway.pipeline.recheck import AuthRechecker
 from gateway.pipeline.worker import PipelineWorker
 from gateway.routing.holder import RulesHolder
@@ -176,6 +176,7 @@ class Gateway:
         # The pipeline's own processes (`pipeline.workers` of them; none when it runs in a
         # thread of this process).
         self.pipeline_processes: list[PipelineProcess] = []
+        self._wake_turn = 0  # the pipeline process to wake next (`_wake_pipeline_processes`)
         # Metrics and health (docs/decisions.md D14): the pipeline child's tallies arrive over its
         # pipe.
         self.started_at = time.time()
@@ -353,10 +354,21 @@ class Gateway:
             self.pipeline.alert_quarantined(entry, reason)
 
     def _wake_pipeline_processes(self) -> None:
-        """New mail is durable (the spool's writer thread): every pipeline process looks; on
-        a shared spool the row locks give each message to one of them."""
-        for proc in self.pipeline_processes:
-            proc.wake()
+        """New mail is durable (the spool's writer thread): one pipeline process looks, the
+        next idle one in turn (by what each last said), else simply the next in turn.
+
+        Waking every process made all but the one that got the mail run a claim that came
+        back empty, a statement each per spool commit (most of the claims at low rates,
+        docs/performance.md §10). One is enough: a busy process claims again after the
+        batch in hand (its loop ends only on an empty claim), and under load the commits
+        come often enough to keep every process busy in turn. The state read here may be a
+        moment old; a process woken when it is busy loses nothing, one left asleep when it
+        has just gone idle leaves the mail to the busy one's next claim."""
+        procs = self.pipeline_processes
+        if procs:
+            chosen = next_to_wake([p.state for p in procs], self._wake_turn)
+            self._wake_turn = chosen + 1
+            procs[chosen].wake()
 
     async def _supervise_pipeline_processes(self) -> None:
         await asyncio.gather(

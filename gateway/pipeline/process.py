@@ -86,6 +86,14 @@ def hung(state: str, last_word: float, now: float, timeout: float) -> bool:
     return state == "busy" and now - last_word > timeout
 
 
+def next_to_wake(states: list[str], turn: int) -> int:
+    """Which of the pipeline processes (their last states) to wake for new mail: the first
+    idle one from `turn` on, going round; none idle, the one at `turn`."""
+    n = len(states)
+    order = [k % n for k in range(turn, turn + n)]
+    return next((k for k in order if states[k] == "idle"), order[0])
+
+
 def batch_word(tally: list[list[Any]] | None, created: dict[str, datetime]) -> bytes:
     """The child's "batch committed" message: b"1" (nothing to add), the tally's wire form
     (a JSON list), or, when the batch created rows the daemon's timed workers act on, a JSON

@@ -53,7 +53,7 @@ from functools import cache, lru_cache
 from typing import Any, TypeVar, cast
 
 from pydantic_core import PydanticUndefined
-from sqlalchemy import Table, bindparam, inspect, update
+from sqlalchemy import Table, bindparam, inspect, select, update
 from sqlalchemy.engine import Connection, Result
 from sqlalchemy.engine.result import IteratorResult, SimpleResultMetaData
 from sqlalchemy.orm import configure_mappers, make_transient_to_detached
@@ -216,6 +216,48 @@ def insert_many(session: Session, model: type[SQLModel], rows: Sequence[Mapping[
 @cache
 def _insert_stmt(model: type[SQLModel]) -> Executable:
     return table(model).insert()
+
+
+def insert_two(
+    session: Session,
+    first: tuple[type[SQLModel], Mapping[str, Any]],
+    second: tuple[type[SQLModel], Mapping[str, Any]],
+) -> int:
+    """INSERT a row of each of two models (defaults filled in, as `insert`); the first's new
+    id. On PostgreSQL by one statement, the two INSERTs as data-modifying CTEs (each runs
+    once, to completion, whether or not the query reads it): one round trip where there
+    were two, for rows written together (a queued mail's outbox row and its message row)."""
+    (model_a, values_a), (model_b, values_b) = first, second
+    if session.get_bind().dialect.name != "postgresql":
+        new_id = insert(session, model_a, **values_a)
+        insert(session, model_b, **values_b)
+        return new_id
+    row_a, row_b = _row(model_a, values_a), _row(model_b, values_b)
+    stmt = _two_inserts(model_a, tuple(sorted(row_a)), model_b, tuple(sorted(row_b)))
+    params = {**{f"a_{k}": v for k, v in row_a.items()}, **{f"b_{k}": v for k, v in row_b.items()}}
+    row = read(session, stmt, params).first()
+    assert row is not None
+    return int(row[0])
+
+
+@lru_cache(maxsize=64)
+def _two_inserts(
+    model_a: type[SQLModel],
+    keys_a: tuple[str, ...],
+    model_b: type[SQLModel],
+    keys_b: tuple[str, ...],
+) -> Executable:
+    """``WITH a AS (INSERT ... RETURNING id), b AS (INSERT ...) SELECT id FROM a``, the
+    values of `model_a`'s row bound as ``a_<column>``, `model_b`'s as ``b_<column>``."""
+    ta, tb = table(model_a), table(model_b)
+    a = (
+        ta.insert()
+        .values({k: bindparam(f"a_{k}", type_=ta.c[k].type) for k in keys_a})
+        .returning(ta.c[PK])
+        .cte("a")
+    )
+    b = tb.insert().values({k: bindparam(f"b_{k}", type_=tb.c[k].type) for k in keys_b}).cte("b")
+    return select(a.c[PK]).add_cte(b)
 
 
 #: The most parameters one multi-row INSERT binds (PostgreSQL's protocol allows 65,535).

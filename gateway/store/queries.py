@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import String, Table, bindparam, event, func, literal, union_all
+from sqlalchemy import Integer, String, Table, bindparam, event, func, literal, text, union_all
 from sqlalchemy import select as core_select
 from sqlalchemy.dialects import postgresql as pg
 from sqlalchemy.dialects import sqlite
@@ -198,7 +198,9 @@ def xact_lock(session: Session, name: str) -> None:
     (docs/decisions.md D13.5): the second node waits, then its next statement sees what the
     first committed (READ COMMITTED takes a new snapshot per statement). Every transaction
     takes these locks in pipeline stage order (message, routing, customer, acknowledgement),
-    so two of them cannot wait on each other in a cycle."""
+    so two of them cannot wait on each other in a cycle. The customer's "lock" is the unique
+    key of its address, which a second node's insert waits on at the same point of the
+    order (`_NEW_CUSTOMER`)."""
     if session.get_bind().dialect.name == "postgresql":
         # Prebuilt (gateway/store/core.py): three per new ticket, where the ORM's execute of
         # a text() cost several times the statement.
@@ -255,25 +257,79 @@ def resolve_customer(session: Session, customer_id: int) -> int:
     return customer_id
 
 
+#: PostgreSQL: a new customer and its address in one statement, unless the address has a
+#: customer already (then nothing, and no row). The address goes first, under the sequence's
+#: next customer id: ON CONFLICT settles two nodes with the first mails of one new customer
+#: (the second waits for the first's transaction, then does nothing), where an advisory lock,
+#: a second look and two INSERTs were four round trips; the customer row follows in the same
+#: statement, so the foreign key (checked at its end) holds, and a conflict leaves no
+#: customer without an address behind (only a sequence number unused).
+_NEW_CUSTOMER = (
+    text(
+        "WITH n AS (SELECT nextval(pg_get_serial_sequence('customer', 'id')) AS id),"
+        " a AS (INSERT INTO customer_address (customer_id, address, created_at,"
+        " undeliverable_reason) SELECT id, :address, :now, '' FROM n"
+        " ON CONFLICT (address) DO NOTHING RETURNING customer_id)"
+        " INSERT INTO customer (id, name, created_at) SELECT customer_id, :name, :now FROM a"
+        " RETURNING id"
+    )
+    .bindparams(
+        bindparam("address", type_=String),
+        bindparam("name", type_=String),
+        bindparam("now", type_=core.table(Customer).c.created_at.type),
+    )
+    .columns(id=Integer)
+)
+
+
 def customer_of(session: Session, address: str) -> int | None:
-    row = core.read(session, _CUSTOMER_OF, {"address": address.lower()}).first()
-    return resolve_customer(session, row[0]) if row is not None else None
+    address = address.lower()
+    row = core.read(session, _CUSTOMER_OF, {"address": address}).first()
+    if row is None:
+        # Looked for in this transaction and not found: `ensure_customer` goes straight to
+        # its insert, whose conflict handling covers a customer made meanwhile.
+        customer_memo(session, "absent")[address] = True
+        return None
+    return resolve_customer(session, row[0])
 
 
 def ensure_customer(session: Session, address: str, name: str, now: datetime) -> int | None:
     if not address:
         return None
-    # Two nodes with the first mails of one new customer (docs/decisions.md D13.5): without the
-    # lock both create a customer and one dies on customer_address's unique key.
-    xact_lock(session, f"customer:{address.lower()}")
+    address = address.lower()
+    if session.get_bind().dialect.name == "postgresql":
+        return _ensure_customer_pg(session, address, name, now)
+    # SQLite: one writer at a time (BEGIN IMMEDIATE), so a look and two INSERTs are safe.
     found = customer_of(session, address)
     if found is not None:
         return found
-    # Written by Core: nothing later in the transaction changes either row as an object.
     customer_id = core.insert(session, Customer, name=name, created_at=now)
-    core.insert(
-        session, CustomerAddress, customer_id=customer_id, address=address.lower(), created_at=now
-    )
+    return _created(session, customer_id, address, now)
+
+
+def _ensure_customer_pg(session: Session, address: str, name: str, now: datetime) -> int:
+    """PostgreSQL: the customer of `address`, made now if it has none (`_NEW_CUSTOMER`); one
+    round trip for a known customer (its look) and one for a new one (the insert, when this
+    transaction has just looked for it: the known-customer stage)."""
+    if not customer_memo(session, "absent").get(address):
+        found = customer_of(session, address)
+        if found is not None:
+            return found
+    row = core.read(session, _NEW_CUSTOMER, {"address": address, "name": name, "now": now}).first()
+    if row is None:  # another transaction made it and committed meanwhile: it is visible now
+        found = customer_of(session, address)
+        assert found is not None, f"customer_address {address!r} conflicted but is not there"
+        return found
+    customer_id = int(row[0])
+    customer_memo(session, "roots")[customer_id] = customer_id
+    fresh.customer_created(session, customer_id)
+    return customer_id
+
+
+def _created(session: Session, customer_id: int, address: str, now: datetime) -> int:
+    """The address row of the customer `customer_id` just inserted (Core: nothing later in the
+    transaction changes either row as an object)."""
+    core.insert(session, CustomerAddress, customer_id=customer_id, address=address, created_at=now)
     customer_memo(session, "roots")[customer_id] = customer_id
     fresh.customer_created(session, customer_id)
     return customer_id

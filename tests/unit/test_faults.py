@@ -13,7 +13,7 @@ from sqlalchemy import exc as sa_exc
 
 from gateway.pipeline.faults import Backoff, DiskLow, classify_fault, database_folder
 from gateway.pipeline.parse import MAX_MIME_DEPTH, ORIGINAL_NAME, degraded, parse
-from gateway.pipeline.process import MAX_RESTART_DELAY, hung, restart_delay
+from gateway.pipeline.process import MAX_RESTART_DELAY, hung, next_to_wake, restart_delay
 
 
 def _wrapped(orig: BaseException, cls: type[sa_exc.DBAPIError]) -> sa_exc.DBAPIError:
@@ -181,3 +181,22 @@ def test_a_child_crash_charges_only_the_entry_it_was_busy_with(tmp_path: Path) -
         assert spool.quarantined() == []
     finally:
         spool.close()
+
+
+def test_new_mail_wakes_one_pipeline_process_an_idle_one_first() -> None:
+    """One process is woken per spool commit (gateway/app.py `_wake_pipeline_processes`):
+    the first idle one from the turn on, going round; none idle, the one whose turn it is,
+    so that under load the wakes go round all of them."""
+    assert next_to_wake(["idle", "idle"], 0) == 0
+    assert next_to_wake(["idle", "idle"], 1) == 1
+    assert next_to_wake(["idle", "idle"], 2) == 0
+    assert next_to_wake(["busy", "idle"], 0) == 1
+    assert next_to_wake(["idle", "busy"], 1) == 0
+    assert next_to_wake(["busy", "busy"], 0) == 0
+    assert next_to_wake(["busy", "busy"], 1) == 1
+    assert next_to_wake(["starting", "busy", "paused"], 5) == 2
+    turns, turn = [], 0
+    for _ in range(4):
+        turn = next_to_wake(["busy", "busy", "busy"], turn) + 1
+        turns.append(turn - 1)
+    assert turns == [0, 1, 2, 0]

@@ -516,3 +516,36 @@ def test_in_lists_of_every_length(session: Session) -> None:
         seen, slow = _sqlalchemy(session, stmt, {"ids": ids})
         assert _norm(seen) == _norm([core._bound(plan, {"ids": ids})])
         assert core.read(session, stmt, {"ids": ids}).all() == slow
+
+
+def test_insert_two_writes_both_rows_and_returns_the_first_id(session: Session) -> None:
+    """`insert_two`: one statement on PostgreSQL (two data-modifying CTEs), two on SQLite;
+    either way both rows are there with the values given (defaults filled in), and the id
+    returned is the first row's."""
+    out = {
+        "kind": "ack",
+        "mail_from": "",
+        "rcpt_tos": '["x@example.org"]',
+        "message_id": "<two@example.com>",
+        "raw": b"raw two",
+        "created_at": NOW,
+        "next_attempt_at": NOW,
+    }
+    msg = {
+        "direction": "out",
+        "kind": "ack",
+        "message_id": "<two@example.com>",
+        "dedupe_key": "out:<two@example.com>",
+        "raw_sha256": "h2",
+        "raw": b"raw two",
+        "at": NOW,
+    }
+    new_id = core.insert_two(session, (Outbox, out), (Message, msg))
+    t, m = core.table(Outbox), core.table(Message)
+    conn = session.connection()
+    got = conn.execute(
+        sa.select(t.c.id, t.c.state, t.c.raw).where(t.c.message_id == "<two@example.com>")
+    )
+    assert [tuple(r) for r in got] == [(new_id, "queued", b"raw two")]
+    rows = conn.execute(sa.select(m.c.dedupe_key, m.c.text).where(m.c.raw_sha256 == "h2")).all()
+    assert [tuple(r) for r in rows] == [("out:<two@example.com>", "")]
