@@ -285,12 +285,10 @@ _NEW_CUSTOMER = (
 def customer_of(session: Session, address: str) -> int | None:
     address = address.lower()
     row = core.read(session, _CUSTOMER_OF, {"address": address}).first()
-    if row is None:
-        # Looked for in this transaction and not found: `ensure_customer` goes straight to
-        # its insert, whose conflict handling covers a customer made meanwhile.
-        customer_memo(session, "absent")[address] = True
-        return None
-    return resolve_customer(session, row[0])
+    # Looked for in this transaction and not found: `ensure_customer` goes straight to its
+    # insert, whose conflict handling covers a customer made meanwhile.
+    customer_memo(session, "absent")[address] = row is None
+    return resolve_customer(session, row[0]) if row is not None else None
 
 
 def ensure_customer(session: Session, address: str, name: str, now: datetime) -> int | None:
@@ -321,6 +319,7 @@ def _ensure_customer_pg(session: Session, address: str, name: str, now: datetime
         assert found is not None, f"customer_address {address!r} conflicted but is not there"
         return found
     customer_id = int(row[0])
+    customer_memo(session, "absent")[address] = False
     customer_memo(session, "roots")[customer_id] = customer_id
     fresh.customer_created(session, customer_id)
     return customer_id
