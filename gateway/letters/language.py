@@ -70,6 +70,11 @@ def _model() -> Any:
         return _identifier
 
 
+def warm_up() -> None:
+    """Load the model now (a long-running process, before it freezes its start-up heap)."""
+    _model()
+
+
 def _body_text(text: str) -> str:
     # Quoted history and signatures may be in another language than what the person wrote.
     kept: list[str] = []

@@ -246,7 +246,12 @@ def child_main(
     wake, reload, stop = Event(), Event(), Event()
     Thread(target=_listen, args=(control, wake, reload, stop), daemon=True).start()
     from gateway.heap import freeze_startup_heap
+    from gateway.letters.language import warm_up as load_language_model
 
+    # The language model (~80 MB, a few hundred thousand objects that live as long as the
+    # process) is loaded now, not in the first message's time, and frozen with the rest of
+    # the start-up heap: a full collection no longer walks it.
+    load_language_model()
     freeze_startup_heap()  # gateway/heap.py: full collections skip the start-up heap
     try:
         while not stop.is_set() and os.getppid() == parent:

@@ -244,3 +244,16 @@ def test_staff_letter_wording_comes_from_the_templates(tmp_path: Path) -> None:
     assert "Erste Antwort bis 2026-12-03T14:00:00Z" in local
     assert "Bob Stone <bob@example.com> (vorher Alice Smith)" in local
     assert "CUSTOMER MESSAGE" not in local
+
+
+def test_the_language_model_loads_once_at_warm_up() -> None:
+    """The pipeline process loads the model at start-up (`warm_up`, before it freezes its
+    start-up heap: gateway/pipeline/process.py), and detection then uses that one model."""
+    from gateway.letters import language
+
+    language.warm_up()
+    model = language._identifier
+    assert model is not None
+    assert detect("Bonjour, mon imprimante est en panne depuis ce matin.") is not None
+    language.warm_up()
+    assert language._identifier is model
