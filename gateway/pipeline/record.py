@@ -20,7 +20,7 @@ from gateway.routing.model import SlaPolicy
 from gateway.sla.business_time import BusinessCalendar
 from gateway.sla.clocks import on_customer_message, on_reopen, utc
 from gateway.sla.deadlines import initial_deadlines, isoz
-from gateway.store import core, fresh, plan_marks
+from gateway.store import core, fresh
 from gateway.store.models import Event, Message, MessageRef, Ticket
 from gateway.store.queries import (
     add_event,
@@ -117,7 +117,6 @@ def _create_ticket(ctx: Context) -> Ticket:
         last_customer_at=ctx.received_at,
     )
     assert ticket.id is not None
-    plan_marks.created_here(s, ticket.id)
     fresh.ticket_created(s, customer_id, ticket.id)
     # Human-readable, unique and increasing, never secret (security rests on signed tokens
     # only). Not gapless: a rolled-back transaction burns its sequence number (docs/decisions.md

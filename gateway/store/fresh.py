@@ -11,6 +11,10 @@ transaction created.
 
 The facts, per transaction (`Session.info`, dropped when the outermost transaction ends):
 
+- the tickets this transaction inserted (`ticket_created`, read by `tickets_made_here`):
+  a new ticket has no stored escalation moment ("to be planned"), and nothing else can plan
+  it before the commit, so a promise on it needs no UPDATE to say so again
+  (gateway/store/plan_marks.py);
 - the customers this transaction inserted, with the tickets it created for each
   (`customer_created`, `ticket_created`, read by `tickets_of`); a customer merge forgets
   them (`forget_customers`, gateway.store.queries.merge_customers): tickets move between
@@ -32,9 +36,10 @@ from sqlalchemy.orm import Session
 
 from gateway.store.models import BundleItem
 
-#: `Session.info` keys: the customers this transaction inserted (id -> their ticket ids,
-#: oldest first), the (ticket id, kind) pairs of mail it queued, the customer ids it filed
-#: bundle items for.
+#: `Session.info` keys: the tickets this transaction inserted, the customers it inserted
+#: (id -> their ticket ids, oldest first), the (ticket id, kind) pairs of mail it queued, the
+#: customer ids it filed bundle items for.
+_TICKETS = "gateway_fresh_tickets"
 _NEW = "gateway_fresh_customers"
 _QUEUED = "gateway_fresh_queued"
 _BUNDLED = "gateway_fresh_bundled"
@@ -57,9 +62,16 @@ def forget_customers(session: Session) -> None:
 
 def ticket_created(session: Session, customer_id: int | None, ticket_id: int) -> None:
     """This transaction created `ticket_id` for `customer_id` (gateway.pipeline.record)."""
+    session.info.setdefault(_TICKETS, set()).add(ticket_id)
     tickets = _customers(session).get(customer_id)
     if tickets is not None:
         tickets.append(ticket_id)
+
+
+def tickets_made_here(session: Session) -> set[int]:
+    """The tickets this transaction inserted."""
+    made: set[int] = session.info.get(_TICKETS, set())
+    return made
 
 
 def tickets_of(session: Session, customer_ids: Iterable[int]) -> list[int] | None:
@@ -110,5 +122,5 @@ def _note_bundles(session: Session, _ctx: Any) -> None:
 @event.listens_for(Session, "after_transaction_end")
 def _forget(session: Session, transaction: Any) -> None:
     if transaction.parent is None:  # the outermost transaction: committed or rolled back
-        for key in (_NEW, _QUEUED, _BUNDLED):
+        for key in (_TICKETS, _NEW, _QUEUED, _BUNDLED):
             session.info.pop(key, None)

@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 from sqlmodel import Session as SqlModelSession
 
 from gateway.sla.clocks import utc
-from gateway.store import core
+from gateway.store import core, fresh
 from gateway.store.models import AuthRecheck, BundleItem, Promise, Ticket
 
 #: The ticket columns `gateway.sla.plan.fires` reads (the escalator's `_SCAN_COLUMNS`).
@@ -65,23 +65,6 @@ def _mark_tickets(session: Session, _ctx: Any, _instances: Any) -> None:
             obj.escalate_at = None
 
 
-#: `Session.info` key of the tickets this transaction inserted (`created_here`).
-_NEW = "gateway_new_tickets"
-
-
-def created_here(session: Session, ticket_id: int) -> None:
-    """`ticket_id` was inserted by this transaction with no stored moment (NULL, "to be
-    planned"), and nothing else can plan it before the transaction commits: a promise made
-    on it needs no UPDATE to say so again (one round trip per new ticket)."""
-    session.info.setdefault(_NEW, set()).add(ticket_id)
-
-
-@event.listens_for(Session, "after_transaction_end")
-def _forget_new(session: Session, transaction: Any) -> None:
-    if transaction.parent is None:  # the outermost transaction: committed or rolled back
-        session.info.pop(_NEW, None)
-
-
 @event.listens_for(Session, "after_flush")
 def _mark_promises(session: Session, _ctx: Any) -> None:
     # A customer promise adds a notice to the plan when it is broken.
@@ -97,7 +80,8 @@ def _mark_promises(session: Session, _ctx: Any) -> None:
     for obj in session.dirty:
         if isinstance(obj, Promise) and obj.ticket_id is not None:
             ids.add(obj.ticket_id)
-    ids -= session.info.get(_NEW, set())
+    # A ticket this transaction inserted is unplanned already (`fresh.tickets_made_here`).
+    ids -= fresh.tickets_made_here(session)
     if ids:
         session.connection().execute(UNPLAN, {"ids": sorted(ids)})
 
@@ -105,8 +89,8 @@ def _mark_promises(session: Session, _ctx: Any) -> None:
 def unplan(session: SqlModelSession, ticket_ids: set[int]) -> None:
     """Mark `ticket_ids` to be planned again (a Core write, after what the ORM holds); those
     this transaction inserted are left out: they are unplanned already, and only this
-    transaction can see them (`created_here`: one round trip per new ticket)."""
-    ids = ticket_ids - session.info.get(_NEW, set())
+    transaction can see them (`fresh.tickets_made_here`: one round trip per new ticket)."""
+    ids = ticket_ids - fresh.tickets_made_here(session)
     if ids:
         core.write(session, UNPLAN, {"ids": sorted(ids)})
 

@@ -21,7 +21,7 @@ from gateway.escalation.escalator import FAR, SETTLE_EVERY, Escalator
 from gateway.routing.loader import load_rules
 from gateway.routing.model import Rules
 from gateway.security.tokens import Signer
-from gateway.store import plan_marks
+from gateway.store import fresh
 from gateway.store.db import open_database, read_scope, session_scope
 from gateway.store.models import Promise, Ticket
 from tests.conftest import make_settings
@@ -229,7 +229,7 @@ def test_a_promise_on_a_ticket_of_this_transaction_costs_no_update(
     engine: Engine, tmp_path: Path, clock: FrozenClock
 ) -> None:
     """A promise marks its ticket "to be planned" (the notice joins its plan), except a
-    ticket inserted by the same transaction (`plan_marks.created_here`): that one is
+    ticket inserted by the same transaction (`fresh.ticket_created`): that one is
     unplanned already and nothing else can plan it before the commit, so no UPDATE is sent.
     The record of new tickets ends with the transaction: a promise in the next one marks
     the ticket again."""
@@ -246,7 +246,7 @@ def test_a_promise_on_a_ticket_of_this_transaction_costs_no_update(
             assert t.id is not None
             assert t.escalate_at is None
             tid = t.id
-            plan_marks.created_here(s, tid)
+            fresh.ticket_created(s, t.customer_id, tid)
             s.add(_promise(tid, MON_09))
             s.flush()
             assert updates == []
