@@ -479,7 +479,7 @@ class SharedSpool(Spool):
 
     def release_many(self, ids: list[int]) -> None:
         with self._one() as conn:
-            conn.execute(text("DELETE FROM spool_entry WHERE id = ANY(:ids)"), {"ids": list(ids)})
+            self.release_in(conn, ids)
 
     def fail(self, entry_id: int, reason: str) -> str:
         with self._db() as conn:

@@ -144,19 +144,26 @@ OUTCOME_ROWS = (
     .with_for_update()
 )
 
+
+def _sent(now: Any, raw: Any) -> dict[str, Any]:
+    """What a delivery the relay took for every recipient writes: sent at `now`, with the
+    signed bytes `raw` that went out (both SQL expressions)."""
+    return {
+        "attempts": _C.attempts + 1,
+        "claimed_until": None,
+        "state": "sent",
+        "sent_at": now,
+        "raw": raw,
+        "last_error": "",
+    }
+
+
 #: A delivery that the relay took for every recipient: one executemany over parameters
 #: ``o_id``, ``o_now`` (sent_at), ``o_raw`` (the signed bytes that went out).
 SENT_UPDATE: Update = (
     update(_T)
     .where(_C.id == bindparam("o_id", type_=_C.id.type))
-    .values(
-        attempts=_C.attempts + 1,
-        claimed_until=None,
-        state="sent",
-        sent_at=bindparam("o_now", type_=_C.sent_at.type),
-        raw=bindparam("o_raw", type_=_C.raw.type),
-        last_error="",
-    )
+    .values(_sent(bindparam("o_now", type_=_C.sent_at.type), bindparam("o_raw", type_=_C.raw.type)))
 )
 
 #: PostgreSQL: a batch the relay took for every recipient, in ONE statement (arrays
@@ -176,14 +183,7 @@ _SENT = (
 SENT_ALL: Update = (
     update(_T)
     .where(_C.id == _SENT.c.id, _C.state == "sending", _C.claim_token == _SENT.c.token)
-    .values(
-        attempts=_C.attempts + 1,
-        claimed_until=None,
-        state="sent",
-        sent_at=bindparam("now", type_=_C.sent_at.type),
-        raw=_SENT.c.raw,
-        last_error="",
-    )
+    .values(_sent(bindparam("now", type_=_C.sent_at.type), _SENT.c.raw))
     .returning(_C.id)
 )
 

@@ -50,7 +50,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import cache, lru_cache
-from typing import Any, TypeVar, cast
+from typing import Any, TypeGuard, TypeVar, cast
 
 from pydantic_core import PydanticUndefined
 from sqlalchemy import Table, bindparam, inspect, select, update
@@ -113,12 +113,17 @@ def write(session: Session, stmt: Executable, params: Mapping[str, Any] | None =
     return _write_on(session.connection(), stmt, dict(params or {}))
 
 
+def _plain_write(plan: _Plan | None) -> TypeGuard[_Plan]:
+    """A plan of a write that returns no rows (the plan's own path runs it)."""
+    return plan is not None and plan.metadata is None and not plan.returning
+
+
 def _write_on(conn: Connection, stmt: Executable, values: dict[str, Any]) -> int:
     """`write` on `conn` without the flush; the number of rows touched."""
     # Compiled for the keys given, as SQLAlchemy compiles DML: they choose an INSERT's
     # columns and may add to an UPDATE's SET.
     plan = _plan_for(conn, stmt, tuple(sorted(values)), False)
-    if plan is not None and plan.metadata is None and not plan.returning:
+    if _plain_write(plan):
         done = _run(conn, plan, values)
         if done is not None:
             rowcount = done.rowcount
@@ -146,17 +151,11 @@ def _insert_one(
     """INSERT `row` (flushed first), by the model's INSERT or `inserter`'s; the new id."""
     session.flush()
     conn = session.connection()
-    if inserter is not None:
-        stmt = inserter(tuple(sorted(row)))
-        plan = _plan_for(conn, stmt, None, False)
-        if plan is None or not plan.returning or (done := _run(conn, plan, row)) is None:
-            return int(conn.execute(stmt, row).scalar_one())
-        fetched = done.fetchone()
-        done.close()
-        assert fetched is not None
-        return int(fetched[0])
-    stmt = _insert_stmt(model)
-    plan = _plan_for(conn, stmt, tuple(sorted(row)), False)
+    if inserter is not None:  # the caller's statement, complete as built: no keys to choose
+        stmt, keys = inserter(tuple(sorted(row))), None
+    else:
+        stmt, keys = _insert_stmt(model), tuple(sorted(row))
+    plan = _plan_for(conn, stmt, keys, False)
     if plan is not None and plan.metadata is None:
         done = _run(conn, plan, row)
         if done is not None:
@@ -169,6 +168,8 @@ def _insert_one(
             done.close()
             return int(new_id)
     result = conn.execute(stmt, row)
+    if inserter is not None:
+        return int(result.scalar_one())
     key = result.inserted_primary_key
     assert key is not None
     return int(key[0])
@@ -191,25 +192,21 @@ def insert_many(session: Session, model: type[SQLModel], rows: Sequence[Mapping[
     full = [_row(model, r) for r in rows]
     if len(full) > 1:
         keys = tuple(sorted(full[0]))
+        done = None
         if conn.dialect.name == "sqlite":
             plan = _plan_for(conn, stmt, keys, True)
-            values: Any = full
+            if _plain_write(plan):
+                done = _run_many(conn, plan, full)
         elif len(full) * len(keys) <= _MULTI_ROW_PARAMS:
             # One INSERT of every row (one statement) instead of the driver's executemany
             # (a statement per row, pipelined), ~0.3 ms less per new ticket (its events).
             plan = _plan_for(conn, _multi_row_insert(model, keys, len(full)), None, False)
-            values = {f"{k}_{i}": row[k] for i, row in enumerate(full) for k in keys}
-        else:
-            plan = None
-        if plan is not None and plan.metadata is None and not plan.returning:
-            done = (
-                _run_many(conn, plan, values)
-                if isinstance(values, list)
-                else _run(conn, plan, values)
-            )
-            if done is not None:
-                done.close()
-                return
+            if _plain_write(plan):
+                values = {f"{k}_{i}": row[k] for i, row in enumerate(full) for k in keys}
+                done = _run(conn, plan, values)
+        if done is not None:
+            done.close()
+            return
     conn.execute(stmt, full if len(full) > 1 else full[0])
 
 
@@ -592,9 +589,8 @@ def _run(conn: Connection, plan: _Plan, params: Mapping[str, Any]) -> Any:
 
 
 def _run_many(conn: Connection, plan: _Plan, rows: Sequence[Mapping[str, Any]]) -> Any:
-    """`_run` for an executemany (SQLite: SQLAlchemy calls the driver's executemany)."""
-    if conn.dialect.name != "sqlite":
-        return None  # PostgreSQL: `insert_many` runs one multi-row INSERT instead
+    """`_run` for an executemany on SQLite, where SQLAlchemy calls the driver's executemany
+    (PostgreSQL: `insert_many` runs one multi-row INSERT instead)."""
     sql = plan.sql
     args: Any = rows
     cursor = None

@@ -301,8 +301,10 @@ def ensure_customer(session: Session, address: str, name: str, now: datetime) ->
     found = customer_of(session, address)
     if found is not None:
         return found
+    # Written by Core: nothing later in the transaction changes either row as an object.
     customer_id = core.insert(session, Customer, name=name, created_at=now)
-    return _created(session, customer_id, address, now)
+    core.insert(session, CustomerAddress, customer_id=customer_id, address=address, created_at=now)
+    return _created(session, customer_id, address)
 
 
 def _ensure_customer_pg(session: Session, address: str, name: str, now: datetime) -> int:
@@ -318,17 +320,14 @@ def _ensure_customer_pg(session: Session, address: str, name: str, now: datetime
         found = customer_of(session, address)
         assert found is not None, f"customer_address {address!r} conflicted but is not there"
         return found
-    customer_id = int(row[0])
+    return _created(session, int(row[0]), address)
+
+
+def _created(session: Session, customer_id: int, address: str) -> int:
+    """This transaction has just made customer `customer_id` with `address`: the memos
+    know it from now on (it is its own root, the address is no longer absent, and
+    gateway.store.fresh answers for it)."""
     customer_memo(session, "absent")[address] = False
-    customer_memo(session, "roots")[customer_id] = customer_id
-    fresh.customer_created(session, customer_id)
-    return customer_id
-
-
-def _created(session: Session, customer_id: int, address: str, now: datetime) -> int:
-    """The address row of the customer `customer_id` just inserted (Core: nothing later in the
-    transaction changes either row as an object)."""
-    core.insert(session, CustomerAddress, customer_id=customer_id, address=address, created_at=now)
     customer_memo(session, "roots")[customer_id] = customer_id
     fresh.customer_created(session, customer_id)
     return customer_id
